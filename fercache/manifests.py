@@ -1,0 +1,195 @@
+"""The manifest format: one CSV row per image (or video frame), labels by canonical name.
+
+Columns: ``sample_id, path, label, split, subject`` always; ``clip_id,
+frame_idx`` for videos; ``bbox`` (``x0 y0 x1 y1`` pixels) where a face must
+be cropped from a larger image; ``AU<n>`` columns (1 active, 0 inactive,
+-1 not annotated) for action units. ``path`` is relative to a data root
+given at run time, so a manifest works on every machine.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import hashlib
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ManifestError
+from .labels import CANONICAL
+
+REQUIRED = ("sample_id", "path", "label", "split", "subject")
+OPTIONAL = ("clip_id", "frame_idx", "bbox")
+SPLITS = ("train", "val", "test")
+#: Columns that change what the encoder sees; only these enter the store fingerprint,
+#: so relabelling a manifest never forces re-extraction.
+CONTENT_COLUMNS = ("sample_id", "path", "bbox")
+
+
+@dataclass
+class Manifest:
+    """Rows of a manifest plus where they came from (for error messages)."""
+
+    rows: list[dict[str, str]]
+    source: str = "<memory>"
+    columns: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        if not self.columns:
+            self.columns = _columns_of(self.rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def au_columns(self) -> list[str]:
+        """AU columns in numeric order (AU1, AU2, AU4, ...)."""
+        return sorted((c for c in self.columns if c.startswith("AU")), key=lambda c: int(c[2:]))
+
+    def column(self, name: str) -> list[str]:
+        """One column as a list (empty strings where a row lacks it)."""
+        return [r.get(name, "") for r in self.rows]
+
+    def where(self, line: int) -> str:
+        """`file:line: ` prefix for row index `line` (header is line 1)."""
+        return f"{self.source}:{line + 2}: "
+
+
+def _columns_of(rows: list[dict[str, str]]) -> list[str]:
+    seen = dict.fromkeys(REQUIRED)
+    for row in rows:
+        for key in row:
+            seen.setdefault(key)
+    extra = [c for c in seen if c not in REQUIRED]
+    aus = sorted((c for c in extra if c.startswith("AU")), key=lambda c: int(c[2:]))
+    return list(REQUIRED) + [c for c in OPTIONAL if c in seen] + [c for c in extra if c not in OPTIONAL and c not in aus] + aus
+
+
+def read_manifest(path: str | Path) -> Manifest:
+    """Read and validate a manifest CSV."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist; build one with `fercache manifest build`")
+    with _open_text(path, "r") as f:
+        reader = csv.DictReader(f)
+        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+        if missing:
+            raise ManifestError(f"{path}:1: missing required column(s) {missing}; a manifest needs {list(REQUIRED)}")
+        manifest = Manifest(rows=[dict(r) for r in reader], source=str(path), columns=list(reader.fieldnames))
+    validate(manifest)
+    return manifest
+
+
+def validate(manifest: Manifest) -> None:
+    """Check ids are unique, labels canonical, splits known, paths relative, AU values valid."""
+    seen: dict[str, int] = {}
+    aus = manifest.au_columns
+    for i, row in enumerate(manifest.rows):
+        where = manifest.where(i)
+        sid = row["sample_id"]
+        if not sid:
+            raise ManifestError(f"{where}empty sample_id")
+        if sid in seen:
+            raise ManifestError(f"{where}duplicate sample_id {sid!r} (first on line {seen[sid] + 2})")
+        seen[sid] = i
+        if row["label"] and row["label"] not in CANONICAL:
+            raise ManifestError(f"{where}unknown label {row['label']!r}; canonical labels: {', '.join(CANONICAL)}")
+        if row["split"] not in SPLITS:
+            raise ManifestError(f"{where}unknown split {row['split']!r}; use one of {', '.join(SPLITS)}")
+        _check_relative(row["path"], where)
+        for au in aus:
+            if row.get(au, "") not in ("0", "1", "-1", ""):
+                raise ManifestError(f"{where}{au} must be 1, 0 or -1 (not annotated), got {row[au]!r}")
+
+
+def _check_relative(rel: str, where: str) -> None:
+    p = Path(rel)
+    if not rel or p.is_absolute() or ".." in p.parts:
+        raise ManifestError(f"{where}path {rel!r} escapes the data root; paths must be relative and stay inside it")
+
+
+def write_manifest(manifest: Manifest, path: str | Path) -> Path:
+    """Write a manifest CSV (validating it first)."""
+    validate(manifest)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    with _open_text(tmp, "w") as f:
+        writer = csv.DictWriter(f, fieldnames=manifest.columns, extrasaction="raise", lineterminator="\n")
+        writer.writeheader()
+        writer.writerows({c: r.get(c, "") for c in manifest.columns} for r in manifest.rows)
+    os.replace(tmp, path)  # never leave a half-written manifest behind
+    return path
+
+
+def _open_text(path: Path, mode: str):
+    """Manifests may be gzipped (`.csv.gz`): large ones stay small in git."""
+    if not (path.name.endswith(".gz") or path.name.endswith(".gz.tmp")):
+        return open(path, mode, newline="")
+    if mode == "r":
+        return gzip.open(path, "rt", newline="")
+    # No name and a zero mtime in the header, so rebuilding an unchanged manifest gives identical bytes.
+    raw = gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)
+    return _ClosingText(raw)
+
+
+class _ClosingText(io.TextIOWrapper):
+    """Text wrapper over a GzipFile that also closes the underlying file object."""
+
+    def __init__(self, raw: gzip.GzipFile):
+        super().__init__(raw, newline="")
+        self._fileobj = raw.fileobj
+
+    def close(self) -> None:
+        super().close()
+        self._fileobj.close()
+
+
+def content_sha256(manifest: Manifest) -> str:
+    """sha256 over the columns that determine encoder input (see CONTENT_COLUMNS), in row order."""
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    for row in manifest.rows:
+        writer.writerow([row.get(c, "") for c in CONTENT_COLUMNS])
+    return hashlib.sha256(buf.getvalue().encode()).hexdigest()
+
+
+def data_root(explicit: str | Path | None) -> Path:
+    """The data root: the explicit argument, else $FERCACHE_DATA, else the current directory."""
+    root = explicit or os.environ.get("FERCACHE_DATA") or "."
+    return Path(root).expanduser().resolve()
+
+
+def resolve_paths(manifest: Manifest, root: Path, check_exists: bool = True) -> list[Path]:
+    """Absolute image paths; raises naming the first rows whose file is missing."""
+    paths = [root / r["path"] for r in manifest.rows]
+    if check_exists:
+        missing = [i for i, p in enumerate(paths) if not p.is_file()]
+        if missing:
+            shown = "; ".join(f"{manifest.where(i)}{paths[i]}" for i in missing[:5])
+            raise ManifestError(
+                f"{len(missing)} file(s) listed in the manifest do not exist under data root {root}: {shown}"
+                f"{' ...' if len(missing) > 5 else ''}. Pass --data-root (or set FERCACHE_DATA) to the folder the paths are relative to."
+            )
+    return paths
+
+
+def subset(manifest: Manifest, split: str | None = None, labelled: bool = False) -> Manifest:
+    """Rows of one split (all splits when None); `labelled` keeps rows with an expression label."""
+    rows = [r for r in manifest.rows if (split is None or r["split"] == split) and (not labelled or r["label"])]
+    return Manifest(rows=rows, source=manifest.source, columns=manifest.columns)
+
+
+def summary(manifest: Manifest) -> dict:
+    """Row counts per split and per label (for `manifest check` and reports)."""
+    from collections import Counter
+
+    return {
+        "rows": len(manifest),
+        "splits": dict(Counter(manifest.column("split"))),
+        "labels": {s: dict(Counter(r["label"] for r in manifest.rows if r["split"] == s)) for s in SPLITS},
+        "subjects": len(set(manifest.column("subject"))),
+        "au_columns": manifest.au_columns,
+    }

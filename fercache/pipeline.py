@@ -1,0 +1,114 @@
+"""TOML pipelines: a list of `[[step]]` tables, each naming a library function and its arguments.
+
+    [vars]                     # `{name}` in any string is replaced; env FERCACHE_<NAME> overrides
+    data = "../shared/data"
+    [[step]]
+    run = "manifest"           # a key of STEPS
+    format = "imagefolder"
+    src = "{data}/fer2013"
+
+Steps are plain calls into the library, so a pipeline does nothing the CLI can't.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Callable
+
+from .errors import ConfigError, FercacheError
+
+STEPS: dict[str, Callable[..., Any]] = {}
+
+
+def register_step(name: str):
+    """Register a pipeline step kind."""
+    def wrap(fn):
+        STEPS[name] = fn
+        return fn
+    return wrap
+
+
+@register_step("manifest")
+def _manifest_step(format: str, src: str, out: str, data_root: str | None = None, options: dict | None = None):
+    from .adapters import build
+    from .manifests import write_manifest
+
+    manifest = build(format, src, data_root=data_root, **(options or {}))
+    return f"{write_manifest(manifest, out)} ({len(manifest)} rows)"
+
+
+@register_step("extract")
+def _extract_step(manifest: str, encoder: str, out: str, **kw):
+    from .extract import extract
+
+    r = extract(manifest, encoder, out, **kw)
+    state = "already complete" if r.already_complete else f"{r.chunks_computed} chunks, {r.images_per_s:.0f} img/s"
+    return f"{r.store}: {r.rows} rows, {r.n_ok} ok, {r.n_failed} failed ({state})"
+
+
+def _typed(text: str) -> Any:
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    return text
+
+
+def _substitute(value: Any, variables: dict[str, Any]) -> Any:
+    if isinstance(value, str) and value.startswith("{") and value.endswith("}") and value[1:-1] in variables:
+        return variables[value[1:-1]]  # a whole-value reference keeps the variable's type
+    if isinstance(value, str):
+        try:
+            return value.format(**variables)
+        except KeyError as e:
+            raise ConfigError(f"unknown variable {{{e.args[0]}}} in {value!r}; define it under [vars]") from None
+    if isinstance(value, dict):
+        return {k: _substitute(v, variables) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_substitute(v, variables) for v in value]
+    return value
+
+
+def load_pipeline(path: str | Path) -> list[dict]:
+    """Parse a pipeline file into steps with variables substituted."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"pipeline file {path} does not exist")
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    variables = {k: _typed(os.environ[f"FERCACHE_{k.upper()}"]) if f"FERCACHE_{k.upper()}" in os.environ else v
+                 for k, v in doc.get("vars", {}).items()}
+    steps = doc.get("step", [])
+    if not steps:
+        raise ConfigError(f"{path}: no [[step]] tables")
+    for i, step in enumerate(steps):
+        if step.get("run") not in STEPS:
+            raise ConfigError(f"{path}: step {i + 1} has run={step.get('run')!r}; known: {', '.join(sorted(STEPS))}")
+    return [_substitute(s, variables) for s in steps]
+
+
+def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | None = None,
+                 only: list[str] | None = None) -> list[Any]:
+    """Run each step in order; `on_step(i, step, result)` is called after each."""
+    results = []
+    for i, step in enumerate(load_pipeline(path)):
+        kind = step.pop("run")
+        name = step.pop("name", kind)
+        if only and name not in only and kind not in only:
+            continue
+        try:
+            result = STEPS[kind](**step)
+        except TypeError as e:
+            raise ConfigError(f"step {i + 1} ({name}): {e}") from None
+        except FercacheError as e:
+            e.args = (f"step {i + 1} ({name}): {e}",)
+            raise
+        results.append(result)
+        if on_step:
+            on_step(i, {"run": kind, "name": name, **step}, result)
+    return results

@@ -1,0 +1,259 @@
+"""FeatureStore: the versioned Zarr layout that holds one (manifest, encoder) pair's features.
+
+Layout, schema version 1 (documented in the README):
+
+    STORE.zarr/                 group; attrs["fercache"] holds the metadata below
+      sample_id   [N] str       manifest order; labels stay in the manifest, joined by sample_id
+      features/<output> [N, D]  float16, raw (not L2-normalised), row chunks; NaN where ok is False
+      ok          [N] bool      the image decoded and was encoded
+      error       [N] str       failure reason ("" where ok)
+      done        [n_chunks]    per-chunk completion flags, one object each, written after the chunk
+      clip_id, frame_idx [N]    only for manifests of video frames
+
+``complete`` is set last, after every ``done`` flag is true, so a half-written
+store never looks finished.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import StoreError
+
+SCHEMA_VERSION = 1
+FORMAT = "fercache.features"
+
+
+def library_versions() -> dict[str, str]:
+    """Versions that can change features bit-for-bit; recorded, compared with a warning only."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for pkg in ("fercache", "torch", "torchvision", "open_clip_torch", "timm", "numpy", "pillow", "zarr"):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            pass
+    return out
+
+
+def make_fingerprint(encoder_identity: dict, manifest_sha256: str, n_rows: int, chunk_rows: int) -> dict:
+    """The fingerprint stored in a store's attributes; `key` is what must match to resume or reuse it."""
+    ident = {"schema_version": SCHEMA_VERSION, "encoder": encoder_identity, "manifest_sha256": manifest_sha256,
+             "n_rows": n_rows, "chunk_rows": chunk_rows, "dtype": "float16"}
+    key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+    return {**ident, "key": key, "versions": library_versions()}
+
+
+def _diff(old: dict, new: dict) -> str:
+    parts = []
+    if old["encoder"] != new["encoder"]:
+        o, n = old["encoder"], new["encoder"]
+        parts.append(f"encoder {o['name']} ({o['pretrained']}, sha {o['weights_sha256'][:12]}, size {o['preprocess']['size']}) "
+                     f"vs {n['name']} ({n['pretrained']}, sha {n['weights_sha256'][:12]}, size {n['preprocess']['size']})")
+    if old["manifest_sha256"] != new["manifest_sha256"]:
+        parts.append(f"manifest sha256 {old['manifest_sha256'][:12]} vs {new['manifest_sha256'][:12]}")
+    for k in ("schema_version", "n_rows", "chunk_rows"):
+        if old.get(k) != new.get(k):
+            parts.append(f"{k} {old.get(k)} vs {new.get(k)}")
+    return "; ".join(parts) or "fingerprint key differs"
+
+
+@dataclass
+class FeatureStore:
+    """An open store. Create with :func:`create`, open with :func:`open_store`."""
+
+    location: str
+    group: object  # zarr.Group
+
+    @property
+    def meta(self) -> dict:
+        return dict(self.group.attrs.get("fercache", {}))
+
+    @property
+    def fingerprint(self) -> dict:
+        return self.meta["fingerprint"]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.meta.get("complete"))
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.meta["fingerprint"]["n_rows"])
+
+    @property
+    def chunk_rows(self) -> int:
+        return int(self.meta["fingerprint"]["chunk_rows"])
+
+    @property
+    def n_chunks(self) -> int:
+        return -(-self.n_rows // self.chunk_rows)
+
+    @property
+    def outputs(self) -> dict[str, int]:
+        return dict(self.fingerprint["encoder"]["outputs"])
+
+    @property
+    def default_output(self) -> str:
+        return self.meta["default_output"]
+
+    def chunk_slice(self, i: int) -> slice:
+        """Rows of chunk i."""
+        return slice(i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.n_rows))
+
+    def pending_chunks(self) -> list[int]:
+        """Chunks not yet written (what a resumed extract computes)."""
+        return [int(i) for i in np.flatnonzero(~self.group["done"][:])]
+
+    def write_chunk(self, i: int, features: dict[str, np.ndarray], ok: np.ndarray, error: list[str]) -> None:
+        """Write one whole chunk; its `done` flag goes last so an interrupted write is redone on resume."""
+        rows = self.chunk_slice(i)
+        for name, arr in features.items():
+            self.group[f"features/{name}"][rows] = arr.astype(np.float16, copy=False)
+        self.group["ok"][rows] = ok
+        self.group["error"][rows] = np.asarray(error, dtype=str)
+        self.group["done"][i] = True
+
+    def mark_complete(self, n_ok: int) -> None:
+        """Set `complete` once every chunk is done."""
+        pending = self.pending_chunks()
+        if pending:
+            raise StoreError(f"{self.location}: {len(pending)} chunk(s) still pending; cannot mark complete")
+        self.group.attrs["fercache"] = {**self.meta, "complete": True, "n_ok": n_ok, "n_failed": self.n_rows - n_ok}
+
+    # --- reading ---------------------------------------------------------------------------------
+
+    def require_complete(self) -> "FeatureStore":
+        """Raise unless the store finished extraction."""
+        if not self.complete:
+            done = self.n_chunks - len(self.pending_chunks())
+            raise StoreError(f"{self.location} is incomplete ({done}/{self.n_chunks} chunks); re-run the same "
+                             "`fercache extract` command to finish it")
+        return self
+
+    def features(self, output: str | None = None) -> np.ndarray:
+        """All rows of one output as float32 [N, D]."""
+        name = output or self.default_output
+        if name not in self.outputs:
+            raise StoreError(f"{self.location} has no output {name!r}; it has {sorted(self.outputs)}")
+        return self.group[f"features/{name}"][:].astype(np.float32)
+
+    def sample_ids(self) -> np.ndarray:
+        return _strings(self.group["sample_id"][:])
+
+    def ok(self) -> np.ndarray:
+        return self.group["ok"][:]
+
+    def errors(self) -> dict[str, str]:
+        """sample_id -> failure reason, for rows that failed."""
+        bad = np.flatnonzero(~self.ok())
+        ids, errs = self.sample_ids(), _strings(self.group["error"][:])
+        return {str(ids[i]): str(errs[i]) for i in bad}
+
+    def info(self) -> dict:
+        """Summary for `fercache info`."""
+        meta = self.meta
+        pending = self.pending_chunks()
+        return {
+            "location": self.location, "format": meta.get("format"), "schema_version": meta.get("schema_version"),
+            "complete": self.complete, "rows": self.n_rows, "chunks_done": self.n_chunks - len(pending),
+            "chunks_total": self.n_chunks, "outputs": self.outputs, "default_output": self.default_output,
+            "n_ok": meta.get("n_ok"), "n_failed": meta.get("n_failed"), "failures": self.errors() if self.complete else {},
+            "fingerprint": self.fingerprint, "manifest": meta.get("manifest"),
+        }
+
+
+def _strings(arr: np.ndarray) -> np.ndarray:
+    """zarr 3 returns numpy StringDType; callers get a plain object array of str."""
+    return np.asarray(arr.tolist(), dtype=object)
+
+
+def _zarr():
+    import zarr
+    return zarr
+
+
+def exists(location: str | Path) -> bool:
+    """True when a fercache store (complete or not) is at `location`."""
+    try:
+        g = _zarr().open_group(str(location), mode="r")
+    except Exception:  # zarr raises FileNotFoundError / GroupNotFoundError depending on the backend
+        return False
+    return "fercache" in g.attrs
+
+
+def open_store(location: str | Path, mode: str = "r") -> FeatureStore:
+    """Open an existing store, checking its format and schema version."""
+    if not exists(location):
+        raise StoreError(f"no fercache store at {location}; create one with `fercache extract`")
+    g = _zarr().open_group(str(location), mode=mode)
+    meta = g.attrs["fercache"]
+    if meta.get("schema_version") != SCHEMA_VERSION:
+        raise StoreError(f"{location} has store schema {meta.get('schema_version')}, this fercache reads {SCHEMA_VERSION}; "
+                         "re-extract with `fercache extract ... --overwrite`")
+    return FeatureStore(str(location), g)
+
+
+def check_compatible(store: FeatureStore, fingerprint: dict) -> None:
+    """Refuse to resume or reuse a store built from other inputs."""
+    if store.fingerprint["key"] != fingerprint["key"]:
+        raise StoreError(
+            f"{store.location} was built from other inputs ({_diff(store.fingerprint, fingerprint)}). "
+            "Rebuild it with `fercache extract ... --overwrite`, or write to a new --out path."
+        )
+
+
+def create(location: str | Path, fingerprint: dict, sample_ids: list[str], default_output: str,
+           manifest_name: str = "", video: dict[str, list] | None = None, overwrite: bool = False) -> FeatureStore:
+    """Pre-allocate a store for all rows; refuses to replace an existing one unless `overwrite`."""
+    zarr = _zarr()
+    location = str(location)
+    if exists(location) and not overwrite:
+        raise StoreError(f"{location} already exists; pass --overwrite to replace it")
+    if overwrite and Path(location).exists():
+        shutil.rmtree(location)
+    g = zarr.open_group(location, mode="w")
+    n, rows = fingerprint["n_rows"], fingerprint["chunk_rows"]
+    g.create_array("sample_id", shape=(n,), dtype=str, chunks=(rows,))[:] = np.asarray(sample_ids, dtype=str)
+    for name, dim in fingerprint["encoder"]["outputs"].items():
+        # float16 features barely compress; skipping the codec keeps reads and writes cheap.
+        g.create_array(f"features/{name}", shape=(n, dim), dtype="float16", chunks=(rows, dim),
+                       fill_value=np.nan, compressors=None)
+    g.create_array("ok", shape=(n,), dtype=bool, chunks=(rows,), fill_value=False)
+    g.create_array("error", shape=(n,), dtype=str, chunks=(rows,))
+    g.create_array("done", shape=(-(-n // rows),), dtype=bool, chunks=(1,), fill_value=False)
+    for name, values in (video or {}).items():
+        dtype = "int64" if name == "frame_idx" else str
+        g.create_array(name, shape=(n,), dtype=dtype, chunks=(rows,))[:] = np.asarray(values, dtype=dtype)
+    g.attrs["fercache"] = {
+        "format": FORMAT, "schema_version": SCHEMA_VERSION, "complete": False, "fingerprint": fingerprint,
+        "default_output": default_output, "manifest": manifest_name,
+    }
+    return FeatureStore(location, g)
+
+
+def export_h5(location: str | Path, to: str | Path) -> Path:
+    """Copy a complete store's arrays and fingerprint to one HDF5 file (for tools that read HDF5)."""
+    import h5py
+
+    store = open_store(location).require_complete()
+    to = Path(to)
+    to.parent.mkdir(parents=True, exist_ok=True)
+    tmp = to.with_suffix(to.suffix + ".tmp")
+    with h5py.File(tmp, "w") as f:
+        for name in store.outputs:
+            f.create_dataset(f"features/{name}", data=store.group[f"features/{name}"][:], chunks=True)
+        f.create_dataset("sample_id", data=store.sample_ids(), dtype=h5py.string_dtype())
+        f.create_dataset("ok", data=store.ok())
+        f.create_dataset("error", data=_strings(store.group["error"][:]), dtype=h5py.string_dtype())
+        f.attrs["fercache"] = json.dumps(store.meta)
+    tmp.replace(to)
+    return to

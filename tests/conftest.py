@@ -1,0 +1,86 @@
+"""Shared fixtures: a tiny random-init open_clip ViT from a JSON config, tiny image datasets, real-data paths."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(os.environ.get("FERCACHE_SHARED_DATA", REPO.parent / "shared" / "data"))
+
+TINY_VIT = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+CLASSES = ("angry", "happy", "neutral", "sad")
+
+
+def needs_shared_data():
+    """Skip unless ../shared/data (the real FER2013 and CK+48 copies) is present."""
+    return pytest.mark.skipif(not (SHARED_DATA / "fer2013").is_dir(), reason=f"real data not found at {SHARED_DATA}")
+
+
+@pytest.fixture(scope="session")
+def tiny_vit_config(tmp_path_factory) -> Path:
+    """Path of an open_clip model config for a 2-layer 32 px ViT (random init, no download)."""
+    path = tmp_path_factory.mktemp("models") / "fercache-tiny-vit.json"
+    path.write_text(json.dumps(TINY_VIT))
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder_spec(tiny_vit_config) -> str:
+    return f"open_clip:{tiny_vit_config}"
+
+
+def class_image(label_idx: int, rng: np.random.Generator, size: int = 40) -> Image.Image:
+    """A face-sized image whose brightness pattern depends on the class, plus noise."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    base = [xx, yy, 1 - xx, (xx + yy) / 2][label_idx % 4] * 200
+    img = np.clip(base[..., None] + rng.normal(0, 12, (size, size, 3)), 0, 255).astype(np.uint8)
+    return Image.fromarray(img)
+
+
+def write_imagefolder(root: Path, per_class: int = 6, splits=("train", "val", "test"), seed: int = 0) -> Path:
+    """`root/<split>/<class>/*.jpg`, the FER2013 layout."""
+    rng = np.random.default_rng(seed)
+    for split in splits:
+        for ci, cls in enumerate(CLASSES):
+            d = root / split / cls
+            d.mkdir(parents=True, exist_ok=True)
+            for k in range(per_class):
+                class_image(ci, rng).save(d / f"{split}_{cls}_{k:03d}.jpg", quality=95)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_dataset(tmp_path_factory) -> Path:
+    """A data root with `faces/<split>/<class>/*.jpg` (72 images)."""
+    root = tmp_path_factory.mktemp("data")
+    write_imagefolder(root / "faces")
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_manifest(tiny_dataset, tmp_path_factory) -> Path:
+    from fercache.adapters import build
+    from fercache.manifests import write_manifest
+
+    out = tmp_path_factory.mktemp("manifests") / "faces.csv"
+    return write_manifest(build("imagefolder", tiny_dataset / "faces", data_root=tiny_dataset), out)
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path_factory) -> Path:
+    """A complete store of the tiny dataset through the real `extract()`."""
+    from fercache.extract import extract
+
+    out = tmp_path_factory.mktemp("stores") / "faces.zarr"
+    extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0, progress=False)
+    return out

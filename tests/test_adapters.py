@@ -1,0 +1,226 @@
+"""Each adapter reads a fixture written in its dataset's native format and maps native labels to canonical ones."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fercache import labels as L
+from fercache.adapters import ADAPTERS, build
+from fercache.errors import ManifestError, UnknownNameError
+from fercache.manifests import read_manifest, write_manifest
+
+from .conftest import write_imagefolder
+
+
+def _img(path: Path, size: int = 24) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.full((size, size, 3), 128, np.uint8)).save(path)
+    return path
+
+
+def _by_id(manifest) -> dict:
+    return {r["sample_id"]: r for r in manifest.rows}
+
+
+def test_native_tables_cover_methods_md():
+    # METHODS.md §6, spot checks of each order: the first and last code of each dataset.
+    assert L.NATIVE["fer2013"][0] == "anger" and L.NATIVE["fer2013"][6] == "neutral"
+    assert L.NATIVE["rafdb"][1] == "surprise" and L.NATIVE["rafdb"][7] == "neutral"
+    assert L.NATIVE["affectnet"][0] == "neutral" and L.NATIVE["affectnet"][7] == "contempt"
+    assert L.NATIVE["ckplus"][2] == "contempt" and L.NATIVE["ckplus"][7] == "surprise"
+    assert L.NATIVE["dfew"][3] == "neutral" and L.NATIVE["dfew"][7] == "fear"
+    assert L.NATIVE["ferv39k"][4] == "neutral"
+    assert L.NATIVE["mafw"][11] == "disappointment"
+    for table in L.NATIVE.values():
+        assert set(table.values()) <= set(L.CANONICAL)
+
+
+def test_imagefolder_fer2013_layout(tmp_path):
+    write_imagefolder(tmp_path / "fer", per_class=2)
+    m = build("imagefolder", tmp_path / "fer", data_root=tmp_path)
+    rows = _by_id(m)
+    assert len(m) == 2 * 4 * 3
+    r = rows["val/angry/val_angry_000"]
+    assert (r["label"], r["split"], r["path"]) == ("anger", "val", "fer/val/angry/val_angry_000.jpg")
+
+
+def test_imagefolder_unknown_class_names_the_folder(tmp_path):
+    _img(tmp_path / "train" / "bored" / "a.png")
+    with pytest.raises(ManifestError, match="bored"):
+        build("imagefolder", tmp_path)
+
+
+def _ckplus_fixture(root: Path) -> Path:
+    _img(root / "CK+48" / "sadness" / "S010_002_00000014.png")
+    _img(root / "CK+48" / "contempt" / "S011_001_00000009.png")
+    with open(root / "ckplus_facs.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["subject", "video", "number.aus", "AU.combination", "emotion", "valence"])
+        w.writerow(["S010", "S010_002", 3, "1_4_15", "sadness", "negative"])
+        w.writerow(["S011", "S011_001", 2, "12_1.4", "contempt", ""])
+    return root
+
+
+def test_ckplus_aus_subject_and_clip(tmp_path):
+    m = build("ckplus", _ckplus_fixture(tmp_path))
+    rows = _by_id(m)
+    sad = rows["S010_002_00000014"]
+    assert sad["label"] == "sad" and sad["subject"] == "S010" and sad["clip_id"] == "S010_002"
+    assert sad["frame_idx"] == "14"
+    assert (sad["AU1"], sad["AU4"], sad["AU15"], sad["AU12"]) == ("1", "1", "1", "0")
+    con = rows["S011_001_00000009"]
+    # An unreadable code ("1.4") means unlisted AUs are unknown, not absent.
+    assert con["label"] == "contempt" and con["AU12"] == "1" and con["AU1"] == "-1"
+    assert m.au_columns == ["AU1", "AU4", "AU12", "AU15"]
+
+
+def test_jaffe_codes(tmp_path):
+    _img(tmp_path / "KA.AN1.39.tiff")
+    _img(tmp_path / "YM.NE2.50.tiff")
+    rows = _by_id(build("jaffe", tmp_path))
+    assert rows["KA.AN1.39"]["label"] == "anger" and rows["KA.AN1.39"]["subject"] == "KA"
+    assert rows["YM.NE2.50"]["label"] == "neutral"
+
+
+def test_ferplus_majority_and_drops(tmp_path):
+    header = ["Usage", "Image name", "neutral", "happiness", "surprise", "sadness", "anger", "disgust", "fear",
+              "contempt", "unknown", "NF"]
+    rows = [
+        ["Training", "fer0000000.png", 4, 0, 0, 1, 3, 2, 0, 0, 0, 0],   # no strict majority (4/10) -> dropped
+        ["Training", "fer0000001.png", 0, 0, 0, 0, 0, 0, 0, 6, 4, 0],   # contempt majority
+        ["PublicTest", "fer0000002.png", 0, 0, 9, 0, 0, 0, 0, 0, 1, 0],  # surprise
+        ["PrivateTest", "fer0000003.png", 0, 0, 0, 0, 0, 0, 0, 0, 0, 10],  # not a face -> dropped
+        ["Training", "", 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],  # removed image
+    ]
+    with open(tmp_path / "fer2013new.csv", "w", newline="") as f:
+        csv.writer(f).writerows([header] + rows)
+    got = _by_id(build("ferplus", tmp_path))
+    assert set(got) == {"train/fer0000001", "val/fer0000002"}
+    assert got["train/fer0000001"]["label"] == "contempt"
+    assert got["val/fer0000002"]["label"] == "surprise" and got["val/fer0000002"]["path"].endswith("FER2013Valid/fer0000002.png")
+
+
+def test_rafdb_list(tmp_path):
+    (tmp_path / "EmoLabel").mkdir()
+    (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 5\ntest_0001.jpg 1\n")
+    rows = _by_id(build("rafdb", tmp_path))
+    assert rows["train_00001"]["label"] == "sad" and rows["train_00001"]["split"] == "train"
+    assert rows["test_0001"]["label"] == "surprise" and rows["test_0001"]["split"] == "test"
+    assert rows["test_0001"]["path"].endswith("Image/aligned/test_0001_aligned.jpg")
+
+
+def test_rafdb_bad_code_names_file_and_line(tmp_path):
+    (tmp_path / "EmoLabel").mkdir()
+    (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 5\ntrain_00002.jpg 9\n")
+    with pytest.raises(ManifestError, match=r"list_patition_label.txt:2: .*label 9"):
+        build("rafdb", tmp_path)
+
+
+def test_affectnet_codes_and_dropped_classes(tmp_path):
+    for name, rows in (("training.csv", [("1/a.jpg", 6), ("1/b.jpg", 9)]), ("validation.csv", [("2/c.jpg", 7)])):
+        with open(tmp_path / name, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["subDirectory_filePath", "face_x", "expression"])
+            w.writerows([(p, 0, e) for p, e in rows])
+    got = _by_id(build("affectnet", tmp_path))
+    assert set(got) == {"1/a", "2/c"}
+    assert got["1/a"]["label"] == "anger" and got["2/c"]["label"] == "contempt" and got["2/c"]["split"] == "test"
+
+
+def test_expw_bbox(tmp_path):
+    (tmp_path / "label").mkdir()
+    (tmp_path / "label" / "label.lst").write_text("afraid_1.jpg 0 10 20 110 120 50.0 0\nhappy_9.jpg 1 5 6 7 8 40.1 6\n")
+    got = _by_id(build("expw", tmp_path))
+    assert got["afraid_1_0"]["label"] == "anger" and got["afraid_1_0"]["bbox"] == "20 10 110 120"
+    assert got["happy_9_1"]["label"] == "neutral"
+
+
+def test_affwild2_expr_and_au(tmp_path):
+    for i in (1, 2, 3):
+        _img(tmp_path / "cropped_aligned" / "vid1" / f"{i:05d}.jpg")
+    expr = tmp_path / "annotations" / "EXPR_Classification_Challenge" / "Train_Set"
+    expr.mkdir(parents=True)
+    (expr / "vid1.txt").write_text("Neutral,Anger,Disgust,Fear,Happiness,Sadness,Surprise,Other\n4\n-1\n7\n5\n")
+    got = _by_id(build("affwild2", tmp_path))
+    assert got["vid1/00001"]["label"] == "happy" and got["vid1/00003"]["label"] == "other"
+    assert "vid1/00002" not in got and "vid1/00004" not in got  # -1 unlabelled; frame 4 has no image
+    au = tmp_path / "annotations" / "AU_Detection_Challenge" / "Validation_Set"
+    au.mkdir(parents=True)
+    (au / "vid1.txt").write_text("AU1,AU2,AU4,AU6,AU7,AU10,AU12,AU15,AU23,AU24,AU25,AU26\n"
+                                 "1,0,0,0,0,0,1,0,0,0,0,0\n" + ",".join(["-1"] * 12) + "\n1,-1,0,0,0,0,0,0,0,0,0,1\n")
+    got = _by_id(build("affwild2", tmp_path, task="au"))
+    assert got["vid1/00001"]["AU12"] == "1" and got["vid1/00001"]["split"] == "test"
+    assert "vid1/00002" not in got
+    assert got["vid1/00003"]["AU2"] == "-1" and got["vid1/00003"]["AU26"] == "1"
+
+
+@pytest.mark.parametrize("fmt,list_path,line,native,expected", [
+    ("dfew", "annotation/set_1/train.csv", "video_name,label\n12,3\n", 3, "neutral"),
+    ("ferv39k", "train_All.txt", "Scene/clipA 4\n", 4, "neutral"),
+    ("mafw", "single/set_1/train.txt", "clipA 9\n", 9, "anxiety"),
+])
+def test_video_frame_folders(tmp_path, fmt, list_path, line, native, expected):
+    frames = {"dfew": "clip_224x224/00012", "ferv39k": "2_ClipsforFaceCrop/Scene/clipA", "mafw": "frames/clipA"}[fmt]
+    for i in range(3):
+        _img(tmp_path / frames / f"{i:03d}.jpg")
+    (tmp_path / list_path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / list_path).write_text(line)
+    kw = {"test": ""} if fmt == "ferv39k" else {}
+    if fmt in ("dfew", "mafw"):
+        test_list = list_path.replace("train", "test")
+        (tmp_path / test_list).write_text("")
+    m = build(fmt, tmp_path, **kw)
+    assert len(m) == 3 and {r["label"] for r in m.rows} == {expected}
+    assert [r["frame_idx"] for r in m.rows] == ["0", "1", "2"] and len({r["clip_id"] for r in m.rows}) == 1
+
+
+def test_every_adapter_has_a_docstring():
+    for name, fn in ADAPTERS.items():
+        assert fn.__doc__, name
+
+
+def test_unknown_format():
+    with pytest.raises(UnknownNameError, match="imagefolder"):
+        build("nope", ".")
+
+
+def _write_csv(path: Path, rows: list[list[str]]) -> Path:
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows([["sample_id", "path", "label", "split", "subject"]] + rows)
+    return path
+
+
+@pytest.mark.parametrize("rows,match", [
+    ([["a", "x.jpg", "happy", "train", "s"], ["a", "y.jpg", "sad", "train", "s"]], r":3: duplicate sample_id 'a' \(first on line 2\)"),
+    ([["a", "x.jpg", "joyful", "train", "s"]], r":2: unknown label 'joyful'"),
+    ([["a", "../x.jpg", "happy", "train", "s"]], r":2: path '../x.jpg' escapes the data root"),
+    ([["a", "/etc/passwd", "happy", "train", "s"]], r":2: path '/etc/passwd' escapes"),
+    ([["a", "x.jpg", "happy", "holdout", "s"]], r":2: unknown split 'holdout'"),
+])
+def test_bad_manifest_rows_name_file_and_line(tmp_path, rows, match):
+    path = _write_csv(tmp_path / "m.csv", rows)
+    with pytest.raises(ManifestError, match=match) as e:
+        read_manifest(path)
+    assert "m.csv" in str(e.value)
+
+
+def test_missing_file_names_line(tmp_path):
+    from fercache.manifests import resolve_paths
+
+    _img(tmp_path / "x.jpg")
+    m = read_manifest(_write_csv(tmp_path / "m.csv", [["a", "x.jpg", "happy", "train", "s"], ["b", "y.jpg", "sad", "test", "s"]]))
+    with pytest.raises(ManifestError, match=r"m.csv:3: .*y.jpg"):
+        resolve_paths(m, tmp_path)
+
+
+def test_gzip_manifest_round_trip_is_byte_stable(tmp_path):
+    write_imagefolder(tmp_path / "fer", per_class=1)
+    m = build("imagefolder", tmp_path / "fer")
+    a = write_manifest(m, tmp_path / "a.csv.gz").read_bytes()
+    b = write_manifest(m, tmp_path / "a.csv.gz").read_bytes()
+    assert a == b and read_manifest(tmp_path / "a.csv.gz").rows == m.rows

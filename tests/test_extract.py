@@ -1,0 +1,171 @@
+"""Extraction into stores: layout, fingerprint, resume after SIGKILL, refusal of foreign stores, corrupt images."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+
+from fercache import store as S
+from fercache.errors import StoreError
+from fercache.extract import extract
+from fercache.manifests import read_manifest, write_manifest
+
+
+def _arrays(location) -> dict[str, np.ndarray]:
+    st = S.open_store(location)
+    out = {f"features/{k}": st.group[f"features/{k}"][:] for k in st.outputs}
+    out.update(ok=st.ok(), sample_id=st.sample_ids(), done=st.group["done"][:])
+    return out
+
+
+def _assert_same_store(a, b):
+    xa, xb = _arrays(a), _arrays(b)
+    assert xa.keys() == xb.keys()
+    for k in xa:
+        assert np.array_equal(xa[k], xb[k], equal_nan=k.startswith("features")), k
+    ma, mb = S.open_store(a).meta, S.open_store(b).meta
+    assert ma["fingerprint"]["key"] == mb["fingerprint"]["key"] and ma["complete"] and mb["complete"]
+
+
+def test_store_layout_and_fingerprint(tiny_store, tiny_manifest):
+    st = S.open_store(tiny_store).require_complete()
+    m = read_manifest(tiny_manifest)
+    assert st.n_rows == len(m) == 72 and st.n_chunks == 5
+    assert set(st.outputs) == {"pooled", "embedding"} and st.outputs["embedding"] == 32 and st.outputs["pooled"] == 64
+    assert list(st.sample_ids()) == m.column("sample_id")
+    emb = st.features("embedding")
+    assert emb.shape == (72, 32) and np.isfinite(emb).all()
+    assert st.group["features/embedding"].dtype == np.float16
+    # raw, not L2-normalised
+    assert not np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-2)
+    fp = st.fingerprint
+    assert fp["schema_version"] == S.SCHEMA_VERSION and len(fp["manifest_sha256"]) == 64
+    assert fp["encoder"]["name"] == "open_clip:fercache-tiny-vit" and fp["encoder"]["preprocess"]["size"] == 32
+    assert {"torch", "zarr", "open_clip_torch"} <= set(fp["versions"])
+
+
+def test_pooled_projects_to_embedding(tiny_store, tiny_encoder_spec):
+    """The stored embedding is the stored pooled feature times the CLIP projection (raw, pre-normalisation)."""
+    from fercache.encoders import load_encoder
+
+    st = S.open_store(tiny_store)
+    proj = load_encoder(tiny_encoder_spec).model.visual.proj.detach().numpy()
+    np.testing.assert_allclose(st.features("pooled") @ proj, st.features("embedding"), rtol=0.02, atol=0.02)
+
+
+def test_complete_store_is_a_no_op(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec):
+    r = extract(tiny_manifest, tiny_encoder_spec, tiny_store, root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
+    assert r.already_complete and r.chunks_computed == 0
+
+
+def test_foreign_manifest_is_refused(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    m = read_manifest(tiny_manifest)
+    m.rows = m.rows[:-1]
+    other = write_manifest(m, tmp_path / "other.csv")
+    with pytest.raises(StoreError, match=r"manifest sha256 .* --overwrite"):
+        extract(other, tiny_encoder_spec, tiny_store, root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
+
+
+def test_foreign_encoder_is_refused_and_overwrite_rebuilds(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    copy = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, copy)
+    with pytest.raises(StoreError, match=r"encoder open_clip:fercache-tiny-vit .* size 32\) vs .*size 48"):
+        extract(tiny_manifest, tiny_encoder_spec, copy, image_size=48, root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
+    r = extract(tiny_manifest, tiny_encoder_spec, copy, image_size=48, root=tiny_dataset, chunk_rows=16, workers=0,
+                progress=False, overwrite=True)
+    assert r.n_ok == 72 and S.open_store(copy).fingerprint["encoder"]["preprocess"]["size"] == 48
+
+
+def test_relabelling_does_not_invalidate(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    m = read_manifest(tiny_manifest)
+    for r in m.rows:
+        r["label"] = "neutral"
+    relabelled = write_manifest(m, tmp_path / "relabelled.csv")
+    r = extract(relabelled, tiny_encoder_spec, tiny_store, root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
+    assert r.already_complete
+
+
+def test_corrupt_image_is_recorded_not_fatal(tiny_dataset, tiny_manifest, tiny_encoder_spec, tmp_path):
+    root = tmp_path / "root"
+    shutil.copytree(tiny_dataset, root)
+    bad = root / "faces" / "train" / "happy" / "train_happy_002.jpg"
+    bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" + os.urandom(64))
+    r = extract(tiny_manifest, tiny_encoder_spec, tmp_path / "s.zarr", root=root, chunk_rows=16, workers=2, progress=False)
+    assert (r.n_ok, r.n_failed) == (71, 1)
+    st = S.open_store(tmp_path / "s.zarr")
+    errors = st.errors()
+    assert list(errors) == ["train/happy/train_happy_002"] and errors["train/happy/train_happy_002"].split(":")[0] in ("UnidentifiedImageError", "OSError")
+    i = list(st.sample_ids()).index("train/happy/train_happy_002")
+    assert np.isnan(st.features()[i]).all() and np.isfinite(np.delete(st.features(), i, axis=0)).all()
+
+
+def test_workers_do_not_change_features(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    extract(tiny_manifest, tiny_encoder_spec, tmp_path / "w2.zarr", root=tiny_dataset, chunk_rows=16, batch_size=8,
+            workers=2, progress=False)
+    _assert_same_store(tiny_store, tmp_path / "w2.zarr")
+
+
+KILLER = textwrap.dedent("""
+    import os, signal, sys, time
+    from fercache import store as S
+    from fercache.encoders import load_encoder
+    from fercache.extract import extract
+    enc = load_encoder(sys.argv[2])
+    forward, calls = enc.model.forward, [0]
+    def dying_forward(x):
+        calls[0] += 1
+        if calls[0] == int(sys.argv[5]):
+            deadline = time.time() + 20  # let the writer thread land two chunks, then die mid-run
+            while S.open_store(sys.argv[3]).group["done"][:].sum() < 2 and time.time() < deadline:
+                time.sleep(0.05)
+            os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: like a preempted node
+        return forward(x)
+    enc.model.forward = dying_forward
+    extract(sys.argv[1], sys.argv[2], sys.argv[3], root=sys.argv[4], chunk_rows=16, batch_size=8, workers=0,
+            progress=False, encoder_obj=enc)
+""")
+
+
+def test_resume_after_sigkill_equals_clean_run(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    out = tmp_path / "killed.zarr"
+    proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_manifest), tiny_encoder_spec, str(out),
+                           str(tiny_dataset), "6"], capture_output=True, text=True)
+    assert proc.returncode == -9, proc.stderr
+    st = S.open_store(out)
+    assert not st.complete and 0 < len(st.pending_chunks()) < st.n_chunks
+    with pytest.raises(StoreError, match="incomplete .* re-run"):
+        st.require_complete()
+    r = extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0, progress=False)
+    assert 0 < r.chunks_computed < st.n_chunks
+    _assert_same_store(tiny_store, out)
+
+
+def test_export_h5(tiny_store, tmp_path):
+    path = S.export_h5(tiny_store, tmp_path / "f.h5")
+    st = S.open_store(tiny_store)
+    with h5py.File(path) as f:
+        np.testing.assert_array_equal(f["features/embedding"][:], st.group["features/embedding"][:])
+        assert [s.decode() for s in f["sample_id"][:]] == list(st.sample_ids())
+        assert '"complete": true' in f.attrs["fercache"]
+
+
+def test_incomplete_store_cannot_be_exported(tmp_path, tiny_manifest, tiny_encoder_spec):
+    from fercache.encoders import load_encoder
+    from fercache.manifests import content_sha256
+
+    enc = load_encoder(tiny_encoder_spec)
+    m = read_manifest(tiny_manifest)
+    fp = S.make_fingerprint(enc.identity(), content_sha256(m), len(m), 16)
+    S.create(tmp_path / "half.zarr", fp, m.column("sample_id"), "embedding")
+    with pytest.raises(StoreError, match="incomplete"):
+        S.export_h5(tmp_path / "half.zarr", tmp_path / "x.h5")
+    with pytest.raises(StoreError, match="already exists"):
+        S.create(tmp_path / "half.zarr", fp, m.column("sample_id"), "embedding")
