@@ -1,0 +1,89 @@
+"""The CLI end to end through Typer's CliRunner, and the pipeline runner."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from fercache import cli
+from fercache.store import open_store
+
+runner = CliRunner()
+
+
+def invoke(*args):
+    """Run the CLI as `main()` would: FercacheError -> exit 2 with `error:`."""
+    try:
+        return runner.invoke(cli.app, [str(a) for a in args], catch_exceptions=False)
+    except cli.FercacheError as e:  # main() does this for the console script
+        class R:
+            exit_code, output = 2, f"error: {e}"
+        return R()
+
+
+def test_manifest_build_extract_info_export(tiny_dataset, tiny_encoder_spec, tmp_path):
+    m = tmp_path / "m.csv"
+    r = invoke("manifest", "build", tiny_dataset / "faces", "--format", "imagefolder", "-o", m, "--data-root", tiny_dataset)
+    assert r.exit_code == 0 and "72 rows" in r.output
+    r = invoke("manifest", "check", m, "--data-root", tiny_dataset)
+    assert r.exit_code == 0 and json.loads(r.output)["splits"] == {"test": 24, "train": 24, "val": 24}
+    s = tmp_path / "s.zarr"
+    r = invoke("extract", m, "--encoder", tiny_encoder_spec, "--out", s, "--data-root", tiny_dataset, "--workers", "0")
+    assert r.exit_code == 0 and "72 ok, 0 failed" in r.output, r.output
+    assert open_store(s).complete
+    r = invoke("info", s)
+    assert r.exit_code == 0 and "complete   True" in r.output and "embedding[32]" in r.output
+    r = invoke("info", s, "--json")
+    assert json.loads(r.output)["rows"] == 72
+    r = invoke("export", s, "--to", tmp_path / "s.h5")
+    assert r.exit_code == 0 and (tmp_path / "s.h5").is_file()
+
+
+def test_errors_exit_2_with_message(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    monkeypatch.setattr("sys.argv", ["fercache", "info", str(tmp_path / "missing.zarr")])
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    assert e.value.code == 2 and "error: no fercache store" in capsys.readouterr().err
+
+
+def test_pipeline_runs_steps(tiny_dataset, tiny_encoder_spec, tmp_path, monkeypatch):
+    p = tmp_path / "p.toml"
+    p.write_text(f"""
+[vars]
+data = "{tiny_dataset}"
+out = "{tmp_path}/out"
+size = 32
+[[step]]
+run = "manifest"
+format = "imagefolder"
+src = "{{data}}/faces"
+data_root = "{{data}}"
+out = "{{out}}/m.csv"
+[[step]]
+run = "extract"
+manifest = "{{out}}/m.csv"
+encoder = "{tiny_encoder_spec}"
+image_size = "{{size}}"
+root = "{{data}}"
+out = "{{out}}/s.zarr"
+workers = 0
+progress = false
+""")
+    r = invoke("run", p)
+    assert r.exit_code == 0, r.output
+    assert "[2] extract: " in r.output and "72 ok" in r.output
+    r = invoke("run", p)
+    assert "already complete" in r.output
+    monkeypatch.setenv("FERCACHE_SIZE", "48")  # env overrides a variable, keeping its type
+    r = invoke("run", p)
+    assert r.exit_code == 2 and "step 2 (extract)" in r.output and "--overwrite" in r.output
+
+
+def test_pipeline_unknown_step(tmp_path):
+    p = tmp_path / "p.toml"
+    p.write_text('[[step]]\nrun = "teleport"\n')
+    r = invoke("run", p)
+    assert r.exit_code == 2 and "teleport" in r.output and "manifest" in r.output
