@@ -134,6 +134,127 @@ def export(store: str, to: Path = typer.Option(..., "--to", help="HDF5 file to w
     typer.echo(export_h5(store, to))
 
 
+def _kv(pairs: list[str]) -> dict:
+    """key=value pairs with values parsed as JSON when possible (numbers, booleans, lists)."""
+    out = {}
+    for key, value in _options(pairs).items():
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def _seeds(text: str) -> list[int]:
+    try:
+        return [int(s) for s in text.split(",") if s.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--seeds takes comma-separated integers, got {text!r}") from None
+
+
+@app.command("train-head")
+def train_head(
+    store: str = typer.Argument(..., help="A complete feature store."),
+    head: str = typer.Option("linear", "--head", "-H", help="linear, zeroshot, mask, cvar_mlp or au."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds; one run per seed."),
+    out: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs are written to OUT/<store>-<head>/seed<k>/."),
+    manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
+    output: Optional[str] = typer.Option(None, help="Store output to train on (default: the store's default)."),
+    mask_source: Optional[str] = typer.Option(None, help="mask head: a second store of the same manifest for the mask MLP."),
+    hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value (repeatable), e.g. --hp hidden=512."),
+    recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value, e.g. --recipe epochs=10 --recipe lr=1e-3."),
+    aus: Optional[str] = typer.Option(None, help="au head: 'top8', or AU numbers like 1,2,4 (default: AUs with >=20 train positives)."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+) -> None:
+    """Train a head on cached features; the epoch is chosen on the validation split, never on test."""
+    from .train import fit_seeds
+
+    runs = fit_seeds(store, head, seeds=_seeds(seeds), out_dir=out, manifest=manifest, output=output,
+                     mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device, progress=True)
+    for r in runs:
+        sel, val = r.metrics["selection"], r.metrics["val"]
+        score = val.get("accuracy", val.get("macro_f1_at_0.5"))
+        typer.echo(f"{r.run_dir}: val {sel['metric']} {100 * score:.2f}% (epoch {sel['best_epoch']}; val: {sel['val_source']})")
+
+
+@app.command()
+def evaluate(
+    runs: list[str] = typer.Argument(None, help="Run directories (or parents of seed runs). With --cross: unused."),
+    store: Optional[str] = typer.Option(None, help="Store to evaluate on (default: the run's training store)."),
+    split: str = typer.Option("test", help="Split to score."),
+    manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
+    cross: bool = typer.Option(False, "--cross", help="Train on each --train store, test on each --test store."),
+    train: list[str] = typer.Option([], "--train", help="--cross: stores to train on (repeatable)."),
+    test: list[str] = typer.Option([], "--test", help="--cross: stores to test on (default: the --train stores)."),
+    heads: str = typer.Option("linear", help="--cross: comma-separated heads."),
+    seeds: str = typer.Option("0", help="--cross: comma-separated seeds."),
+    recipe: list[str] = typer.Option([], "--recipe", help="--cross: training override key=value for every head."),
+    out: Path = typer.Option(Path("runs/cross"), "--out", "-o", help="--cross: output folder."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Score runs (WAR, UAR, macro-F1, per-class recall, confusion CSV/PNG; per-AU F1), or the --cross matrix."""
+    if cross:
+        from .protocols import cross_matrix
+
+        if not train:
+            raise typer.BadParameter("--cross needs --train STORE (repeatable)")
+        head_list = [h for h in heads.split(",") if h]
+        tables = cross_matrix(train, head_list, out, seeds=_seeds(seeds), test_stores=test or None,
+                              recipe={h: _kv(recipe) for h in head_list}, device=device, progress=True)
+        for t in tables.values():
+            typer.echo(t["markdown"])
+        return
+    from .evaluate import evaluate as run_eval
+
+    if not runs:
+        raise typer.BadParameter("give a run directory, or use --cross")
+    for run in runs:
+        res = run_eval(run, store, manifest, split, device)
+        for r in res["runs"]:
+            head = f"acc {100 * r['accuracy']:.2f}  UAR {100 * r['uar']:.2f}  macro-F1 {100 * r['macro_f1']:.2f}" if "accuracy" in r \
+                else f"AU macro-F1 @0.5 {100 * r['macro_f1_at_0.5']:.2f}  tuned {100 * r['macro_f1_tuned']:.2f}"
+            excl = f"  (excluded {r['excluded']['n']})" if r.get("excluded", {}).get("n") else ""
+            typer.echo(f"{r['run']} on {r['store']}:{split}  n={r['n']}  {head}{excl}  -> {r['out']}")
+        if len(res["runs"]) > 1:
+            typer.echo("mean ± std: " + ", ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in res["summary"].items()))
+
+
+@app.command()
+def predict(
+    run: Path = typer.Argument(..., help="A trained run directory."),
+    images: list[Path] = typer.Argument(..., help="Image files or folders."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write .json or .csv (default: JSON to stdout)."),
+    detect: bool = typer.Option(False, help="Crop the most confident face with MTCNN (facenet-pytorch) first."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Class probabilities for new images, using the run's encoder and preprocessing."""
+    from .predict import predict as run_predict, write_predictions
+
+    rows = run_predict(run, images, detect=detect, device=device)
+    if out:
+        typer.echo(f"{write_predictions(rows, out)}: {len(rows)} images")
+    else:
+        typer.echo(json.dumps(rows, indent=2))
+
+
+@app.command("au-cv")
+def au_cv(
+    store: str,
+    folds: int = typer.Option(5, help="Subject-grouped folds."),
+    aus: str = typer.Option("top8", help="'topK' or AU numbers like 1,2,4."),
+    seeds: str = typer.Option("0"),
+    hp: list[str] = typer.Option([], "--hp"),
+    recipe: list[str] = typer.Option([], "--recipe"),
+    out: Path = typer.Option(Path("runs/au-cv"), "--out", "-o"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Subject-grouped k-fold AU detection: per-AU F1 at 0.5, tuned thresholds, and the always-positive baseline."""
+    from .protocols import au_crossval
+
+    r = au_crossval(store, out, folds=folds, aus=aus, seeds=_seeds(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device)
+    typer.echo(r["markdown"])
+
+
 @app.command("run")
 def run_cmd(pipeline: Path, only: list[str] = typer.Option([], "--only", help="Run only steps with this name or kind.")) -> None:
     """Run a TOML pipeline (see pipelines/quickstart.toml)."""

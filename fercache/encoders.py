@@ -79,6 +79,17 @@ def load_encoder(spec: str, pretrained: str | None = None, image_size: int | Non
     return enc
 
 
+def encoder_of(store_meta: dict) -> Encoder:
+    """Rebuild the encoder a store was extracted with, and check it still has the same weights."""
+    fp = store_meta["fingerprint"]["encoder"]
+    args = store_meta.get("encoder_args") or {"spec": fp["name"]}
+    enc = load_encoder(args["spec"], pretrained=args.get("pretrained"), image_size=args.get("image_size"))
+    if enc.weights_sha256 != fp["weights_sha256"] or enc.preprocess.to_dict() != fp["preprocess"]:
+        raise EncoderError(f"{args['spec']} now loads weights or preprocessing that differ from the store's "
+                           f"(sha256 {fp['weights_sha256'][:12]}); pass the same --pretrained file it was built with")
+    return enc
+
+
 def sha256_file(path: str | Path, block: int = 1 << 20) -> str:
     """sha256 of a file's bytes."""
     h = hashlib.sha256()

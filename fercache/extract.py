@@ -110,7 +110,7 @@ def _amp_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 
 def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: int, overwrite: bool,
-                   rank: int = 0, world: int = 1) -> S.FeatureStore:
+                   rank: int = 0, world: int = 1, manifest_path: str = "", encoder_args: dict | None = None) -> S.FeatureStore:
     """The store to fill: a new one, or an existing one with the same fingerprint (resume / no-op)."""
     fp = S.make_fingerprint(encoder.identity(), content_sha256(manifest), len(manifest), chunk_rows)
     if rank == 0:
@@ -122,7 +122,7 @@ def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: i
             if "frame_idx" in video:
                 video["frame_idx"] = [int(v or -1) for v in video["frame_idx"]]
             store = S.create(out, fp, manifest.column("sample_id"), encoder.default_output,
-                             manifest_name=Path(manifest.source).name, video=video, overwrite=overwrite)
+                             manifest_name=manifest_path, video=video, overwrite=overwrite, encoder_args=encoder_args)
     _barrier(world)
     return store if rank == 0 else S.open_store(out, mode="r+")
 
@@ -211,7 +211,9 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     enc.model.to(dev)
     if enc.channels_last or dev.type == "cuda":
         enc.model.to(memory_format=torch.channels_last)
-    store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world)
+    store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world,
+                           manifest_path=str(Path(manifest_path).resolve()),
+                           encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size})
     if store.complete:
         log.info("%s is complete and matches; nothing to do", out)
         return ExtractResult(str(out), store.n_rows, 0, store.meta.get("n_ok"), store.meta.get("n_failed"),

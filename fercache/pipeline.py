@@ -48,6 +48,30 @@ def _extract_step(manifest: str, encoder: str, out: str, **kw):
     return f"{r.store}: {r.rows} rows, {r.n_ok} ok, {r.n_failed} failed ({state})"
 
 
+@register_step("train")
+def _train_step(store: str, head: str, seeds: list[int] = (0,), **kw):
+    from .train import fit_seeds
+
+    runs = fit_seeds(store, head, seeds=seeds, **kw)
+    return ", ".join(f"{r.run_dir} (val {r.metrics['selection']['metric']} "
+                     f"{100 * r.metrics['val'].get('accuracy', r.metrics['val'].get('macro_f1_at_0.5')):.1f}%)" for r in runs)
+
+
+@register_step("cross")
+def _cross_step(stores: list[str], heads: list[str], out: str, **kw):
+    from .protocols import cross_matrix
+
+    tables = cross_matrix(stores, heads, out, **kw)
+    return "\n" + "\n".join(t["markdown"] for t in tables.values())
+
+
+@register_step("au_cv")
+def _au_cv_step(store: str, out: str, **kw):
+    from .protocols import au_crossval
+
+    return "\n" + au_crossval(store, out, **kw)["markdown"]
+
+
 def _typed(text: str) -> Any:
     for cast in (int, float):
         try:

@@ -212,7 +212,8 @@ def check_compatible(store: FeatureStore, fingerprint: dict) -> None:
 
 
 def create(location: str | Path, fingerprint: dict, sample_ids: list[str], default_output: str,
-           manifest_name: str = "", video: dict[str, list] | None = None, overwrite: bool = False) -> FeatureStore:
+           manifest_name: str = "", video: dict[str, list] | None = None, overwrite: bool = False,
+           encoder_args: dict | None = None) -> FeatureStore:
     """Pre-allocate a store for all rows; refuses to replace an existing one unless `overwrite`."""
     zarr = _zarr()
     location = str(location)
@@ -236,6 +237,8 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
     g.attrs["fercache"] = {
         "format": FORMAT, "schema_version": SCHEMA_VERSION, "complete": False, "fingerprint": fingerprint,
         "default_output": default_output, "manifest": manifest_name,
+        # How to rebuild the encoder (text tower, predict): the arguments as given (a config path, a weights file).
+        "encoder_args": encoder_args or {},
     }
     return FeatureStore(location, g)
 

@@ -1,0 +1,102 @@
+"""Cached features joined with manifest labels by sample_id: what heads train and evaluate on."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+
+from .errors import ConfigError, StoreError
+from .manifests import Manifest, content_sha256, read_manifest
+from .store import FeatureStore, open_store
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class FeatureSet:
+    """Rows that decoded fine, with their labels. `au` is [N, A] with -1 for not annotated."""
+
+    sample_id: np.ndarray
+    x: np.ndarray
+    label: np.ndarray  # canonical names ("" where none)
+    split: np.ndarray
+    subject: np.ndarray
+    au: np.ndarray | None = None
+    au_names: list[str] = field(default_factory=list)
+    z: np.ndarray | None = None
+    notes: dict = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.sample_id)
+
+    def take(self, idx: np.ndarray) -> "FeatureSet":
+        """Rows `idx` (a boolean mask or indices)."""
+        pick = lambda a: None if a is None else a[idx]  # noqa: E731
+        return replace(self, sample_id=self.sample_id[idx], x=self.x[idx], label=self.label[idx], split=self.split[idx],
+                       subject=self.subject[idx], au=pick(self.au), z=pick(self.z))
+
+    def rows(self, split: str) -> "FeatureSet":
+        return self.take(self.split == split)
+
+
+def manifest_for(store: FeatureStore, manifest: str | Path | None) -> Manifest:
+    """The manifest to take labels from (default: the one the store was built from), checked against the store."""
+    path = manifest or store.meta.get("manifest")
+    if not path or not Path(path).is_file():
+        raise ConfigError(f"cannot find the manifest of {store.location} ({path!r}); pass --manifest")
+    m = read_manifest(path)
+    if content_sha256(m) != store.fingerprint["manifest_sha256"]:
+        raise StoreError(f"manifest {path} lists other images than store {store.location} was built from; "
+                         "pass the manifest it was built from (labels may differ, sample_id/path may not)")
+    return m
+
+
+def _joined_features(store: FeatureStore, source: str, output: str | None) -> np.ndarray:
+    other = open_store(source).require_complete()
+    if list(other.sample_ids()) != list(store.sample_ids()):
+        # Different row order is fine as long as every sample_id is there.
+        index = {s: i for i, s in enumerate(other.sample_ids())}
+        missing = [s for s in store.sample_ids() if s not in index]
+        if missing:
+            raise StoreError(f"mask-source store {source} lacks {len(missing)} sample ids of {store.location}, e.g. {missing[:3]}")
+        return other.features(output)[[index[s] for s in store.sample_ids()]]
+    return other.features(output)
+
+
+def load_features(store_path: str, manifest: str | Path | None = None, output: str | None = None,
+                  mask_source: str | None = None) -> FeatureSet:
+    """Features of a complete store joined with a manifest's labels, splits, subjects and AUs."""
+    store = open_store(store_path).require_complete()
+    m = manifest_for(store, manifest)
+    x = store.features(output)
+    z = _joined_features(store, mask_source, None) if mask_source else None
+    ok = store.ok()
+    if z is not None:
+        ok &= np.isfinite(z).all(1)
+    col = lambda c: np.array(m.column(c), dtype=object)  # noqa: E731
+    aus = m.au_columns
+    au = np.array([[int(r[a] or -1) for a in aus] for r in m.rows], dtype=np.int64) if aus else None
+    fs = FeatureSet(col("sample_id"), x, col("label"), col("split"), col("subject"), au, aus, z,
+                    notes={"store": store_path, "manifest": m.source, "failed_rows_skipped": int((~ok).sum())})
+    return fs.take(ok)
+
+
+def carve_val(fs: FeatureSet, fraction: float = 0.15, seed: int = 0) -> FeatureSet:
+    """If there is no `val` split, move a subject-grouped `fraction` of train subjects to val (recorded in notes)."""
+    if (fs.split == "val").any():
+        return replace(fs, notes={**fs.notes, "val_source": "manifest val split"})
+    train = fs.split == "train"
+    subjects = np.unique(fs.subject[train])
+    if len(subjects) < 2:
+        raise ConfigError("cannot carve a validation split: fewer than 2 training subjects")
+    rng = np.random.default_rng(seed)
+    n_val = max(1, round(fraction * len(subjects)))
+    val_subjects = set(rng.choice(subjects, size=n_val, replace=False))
+    split = fs.split.copy()
+    split[train & np.isin(fs.subject, list(val_subjects))] = "val"
+    note = f"carved from train: {n_val} of {len(subjects)} subjects ({fraction:.0%}), seed {seed}"
+    log.info("no val split in the manifest; %s", note)
+    return replace(fs, split=split, notes={**fs.notes, "val_source": note})

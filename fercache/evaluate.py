@@ -1,0 +1,97 @@
+"""Evaluate trained runs on a store's split; the cross-dataset matrix; subject-grouped AU cross-validation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import metrics, report
+from .data import load_features
+from .errors import ConfigError, StoreError
+from .store import open_store
+from .train import _to_device, fit_seeds, load_run, predict_logits, targets
+
+log = logging.getLogger(__name__)
+
+
+def _check_same_encoder(cfg: dict, store: str) -> None:
+    trained = cfg["store_fingerprint"]["encoder"]
+    here = open_store(store).fingerprint["encoder"]
+    if {k: trained[k] for k in ("name", "weights_sha256", "preprocess")} != {k: here[k] for k in ("name", "weights_sha256", "preprocess")}:
+        raise StoreError(f"{store} was extracted with {here['name']} ({here['weights_sha256'][:12]}, size "
+                         f"{here['preprocess']['size']}) but the head was trained on {trained['name']} "
+                         f"({trained['weights_sha256'][:12]}, size {trained['preprocess']['size']}); features are not comparable")
+
+
+def run_dirs(run: str | Path) -> list[Path]:
+    """A run directory, or every seed run under a parent directory."""
+    run = Path(run)
+    if (run / "head.pt").is_file():
+        return [run]
+    found = sorted(p.parent for p in run.glob("*/head.pt"))
+    if not found:
+        raise ConfigError(f"no trained run (head.pt) in {run} or its subfolders")
+    return found
+
+
+def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split: str = "test",
+                 write: bool = True, device: str = "cpu") -> dict:
+    """Metrics of one run on `split` of `store` (default: the store it was trained on)."""
+    model, cfg, thresholds = load_run(run, device)
+    store = store or cfg["store"]
+    _check_same_encoder(cfg, store)
+    if cfg["mask_source"] and store != cfg["store"]:
+        raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
+    fs = load_features(store, manifest if store != cfg["store"] or manifest else cfg["manifest"], cfg["output"], cfg["mask_source"])
+    fs = fs.rows(split)
+    if cfg["task"] == "expr":
+        fs = fs.take(fs.label != "")
+    y = targets(fs, cfg["task"], cfg["classes"])
+    result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"]}
+    if cfg["task"] == "expr":
+        scored = y >= 0  # labels outside the training label set cannot be predicted: excluded and counted
+        excluded = {str(lbl): int((fs.label[~scored] == lbl).sum()) for lbl in np.unique(fs.label[~scored])}
+        fs, y = fs.take(scored), y[scored]
+        result["excluded"] = {"n": int(sum(excluded.values())), "by_label": excluded}
+        logits = predict_logits(model, _to_device(fs, y, device))
+        result.update(metrics.classification(y, logits.argmax(1).cpu().numpy(), cfg["classes"]))
+    else:
+        prob = torch.sigmoid(predict_logits(model, _to_device(fs, y, device))).cpu().numpy()
+        result.update(metrics.au(y, prob, cfg["classes"], thresholds))
+    if write:
+        _write_eval(Path(run), result, cfg)
+    return result
+
+
+def _write_eval(run: Path, result: dict, cfg: dict) -> Path:
+    out = run / f"eval-{Path(str(result['store']).rstrip('/')).stem}-{result['split']}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    if "confusion" in result:
+        classes = result["classes"]
+        report.write_csv(out / "confusion.csv", ["true \\ predicted"] + classes,
+                         [[c] + row for c, row in zip(classes, result["confusion"])])
+        report.confusion_png(out / "confusion.png", result["confusion"], classes,
+                             f"{cfg['head']} on {Path(result['store']).stem} {result['split']}: acc {100 * result['accuracy']:.1f}%")
+    result["out"] = str(out)
+    return out
+
+
+def summarize(results: list[dict], keys=("accuracy", "uar", "macro_f1", "macro_f1_at_0.5", "macro_f1_tuned")) -> dict:
+    """mean and std over seeds of each headline metric present."""
+    out = {}
+    for k in keys:
+        vals = [r[k] for r in results if k in r]
+        if vals:
+            out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n_seeds": len(vals)}
+    return out
+
+
+def evaluate(run: str | Path, store: str | None = None, manifest=None, split: str = "test", device: str = "cpu") -> dict:
+    """Evaluate a run (or every seed under it); returns per-seed results and mean/std."""
+    results = [evaluate_run(r, store, manifest, split, device=device) for r in run_dirs(run)]
+    return {"runs": results, "summary": summarize(results)}

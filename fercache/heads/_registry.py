@@ -1,0 +1,64 @@
+"""Head registry and the interface every head implements."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..errors import ConfigError, UnknownNameError
+
+
+class Head(nn.Module):
+    """A head maps a batch of cached features to logits.
+
+    `forward(x, z=None)` returns logits [B, C] (z: optional mask-source features);
+    `loss(batch)` returns the training loss for a batch dict with `x`, `y` (and `z`).
+    `recipe` holds the published training recipe, which the trainer uses unless overridden.
+    """
+
+    task = "expr"  # or "au" (multi-label)
+    recipe: dict = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "epochs": 30, "batch_size": 256,
+                    "scheduler": None, "sam_rho": 0.0}
+    trainable = True
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return nn.functional.cross_entropy(self(batch["x"], batch.get("z")), batch["y"])
+
+
+@dataclass
+class HeadContext:
+    """What a head is built for: feature sizes, the label set, and the store it reads."""
+
+    in_dim: int
+    out_dim: int
+    class_names: list[str]
+    z_dim: int | None = None  # features of a second (mask-source) store, if any
+    store_meta: dict = field(default_factory=dict)
+    restore: bool = False  # True when loading a saved head: weights come from head.pt, not from a build step
+
+
+Factory = Callable[..., Head]
+HEADS: dict[str, Factory] = {}
+
+
+def register_head(name: str):
+    """Register a head factory taking keyword-only hyperparameters (so a sweep can pass a dict)."""
+    def wrap(fn: Factory) -> Factory:
+        HEADS[name] = fn
+        return fn
+    return wrap
+
+
+def build_head(name: str, ctx: HeadContext, **hp) -> Head:
+    """Instantiate a registered head; unknown hyperparameters are an error, not silently ignored."""
+    if name not in HEADS:
+        raise UnknownNameError("head", name, HEADS)
+    try:
+        head = HEADS[name](ctx, **hp)
+    except TypeError as e:
+        raise ConfigError(f"head {name!r}: {e}") from None
+    head.name = name
+    return head

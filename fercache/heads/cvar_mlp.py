@@ -1,0 +1,51 @@
+"""CVaR MLP (METHODS.md §2): 3 x [Linear, BatchNorm, ReLU, Dropout 0.6] + Linear, trained on CVaR_alpha with SAM."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ._registry import Head, HeadContext, register_head
+
+
+def cvar(losses: torch.Tensor, alpha: float) -> torch.Tensor:
+    """CVaR_alpha: the mean of the largest ceil(alpha * n) per-sample losses (closed form, no host sync)."""
+    k = max(1, math.ceil(alpha * losses.shape[0]))
+    return losses.topk(k).values.mean()
+
+
+def mlp(in_dim: int, out_dim: int, hidden: int, layers: int = 3, dropout: float = 0.6) -> nn.Sequential:
+    """The published head: `layers` x [Linear, BatchNorm1d, ReLU, Dropout] then Linear."""
+    blocks, d = [], in_dim
+    for _ in range(layers):
+        blocks += [nn.Linear(d, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Dropout(dropout)]
+        d = hidden
+    return nn.Sequential(*blocks, nn.Linear(d, out_dim))
+
+
+CVAR_RECIPE = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 32, "batch_size": 32,
+               "scheduler": "cosine_quarter", "eta_min": 1e-5, "sam_rho": 0.5}
+
+
+class CVaRMLP(Head):
+    recipe = CVAR_RECIPE
+
+    def __init__(self, in_dim: int, out_dim: int, hidden: int, alpha: float, dropout: float):
+        super().__init__()
+        self.alpha = alpha
+        self.net = mlp(in_dim, out_dim, hidden, dropout=dropout)
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        return self.net(x)
+
+    def loss(self, batch: dict) -> torch.Tensor:
+        return cvar(F.cross_entropy(self(batch["x"]), batch["y"], reduction="none"), self.alpha)
+
+
+@register_head("cvar_mlp")
+def cvar_mlp(ctx: HeadContext, *, hidden: int | None = None, alpha: float = 0.5, dropout: float = 0.6) -> CVaRMLP:
+    """MLP trained on the CVaR of per-sample losses (top alpha fraction); width = feature dim by default."""
+    return CVaRMLP(ctx.in_dim, ctx.out_dim, hidden or ctx.in_dim, alpha, dropout)

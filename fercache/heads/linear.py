@@ -1,0 +1,37 @@
+"""Linear probe (METHODS.md §4), on raw or L2-normalised features."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ._registry import Head, HeadContext, register_head
+
+
+class LinearProbe(Head):
+    recipe = {**Head.recipe, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 30, "batch_size": 256,
+              "scheduler": "cosine"}
+
+    def __init__(self, in_dim: int, out_dim: int, normalize: bool):
+        super().__init__()
+        self.normalize = normalize
+        # Raw features differ in scale across encoders; a frozen standardiser makes one lr work for all.
+        self.register_buffer("mu", torch.zeros(in_dim))
+        self.register_buffer("sigma", torch.ones(in_dim))
+        self.fc = nn.Linear(in_dim, out_dim)
+
+    def fit_stats(self, x: torch.Tensor) -> None:
+        """Set the standardiser from training features (called once by the trainer)."""
+        if not self.normalize:
+            self.mu.copy_(x.mean(0))
+            self.sigma.copy_(x.std(0).clamp_min(1e-6))
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+        x = nn.functional.normalize(x, dim=-1) if self.normalize else (x - self.mu) / self.sigma
+        return self.fc(x)
+
+
+@register_head("linear")
+def linear(ctx: HeadContext, *, normalize: bool = False) -> LinearProbe:
+    """Linear probe; `normalize=True` L2-normalises inputs (else standardises with train statistics)."""
+    return LinearProbe(ctx.in_dim, ctx.out_dim, normalize)

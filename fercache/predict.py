@@ -1,0 +1,125 @@
+"""Predict expressions (or AUs) for new images with a trained run: same encoder and preprocessing as its store."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .adapters import IMAGE_EXTS
+from .encoders import encoder_of
+from .errors import ConfigError, FercacheError
+from .preprocess import decode_image, to_model_input
+from .train import load_run
+
+log = logging.getLogger(__name__)
+
+
+def collect_images(inputs: list[str | Path]) -> list[Path]:
+    """Image files among `inputs`, folders searched recursively."""
+    out = []
+    for p in map(Path, inputs):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+        elif p.is_file():
+            out.append(p)
+        else:
+            raise ConfigError(f"{p} is neither an image file nor a folder")
+    if not out:
+        raise ConfigError(f"no images found in {', '.join(map(str, inputs))}")
+    return out
+
+
+class FaceCropper:
+    """MTCNN face detection (facenet-pytorch; its weights ship in the wheel): crop the most confident face."""
+
+    def __init__(self, device: str = "cpu"):
+        try:
+            from facenet_pytorch import MTCNN
+        except ImportError:
+            raise ConfigError("--detect needs facenet-pytorch: pip install 'fercache[detect]'") from None
+        self.mtcnn = MTCNN(keep_all=False, device=device)
+
+    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, bool]:
+        from PIL import Image
+
+        boxes, _ = self.mtcnn.detect(Image.fromarray(image))
+        if boxes is None:
+            return image, False
+        x0, y0, x1, y1 = (int(round(v)) for v in boxes[0])
+        h, w = image.shape[:2]
+        return image[max(0, y0):min(h, y1), max(0, x0):min(w, x1)], True
+
+
+def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, device: str = "cpu",
+            batch_size: int = 64) -> list[dict]:
+    """Per-image class probabilities (or AU probabilities and decisions) from a trained run."""
+    model, cfg, thresholds = load_run(run, device)
+    if cfg["mask_source"]:
+        raise ConfigError("this run's mask reads a second store's features; predict supports single-encoder runs")
+    enc = encoder_of({"fingerprint": cfg["store_fingerprint"], "encoder_args": cfg.get("encoder_args")})
+    enc.model.to(device)
+    cropper = FaceCropper(device) if detect else None
+    paths, results = collect_images(inputs), []
+    for start in range(0, len(paths), batch_size):
+        results += _predict_batch(paths[start:start + batch_size], enc, model, cfg, thresholds, cropper, device)
+    return results
+
+
+def _predict_batch(paths, enc, model, cfg, thresholds, cropper, device) -> list[dict]:
+    images, rows = [], []
+    for p in paths:
+        try:
+            img = decode_image(p)
+        except Exception as e:  # one bad file must not lose the others' predictions
+            rows.append({"path": str(p), "error": f"{type(e).__name__}: {e}"})
+            continue
+        face = True
+        if cropper:
+            img, face = cropper(img)
+        images.append(img)
+        rows.append({"path": str(p), "face_detected": face if cropper else None})
+    good = [r for r in rows if "error" not in r]
+    if not good:
+        return rows
+    with torch.inference_mode():
+        x = to_model_input(images, enc.preprocess, device)
+        feats = enc.model(x)[cfg["output"]].float()
+        logits = model(feats)
+    _fill(good, logits, cfg, thresholds)
+    return rows
+
+
+def _fill(rows: list[dict], logits: torch.Tensor, cfg: dict, thresholds) -> None:
+    classes = cfg["classes"]
+    if cfg["task"] == "au":
+        prob = torch.sigmoid(logits).cpu().numpy()
+        thr = thresholds if thresholds is not None else np.full(len(classes), 0.5)
+        for r, p in zip(rows, prob):
+            r["probabilities"] = {c: float(v) for c, v in zip(classes, p)}
+            r["active"] = [c for c, v, t in zip(classes, p, thr) if v >= t]
+        return
+    prob = torch.softmax(logits, dim=1).cpu().numpy()
+    for r, p in zip(rows, prob):
+        r["probabilities"] = {c: float(v) for c, v in zip(classes, p)}
+        r["prediction"] = classes[int(p.argmax())]
+
+
+def write_predictions(rows: list[dict], out: Path) -> Path:
+    """JSON (a list) or CSV (one column per class) by the file suffix."""
+    import json
+
+    from .report import write_csv
+
+    if out.suffix == ".json":
+        out.write_text(json.dumps(rows, indent=2))
+        return out
+    if out.suffix != ".csv":
+        raise FercacheError(f"--out must end in .json or .csv, got {out.name}")
+    classes = next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
+    header = ["path", "prediction", "face_detected", "error"] + classes
+    return write_csv(out, header, [[r["path"], r.get("prediction", ";".join(r.get("active", []))), r.get("face_detected"),
+                                    r.get("error", "")] + [f"{r.get('probabilities', {}).get(c, float('nan')):.4f}" for c in classes]
+                                   for r in rows])

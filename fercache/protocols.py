@@ -1,0 +1,139 @@
+"""Multi-run protocols: the cross-dataset matrix (METHODS.md §1) and subject-grouped AU cross-validation."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from . import report
+from .data import carve_val, load_features
+from .errors import ConfigError
+from .evaluate import evaluate_run
+from .train import fit_seeds
+
+log = logging.getLogger(__name__)
+
+
+def _name(store: str) -> str:
+    return Path(str(store).rstrip("/")).stem
+
+
+def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,), test_stores: list[str] | None = None,
+                 hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str = "accuracy",
+                 progress: bool = False) -> dict:
+    """Train each head on each store, test on each test store's `test` split; rows trained-on, columns tested-on.
+
+    Predictions are over the training label set; test samples whose true label is not in it are
+    excluded from that cell and counted. Values are `metric` in %, mean and std over seeds.
+    """
+    test_stores = test_stores or stores
+    out_dir = Path(out_dir)
+    tables = {}
+    for head in heads:
+        cells = {}
+        for train in stores:
+            runs = fit_seeds(train, head, seeds=seeds, out_dir=out_dir / "runs", device=device, progress=progress,
+                             hp=(hp or {}).get(head), recipe=(recipe or {}).get(head))
+            for test in test_stores:
+                res = [evaluate_run(r.run_dir, test, device=device) for r in runs]
+                vals = [100 * r[metric] for r in res]
+                cells[(train, test)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": vals,
+                                        "n": res[0]["n"], "excluded": res[0]["excluded"]}
+        tables[head] = _write_matrix(out_dir, head, stores, test_stores, cells, metric, len(seeds))
+    return tables
+
+
+def _write_matrix(out_dir: Path, head: str, rows: list[str], cols: list[str], cells: dict, metric: str, n_seeds: int) -> dict:
+    names_r, names_c = [_name(s) for s in rows], [_name(s) for s in cols]
+    mean = np.array([[cells[(r, c)]["mean"] for c in cols] for r in rows])
+    std = np.array([[cells[(r, c)]["std"] for c in cols] for r in rows])
+    unseen = [np.mean([mean[i, j] for j, c in enumerate(cols) if c != r]) if len(cols) > 1 else float("nan")
+              for i, r in enumerate(rows)]
+    header = ["trained on \\ tested on"] + names_c + ["mean unseen"]
+    md_rows, csv_rows = [], []
+    for i, r in enumerate(rows):
+        cell = [f"{mean[i, j]:.1f} ± {std[i, j]:.1f}" + (" (in-domain)" if c == r else "") +
+                (f" [excl. {cells[(r, c)]['excluded']['n']}]" if cells[(r, c)]["excluded"]["n"] else "")
+                for j, c in enumerate(cols)]
+        md_rows.append([names_r[i]] + cell + [f"{unseen[i]:.1f}"])
+        csv_rows.append([names_r[i]] + [f"{mean[i, j]:.2f}" for j in range(len(cols))] +
+                        [f"{std[i, j]:.2f}" for j in range(len(cols))] +
+                        [cells[(r, c)]["excluded"]["n"] for c in cols] + [f"{unseen[i]:.2f}"])
+    base = out_dir / f"cross-{head}"
+    report.write_csv(base.with_suffix(".csv"), ["trained_on"] + [f"{c}_mean" for c in names_c] + [f"{c}_std" for c in names_c]
+                     + [f"{c}_excluded" for c in names_c] + ["mean_unseen"], csv_rows)
+    title = f"{head}: {metric} (%) on the test split, mean ± std over {n_seeds} seed(s)"
+    md = f"### {title}\n\n" + report.markdown_table(header, md_rows) + \
+        "\n\n[excl. N]: test samples whose label is not in the training label set (not scored).\n"
+    base.with_suffix(".md").write_text(md)
+    report.heatmap_png(base.with_suffix(".png"), mean, std, names_r, names_c, title)
+    serial = {f"{_name(r)} -> {_name(c)}": v for (r, c), v in cells.items()}
+    base.with_suffix(".json").write_text(json.dumps(serial, indent=2))
+    return {"markdown": md, "csv": str(base.with_suffix(".csv")), "png": str(base.with_suffix(".png")), "cells": serial}
+
+
+def subject_folds(subjects: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Fold index per row, assigning whole subjects to folds (balanced by row count)."""
+    uniq, counts = np.unique(subjects, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(uniq))
+    fold_of, load = {}, np.zeros(k)
+    for i in sorted(order, key=lambda i: -counts[i]):  # largest subjects first, each to the lightest fold
+        f = int(load.argmin())
+        fold_of[uniq[i]] = f
+        load[f] += counts[i]
+    return np.array([fold_of[s] for s in subjects])
+
+
+def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top8", seeds=(0,), hp: dict | None = None,
+                recipe: dict | None = None, device: str = "cpu", progress: bool = False) -> dict:
+    """Subject-grouped k-fold AU detection over all rows of a store; per-AU F1 pooled over test folds."""
+    from .manifests import Manifest, write_manifest
+    from .data import manifest_for
+    from .store import open_store
+
+    out_dir = Path(out_dir)
+    base = manifest_for(open_store(store), None)
+    subjects = np.array(base.column("subject"))
+    fold = subject_folds(subjects, folds)
+    au_list = _fixed_aus(base, aus)  # one AU set for every fold, so per-AU scores can be pooled
+    results = []
+    for f in range(folds):
+        rows = [{**r, "split": "test" if fold[i] == f else "train"} for i, r in enumerate(base.rows)]
+        m = write_manifest(Manifest(rows=rows, source=f"fold{f}", columns=base.columns), out_dir / f"fold{f}.csv")
+        runs = fit_seeds(store, "au", seeds=seeds, manifest=m, aus=au_list, out_dir=out_dir / "runs", device=device,
+                         hp=hp, recipe=recipe, progress=progress, name=f"fold{f}/seed{{seed}}")
+        results += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f} for r in runs]
+    return _au_table(out_dir, results)
+
+
+def _fixed_aus(manifest, aus: str | list[str]) -> list[str]:
+    """`topK` over the whole dataset, or an explicit list / comma-separated AU numbers."""
+    if isinstance(aus, list):
+        return aus
+    if aus.startswith("top"):
+        pos = {a: sum(v == "1" for v in manifest.column(a)) for a in manifest.au_columns}
+        return sorted(sorted(pos, key=pos.get, reverse=True)[: int(aus[3:])], key=lambda a: int(a[2:]))
+    return [a if a.startswith("AU") else f"AU{a}" for a in aus.split(",")]
+
+
+def _au_table(out_dir: Path, results: list[dict]) -> dict:
+    aus = list(results[0]["per_au_f1_at_0.5"])
+    avg = lambda key, a: float(np.mean([r[key][a] for r in results]))  # noqa: E731
+    header = ["AU", "positives (test folds)", "F1 @0.5", "F1 tuned thr (val)", "F1 always-positive"]
+    rows = [[a, sum(r["positives"][a] for r in results) // max(1, len({r["seed"] for r in results})),
+             f"{100 * avg('per_au_f1_at_0.5', a):.1f}", f"{100 * avg('per_au_f1_tuned', a):.1f}",
+             f"{100 * avg('per_au_f1_always_positive', a):.1f}"] for a in aus]
+    macro = {k: float(np.mean([r[k] for r in results])) for k in ("macro_f1_at_0.5", "macro_f1_tuned", "macro_f1_always_positive")}
+    rows.append(["**macro**", "", f"{100 * macro['macro_f1_at_0.5']:.1f}", f"{100 * macro['macro_f1_tuned']:.1f}",
+                 f"{100 * macro['macro_f1_always_positive']:.1f}"])
+    n_folds = len({r["fold"] for r in results})
+    md = (f"### AU detection, {n_folds}-fold subject-grouped cross-validation (F1 %, mean over folds and seeds)\n\n"
+          + report.markdown_table(header, rows) + "\n")
+    (out_dir / "au-cv.md").write_text(md)
+    report.write_csv(out_dir / "au-cv.csv", header, rows)
+    (out_dir / "au-cv.json").write_text(json.dumps({"macro": macro, "folds": results}, indent=2, default=str))
+    return {"markdown": md, "macro": macro}

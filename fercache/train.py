@@ -1,0 +1,286 @@
+"""Train a head on cached features; select the epoch on the validation split (never test); write the run.
+
+A run directory holds `head.pt` (weights + how to rebuild the head), `config.json` (everything
+that produced it) and `metrics.json` (validation metrics, the selecting split and epoch).
+The test split is removed before training starts, so no head can see it during selection.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from . import metrics
+from .data import FeatureSet, carve_val, load_features
+from .errors import ConfigError
+from .heads import HeadContext, build_head
+from .labels import sorted_labels
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    metrics: dict
+
+
+def select_aus(fs: FeatureSet, aus: str | list[str] | None, min_pos: int = 20) -> list[str]:
+    """AU columns to model: a list, `topK` (most frequent in train), or those with >= min_pos train positives."""
+    if not fs.au_names:
+        raise ConfigError(f"{fs.notes.get('manifest')} has no AU columns; the au head needs them")
+    pos = {a: int((fs.au[fs.split == "train", i] == 1).sum()) for i, a in enumerate(fs.au_names)}
+    if isinstance(aus, list):
+        unknown = set(aus) - set(pos)
+        if unknown:
+            raise ConfigError(f"unknown AU column(s) {sorted(unknown)}; the manifest has {fs.au_names}")
+        return aus
+    if isinstance(aus, str) and aus.startswith("top"):
+        return sorted(sorted(pos, key=pos.get, reverse=True)[: int(aus[3:])], key=lambda a: int(a[2:]))
+    if isinstance(aus, str) and aus:
+        return select_aus(fs, [a if a.startswith("AU") else f"AU{a}" for a in aus.split(",")])
+    return [a for a in fs.au_names if pos[a] >= min_pos]
+
+
+def targets(fs: FeatureSet, task: str, classes: list[str]) -> np.ndarray:
+    """Class indices (-1 where the label is outside `classes`), or the [N, A] AU matrix for `classes` AUs."""
+    if task == "au":
+        return fs.au[:, [fs.au_names.index(a) for a in classes]]
+    index = {c: i for i, c in enumerate(classes)}
+    return np.array([index.get(lbl, -1) for lbl in fs.label], dtype=np.int64)
+
+
+def _to_device(fs: FeatureSet, y: np.ndarray, device) -> dict[str, torch.Tensor]:
+    out = {"x": torch.as_tensor(fs.x, device=device), "y": torch.as_tensor(y, device=device)}
+    if fs.z is not None:
+        out["z"] = torch.as_tensor(fs.z, device=device)
+    return out
+
+
+def _optimizer(head: nn.Module, r: dict) -> torch.optim.Optimizer:
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[r["optimizer"]]
+    return cls(head.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+
+
+def _scheduler(opt, r: dict):
+    kind, epochs = r.get("scheduler"), r["epochs"]
+    if kind == "exponential":
+        return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=r.get("gamma", 0.9))
+    if kind == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=r.get("eta_min", 0.0))
+    if kind == "cosine_quarter":  # the published CVaR recipe: T_max = epochs / 4
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs // 4), eta_min=r.get("eta_min", 1e-5))
+    return None
+
+
+class _FrozenBN:
+    """Context: BatchNorm running statistics are not updated (SAM's second forward pass)."""
+
+    def __init__(self, module: nn.Module):
+        self.bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def __enter__(self):
+        self.saved = [(m.momentum, m.num_batches_tracked.clone()) for m in self.bns]
+        for m in self.bns:
+            m.momentum = 0.0  # running = (1 - 0) * running + 0 * batch
+
+    def __exit__(self, *exc):
+        for m, (mom, n) in zip(self.bns, self.saved):
+            m.momentum = mom
+            m.num_batches_tracked.copy_(n)
+
+
+def sam_step(head: nn.Module, opt: torch.optim.Optimizer, batch: dict, rho: float) -> torch.Tensor:
+    """One SAM step: ascend to w + rho * g/|g|, take the gradient there (BN stats frozen), step from w."""
+    loss = head.loss(batch)
+    loss.backward()
+    params = [p for p in head.parameters() if p.grad is not None]
+    norm = torch.norm(torch.stack([p.grad.norm() for p in params]))
+    eps = [rho * p.grad / (norm + 1e-12) for p in params]
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.add_(e)
+    opt.zero_grad(set_to_none=True)
+    with _FrozenBN(head):
+        head.loss(batch).backward()
+    with torch.no_grad():
+        for p, e in zip(params, eps):
+            p.sub_(e)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def plain_step(head: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> torch.Tensor:
+    loss = head.loss(batch)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+@torch.no_grad()
+def predict_logits(head: nn.Module, data: dict, batch_size: int = 4096) -> torch.Tensor:
+    """Eval-mode logits over all rows of `data`."""
+    head.eval()
+    out = [head(data["x"][i:i + batch_size], data["z"][i:i + batch_size] if "z" in data else None)
+           for i in range(0, len(data["x"]), batch_size)]
+    return torch.cat(out) if out else torch.empty(0)
+
+
+def score(head: nn.Module, data: dict, task: str, classes: list[str], thresholds=None) -> dict:
+    """Metrics of `head` on `data` (expression: over rows whose label is in `classes`)."""
+    logits = predict_logits(head, data)
+    y = data["y"].cpu().numpy()
+    if task == "au":
+        return metrics.au(y, torch.sigmoid(logits).cpu().numpy(), classes, thresholds)
+    return metrics.classification(y, logits.argmax(1).cpu().numpy(), classes)
+
+
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
+    """Shuffled index batches; a trailing batch of 1 is dropped (BatchNorm cannot train on it)."""
+    perm = torch.randperm(n, generator=gen)
+    batches = list(perm.split(batch_size))
+    return batches[:-1] if len(batches) > 1 and len(batches[-1]) < 2 else batches
+
+
+def train_loop(head: nn.Module, train: dict, val: dict, recipe: dict, task: str, classes: list[str],
+               seed: int, progress: bool = False) -> tuple[dict, list[dict], int]:
+    """Train for recipe['epochs']; return the state of the epoch with the best validation metric."""
+    from tqdm.auto import tqdm
+
+    select = "macro_f1_at_0.5" if task == "au" else "accuracy"
+    gen = torch.Generator().manual_seed(seed)
+    opt, history = _optimizer(head, recipe), []
+    sched = _scheduler(opt, recipe)
+    best, best_state, best_epoch = -math.inf, copy.deepcopy(head.state_dict()), 0
+    bar = tqdm(range(1, recipe["epochs"] + 1), desc=f"train {getattr(head, 'name', '')} seed {seed}",
+               unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        head.train()
+        t0, losses = time.perf_counter(), []
+        for idx in epoch_batches(len(train["x"]), recipe["batch_size"], gen):
+            idx = idx.to(train["x"].device)
+            batch = {k: v[idx] for k, v in train.items()}
+            step = sam_step(head, opt, batch, recipe["sam_rho"]) if recipe.get("sam_rho") else plain_step(head, opt, batch)
+            losses.append(step)
+        if sched:
+            sched.step()
+        val_metric = score(head, val, task, classes)[select]
+        history.append({"epoch": epoch, "loss": float(torch.stack(losses).mean()), f"val_{select}": val_metric,
+                        "seconds": time.perf_counter() - t0})
+        bar.set_postfix(loss=f"{history[-1]['loss']:.3f}", val=f"{val_metric:.3f}")
+        if val_metric > best:
+            best, best_state, best_epoch = val_metric, copy.deepcopy(head.state_dict()), epoch
+    return best_state, history, best_epoch
+
+
+def _run_name(store: str, head: str, seed: int) -> str:
+    return f"{Path(str(store).rstrip('/')).stem}-{head}/seed{seed}"
+
+
+def prepare(store: str, head: str, manifest=None, output=None, mask_source=None, aus=None, seed: int = 0):
+    """Load features, carve val if needed, drop test rows, and fix the label set (classes or AUs)."""
+    from .heads import HEADS
+
+    if head not in HEADS:
+        from .errors import UnknownNameError
+        raise UnknownNameError("head", head, HEADS)
+    task = "au" if head == "au" else "expr"
+    output = output or ("embedding" if head == "zeroshot" else None)
+    fs = load_features(store, manifest, output, mask_source)
+    if task == "expr":
+        fs = fs.take(fs.label != "")
+    fs = carve_val(fs.take(fs.split != "test"), seed=seed)  # test rows never reach training or selection
+    classes = select_aus(fs, aus) if task == "au" else sorted_labels(fs.label[fs.split == "train"])
+    return fs, task, classes, output
+
+
+def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
+        device: str = "cpu", output: str | None = None, mask_source: str | None = None, hp: dict | None = None,
+        recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False) -> RunResult:
+    """Train one head with one seed on a store; writes <out_dir>/<name>/{head.pt,config.json,metrics.json}."""
+    fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed)
+    y = targets(fs, task, classes)
+    train_fs, val_fs = fs.rows("train"), fs.rows("val")
+    ytr, yval = y[fs.split == "train"], y[fs.split == "val"]
+    if task == "expr":  # val rows with a class unseen in train cannot be predicted; keep them out of selection
+        val_fs, yval = val_fs.take(yval >= 0), yval[yval >= 0]
+    from .store import open_store
+    st = open_store(store)
+    ctx = HeadContext(in_dim=fs.x.shape[1], out_dim=len(classes), class_names=classes,
+                      z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store})
+    torch.manual_seed(seed)
+    model = build_head(head, ctx, **(hp or {}))
+    r = {**model.recipe, **(recipe or {})}
+    dev = torch.device(device)
+    model.to(dev)
+    train, val = _to_device(train_fs, ytr, dev), _to_device(val_fs, yval, dev)
+    if hasattr(model, "fit_stats"):
+        model.fit_stats(train["x"])
+    t0 = time.perf_counter()
+    if model.trainable and r["epochs"] > 0:
+        state, history, best_epoch = train_loop(model, train, val, r, task, classes, seed, progress)
+        model.load_state_dict(state)
+    else:
+        history, best_epoch = [], 0
+    val_metrics = score(model, val, task, classes)
+    thresholds = None
+    if task == "au":
+        prob = torch.sigmoid(predict_logits(model, val)).cpu().numpy()
+        thresholds = metrics.tune_thresholds(yval, prob)
+        val_metrics = metrics.au(yval, prob, classes, thresholds)
+    run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
+    config = {
+        "head": head, "hp": hp or {}, "recipe": r, "seed": seed, "task": task, "classes": classes,
+        "store": str(store), "output": output or st.default_output, "mask_source": mask_source,
+        "manifest": fs.notes["manifest"], "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "device": device,
+        "store_fingerprint": st.fingerprint, "encoder_args": st.meta.get("encoder_args"),
+        "variant": "cached features (frozen encoder; see METHODS.md)",
+    }
+    result = {
+        "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric":
+                      "macro_f1_at_0.5" if task == "au" else "accuracy", "best_epoch": best_epoch,
+                      "test_split_used": False},
+        "val": val_metrics, "history": history, "train_seconds": time.perf_counter() - t0,
+        "n_train": int(len(ytr)), "n_val": int(len(yval)), "seed": seed, "config": config,
+    }
+    save_run(run_dir, model, config, result, thresholds)
+    return RunResult(run_dir, result)
+
+
+def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, thresholds) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": model.state_dict(), "config": config,
+                "thresholds": None if thresholds is None else torch.as_tensor(thresholds)}, run_dir / "head.pt")
+    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+
+
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, np.ndarray | None]:
+    """Rebuild a trained head from its run directory: (model, config, AU thresholds or None)."""
+    path = Path(run_dir) / "head.pt"
+    if not path.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory (no head.pt); train one with `fercache train-head`")
+    saved = torch.load(path, map_location=device, weights_only=True)
+    cfg = saved["config"]
+    ctx = HeadContext(in_dim=cfg["in_dim"], out_dim=len(cfg["classes"]), class_names=cfg["classes"],
+                      z_dim=cfg["z_dim"], restore=True)
+    model = build_head(cfg["head"], ctx, **cfg["hp"])
+    model.load_state_dict(saved["state_dict"])
+    thr = saved.get("thresholds")
+    return model.to(device).eval(), cfg, None if thr is None else thr.cpu().numpy()
+
+
+def fit_seeds(store: str, head: str, seeds=(0,), **kw) -> list[RunResult]:
+    """`fit` once per seed."""
+    return [fit(store, head, seed=s, **kw) for s in seeds]
