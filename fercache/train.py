@@ -196,7 +196,12 @@ def prepare(store: str, head: str, manifest=None, output=None, mask_source=None,
         from .errors import UnknownNameError
         raise UnknownNameError("head", head, HEADS)
     task = "au" if head == "au" else "expr"
-    output = output or ("embedding" if head == "zeroshot" else None)
+    if head == "zeroshot":
+        from .heads.zeroshot import require_text_tower
+        from .store import open_store
+
+        require_text_tower(open_store(store).meta)  # before reading features: fail on the real cause
+        output = output or "embedding"
     fs = load_features(store, manifest, output, mask_source)
     if task == "expr":
         fs = fs.take(fs.label != "")

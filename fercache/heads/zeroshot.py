@@ -22,16 +22,21 @@ CLASS_WORDS = {
 }
 
 
+def require_text_tower(store_meta: dict) -> None:
+    """Raise unless the store came from an open_clip model (which has a text tower)."""
+    name = store_meta["fingerprint"]["encoder"]["name"]
+    if not name.startswith("open_clip:"):
+        raise EncoderError(f"zeroshot needs a CLIP text tower; this store was built with {name}. "
+                           "Use a store extracted with --encoder open_clip:<model>.")
+
+
 def text_classifier(store_meta: dict, class_names: list[str], templates=TEMPLATES) -> torch.Tensor:
     """[C, E] unit text embeddings of the store's own CLIP model, averaged over templates."""
     import open_clip
 
     from ..encoders import encoder_of
 
-    fp = store_meta["fingerprint"]["encoder"]
-    if not fp["name"].startswith("open_clip:"):
-        raise EncoderError(f"zeroshot needs a CLIP text tower; this store was built with {fp['name']}. "
-                           "Use a store extracted with --encoder open_clip:<model>.")
+    require_text_tower(store_meta)
     enc = encoder_of(store_meta)
     model = enc.extra["clip_model"]
     tokenizer = open_clip.get_tokenizer(enc.name.split(":", 1)[1])

@@ -1,0 +1,177 @@
+"""Heads: every registered head on separable toy data, and the published specifications checked term by term."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fercache.heads import HEADS, HeadContext, build_head
+from fercache.heads.au import auc_margin, masked_bce
+from fercache.heads.cvar_mlp import cvar
+from fercache.heads.mask import drop_pattern, group_max, group_size
+from fercache.train import _FrozenBN, sam_step, train_loop
+
+CLASSES = ["neutral", "happy", "sad"]
+
+
+def toy(n=96, d=24, c=3, seed=0, au=False):
+    y = torch.arange(n) % c
+    centers = torch.randn(c, d, generator=torch.Generator().manual_seed(0)) * 3  # same classes for every seed
+    x = centers[y] + torch.randn(n, d, generator=torch.Generator().manual_seed(seed + 1))
+    if au:  # AU a active iff class a; one unknown label per row to exercise the -1 mask
+        yy = F.one_hot(y, c)
+        yy[torch.arange(n), (y + 1) % c] = -1
+        return {"x": x, "y": yy}
+    return {"x": x, "y": y}
+
+
+def make(name, d=24, c=3, **hp):
+    if name == "zeroshot":
+        return build_head(name, HeadContext(d, c, CLASSES[:c], restore=True), **hp)
+    return build_head(name, HeadContext(d, c, CLASSES[:c]), **hp)
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_every_head_shapes_and_finite_loss(name):
+    head = make(name)
+    batch = toy(au=HEADS[name] is HEADS.get("au"))
+    out = head(batch["x"])
+    assert out.shape == (96, 3) and torch.isfinite(out).all()
+    if head.trainable:
+        loss = head.loss(batch)
+        assert loss.ndim == 0 and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("name", [n for n in sorted(HEADS) if n != "zeroshot"])
+def test_every_trainable_head_learns_separable_data(name):
+    torch.manual_seed(0)
+    # Dropout 0.6 needs some width: the MLP heads get 64 hidden units on 24-d toy data.
+    head = make(name, hidden=64) if name in ("au", "cvar_mlp") else make(name)
+    is_au = name == "au"
+    train, val = toy(au=is_au), toy(seed=1, au=is_au)
+    if hasattr(head, "fit_stats"):
+        head.fit_stats(train["x"])
+    before = head.loss(train).item()
+    recipe = {**head.recipe, "epochs": 20, "batch_size": 16, "lr": 3e-3}
+    state, history, best = train_loop(head, train, val, recipe, "au" if is_au else "expr", CLASSES, seed=0)
+    head.load_state_dict(state)
+    head.eval()
+    assert history[-1]["loss"] < before
+    key = "val_macro_f1_at_0.5" if is_au else "val_accuracy"
+    assert max(h[key] for h in history) > 0.9, history[-1]
+
+
+def test_cvar_is_mean_of_top_ceil_alpha_n():
+    losses = torch.tensor([0.1, 5.0, 2.0, 0.3, 4.0, 1.0, 3.0])
+    for alpha in (0.5, 0.3, 1.0, 0.01):
+        k = math.ceil(alpha * 7)
+        assert cvar(losses, alpha).item() == pytest.approx(sorted(losses.tolist(), reverse=True)[:k] and
+                                                           sum(sorted(losses.tolist(), reverse=True)[:k]) / k)
+    # ... and equals the Rockafellar-Uryasev form min_t t + mean(relu(l - t)) / alpha when alpha*n is whole
+    l4 = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    ts = torch.linspace(0, 10, 10001)
+    ru = min((t + F.relu(l4 - t).mean() / 0.5).item() for t in ts)
+    assert cvar(l4, 0.5).item() == pytest.approx(ru, abs=1e-3)
+
+
+def test_mask_groups_follow_the_paper_for_512_and_7():
+    assert group_size(512, 7) == 73
+    h = torch.zeros(2, 512)
+    h[0, 73 * 3 + 5] = 9.0  # inside group 3
+    h[1, 511] = 9.0  # the leftover channel belongs to no group
+    g = group_max(h, 7)
+    assert g.shape == (2, 7) and g[0, 3] == 9.0 and g[0].sum() == 9.0 and g[1].sum() == 0.0
+
+
+def test_drop_pattern_counts():
+    for _ in range(5):
+        p = drop_pattern(512, 7, 10)
+        groups = [p[c * 73:(c + 1) * 73] for c in range(6)] + [p[6 * 73:]]
+        assert [int((g == 0).sum()) for g in groups] == [10] * 7
+        assert len(groups[-1]) == 74
+    p = drop_pattern(1280, 7, 25)  # generalised: k = 182, last group 188
+    assert int((p == 0).sum()) == 7 * 25 and int((p[6 * 182:] == 0).sum()) == 25
+
+
+def test_mask_loss_is_ce_plus_weighted_sep_and_div():
+    torch.manual_seed(0)
+    head = make("mask", d=512, c=7)
+    batch = {"x": torch.randn(8, 512), "y": torch.arange(8) % 7}
+    torch.manual_seed(1)
+    terms = head.loss_terms(batch)
+    torch.manual_seed(1)
+    total = head.loss(batch)
+    assert total.item() == pytest.approx((terms["ce"] + 1.5 * terms["sep"] + 5 * terms["div"]).item(), rel=1e-5)
+    h = head.masked(batch["x"], None)
+    assert terms["div"].item() == pytest.approx(1 - group_max(h, 7).mean().item() / 73, rel=1e-5)
+    # the mask is a sigmoid: h is between 0 and f, with f's sign
+    assert ((h.abs() <= batch["x"].abs() + 1e-6) & (h * batch["x"] >= 0)).all()
+    assert head.n_drop == 10 and head.w_sep == 1.5 and head.w_div == 5.0
+    # only o is used at test time
+    torch.testing.assert_close(head(batch["x"]), head.fc(h))
+
+
+def test_mask_reads_a_second_source():
+    head = build_head("mask", HeadContext(16, 3, CLASSES, z_dim=5))
+    x, z = torch.randn(4, 16), torch.randn(4, 5)
+    assert head(x, z).shape == (4, 3)
+    with pytest.raises(RuntimeError):
+        head(x, torch.randn(4, 16 + 1))
+
+
+def test_sam_freezes_batchnorm_statistics_on_second_pass():
+    torch.manual_seed(0)
+    head = make("cvar_mlp")
+    batch = toy()
+    bn = next(m for m in head.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    head.train()
+    opt = torch.optim.AdamW(head.parameters(), lr=1e-3)
+    # What one ordinary forward pass does to the running mean:
+    ref = make("cvar_mlp")
+    ref.load_state_dict(head.state_dict())
+    ref.train()
+    ref.loss(batch)
+    ref_bn = next(m for m in ref.modules() if isinstance(m, torch.nn.BatchNorm1d))
+    sam_step(head, opt, batch, rho=0.5)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)  # exactly one update, not two
+    assert int(bn.num_batches_tracked) == 1
+    with _FrozenBN(head):
+        head.loss(batch)
+    torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
+
+
+def test_sam_moves_weights_differently_from_plain_step():
+    torch.manual_seed(0)
+    a = make("linear")
+    b = make("linear")
+    b.load_state_dict(a.state_dict())
+    batch = toy()
+    sam_step(a, torch.optim.SGD(a.parameters(), lr=0.1), batch, rho=0.5)
+    loss = b.loss(batch)
+    loss.backward()
+    torch.optim.SGD(b.parameters(), lr=0.1).step()
+    assert not torch.allclose(a.fc.weight, b.fc.weight)
+
+
+def test_au_losses_ignore_unknown_labels():
+    logits = torch.tensor([[2.0, -1.0], [0.5, 0.5]])
+    y = torch.tensor([[1, -1], [-1, 0]])
+    per = masked_bce(logits, y)
+    assert per[0].item() == pytest.approx(F.softplus(torch.tensor(-2.0)).item())
+    assert per[1].item() == pytest.approx(F.softplus(torch.tensor(0.5)).item())
+    # AUC margin: AU0 has one positive (row 0) and no negative -> skipped; AU1 has no positive -> zero loss
+    assert auc_margin(logits, y).item() == 0.0
+    y2 = torch.tensor([[1, 1], [0, 0]])
+    s = torch.sigmoid(logits)
+    want = ((F.relu(0.6 - (s[0, 0] - s[1, 0])) ** 2) + (F.relu(0.6 - (s[0, 1] - s[1, 1])) ** 2)) / 2
+    assert auc_margin(logits, y2).item() == pytest.approx(want.item())
+
+
+def test_unknown_hyperparameter_is_an_error():
+    from fercache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="hiddn"):
+        build_head("cvar_mlp", HeadContext(8, 3, CLASSES), hiddn=4)

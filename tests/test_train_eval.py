@@ -1,0 +1,163 @@
+"""train-head / evaluate / cross matrix / predict on a tiny real store, and the no-test-in-selection guarantee."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from fercache import store as S
+from fercache.errors import EncoderError
+from fercache.evaluate import evaluate, evaluate_run
+from fercache.manifests import read_manifest, write_manifest
+from fercache.protocols import cross_matrix
+from fercache.train import fit, load_run
+
+QUICK = {"epochs": 4, "batch_size": 16}
+
+
+@pytest.mark.parametrize("head", ["linear", "mask", "cvar_mlp", "zeroshot"])
+def test_train_head_writes_run(tiny_store, head, tmp_path):
+    r = fit(str(tiny_store), head, out_dir=tmp_path, recipe=QUICK, hp={"hidden": 16} if head == "cvar_mlp" else None)
+    files = {p.name for p in r.run_dir.iterdir()}
+    assert {"head.pt", "config.json", "metrics.json"} <= files
+    m = json.loads((r.run_dir / "metrics.json").read_text())
+    assert m["selection"]["split"] == "val" and m["selection"]["val_source"] == "manifest val split"
+    assert m["selection"]["test_split_used"] is False
+    assert m["config"]["store_fingerprint"]["key"] == S.open_store(tiny_store).fingerprint["key"]
+    assert m["config"]["classes"] == ["neutral", "happy", "sad", "anger"]  # canonical order, not folder order
+    assert m["n_train"] == 24 and m["n_val"] == 24 and 0 <= m["val"]["accuracy"] <= 1
+    model, cfg, _ = load_run(r.run_dir)
+    assert cfg["head"] == head and sum(p.numel() for p in model.state_dict().values()) > 0
+
+
+def test_zeroshot_refused_without_text_tower(tiny_manifest, tiny_dataset, tmp_path):
+    from fercache.extract import extract
+
+    extract(tiny_manifest, "null:", tmp_path / "null.zarr", root=tiny_dataset, image_size=16, workers=0, progress=False)
+    with pytest.raises(EncoderError, match="zeroshot needs a CLIP text tower.*null:"):
+        fit(str(tmp_path / "null.zarr"), "zeroshot", out_dir=tmp_path)
+
+
+def _poison_test_rows(src, dst, manifest):
+    shutil.copytree(src, dst)
+    st = S.open_store(dst, mode="r+")
+    test = np.array([r["split"] == "test" for r in read_manifest(manifest).rows])
+    for name in st.outputs:
+        arr = st.group[f"features/{name}"]
+        values = arr[:]
+        values[test] = 1e4 * np.sign(np.random.default_rng(0).normal(size=values[test].shape))
+        arr[:] = values
+    return test
+
+
+@pytest.mark.parametrize("head", ["linear", "mask", "cvar_mlp"])
+def test_selection_never_reads_the_test_split(tiny_store, tiny_manifest, tmp_path, head):
+    """Scrambled test features and labels change nothing about training or the selected epoch."""
+    test = _poison_test_rows(tiny_store, tmp_path / "poisoned.zarr", tiny_manifest)
+    m = read_manifest(tiny_manifest)
+    for r, is_test in zip(m.rows, test):
+        if is_test:
+            r["label"] = "contempt"
+    relabelled = write_manifest(m, tmp_path / "relabelled.csv")
+    hp = {"hidden": 16} if head == "cvar_mlp" else None
+    a = fit(str(tiny_store), head, out_dir=tmp_path / "a", recipe=QUICK, hp=hp)
+    b = fit(str(tmp_path / "poisoned.zarr"), head, manifest=relabelled, out_dir=tmp_path / "b", recipe=QUICK, hp=hp)
+    assert a.metrics["selection"]["best_epoch"] == b.metrics["selection"]["best_epoch"]
+    assert [h["val_accuracy"] for h in a.metrics["history"]] == [h["val_accuracy"] for h in b.metrics["history"]]
+    sa, sb = torch.load(a.run_dir / "head.pt")["state_dict"], torch.load(b.run_dir / "head.pt")["state_dict"]
+    for k in sa:
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
+
+
+def test_val_is_carved_by_subject_when_missing(tiny_store, tiny_manifest, tmp_path):
+    m = read_manifest(tiny_manifest)
+    for r in m.rows:
+        if r["split"] == "val":
+            r["split"] = "train"
+        r["subject"] = r["sample_id"][-3:]  # 6 "subjects", shared across classes
+    path = write_manifest(m, tmp_path / "noval.csv")
+    r = fit(str(tiny_store), "linear", manifest=path, out_dir=tmp_path, recipe=QUICK)
+    assert r.metrics["selection"]["val_source"].startswith("carved from train: 1 of 6 subjects")
+    assert r.metrics["n_val"] == 8 and r.metrics["n_train"] == 40
+
+
+def test_evaluate_writes_metrics_confusion_and_plot(tiny_store, tmp_path):
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 30, "batch_size": 8})
+    res = evaluate(r.run_dir)["runs"][0]
+    assert res["split"] == "test" and res["n"] == 24
+    assert set(res) >= {"accuracy", "uar", "macro_f1", "per_class_recall", "confusion"}
+    assert np.array(res["confusion"]).sum() == 24
+    assert res["accuracy"] > 0.5  # the classes differ by brightness pattern: learnable even from a random ViT
+    out = r.run_dir / "eval-faces-test"
+    assert (out / "confusion.png").stat().st_size > 1000
+    assert (out / "confusion.csv").read_text().startswith("true \\ predicted,neutral,happy,sad,anger")
+
+
+def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
+    m = read_manifest(tiny_manifest)
+    for r in m.rows:  # AU12 ~ happy, AU15 ~ sad, unknown for some neutral rows
+        r["AU12"] = "1" if r["label"] == "happy" else "0"
+        r["AU15"] = "1" if r["label"] == "sad" else ("-1" if r["label"] == "neutral" else "0")
+    m.columns = m.columns + ["AU12", "AU15"]
+    path = write_manifest(m, tmp_path / "au.csv")
+    r = fit(str(tiny_store), "au", manifest=path, out_dir=tmp_path, recipe={"epochs": 30, "batch_size": 8}, aus="12,15",
+            hp={"hidden": 32, "auc_weight": 0.2})
+    assert r.metrics["config"]["classes"] == ["AU12", "AU15"]
+    assert set(r.metrics["val"]["thresholds"]) == {"AU12", "AU15"}
+    res = evaluate_run(r.run_dir, manifest=path)
+    assert res["n"] == 24 and set(res["per_au_f1_at_0.5"]) == {"AU12", "AU15"}
+    assert res["macro_f1_tuned"] > res["macro_f1_always_positive"]
+
+
+def test_cross_matrix_counts_excluded_labels(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    from fercache.extract import extract
+
+    # A second "dataset": same images, but anger relabelled contempt (a class the first never saw).
+    m = read_manifest(tiny_manifest)
+    rows = [dict(r, sample_id="b/" + r["sample_id"], label="contempt" if r["label"] == "anger" else r["label"]) for r in m.rows]
+    m2 = write_manifest(type(m)(rows=rows, source="b"), tmp_path / "b.csv")
+    extract(m2, tiny_encoder_spec, tmp_path / "b.zarr", root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
+    tables = cross_matrix([str(tiny_store), str(tmp_path / "b.zarr")], ["linear"], tmp_path / "cross", seeds=(0, 1),
+                          recipe={"linear": QUICK})
+    cells = tables["linear"]["cells"]
+    assert cells["faces -> b"]["excluded"] == {"n": 6, "by_label": {"contempt": 6}}
+    assert cells["b -> faces"]["excluded"] == {"n": 6, "by_label": {"anger": 6}}
+    assert cells["faces -> faces"]["excluded"]["n"] == 0 and len(cells["faces -> faces"]["seeds"]) == 2
+    assert "mean unseen" in tables["linear"]["markdown"] and "[excl. 6]" in tables["linear"]["markdown"]
+    assert (tmp_path / "cross" / "cross-linear.png").stat().st_size > 1000
+    assert (tmp_path / "cross" / "cross-linear.csv").read_text().startswith("trained_on,faces_mean,b_mean")
+
+
+def test_cross_matrix_refuses_other_encoders(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
+    from fercache.errors import StoreError
+    from fercache.extract import extract
+
+    extract(tiny_manifest, "null:", tmp_path / "null.zarr", root=tiny_dataset, image_size=16, workers=0, progress=False)
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe=QUICK)
+    with pytest.raises(StoreError, match="not comparable"):
+        evaluate_run(r.run_dir, str(tmp_path / "null.zarr"))
+
+
+def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path):
+    from fercache.predict import predict, write_predictions
+
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 30, "batch_size": 8})
+    folder = tiny_dataset / "faces" / "test" / "happy"
+    rows = predict(r.run_dir, [folder])
+    assert len(rows) == 6
+    for row in rows:
+        assert sum(row["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
+        assert row["prediction"] in ("neutral", "happy", "sad", "anger")
+    # Same features as the store: predictions equal the store-based evaluation's for these images.
+    st = S.open_store(tiny_store)
+    ids = list(st.sample_ids())
+    model, cfg, _ = load_run(r.run_dir)
+    feats = torch.as_tensor(st.features(cfg["output"])[[ids.index(f"test/happy/test_happy_{k:03d}") for k in range(6)]])
+    want = [cfg["classes"][i] for i in model(feats).argmax(1).tolist()]
+    assert [row["prediction"] for row in rows] == want
+    out = write_predictions(rows, tmp_path / "p.csv")
+    assert out.read_text().splitlines()[0] == "path,prediction,face_detected,error,neutral,happy,sad,anger"
