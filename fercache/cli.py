@@ -20,6 +20,8 @@ app = typer.Typer(help="Frozen-encoder features for facial expression and AU rec
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 manifest_app = typer.Typer(help="Build and check dataset manifests.", no_args_is_help=True)
 app.add_typer(manifest_app, name="manifest")
+bench_app = typer.Typer(help="Benchmarks: figures and ratios measured in one run on one device.", no_args_is_help=True)
+app.add_typer(bench_app, name="bench")
 
 DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative to (default: $FERCACHE_DATA, else .).")
 
@@ -253,6 +255,70 @@ def au_cv(
 
     r = au_crossval(store, out, folds=folds, aus=aus, seeds=_seeds(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device)
     typer.echo(r["markdown"])
+
+
+def _print_figures(d: dict) -> None:
+    for k, v in d.items():
+        typer.echo(f"{k:32s} {v:,.2f}" if isinstance(v, float) else f"{k:32s} {v}")
+
+
+@bench_app.command("extract")
+def bench_extract_cmd(
+    manifest: Path,
+    encoder: str = typer.Option("open_clip:ViT-B-16", "--encoder", "-e"),
+    pretrained: Optional[str] = typer.Option(None),
+    image_size: Optional[int] = typer.Option(None),
+    data_root: Optional[Path] = DataRoot,
+    device: str = typer.Option("cpu"),
+    batch_size: int = typer.Option(256),
+    workers: Optional[int] = typer.Option(None),
+    n_images: Optional[int] = typer.Option(None, help="Use the first N rows (repeating the manifest if N is larger)."),
+    precision: str = typer.Option("auto"),
+) -> None:
+    """(a) model-only, (b) end-to-end extract, (c) b/a, (d) PIL+DataLoader baseline, (e) input pipeline alone, (f) memory."""
+    from .bench import bench_extract
+
+    _print_figures(bench_extract(manifest, encoder, pretrained=pretrained, image_size=image_size, root=data_root,
+                                 device=device, batch_size=batch_size, workers=workers, n_images=n_images, precision=precision))
+
+
+@bench_app.command("memory")
+def bench_memory_cmd(
+    manifest: Path,
+    sizes: str = typer.Option("10000,100000", help="Dataset sizes (rows; the manifest repeats to reach them)."),
+    encoder: str = typer.Option("null:", "--encoder", "-e"),
+    image_size: int = typer.Option(224),
+    data_root: Optional[Path] = DataRoot,
+    device: str = typer.Option("cpu"),
+    batch_size: int = typer.Option(256),
+    workers: Optional[int] = typer.Option(None),
+) -> None:
+    """Peak host RSS and device memory of whole extracts at several sizes: flat means it does not grow with N."""
+    from .bench import bench_memory
+
+    rows = bench_memory(manifest, [int(s) for s in sizes.split(",")], encoder, image_size, data_root, device, batch_size, workers)
+    for r in rows:
+        typer.echo("  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
+    if len(rows) > 1:
+        typer.echo(f"peak RSS ratio largest/smallest: {rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.3f} "
+                   f"for {rows[-1]['images'] / rows[0]['images']:.0f}x the images")
+
+
+@bench_app.command("head")
+def bench_head_cmd(
+    manifest: Path,
+    encoder: str = typer.Option("open_clip:ViT-B-16", "--encoder", "-e"),
+    pretrained: Optional[str] = typer.Option(None),
+    data_root: Optional[Path] = DataRoot,
+    n_images: int = typer.Option(128),
+    batch_size: int = typer.Option(32),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Seconds per epoch of the mask head from the cache vs re-encoding every image each epoch, and their ratio."""
+    from .bench import bench_head
+
+    _print_figures(bench_head(manifest, encoder, pretrained=pretrained, root=data_root, n_images=n_images,
+                              batch_size=batch_size, device=device))
 
 
 @app.command("run")

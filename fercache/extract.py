@@ -42,6 +42,8 @@ class ExtractResult:
     seconds: float
     images_per_s: float
     already_complete: bool = False
+    images: int = 0
+    decode_worker_seconds: float = 0.0  # summed busy time of the decode workers (input-pipeline capacity)
 
 
 class ChunkReader(Dataset):
@@ -54,6 +56,7 @@ class ChunkReader(Dataset):
         return len(self.chunks)
 
     def __getitem__(self, k: int) -> dict:
+        t0 = time.perf_counter()
         c = self.chunks[k]
         rows = range(c * self.chunk_rows, min((c + 1) * self.chunk_rows, len(self.paths)))
         images, ok, error = [], [], []
@@ -69,7 +72,9 @@ class ChunkReader(Dataset):
         good = [im for im in images if im is not None]
         if good and all(im.shape == good[0].shape for im in good):
             good = torch.from_numpy(np.stack(good))  # one shared-memory tensor: cheap to ship between processes
-        return {"chunk": c, "images": good, "ok": np.array(ok, dtype=bool), "error": error}
+        # worker_s: this worker's busy time for the chunk, so benchmarks can report per-worker capacity.
+        return {"chunk": c, "images": good, "ok": np.array(ok, dtype=bool), "error": error,
+                "worker_s": time.perf_counter() - t0}
 
 
 def _as_is(item):
@@ -129,19 +134,26 @@ def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: i
 
 def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size: int,
                  dtype: torch.dtype) -> dict[str, np.ndarray]:
-    """Encode the decoded images of one chunk in batches; failed rows become NaN."""
+    """Encode the decoded images of one chunk in batches; failed rows become NaN.
+
+    Outputs stay on the device until the chunk is done: one device->host copy per chunk, not per batch.
+    """
     ok, images = item["ok"], item["images"]
-    n = len(ok)
-    feats = {k: np.full((n, d), np.nan, dtype=np.float16) for k, d in encoder.outputs.items()}
     good = np.flatnonzero(ok)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     channels_last = encoder.channels_last or device.type == "cuda"
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoder.outputs}
     with torch.inference_mode(), autocast:
         for start in range(0, len(good), batch_size):
-            batch = images[start:start + batch_size]
-            x = to_model_input(batch, encoder.preprocess, device, dtype, channels_last)
+            x = to_model_input(images[start:start + batch_size], encoder.preprocess, device, dtype, channels_last)
             for k, v in encoder.model(x).items():
-                feats[k][good[start:start + batch_size]] = v.float().cpu().numpy().astype(np.float16)
+                parts[k].append(v.to(torch.float16))
+    feats = {}
+    for k, d in encoder.outputs.items():
+        out = np.full((len(ok), d), np.nan, dtype=np.float16)
+        if parts[k]:
+            out[good] = torch.cat(parts[k]).cpu().numpy()
+        feats[k] = out
     return feats
 
 
@@ -173,8 +185,8 @@ class _Writer(threading.Thread):
 
 
 def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: list[Path], bboxes: list[str], chunks: list[int],
-               device: torch.device, batch_size: int, workers: int, dtype: torch.dtype, progress: bool) -> int:
-    """Decode, encode and write `chunks`; returns the number of images processed."""
+               device: torch.device, batch_size: int, workers: int, dtype: torch.dtype, progress: bool) -> tuple[int, float]:
+    """Decode, encode and write `chunks`; returns (images processed, summed decode-worker busy seconds)."""
     from tqdm.auto import tqdm
 
     reader = ChunkReader(paths, bboxes, chunks, store.chunk_rows, encoder.preprocess.size)
@@ -184,17 +196,18 @@ def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: list[Path], bboxe
     total = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in chunks)
     writer = _Writer(store)
     writer.start()
-    done = 0
+    done, worker_s = 0, 0.0
     with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
         try:
             for item in loader:
                 feats = encode_chunk(item, encoder, device, batch_size, dtype)
                 writer.put((item["chunk"], feats, item["ok"], item["error"]))
                 done += len(item["ok"])
+                worker_s += item["worker_s"]
                 bar.update(len(item["ok"]))
         finally:
             writer.close()
-    return done
+    return done, worker_s
 
 
 def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrained: str | None = None,
@@ -221,7 +234,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     mine = [c for c in store.pending_chunks() if c % world == rank]
     n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
     t1 = time.perf_counter()
-    done = run_chunks(store, enc, paths, manifest.column("bbox"), mine, dev, batch_size, n_workers,
+    done, worker_s = run_chunks(store, enc, paths, manifest.column("bbox"), mine, dev, batch_size, n_workers,
                       _amp_dtype(dev, precision), progress and rank == 0)
     seconds = time.perf_counter() - t1
     _barrier(world)
@@ -230,4 +243,5 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
         n_ok = int(store.ok().sum())
         store.mark_complete(n_ok)
     return ExtractResult(str(out), store.n_rows, len(mine), n_ok, None if n_ok is None else store.n_rows - n_ok,
-                         time.perf_counter() - t0, done / seconds if seconds > 0 else 0.0)
+                         time.perf_counter() - t0, done / seconds if seconds > 0 else 0.0, images=done,
+                         decode_worker_seconds=worker_s)

@@ -1,0 +1,233 @@
+"""Benchmarks that print figures and ratios measured in one run on one device (never timed unit tests).
+
+- `bench_extract`: model-only vs end-to-end extraction vs a plain PIL/DataLoader baseline vs the input
+  pipeline alone (null encoder), with peak host RSS and device memory.
+- `bench_memory`: peak RSS of whole extract runs at several dataset sizes (subprocesses), to show it is flat.
+- `bench_head`: seconds per epoch of the mask head from the cache vs re-encoding every image each epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .encoders import Encoder, load_encoder
+from .extract import _amp_dtype, extract
+from .manifests import Manifest, data_root, read_manifest, resolve_paths, write_manifest
+
+
+def _subset(manifest: str | Path, n: int | None, out: Path) -> Path:
+    """The first n rows (repeating the manifest with new ids when n exceeds it), written to `out`."""
+    m = read_manifest(manifest)
+    if not n or n == len(m):
+        return Path(manifest)
+    rows = [dict(m.rows[i % len(m)], sample_id=f"{m.rows[i % len(m)]['sample_id']}#{i // len(m)}") for i in range(n)]
+    return write_manifest(Manifest(rows=rows, source=f"{manifest}[:{n}]", columns=m.columns), out)
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def model_only(enc: Encoder, device: torch.device, batch_size: int, dtype: torch.dtype, seconds: float = 5.0) -> float:
+    """Images/s of the encoder alone on device-resident random batches (same dtype, batch size, layout)."""
+    x = torch.randn(batch_size, 3, enc.preprocess.size, enc.preprocess.size, device=device, dtype=dtype)
+    if enc.channels_last or device.type == "cuda":
+        x = x.contiguous(memory_format=torch.channels_last)
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    with torch.inference_mode(), ctx:
+        enc.model(x)  # warm-up (kernel selection, allocator)
+        enc.model(x)
+        _sync(device)
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < seconds or n < 2:
+            enc.model(x)
+            n += 1
+        _sync(device)
+    return n * batch_size / (time.perf_counter() - t0)
+
+
+class _PILFolder(torch.utils.data.Dataset):
+    """The published repositories' input pipeline: PIL open + torchvision transforms per image."""
+
+    def __init__(self, paths, transform):
+        self.paths, self.transform = paths, transform
+
+    def __len__(self):
+        return len(self.paths)
+
+    def __getitem__(self, i):
+        from PIL import Image
+
+        with Image.open(self.paths[i]) as img:
+            return self.transform(img.convert("RGB"))
+
+
+def baseline_loop(enc: Encoder, paths: list[Path], device: torch.device, batch_size: int, workers: int,
+                  dtype: torch.dtype) -> float:
+    """Images/s of ImageFolder-style PIL transforms + DataLoader + encode + collect (no store)."""
+    from .preprocess import reference_transform
+
+    loader = torch.utils.data.DataLoader(_PILFolder(paths, reference_transform(enc.preprocess)), batch_size=batch_size,
+                                         num_workers=workers, pin_memory=device.type == "cuda")
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    feats, t0 = [], time.perf_counter()
+    with torch.inference_mode(), ctx:
+        for x in loader:
+            feats.append(enc.model(x.to(device, non_blocking=True))[enc.default_output].float().cpu())
+    return len(paths) / (time.perf_counter() - t0)
+
+
+def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None = None, image_size: int | None = None,
+                  root=None, device: str = "cpu", batch_size: int = 256, workers: int | None = None,
+                  n_images: int | None = None, precision: str = "auto", model_seconds: float = 5.0) -> dict:
+    """All figures of `fercache bench extract` (see the module docstring), measured in this process."""
+    dev = torch.device(device)
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    enc = load_encoder(encoder, pretrained=pretrained, image_size=image_size)
+    enc.model.to(dev)
+    if enc.channels_last or dev.type == "cuda":
+        enc.model.to(memory_format=torch.channels_last)
+    dtype = _amp_dtype(dev, precision)
+    with tempfile.TemporaryDirectory() as tmp:
+        m = _subset(manifest, n_images, Path(tmp) / "subset.csv")
+        n = len(read_manifest(m))
+        paths = resolve_paths(read_manifest(m), data_root(root))
+        a = model_only(enc, dev, batch_size, dtype, model_seconds)
+        e2e = extract(m, encoder, Path(tmp) / "e2e.zarr", root=root, device=device, batch_size=batch_size,
+                      workers=workers, precision=precision, progress=False, encoder_obj=enc)
+        d = baseline_loop(enc, paths, dev, batch_size, workers, dtype)
+        null = load_encoder("null:", image_size=enc.preprocess.size)
+        e = extract(m, "null:", Path(tmp) / "null.zarr", root=root, device=device, batch_size=batch_size,
+                    workers=workers, progress=False, encoder_obj=null)
+        e1 = extract(m, "null:", Path(tmp) / "null1.zarr", root=root, device=device, batch_size=batch_size,
+                     workers=1, progress=False, encoder_obj=null)
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        "encoder": enc.name, "image_size": enc.preprocess.size, "dtype": str(dtype).replace("torch.", ""),
+        "batch_size": batch_size, "workers": workers, "images": n,
+        "a_model_only_img_s": a, "b_end_to_end_img_s": e2e.images_per_s, "c_ratio_b_over_a": e2e.images_per_s / a,
+        "d_baseline_img_s": d, "ratio_b_over_d": e2e.images_per_s / d,
+        "e_null_total_img_s": e.images_per_s, "e_null_1_worker_img_s": e1.images_per_s,
+        "e_worker_capacity_img_s": e.images / e.decode_worker_seconds if e.decode_worker_seconds else float("nan"),
+        "f_peak_host_rss_mib": peak_rss_mib(),
+        "f_peak_device_mib": torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else None,
+    }
+
+
+MEMORY_CHILD = """
+import json, resource, sys, time
+from fercache.extract import extract
+a = json.loads(sys.argv[1])
+t = time.perf_counter()
+r = extract(a["manifest"], a["encoder"], a["out"], image_size=a["image_size"], root=a["root"], device=a["device"],
+            batch_size=a["batch_size"], workers=a["workers"], progress=False)
+import torch
+print(json.dumps({"rows": r.rows, "img_s": r.images_per_s, "seconds": time.perf_counter() - t,
+                  "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                  "peak_worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
+                  "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if a["device"].startswith("cuda") else None}))
+"""
+
+
+def bench_memory(manifest: str | Path, sizes: list[int], encoder: str = "null:", image_size: int = 224, root=None,
+                 device: str = "cpu", batch_size: int = 256, workers: int | None = None) -> list[dict]:
+    """Peak host RSS (main process, and the largest worker) and device memory of whole extracts at each size."""
+    out = []
+    workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sizes:
+            m = _subset(manifest, n, Path(tmp) / f"m{n}.csv")
+            args = {"manifest": str(m), "encoder": encoder, "out": str(Path(tmp) / f"s{n}.zarr"), "image_size": image_size,
+                    "root": str(data_root(root)), "device": device, "batch_size": batch_size, "workers": workers}
+            proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(args)], capture_output=True, text=True)
+            if proc.returncode:
+                raise RuntimeError(f"memory benchmark child failed: {proc.stderr[-2000:]}")
+            out.append({"images": n, **json.loads(proc.stdout.strip().splitlines()[-1])})
+    return out
+
+
+def _mask_epoch(head, x: torch.Tensor, y: torch.Tensor, batch_size: int, opt) -> None:
+    head.train()
+    for i in range(0, len(x), batch_size):
+        loss = head.loss({"x": x[i:i + batch_size], "y": y[i:i + batch_size]})
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+
+def bench_head(manifest: str | Path, encoder: str = "open_clip:ViT-B-16", *, pretrained: str | None = None, root=None,
+               n_images: int = 128, batch_size: int = 32, device: str = "cpu", workers: int = 0,
+               output: str | None = None) -> dict:
+    """Seconds per epoch of the mask head: from cached features vs re-encoding every image (published recipe)."""
+    from .heads import HeadContext, build_head
+    from .preprocess import reference_transform
+
+    dev = torch.device(device)
+    enc = load_encoder(encoder, pretrained=pretrained)
+    enc.model.to(dev)
+    out_name = output or enc.default_output
+    m = read_manifest(manifest)
+    rows = [r for r in m.rows if r["label"]][:n_images]
+    paths = resolve_paths(Manifest(rows=rows, source=m.source, columns=m.columns), data_root(root))
+    classes = sorted({r["label"] for r in rows})
+    y = torch.tensor([classes.index(r["label"]) for r in rows], device=dev)
+    ctx = HeadContext(enc.outputs[out_name], len(classes), classes)
+    loader = torch.utils.data.DataLoader(_PILFolder(paths, reference_transform(enc.preprocess)), batch_size=batch_size,
+                                         num_workers=workers)
+
+    torch.manual_seed(0)
+    head = build_head("mask", ctx).to(dev)
+    opt = torch.optim.Adam(head.parameters(), lr=2e-4, weight_decay=1e-4)
+    t0 = time.perf_counter()  # the published recipe: every epoch decodes, transforms and encodes every image
+    for k, xb in enumerate(loader):
+        with torch.no_grad():
+            f = enc.model(xb.to(dev))[out_name].float()
+        yb = y[k * batch_size:(k + 1) * batch_size]
+        head.train()
+        head.loss({"x": f, "y": yb}).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(dev)
+    reencode = time.perf_counter() - t0
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sub = write_manifest(Manifest(rows=rows, source="bench", columns=m.columns), Path(tmp) / "m.csv")
+        t0 = time.perf_counter()
+        extract(sub, encoder, Path(tmp) / "s.zarr", root=root, device=device, batch_size=batch_size, workers=workers,
+                progress=False, encoder_obj=enc)
+        extract_s = time.perf_counter() - t0
+        from .store import open_store
+        x = torch.as_tensor(open_store(Path(tmp) / "s.zarr").features(out_name), device=dev)
+    torch.manual_seed(0)
+    head = build_head("mask", ctx).to(dev)
+    opt = torch.optim.Adam(head.parameters(), lr=2e-4, weight_decay=1e-4)
+    _mask_epoch(head, x, y, batch_size, opt)  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0 or reps < 3:
+        _mask_epoch(head, x, y, batch_size, opt)
+        reps += 1
+    _sync(dev)
+    cached = (time.perf_counter() - t0) / reps
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "encoder": enc.name, "pretrained": enc.pretrained, "images": len(rows), "batch_size": batch_size,
+        "reencode_s_per_epoch": reencode, "cached_s_per_epoch": cached, "ratio": reencode / cached,
+        "one_time_extract_s": extract_s,
+        "break_even_epochs": extract_s / max(reencode - cached, 1e-9),
+    }

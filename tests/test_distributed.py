@@ -1,0 +1,77 @@
+"""torchrun extraction: ranks encode disjoint chunks of one store; equals a single-process run; resumes after a rank dies."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from fercache import store as S
+
+from .test_extract import _assert_same_store
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+
+
+def _env():
+    # gloo on CPU; one thread per rank, as torchrun sets by default (the reference run uses the same)
+    return {**os.environ, "FERCACHE_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
+
+
+def _single(manifest, spec, root, out):
+    subprocess.run([sys.executable, "-m", "fercache", "-q", "extract", str(manifest), "--encoder", spec, "--out", str(out),
+                    "--data-root", str(root), "--chunk-rows", "16", "--batch-size", "8", "--workers", "0"],
+                   check=True, env=_env(), capture_output=True)
+
+
+@pytest.mark.parametrize("nproc", [2, 3])
+def test_torchrun_equals_single_process(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, nproc):
+    _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr")
+    proc = subprocess.run(TORCHRUN + [f"--nproc-per-node={nproc}", "-m", "fercache", "-q", "extract", str(tiny_manifest),
+                                      "--encoder", tiny_encoder_spec, "--out", str(tmp_path / "many.zarr"),
+                                      "--data-root", str(tiny_dataset), "--chunk-rows", "16", "--batch-size", "8",
+                                      "--workers", "0"], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "72 rows, 72 ok" in proc.stdout  # only rank 0 reports
+    _assert_same_store(tmp_path / "one.zarr", tmp_path / "many.zarr")
+
+
+RANK_KILLER = textwrap.dedent("""
+    import os, signal, sys, time
+    from fercache.encoders import load_encoder
+    from fercache.extract import extract
+    enc = load_encoder(sys.argv[2])
+    forward, calls = enc.model.forward, [0]
+    def dying_forward(x):
+        calls[0] += 1
+        if os.environ["RANK"] == "1" and calls[0] == 3:
+            time.sleep(1.0)  # let rank 0's writer land some chunks
+            os.kill(os.getpid(), signal.SIGKILL)
+        return forward(x)
+    enc.model.forward = dying_forward
+    extract(sys.argv[1], sys.argv[2], sys.argv[3], root=sys.argv[4], chunk_rows=16, batch_size=8, workers=0,
+            progress=False, encoder_obj=enc)
+""")
+
+
+def test_resume_after_a_rank_dies(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    script = tmp_path / "killer.py"
+    script.write_text(RANK_KILLER)
+    out = tmp_path / "many.zarr"
+    proc = subprocess.run(TORCHRUN + ["--nproc-per-node=2", str(script), str(tiny_manifest), tiny_encoder_spec, str(out),
+                                      str(tiny_dataset)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    st = S.open_store(out)
+    assert not st.complete and len(st.pending_chunks()) > 0
+    proc = subprocess.run(TORCHRUN + ["--nproc-per-node=2", "-m", "fercache", "-q", "extract", str(tiny_manifest),
+                                      "--encoder", tiny_encoder_spec, "--out", str(out), "--data-root", str(tiny_dataset),
+                                      "--chunk-rows", "16", "--batch-size", "8", "--workers", "0"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr")
+    _assert_same_store(tmp_path / "one.zarr", out)
