@@ -119,7 +119,7 @@ def info(store: str, as_json: bool = typer.Option(False, "--json", help="Print t
     typer.echo(f"store      {d['location']} (schema {d['schema_version']})")
     typer.echo(f"complete   {d['complete']} ({d['chunks_done']}/{d['chunks_total']} chunks)")
     typer.echo(f"rows       {d['rows']}  ok {d['n_ok']}  failed {d['n_failed']}")
-    typer.echo(f"outputs    " + ", ".join(f"{k}[{v}]" for k, v in d["outputs"].items()) + f" (default {d['default_output']})")
+    typer.echo("outputs    " + ", ".join(f"{k}[{v}]" for k, v in d["outputs"].items()) + f" (default {d['default_output']})")
     typer.echo(f"encoder    {enc['name']} pretrained={enc['pretrained']} sha256={enc['weights_sha256'][:16]}")
     typer.echo(f"preprocess {json.dumps(enc['preprocess'])}")
     typer.echo(f"manifest   {d['manifest']} sha256={fp['manifest_sha256'][:16]}")
@@ -254,6 +254,31 @@ def au_cv(
     from .protocols import au_crossval
 
     r = au_crossval(store, out, folds=folds, aus=aus, seeds=_seeds(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device)
+    typer.echo(r["markdown"])
+
+
+@app.command()
+def sweep(
+    store: str,
+    head: str = typer.Option("mask", "--head", "-H"),
+    axis: list[str] = typer.Option(..., "--axis", help="name=v1,v2,... (repeatable); head hyperparameters or recipe keys "
+                                   "(epochs, lr, weight_decay, batch_size, sam_rho, ...), e.g. --axis n_drop=5,10,20 --axis use_sigmoid=true,false"),
+    seeds: str = typer.Option("0"),
+    recipe: list[str] = typer.Option([], "--recipe", help="Fixed recipe overrides for every point."),
+    hp: list[str] = typer.Option([], "--hp", help="Fixed head hyperparameters for every point."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Grid sweep of a head on cached features, ranked on the validation split (seconds per point on CPU)."""
+    from .sweep import sweep as run_sweep
+
+    grid = {}
+    for a in axis:
+        name, sep, values = a.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--axis takes name=v1,v2,..., got {a!r}")
+        grid[name] = [_kv([f"v={v}"])["v"] for v in values.split(",")]
+    r = run_sweep(store, head, grid, out, seeds=_seeds(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp))
     typer.echo(r["markdown"])
 
 

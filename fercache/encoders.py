@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .errors import EncoderError, UnknownNameError
-from .preprocess import IMAGENET_MEAN, IMAGENET_STD, Preprocess
+from .preprocess import Preprocess
 
 log = logging.getLogger(__name__)
 

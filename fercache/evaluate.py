@@ -13,7 +13,7 @@ from . import metrics, report
 from .data import load_features
 from .errors import ConfigError, StoreError
 from .store import open_store
-from .train import _to_device, fit_seeds, load_run, predict_logits, targets
+from .train import _to_device, load_run, predict_logits, targets
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
     _check_same_encoder(cfg, store)
     if cfg["mask_source"] and store != cfg["store"]:
         raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
-    fs = load_features(store, manifest if store != cfg["store"] or manifest else cfg["manifest"], cfg["output"], cfg["mask_source"])
+    labels_from = manifest or (cfg["manifest"] if store == cfg["store"] else None)  # else the store's own manifest
+    fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"])
     fs = fs.rows(split)
     if cfg["task"] == "expr":
         fs = fs.take(fs.label != "")

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import store as S
 from .encoders import Encoder, load_encoder
-from .errors import FercacheError, StoreError
+from .errors import FercacheError
 from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
 from .preprocess import decode_image, to_model_input
 

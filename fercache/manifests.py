@@ -149,11 +149,14 @@ class _ClosingText(io.TextIOWrapper):
 
 def content_sha256(manifest: Manifest) -> str:
     """sha256 over the columns that determine encoder input (see CONTENT_COLUMNS), in row order."""
-    buf = io.StringIO()
+    h, buf = hashlib.sha256(), io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    for row in manifest.rows:
+    for row in manifest.rows:  # row by row: no O(N) text buffer for large manifests
         writer.writerow([row.get(c, "") for c in CONTENT_COLUMNS])
-    return hashlib.sha256(buf.getvalue().encode()).hexdigest()
+        h.update(buf.getvalue().encode())
+        buf.seek(0)
+        buf.truncate()
+    return h.hexdigest()
 
 
 def data_root(explicit: str | Path | None) -> Path:

@@ -72,6 +72,13 @@ def _au_cv_step(store: str, out: str, **kw):
     return "\n" + au_crossval(store, out, **kw)["markdown"]
 
 
+@register_step("sweep")
+def _sweep_step(store: str, head: str, grid: dict, out: str, **kw):
+    from .sweep import sweep
+
+    return "\n" + sweep(store, head, grid, out, **kw)["markdown"]
+
+
 def _typed(text: str) -> Any:
     for cast in (int, float):
         try:

@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 
 from . import report
-from .data import carve_val, load_features
-from .errors import ConfigError
 from .evaluate import evaluate_run
 from .train import fit_seeds
 

@@ -21,9 +21,11 @@ from torch import nn
 
 from . import metrics
 from .data import FeatureSet, carve_val, load_features
-from .errors import ConfigError
-from .heads import HeadContext, build_head
+from .errors import ConfigError, UnknownNameError
+from .heads import HEADS, HeadContext, build_head
+from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
+from .store import open_store
 
 log = logging.getLogger(__name__)
 
@@ -190,16 +192,10 @@ def _run_name(store: str, head: str, seed: int) -> str:
 
 def prepare(store: str, head: str, manifest=None, output=None, mask_source=None, aus=None, seed: int = 0):
     """Load features, carve val if needed, drop test rows, and fix the label set (classes or AUs)."""
-    from .heads import HEADS
-
     if head not in HEADS:
-        from .errors import UnknownNameError
         raise UnknownNameError("head", head, HEADS)
     task = "au" if head == "au" else "expr"
     if head == "zeroshot":
-        from .heads.zeroshot import require_text_tower
-        from .store import open_store
-
         require_text_tower(open_store(store).meta)  # before reading features: fail on the real cause
         output = output or "embedding"
     fs = load_features(store, manifest, output, mask_source)
@@ -220,7 +216,6 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     ytr, yval = y[fs.split == "train"], y[fs.split == "val"]
     if task == "expr":  # val rows with a class unseen in train cannot be predicted; keep them out of selection
         val_fs, yval = val_fs.take(yval >= 0), yval[yval >= 0]
-    from .store import open_store
     st = open_store(store)
     ctx = HeadContext(in_dim=fs.x.shape[1], out_dim=len(classes), class_names=classes,
                       z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store})

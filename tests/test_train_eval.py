@@ -161,3 +161,37 @@ def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path):
     assert [row["prediction"] for row in rows] == want
     out = write_predictions(rows, tmp_path / "p.csv")
     assert out.read_text().splitlines()[0] == "path,prediction,face_detected,error,neutral,happy,sad,anger"
+
+
+def test_mask_head_with_a_second_mask_source_store(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
+    from fercache.extract import extract
+
+    extract(tiny_manifest, "null:", tmp_path / "null.zarr", root=tiny_dataset, image_size=16, workers=0, progress=False)
+    r = fit(str(tiny_store), "mask", mask_source=str(tmp_path / "null.zarr"), out_dir=tmp_path, recipe=QUICK)
+    model, cfg, _ = load_run(r.run_dir)
+    assert cfg["z_dim"] == 3 and model.mask_net[0].in_features == 3 and cfg["mask_source"].endswith("null.zarr")
+    res = evaluate_run(r.run_dir)
+    assert res["n"] == 24
+
+
+def test_predict_with_face_detection_keeps_images_without_faces(tiny_store, tiny_dataset, tmp_path):
+    pytest.importorskip("facenet_pytorch")
+    from fercache.predict import predict
+
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe=QUICK)
+    rows = predict(r.run_dir, [tiny_dataset / "faces" / "test" / "sad"], detect=True)
+    # gradients are not faces: MTCNN finds none, and the whole image is classified instead
+    assert len(rows) == 6 and all(row["face_detected"] is False and "prediction" in row for row in rows)
+
+
+def test_sweep_ranks_on_validation(tiny_store, tmp_path):
+    from fercache.sweep import sweep
+
+    r = sweep(str(tiny_store), "linear", {"normalize": [False, True], "lr": [1e-6, 1e-2]}, tmp_path,
+              base_recipe={"batch_size": 8, "epochs": 20})
+    assert len(r["rows"]) == 4
+    means = [row["mean"] for row in r["rows"]]
+    assert means == sorted(means, reverse=True) and r["best"]["lr"] == 1e-2 and means[0] > means[-1]
+    saved = json.loads((tmp_path / "point000" / "seed0" / "config.json").read_text())
+    assert saved["hp"] == {"normalize": False} and saved["recipe"]["lr"] == 1e-6 and saved["recipe"]["batch_size"] == 8
+    assert (tmp_path / "sweep.md").read_text().count("\n|") == 6  # header, rule, 4 points
