@@ -11,11 +11,12 @@ import csv
 import hashlib
 import logging
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Iterable
 
 from . import labels as L
-from .errors import ManifestError, UnknownNameError
+from .errors import ManifestError
 from .manifests import Manifest, validate
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -25,27 +26,18 @@ SPLIT_NAMES = {
     "publictest": "val", "test": "test", "privatetest": "test",
 }
 
-Adapter = Callable[..., list[dict]]
-ADAPTERS: dict[str, Adapter] = {}
-
-
-def register_adapter(name: str):
-    """Register a dataset adapter under `--format name`."""
-    def wrap(fn: Adapter) -> Adapter:
-        ADAPTERS[name] = fn
-        return fn
-    return wrap
+ADAPTERS = Registry("manifest format")
+register_adapter = ADAPTERS.register  # `--format name`
 
 
 def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **options) -> Manifest:
     """Build a manifest from a dataset in its native layout; paths relative to `data_root` (default `src`)."""
-    if fmt not in ADAPTERS:
-        raise UnknownNameError("manifest format", fmt, ADAPTERS)
+    adapter = ADAPTERS.lookup(fmt)
     src = Path(src).resolve()
     if not src.exists():
         raise ManifestError(f"dataset folder {src} does not exist")
     root = Path(data_root).resolve() if data_root else src
-    rows = ADAPTERS[fmt](src, **options)
+    rows = adapter(src, **options)
     if not rows:
         raise ManifestError(f"no samples found in {src} for format {fmt!r}; check the layout in `fercache manifest formats`")
     for row in rows:

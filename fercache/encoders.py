@@ -15,7 +15,6 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -23,6 +22,7 @@ from torch import nn
 
 from .errors import EncoderError, UnknownNameError
 from .preprocess import Preprocess
+from .registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -57,24 +57,14 @@ class Encoder:
         }
 
 
-Factory = Callable[..., Encoder]
-ENCODERS: dict[str, Factory] = {}
-
-
-def register_encoder(family: str):
-    """Register an encoder family (`family:<arch>` specs)."""
-    def wrap(fn: Factory) -> Factory:
-        ENCODERS[family] = fn
-        return fn
-    return wrap
+ENCODERS = Registry("encoder family")
+register_encoder = ENCODERS.register  # `family:<arch>` specs
 
 
 def load_encoder(spec: str, pretrained: str | None = None, image_size: int | None = None) -> Encoder:
     """Build a frozen, eval-mode encoder from `family:arch` (e.g. `open_clip:ViT-B-16`)."""
     family, _, arch = spec.partition(":")
-    if family not in ENCODERS:
-        raise UnknownNameError("encoder family", family, ENCODERS)
-    enc = ENCODERS[family](arch, pretrained=pretrained, image_size=image_size)
+    enc = ENCODERS.lookup(family)(arch, pretrained=pretrained, image_size=image_size)
     enc.model.eval().requires_grad_(False)
     return enc
 

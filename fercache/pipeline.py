@@ -18,16 +18,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .errors import ConfigError, FercacheError
+from .registry import Registry
 
-STEPS: dict[str, Callable[..., Any]] = {}
-
-
-def register_step(name: str):
-    """Register a pipeline step kind."""
-    def wrap(fn):
-        STEPS[name] = fn
-        return fn
-    return wrap
+STEPS = Registry("pipeline step")
+register_step = STEPS.register
 
 
 @register_step("manifest")

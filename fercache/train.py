@@ -21,7 +21,7 @@ from torch import nn
 
 from . import metrics
 from .data import FeatureSet, carve_val, load_features
-from .errors import ConfigError, UnknownNameError
+from .errors import ConfigError
 from .heads import HEADS, HeadContext, build_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
@@ -192,8 +192,7 @@ def _run_name(store: str, head: str, seed: int) -> str:
 
 def prepare(store: str, head: str, manifest=None, output=None, mask_source=None, aus=None, seed: int = 0):
     """Load features, carve val if needed, drop test rows, and fix the label set (classes or AUs)."""
-    if head not in HEADS:
-        raise UnknownNameError("head", head, HEADS)
+    HEADS.lookup(head)
     task = "au" if head == "au" else "expr"
     if head == "zeroshot":
         require_text_tower(open_store(store).meta)  # before reading features: fail on the real cause

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 from torch import nn
 
-from ..errors import ConfigError, UnknownNameError
+from ..errors import ConfigError
+from ..registry import Registry
 
 
 class Head(nn.Module):
@@ -40,24 +40,16 @@ class HeadContext:
     restore: bool = False  # True when loading a saved head: weights come from head.pt, not from a build step
 
 
-Factory = Callable[..., Head]
-HEADS: dict[str, Factory] = {}
-
-
-def register_head(name: str):
-    """Register a head factory taking keyword-only hyperparameters (so a sweep can pass a dict)."""
-    def wrap(fn: Factory) -> Factory:
-        HEADS[name] = fn
-        return fn
-    return wrap
+HEADS = Registry("head")
+#: Register a head factory `fn(ctx, *, **hyperparameters)`: keyword-only, so a sweep can pass a dict.
+register_head = HEADS.register
 
 
 def build_head(name: str, ctx: HeadContext, **hp) -> Head:
     """Instantiate a registered head; unknown hyperparameters are an error, not silently ignored."""
-    if name not in HEADS:
-        raise UnknownNameError("head", name, HEADS)
+    factory = HEADS.lookup(name)
     try:
-        head = HEADS[name](ctx, **hp)
+        head = factory(ctx, **hp)
     except TypeError as e:
         raise ConfigError(f"head {name!r}: {e}") from None
     head.name = name
