@@ -55,6 +55,7 @@ def _train_step(store: str, head: str, seeds: list[int] = (0,), **kw):
 def _cross_step(stores: list[str], heads: list[str], out: str, **kw):
     from .protocols import cross_matrix
 
+    kw.setdefault("progress", True)  # minutes of training: show per-epoch bars
     tables = cross_matrix(stores, heads, out, **kw)
     return "\n" + "\n".join(t["markdown"] for t in tables.values())
 
@@ -63,6 +64,7 @@ def _cross_step(stores: list[str], heads: list[str], out: str, **kw):
 def _au_cv_step(store: str, out: str, **kw):
     from .protocols import au_crossval
 
+    kw.setdefault("progress", True)
     return "\n" + au_crossval(store, out, **kw)["markdown"]
 
 

@@ -1,0 +1,51 @@
+"""CUDA paths (run on the lent GPU machine with `pytest -m gpu`; skipped elsewhere)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fercache import store as S
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
+
+
+def test_device_preprocessing_matches_cpu():
+    from fercache.preprocess import Preprocess, to_model_input
+
+    imgs = torch.randint(0, 256, (8, 48, 48, 3), dtype=torch.uint8)
+    spec = Preprocess(size=224)
+    cpu = to_model_input(imgs, spec)
+    gpu = to_model_input(imgs.pin_memory(), spec, device="cuda").cpu()
+    assert (cpu - gpu).abs().max().item() < 0.02
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_cuda_extract_matches_cpu(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, precision):
+    from fercache.extract import extract
+
+    r = extract(tiny_manifest, tiny_encoder_spec, tmp_path / "g.zarr", root=tiny_dataset, device="cuda", chunk_rows=16,
+                batch_size=8, workers=2, precision=precision, progress=False)
+    assert r.n_ok == 72
+    a, b = S.open_store(tiny_store).features("embedding"), S.open_store(tmp_path / "g.zarr").features("embedding")
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > (0.999 if precision == "fp32" else 0.99)
+
+
+@pytest.mark.parametrize("head", ["linear", "mask", "cvar_mlp"])
+def test_heads_train_on_cuda(tiny_store, tmp_path, head):
+    from fercache.evaluate import evaluate_run
+    from fercache.train import fit
+
+    r = fit(str(tiny_store), head, out_dir=tmp_path, device="cuda", recipe={"epochs": 3, "batch_size": 16},
+            hp={"hidden": 16} if head == "cvar_mlp" else None)
+    assert evaluate_run(r.run_dir, device="cuda")["n"] == 24
+
+
+def test_bench_extract_on_cuda(tiny_manifest, tiny_dataset, tiny_encoder_spec):
+    from fercache.bench import bench_extract
+
+    r = bench_extract(tiny_manifest, tiny_encoder_spec, root=tiny_dataset, device="cuda", batch_size=16, workers=2,
+                      model_seconds=1.0)
+    assert r["a_model_only_img_s"] > 0 and r["f_peak_device_mib"] > 0
