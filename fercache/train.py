@@ -30,6 +30,10 @@ from .store import open_store
 log = logging.getLogger(__name__)
 
 
+#: The validation metric that chooses the epoch, per task.
+SELECT_METRIC = {"expr": "accuracy", "au": "macro_f1_at_0.5"}
+
+
 @dataclass
 class RunResult:
     run_dir: Path
@@ -160,7 +164,7 @@ def train_loop(head: nn.Module, train: dict, val: dict, recipe: dict, task: str,
     """Train for recipe['epochs']; return the state of the epoch with the best validation metric."""
     from tqdm.auto import tqdm
 
-    select = "macro_f1_at_0.5" if task == "au" else "accuracy"
+    select = SELECT_METRIC[task]
     gen = torch.Generator().manual_seed(seed)
     opt, history = _optimizer(head, recipe), []
     sched = _scheduler(opt, recipe)
@@ -232,12 +236,13 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         model.load_state_dict(state)
     else:
         history, best_epoch = [], 0
-    val_metrics = score(model, val, task, classes)
     thresholds = None
-    if task == "au":
+    if task == "au":  # thresholds are tuned on val only, then reported with the val scores
         prob = torch.sigmoid(predict_logits(model, val)).cpu().numpy()
         thresholds = metrics.tune_thresholds(yval, prob)
         val_metrics = metrics.au(yval, prob, classes, thresholds)
+    else:
+        val_metrics = score(model, val, task, classes)
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     config = {
         "head": head, "hp": hp or {}, "recipe": r, "seed": seed, "task": task, "classes": classes,
@@ -247,8 +252,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         "variant": "cached features (frozen encoder; see METHODS.md)",
     }
     result = {
-        "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric":
-                      "macro_f1_at_0.5" if task == "au" else "accuracy", "best_epoch": best_epoch,
+        "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": SELECT_METRIC[task],
+                      "best_epoch": best_epoch,
                       "test_split_used": False},
         "val": val_metrics, "history": history, "train_seconds": time.perf_counter() - t0,
         "n_train": int(len(ytr)), "n_val": int(len(yval)), "seed": seed, "config": config,
