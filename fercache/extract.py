@@ -102,7 +102,9 @@ def _barrier(world: int) -> None:
 
 def _resolve_device(device: str, rank: int, world: int) -> torch.device:
     if device == "cuda" and world > 1:
-        return torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+        torch.cuda.set_device(dev)  # NCCL collectives (the barriers) run on the current device: make it this rank's
+        return dev
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise FercacheError("--device cuda requested but CUDA is not available here; use --device cpu")
     return torch.device(device)
