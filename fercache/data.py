@@ -28,6 +28,9 @@ class FeatureSet:
     au_names: list[str] = field(default_factory=list)
     z: np.ndarray | None = None
     notes: dict = field(default_factory=dict)
+    clip_id: np.ndarray | None = None  # video frames only
+    frame_idx: np.ndarray | None = None
+    lengths: np.ndarray | None = None  # clip level only: x is [N, F, D], frames past lengths[i] are padding
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -36,7 +39,8 @@ class FeatureSet:
         """Rows `idx` (a boolean mask or indices)."""
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
         return replace(self, sample_id=self.sample_id[idx], x=self.x[idx], label=self.label[idx], split=self.split[idx],
-                       subject=self.subject[idx], au=pick(self.au), z=pick(self.z))
+                       subject=self.subject[idx], au=pick(self.au), z=pick(self.z),
+                       clip_id=pick(self.clip_id), frame_idx=pick(self.frame_idx), lengths=pick(self.lengths))
 
     def rows(self, split: str) -> "FeatureSet":
         return self.take(self.split == split)
@@ -79,7 +83,11 @@ def load_features(store_path: str, manifest: str | Path | None = None, output: s
     col = lambda c: np.array(m.column(c), dtype=object)  # noqa: E731
     aus = m.au_columns
     au = np.array([[int(r[a] or -1) for a in aus] for r in m.rows], dtype=np.int64) if aus else None
-    fs = FeatureSet(col("sample_id"), x, col("label"), col("split"), col("subject"), au, aus, z,
+    video = {}
+    if "clip_id" in m.columns:
+        video = {"clip_id": col("clip_id"),
+                 "frame_idx": np.array([int(v or -1) for v in m.column("frame_idx")], dtype=np.int64)}
+    fs = FeatureSet(col("sample_id"), x, col("label"), col("split"), col("subject"), au, aus, z, **video,
                     notes={"store": store_path, "manifest": m.source, "failed_rows_skipped": int((~ok).sum())})
     return fs.take(ok)
 
@@ -100,3 +108,40 @@ def carve_val(fs: FeatureSet, fraction: float = 0.15, seed: int = 0) -> FeatureS
     note = f"carved from train: {n_val} of {len(subjects)} subjects ({fraction:.0%}), seed {seed}"
     log.info("no val split in the manifest; %s", note)
     return replace(fs, split=split, notes={**fs.notes, "val_source": note})
+
+
+def require_clips(fs: FeatureSet) -> None:
+    """Raise unless the rows are video frames (a manifest with clip_id and frame_idx)."""
+    if fs.clip_id is None:
+        raise ConfigError(f"{fs.notes.get('manifest')} has no clip_id/frame_idx columns; a clip-level head needs "
+                          "a manifest of video frames (e.g. the dfew, ferv39k, mafw or ckplus adapters)")
+
+
+def clip_level(fs: FeatureSet, max_frames: int = 64) -> FeatureSet:
+    """Group frame rows into clips: x becomes [N_clips, F, D] (frames in frame_idx order, zero-padded), with lengths.
+
+    A clip longer than `max_frames` keeps `max_frames` frames at an even stride (a dense stride, so a
+    clip-level head can still resample segments every epoch). Every frame of a clip must carry the
+    same label, split and subject.
+    """
+    require_clips(fs)
+    order = np.lexsort((fs.frame_idx, fs.clip_id))
+    clips, starts = np.unique(fs.clip_id[order], return_index=True)
+    bounds = list(starts) + [len(order)]
+    width = min(max_frames, max(b - a for a, b in zip(bounds[:-1], bounds[1:])) if len(clips) else 1)
+    x = np.zeros((len(clips), width, fs.x.shape[-1]), dtype=np.float32)
+    lengths, first = np.zeros(len(clips), dtype=np.int64), np.zeros(len(clips), dtype=np.int64)
+    for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
+        rows = order[a:b]
+        for name in ("label", "split", "subject"):
+            values = set(getattr(fs, name)[rows])
+            if len(values) > 1:
+                raise ConfigError(f"clip {clips[i]!r} has frames with different {name}s {sorted(values)}; "
+                                  "a clip-level head needs one per clip")
+        if len(rows) > width:
+            rows = rows[np.linspace(0, len(rows) - 1, width).round().astype(int)]
+        x[i, :len(rows)], lengths[i], first[i] = fs.x[rows], len(rows), rows[0]
+    pick = lambda a: None if a is None else a[first]  # noqa: E731
+    return FeatureSet(clips.astype(object), x, fs.label[first], fs.split[first], fs.subject[first], pick(fs.au),
+                      fs.au_names, None, notes={**fs.notes, "level": f"clip (at most {width} frames each)"},
+                      clip_id=clips.astype(object), lengths=lengths)

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import metrics, report
-from .data import load_features
+from .data import clip_level, load_features
 from .errors import ConfigError, StoreError
 from .store import open_store
 from .train import _to_device, load_run, predict_logits, targets
@@ -49,6 +49,8 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
     labels_from = manifest or (cfg["manifest"] if store == cfg["store"] else None)  # else the store's own manifest
     fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"])
     fs = fs.rows(split)
+    if model.level == "clip":
+        fs = clip_level(fs, cfg["recipe"]["max_frames"])
     if cfg["task"] == "expr":
         fs = fs.take(fs.label != "")
     y = targets(fs, cfg["task"], cfg["classes"])

@@ -62,10 +62,34 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     enc = encoder_of({"fingerprint": cfg["store_fingerprint"], "encoder_args": cfg.get("encoder_args")})
     enc.model.to(device)
     cropper = FaceCropper(device) if detect else None
+    if model.level == "clip":
+        return [_predict_clip(Path(p), enc, model, cfg, cropper, device, batch_size) for p in inputs]
     paths, results = collect_images(inputs), []
     for start in range(0, len(paths), batch_size):
         results += _predict_batch(paths[start:start + batch_size], enc, model, cfg, thresholds, cropper, device)
     return results
+
+
+def _predict_clip(folder: Path, enc, model, cfg, cropper, device, batch_size: int) -> dict:
+    """One prediction for a folder of a clip's frames (sorted by name); frames that fail to decode are skipped."""
+    if not folder.is_dir():
+        raise ConfigError(f"a clip-level run ({cfg['head']}) predicts one clip per folder of frames; {folder} is not a folder")
+    frames, errors = [], 0
+    for p in collect_images([folder]):
+        try:
+            img = decode_image(p)
+            frames.append(cropper(img)[0] if cropper else img)
+        except Exception:
+            errors += 1
+    row = {"path": str(folder), "frames": len(frames), "frames_failed": errors}
+    if not frames:
+        return {**row, "error": "no frame of the clip could be decoded"}
+    with torch.inference_mode():
+        feats = torch.cat([enc.model(to_model_input(frames[i:i + batch_size], enc.preprocess, device))[cfg["output"]].float()
+                           for i in range(0, len(frames), batch_size)])
+        logits = model(feats[None])  # [1, frames, D]: every frame is valid
+    _fill([row], logits, cfg, None)
+    return row
 
 
 def _predict_batch(paths, enc, model, cfg, thresholds, cropper, device) -> list[dict]:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import metrics
-from .data import FeatureSet, carve_val, load_features
+from .data import FeatureSet, carve_val, clip_level, load_features, require_clips
 from .errors import ConfigError
 from .heads import HEADS, HeadContext, build_head
 from .heads.zeroshot import require_text_tower
@@ -69,12 +69,18 @@ def _to_device(fs: FeatureSet, y: np.ndarray, device) -> dict[str, torch.Tensor]
     out = {"x": torch.as_tensor(fs.x, device=device), "y": torch.as_tensor(y, device=device)}
     if fs.z is not None:
         out["z"] = torch.as_tensor(fs.z, device=device)
+    if fs.lengths is not None:
+        out["lengths"] = torch.as_tensor(fs.lengths, device=device)
     return out
 
 
 def _optimizer(head: nn.Module, r: dict) -> torch.optim.Optimizer:
-    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[r["optimizer"]]
-    return cls(head.parameters(), lr=r["lr"], weight_decay=r["weight_decay"])
+    # A head with several learning rates (the temporal head's prompts) says so through param_groups().
+    params = head.param_groups(r) if hasattr(head, "param_groups") else head.parameters()
+    if r["optimizer"] == "sgd":
+        return torch.optim.SGD(params, lr=r["lr"], momentum=r.get("momentum", 0.0), weight_decay=r["weight_decay"])
+    cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[r["optimizer"]]
+    return cls(params, lr=r["lr"], weight_decay=r["weight_decay"])
 
 
 def _scheduler(opt, r: dict):
@@ -83,6 +89,8 @@ def _scheduler(opt, r: dict):
         return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=r.get("gamma", 0.9))
     if kind == "cosine":
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs), eta_min=r.get("eta_min", 0.0))
+    if kind == "multistep":  # the published temporal recipe: x gamma at each milestone epoch
+        return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=r["milestones"], gamma=r.get("gamma", 0.1))
     if kind == "cosine_quarter":  # the published CVaR recipe: T_max = epochs / 4
         return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs // 4), eta_min=r.get("eta_min", 1e-5))
     return None
@@ -138,8 +146,7 @@ def plain_step(head: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> torc
 def predict_logits(head: nn.Module, data: dict, batch_size: int = 4096) -> torch.Tensor:
     """Eval-mode logits over all rows of `data`."""
     head.eval()
-    out = [head(data["x"][i:i + batch_size], data["z"][i:i + batch_size] if "z" in data else None)
-           for i in range(0, len(data["x"]), batch_size)]
+    out = [head.logits({k: v[i:i + batch_size] for k, v in data.items()}) for i in range(0, len(data["x"]), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -202,6 +209,8 @@ def prepare(store: str, head: str, manifest=None, output=None, mask_source=None,
         require_text_tower(open_store(store).meta)  # before reading features: fail on the real cause
         output = output or "embedding"
     fs = load_features(store, manifest, output, mask_source)
+    if getattr(HEADS.lookup(head), "level", "frame") == "clip":
+        require_clips(fs)  # before building the head, which may load a text tower
     if task == "expr":
         fs = fs.take(fs.label != "")
     fs = carve_val(fs.take(fs.split != "test"), seed=seed)  # test rows never reach training or selection
@@ -214,22 +223,25 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False) -> RunResult:
     """Train one head with one seed on a store; writes <out_dir>/<name>/{head.pt,config.json,metrics.json}."""
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed)
+    st = open_store(store)
+    ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
+                      z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store})
+    torch.manual_seed(seed)
+    model = build_head(head, ctx, **(hp or {}))
+    hp = {**(hp or {}), **getattr(model, "resolved_hp", {})}  # e.g. an "auto" choice, so load_run rebuilds this head
+    r = {**model.recipe, **(recipe or {})}
+    if model.level == "clip":
+        fs = clip_level(fs, r["max_frames"])
     y = targets(fs, task, classes)
     train_fs, val_fs = fs.rows("train"), fs.rows("val")
     ytr, yval = y[fs.split == "train"], y[fs.split == "val"]
     if task == "expr":  # val rows with a class unseen in train cannot be predicted; keep them out of selection
         val_fs, yval = val_fs.take(yval >= 0), yval[yval >= 0]
-    st = open_store(store)
-    ctx = HeadContext(in_dim=fs.x.shape[1], out_dim=len(classes), class_names=classes,
-                      z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store})
-    torch.manual_seed(seed)
-    model = build_head(head, ctx, **(hp or {}))
-    r = {**model.recipe, **(recipe or {})}
     dev = torch.device(device)
     model.to(dev)
     train, val = _to_device(train_fs, ytr, dev), _to_device(val_fs, yval, dev)
     if hasattr(model, "fit_stats"):
-        model.fit_stats(train["x"])
+        model.fit_stats(train)
     t0 = time.perf_counter()
     if model.trainable and r["epochs"] > 0:
         state, history, best_epoch = train_loop(model, train, val, r, task, classes, seed, progress)
@@ -245,7 +257,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         val_metrics = score(model, val, task, classes)
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     config = {
-        "head": head, "hp": hp or {}, "recipe": r, "seed": seed, "task": task, "classes": classes,
+        "head": head, "hp": hp, "level": model.level, "recipe": r, "seed": seed, "task": task, "classes": classes,
         "store": str(store), "output": output or st.default_output, "mask_source": mask_source,
         "manifest": fs.notes["manifest"], "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "device": device,
         "store_fingerprint": st.fingerprint, "encoder_args": st.meta.get("encoder_args"),
@@ -256,7 +268,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
                       "best_epoch": best_epoch,
                       "test_split_used": False},
         "val": val_metrics, "history": history, "train_seconds": time.perf_counter() - t0,
-        "n_train": int(len(ytr)), "n_val": int(len(yval)), "seed": seed, "config": config,
+        "n_train": int(len(ytr)), "n_val": int(len(yval)), "unit": "clips" if model.level == "clip" else "images",
+        "seed": seed, "config": config,
     }
     save_run(run_dir, model, config, result, thresholds)
     return RunResult(run_dir, result)

@@ -28,6 +28,20 @@ def toy(n=96, d=24, c=3, seed=0, au=False):
     return {"x": x, "y": y}
 
 
+def as_clips(batch, frames=5, seed=0):
+    """Clip-level toy data: each row becomes a clip of noisy copies, with varying valid lengths and zero padding."""
+    g = torch.Generator().manual_seed(seed)
+    n, d = batch["x"].shape
+    x = batch["x"][:, None] + 0.3 * torch.randn(n, frames, d, generator=g)
+    lengths = torch.randint(1, frames + 1, (n,), generator=g)
+    x[torch.arange(frames)[None] >= lengths[:, None]] = 0.0
+    return {**batch, "x": x, "lengths": lengths}
+
+
+def shaped(head, batch, seed=0):
+    return as_clips(batch, seed=seed) if head.level == "clip" else batch
+
+
 def make(name, d=24, c=3, **hp):
     if name == "zeroshot":
         return build_head(name, HeadContext(d, c, CLASSES[:c], restore=True), **hp)
@@ -37,8 +51,8 @@ def make(name, d=24, c=3, **hp):
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_every_head_shapes_and_finite_loss(name):
     head = make(name)
-    batch = toy(au=HEADS[name] is HEADS.get("au"))
-    out = head(batch["x"])
+    batch = shaped(head, toy(au=HEADS[name] is HEADS.get("au")))
+    out = head.logits(batch)
     assert out.shape == (96, 3) and torch.isfinite(out).all()
     if head.trainable:
         loss = head.loss(batch)
@@ -51,9 +65,9 @@ def test_every_trainable_head_learns_separable_data(name):
     # Dropout 0.6 needs some width: the MLP heads get 64 hidden units on 24-d toy data.
     head = make(name, hidden=64) if name in ("au", "cvar_mlp") else make(name)
     is_au = name == "au"
-    train, val = toy(au=is_au), toy(seed=1, au=is_au)
+    train, val = shaped(head, toy(au=is_au)), shaped(head, toy(seed=1, au=is_au), seed=1)
     if hasattr(head, "fit_stats"):
-        head.fit_stats(train["x"])
+        head.fit_stats(train)
     before = head.loss(train).item()
     recipe = {**head.recipe, "epochs": 20, "batch_size": 16, "lr": 3e-3}
     state, history, best = train_loop(head, train, val, recipe, "au" if is_au else "expr", CLASSES, seed=0)

@@ -82,3 +82,19 @@ def test_ck_expression_heads_beat_chance(ck_store, tmp_path, head):
     res = evaluate_run(r.run_dir)
     assert res["n"] > 100 and res["accuracy"] > 0.45  # 7 classes; the majority class is about 25%
     assert r.metrics["selection"]["val_source"].startswith("carved from train")
+
+
+@pytest.mark.parametrize("pool", ["transformer", "mean"])
+def test_ck_temporal_head_on_three_frame_clips_beats_chance(ck_store, tmp_path, pool):
+    """CK+48 sequences are 3-frame clips: the temporal head scores one prediction per sequence."""
+    from fercache.evaluate import evaluate_run
+    from fercache.manifests import read_manifest
+    from fercache.train import fit
+
+    rows = read_manifest(REPO / "data_manifests" / "ckplus48.csv").rows
+    test_clips = {r["clip_id"] for r in rows if r["split"] == "test"}
+    r = fit(ck_store, "temporal", out_dir=tmp_path, recipe={"epochs": 15}, hp={"pool": pool})
+    res = evaluate_run(r.run_dir)
+    assert r.metrics["config"]["hp"]["classifier"] == "linear"  # the stand-in has no text tower
+    assert res["n"] == len(test_clips) > 40
+    assert res["accuracy"] > 0.4, res["accuracy"]  # 7 classes; the majority class is about 25%

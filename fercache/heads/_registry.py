@@ -20,12 +20,17 @@ class Head(nn.Module):
     """
 
     task = "expr"  # or "au" (multi-label)
+    level = "frame"  # or "clip": x is [B, frames, D] with batch["lengths"] (see data.clip_level)
     recipe: dict = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "epochs": 30, "batch_size": 256,
                     "scheduler": None, "sam_rho": 0.0}
     trainable = True
 
+    def logits(self, batch: dict) -> torch.Tensor:
+        """Logits for a batch dict (clip-level heads also read `lengths`)."""
+        return self(batch["x"], batch.get("z"))
+
     def loss(self, batch: dict) -> torch.Tensor:
-        return nn.functional.cross_entropy(self(batch["x"], batch.get("z")), batch["y"])
+        return nn.functional.cross_entropy(self.logits(batch), batch["y"])
 
 
 @dataclass

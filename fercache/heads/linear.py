@@ -20,8 +20,9 @@ class LinearProbe(Head):
         self.register_buffer("sigma", torch.ones(in_dim))
         self.fc = nn.Linear(in_dim, out_dim)
 
-    def fit_stats(self, x: torch.Tensor) -> None:
-        """Set the standardiser from training features (called once by the trainer)."""
+    def fit_stats(self, batch: dict) -> None:
+        """Set the standardiser from the training features (called once by the trainer)."""
+        x = batch["x"]
         if not self.normalize:
             self.mu.copy_(x.mean(0))
             self.sigma.copy_(x.std(0).clamp_min(1e-6))

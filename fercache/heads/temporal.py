@@ -1,0 +1,244 @@
+"""Temporal model with learnable text prompts (METHODS.md §3, "DFER-CLIP"), on cached per-frame features.
+
+Documented variant: the image encoder stays frozen (the paper fine-tunes it at lr 1e-5), and frames
+come from the cache, so every epoch resamples T segment frames from each clip's cached frames.
+
+- Frames: a clip is cut into T equal segments, one frame from each (random position while
+  training, the middle while evaluating).
+- Temporal model: learnable class token + T+1 position embeddings, one transformer encoder layer
+  (width 512, 8 heads, MLP 1024); the class token's output is the video feature v.
+- Classifier `prompts`: per class, M learnable context vectors followed by the tokens of a
+  description of the face (resources/class_descriptions.json), encoded by the store's own frozen
+  CLIP text tower to t_c; logits = cos(v, t_c) / 0.01. Classifier `linear`: a linear layer on v,
+  for encoders without a text tower (the ablation baseline, and the offline stand-in).
+- `pool="mean"` replaces the transformer by the average of the sampled frames: the paper's
+  "linear probe on averaged frame features" baseline.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from importlib import resources
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import ConfigError, EncoderError
+from ._registry import Head, HeadContext, register_head
+
+log = logging.getLogger(__name__)
+
+
+def class_descriptions(path: str | Path | None = None) -> dict[str, str]:
+    """Class -> description of the face: the bundled file, or a user's JSON file of the same shape."""
+    text = Path(path).read_text() if path else (resources.files("fercache") / "resources" / "class_descriptions.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+def segment_indices(lengths: torch.Tensor, t: int, train: bool) -> torch.Tensor:
+    """[B, t] frame indices: clip i cut into t equal segments of its lengths[i] frames, one index per segment.
+
+    Training takes a uniformly random position in each segment, evaluation the middle; a clip shorter
+    than t repeats frames, as the published sampler does.
+    """
+    k = torch.arange(t, device=lengths.device, dtype=torch.float32)[None]
+    offset = torch.rand(len(lengths), t, device=lengths.device) if train else torch.full((1, t), 0.5, device=lengths.device)
+    n = lengths.to(torch.float32)[:, None]
+    return torch.minimum(((k + offset) * n / t).floor().long(), lengths[:, None] - 1)
+
+
+class PromptText(nn.Module):
+    """Text features t_c of `M learnable vectors + description` prompts through a frozen open_clip text tower.
+
+    The context vectors are spliced in by a forward hook on the tower's token embedding, so the tower runs
+    its own code path (positional embedding, causal mask, EOT pooling, projection) unchanged.
+    """
+
+    def __init__(self, clip_model=None, tokenizer=None, descriptions: list[str] | None = None, n_ctx: int = 8):
+        super().__init__()
+        self.n_ctx = n_ctx
+        object.__setattr__(self, "clip", clip_model)  # frozen and not a submodule: not trained, not saved
+        if clip_model is None:  # restoring a saved head: shapes come from the saved state (see _load_from_state_dict)
+            self.ctx, self.start = None, 1
+            self.register_buffer("tokens", None)
+            return
+        object.__setattr__(self, "embedding", _token_embedding(clip_model))  # the tower's own: not saved here
+        tokens = tokenizer([" ".join(["X"] * n_ctx) + " " + d for d in descriptions])
+        plain = tokenizer(descriptions)
+        self.start = int((tokens[0] != plain[0]).nonzero()[0])  # the first placeholder, after any start token
+        if (tokens[:, -1] != 0).any():
+            longest = int((tokens != 0).sum(1).max())
+            raise ConfigError(f"a prompt of {n_ctx} context vectors + description fills the text tower's "
+                              f"{tokens.shape[1]} tokens (longest needs {longest}+); shorten the description or lower n_ctx")
+        self.register_buffer("tokens", tokens)
+        width = self.embedding.weight.shape[1]
+        self.ctx = nn.Parameter(torch.randn(len(descriptions), n_ctx, width) * 0.02)  # class-specific (CoOp's init)
+        for p in clip_model.parameters():
+            p.requires_grad_(False)
+        clip_model.eval()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.ctx is None:  # a restored head: take the saved shapes
+            self.ctx = nn.Parameter(torch.empty_like(state_dict[prefix + "ctx"]))
+            self.tokens = torch.empty_like(state_dict[prefix + "tokens"])
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self) -> torch.Tensor:
+        if self.clip is None:
+            raise EncoderError("this temporal head was restored without its CLIP text tower; it predicts from the "
+                               "text features saved at training time")
+        if next(self.clip.parameters()).device != self.ctx.device:
+            self.clip.to(self.ctx.device)
+        s, n = self.start, self.n_ctx
+
+        def splice(module, inputs, out):
+            return torch.cat([out[:, :s], self.ctx.to(out.dtype), out[:, s + n:]], dim=1)
+
+        handle = self.embedding.register_forward_hook(splice)
+        try:
+            return self.clip.encode_text(self.tokens)
+        finally:
+            handle.remove()
+
+
+def _token_embedding(clip_model) -> nn.Embedding:
+    emb = getattr(clip_model, "token_embedding", None) or getattr(getattr(clip_model, "text", None), "token_embedding", None)
+    if not isinstance(emb, nn.Embedding):
+        raise EncoderError("learnable prompts need an open_clip text transformer with a token embedding; "
+                           "this model's text tower has none. Use --hp classifier=linear")
+    return emb
+
+
+class TemporalHead(Head):
+    """Clip-level head: x is [B, F, D] cached frame features with `lengths` valid frames per clip."""
+
+    level = "clip"
+    recipe = {**Head.recipe, "optimizer": "sgd", "momentum": 0.9, "lr": 1e-2, "prompt_lr": 1e-3, "weight_decay": 1e-4,
+              "epochs": 50, "scheduler": "multistep", "milestones": [30, 40], "gamma": 0.1, "batch_size": 48,
+              "max_frames": 64}
+
+    def __init__(self, in_dim: int, out_dim: int, *, segments: int, width: int, heads: int, mlp: int, pool: str,
+                 prompt: PromptText | None, scale: float, standardize: bool):
+        super().__init__()
+        self.segments, self.pool, self.scale, self.standardize = segments, pool, scale, standardize
+        # As in the linear probe: a frozen standardiser (train statistics) makes one lr fit every encoder's scale.
+        self.register_buffer("mu", torch.zeros(in_dim))
+        self.register_buffer("sigma", torch.ones(in_dim))
+        feat = in_dim
+        if pool == "transformer":
+            self.proj_in = nn.Linear(in_dim, width) if width != in_dim else nn.Identity()
+            self.cls = nn.Parameter(torch.zeros(1, 1, width))
+            self.pos = nn.Parameter(torch.randn(1, segments + 1, width) * 0.02)
+            self.encoder = nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0, activation="gelu",
+                                                      batch_first=True, norm_first=True)
+            self.norm = nn.LayerNorm(width)
+            feat = width
+        self.prompt = prompt
+        if prompt is not None:  # v must live in the CLIP joint space, where the store's embeddings are
+            self.proj_out = nn.Linear(feat, in_dim) if feat != in_dim else nn.Identity()
+            self.register_buffer("text", torch.zeros(out_dim, in_dim))  # t_c as of the last evaluation: saved with the head
+        else:
+            self.fc = nn.Linear(feat, out_dim)
+
+    def fit_stats(self, batch: dict) -> None:
+        """Per-channel mean and std over the valid training frames (padding excluded)."""
+        if self.standardize:
+            x, lengths = batch["x"], batch["lengths"]
+            frames = x[torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]]
+            self.mu.copy_(frames.mean(0))
+            self.sigma.copy_(frames.std(0).clamp_min(1e-6))
+
+    def video_feature(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        idx = segment_indices(lengths, self.segments, self.training)
+        frames = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # [B, T, D]
+        frames = (frames - self.mu) / self.sigma
+        if self.pool == "mean":
+            return frames.mean(1)
+        h = self.proj_in(frames)
+        h = torch.cat([self.cls.expand(len(h), -1, -1), h], dim=1) + self.pos
+        return self.norm(self.encoder(h))[:, 0]
+
+    def text_features(self) -> torch.Tensor:
+        """t_c: recomputed through the text tower when it is attached (training, and the evaluations that select)."""
+        if self.prompt is not None and self.prompt.clip is not None:
+            t = self.prompt()
+            if not self.training:
+                self.text.copy_(t.detach())
+            return t
+        return self.text
+
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+        if x.ndim != 3:
+            raise ConfigError(f"the temporal head takes clips [B, frames, D]; got a tensor of shape {tuple(x.shape)}")
+        if lengths is None:
+            lengths = torch.full((len(x),), x.shape[1], device=x.device, dtype=torch.long)
+        v = self.video_feature(x, lengths)
+        if self.prompt is None:
+            return self.fc(v)
+        v = F.normalize(self.proj_out(v), dim=-1)
+        return self.scale * v @ F.normalize(self.text_features(), dim=-1).T
+
+    def logits(self, batch: dict) -> torch.Tensor:
+        return self(batch["x"], None, batch.get("lengths"))
+
+    def param_groups(self, recipe: dict) -> list[dict]:
+        """The temporal model at lr, the prompt context at prompt_lr (the published two-rate recipe)."""
+        prompt = [p for n, p in self.named_parameters() if n.startswith("prompt.")]
+        rest = [p for n, p in self.named_parameters() if not n.startswith("prompt.")]
+        return [{"params": rest, "lr": recipe["lr"]}] + ([{"params": prompt, "lr": recipe["prompt_lr"]}] if prompt else [])
+
+
+def _has_text_tower(store_meta: dict) -> bool:
+    return bool(store_meta) and store_meta["fingerprint"]["encoder"]["name"].startswith("open_clip:")
+
+
+def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None) -> PromptText:
+    import open_clip
+
+    from ..encoders import encoder_of
+
+    table = class_descriptions(descriptions)
+    missing = [c for c in ctx.class_names if c not in table]
+    if missing:
+        raise ConfigError(f"no description for class(es) {missing} in {descriptions or 'the bundled descriptions'}")
+    enc = encoder_of(ctx.store_meta)
+    model = enc.extra["clip_model"]
+    tokenizer = open_clip.get_tokenizer(enc.name.split(":", 1)[1])
+    with torch.no_grad():
+        text_dim = model.encode_text(tokenizer(["a face"])).shape[-1]
+    if text_dim != ctx.in_dim:
+        raise ConfigError(f"prompts compare the video feature with {text_dim}-d text features, but the store's features are "
+                          f"{ctx.in_dim}-d; train on the store's 'embedding' output (--output embedding)")
+    return PromptText(model, tokenizer, [table[c] for c in ctx.class_names], n_ctx)
+
+
+@register_head("temporal")
+def temporal(ctx: HeadContext, *, classifier: str = "auto", pool: str = "transformer", segments: int = 16,
+             width: int = 512, heads: int = 8, mlp: int = 1024, n_ctx: int = 8, scale: float = 100.0,
+             descriptions: str | None = None, standardize: bool | None = None) -> TemporalHead:
+    """Clip-level temporal model (METHODS.md §3); classifier `prompts` (needs a CLIP store), `linear`, or `auto`."""
+    if classifier not in ("auto", "prompts", "linear") or pool not in ("transformer", "mean"):
+        raise ConfigError(f"classifier must be auto|prompts|linear and pool transformer|mean; got {classifier!r}, {pool!r}")
+    if classifier == "auto" and not ctx.restore:
+        classifier = "prompts" if _has_text_tower(ctx.store_meta) else "linear"
+        if classifier == "linear":
+            log.info("temporal head: the store's encoder has no text tower; using a linear classifier")
+    if classifier == "prompts" and not ctx.restore and not _has_text_tower(ctx.store_meta):
+        raise EncoderError("learnable prompts need a CLIP text tower; this store was built with "
+                           f"{ctx.store_meta['fingerprint']['encoder']['name'] if ctx.store_meta else 'no store'}. "
+                           "Use --hp classifier=linear")
+    prompt = None
+    if classifier == "prompts":
+        prompt = PromptText(n_ctx=n_ctx) if ctx.restore else _prompt_text(ctx, n_ctx, descriptions)
+    if standardize is None:  # prompts compare with CLIP text features: keep the frames in CLIP's own space
+        standardize = classifier == "linear"
+    head = TemporalHead(ctx.in_dim, ctx.out_dim, segments=segments, width=width, heads=heads, mlp=mlp, pool=pool,
+                        prompt=prompt, scale=scale, standardize=standardize)
+    head.resolved_hp = {"classifier": classifier, "standardize": standardize}  # saved with the run, so a restore rebuilds the same head
+    return head
+
+
+temporal.level = TemporalHead.level  # lets the trainer check for clips before building (and loading a text tower)

@@ -1,0 +1,215 @@
+"""The temporal head with learnable prompts (METHODS.md §3): sampling, clip grouping, prompt splicing, end to end."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from fercache.data import FeatureSet, clip_level
+from fercache.errors import ConfigError, EncoderError
+from fercache.heads import HeadContext, build_head
+from fercache.heads.temporal import PromptText, class_descriptions, segment_indices
+from fercache.labels import CANONICAL
+from fercache.train import _optimizer, _scheduler, train_loop
+
+from .conftest import TINY_VIT, class_image
+
+# The tiny test CLIP with the full 77-token text context that 8 context vectors + a description need.
+TINY_CLIP_77 = {**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "context_length": 77}}
+
+
+def test_eval_sampling_takes_segment_middles():
+    idx = segment_indices(torch.tensor([32, 16, 3]), 16, train=False)
+    assert idx[0].tolist() == list(range(1, 32, 2))  # segment k of 32 frames = frames 2k, 2k+1; middle -> 2k+1
+    assert idx[1].tolist() == list(range(16))
+    assert idx[2].tolist() == [0] * 5 + [1] * 6 + [2] * 5  # a 3-frame clip repeats frames, in order, evenly
+
+
+def test_train_sampling_stays_inside_each_segment_and_varies():
+    torch.manual_seed(0)
+    draws = torch.stack([segment_indices(torch.tensor([48]), 16, train=True)[0] for _ in range(200)])
+    k = torch.arange(16)
+    assert ((draws >= 3 * k) & (draws < 3 * (k + 1))).all()  # 48 frames: segment k is frames 3k..3k+2
+    assert all(len(set(draws[:, j].tolist())) == 3 for j in range(16))  # every position of every segment is drawn
+
+
+def _frames_set(clip_ids, frame_idx, labels, d=4):
+    n = len(clip_ids)
+    x = np.stack([np.full(d, 10 * i + f, dtype=np.float32) for i, f in zip(range(n), frame_idx)])
+    arr = lambda v: np.array(v, dtype=object)  # noqa: E731
+    return FeatureSet(arr([f"s{i}" for i in range(n)]), x, arr(labels), arr(["train"] * n), arr(clip_ids), None, [],
+                      clip_id=arr(clip_ids), frame_idx=np.array(frame_idx))
+
+
+def test_clip_level_orders_frames_pads_and_strides():
+    fs = _frames_set(["b", "a", "b", "a", "a"], [2, 5, 1, 1, 3], ["sad", "happy", "sad", "happy", "happy"])
+    clips = clip_level(fs)
+    assert clips.sample_id.tolist() == ["a", "b"] and clips.lengths.tolist() == [3, 2]
+    assert clips.label.tolist() == ["happy", "sad"]
+    assert clips.x[0, :, 0].tolist() == [31.0, 43.0, 15.0]  # rows 3, 4, 1: frames 1, 3, 5 of clip a
+    assert clips.x[1, :, 0].tolist() == [21.0, 2.0, 0.0]  # frames 1, 2 of clip b, then padding
+    long = clip_level(_frames_set(["c"] * 9, list(range(9)), ["sad"] * 9), max_frames=3)
+    assert long.lengths.tolist() == [3] and long.x[0, :, 0].tolist() == [0.0, 44.0, 88.0]  # frames 0, 4, 8
+
+
+def test_clip_level_refuses_mixed_labels_and_frame_manifests():
+    with pytest.raises(ConfigError, match="clip 'a' has frames with different labels"):
+        clip_level(_frames_set(["a", "a"], [0, 1], ["sad", "happy"]))
+    fs = _frames_set(["a"], [0], ["sad"])
+    fs.clip_id = None
+    with pytest.raises(ConfigError, match="no clip_id/frame_idx columns"):
+        clip_level(fs)
+
+
+def _order_task(n=240, d=16, frames=12, seed=0):
+    """Class 0 moves from pattern a to b over the clip, class 1 from b to a: equal means, opposite order."""
+    g = torch.Generator().manual_seed(seed)
+    a, b = torch.randn(2, d, generator=torch.Generator().manual_seed(99))
+    y = torch.arange(n) % 2
+    t = torch.linspace(0, 1, frames)[None, :, None]
+    x = torch.where(y[:, None, None] == 0, (1 - t) * a + t * b, t * a + (1 - t) * b)
+    x = x + 0.3 * torch.randn(n, frames, d, generator=g)
+    return {"x": x, "y": y, "lengths": torch.full((n,), frames)}
+
+
+@pytest.mark.parametrize("pool,solves", [("transformer", True), ("mean", False)])
+def test_transformer_sees_frame_order_that_mean_pooling_cannot(pool, solves):
+    torch.manual_seed(0)
+    ctx = HeadContext(16, 2, ["happy", "sad"])
+    head = build_head("temporal", ctx, pool=pool, width=32, heads=4, mlp=64, segments=8)
+    assert head.resolved_hp["classifier"] == "linear"  # no store with a text tower: auto -> linear
+    train, val = _order_task(), _order_task(seed=1)
+    head.fit_stats(train)
+    recipe = {**head.recipe, "epochs": 25, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "scheduler": None}
+    _, history, _ = train_loop(head, train, val, recipe, "expr", ["happy", "sad"], seed=0)
+    best = max(h["val_accuracy"] for h in history)
+    assert best > 0.95 if solves else best < 0.7, best
+
+
+def test_recipe_uses_two_learning_rates_and_multistep():
+    head = build_head("temporal", HeadContext(16, 2, ["happy", "sad"], restore=True), classifier="prompts", width=32,
+                      heads=4, mlp=64)
+    head.prompt.ctx = torch.nn.Parameter(torch.zeros(2, 8, 32))
+    opt = _optimizer(head, head.recipe)
+    assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-3]
+    assert opt.param_groups[1]["params"][0] is head.prompt.ctx
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-4
+    sched = _scheduler(opt, head.recipe)
+    lrs = []
+    for _ in range(45):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs[29] == pytest.approx(1e-2) and lrs[30] == pytest.approx(1e-3) and lrs[40] == pytest.approx(1e-4)
+
+
+def test_every_canonical_class_has_a_description():
+    table = class_descriptions()
+    assert set(CANONICAL) == set(table) and all(len(v.split()) >= 8 for v in table.values())
+
+
+@pytest.fixture(scope="module")
+def tiny_clip77(tmp_path_factory):
+    import open_clip
+
+    path = tmp_path_factory.mktemp("models") / "fercache-tiny-clip77.json"
+    path.write_text(json.dumps(TINY_CLIP_77))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return path, open_clip.create_model(path.stem), open_clip.get_tokenizer(path.stem)
+
+
+def test_prompt_splice_runs_the_towers_own_text_path(tiny_clip77):
+    _, model, tok = tiny_clip77
+    descs = ["a face with the brows raised.", "a smiling face."]
+    prompt = PromptText(model, tok, descs, n_ctx=4)
+    assert prompt.start == 1  # right after the start-of-text token
+    x_id = tok(["X"])[0, 1]
+    with torch.no_grad():  # context = the embedding of the placeholder "X": must equal encoding the plain text
+        prompt.ctx.copy_(model.token_embedding.weight[x_id].expand(2, 4, -1))
+        torch.testing.assert_close(prompt(), model.encode_text(tok(["X X X X " + d for d in descs])))
+    prompt.ctx.data.normal_()
+    prompt().sum().backward()
+    assert prompt.ctx.grad is not None and prompt.ctx.grad.abs().sum() > 0
+    assert all(p.grad is None for p in model.parameters())  # the text tower stays frozen
+    assert set(prompt.state_dict()) == {"ctx", "tokens"}  # the tower is not saved with the head
+
+
+def test_prompt_too_long_for_the_context_is_refused(tiny_clip77):
+    _, model, tok = tiny_clip77
+    with pytest.raises(ConfigError, match="fills the text tower's 77 tokens"):
+        PromptText(model, tok, ["a face " * 40], n_ctx=8)
+
+
+@pytest.fixture(scope="module")
+def video_store(tmp_path_factory, tiny_clip77):
+    """Frames of 4-class synthetic clips (train/val/test) extracted with the tiny 77-token CLIP."""
+    from fercache.extract import extract
+
+    root = tmp_path_factory.mktemp("video")
+    rng = np.random.default_rng(0)
+    classes = ["anger", "happy", "neutral", "sad"]
+    rows = []
+    for split, n_per_class in (("train", 6), ("val", 3), ("test", 3)):
+        for ci, label in enumerate(classes):
+            for k in range(n_per_class):
+                clip = f"{split}_{label}_{k}"
+                (root / "clips" / clip).mkdir(parents=True)
+                for f in range(int(rng.integers(3, 7))):
+                    class_image(ci, rng).save(root / "clips" / clip / f"{f:03d}.jpg")
+                    rows.append([f"{clip}/{f:03d}", f"clips/{clip}/{f:03d}.jpg", label, split, clip, clip, f])
+    manifest = root / "clips.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([["sample_id", "path", "label", "split", "subject", "clip_id", "frame_idx"]] + rows)
+    out = root / "clips.zarr"
+    extract(manifest, f"open_clip:{tiny_clip77[0]}", out, root=root, chunk_rows=32, batch_size=16, workers=0, progress=False)
+    return str(out), root
+
+
+def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_path):
+    from fercache.evaluate import evaluate_run
+    from fercache.predict import predict
+    from fercache.train import fit, load_run
+
+    store, root = video_store
+    r = fit(store, "temporal", out_dir=tmp_path, recipe={"epochs": 3}, hp={"width": 32, "heads": 4, "mlp": 64})
+    cfg = json.loads((r.run_dir / "config.json").read_text())
+    assert cfg["hp"]["classifier"] == "prompts" and cfg["level"] == "clip" and cfg["output"] == "embedding"
+    assert r.metrics["n_train"] == 24 and r.metrics["n_val"] == 12 and r.metrics["unit"] == "clips"
+    saved = torch.load(r.run_dir / "head.pt", weights_only=True)["state_dict"]
+    assert saved["prompt.ctx"].shape == (4, 8, 32) and not any("token_embedding" in k for k in saved)
+    res = evaluate_run(r.run_dir)
+    assert res["n"] == 12 and sum(map(sum, res["confusion"])) == 12
+    # The restored head has no text tower: it must predict from the text features saved at selection time.
+    model, _, _ = load_run(r.run_dir)
+    assert model.prompt.clip is None and model.text.abs().sum() > 0
+    out = predict(r.run_dir, [root / "clips" / "test_happy_0", root / "clips" / "test_sad_1"])
+    assert [o["path"].rsplit("/", 1)[-1] for o in out] == ["test_happy_0", "test_sad_1"]
+    assert all(o["frames"] >= 3 and abs(sum(o["probabilities"].values()) - 1) < 1e-5 for o in out)
+    with pytest.raises(ConfigError, match="one clip per folder"):
+        predict(r.run_dir, [next((root / "clips" / "test_sad_1").iterdir())])
+
+
+def test_restored_prompt_head_reproduces_its_validation_score(video_store, tmp_path):
+    from fercache.evaluate import evaluate_run
+    from fercache.train import fit
+
+    store, _ = video_store
+    r = fit(store, "temporal", out_dir=tmp_path, recipe={"epochs": 2}, hp={"width": 32, "heads": 4, "mlp": 64})
+    assert evaluate_run(r.run_dir, split="val", write=False)["accuracy"] == pytest.approx(r.metrics["val"]["accuracy"])
+
+
+def test_prompts_refused_without_text_tower_and_frames_without_clips(tiny_store, video_store, tmp_path):
+    from fercache.extract import extract
+    from fercache.train import fit
+
+    with pytest.raises(ConfigError, match="faces.csv has no clip_id/frame_idx columns"):
+        fit(str(tiny_store), "temporal", out_dir=tmp_path)
+    _, root = video_store
+    extract(root / "clips.csv", "null:", tmp_path / "null.zarr", root=root, image_size=16, workers=0, progress=False)
+    with pytest.raises(EncoderError, match="learnable prompts need a CLIP text tower.*null:.*classifier=linear"):
+        fit(str(tmp_path / "null.zarr"), "temporal", out_dir=tmp_path, hp={"classifier": "prompts"})
