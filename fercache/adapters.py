@@ -322,7 +322,9 @@ def _video_rows(src: Path, dataset: str, lists: dict[str, str], frames: str, pad
                 raise ManifestError(f"{where}frame folder {clip_dir} does not exist")
             for idx, img in enumerate(_images(clip_dir)):
                 rows.append(_row(f"{clip}/{img.stem}", img, label, split, clip, clip_id=clip, frame_idx=str(idx)))
-    return rows
+    # Rows in clip order, not list order: every fold of a dataset then lists the same frames in the same
+    # order, so all folds share one manifest hash and one feature store (labels and splits may differ).
+    return sorted(rows, key=lambda r: (r["clip_id"], int(r["frame_idx"])))
 
 
 @register_adapter("dfew")

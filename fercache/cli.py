@@ -157,7 +157,8 @@ def _seeds(text: str) -> list[int]:
 @app.command("train-head")
 def train_head(
     store: str = typer.Argument(..., help="A complete feature store."),
-    head: str = typer.Option("linear", "--head", "-H", help="linear, zeroshot, mask, cvar_mlp or au."),
+    head: str = typer.Option("linear", "--head", "-H", help="linear, zeroshot, mask, cvar_mlp, au (images), or temporal (video clips; "
+                                                             "--hp pool=mean|transformer, classifier=prompts|linear)."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; one run per seed."),
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs are written to OUT/<store>-<head>/seed<k>/."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
@@ -254,6 +255,30 @@ def au_cv(
     from .protocols import au_crossval
 
     r = au_crossval(store, out, folds=folds, aus=aus, seeds=_seeds(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device)
+    typer.echo(r["markdown"])
+
+
+@app.command()
+def folds(
+    store: str,
+    manifest: list[Path] = typer.Option(..., "--manifest", "-m",
+                                        help="One manifest per fold (repeatable), e.g. DFEW's set_1..set_5 built with "
+                                             "`fercache manifest build dfew SRC --option fold=K`."),
+    head: list[str] = typer.Option(["temporal"], "--head", help="Head(s) to train on every fold (repeatable)."),
+    seeds: str = typer.Option("0,1,2", help="Seeds per fold; results are mean ± std over folds x seeds."),
+    hp: list[str] = typer.Option([], "--hp", help="Hyperparameter key=value for every head."),
+    recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value for every head, e.g. epochs=30."),
+    out: Path = typer.Option(Path("runs/folds"), "--out", "-o"),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """The video protocol: train and test on each fold's manifest over ONE store; UAR and WAR over folds x seeds.
+
+    All folds of DFEW or MAFW list the same frames, so one `fercache extract` serves all five.
+    """
+    from .protocols import manifest_folds
+
+    r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_seeds(seeds),
+                       hp={h: _kv(hp) for h in head}, recipe={h: _kv(recipe) for h in head}, device=device, progress=True)
     typer.echo(r["markdown"])
 
 

@@ -54,7 +54,7 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
     if cfg["task"] == "expr":
         fs = fs.take(fs.label != "")
     y = targets(fs, cfg["task"], cfg["classes"])
-    result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"]}
+    result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.level}
     if cfg["task"] == "expr":
         scored = y >= 0  # labels outside the training label set cannot be predicted: excluded and counted
         excluded = {str(lbl): int((fs.label[~scored] == lbl).sum()) for lbl in np.unique(fs.label[~scored])}

@@ -68,6 +68,14 @@ def _au_cv_step(store: str, out: str, **kw):
     return "\n" + au_crossval(store, out, **kw)["markdown"]
 
 
+@register_step("folds")
+def _folds_step(store: str, manifests: list[str], heads: list[str], out: str, **kw):
+    from .protocols import manifest_folds
+
+    kw.setdefault("progress", True)
+    return "\n" + manifest_folds(store, manifests, heads, out, **kw)["markdown"]
+
+
 @register_step("sweep")
 def _sweep_step(store: str, head: str, grid: dict, out: str, **kw):
     from .sweep import sweep

@@ -73,6 +73,45 @@ def _write_matrix(out_dir: Path, head: str, rows: list[str], cols: list[str], ce
     return {"markdown": md, "csv": str(base.with_suffix(".csv")), "png": str(base.with_suffix(".png")), "cells": serial}
 
 
+def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: str | Path, seeds=(0,),
+                   hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", progress: bool = False) -> dict:
+    """The published video protocol: one store, one manifest per fold (same frames, other splits).
+
+    DFEW and MAFW come with 5 official folds, FERV39k with one fixed split: train each head on
+    each fold's train split (validation carved from it by subject/clip), test on that fold's test
+    split, and report UAR and WAR as mean ± std over folds x seeds. Extraction happens once: the
+    folds' manifests list the same frames in the same order, so they all match the store.
+    """
+    out_dir = Path(out_dir)
+    results = {}
+    for head in heads:
+        results[head] = []
+        for f, m in enumerate(manifests, 1):
+            runs = fit_seeds(store, head, seeds=seeds, manifest=m, out_dir=out_dir / "runs", device=device, progress=progress,
+                             hp=(hp or {}).get(head), recipe=(recipe or {}).get(head), name=f"{head}/fold{f}/seed{{seed}}")
+            results[head] += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f, "manifest": str(m)}
+                              for r in runs]
+    return _folds_table(out_dir, store, results, len(manifests), len(seeds))
+
+
+def _folds_table(out_dir: Path, store: str, results: dict, n_folds: int, n_seeds: int) -> dict:
+    stat = lambda rs, k: f"{100 * np.mean([r[k] for r in rs]):.2f} ± {100 * np.std([r[k] for r in rs]):.2f}"  # noqa: E731
+    header = ["head", "UAR (%)", "WAR (%)", "macro-F1 (%)", "test samples / fold", "excluded / fold"]
+    rows = [[head, stat(rs, "uar"), stat(rs, "accuracy"), stat(rs, "macro_f1"),
+             f"{np.mean([r['n'] for r in rs]):.0f}", f"{np.mean([r['excluded']['n'] for r in rs]):.0f}"]
+            for head, rs in results.items()]
+    unit = "clips" if any(r.get("level") == "clip" for rs in results.values() for r in rs) else "samples"
+    md = (f"### {_name(store)}: {n_folds} fold(s) x {n_seeds} seed(s), test split of each fold (mean ± std)\n\n"
+          + report.markdown_table(header, rows)
+          + f"\n\nUAR: mean per-class recall; WAR: accuracy. Test units: {unit}. The epoch is chosen on each fold's "
+            "validation split, never its test split.\n")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "folds.md").write_text(md)
+    report.write_csv(out_dir / "folds.csv", header, rows)
+    (out_dir / "folds.json").write_text(json.dumps(results, indent=2, default=str))
+    return {"markdown": md, "results": results}
+
+
 def subject_folds(subjects: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     """Fold index per row, assigning whole subjects to folds (balanced by row count)."""
     uniq, counts = np.unique(subjects, return_counts=True)

@@ -213,3 +213,50 @@ def test_prompts_refused_without_text_tower_and_frames_without_clips(tiny_store,
     extract(root / "clips.csv", "null:", tmp_path / "null.zarr", root=root, image_size=16, workers=0, progress=False)
     with pytest.raises(EncoderError, match="learnable prompts need a CLIP text tower.*null:.*classifier=linear"):
         fit(str(tmp_path / "null.zarr"), "temporal", out_dir=tmp_path, hp={"classifier": "prompts"})
+
+
+def test_dfew_folds_share_one_store_and_report_uar_war(tiny_encoder_spec, tmp_path):
+    """Two DFEW folds (native layout) -> two manifests with one content hash -> one extraction, both folds trained."""
+    from fercache.adapters import build
+    from fercache.extract import extract
+    from fercache.manifests import content_sha256, write_manifest
+    from fercache.protocols import manifest_folds
+
+    src, rng = tmp_path / "DFEW", np.random.default_rng(0)
+    clips = [(f"{i:05d}", 1 + i % 2) for i in range(1, 17)]  # native 1 happy, 2 sad
+    for clip, code in clips:
+        (src / "clip_224x224" / clip).mkdir(parents=True)
+        for f in range(4):
+            class_image(code, rng).save(src / "clip_224x224" / clip / f"{f:03d}.jpg")
+    halves = (clips[:8], clips[8:])
+    manifests = []
+    for fold, (train, test) in enumerate((halves, halves[::-1]), 1):
+        d = src / "annotation" / f"set_{fold}"
+        d.mkdir(parents=True)
+        for name, part in (("train", train), ("test", test)):
+            (d / f"{name}.csv").write_text("video_name,label\n" + "".join(f"{int(c)},{code}\n" for c, code in part))
+        manifests.append(write_manifest(build("dfew", src, fold=fold), tmp_path / f"dfew_set{fold}.csv"))
+    built = [build("dfew", src, fold=f) for f in (1, 2)]
+    assert content_sha256(built[0]) == content_sha256(built[1])  # same frames, same order: one store for every fold
+    extract(manifests[0], tiny_encoder_spec, tmp_path / "dfew.zarr", root=src, workers=0, progress=False)
+    hp = {"temporal": {"classifier": "linear", "width": 32, "heads": 4, "mlp": 64}}
+    r = manifest_folds(str(tmp_path / "dfew.zarr"), [str(m) for m in manifests], ["temporal"], tmp_path / "folds",
+                       seeds=(0, 1), hp=hp, recipe={"temporal": {"epochs": 2}})
+    runs = r["results"]["temporal"]
+    assert [(x["fold"], x["seed"]) for x in runs] == [(1, 0), (1, 1), (2, 0), (2, 1)]
+    assert all(x["n"] == 8 and x["level"] == "clip" for x in runs)  # 8 test clips per fold, scored per clip
+    assert "| temporal |" in r["markdown"] and "2 fold(s) x 2 seed(s)" in r["markdown"]
+    assert (tmp_path / "folds" / "folds.csv").is_file()
+
+
+def test_cli_folds_and_train_head_on_clips(video_store, tmp_path):
+    from .test_cli import invoke
+
+    store, root = video_store
+    r = invoke("folds", store, "-m", root / "clips.csv", "--seeds", "0", "--hp", "classifier=linear", "--hp", "width=32",
+               "--hp", "heads=4", "--hp", "mlp=64", "--recipe", "epochs=1", "-o", tmp_path / "folds")
+    assert r.exit_code == 0 and "| temporal |" in r.output and "Test units: clips" in r.output, r.output
+    r = invoke("train-head", store, "--head", "temporal", "--hp", "pool=mean", "--recipe", "epochs=1", "-o", tmp_path)
+    assert r.exit_code == 0, r.output
+    cfg = json.loads(next(tmp_path.glob("clips-temporal/seed0/config.json")).read_text())
+    assert cfg["hp"] == {"pool": "mean", "classifier": "prompts", "standardize": False}
