@@ -18,6 +18,8 @@ TINY_VIT = {
     "vision_cfg": {"image_size": 32, "layers": 2, "width": 64, "patch_size": 8, "head_width": 32},
     "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
 }
+# The tiny test CLIP with the full 77-token text context that 8 context vectors + a description need.
+TINY_CLIP_77 = {**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "context_length": 77}}
 CLASSES = ("angry", "happy", "neutral", "sad")
 
 
@@ -84,3 +86,42 @@ def tiny_store(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path_factory)
     out = tmp_path_factory.mktemp("stores") / "faces.zarr"
     extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_clip77(tmp_path_factory):
+    import open_clip
+    import torch
+
+    path = tmp_path_factory.mktemp("models") / "fercache-tiny-clip77.json"
+    path.write_text(json.dumps(TINY_CLIP_77))
+    open_clip.add_model_config(path)
+    torch.manual_seed(0)
+    return path, open_clip.create_model(path.stem), open_clip.get_tokenizer(path.stem)
+
+
+@pytest.fixture(scope="session")
+def video_store(tmp_path_factory, tiny_clip77):
+    """Frames of 4-class synthetic clips (train/val/test) extracted with the tiny 77-token CLIP."""
+    import csv
+
+    from fercache.extract import extract
+
+    root = tmp_path_factory.mktemp("video")
+    rng = np.random.default_rng(0)
+    classes = ["anger", "happy", "neutral", "sad"]
+    rows = []
+    for split, n_per_class in (("train", 6), ("val", 3), ("test", 3)):
+        for ci, label in enumerate(classes):
+            for k in range(n_per_class):
+                clip = f"{split}_{label}_{k}"
+                (root / "clips" / clip).mkdir(parents=True)
+                for f in range(int(rng.integers(3, 7))):
+                    class_image(ci, rng).save(root / "clips" / clip / f"{f:03d}.jpg")
+                    rows.append([f"{clip}/{f:03d}", f"clips/{clip}/{f:03d}.jpg", label, split, clip, clip, f])
+    manifest = root / "clips.csv"
+    with open(manifest, "w", newline="") as fh:
+        csv.writer(fh).writerows([["sample_id", "path", "label", "split", "subject", "clip_id", "frame_idx"]] + rows)
+    out = root / "clips.zarr"
+    extract(manifest, f"open_clip:{tiny_clip77[0]}", out, root=root, chunk_rows=32, batch_size=16, workers=0, progress=False)
+    return str(out), root

@@ -49,3 +49,19 @@ def test_bench_extract_on_cuda(tiny_manifest, tiny_dataset, tiny_encoder_spec):
     r = bench_extract(tiny_manifest, tiny_encoder_spec, root=tiny_dataset, device="cuda", batch_size=16, workers=2,
                       model_seconds=1.0)
     assert r["a_model_only_img_s"] > 0 and r["f_peak_device_mib"] > 0
+
+
+@pytest.mark.parametrize("classifier", ["prompts", "linear"])
+def test_temporal_head_on_cuda(video_store, tmp_path, classifier):
+    """Clip batches, segment sampling and the prompt path through the (lazily moved) text tower, all on CUDA."""
+    from fercache.evaluate import evaluate_run
+    from fercache.predict import predict
+    from fercache.train import fit
+
+    store, root = video_store
+    r = fit(store, "temporal", out_dir=tmp_path, device="cuda", recipe={"epochs": 3},
+            hp={"classifier": classifier, "width": 32, "heads": 4, "mlp": 64})
+    res = evaluate_run(r.run_dir, device="cuda")
+    assert res["n"] == 12 and res["accuracy"] >= 0
+    out = predict(r.run_dir, [root / "clips" / "test_happy_0"], device="cuda")
+    assert abs(sum(out[0]["probabilities"].values()) - 1) < 1e-4

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 
 import numpy as np
@@ -16,10 +15,7 @@ from fercache.heads.temporal import PromptText, class_descriptions, segment_indi
 from fercache.labels import CANONICAL
 from fercache.train import _optimizer, _scheduler, train_loop
 
-from .conftest import TINY_VIT, class_image
-
-# The tiny test CLIP with the full 77-token text context that 8 context vectors + a description need.
-TINY_CLIP_77 = {**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "context_length": 77}}
+from .conftest import class_image
 
 
 def test_eval_sampling_takes_segment_middles():
@@ -112,17 +108,6 @@ def test_every_canonical_class_has_a_description():
     assert set(CANONICAL) == set(table) and all(len(v.split()) >= 8 for v in table.values())
 
 
-@pytest.fixture(scope="module")
-def tiny_clip77(tmp_path_factory):
-    import open_clip
-
-    path = tmp_path_factory.mktemp("models") / "fercache-tiny-clip77.json"
-    path.write_text(json.dumps(TINY_CLIP_77))
-    open_clip.add_model_config(path)
-    torch.manual_seed(0)
-    return path, open_clip.create_model(path.stem), open_clip.get_tokenizer(path.stem)
-
-
 def test_prompt_splice_runs_the_towers_own_text_path(tiny_clip77):
     _, model, tok = tiny_clip77
     descs = ["a face with the brows raised.", "a smiling face."]
@@ -143,31 +128,6 @@ def test_prompt_too_long_for_the_context_is_refused(tiny_clip77):
     _, model, tok = tiny_clip77
     with pytest.raises(ConfigError, match="fills the text tower's 77 tokens"):
         PromptText(model, tok, ["a face " * 40], n_ctx=8)
-
-
-@pytest.fixture(scope="module")
-def video_store(tmp_path_factory, tiny_clip77):
-    """Frames of 4-class synthetic clips (train/val/test) extracted with the tiny 77-token CLIP."""
-    from fercache.extract import extract
-
-    root = tmp_path_factory.mktemp("video")
-    rng = np.random.default_rng(0)
-    classes = ["anger", "happy", "neutral", "sad"]
-    rows = []
-    for split, n_per_class in (("train", 6), ("val", 3), ("test", 3)):
-        for ci, label in enumerate(classes):
-            for k in range(n_per_class):
-                clip = f"{split}_{label}_{k}"
-                (root / "clips" / clip).mkdir(parents=True)
-                for f in range(int(rng.integers(3, 7))):
-                    class_image(ci, rng).save(root / "clips" / clip / f"{f:03d}.jpg")
-                    rows.append([f"{clip}/{f:03d}", f"clips/{clip}/{f:03d}.jpg", label, split, clip, clip, f])
-    manifest = root / "clips.csv"
-    with open(manifest, "w", newline="") as fh:
-        csv.writer(fh).writerows([["sample_id", "path", "label", "split", "subject", "clip_id", "frame_idx"]] + rows)
-    out = root / "clips.zarr"
-    extract(manifest, f"open_clip:{tiny_clip77[0]}", out, root=root, chunk_rows=32, batch_size=16, workers=0, progress=False)
-    return str(out), root
 
 
 def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_path):
