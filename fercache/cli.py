@@ -158,7 +158,7 @@ def _seeds(text: str) -> list[int]:
 def train_head(
     store: str = typer.Argument(..., help="A complete feature store."),
     head: str = typer.Option("linear", "--head", "-H", help="linear, zeroshot, mask, cvar_mlp, au (images), or temporal (video clips; "
-                                                             "--hp pool=mean|transformer, classifier=prompts|linear)."),
+                                                             "--hp pool=mean|transformer, classifier=prompts|handwritten|linear)."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; one run per seed."),
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs are written to OUT/<store>-<head>/seed<k>/."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),

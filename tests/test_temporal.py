@@ -171,7 +171,7 @@ def test_prompts_refused_without_text_tower_and_frames_without_clips(tiny_store,
         fit(str(tiny_store), "temporal", out_dir=tmp_path)
     _, root = video_store
     extract(root / "clips.csv", "null:", tmp_path / "null.zarr", root=root, image_size=16, workers=0, progress=False)
-    with pytest.raises(EncoderError, match="learnable prompts need a CLIP text tower.*null:.*classifier=linear"):
+    with pytest.raises(EncoderError, match="the prompts classifier needs a CLIP text tower.*null:.*classifier=linear"):
         fit(str(tmp_path / "null.zarr"), "temporal", out_dir=tmp_path, hp={"classifier": "prompts"})
 
 
@@ -220,3 +220,18 @@ def test_cli_folds_and_train_head_on_clips(video_store, tmp_path):
     assert r.exit_code == 0, r.output
     cfg = json.loads(next(tmp_path.glob("clips-temporal/seed0/config.json")).read_text())
     assert cfg["hp"] == {"pool": "mean", "classifier": "prompts", "standardize": False}
+
+
+def test_handwritten_prompts_are_fixed_clip_text_features(video_store, tmp_path):
+    """The paper's ablation: 'a photo of a <class> face.' through the store's text tower, never trained."""
+    from fercache.heads.zeroshot import text_classifier
+    from fercache.store import open_store
+    from fercache.train import fit, load_run
+
+    store, _ = video_store
+    r = fit(store, "temporal", out_dir=tmp_path, recipe={"epochs": 2},
+            hp={"classifier": "handwritten", "width": 32, "heads": 4, "mlp": 64})
+    model, cfg, _ = load_run(r.run_dir)
+    expected = text_classifier(open_store(store).meta, cfg["classes"], templates=("a photo of a {} face.",))
+    torch.testing.assert_close(model.text, expected)
+    assert model.prompt is None and not any(k.startswith("prompt") for k in model.state_dict())

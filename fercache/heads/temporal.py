@@ -28,6 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, EncoderError
 from ._registry import Head, HeadContext, register_head
+from .zeroshot import text_classifier
 
 log = logging.getLogger(__name__)
 
@@ -121,7 +122,7 @@ class TemporalHead(Head):
               "max_frames": 64}
 
     def __init__(self, in_dim: int, out_dim: int, *, segments: int, width: int, heads: int, mlp: int, pool: str,
-                 prompt: PromptText | None, scale: float, standardize: bool):
+                 classifier: str, prompt: PromptText | None, text: torch.Tensor | None, scale: float, standardize: bool):
         super().__init__()
         self.segments, self.pool, self.scale, self.standardize = segments, pool, scale, standardize
         # As in the linear probe: a frozen standardiser (train statistics) makes one lr fit every encoder's scale.
@@ -136,12 +137,13 @@ class TemporalHead(Head):
                                                       batch_first=True, norm_first=True)
             self.norm = nn.LayerNorm(width)
             feat = width
-        self.prompt = prompt
-        if prompt is not None:  # v must live in the CLIP joint space, where the store's embeddings are
-            self.proj_out = nn.Linear(feat, in_dim) if feat != in_dim else nn.Identity()
-            self.register_buffer("text", torch.zeros(out_dim, in_dim))  # t_c as of the last evaluation: saved with the head
-        else:
+        self.classifier, self.prompt = classifier, prompt
+        if classifier == "linear":
             self.fc = nn.Linear(feat, out_dim)
+        else:  # v must live in the CLIP joint space, where the store's embeddings are
+            self.proj_out = nn.Linear(feat, in_dim) if feat != in_dim else nn.Identity()
+            # t_c: fixed (handwritten), or the learned prompts' as of the last evaluation; saved with the head either way
+            self.register_buffer("text", torch.zeros(out_dim, in_dim) if text is None else text)
 
     def fit_stats(self, batch: dict) -> None:
         """Per-channel mean and std over the valid training frames (padding excluded)."""
@@ -176,7 +178,7 @@ class TemporalHead(Head):
         if lengths is None:
             lengths = torch.full((len(x),), x.shape[1], device=x.device, dtype=torch.long)
         v = self.video_feature(x, lengths)
-        if self.prompt is None:
+        if self.classifier == "linear":
             return self.fc(v)
         v = F.normalize(self.proj_out(v), dim=-1)
         return self.scale * v @ F.normalize(self.text_features(), dim=-1).T
@@ -219,24 +221,32 @@ def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None) -> Prom
 def temporal(ctx: HeadContext, *, classifier: str = "auto", pool: str = "transformer", segments: int = 16,
              width: int = 512, heads: int = 8, mlp: int = 1024, n_ctx: int = 8, scale: float = 100.0,
              descriptions: str | None = None, standardize: bool | None = None) -> TemporalHead:
-    """Clip-level temporal model (METHODS.md §3); classifier `prompts` (needs a CLIP store), `linear`, or `auto`."""
-    if classifier not in ("auto", "prompts", "linear") or pool not in ("transformer", "mean"):
-        raise ConfigError(f"classifier must be auto|prompts|linear and pool transformer|mean; got {classifier!r}, {pool!r}")
+    """Clip-level temporal model (METHODS.md §3).
+
+    classifier: `prompts` (learnable context + descriptions; needs a CLIP store), `handwritten` (fixed
+    "a photo of a <class> face." prompts: the paper's ablation), `linear`, or `auto` (prompts when the
+    store has a text tower, else linear). pool: `transformer`, or `mean` (the averaged-frames baseline).
+    """
+    if classifier not in ("auto", "prompts", "handwritten", "linear") or pool not in ("transformer", "mean"):
+        raise ConfigError("classifier must be auto|prompts|handwritten|linear and pool transformer|mean; "
+                          f"got {classifier!r}, {pool!r}")
     if classifier == "auto" and not ctx.restore:
         classifier = "prompts" if _has_text_tower(ctx.store_meta) else "linear"
         if classifier == "linear":
             log.info("temporal head: the store's encoder has no text tower; using a linear classifier")
-    if classifier == "prompts" and not ctx.restore and not _has_text_tower(ctx.store_meta):
-        raise EncoderError("learnable prompts need a CLIP text tower; this store was built with "
+    if classifier in ("prompts", "handwritten") and not ctx.restore and not _has_text_tower(ctx.store_meta):
+        raise EncoderError(f"the {classifier} classifier needs a CLIP text tower; this store was built with "
                            f"{ctx.store_meta['fingerprint']['encoder']['name'] if ctx.store_meta else 'no store'}. "
                            "Use --hp classifier=linear")
-    prompt = None
+    prompt, text = None, None
     if classifier == "prompts":
         prompt = PromptText(n_ctx=n_ctx) if ctx.restore else _prompt_text(ctx, n_ctx, descriptions)
+    if classifier == "handwritten" and not ctx.restore:
+        text = text_classifier(ctx.store_meta, ctx.class_names, templates=("a photo of a {} face.",))
     if standardize is None:  # prompts compare with CLIP text features: keep the frames in CLIP's own space
         standardize = classifier == "linear"
     head = TemporalHead(ctx.in_dim, ctx.out_dim, segments=segments, width=width, heads=heads, mlp=mlp, pool=pool,
-                        prompt=prompt, scale=scale, standardize=standardize)
+                        classifier=classifier, prompt=prompt, text=text, scale=scale, standardize=standardize)
     head.resolved_hp = {"classifier": classifier, "standardize": standardize}  # saved with the run, so a restore rebuilds the same head
     return head
 
