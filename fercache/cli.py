@@ -91,6 +91,10 @@ def extract(
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, help="Decode worker processes (default min(4, CPUs))."),
     chunk_rows: int = typer.Option(1024, help="Rows per store chunk (unit of resume and of distribution)."),
+    read_chunk_rows: Optional[int] = typer.Option(
+        None, help="Shard the store: each --chunk-rows chunk becomes one zarr v3 shard of inner chunks of this many rows "
+                   "(must divide --chunk-rows). Use with a large --chunk-rows to keep the object count low on big datasets; "
+                   "decoding and encoding work in inner chunks, so memory stays small."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
     overwrite: bool = typer.Option(False, help="Replace an existing store built from other inputs."),
 ) -> None:
@@ -98,7 +102,8 @@ def extract(
     from .extract import extract as run
 
     r = run(manifest, encoder, out, pretrained=pretrained, image_size=image_size, root=data_root, device=device,
-            batch_size=batch_size, workers=workers, chunk_rows=chunk_rows, precision=precision, overwrite=overwrite)
+            batch_size=batch_size, workers=workers, chunk_rows=chunk_rows, precision=precision, overwrite=overwrite,
+            read_chunk_rows=read_chunk_rows)
     if r.n_ok is None:
         return  # non-zero torchrun ranks: rank 0 reports
     state = "already complete, nothing to do" if r.already_complete else f"{r.chunks_computed} chunks at {r.images_per_s:.0f} img/s"

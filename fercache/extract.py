@@ -46,19 +46,31 @@ class ExtractResult:
     decode_worker_seconds: float = 0.0  # summed busy time of the decode workers (input-pipeline capacity)
 
 
-class ChunkReader(Dataset):
-    """Item k = chunk `chunks[k]` decoded to uint8: a stacked [n,H,W,3] tensor when sizes agree, else a list."""
+def pieces(chunks: list[int], chunk_rows: int, read_rows: int, n_rows: int) -> list[tuple[int, range]]:
+    """(chunk, rows) work items: each chunk cut into read_rows pieces (a sharded store's inner chunks)."""
+    out = []
+    for c in chunks:
+        end = min((c + 1) * chunk_rows, n_rows)
+        out += [(c, range(a, min(a + read_rows, end))) for a in range(c * chunk_rows, end, read_rows)]
+    return out
 
-    def __init__(self, paths: list[Path], bboxes: list[str], chunks: list[int], chunk_rows: int, size: int):
-        self.paths, self.bboxes, self.chunks, self.chunk_rows, self.size = paths, bboxes, chunks, chunk_rows, size
+
+class ChunkReader(Dataset):
+    """Item k = rows of piece `items[k]` decoded to uint8: a stacked [n,H,W,3] tensor when sizes agree, else a list.
+
+    A piece is a whole chunk, or one inner chunk of a sharded chunk; `last` marks a chunk's final piece.
+    """
+
+    def __init__(self, paths: list[Path], bboxes: list[str], items: list[tuple[int, range]], size: int):
+        self.paths, self.bboxes, self.items, self.size = paths, bboxes, items, size
 
     def __len__(self) -> int:
-        return len(self.chunks)
+        return len(self.items)
 
     def __getitem__(self, k: int) -> dict:
         t0 = time.perf_counter()
-        c = self.chunks[k]
-        rows = range(c * self.chunk_rows, min((c + 1) * self.chunk_rows, len(self.paths)))
+        c, rows = self.items[k]
+        last = k + 1 == len(self.items) or self.items[k + 1][0] != c
         images, ok, error = [], [], []
         for r in rows:
             try:
@@ -73,7 +85,7 @@ class ChunkReader(Dataset):
         if good and all(im.shape == good[0].shape for im in good):
             good = torch.from_numpy(np.stack(good))  # one shared-memory tensor: cheap to ship between processes
         # worker_s: this worker's busy time for the chunk, so benchmarks can report per-worker capacity.
-        return {"chunk": c, "images": good, "ok": np.array(ok, dtype=bool), "error": error,
+        return {"chunk": c, "last": last, "images": good, "ok": np.array(ok, dtype=bool), "error": error,
                 "worker_s": time.perf_counter() - t0}
 
 
@@ -117,9 +129,10 @@ def _amp_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 
 def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: int, overwrite: bool,
-                   rank: int = 0, world: int = 1, manifest_path: str = "", encoder_args: dict | None = None) -> S.FeatureStore:
+                   rank: int = 0, world: int = 1, manifest_path: str = "", encoder_args: dict | None = None,
+                   read_chunk_rows: int | None = None) -> S.FeatureStore:
     """The store to fill: a new one, or an existing one with the same fingerprint (resume / no-op)."""
-    fp = S.make_fingerprint(encoder.identity(), content_sha256(manifest), len(manifest), chunk_rows)
+    fp = S.make_fingerprint(encoder.identity(), content_sha256(manifest), len(manifest), chunk_rows, read_chunk_rows)
     if rank == 0:
         if S.exists(out) and not overwrite:
             store = S.open_store(out, mode="r+")
@@ -191,19 +204,22 @@ def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: list[Path], bboxe
     """Decode, encode and write `chunks`; returns (images processed, summed decode-worker busy seconds)."""
     from tqdm.auto import tqdm
 
-    reader = ChunkReader(paths, bboxes, chunks, store.chunk_rows, encoder.preprocess.size)
+    reader = ChunkReader(paths, bboxes, pieces(chunks, store.chunk_rows, store.read_chunk_rows, store.n_rows),
+                         encoder.preprocess.size)
     loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
                         persistent_workers=False)
     total = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in chunks)
     writer = _Writer(store)
     writer.start()
-    done, worker_s = 0, 0.0
+    done, worker_s, parts = 0, 0.0, []
     with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
         try:
-            for item in loader:
-                feats = encode_chunk(item, encoder, device, batch_size, dtype)
-                writer.put((item["chunk"], feats, item["ok"], item["error"]))
+            for item in loader:  # in order: the pieces of a chunk arrive one after another
+                parts.append((encode_chunk(item, encoder, device, batch_size, dtype), item["ok"], item["error"]))
+                if item["last"]:  # the chunk (a whole shard, when sharded) is complete: write it as one unit
+                    writer.put((item["chunk"], *_join(parts)))
+                    parts = []
                 done += len(item["ok"])
                 worker_s += item["worker_s"]
                 bar.update(len(item["ok"]))
@@ -212,10 +228,19 @@ def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: list[Path], bboxe
     return done, worker_s
 
 
+def _join(parts: list[tuple[dict, np.ndarray, list[str]]]) -> tuple[dict, np.ndarray, list[str]]:
+    """One chunk's (features, ok, error) from its pieces."""
+    if len(parts) == 1:
+        return parts[0]
+    feats = {k: np.concatenate([p[0][k] for p in parts]) for k in parts[0][0]}
+    return feats, np.concatenate([p[1] for p in parts]), [e for p in parts for e in p[2]]
+
+
 def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrained: str | None = None,
             image_size: int | None = None, root: str | Path | None = None, device: str = "cpu",
             batch_size: int = 256, workers: int | None = None, chunk_rows: int = 1024, precision: str = "auto",
-            overwrite: bool = False, progress: bool = True, encoder_obj: Encoder | None = None) -> ExtractResult:
+            overwrite: bool = False, progress: bool = True, encoder_obj: Encoder | None = None,
+            read_chunk_rows: int | None = None) -> ExtractResult:
     """Encode every manifest row once into a fingerprinted store at `out`; resumes an interrupted one."""
     t0 = time.perf_counter()
     manifest = read_manifest(manifest_path)
@@ -228,7 +253,8 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
         enc.model.to(memory_format=torch.channels_last)
     store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world,
                            manifest_path=str(Path(manifest_path).resolve()),
-                           encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size})
+                           encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size},
+                           read_chunk_rows=read_chunk_rows)
     if store.complete:
         log.info("%s is complete and matches; nothing to do", out)
         return ExtractResult(str(out), store.n_rows, 0, store.meta.get("n_ok"), store.meta.get("n_failed"),

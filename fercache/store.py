@@ -4,7 +4,9 @@ Layout, schema version 1 (documented in the README):
 
     STORE.zarr/                 group; attrs["fercache"] holds the metadata below
       sample_id   [N] str       manifest order; labels stay in the manifest, joined by sample_id
-      features/<output> [N, D]  float16, raw (not L2-normalised), row chunks; NaN where ok is False
+      features/<output> [N, D]  float16, raw (not L2-normalised), row chunks; NaN where ok is False.
+                                With --read-chunk-rows M each chunk is a zarr v3 *shard* of M-row
+                                inner chunks: one object per chunk, M-row random reads.
       ok          [N] bool      the image decoded and was encoded
       error       [N] str       failure reason ("" where ok)
       done        [n_chunks]    per-chunk completion flags, one object each, written after the chunk
@@ -44,10 +46,18 @@ def library_versions() -> dict[str, str]:
     return out
 
 
-def make_fingerprint(encoder_identity: dict, manifest_sha256: str, n_rows: int, chunk_rows: int) -> dict:
-    """The fingerprint stored in a store's attributes; `key` is what must match to resume or reuse it."""
+def make_fingerprint(encoder_identity: dict, manifest_sha256: str, n_rows: int, chunk_rows: int,
+                     read_chunk_rows: int | None = None) -> dict:
+    """The fingerprint stored in a store's attributes; `key` is what must match to resume or reuse it.
+
+    `read_chunk_rows` (sharded stores only) is left out when None, so unsharded keys stay as they were.
+    """
+    if read_chunk_rows is not None and (read_chunk_rows < 1 or chunk_rows % read_chunk_rows):
+        raise StoreError(f"--read-chunk-rows {read_chunk_rows} must divide --chunk-rows {chunk_rows}")
     ident = {"schema_version": SCHEMA_VERSION, "encoder": encoder_identity, "manifest_sha256": manifest_sha256,
              "n_rows": n_rows, "chunk_rows": chunk_rows, "dtype": "float16"}
+    if read_chunk_rows is not None and read_chunk_rows != chunk_rows:
+        ident["read_chunk_rows"] = read_chunk_rows
     key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
     return {**ident, "key": key, "versions": library_versions()}
 
@@ -60,7 +70,7 @@ def _diff(old: dict, new: dict) -> str:
                      f"vs {n['name']} ({n['pretrained']}, sha {n['weights_sha256'][:12]}, size {n['preprocess']['size']})")
     if old["manifest_sha256"] != new["manifest_sha256"]:
         parts.append(f"manifest sha256 {old['manifest_sha256'][:12]} vs {new['manifest_sha256'][:12]}")
-    for k in ("schema_version", "n_rows", "chunk_rows"):
+    for k in ("schema_version", "n_rows", "chunk_rows", "read_chunk_rows"):
         if old.get(k) != new.get(k):
             parts.append(f"{k} {old.get(k)} vs {new.get(k)}")
     return "; ".join(parts) or "fingerprint key differs"
@@ -92,6 +102,11 @@ class FeatureStore:
     @property
     def chunk_rows(self) -> int:
         return int(self.meta["fingerprint"]["chunk_rows"])
+
+    @property
+    def read_chunk_rows(self) -> int:
+        """Rows per inner chunk of a sharded store (= chunk_rows when unsharded): the unit of decode and encode."""
+        return int(self.meta["fingerprint"].get("read_chunk_rows", self.chunk_rows))
 
     @property
     def n_chunks(self) -> int:
@@ -223,11 +238,13 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
         shutil.rmtree(location)
     g = zarr.open_group(location, mode="w")
     n, rows = fingerprint["n_rows"], fingerprint["chunk_rows"]
+    inner = fingerprint.get("read_chunk_rows")
     g.create_array("sample_id", shape=(n,), dtype=str, chunks=(rows,))[:] = np.asarray(sample_ids, dtype=str)
     for name, dim in fingerprint["encoder"]["outputs"].items():
-        # float16 features barely compress; skipping the codec keeps reads and writes cheap.
-        g.create_array(f"features/{name}", shape=(n, dim), dtype="float16", chunks=(rows, dim),
-                       fill_value=np.nan, compressors=None)
+        # float16 features barely compress; skipping the codec keeps reads and writes cheap. A sharded
+        # store writes each chunk as one shard object: a rank always writes whole shards, never part of one.
+        layout = {"chunks": (inner, dim), "shards": (rows, dim)} if inner else {"chunks": (rows, dim)}
+        g.create_array(f"features/{name}", shape=(n, dim), dtype="float16", fill_value=np.nan, compressors=None, **layout)
     g.create_array("ok", shape=(n,), dtype=bool, chunks=(rows,), fill_value=False)
     g.create_array("error", shape=(n,), dtype=str, chunks=(rows,))
     g.create_array("done", shape=(-(-n // rows),), dtype=bool, chunks=(1,), fill_value=False)

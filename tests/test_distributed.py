@@ -21,19 +21,20 @@ def _env():
     return {**os.environ, "FERCACHE_BACKEND": "gloo", "OMP_NUM_THREADS": "1"}
 
 
-def _single(manifest, spec, root, out):
+def _single(manifest, spec, root, out, extra=()):
     subprocess.run([sys.executable, "-m", "fercache", "-q", "extract", str(manifest), "--encoder", spec, "--out", str(out),
-                    "--data-root", str(root), "--chunk-rows", "16", "--batch-size", "8", "--workers", "0"],
+                    "--data-root", str(root), "--chunk-rows", "16", "--batch-size", "8", "--workers", "0", *extra],
                    check=True, env=_env(), capture_output=True)
 
 
-@pytest.mark.parametrize("nproc", [2, 3])
-def test_torchrun_equals_single_process(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, nproc):
-    _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr")
+@pytest.mark.parametrize("nproc,extra", [(2, ()), (3, ()), (2, ("--read-chunk-rows", "4"))],
+                         ids=["2-ranks", "3-ranks", "2-ranks-sharded"])
+def test_torchrun_equals_single_process(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, nproc, extra):
+    _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr", extra)
     proc = subprocess.run(TORCHRUN + [f"--nproc-per-node={nproc}", "-m", "fercache", "-q", "extract", str(tiny_manifest),
                                       "--encoder", tiny_encoder_spec, "--out", str(tmp_path / "many.zarr"),
                                       "--data-root", str(tiny_dataset), "--chunk-rows", "16", "--batch-size", "8",
-                                      "--workers", "0"], env=_env(), capture_output=True, text=True, timeout=300)
+                                      "--workers", "0", *extra], env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "72 rows, 72 ok" in proc.stdout  # only rank 0 reports
     _assert_same_store(tmp_path / "one.zarr", tmp_path / "many.zarr")

@@ -128,23 +128,56 @@ KILLER = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)  # no cleanup, no flush: like a preempted node
         return forward(x)
     enc.model.forward = dying_forward
+    read = int(sys.argv[6]) if len(sys.argv) > 6 else None
     extract(sys.argv[1], sys.argv[2], sys.argv[3], root=sys.argv[4], chunk_rows=16, batch_size=8, workers=0,
-            progress=False, encoder_obj=enc)
+            progress=False, encoder_obj=enc, read_chunk_rows=read)
 """)
 
 
-def test_resume_after_sigkill_equals_clean_run(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+@pytest.mark.parametrize("read_chunk_rows", [None, 8])
+def test_resume_after_sigkill_equals_clean_run(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path,
+                                               read_chunk_rows):
     out = tmp_path / "killed.zarr"
     proc = subprocess.run([sys.executable, "-c", KILLER, str(tiny_manifest), tiny_encoder_spec, str(out),
-                           str(tiny_dataset), "6"], capture_output=True, text=True)
+                           str(tiny_dataset), "6"] + ([str(read_chunk_rows)] if read_chunk_rows else []),
+                          capture_output=True, text=True)
     assert proc.returncode == -9, proc.stderr
     st = S.open_store(out)
     assert not st.complete and 0 < len(st.pending_chunks()) < st.n_chunks
     with pytest.raises(StoreError, match="incomplete .* re-run"):
         st.require_complete()
-    r = extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0, progress=False)
+    r = extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0,
+                progress=False, read_chunk_rows=read_chunk_rows)
     assert 0 < r.chunks_computed < st.n_chunks
-    _assert_same_store(tiny_store, out)
+    if read_chunk_rows:  # another fingerprint key (sharded), the same features
+        _assert_same_arrays(tiny_store, out)
+    else:
+        _assert_same_store(tiny_store, out)
+
+
+def _assert_same_arrays(a, b):
+    xa, xb = _arrays(a), _arrays(b)
+    for k in xa:
+        assert np.array_equal(xa[k], xb[k], equal_nan=k.startswith("features")), k
+
+
+def test_sharded_store_writes_one_object_per_shard_and_equals_unsharded(tiny_store, tiny_manifest, tiny_dataset,
+                                                                        tiny_encoder_spec, tmp_path):
+    out = tmp_path / "sharded.zarr"
+    r = extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=32, read_chunk_rows=8, batch_size=8,
+                workers=2, progress=False)
+    assert r.n_ok == 72 and r.chunks_computed == 3
+    st = S.open_store(out)
+    arr = st.group["features/embedding"]
+    assert arr.shards == (32, 32) and arr.chunks == (8, 32) and st.fingerprint["read_chunk_rows"] == 8
+    objects = [p for p in (out / "features" / "embedding" / "c").rglob("*") if p.is_file()]
+    assert len(objects) == 3  # 72 rows in 32-row shards: 3 objects, not 9 inner chunks
+    a, b = S.open_store(tiny_store), st
+    assert np.array_equal(a.features("embedding"), b.features("embedding"))
+    assert np.array_equal(a.group["features/embedding"][10:13], arr[10:13])  # random access reads inner chunks
+    with pytest.raises(StoreError, match="--read-chunk-rows 5 must divide --chunk-rows 32"):
+        extract(tiny_manifest, tiny_encoder_spec, tmp_path / "bad.zarr", root=tiny_dataset, chunk_rows=32,
+                read_chunk_rows=5, workers=0, progress=False)
 
 
 def test_export_h5(tiny_store, tmp_path):
