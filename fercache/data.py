@@ -129,7 +129,8 @@ def clip_level(fs: FeatureSet, max_frames: int = 64) -> FeatureSet:
     clips, starts = np.unique(fs.clip_id[order], return_index=True)
     bounds = list(starts) + [len(order)]
     width = min(max_frames, max(b - a for a, b in zip(bounds[:-1], bounds[1:])) if len(clips) else 1)
-    x = np.zeros((len(clips), width, fs.x.shape[-1]), dtype=np.float32)
+    # float16, the store's own precision (lossless): clip tensors are the largest thing a head holds in memory.
+    x = np.zeros((len(clips), width, fs.x.shape[-1]), dtype=np.float16)
     lengths, first = np.zeros(len(clips), dtype=np.int64), np.zeros(len(clips), dtype=np.int64)
     for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])):
         rows = order[a:b]

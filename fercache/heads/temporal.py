@@ -149,13 +149,13 @@ class TemporalHead(Head):
         """Per-channel mean and std over the valid training frames (padding excluded)."""
         if self.standardize:
             x, lengths = batch["x"], batch["lengths"]
-            frames = x[torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]]
+            frames = x[torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]].float()
             self.mu.copy_(frames.mean(0))
             self.sigma.copy_(frames.std(0).clamp_min(1e-6))
 
     def video_feature(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         idx = segment_indices(lengths, self.segments, self.training)
-        frames = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1]))  # [B, T, D]
+        frames = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1])).float()  # [B, T, D]
         frames = (frames - self.mu) / self.sigma
         if self.pool == "mean":
             return frames.mean(1)
