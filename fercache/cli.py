@@ -123,7 +123,11 @@ def info(store: str, as_json: bool = typer.Option(False, "--json", help="Print t
     enc = fp["encoder"]
     typer.echo(f"store      {d['location']} (schema {d['schema_version']})")
     typer.echo(f"complete   {d['complete']} ({d['chunks_done']}/{d['chunks_total']} chunks)")
-    typer.echo(f"rows       {d['rows']}  ok {d['n_ok']}  failed {d['n_failed']}")
+    typer.echo(f"rows       {d['rows']}  ok {d['n_ok']}  failed {d['n_failed']}"
+               + (f"  ({d['clips']} video clips)" if d["clips"] is not None else ""))
+    lay = d["layout"]
+    typer.echo(f"chunks     {lay['chunk_rows']} rows" + (f", sharded: inner chunks of {lay['read_chunk_rows']} rows"
+                                                      if lay["sharded"] else ""))
     typer.echo("outputs    " + ", ".join(f"{k}[{v}]" for k, v in d["outputs"].items()) + f" (default {d['default_output']})")
     typer.echo(f"encoder    {enc['name']} pretrained={enc['pretrained']} sha256={enc['weights_sha256'][:16]}")
     typer.echo(f"preprocess {json.dumps(enc['preprocess'])}")

@@ -183,6 +183,9 @@ class FeatureStore:
             "chunks_total": self.n_chunks, "outputs": self.outputs, "default_output": self.default_output,
             "n_ok": meta.get("n_ok"), "n_failed": meta.get("n_failed"), "failures": self.errors() if self.complete else {},
             "fingerprint": self.fingerprint, "manifest": meta.get("manifest"),
+            "clips": int(len(np.unique(_strings(self.group["clip_id"][:])))) if "clip_id" in self.group else None,
+            "layout": {"chunk_rows": self.chunk_rows, "read_chunk_rows": self.read_chunk_rows,
+                       "sharded": self.read_chunk_rows != self.chunk_rows},
         }
 
 

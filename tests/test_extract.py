@@ -170,6 +170,7 @@ def test_sharded_store_writes_one_object_per_shard_and_equals_unsharded(tiny_sto
     st = S.open_store(out)
     arr = st.group["features/embedding"]
     assert arr.shards == (32, 32) and arr.chunks == (8, 32) and st.fingerprint["read_chunk_rows"] == 8
+    assert st.info()["layout"] == {"chunk_rows": 32, "read_chunk_rows": 8, "sharded": True}
     objects = [p for p in (out / "features" / "embedding" / "c").rglob("*") if p.is_file()]
     assert len(objects) == 3  # 72 rows in 32-row shards: 3 objects, not 9 inner chunks
     a, b = S.open_store(tiny_store), st
