@@ -16,6 +16,7 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -148,10 +149,12 @@ def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: i
 
 
 def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size: int,
-                 dtype: torch.dtype) -> dict[str, np.ndarray]:
-    """Encode the decoded images of one chunk in batches; failed rows become NaN.
+                 dtype: torch.dtype) -> Callable[[], dict[str, np.ndarray]]:
+    """Encode the decoded images of one piece in batches; returns `finish()` -> features (failed rows NaN).
 
-    Outputs stay on the device until the chunk is done: one device->host copy per chunk, not per batch.
+    Outputs stay on the device until the piece is done: one device->host copy per piece, not per batch.
+    On CUDA that copy goes non-blocking into pinned memory behind an event, and `finish()` (called by the
+    writer thread) waits for it, so the main thread goes straight on to queue the next piece's kernels.
     """
     ok, images = item["ok"], item["images"]
     good = np.flatnonzero(ok)
@@ -163,13 +166,31 @@ def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size:
             x = to_model_input(images[start:start + batch_size], encoder.preprocess, device, dtype, channels_last)
             for k, v in encoder.model(x).items():
                 parts[k].append(v.to(torch.float16))
-    feats = {}
-    for k, d in encoder.outputs.items():
-        out = np.full((len(ok), d), np.nan, dtype=np.float16)
-        if parts[k]:
-            out[good] = torch.cat(parts[k]).cpu().numpy()
-        feats[k] = out
-    return feats
+        staged = {k: _to_host(torch.cat(v), device) if v else None for k, v in parts.items()}
+    event = None
+    if device.type == "cuda":
+        event = torch.cuda.Event()
+        event.record()
+
+    def finish() -> dict[str, np.ndarray]:
+        if event is not None:
+            event.synchronize()
+        feats = {}
+        for k, d in encoder.outputs.items():
+            out = np.full((len(ok), d), np.nan, dtype=np.float16)
+            if staged[k] is not None:
+                out[good] = staged[k].numpy()
+            feats[k] = out
+        return feats
+
+    return finish
+
+
+def _to_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    if device.type != "cuda":
+        return t.cpu()
+    host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)  # from torch's caching host allocator
+    return host.copy_(t, non_blocking=True)
 
 
 class _Writer(threading.Thread):
@@ -183,7 +204,8 @@ class _Writer(threading.Thread):
         while (job := self.q.get()) is not None:
             try:
                 if self.error is None:
-                    self.store.write_chunk(*job)
+                    chunk, pieces = job
+                    self.store.write_chunk(chunk, *_join([(finish(), ok, err) for finish, ok, err in pieces]))
             except BaseException as e:  # surfaced in the main thread by close()
                 self.error = e
 
@@ -218,7 +240,7 @@ def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: list[Path], bboxe
             for item in loader:  # in order: the pieces of a chunk arrive one after another
                 parts.append((encode_chunk(item, encoder, device, batch_size, dtype), item["ok"], item["error"]))
                 if item["last"]:  # the chunk (a whole shard, when sharded) is complete: write it as one unit
-                    writer.put((item["chunk"], *_join(parts)))
+                    writer.put((item["chunk"], parts))
                     parts = []
                 done += len(item["ok"])
                 worker_s += item["worker_s"]
