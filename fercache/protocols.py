@@ -19,6 +19,12 @@ def _name(store: str) -> str:
     return Path(str(store).rstrip("/")).stem
 
 
+def head_of(label: str) -> str:
+    """The registered head behind a table label: `HEAD` or `HEAD@VARIANT` (same head, its own hp/recipe entry),
+    so one protocol run can tabulate ablations, e.g. "temporal" beside "temporal@mean" with hp {pool = "mean"}."""
+    return label.split("@", 1)[0]
+
+
 def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,), test_stores: list[str] | None = None,
                  hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str = "accuracy",
                  progress: bool = False) -> dict:
@@ -33,8 +39,9 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     for head in heads:
         cells = {}
         for train in stores:
-            runs = fit_seeds(train, head, seeds=seeds, out_dir=out_dir / "runs", device=device, progress=progress,
-                             hp=(hp or {}).get(head), recipe=(recipe or {}).get(head))
+            runs = fit_seeds(train, head_of(head), seeds=seeds, out_dir=out_dir / "runs", device=device, progress=progress,
+                             hp=(hp or {}).get(head), recipe=(recipe or {}).get(head),
+                             name=f"{_name(train)}-{head}/seed{{seed}}")
             for test in test_stores:
                 res = [evaluate_run(r.run_dir, test, device=device) for r in runs]
                 vals = [100 * r[metric] for r in res]
@@ -87,7 +94,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     for head in heads:
         results[head] = []
         for f, m in enumerate(manifests, 1):
-            runs = fit_seeds(store, head, seeds=seeds, manifest=m, out_dir=out_dir / "runs", device=device, progress=progress,
+            runs = fit_seeds(store, head_of(head), seeds=seeds, manifest=m, out_dir=out_dir / "runs", device=device, progress=progress,
                              hp=(hp or {}).get(head), recipe=(recipe or {}).get(head), name=f"{head}/fold{f}/seed{{seed}}")
             results[head] += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f, "manifest": str(m)}
                               for r in runs]

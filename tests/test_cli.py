@@ -87,3 +87,32 @@ def test_pipeline_unknown_step(tmp_path):
     p.write_text('[[step]]\nrun = "teleport"\n')
     r = invoke("run", p)
     assert r.exit_code == 2 and "teleport" in r.output and "manifest" in r.output
+
+
+def test_every_shipped_pipeline_parses_and_names_real_steps_heads_and_arguments():
+    """Typos in pipelines/ (a step argument, a head, a dataset format) fail here, not hours into a GPU run."""
+    import inspect
+    from pathlib import Path
+
+    from fercache.adapters import ADAPTERS
+    from fercache.extract import extract
+    from fercache.heads import HEADS
+    from fercache.pipeline import STEPS, load_pipeline
+    from fercache.protocols import au_crossval, cross_matrix, head_of, manifest_folds
+
+    targets = {"extract": extract, "cross": cross_matrix, "folds": manifest_folds, "au_cv": au_crossval}
+    files = sorted((Path(__file__).parents[1] / "pipelines").glob("*.toml"))
+    assert {f.name for f in files} >= {"quickstart.toml", "dfew_temporal.toml", "clip_cross.toml"}
+    for f in files:
+        for step in load_pipeline(f):
+            kind, args = step.pop("run"), {k: v for k, v in step.items() if k != "name"}
+            inspect.signature(STEPS[kind]).bind(**args)
+            if kind in targets:
+                params = inspect.signature(targets[kind]).parameters
+                assert set(args) <= set(params) | {"manifest", "manifests", "heads", "stores", "out"}, (f.name, kind, set(args) - set(params))
+            for label in args.get("heads", []) + ([args["head"]] if "head" in args else []):
+                assert head_of(label) in HEADS, (f.name, label)
+            for table in ("hp", "recipe") if "heads" in args else ():  # per-head tables, keyed by head label
+                assert set(args.get(table, {})) <= set(args["heads"]), (f.name, table)
+            if kind == "manifest":
+                assert args["format"] in ADAPTERS, (f.name, args["format"])

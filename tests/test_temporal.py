@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -202,13 +203,16 @@ def test_dfew_folds_share_one_store_and_report_uar_war(tiny_encoder_spec, tmp_pa
     built = [build("dfew", src, fold=f) for f in (1, 2)]
     assert content_sha256(built[0]) == content_sha256(built[1])  # same frames, same order: one store for every fold
     extract(manifests[0], tiny_encoder_spec, tmp_path / "dfew.zarr", root=src, workers=0, progress=False)
-    hp = {"temporal": {"classifier": "linear", "width": 32, "heads": 4, "mlp": 64}}
-    r = manifest_folds(str(tmp_path / "dfew.zarr"), [str(m) for m in manifests], ["temporal"], tmp_path / "folds",
-                       seeds=(0, 1), hp=hp, recipe={"temporal": {"epochs": 2}})
+    small = {"classifier": "linear", "width": 32, "heads": 4, "mlp": 64}
+    hp = {"temporal": small, "temporal@mean": {**small, "pool": "mean"}}  # an ablation row beside the head
+    r = manifest_folds(str(tmp_path / "dfew.zarr"), [str(m) for m in manifests], ["temporal", "temporal@mean"],
+                       tmp_path / "folds", seeds=(0, 1), hp=hp, recipe={"temporal": {"epochs": 2}, "temporal@mean": {"epochs": 2}})
     runs = r["results"]["temporal"]
     assert [(x["fold"], x["seed"]) for x in runs] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert all(x["n"] == 8 and x["level"] == "clip" for x in runs)  # 8 test clips per fold, scored per clip
-    assert "| temporal |" in r["markdown"] and "2 fold(s) x 2 seed(s)" in r["markdown"]
+    assert "| temporal |" in r["markdown"] and "| temporal@mean |" in r["markdown"] and "2 fold(s) x 2 seed(s)" in r["markdown"]
+    variant = r["results"]["temporal@mean"][0]["run"]
+    assert "temporal@mean/fold1/seed0" in variant and json.loads((Path(variant) / "config.json").read_text())["hp"]["pool"] == "mean"
     assert (tmp_path / "folds" / "folds.csv").is_file()
 
 
