@@ -70,6 +70,9 @@ class PromptText(nn.Module):
         tokens = tokenizer([" ".join(["X"] * n_ctx) + " " + d for d in descriptions])
         plain = tokenizer(descriptions)
         self.start = int((tokens[0] != plain[0]).nonzero()[0])  # the first placeholder, after any start token
+        slots = tokens[:, self.start:self.start + n_ctx]
+        if not (slots == slots[0, 0]).all():  # one placeholder token per context vector, at the same place in every prompt
+            raise ConfigError("could not place the prompt context: this tokenizer does not make 'X' one token at a fixed position")
         if (tokens[:, -1] != 0).any():
             longest = int((tokens != 0).sum(1).max())
             raise ConfigError(f"a prompt of {n_ctx} context vectors + description fills the text tower's "
