@@ -97,13 +97,15 @@ def extract(
                    "decoding and encoding work in inner chunks, so memory stays small."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
     overwrite: bool = typer.Option(False, help="Replace an existing store built from other inputs."),
+    views: str = typer.Option("", help="Augmented views to cache too, comma-separated (available: flip). Heads then "
+                                       "train on a random view per image per epoch and evaluate on the average."),
 ) -> None:
     """Run a frozen encoder once over every manifest row into a fingerprinted, resumable Zarr store."""
     from .extract import extract as run
 
     r = run(manifest, encoder, out, pretrained=pretrained, image_size=image_size, root=data_root, device=device,
             batch_size=batch_size, workers=workers, chunk_rows=chunk_rows, precision=precision, overwrite=overwrite,
-            read_chunk_rows=read_chunk_rows)
+            read_chunk_rows=read_chunk_rows, views=[v.strip() for v in views.split(",") if v.strip()])
     if r.n_ok is None:
         return  # non-zero torchrun ranks: rank 0 reports
     state = "already complete, nothing to do" if r.already_complete else f"{r.chunks_computed} chunks at {r.images_per_s:.0f} img/s"

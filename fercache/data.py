@@ -31,6 +31,8 @@ class FeatureSet:
     clip_id: np.ndarray | None = None  # video frames only
     frame_idx: np.ndarray | None = None
     lengths: np.ndarray | None = None  # clip level only: x is [N, F, D], frames past lengths[i] are padding
+    xv: np.ndarray | None = None  # cached augmented views [N, V, D] (see preprocess.VIEWS), in `views` order
+    views: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.sample_id)
@@ -40,7 +42,8 @@ class FeatureSet:
         pick = lambda a: None if a is None else a[idx]  # noqa: E731
         return replace(self, sample_id=self.sample_id[idx], x=self.x[idx], label=self.label[idx], split=self.split[idx],
                        subject=self.subject[idx], au=pick(self.au), z=pick(self.z),
-                       clip_id=pick(self.clip_id), frame_idx=pick(self.frame_idx), lengths=pick(self.lengths))
+                       clip_id=pick(self.clip_id), frame_idx=pick(self.frame_idx), lengths=pick(self.lengths),
+                       xv=pick(self.xv))
 
     def rows(self, split: str) -> "FeatureSet":
         return self.take(self.split == split)
@@ -70,12 +73,22 @@ def _joined_features(store: FeatureStore, source: str, output: str | None) -> np
     return other.features(output)
 
 
+def store_views(store_path: str) -> list[str]:
+    """The augmented views a store holds (`extract --views`), in extraction order."""
+    return list(open_store(store_path).fingerprint["encoder"].get("views", []))
+
+
 def load_features(store_path: str, manifest: str | Path | None = None, output: str | None = None,
-                  mask_source: str | None = None) -> FeatureSet:
-    """Features of a complete store joined with a manifest's labels, splits, subjects and AUs."""
+                  mask_source: str | None = None, views: list[str] = ()) -> FeatureSet:
+    """Features of a complete store joined with a manifest's labels, splits, subjects and AUs.
+
+    `views`: cached augmented views to load too (as `xv`), each of which the store must hold.
+    """
     store = open_store(store_path).require_complete()
     m = manifest_for(store, manifest)
     x = store.features(output)
+    name = output or store.default_output
+    xv = np.stack([store.features(f"{name}.{v}") for v in views], axis=1) if views else None
     z = _joined_features(store, mask_source, None) if mask_source else None
     ok = store.ok()
     if z is not None:
@@ -88,7 +101,7 @@ def load_features(store_path: str, manifest: str | Path | None = None, output: s
         video = {"clip_id": col("clip_id"),
                  "frame_idx": np.array([int(v or -1) for v in m.column("frame_idx")], dtype=np.int64)}
     fs = FeatureSet(col("sample_id"), x, col("label"), col("split"), col("subject"), au, aus, z, **video,
-                    notes={"store": store_path, "manifest": m.source, "failed_rows_skipped": int((~ok).sum())})
+                    xv=xv, views=list(views), notes={"store": store_path, "manifest": m.source, "failed_rows_skipped": int((~ok).sum())})
     return fs.take(ok)
 
 

@@ -48,13 +48,20 @@ class Encoder:
     extra: dict = field(default_factory=dict)
     #: Convolutional nets run ~1.7x faster channels-last on CPU (measured on MobileNetV2); ViTs don't care.
     channels_last: bool = False
+    #: Augmented views extracted beside the plain image (names in preprocess.VIEWS).
+    views: tuple[str, ...] = ()
+
+    def stored_outputs(self) -> dict[str, int]:
+        """What a store of this encoder holds: every output, and every output of every view ("embedding.flip")."""
+        return {**self.outputs, **{f"{k}.{v}": d for v in self.views for k, d in self.outputs.items()}}
 
     def identity(self) -> dict:
         """What makes two encoders produce the same features (part of the store fingerprint)."""
-        return {
+        ident = {
             "name": self.name, "pretrained": self.pretrained, "weights_sha256": self.weights_sha256,
-            "preprocess": self.preprocess.to_dict(), "outputs": dict(self.outputs),
+            "preprocess": self.preprocess.to_dict(), "outputs": self.stored_outputs(),
         }
+        return {**ident, "views": list(self.views)} if self.views else ident  # no views: the keys of before
 
 
 ENCODERS = Registry("encoder family")
@@ -77,6 +84,7 @@ def encoder_of(store_meta: dict) -> Encoder:
     if enc.weights_sha256 != fp["weights_sha256"] or enc.preprocess.to_dict() != fp["preprocess"]:
         raise EncoderError(f"{args['spec']} now loads weights or preprocessing that differ from the store's "
                            f"(sha256 {fp['weights_sha256'][:12]}); pass the same --pretrained file it was built with")
+    enc.views = tuple(fp.get("views", ()))
     return enc
 
 

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from . import metrics, report
-from .data import clip_level, load_features
+from .data import clip_level, load_features, store_views
 from .errors import ConfigError, StoreError
 from .store import open_store
 from .train import _to_device, load_run, predict_logits, targets
@@ -47,14 +47,17 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
     if cfg["mask_source"] and store != cfg["store"]:
         raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
     labels_from = manifest or (cfg["manifest"] if store == cfg["store"] else None)  # else the store's own manifest
-    fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"])
+    # Test-time augmentation over the cached views the head trained with, where this store has them too.
+    views = [v for v in cfg.get("views", []) if v in store_views(store)]
+    fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views)
     fs = fs.rows(split)
     if model.level == "clip":
         fs = clip_level(fs, cfg["recipe"]["max_frames"])
     if cfg["task"] == "expr":
         fs = fs.take(fs.label != "")
     y = targets(fs, cfg["task"], cfg["classes"])
-    result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.level}
+    result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.level,
+              "tta_views": views}
     if cfg["task"] == "expr":
         scored = y >= 0  # labels outside the training label set cannot be predicted: excluded and counted
         excluded = {str(lbl): int((fs.label[~scored] == lbl).sum()) for lbl in np.unique(fs.label[~scored])}

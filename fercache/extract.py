@@ -26,7 +26,7 @@ from . import store as S
 from .encoders import Encoder, load_encoder
 from .errors import FercacheError
 from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
-from .preprocess import decode_image, to_model_input
+from .preprocess import VIEWS, decode_image, to_model_input
 
 log = logging.getLogger(__name__)
 
@@ -160,12 +160,13 @@ def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size:
     good = np.flatnonzero(ok)
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     channels_last = encoder.channels_last or device.type == "cuda"
-    parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoder.outputs}
+    parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoder.stored_outputs()}
     with torch.inference_mode(), autocast:
         for start in range(0, len(good), batch_size):
             x = to_model_input(images[start:start + batch_size], encoder.preprocess, device, dtype, channels_last)
-            for k, v in encoder.model(x).items():
-                parts[k].append(v.to(torch.float16))
+            for view in ("",) + encoder.views:
+                for k, v in encoder.model(VIEWS[view](x) if view else x).items():
+                    parts[f"{k}.{view}" if view else k].append(v.to(torch.float16))
         staged = {k: _to_host(torch.cat(v), device) if v else None for k, v in parts.items()}
     event = None
     if device.type == "cuda":
@@ -176,7 +177,7 @@ def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size:
         if event is not None:
             event.synchronize()
         feats = {}
-        for k, d in encoder.outputs.items():
+        for k, d in encoder.stored_outputs().items():
             out = np.full((len(ok), d), np.nan, dtype=np.float16)
             if staged[k] is not None:
                 out[good] = staged[k].numpy()
@@ -262,12 +263,18 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
             image_size: int | None = None, root: str | Path | None = None, device: str = "cpu",
             batch_size: int = 256, workers: int | None = None, chunk_rows: int = 1024, precision: str = "auto",
             overwrite: bool = False, progress: bool = True, encoder_obj: Encoder | None = None,
-            read_chunk_rows: int | None = None) -> ExtractResult:
-    """Encode every manifest row once into a fingerprinted store at `out`; resumes an interrupted one."""
+            read_chunk_rows: int | None = None, views: list[str] | tuple[str, ...] = ()) -> ExtractResult:
+    """Encode every manifest row once into a fingerprinted store at `out`; resumes an interrupted one.
+
+    `views` (e.g. ["flip"]) also stores each output of each augmented view, as "<output>.<view>".
+    """
     t0 = time.perf_counter()
     manifest = read_manifest(manifest_path)
     paths = resolve_paths(manifest, data_root(root))
     enc = encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size)
+    for v in views:
+        VIEWS.lookup(v)  # an unknown view fails here, before any work
+    enc.views = tuple(views)
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)
     enc.model.to(dev)

@@ -11,7 +11,7 @@ import torch
 from .adapters import IMAGE_EXTS
 from .encoders import encoder_of
 from .errors import ConfigError, FercacheError
-from .preprocess import decode_image, to_model_input
+from .preprocess import VIEWS, decode_image, to_model_input
 from .train import load_run
 
 log = logging.getLogger(__name__)
@@ -108,10 +108,11 @@ def _predict_batch(paths, enc, model, cfg, thresholds, cropper, device) -> list[
     good = [r for r in rows if "error" not in r]
     if not good:
         return rows
+    views = cfg.get("views", [])  # the head trained on these cached views: average over them, as evaluate does
     with torch.inference_mode():
         x = to_model_input(images, enc.preprocess, device)
-        feats = enc.model(x)[cfg["output"]].float()
-        logits = model(feats)
+        logits = sum(model(enc.model(VIEWS[v](x) if v else x)[cfg["output"]].float()) for v in ["", *views])
+        logits = logits / (1 + len(views))
     _fill(good, logits, cfg, thresholds)
     return rows
 

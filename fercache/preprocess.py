@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from .registry import Registry
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -96,3 +98,15 @@ def reference_transform(spec: Preprocess):
         T.Resize(spec.size, interpolation=mode), T.CenterCrop(spec.size), T.ToTensor(),
         T.Normalize(spec.mean, spec.std),
     ])
+
+
+#: Augmented views cached beside the plain image (`fercache extract --views flip`): functions of the
+#: normalised model input [B, 3, S, S]. Heads sample one view per image per epoch, and evaluation
+#: averages their logits, so augmentation survives caching.
+VIEWS = Registry("view")
+
+
+@VIEWS.register("flip")
+def _hflip(x: torch.Tensor) -> torch.Tensor:
+    """Horizontal mirror: faces are near-symmetric, and every published FER recipe trains with it."""
+    return x.flip(-1)

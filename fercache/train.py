@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import metrics
-from .data import FeatureSet, carve_val, clip_level, load_features, require_clips
+from .data import FeatureSet, carve_val, clip_level, load_features, require_clips, store_views
 from .errors import ConfigError
 from .heads import HEADS, HeadContext, build_head
 from .heads.zeroshot import require_text_tower
@@ -71,7 +71,17 @@ def _to_device(fs: FeatureSet, y: np.ndarray, device) -> dict[str, torch.Tensor]
         out["z"] = torch.as_tensor(fs.z, device=device)
     if fs.lengths is not None:
         out["lengths"] = torch.as_tensor(fs.lengths, device=device)
+    if fs.xv is not None:
+        out["xv"] = torch.as_tensor(fs.xv, device=device)
     return out
+
+
+def random_view(batch: dict, gen: torch.Generator) -> dict:
+    """Each row's `x` replaced by a uniformly drawn one of {x, its cached views}: augmentation from the cache."""
+    xv = batch.pop("xv")
+    pick = torch.randint(0, xv.shape[1] + 1, (len(xv),), generator=gen).to(xv.device)
+    stacked = torch.cat([batch["x"][:, None], xv], dim=1)
+    return {**batch, "x": stacked[torch.arange(len(xv), device=xv.device), pick]}
 
 
 def _optimizer(head: nn.Module, r: dict) -> torch.optim.Optimizer:
@@ -142,11 +152,22 @@ def plain_step(head: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> torc
     return loss.detach()
 
 
+def _view_mean_logits(head: nn.Module, batch: dict) -> torch.Tensor:
+    """Logits of `x`, averaged with those of its cached views when the batch has them (test-time augmentation)."""
+    xv = batch.pop("xv", None)
+    logits = head.logits(batch)
+    if xv is None:
+        return logits
+    for v in range(xv.shape[1]):
+        logits = logits + head.logits({**batch, "x": xv[:, v]})
+    return logits / (xv.shape[1] + 1)
+
+
 @torch.no_grad()
 def predict_logits(head: nn.Module, data: dict, batch_size: int = 4096) -> torch.Tensor:
     """Eval-mode logits over all rows of `data`."""
     head.eval()
-    out = [head.logits({k: v[i:i + batch_size] for k, v in data.items()}) for i in range(0, len(data["x"]), batch_size)]
+    out = [_view_mean_logits(head, {k: v[i:i + batch_size] for k, v in data.items()}) for i in range(0, len(data["x"]), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -184,6 +205,8 @@ def train_loop(head: nn.Module, train: dict, val: dict, recipe: dict, task: str,
         for idx in epoch_batches(len(train["x"]), recipe["batch_size"], gen):
             idx = idx.to(train["x"].device)
             batch = {k: v[idx] for k, v in train.items()}
+            if "xv" in batch:
+                batch = random_view(batch, gen)
             step = sam_step(head, opt, batch, recipe["sam_rho"]) if recipe.get("sam_rho") else plain_step(head, opt, batch)
             losses.append(step)
         if sched:
@@ -201,15 +224,17 @@ def _run_name(store: str, head: str, seed: int) -> str:
     return f"{Path(str(store).rstrip('/')).stem}-{head}/seed{seed}"
 
 
-def prepare(store: str, head: str, manifest=None, output=None, mask_source=None, aus=None, seed: int = 0):
-    """Load features, carve val if needed, drop test rows, and fix the label set (classes or AUs)."""
-    HEADS.lookup(head)
+def prepare(store: str, head: str, manifest=None, output=None, mask_source=None, aus=None, seed: int = 0,
+            views: bool = True):
+    """Load features (and the store's cached views), carve val if needed, drop test rows, fix the label set."""
+    clip = getattr(HEADS.lookup(head), "level", "frame") == "clip"
     task = "au" if head == "au" else "expr"
     if head == "zeroshot":
         require_text_tower(open_store(store).meta)  # before reading features: fail on the real cause
         output = output or "embedding"
-    fs = load_features(store, manifest, output, mask_source)
-    if getattr(HEADS.lookup(head), "level", "frame") == "clip":
+    # Views augment frame-level heads; a clip-level head resamples frames instead.
+    fs = load_features(store, manifest, output, mask_source, views=store_views(store) if views and not clip else ())
+    if clip:
         require_clips(fs)  # before building the head, which may load a text tower
     if task == "expr":
         fs = fs.take(fs.label != "")
@@ -220,9 +245,14 @@ def prepare(store: str, head: str, manifest=None, output=None, mask_source=None,
 
 def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
         device: str = "cpu", output: str | None = None, mask_source: str | None = None, hp: dict | None = None,
-        recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False) -> RunResult:
-    """Train one head with one seed on a store; writes <out_dir>/<name>/{head.pt,config.json,metrics.json}."""
-    fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed)
+        recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False,
+        views: bool = True) -> RunResult:
+    """Train one head with one seed on a store; writes <out_dir>/<name>/{head.pt,config.json,metrics.json}.
+
+    With `views` (default) and a store extracted with `--views`, each training image contributes a random
+    one of its cached views per epoch, and validation scores the average of the views' logits.
+    """
+    fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed, views)
     st = open_store(store)
     ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
                       z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store})
@@ -260,7 +290,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         "head": head, "hp": hp, "level": model.level, "recipe": r, "seed": seed, "task": task, "classes": classes,
         "store": str(store), "output": output or st.default_output, "mask_source": mask_source,
         "manifest": fs.notes["manifest"], "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "device": device,
-        "store_fingerprint": st.fingerprint, "encoder_args": st.meta.get("encoder_args"),
+        "store_fingerprint": st.fingerprint, "encoder_args": st.meta.get("encoder_args"), "views": fs.views,
         "variant": "cached features (frozen encoder; see METHODS.md)",
     }
     result = {
