@@ -179,12 +179,15 @@ def train_head(
     recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value, e.g. --recipe epochs=10 --recipe lr=1e-3."),
     aus: Optional[str] = typer.Option(None, help="au head: 'top8', or AU numbers like 1,2,4 (default: AUs with >=20 train positives)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
+    views: bool = typer.Option(True, help="Train on the store's cached augmented views (extract --views) and "
+                                          "evaluate on their average; --no-views uses the plain images only."),
 ) -> None:
     """Train a head on cached features; the epoch is chosen on the validation split, never on test."""
     from .train import fit_seeds
 
     runs = fit_seeds(store, head, seeds=_seeds(seeds), out_dir=out, manifest=manifest, output=output,
-                     mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device, progress=True)
+                     mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device, progress=True,
+                     views=views)
     for r in runs:
         sel, val = r.metrics["selection"], r.metrics["val"]
         score = val.get("accuracy", val.get("macro_f1_at_0.5"))

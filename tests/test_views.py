@@ -116,3 +116,18 @@ def test_clip_level_heads_ignore_views(tmp_path, tiny_encoder_spec):
     r = fit(str(tmp_path / "v.zarr"), "temporal", out_dir=tmp_path, recipe={"epochs": 1},
             hp={"classifier": "linear", "width": 32, "heads": 4, "mlp": 64})
     assert r.metrics["config"]["views"] == [] and r.metrics["n_train"] == 12
+
+
+def test_cli_extract_views_and_train_head_no_views(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    import json
+
+    from .test_cli import invoke
+
+    s = tmp_path / "v.zarr"
+    r = invoke("extract", tiny_manifest, "--encoder", tiny_encoder_spec, "--out", s, "--data-root", tiny_dataset,
+               "--workers", "0", "--views", "flip")
+    assert r.exit_code == 0 and "72 ok" in r.output, r.output
+    assert "embedding.flip[32]" in invoke("info", s).output
+    r = invoke("train-head", s, "--head", "linear", "--recipe", "epochs=1", "--no-views", "-o", tmp_path / "runs")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "runs" / "v-linear" / "seed0" / "config.json").read_text())["views"] == []
