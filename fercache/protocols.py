@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import report
+from .errors import ConfigError
 from .evaluate import evaluate_run
 from .train import fit_seeds
 
@@ -90,6 +91,8 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     folds' manifests list the same frames in the same order, so they all match the store.
     """
     out_dir = Path(out_dir)
+    if any(head_of(h) == "au" for h in heads):
+        raise ConfigError("`folds` reports expression metrics (UAR/WAR); for AU detection use `fercache au-cv`")
     results = {}
     for head in heads:
         results[head] = []

@@ -242,3 +242,11 @@ def test_handwritten_prompts_are_fixed_clip_text_features(video_store, tmp_path)
     expected = text_classifier(open_store(store).meta, cfg["classes"], templates=("a photo of a {} face.",))
     torch.testing.assert_close(model.text, expected)
     assert model.prompt is None and not any(k.startswith("prompt") for k in model.state_dict())
+
+
+def test_folds_refuses_the_au_head(video_store, tmp_path):
+    from fercache.protocols import manifest_folds
+
+    store, root = video_store
+    with pytest.raises(ConfigError, match="use `fercache au-cv`"):
+        manifest_folds(store, [str(root / "clips.csv")], ["temporal", "au@x"], tmp_path)
