@@ -26,7 +26,7 @@ from . import store as S
 from .encoders import Encoder, load_encoder
 from .errors import FercacheError
 from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
-from .preprocess import VIEWS, decode_image, to_model_input
+from .preprocess import VIEWS, decode_image, to_model_input, with_views
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,8 @@ def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size:
     with torch.inference_mode(), autocast:
         for start in range(0, len(good), batch_size):
             x = to_model_input(images[start:start + batch_size], encoder.preprocess, device, dtype, channels_last)
-            for view in ("",) + encoder.views:
-                for k, v in encoder.model(VIEWS[view](x) if view else x).items():
+            for view, xi in with_views(x, encoder.views):
+                for k, v in encoder.model(xi).items():
                     parts[f"{k}.{view}" if view else k].append(v.to(torch.float16))
         staged = {k: _to_host(torch.cat(v), device) if v else None for k, v in parts.items()}
     event = None

@@ -11,7 +11,7 @@ import torch
 from .adapters import IMAGE_EXTS
 from .encoders import encoder_of
 from .errors import ConfigError, FercacheError
-from .preprocess import VIEWS, decode_image, to_model_input
+from .preprocess import decode_image, to_model_input, with_views
 from .train import load_run
 
 log = logging.getLogger(__name__)
@@ -111,8 +111,7 @@ def _predict_batch(paths, enc, model, cfg, thresholds, cropper, device) -> list[
     views = cfg.get("views", [])  # the head trained on these cached views: average over them, as evaluate does
     with torch.inference_mode():
         x = to_model_input(images, enc.preprocess, device)
-        logits = sum(model(enc.model(VIEWS[v](x) if v else x)[cfg["output"]].float()) for v in ["", *views])
-        logits = logits / (1 + len(views))
+        logits = torch.stack([model(enc.model(xi)[cfg["output"]].float()) for _, xi in with_views(x, views)]).mean(0)
     _fill(good, logits, cfg, thresholds)
     return rows
 

@@ -110,3 +110,10 @@ VIEWS = Registry("view")
 def _hflip(x: torch.Tensor) -> torch.Tensor:
     """Horizontal mirror: faces are near-symmetric, and every published FER recipe trains with it."""
     return x.flip(-1)
+
+
+def with_views(x: torch.Tensor, views: tuple[str, ...] | list[str]):
+    """(name, input) for the plain input (name "") and then each named view of it."""
+    yield "", x
+    for v in views:
+        yield v, VIEWS[v](x)
