@@ -277,7 +277,7 @@ def folds(
     store: str,
     manifest: list[Path] = typer.Option(..., "--manifest", "-m",
                                         help="One manifest per fold (repeatable), e.g. DFEW's set_1..set_5 built with "
-                                             "`fercache manifest build dfew SRC --option fold=K`."),
+                                             "`fercache manifest build SRC --format dfew --option fold=K -o setK.csv`."),
     head: list[str] = typer.Option(["temporal"], "--head", help="Head(s) to train on every fold (repeatable)."),
     seeds: str = typer.Option("0,1,2", help="Seeds per fold; results are mean ± std over folds x seeds."),
     hp: list[str] = typer.Option([], "--hp", help="Hyperparameter key=value for every head."),
