@@ -28,7 +28,7 @@ from torch import nn
 
 from ..errors import ConfigError, EncoderError
 from ._registry import Head, HeadContext, register_head
-from .zeroshot import text_classifier
+from .zeroshot import has_text_tower, text_classifier
 
 log = logging.getLogger(__name__)
 
@@ -196,10 +196,6 @@ class TemporalHead(Head):
         return [{"params": rest, "lr": recipe["lr"]}] + ([{"params": prompt, "lr": recipe["prompt_lr"]}] if prompt else [])
 
 
-def _has_text_tower(store_meta: dict) -> bool:
-    return bool(store_meta) and store_meta["fingerprint"]["encoder"]["name"].startswith("open_clip:")
-
-
 def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None) -> PromptText:
     import open_clip
 
@@ -234,10 +230,10 @@ def temporal(ctx: HeadContext, *, classifier: str = "auto", pool: str = "transfo
         raise ConfigError("classifier must be auto|prompts|handwritten|linear and pool transformer|mean; "
                           f"got {classifier!r}, {pool!r}")
     if classifier == "auto" and not ctx.restore:
-        classifier = "prompts" if _has_text_tower(ctx.store_meta) else "linear"
+        classifier = "prompts" if has_text_tower(ctx.store_meta) else "linear"
         if classifier == "linear":
             log.info("temporal head: the store's encoder has no text tower; using a linear classifier")
-    if classifier in ("prompts", "handwritten") and not ctx.restore and not _has_text_tower(ctx.store_meta):
+    if classifier in ("prompts", "handwritten") and not ctx.restore and not has_text_tower(ctx.store_meta):
         raise EncoderError(f"the {classifier} classifier needs a CLIP text tower; this store was built with "
                            f"{ctx.store_meta['fingerprint']['encoder']['name'] if ctx.store_meta else 'no store'}. "
                            "Use --hp classifier=linear")

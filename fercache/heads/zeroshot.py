@@ -22,10 +22,15 @@ CLASS_WORDS = {
 }
 
 
+def has_text_tower(store_meta: dict) -> bool:
+    """True when the store came from an open_clip model (which has a text tower)."""
+    return bool(store_meta) and store_meta["fingerprint"]["encoder"]["name"].startswith("open_clip:")
+
+
 def require_text_tower(store_meta: dict) -> None:
     """Raise unless the store came from an open_clip model (which has a text tower)."""
     name = store_meta["fingerprint"]["encoder"]["name"]
-    if not name.startswith("open_clip:"):
+    if not has_text_tower(store_meta):
         raise EncoderError(f"zeroshot needs a CLIP text tower; this store was built with {name}. "
                            "Use a store extracted with --encoder open_clip:<model>.")
 
