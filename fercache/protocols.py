@@ -26,6 +26,11 @@ def head_of(label: str) -> str:
     return label.split("@", 1)[0]
 
 
+def _fit_label(store: str, label: str, hp: dict | None, recipe: dict | None, **kw):
+    """`fit_seeds` for a table label: its registered head, with the hp and recipe entries keyed by the label."""
+    return fit_seeds(store, head_of(label), hp=(hp or {}).get(label), recipe=(recipe or {}).get(label), **kw)
+
+
 def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,), test_stores: list[str] | None = None,
                  hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str = "accuracy",
                  progress: bool = False) -> dict:
@@ -40,9 +45,8 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     for head in heads:
         cells = {}
         for train in stores:
-            runs = fit_seeds(train, head_of(head), seeds=seeds, out_dir=out_dir / "runs", device=device, progress=progress,
-                             hp=(hp or {}).get(head), recipe=(recipe or {}).get(head),
-                             name=f"{_name(train)}-{head}/seed{{seed}}")
+            runs = _fit_label(train, head, hp, recipe, seeds=seeds, out_dir=out_dir / "runs", device=device,
+                              progress=progress, name=f"{_name(train)}-{head}/seed{{seed}}")
             for test in test_stores:
                 res = [evaluate_run(r.run_dir, test, device=device) for r in runs]
                 vals = [100 * r[metric] for r in res]
@@ -97,8 +101,8 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     for head in heads:
         results[head] = []
         for f, m in enumerate(manifests, 1):
-            runs = fit_seeds(store, head_of(head), seeds=seeds, manifest=m, out_dir=out_dir / "runs", device=device, progress=progress,
-                             hp=(hp or {}).get(head), recipe=(recipe or {}).get(head), name=f"{head}/fold{f}/seed{{seed}}")
+            runs = _fit_label(store, head, hp, recipe, seeds=seeds, manifest=m, out_dir=out_dir / "runs", device=device,
+                              progress=progress, name=f"{head}/fold{f}/seed{{seed}}")
             results[head] += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f, "manifest": str(m)}
                               for r in runs]
     return _folds_table(out_dir, store, results, len(manifests), len(seeds))

@@ -63,7 +63,7 @@ class PromptText(nn.Module):
         self.n_ctx = n_ctx
         object.__setattr__(self, "clip", clip_model)  # frozen and not a submodule: not trained, not saved
         if clip_model is None:  # restoring a saved head: shapes come from the saved state (see _load_from_state_dict)
-            self.ctx, self.start = None, 1
+            self.ctx, self.start = None, None  # forward() needs the tower, which a restored head does not have
             self.register_buffer("tokens", None)
             return
         object.__setattr__(self, "embedding", _token_embedding(clip_model))  # the tower's own: not saved here
