@@ -296,12 +296,27 @@ def folds(
     typer.echo(r["markdown"])
 
 
+def _axis(text: str) -> tuple[str, list]:
+    """`name=v1,v2,...`, or `name=[v1, v2, ...]` as one JSON list when the values are lists themselves."""
+    name, sep, values = text.partition("=")
+    if not sep or not name:
+        raise typer.BadParameter(f"--axis takes name=v1,v2,... or name=[JSON values], got {text!r}")
+    if values.lstrip().startswith("["):
+        try:
+            points = json.loads(values)
+        except json.JSONDecodeError as e:
+            raise typer.BadParameter(f"--axis {name}: {values!r} is not a JSON list ({e})") from None
+        return name, points
+    return name, [_kv([f"v={v}"])["v"] for v in values.split(",")]
+
+
 @app.command()
 def sweep(
     store: str,
     head: str = typer.Option("mask", "--head", "-H"),
     axis: list[str] = typer.Option(..., "--axis", help="name=v1,v2,... (repeatable); head hyperparameters or recipe keys "
-                                   "(epochs, lr, weight_decay, batch_size, sam_rho, ...), e.g. --axis n_drop=5,10,20 --axis use_sigmoid=true,false"),
+                                   "(epochs, lr, weight_decay, batch_size, sam_rho, ...), e.g. --axis n_drop=5,10,20 --axis mask=sample,class,none; "
+                                   "list-valued points as one JSON list: --axis 'budgets=[null,[2,1,1,1,1,1,1]]'"),
     seeds: str = typer.Option("0"),
     recipe: list[str] = typer.Option([], "--recipe", help="Fixed recipe overrides for every point."),
     hp: list[str] = typer.Option([], "--hp", help="Fixed head hyperparameters for every point."),
@@ -311,12 +326,7 @@ def sweep(
     """Grid sweep of a head on cached features, ranked on the validation split (seconds per point on CPU)."""
     from .sweep import sweep as run_sweep
 
-    grid = {}
-    for a in axis:
-        name, sep, values = a.partition("=")
-        if not sep:
-            raise typer.BadParameter(f"--axis takes name=v1,v2,..., got {a!r}")
-        grid[name] = [_kv([f"v={v}"])["v"] for v in values.split(",")]
+    grid = dict(_axis(a) for a in axis)
     r = run_sweep(store, head, grid, out, seeds=_seeds(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp))
     typer.echo(r["markdown"])
 

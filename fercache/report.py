@@ -69,3 +69,51 @@ def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray, rows: list[str], 
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def training_png(path: Path, history: list[dict], metric: str, best_epoch: int, title: str) -> Path:
+    """Training loss and the validation metric per epoch, with the epoch that selection kept."""
+    plt = _plt()
+    epochs = [h["epoch"] for h in history]
+    fig, ax = plt.subplots(figsize=(6, 3.2))
+    ax.plot(epochs, [h["loss"] for h in history], color="tab:gray", label="train loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("train loss")
+    ax2 = ax.twinx()
+    ax2.plot(epochs, [100 * h[f"val_{metric}"] for h in history], color="tab:blue", marker=".", label=f"val {metric}")
+    ax2.set_ylabel(f"val {metric} (%)")
+    if best_epoch:
+        right = best_epoch > (epochs[0] + epochs[-1]) / 2  # label on the side with room
+        ax2.axvline(best_epoch, color="tab:blue", linestyle=":", linewidth=1)
+        ax2.annotate(f"kept: epoch {best_epoch}", (best_epoch, 0.03), xycoords=("data", "axes fraction"), fontsize=8,
+                     color="tab:blue", xytext=(-3 if right else 3, 0), textcoords="offset points",
+                     ha="right" if right else "left")
+    lines = ax.get_lines() + ax2.get_lines()[:1]
+    ax2.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def ranking_png(path: Path, labels: list[str], mean: list[float], std: list[float], xlabel: str, title: str) -> Path:
+    """A dot per point with its seed spread, best at the top: a sweep at a glance. Dots, not bars, because the
+    axis is zoomed to the points' range, where a bar's length would mean nothing."""
+    plt = _plt()
+    n = len(labels)
+    fig, ax = plt.subplots(figsize=(6.5, 1.0 + 0.32 * n))
+    pos = np.arange(n)[::-1]
+    ax.errorbar(mean, pos, xerr=std, fmt="o", color="tab:gray", ecolor="tab:gray", capsize=3)
+    ax.errorbar(mean[:1], pos[:1], xerr=std[:1], fmt="o", color="tab:blue", ecolor="tab:blue", capsize=3)
+    ax.set_yticks(pos, labels, fontsize=8)
+    ax.set_ylim(-0.7, n - 0.3)
+    for p, m, s in zip(pos, mean, std):
+        ax.annotate(f"{m:.2f}", (m + s, p), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

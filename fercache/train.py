@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
+from . import metrics, report
 from .data import FeatureSet, carve_val, clip_level, load_features, require_clips, store_views
 from .errors import ConfigError
 from .heads import HEADS, HeadContext, build_head
@@ -63,6 +63,14 @@ def targets(fs: FeatureSet, task: str, classes: list[str]) -> np.ndarray:
         return fs.au[:, [fs.au_names.index(a) for a in classes]]
     index = {c: i for i, c in enumerate(classes)}
     return np.array([index.get(lbl, -1) for lbl in fs.label], dtype=np.int64)
+
+
+def _train_counts(fs: FeatureSet, task: str, classes: list[str]) -> list[int] | None:
+    """Training rows per class (frames for video stores), for heads that size themselves by class frequency."""
+    if task != "expr":
+        return None
+    y = targets(fs, task, classes)[fs.split == "train"]
+    return np.bincount(y[y >= 0], minlength=len(classes)).tolist()
 
 
 def _to_device(fs: FeatureSet, y: np.ndarray, device) -> dict[str, torch.Tensor]:
@@ -255,7 +263,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed, views)
     st = open_store(store)
     ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
-                      z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store})
+                      z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store},
+                      class_counts=_train_counts(fs, task, classes))
     torch.manual_seed(seed)
     model = build_head(head, ctx, **(hp or {}))
     hp = {**(hp or {}), **getattr(model, "resolved_hp", {})}  # e.g. an "auto" choice, so load_run rebuilds this head
@@ -311,6 +320,10 @@ def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, thresh
                 "thresholds": None if thresholds is None else torch.as_tensor(thresholds)}, run_dir / "head.pt")
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
+    if result["history"]:
+        sel = result["selection"]
+        report.training_png(run_dir / "training.png", result["history"], sel["metric"], sel["best_epoch"],
+                            f"{config['head']} on {Path(config['store']).stem}, seed {config['seed']}")
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, np.ndarray | None]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 from typer.testing import CliRunner
 
@@ -116,3 +117,19 @@ def test_every_shipped_pipeline_parses_and_names_real_steps_heads_and_arguments(
                 assert set(args.get(table, {})) <= set(args["heads"]), (f.name, table)
             if kind == "manifest":
                 assert args["format"] in ADAPTERS, (f.name, args["format"])
+
+
+def test_sweep_axes_take_json_lists_for_list_valued_points(tiny_store, tmp_path):
+    out = tmp_path / "sw"
+    r = invoke("sweep", tiny_store, "--head", "mask", "--axis", "mask=sample,none", "--axis", "budgets=[null, [3,1,1,1]]",
+               "--recipe", "epochs=2", "--recipe", "batch_size=8", "--out", out)
+    assert r.exit_code == 0, r.output
+    rows = json.loads((out / "sweep.json").read_text())
+    assert sorted((row["mask"], json.dumps(row["budgets"])) for row in rows) == [
+        ("none", "[3, 1, 1, 1]"), ("none", "null"), ("sample", "[3, 1, 1, 1]"), ("sample", "null")]
+    point = next(row for row in rows if row["budgets"] and row["mask"] == "sample")
+    saved = json.loads((Path(point["runs"][0]) / "config.json").read_text())
+    assert saved["hp"] == {"mask": "sample", "budgets": [3, 1, 1, 1]}
+    assert "| [3,1,1,1] |" in r.output and "| default |" in r.output
+    r = invoke("sweep", tiny_store, "--head", "mask", "--axis", "budgets=[null, [3,1", "--out", out)
+    assert r.exit_code == 2 and "not a JSON list" in r.output

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fercache.errors import ConfigError
 from fercache.heads import HEADS, HeadContext, build_head
 from fercache.heads.au import auc_margin, masked_bce
 from fercache.heads.cvar_mlp import cvar
-from fercache.heads.mask import drop_pattern, group_max, group_size
+from fercache.heads.mask import drop_pattern, group_max, group_size, group_widths, resolve_budgets
 from fercache.train import _FrozenBN, sam_step, train_loop
 
 CLASSES = ["neutral", "happy", "sad"]
@@ -126,6 +127,80 @@ def test_mask_loss_is_ce_plus_weighted_sep_and_div():
     assert head.n_drop == 10 and head.w_sep == 1.5 and head.w_div == 5.0
     # only o is used at test time
     torch.testing.assert_close(head(batch["x"]), head.fc(h))
+
+
+def test_mask_unequal_budgets_share_the_same_grouped_channels():
+    widths = group_widths(512, 7, [2, 1, 1, 1, 1, 1, 1])
+    assert widths == [127] + [63] * 6  # 511 * 2/8 and 511 * 1/8, floored; 7 leftovers join no group
+    h = torch.randn(3, 512)
+    starts = [0, 127, 190, 253, 316, 379, 442]
+    manual = torch.stack([h[:, s:s + w].amax(-1) for s, w in zip(starts, widths)], -1)
+    torch.testing.assert_close(group_max(h, widths), manual)
+    p = drop_pattern(512, widths, 10)
+    # drop counts scale with the width (10 per 73): 17 in the wide group, 9 in the others
+    assert int((p[:127] == 0).sum()) == 17 and all(int((p[s:s + 63] == 0).sum()) == 9 for s in starts[1:6])
+    assert int((p[442:] == 0).sum()) == 9 and len(p) == 512
+    head = make("mask", d=512, c=7, budgets=[2, 1, 1, 1, 1, 1, 1])
+    batch = {"x": torch.randn(8, 512), "y": torch.arange(8) % 7}
+    h = head.masked(batch["x"], None)
+    expected = 1 - (group_max(h, widths) / torch.tensor(widths, dtype=torch.float32)).mean()
+    assert head.loss_terms(batch)["div"].item() == pytest.approx(expected.item(), rel=1e-5)
+    for bad in ([1, 1], [1, 1, 0], [1, -1, 1], ["a", 1, 1]):
+        with pytest.raises(ConfigError, match="budgets"):
+            make("mask", budgets=bad)
+
+
+def test_budgets_from_training_class_counts():
+    counts = [100, 400, 25]
+    assert resolve_budgets("freq", counts) == [100, 400, 25]
+    assert resolve_budgets("sqrt_freq", counts) == [10.0, 20.0, 5.0]
+    assert resolve_budgets("inv_freq", counts) == [0.01, 0.0025, 0.04]
+    assert resolve_budgets("equal", counts) is None and resolve_budgets([1, 2, 3], None) == [1, 2, 3]
+    head = build_head("mask", HeadContext(300, 3, CLASSES, class_counts=counts), budgets="sqrt_freq")
+    assert head.widths == [85, 171, 42] and head.resolved_hp == {"budgets": [10.0, 20.0, 5.0]}
+    with pytest.raises(ConfigError, match="class counts"):
+        make("mask", budgets="freq")  # no counts: e.g. an AU task
+    for bad in ("rare", 3):
+        with pytest.raises(ConfigError, match="list of C weights"):
+            make("mask", budgets=bad)
+
+
+def test_per_class_masks_give_each_class_its_own_feature():
+    torch.manual_seed(0)
+    head = make("mask", d=21, c=3, mask="class")
+    with torch.no_grad():
+        head.class_mask.normal_()
+    x, y = torch.randn(5, 21), torch.tensor([0, 1, 2, 0, 1])
+    m = torch.sigmoid(head.class_mask)
+    manual = torch.stack([(m[c] * x) @ head.fc.weight[c] + head.fc.bias[c] for c in range(3)], -1)
+    torch.testing.assert_close(head(x), manual)
+    # class c's separation score is the max of ITS group of ITS masked feature
+    h = head.masked(x, None)
+    assert h.shape == (5, 3, 21)
+    torch.testing.assert_close(head.group_scores(h)[:, 2], (m[2] * x)[:, 14:21].amax(-1))
+    head.loss({"x": x, "y": y}).backward()
+    assert head.class_mask.grad.abs().sum() > 0 and not hasattr(head, "mask_net")
+    with pytest.raises(ConfigError, match="mask-source"):
+        build_head("mask", HeadContext(16, 3, CLASSES, z_dim=5), mask="class")
+    with pytest.raises(ConfigError, match="sample, class, none"):
+        make("mask", mask="pixel")
+
+
+def test_no_mask_ablation_is_the_plain_feature():
+    head = make("mask", mask="none")
+    x = torch.randn(4, 24)
+    assert head.masked(x, None) is x and not hasattr(head, "mask_net") and not hasattr(head, "class_mask")
+    torch.testing.assert_close(head(x), head.fc(x))
+
+
+@pytest.mark.parametrize("hp", [{"mask": "class"}, {"mask": "none"}, {"budgets": [3, 1, 1]}, {"use_sigmoid": False}])
+def test_mask_variants_learn_separable_data(hp):
+    torch.manual_seed(0)
+    head = make("mask", **hp)
+    train, val = toy(), toy(seed=1)
+    recipe = {**head.recipe, "epochs": 20, "batch_size": 16, "lr": 3e-3}
+    _, history, _ = train_loop(head, train, val, recipe, "expr", CLASSES, seed=0)
+    assert max(h["val_accuracy"] for h in history) > 0.9, history[-1]
 
 
 def test_mask_reads_a_second_source():

@@ -8,10 +8,12 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fercache import store as S
 from fercache.errors import EncoderError
 from fercache.evaluate import evaluate, evaluate_run
+from fercache.heads.mask import group_widths
 from fercache.manifests import read_manifest, write_manifest
 from fercache.protocols import cross_matrix
 from fercache.train import fit, load_run
@@ -174,6 +176,22 @@ def test_mask_head_with_a_second_mask_source_store(tiny_store, tiny_manifest, ti
     assert res["n"] == 24
 
 
+def test_mask_budgets_from_class_counts_are_saved_and_restored(tiny_store, tiny_manifest, tmp_path):
+    m = read_manifest(tiny_manifest)
+    train = [r for r in m.rows if r["split"] == "train"]
+    rare = train[0]["label"]
+    common = next(r["label"] for r in train if r["label"] != rare)
+    for r in [r for r in train if r["label"] == rare][:4]:  # 6 per class -> 2, 6, 6, 10
+        r["label"] = common
+    skewed = write_manifest(m, tmp_path / "skewed.csv")
+    r = fit(str(tiny_store), "mask", manifest=skewed, out_dir=tmp_path, recipe=QUICK, hp={"budgets": "freq"})
+    model, cfg, _ = load_run(r.run_dir)
+    counts = [sum(row["label"] == c for row in train) for c in cfg["classes"]]
+    assert sorted(counts) == [2, 6, 6, 10] and cfg["hp"]["budgets"] == counts
+    assert model.widths == group_widths(cfg["in_dim"], 4, counts) and len(set(model.widths)) == 3
+    torch.testing.assert_close(model.fc.weight, torch.load(r.run_dir / "head.pt")["state_dict"]["fc.weight"])
+
+
 def test_predict_with_face_detection_keeps_images_without_faces(tiny_store, tiny_dataset, tmp_path):
     pytest.importorskip("facenet_pytorch")
     from fercache.predict import predict
@@ -195,3 +213,8 @@ def test_sweep_ranks_on_validation(tiny_store, tmp_path):
     saved = json.loads((tmp_path / "point000" / "seed0" / "config.json").read_text())
     assert saved["hp"] == {"normalize": False} and saved["recipe"]["lr"] == 1e-6 and saved["recipe"]["batch_size"] == 8
     assert (tmp_path / "sweep.md").read_text().count("\n|") == 6  # header, rule, 4 points
+    # the plots: the sweep ranking with its best point in blue, and each run's training curves
+    blue = (31, 119, 180)  # matplotlib tab:blue
+    for png in (tmp_path / "sweep.png", tmp_path / "point000" / "seed0" / "training.png"):
+        img = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
+        assert img.shape[0] > 300 * 200 and (np.abs(img.astype(int) - blue).sum(1) < 30).sum() > 20, png

@@ -42,6 +42,7 @@ class HeadContext:
     class_names: list[str]
     z_dim: int | None = None  # features of a second (mask-source) store, if any
     store_meta: dict = field(default_factory=dict)
+    class_counts: list[int] | None = None  # training rows per class (expression tasks), when training
     restore: bool = False  # True when loading a saved head: weights come from head.pt, not from a build step
 
 
