@@ -170,11 +170,46 @@ def _mask_epoch(head, x: torch.Tensor, y: torch.Tensor, batch_size: int, opt) ->
         opt.zero_grad(set_to_none=True)
 
 
+def _mask_head(ctx, dev):
+    from .heads import build_head
+
+    torch.manual_seed(0)
+    head = build_head("mask", ctx).to(dev)
+    return head, torch.optim.Adam(head.parameters(), lr=2e-4, weight_decay=1e-4)
+
+
+def _reencode_epoch_s(enc, out_name: str, loader, y: torch.Tensor, batch_size: int, ctx, dev) -> float:
+    """One epoch of the published recipe: every step decodes, transforms and encodes its images again."""
+    head, opt = _mask_head(ctx, dev)
+    t0 = time.perf_counter()
+    for k, xb in enumerate(loader):
+        with torch.no_grad():
+            f = enc.model(xb.to(dev))[out_name].float()
+        head.train()
+        head.loss({"x": f, "y": y[k * batch_size:(k + 1) * batch_size]}).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    _sync(dev)
+    return time.perf_counter() - t0
+
+
+def _cached_epoch_s(x: torch.Tensor, y: torch.Tensor, batch_size: int, ctx, dev) -> float:
+    """Seconds per epoch of the same head from cached features (after a warm-up; at least 2 s of epochs)."""
+    head, opt = _mask_head(ctx, dev)
+    _mask_epoch(head, x, y, batch_size, opt)
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < 2.0 or reps < 3:
+        _mask_epoch(head, x, y, batch_size, opt)
+        reps += 1
+    _sync(dev)
+    return (time.perf_counter() - t0) / reps
+
+
 def bench_head(manifest: str | Path, encoder: str = "open_clip:ViT-B-16", *, pretrained: str | None = None, root=None,
                n_images: int = 128, batch_size: int = 32, device: str = "cpu", workers: int = 0,
                output: str | None = None) -> dict:
     """Seconds per epoch of the mask head: from cached features vs re-encoding every image (published recipe)."""
-    from .heads import HeadContext, build_head
+    from .heads import HeadContext
     from .preprocess import reference_transform
 
     dev = torch.device(device)
@@ -190,20 +225,7 @@ def bench_head(manifest: str | Path, encoder: str = "open_clip:ViT-B-16", *, pre
     loader = torch.utils.data.DataLoader(_PILFolder(paths, reference_transform(enc.preprocess)), batch_size=batch_size,
                                          num_workers=workers)
 
-    torch.manual_seed(0)
-    head = build_head("mask", ctx).to(dev)
-    opt = torch.optim.Adam(head.parameters(), lr=2e-4, weight_decay=1e-4)
-    t0 = time.perf_counter()  # the published recipe: every epoch decodes, transforms and encodes every image
-    for k, xb in enumerate(loader):
-        with torch.no_grad():
-            f = enc.model(xb.to(dev))[out_name].float()
-        yb = y[k * batch_size:(k + 1) * batch_size]
-        head.train()
-        head.loss({"x": f, "y": yb}).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-    _sync(dev)
-    reencode = time.perf_counter() - t0
+    reencode = _reencode_epoch_s(enc, out_name, loader, y, batch_size, ctx, dev)
 
     with tempfile.TemporaryDirectory() as tmp:
         sub = write_manifest(Manifest(rows=rows, source="bench", columns=m.columns), Path(tmp) / "m.csv")
@@ -213,16 +235,7 @@ def bench_head(manifest: str | Path, encoder: str = "open_clip:ViT-B-16", *, pre
         extract_s = time.perf_counter() - t0
         from .store import open_store
         x = torch.as_tensor(open_store(Path(tmp) / "s.zarr").features(out_name), device=dev)
-    torch.manual_seed(0)
-    head = build_head("mask", ctx).to(dev)
-    opt = torch.optim.Adam(head.parameters(), lr=2e-4, weight_decay=1e-4)
-    _mask_epoch(head, x, y, batch_size, opt)  # warm-up
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < 2.0 or reps < 3:
-        _mask_epoch(head, x, y, batch_size, opt)
-        reps += 1
-    _sync(dev)
-    cached = (time.perf_counter() - t0) / reps
+    cached = _cached_epoch_s(x, y, batch_size, ctx, dev)
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
         "encoder": enc.name, "pretrained": enc.pretrained, "images": len(rows), "batch_size": batch_size,

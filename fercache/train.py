@@ -251,6 +251,15 @@ def prepare(store: str, head: str, manifest=None, output=None, mask_source=None,
     return fs, task, classes, output
 
 
+def _val_scores(model: nn.Module, val: dict, yval: np.ndarray, task: str, classes: list[str]):
+    """Validation metrics, and for AU heads the per-AU thresholds tuned on this same split (never on test)."""
+    if task != "au":
+        return score(model, val, task, classes), None
+    prob = torch.sigmoid(predict_logits(model, val)).cpu().numpy()
+    thresholds = metrics.tune_thresholds(yval, prob)
+    return metrics.au(yval, prob, classes, thresholds), thresholds
+
+
 def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
         device: str = "cpu", output: str | None = None, mask_source: str | None = None, hp: dict | None = None,
         recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False,
@@ -287,13 +296,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         model.load_state_dict(state)
     else:
         history, best_epoch = [], 0
-    thresholds = None
-    if task == "au":  # thresholds are tuned on val only, then reported with the val scores
-        prob = torch.sigmoid(predict_logits(model, val)).cpu().numpy()
-        thresholds = metrics.tune_thresholds(yval, prob)
-        val_metrics = metrics.au(yval, prob, classes, thresholds)
-    else:
-        val_metrics = score(model, val, task, classes)
+    val_metrics, thresholds = _val_scores(model, val, yval, task, classes)
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     config = {
         "head": head, "hp": hp, "level": model.level, "recipe": r, "seed": seed, "task": task, "classes": classes,
@@ -304,8 +307,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     }
     result = {
         "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": SELECT_METRIC[task],
-                      "best_epoch": best_epoch,
-                      "test_split_used": False},
+                      "best_epoch": best_epoch, "test_split_used": False},
         "val": val_metrics, "history": history, "train_seconds": time.perf_counter() - t0,
         "n_train": int(len(ytr)), "n_val": int(len(yval)), "unit": "clips" if model.level == "clip" else "images",
         "seed": seed, "config": config,

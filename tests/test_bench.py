@@ -1,0 +1,43 @@
+"""The benchmarks run on CPU and report every figure they promise (values are measured, so only their
+consistency is asserted here: timings belong to the benchmark's output, never to a test)."""
+
+from __future__ import annotations
+
+import math
+import re
+
+from fercache.bench import bench_extract, bench_head
+from tests.test_cli import invoke
+
+
+def test_bench_extract_reports_a_to_f_on_a_subset(tiny_manifest, tiny_dataset, tiny_encoder_spec):
+    r = bench_extract(tiny_manifest, tiny_encoder_spec, root=tiny_dataset, batch_size=16, workers=1, n_images=40,
+                      model_seconds=0.3)
+    assert r["images"] == 40 and r["workers"] == 1 and r["dtype"] == "float32" and r["device"].startswith("CPU")
+    for key in ("a_model_only_img_s", "b_end_to_end_img_s", "d_baseline_img_s", "e_null_total_img_s",
+                "e_null_1_worker_img_s", "e_worker_capacity_img_s"):
+        assert math.isfinite(r[key]) and r[key] > 0, key
+    assert r["c_ratio_b_over_a"] == r["b_end_to_end_img_s"] / r["a_model_only_img_s"]
+    assert r["ratio_b_over_d"] == r["b_end_to_end_img_s"] / r["d_baseline_img_s"]
+    assert r["f_peak_host_rss_mib"] > 100 and r["f_peak_device_mib"] is None
+
+
+def test_bench_memory_cli_repeats_the_manifest_to_reach_each_size(tiny_manifest, tiny_dataset):
+    r = invoke("bench", "memory", tiny_manifest, "--data-root", tiny_dataset, "--sizes", "30,150", "--image-size", "32",
+               "--workers", "1", "--batch-size", "16")
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    assert lines[0].startswith("images=30  rows=30") and lines[1].startswith("images=150  rows=150")  # 150 > 72 rows
+    rss = [float(re.search(r"peak_rss_mib=([\d,.]+)", ln).group(1).replace(",", "")) for ln in lines[:2]]
+    assert all(v > 100 for v in rss)
+    ratio = float(re.search(r"largest/smallest: ([\d.]+) for 5x the images", lines[2]).group(1))
+    assert math.isclose(ratio, rss[1] / rss[0], abs_tol=1e-3)
+
+
+def test_bench_head_times_both_recipes_on_the_same_images(tiny_manifest, tiny_dataset, tiny_encoder_spec):
+    r = bench_head(tiny_manifest, tiny_encoder_spec, root=tiny_dataset, n_images=24, batch_size=8)
+    assert r["images"] == 24 and r["batch_size"] == 8
+    assert r["reencode_s_per_epoch"] > 0 and r["cached_s_per_epoch"] > 0 and r["one_time_extract_s"] > 0
+    assert r["ratio"] == r["reencode_s_per_epoch"] / r["cached_s_per_epoch"]
+    gain = r["reencode_s_per_epoch"] - r["cached_s_per_epoch"]
+    assert gain <= 0 or math.isclose(r["break_even_epochs"], r["one_time_extract_s"] / gain)
