@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ConfigError, StoreError
-from .manifests import Manifest, content_sha256, read_manifest
+from .manifests import Manifest, content_sha256, read_manifest, rows_sha256
 from .store import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
@@ -101,7 +101,8 @@ def load_features(store_path: str, manifest: str | Path | None = None, output: s
         video = {"clip_id": col("clip_id"),
                  "frame_idx": np.array([int(v or -1) for v in m.column("frame_idx")], dtype=np.int64)}
     fs = FeatureSet(col("sample_id"), x, col("label"), col("split"), col("subject"), au, aus, z, **video,
-                    xv=xv, views=list(views), notes={"store": store_path, "manifest": m.source, "failed_rows_skipped": int((~ok).sum())})
+                    xv=xv, views=list(views), notes={"store": store_path, "manifest": m.source, "manifest_rows_sha256": rows_sha256(m),
+                           "failed_rows_skipped": int((~ok).sum())})
     return fs.take(ok)
 
 

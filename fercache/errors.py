@@ -24,5 +24,9 @@ class UnknownNameError(FercacheError):
         super().__init__(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
 
 
+class StaleRunError(FercacheError):
+    """A trained run no longer matches its data: the store was re-extracted or the manifest's labels changed."""
+
+
 class ConfigError(FercacheError):
     """A pipeline file or head configuration is invalid."""

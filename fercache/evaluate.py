@@ -11,7 +11,8 @@ import torch
 
 from . import metrics, report
 from .data import clip_level, load_features, store_views
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StaleRunError, StoreError
+from .manifests import read_manifest, rows_sha256
 from .store import open_store
 from .train import _to_device, load_run, predict_logits, targets
 
@@ -25,6 +26,24 @@ def _check_same_encoder(cfg: dict, store: str) -> None:
         raise StoreError(f"{store} was extracted with {here['name']} ({here['weights_sha256'][:12]}, size "
                          f"{here['preprocess']['size']}) but the head was trained on {trained['name']} "
                          f"({trained['weights_sha256'][:12]}, size {trained['preprocess']['size']}); features are not comparable")
+
+
+def _check_not_stale(run, cfg: dict, store: str, manifest) -> None:
+    """Refuse to score a run on its own data when that data changed since training: a re-extracted store or an
+    edited manifest can move training images into the test split without any other error."""
+    if store != cfg["store"]:
+        return
+    then, now = cfg["store_fingerprint"], open_store(store).fingerprint
+    if (then["manifest_sha256"], then["n_rows"]) != (now["manifest_sha256"], now["n_rows"]):
+        raise StaleRunError(f"{store} was re-extracted from other images since run {run} was trained ({then['n_rows']} "
+                            f"rows, manifest sha {then['manifest_sha256'][:12]} then; {now['n_rows']} rows, "
+                            f"{now['manifest_sha256'][:12]} now). Retrain the head: it takes seconds from the cache")
+    if manifest is None and cfg.get("manifest_rows_sha256"):
+        m = read_manifest(cfg["manifest"])
+        if rows_sha256(m) != cfg["manifest_rows_sha256"]:
+            raise StaleRunError(f"{cfg['manifest']} changed since run {run} was trained (its labels, splits or subjects "
+                                "differ), so its test split may now hold images the head trained or selected on. Retrain "
+                                "the head (seconds from the cache), or pass --manifest to score it on these labels on purpose")
 
 
 def run_dirs(run: str | Path) -> list[Path]:
@@ -44,6 +63,7 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
     model, cfg, thresholds = load_run(run, device)
     store = store or cfg["store"]
     _check_same_encoder(cfg, store)
+    _check_not_stale(run, cfg, store, manifest)
     if cfg["mask_source"] and store != cfg["store"]:
         raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
     labels_from = manifest or (cfg["manifest"] if store == cfg["store"] else None)  # else the store's own manifest

@@ -13,6 +13,7 @@ import csv
 import gzip
 import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -145,6 +146,16 @@ class _ClosingText(io.TextIOWrapper):
     def close(self) -> None:
         super().close()
         self._fileobj.close()
+
+
+def rows_sha256(manifest: Manifest) -> str:
+    """sha256 over every column of every row (labels, splits, subjects, AUs too), in row order: what a run
+    trained and selected on, so a later edit of the manifest is noticed before the run is scored on it."""
+    columns = sorted(manifest.columns)
+    h = hashlib.sha256(json.dumps(columns).encode())
+    for row in manifest.rows:
+        h.update(json.dumps([row.get(c, "") for c in columns]).encode())
+    return h.hexdigest()
 
 
 def content_sha256(manifest: Manifest) -> str:

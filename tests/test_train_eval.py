@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from fercache import store as S
-from fercache.errors import EncoderError
+from fercache.errors import EncoderError, StaleRunError
 from fercache.evaluate import evaluate, evaluate_run
 from fercache.heads.mask import group_widths
 from fercache.manifests import read_manifest, write_manifest
@@ -190,6 +190,34 @@ def test_mask_budgets_from_class_counts_are_saved_and_restored(tiny_store, tiny_
     assert sorted(counts) == [2, 6, 6, 10] and cfg["hp"]["budgets"] == counts
     assert model.widths == group_widths(cfg["in_dim"], 4, counts) and len(set(model.widths)) == 3
     torch.testing.assert_close(model.fc.weight, torch.load(r.run_dir / "head.pt")["state_dict"]["fc.weight"])
+
+
+def test_evaluate_refuses_a_run_whose_manifest_changed_since_training(tiny_store, tiny_manifest, tmp_path):
+    copy = write_manifest(read_manifest(tiny_manifest), tmp_path / "labels.csv")
+    r = fit(str(tiny_store), "linear", manifest=copy, out_dir=tmp_path, recipe=QUICK)
+    assert evaluate_run(r.run_dir)["n"] == 24  # unchanged: fine
+    m = read_manifest(copy)
+    moved = next(row for row in m.rows if row["split"] == "train")
+    moved["split"] = "test"  # a training image now sits in the test split
+    write_manifest(m, copy)
+    with pytest.raises(StaleRunError, match="labels.csv changed since run"):
+        evaluate_run(r.run_dir)
+    assert evaluate_run(r.run_dir, manifest=copy)["n"] == 25  # on purpose, with --manifest
+
+
+def test_evaluate_refuses_a_run_whose_store_was_re_extracted(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    from fercache.extract import extract
+    from fercache.manifests import Manifest
+
+    m = read_manifest(tiny_manifest)
+    fewer = write_manifest(Manifest(rows=m.rows[:-6], source="x", columns=m.columns), tmp_path / "fewer.csv")
+    store = tmp_path / "s.zarr"
+    kw = dict(root=tiny_dataset, batch_size=16, workers=0, progress=False)
+    extract(fewer, tiny_encoder_spec, store, **kw)
+    r = fit(str(store), "linear", out_dir=tmp_path, recipe=QUICK)
+    extract(tiny_manifest, tiny_encoder_spec, store, overwrite=True, **kw)
+    with pytest.raises(StaleRunError, match=r"re-extracted from other images since run .*\(66 rows.*; 72 rows"):
+        evaluate_run(r.run_dir)
 
 
 def test_predict_with_face_detection_keeps_images_without_faces(tiny_store, tiny_dataset, tmp_path):
