@@ -310,6 +310,26 @@ def _axis(text: str) -> tuple[str, list]:
     return name, [_kv([f"v={v}"])["v"] for v in values.split(",")]
 
 
+@app.command("runs")
+def runs_cmd(
+    root: Path = typer.Argument(Path("runs"), help="Folder to search for trained runs (any depth)."),
+    csv: Optional[Path] = typer.Option(None, "--csv", help="Also write every table to this CSV."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any run is stale (for scripts and CI)."),
+) -> None:
+    """The run ledger: every run under ROOT, seeds grouped, ranked on validation, with the evaluations saved
+    beside each run (eval-*/) and a status that flags STALE runs (store re-extracted or manifest edited since)."""
+    from .runs import ledger, write_ledger
+
+    result = ledger(root)
+    typer.echo(result["markdown"])
+    if csv:
+        typer.echo(f"wrote {write_ledger(result, csv)}")
+    if result["stale"]:
+        typer.echo(f"{len(result['stale'])} run(s) are STALE: retrain them before trusting their numbers", err=True)
+        if strict:
+            raise typer.Exit(1)
+
+
 @app.command()
 def sweep(
     store: str,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import logging
 from pathlib import Path
 
@@ -28,22 +30,43 @@ def _check_same_encoder(cfg: dict, store: str) -> None:
                          f"({trained['weights_sha256'][:12]}, size {trained['preprocess']['size']}); features are not comparable")
 
 
-def _check_not_stale(run, cfg: dict, store: str, manifest) -> None:
-    """Refuse to score a run on its own data when that data changed since training: a re-extracted store or an
-    edited manifest can move training images into the test split without any other error."""
+def _rows_sha256(path: str) -> str:
+    """rows_sha256 of a manifest file, memoised on its path, size and mtime (a ledger checks hundreds of runs)."""
+    st = os.stat(path)
+    return _rows_sha256_of(path, st.st_size, st.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=64)
+def _rows_sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return rows_sha256(read_manifest(path))
+
+
+def staleness(cfg: dict, store: str | None = None, manifest=None) -> tuple[str, str] | None:
+    """(short, long) reason why a run no longer matches its own data, or None when it does: its training store
+    was re-extracted from other images, or its manifest's labels, splits or subjects changed. Either can move
+    training images into the test split without any other error. Another store, or an explicit manifest, is
+    not checked: that is scoring on purpose."""
+    store = store or cfg["store"]
     if store != cfg["store"]:
-        return
+        return None
     then, now = cfg["store_fingerprint"], open_store(store).fingerprint
     if (then["manifest_sha256"], then["n_rows"]) != (now["manifest_sha256"], now["n_rows"]):
-        raise StaleRunError(f"{store} was re-extracted from other images since run {run} was trained ({then['n_rows']} "
-                            f"rows, manifest sha {then['manifest_sha256'][:12]} then; {now['n_rows']} rows, "
-                            f"{now['manifest_sha256'][:12]} now). Retrain the head: it takes seconds from the cache")
+        return "store re-extracted", (
+            f"{store} was re-extracted from other images since it was trained ({then['n_rows']} rows, manifest sha "
+            f"{then['manifest_sha256'][:12]} then; {now['n_rows']} rows, {now['manifest_sha256'][:12]} now)")
     if manifest is None and cfg.get("manifest_rows_sha256"):
-        m = read_manifest(cfg["manifest"])
-        if rows_sha256(m) != cfg["manifest_rows_sha256"]:
-            raise StaleRunError(f"{cfg['manifest']} changed since run {run} was trained (its labels, splits or subjects "
-                                "differ), so its test split may now hold images the head trained or selected on. Retrain "
-                                "the head (seconds from the cache), or pass --manifest to score it on these labels on purpose")
+        if _rows_sha256(cfg["manifest"]) != cfg["manifest_rows_sha256"]:
+            return "manifest changed", (
+                f"{cfg['manifest']} changed since it was trained (its labels, splits or subjects differ), so its "
+                "test split may now hold images the head trained or selected on")
+    return None
+
+
+def _check_not_stale(run, cfg: dict, store: str, manifest) -> None:
+    stale = staleness(cfg, store, manifest)
+    if stale:
+        raise StaleRunError(f"run {run}: {stale[1]}. Retrain the head (seconds from the cache)"
+                            + ("" if manifest else ", or pass --manifest to score it on other labels on purpose"))
 
 
 def run_dirs(run: str | Path) -> list[Path]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,13 @@ def _plt():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
+
+
+def cell(value) -> str:
+    """A setting as a table shows it: None is the head's default; lists stay compact; strings unquoted."""
+    if value is None:
+        return "default"
+    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:

@@ -23,13 +23,6 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
-def _cell(value) -> str:
-    """A grid value as the table shows it: None is the head's default; lists stay compact."""
-    if value is None:
-        return "default"
-    return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
-
-
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
           base_recipe: dict | None = None, base_hp: dict | None = None, **fit_kw) -> dict:
     """Train every grid point (x seeds); rank by the validation metric. Test is never read here."""
@@ -46,11 +39,11 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
                      "runs": [str(r.run_dir) for r in runs]})
     rows.sort(key=lambda r: -r["mean"])
     header = ["rank"] + list(grid) + [f"val {rows[0]['val_metric']} (%)"]
-    table = [[k + 1] + [_cell(r[a]) for a in grid] + [f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"] for k, r in enumerate(rows)]
+    table = [[k + 1] + [report.cell(r[a]) for a in grid] + [f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"] for k, r in enumerate(rows)]
     md = f"### sweep of {head} on {Path(store).stem} (ranked on the validation split)\n\n" + report.markdown_table(header, table) + "\n"
     (out_dir / "sweep.md").write_text(md)
     report.write_csv(out_dir / "sweep.csv", header, table)
-    report.ranking_png(out_dir / "sweep.png", [", ".join(f"{a}={_cell(r[a])}" for a in grid) for r in rows],
+    report.ranking_png(out_dir / "sweep.png", [", ".join(f"{a}={report.cell(r[a])}" for a in grid) for r in rows],
                        [100 * r["mean"] for r in rows], [100 * r["std"] for r in rows],
                        f"val {rows[0]['val_metric']} (%), mean ± std over {len(seeds)} seed(s)",
                        f"sweep of {head} on {Path(store).stem}")

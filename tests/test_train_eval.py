@@ -200,7 +200,7 @@ def test_evaluate_refuses_a_run_whose_manifest_changed_since_training(tiny_store
     moved = next(row for row in m.rows if row["split"] == "train")
     moved["split"] = "test"  # a training image now sits in the test split
     write_manifest(m, copy)
-    with pytest.raises(StaleRunError, match="labels.csv changed since run"):
+    with pytest.raises(StaleRunError, match=r"run .*: .*labels.csv changed since it was trained"):
         evaluate_run(r.run_dir)
     assert evaluate_run(r.run_dir, manifest=copy)["n"] == 25  # on purpose, with --manifest
 
@@ -216,7 +216,7 @@ def test_evaluate_refuses_a_run_whose_store_was_re_extracted(tiny_manifest, tiny
     extract(fewer, tiny_encoder_spec, store, **kw)
     r = fit(str(store), "linear", out_dir=tmp_path, recipe=QUICK)
     extract(tiny_manifest, tiny_encoder_spec, store, overwrite=True, **kw)
-    with pytest.raises(StaleRunError, match=r"re-extracted from other images since run .*\(66 rows.*; 72 rows"):
+    with pytest.raises(StaleRunError, match=r"re-extracted from other images since it was trained \(66 rows.*; 72 rows"):
         evaluate_run(r.run_dir)
 
 

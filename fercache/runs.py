@@ -1,0 +1,119 @@
+"""The run ledger: every trained run under a folder, seeds grouped, ranked on validation, stale runs flagged.
+
+Researchers end up with hundreds of run folders (sweeps, cross matrices, folds). `fercache runs DIR` reads
+what each run saved (config.json, metrics.json and its eval-*/metrics.json) and answers "what did I train,
+which setting won on validation, what did it score, and is any of it stale?" without re-scoring anything.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import report
+from .errors import ConfigError, FercacheError
+from .evaluate import staleness
+
+
+def find_runs(root: str | Path) -> list[Path]:
+    """Every run directory (one with head.pt) under `root`, sorted."""
+    root = Path(root)
+    runs = sorted(p.parent for p in root.rglob("head.pt"))
+    if not runs:
+        raise ConfigError(f"no trained run (head.pt) under {root}")
+    return runs
+
+
+def _status(cfg: dict) -> str:
+    try:
+        stale = staleness(cfg)
+    except (FercacheError, OSError, KeyError) as e:  # a moved or deleted store or manifest
+        return f"unreadable data ({type(e).__name__})"
+    return "ok" if stale is None else f"STALE: {stale[0]}"
+
+
+def run_record(run: Path) -> dict:
+    """What one run saved: settings, its validation score, every evaluation written next to it, and its status."""
+    cfg = json.loads((run / "config.json").read_text())
+    met = json.loads((run / "metrics.json").read_text())
+    metric = met["selection"]["metric"]
+    evals = {}
+    for f in sorted(run.glob("eval-*/metrics.json")):
+        r = json.loads(f.read_text())
+        if metric in r:
+            evals[f"{Path(str(r['store']).rstrip('/')).stem} {r['split']}"] = r[metric]
+    return {"run": run, "head": cfg["head"], "hp": cfg.get("hp") or {}, "recipe": cfg.get("recipe") or {},
+            "store": cfg["store"], "manifest": cfg.get("manifest"), "output": cfg.get("output"),
+            "views": cfg.get("views", []), "task": cfg["task"], "seed": cfg["seed"], "metric": metric,
+            "val": met["val"][metric], "evals": evals, "status": _status(cfg)}
+
+
+def _setting(rec: dict) -> str:
+    """Everything but the seed: runs with the same setting are seeds of one experiment."""
+    keys = ("head", "hp", "recipe", "store", "manifest", "output", "views")
+    return json.dumps({k: rec[k] for k in keys}, sort_keys=True, default=str)
+
+
+def _settings(groups: list[list[dict]]) -> dict[int, str]:
+    """Per group, the hyperparameters and recipe keys that differ between groups of the same head (what a sweep
+    varied), as `k=v, ...`; keys every group of that head shares are left out."""
+    out = {}
+    for head in {g[0]["head"] for g in groups}:
+        same = [g for g in groups if g[0]["head"] == head]
+        keys = sorted({(part, k) for g in same for part in ("hp", "recipe") for k in g[0][part]})
+        varying = [pk for pk in keys if len({json.dumps(g[0][pk[0]].get(pk[1]), sort_keys=True) for g in same}) > 1]
+        for g in same:
+            out[id(g)] = ", ".join(f"{k}={report.cell(g[0][part].get(k))}" for part, k in varying)
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}" if values else ""
+
+
+def ledger(root: str | Path) -> dict:
+    """Runs under `root` grouped over seeds, one table per (training store, task), ranked on the validation metric."""
+    root = Path(root)
+    records = [run_record(r) for r in find_runs(root)]
+    by_setting: dict[str, list[dict]] = {}
+    for rec in records:
+        by_setting.setdefault(_setting(rec), []).append(rec)
+    tables = {}
+    for store_task in sorted({(g[0]["store"], g[0]["task"]) for g in by_setting.values()}):
+        groups = [g for g in by_setting.values() if (g[0]["store"], g[0]["task"]) == store_task]
+        groups.sort(key=lambda g: -float(np.mean([r["val"] for r in g])))
+        tables[store_task] = _table(root, groups)
+    md = "\n\n".join(t["markdown"] for t in tables.values()) + "\n"
+    return {"records": records, "tables": tables, "markdown": md,
+            "stale": [str(r["run"]) for r in records if r["status"] != "ok"]}
+
+
+def _table(root: Path, groups: list[list[dict]]) -> dict:
+    store, task, metric = groups[0][0]["store"], groups[0][0]["task"], groups[0][0]["metric"]
+    settings = _settings(groups)
+    evals = sorted({k for g in groups for r in g for k in r["evals"]})
+    header = ["rank", "head", "settings", "seeds", f"val {metric} (%)"] + [f"{e} (%)" for e in evals] + ["status", "runs"]
+    rows = []
+    for i, g in enumerate(groups):
+        where = g[0]["run"].relative_to(root)
+        if len(g) > 1:  # seed runs share a parent folder
+            where = where.parent
+        rows.append([i + 1, g[0]["head"], settings[id(g)], len(g), _mean_std([r["val"] for r in g])]
+                    + [_mean_std([r["evals"][e] for r in g if e in r["evals"]]) for e in evals]
+                    + [", ".join(sorted({r["status"] for r in g})), str(where)])
+    title = f"### runs trained on {Path(str(store).rstrip('/')).stem} ({task}), ranked on validation {metric}"
+    return {"header": header, "rows": rows, "evals": evals,
+            "markdown": title + "\n\n" + report.markdown_table(header, rows)}
+
+
+def write_ledger(result: dict, out: str | Path) -> Path:
+    """Every table as rows of one CSV with fixed columns; evaluations as `target=mean ± std` pairs."""
+    header = ["table", "rank", "head", "settings", "seeds", "val (%)", "evaluations (%)", "status", "runs"]
+    rows = []
+    for (store, task), t in result["tables"].items():
+        for row in t["rows"]:
+            evals = "; ".join(f"{e}={v}" for e, v in zip(t["evals"], row[5:-2]) if v)
+            rows.append([f"{Path(str(store).rstrip('/')).stem} ({task})", *row[:5], evals, *row[-2:]])
+    return report.write_csv(Path(out), header, rows)

@@ -1,0 +1,69 @@
+"""The run ledger: grouping seeds, ranking on validation, showing what a sweep varied, flagging stale runs."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from fercache.errors import ConfigError
+from fercache.evaluate import evaluate_run
+from fercache.manifests import read_manifest, write_manifest
+from fercache.runs import ledger
+from fercache.train import fit
+from tests.test_cli import invoke
+
+QUICK = {"epochs": 4, "batch_size": 16}
+
+
+@pytest.fixture()
+def runs_dir(tiny_store, tiny_manifest, tmp_path):
+    """Two settings of linear x 2 seeds, one mask run, on a manifest copy the test may edit; one evaluation."""
+    labels = write_manifest(read_manifest(tiny_manifest), tmp_path / "labels.csv")
+    root = tmp_path / "runs"
+    for lr in (1e-6, 1e-2):
+        for seed in (0, 1):
+            fit(str(tiny_store), "linear", manifest=labels, out_dir=root, seed=seed, recipe={**QUICK, "lr": lr},
+                name=f"linear-lr{lr}/seed{{seed}}")
+    m = fit(str(tiny_store), "mask", manifest=labels, out_dir=root, recipe=QUICK, name="mask/seed0")
+    evaluate_run(m.run_dir)
+    return root, labels
+
+
+def test_ledger_groups_seeds_ranks_on_val_and_shows_what_varied(runs_dir):
+    root, _ = runs_dir
+    r = ledger(root)
+    (table,) = r["tables"].values()
+    assert len(r["records"]) == 5 and r["stale"] == []
+    vals = {}
+    for rec in r["records"]:
+        vals.setdefault((rec["head"], rec["recipe"]["lr"]), []).append(rec["val"])
+    by_mean = sorted(vals, key=lambda k: -sum(vals[k]) / len(vals[k]))
+    assert [(row[1], row[3]) for row in table["rows"]] == [(h, 2 if h == "linear" else 1) for h, _ in by_mean]
+    settings = {row[-1]: row[2] for row in table["rows"]}
+    assert settings == {"linear-lr1e-06": "lr=1e-06", "linear-lr0.01": "lr=0.01", "mask/seed0": ""}
+    mask_row = next(row for row in table["rows"] if row[1] == "mask")
+    test_acc = json.loads((root / "mask" / "seed0" / "eval-faces-test" / "metrics.json").read_text())["accuracy"]
+    assert table["header"][5] == "faces test (%)" and mask_row[5] == f"{100 * test_acc:.2f} ± 0.00"
+    assert all(row[5] == "" for row in table["rows"] if row[1] == "linear")  # never evaluated: left blank
+
+
+def test_ledger_flags_runs_whose_manifest_changed(runs_dir):
+    root, labels = runs_dir
+    m = read_manifest(labels)
+    next(row for row in m.rows if row["split"] == "train")["split"] = "test"
+    write_manifest(m, labels)
+    r = ledger(root)
+    assert len(r["stale"]) == 5 and {row[-2] for row in r["tables"][next(iter(r["tables"]))]["rows"]} == {
+        "STALE: manifest changed"}
+    res = invoke("runs", root, "--strict", "--csv", root / "ledger.csv")
+    assert res.exit_code == 1 and "STALE: manifest changed" in res.output
+    with open(root / "ledger.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 3 and rows[0]["table"] == "faces (expr)" and {r["status"] for r in rows} == {"STALE: manifest changed"}
+
+
+def test_ledger_of_an_empty_folder_says_so(tmp_path):
+    with pytest.raises(ConfigError, match="no trained run"):
+        ledger(tmp_path)
