@@ -101,8 +101,9 @@ def load_features(store_path: str, manifest: str | Path | None = None, output: s
         video = {"clip_id": col("clip_id"),
                  "frame_idx": np.array([int(v or -1) for v in m.column("frame_idx")], dtype=np.int64)}
     fs = FeatureSet(col("sample_id"), x, col("label"), col("split"), col("subject"), au, aus, z, **video,
-                    xv=xv, views=list(views), notes={"store": store_path, "manifest": m.source, "manifest_rows_sha256": rows_sha256(m),
-                           "failed_rows_skipped": int((~ok).sum())})
+                    xv=xv, views=list(views), notes={"store": store_path, "manifest": m.source,
+                                                     "manifest_rows_sha256": rows_sha256(m),
+                                                     "failed_rows_skipped": int((~ok).sum())})
     return fs.take(ok)
 
 

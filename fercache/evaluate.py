@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import functools
 import json
-import os
 import logging
+import os
 from pathlib import Path
 
 import numpy as np

@@ -301,7 +301,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     config = {
         "head": head, "hp": hp, "level": model.level, "recipe": r, "seed": seed, "task": task, "classes": classes,
         "store": str(store), "output": output or st.default_output, "mask_source": mask_source,
-        "manifest": fs.notes["manifest"], "manifest_rows_sha256": fs.notes["manifest_rows_sha256"], "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "device": device,
+        "manifest": fs.notes["manifest"], "manifest_rows_sha256": fs.notes["manifest_rows_sha256"],
+        "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "device": device,
         "store_fingerprint": st.fingerprint, "encoder_args": st.meta.get("encoder_args"), "views": fs.views,
         "variant": "cached features (frozen encoder; see METHODS.md)",
     }
