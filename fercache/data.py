@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -78,12 +79,38 @@ def store_views(store_path: str) -> list[str]:
     return list(open_store(store_path).fingerprint["encoder"].get("views", []))
 
 
+_MEMO: dict | None = None
+
+
+@contextmanager
+def features_memo():
+    """Within this block, `load_features` with the same arguments returns the same FeatureSet: a sweep, a cross
+    matrix or a fold protocol reads each store once, not once per head, point and seed. Callers never modify a
+    FeatureSet in place (`take` copies), which is what makes sharing it safe."""
+    global _MEMO
+    outer, _MEMO = _MEMO, {} if _MEMO is None else _MEMO
+    try:
+        yield
+    finally:
+        _MEMO = outer
+
+
 def load_features(store_path: str, manifest: str | Path | None = None, output: str | None = None,
                   mask_source: str | None = None, views: list[str] = ()) -> FeatureSet:
     """Features of a complete store joined with a manifest's labels, splits, subjects and AUs.
 
     `views`: cached augmented views to load too (as `xv`), each of which the store must hold.
     """
+    if _MEMO is None:
+        return _load_features(store_path, manifest, output, mask_source, views)
+    key = (str(store_path), str(manifest), output, mask_source, tuple(views))
+    if key not in _MEMO:
+        _MEMO[key] = _load_features(store_path, manifest, output, mask_source, views)
+    return _MEMO[key]
+
+
+def _load_features(store_path: str, manifest: str | Path | None, output: str | None, mask_source: str | None,
+                   views) -> FeatureSet:
     store = open_store(store_path).require_complete()
     m = manifest_for(store, manifest)
     x = store.features(output)

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import report
+from .data import features_memo
 from .errors import ConfigError
 from .evaluate import evaluate_run
 from .train import fit_seeds
@@ -31,6 +32,7 @@ def _fit_label(store: str, label: str, hp: dict | None, recipe: dict | None, **k
     return fit_seeds(store, head_of(label), hp=(hp or {}).get(label), recipe=(recipe or {}).get(label), **kw)
 
 
+@features_memo()
 def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,), test_stores: list[str] | None = None,
                  hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str = "accuracy",
                  progress: bool = False) -> dict:
@@ -85,6 +87,7 @@ def _write_matrix(out_dir: Path, head: str, rows: list[str], cols: list[str], ce
     return {"markdown": md, "csv": str(base.with_suffix(".csv")), "png": str(base.with_suffix(".png")), "cells": serial}
 
 
+@features_memo()
 def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: str | Path, seeds=(0,),
                    hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", progress: bool = False) -> dict:
     """The published video protocol: one store, one manifest per fold (same frames, other splits).
@@ -138,6 +141,7 @@ def subject_folds(subjects: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
     return np.array([fold_of[s] for s in subjects])
 
 
+@features_memo()
 def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top8", seeds=(0,), hp: dict | None = None,
                 recipe: dict | None = None, device: str = "cpu", progress: bool = False) -> dict:
     """Subject-grouped k-fold AU detection over all rows of a store; per-AU F1 pooled over test folds."""

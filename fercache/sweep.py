@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from . import report
+from .data import features_memo
 from .errors import ConfigError
 from .train import fit_seeds
 
@@ -23,6 +24,7 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+@features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
           base_recipe: dict | None = None, base_hp: dict | None = None, **fit_kw) -> dict:
     """Train every grid point (x seeds); rank by the validation metric. Test is never read here."""

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from . import metrics, report
-from .data import FeatureSet, carve_val, clip_level, load_features, require_clips, store_views
+from .data import FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views
 from .errors import ConfigError
 from .heads import HEADS, HeadContext, build_head
 from .heads.zeroshot import require_text_tower
@@ -344,6 +344,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict,
     return model.to(device).eval(), cfg, None if thr is None else thr.cpu().numpy()
 
 
+@features_memo()
 def fit_seeds(store: str, head: str, seeds=(0,), **kw) -> list[RunResult]:
     """`fit` once per seed."""
     return [fit(store, head, seed=s, **kw) for s in seeds]

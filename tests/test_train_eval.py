@@ -246,3 +246,19 @@ def test_sweep_ranks_on_validation(tiny_store, tmp_path):
     for png in (tmp_path / "sweep.png", tmp_path / "point000" / "seed0" / "training.png"):
         img = np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)
         assert img.shape[0] > 300 * 200 and (np.abs(img.astype(int) - blue).sum(1) < 30).sum() > 20, png
+
+
+def test_features_memo_reads_a_store_once_and_changes_no_result(tiny_store, tmp_path):
+    from fercache.data import features_memo, load_features
+
+    assert load_features(str(tiny_store)) is not load_features(str(tiny_store))
+    plain = [fit(str(tiny_store), h, out_dir=tmp_path / "plain", recipe=QUICK) for h in ("linear", "mask")]
+    with features_memo():
+        fs = load_features(str(tiny_store))
+        assert load_features(str(tiny_store)) is fs and load_features(str(tiny_store), output="pooled") is not fs
+        x = fs.x.copy()
+        shared = [fit(str(tiny_store), h, out_dir=tmp_path / "memo", recipe=QUICK) for h in ("linear", "mask")]
+        np.testing.assert_array_equal(fs.x, x)  # training never wrote into the shared arrays
+    for a, b in zip(plain, shared):
+        drop_time = lambda run: [{k: v for k, v in h.items() if k != "seconds"} for h in run.metrics["history"]]  # noqa: E731
+        assert drop_time(a) == drop_time(b) and a.metrics["val"] == b.metrics["val"]
