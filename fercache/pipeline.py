@@ -83,6 +83,17 @@ def _sweep_step(store: str, head: str, grid: dict, out: str, **kw):
     return "\n" + sweep(store, head, grid, out, **kw)["markdown"]
 
 
+@register_step("runs")
+def _runs_step(root: str, csv: str | None = None):
+    from .runs import ledger, write_ledger
+
+    result = ledger(root)
+    if csv:
+        write_ledger(result, csv)
+    stale = f"\n{len(result['stale'])} STALE run(s): retrain them before trusting their numbers" if result["stale"] else ""
+    return "\n" + result["markdown"] + stale
+
+
 def _typed(text: str) -> Any:
     for cast in (int, float):
         try:
