@@ -74,14 +74,15 @@ def resolve_budgets(budgets, counts: list[int] | None) -> list[float] | None:
     return list(budgets)
 
 
-def _widths(h: torch.Tensor, groups) -> list[int]:
-    return group_widths(h.shape[-1], groups) if isinstance(groups, int) else list(groups)
+def _widths(dim: int, groups) -> list[int]:
+    """`groups` is the class count (equal groups of D // C) or the list of group widths itself."""
+    return group_widths(dim, groups) if isinstance(groups, int) else list(groups)
 
 
 def group_max(h: torch.Tensor, groups) -> torch.Tensor:
     """[..., D] -> [..., C]: max over each contiguous group of channels; leftover channels are ignored.
     `groups` is the class count (equal groups) or the list of group widths."""
-    widths = _widths(h, groups)
+    widths = _widths(h.shape[-1], groups)
     parts = h[..., : sum(widths)].split(widths, dim=-1)
     return torch.stack([p.amax(dim=-1) for p in parts], dim=-1)
 
@@ -89,7 +90,7 @@ def group_max(h: torch.Tensor, groups) -> torch.Tensor:
 def drop_pattern(dim: int, groups, n_drop: int, generator: torch.Generator | None = None) -> torch.Tensor:
     """A [D] 0/1 mask with `n_drop` zeros in each group of width k (scaled with the width of unequal groups);
     the last group also draws from the leftover channels."""
-    widths = group_widths(dim, groups) if isinstance(groups, int) else list(groups)
+    widths = _widths(dim, groups)
     k = group_size(dim, len(widths))
     parts = []
     for c, width in enumerate(widths):
