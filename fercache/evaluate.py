@@ -15,7 +15,7 @@ from . import metrics, report
 from .data import clip_level, load_features, store_views
 from .errors import ConfigError, StaleRunError, StoreError
 from .manifests import read_manifest, rows_sha256
-from .store import open_store
+from .store import open_store, store_name
 from .train import _to_device, load_run, predict_logits, targets
 
 log = logging.getLogger(__name__)
@@ -117,7 +117,7 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
 
 
 def _write_eval(run: Path, result: dict, cfg: dict) -> Path:
-    out = run / f"eval-{Path(str(result['store']).rstrip('/')).stem}-{result['split']}"
+    out = run / f"eval-{store_name(result['store'])}-{result['split']}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     if "confusion" in result:

@@ -12,13 +12,10 @@ from . import report
 from .data import features_memo
 from .errors import ConfigError
 from .evaluate import evaluate_run
+from .store import store_name
 from .train import fit_seeds
 
 log = logging.getLogger(__name__)
-
-
-def _name(store: str) -> str:
-    return Path(str(store).rstrip("/")).stem
 
 
 def head_of(label: str) -> str:
@@ -48,7 +45,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
         cells = {}
         for train in stores:
             runs = _fit_label(train, head, hp, recipe, seeds=seeds, out_dir=out_dir / "runs", device=device,
-                              progress=progress, name=f"{_name(train)}-{head}/seed{{seed}}")
+                              progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}")
             for test in test_stores:
                 res = [evaluate_run(r.run_dir, test, device=device) for r in runs]
                 vals = [100 * r[metric] for r in res]
@@ -59,7 +56,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
 
 
 def _write_matrix(out_dir: Path, head: str, rows: list[str], cols: list[str], cells: dict, metric: str, n_seeds: int) -> dict:
-    names_r, names_c = [_name(s) for s in rows], [_name(s) for s in cols]
+    names_r, names_c = [store_name(s) for s in rows], [store_name(s) for s in cols]
     mean = np.array([[cells[(r, c)]["mean"] for c in cols] for r in rows])
     std = np.array([[cells[(r, c)]["std"] for c in cols] for r in rows])
     unseen = [np.mean([mean[i, j] for j, c in enumerate(cols) if c != r]) if len(cols) > 1 else float("nan")
@@ -82,7 +79,7 @@ def _write_matrix(out_dir: Path, head: str, rows: list[str], cols: list[str], ce
         "\n\n[excl. N]: test samples whose label is not in the training label set (not scored).\n"
     base.with_suffix(".md").write_text(md)
     report.heatmap_png(base.with_suffix(".png"), mean, std, names_r, names_c, title)
-    serial = {f"{_name(r)} -> {_name(c)}": v for (r, c), v in cells.items()}
+    serial = {f"{store_name(r)} -> {store_name(c)}": v for (r, c), v in cells.items()}
     base.with_suffix(".json").write_text(json.dumps(serial, indent=2))
     return {"markdown": md, "csv": str(base.with_suffix(".csv")), "png": str(base.with_suffix(".png")), "cells": serial}
 
@@ -118,7 +115,7 @@ def _folds_table(out_dir: Path, store: str, results: dict, n_folds: int, n_seeds
              f"{np.mean([r['n'] for r in rs]):.0f}", f"{np.mean([r['excluded']['n'] for r in rs]):.0f}"]
             for head, rs in results.items()]
     unit = "clips" if any(r.get("level") == "clip" for rs in results.values() for r in rs) else "samples"
-    md = (f"### {_name(store)}: {n_folds} fold(s) x {n_seeds} seed(s), test split of each fold (mean ± std)\n\n"
+    md = (f"### {store_name(store)}: {n_folds} fold(s) x {n_seeds} seed(s), test split of each fold (mean ± std)\n\n"
           + report.markdown_table(header, rows)
           + f"\n\nUAR: mean per-class recall; WAR: accuracy. Test units: {unit}. The epoch is chosen on each fold's "
             "validation split, never its test split.\n")

@@ -15,6 +15,7 @@ import numpy as np
 from . import report
 from .errors import ConfigError, FercacheError
 from .evaluate import staleness
+from .store import store_name
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -43,7 +44,7 @@ def run_record(run: Path) -> dict:
     for f in sorted(run.glob("eval-*/metrics.json")):
         r = json.loads(f.read_text())
         if metric in r:
-            evals[f"{Path(str(r['store']).rstrip('/')).stem} {r['split']}"] = r[metric]
+            evals[f"{store_name(r['store'])} {r['split']}"] = r[metric]
     return {"run": run, "head": cfg["head"], "hp": cfg.get("hp") or {}, "recipe": cfg.get("recipe") or {},
             "store": cfg["store"], "manifest": cfg.get("manifest"), "output": cfg.get("output"),
             "views": cfg.get("views", []), "task": cfg["task"], "seed": cfg["seed"], "metric": metric,
@@ -103,7 +104,7 @@ def _table(root: Path, groups: list[list[dict]]) -> dict:
         rows.append([i + 1, g[0]["head"], settings[id(g)], len(g), _mean_std([r["val"] for r in g])]
                     + [_mean_std([r["evals"][e] for r in g if e in r["evals"]]) for e in evals]
                     + [", ".join(sorted({r["status"] for r in g})), str(where)])
-    title = f"### runs trained on {Path(str(store).rstrip('/')).stem} ({task}), ranked on validation {metric}"
+    title = f"### runs trained on {store_name(store)} ({task}), ranked on validation {metric}"
     return {"header": header, "rows": rows, "evals": evals,
             "markdown": title + "\n\n" + report.markdown_table(header, rows)}
 
@@ -115,5 +116,5 @@ def write_ledger(result: dict, out: str | Path) -> Path:
     for (store, task), t in result["tables"].items():
         for row in t["rows"]:
             evals = "; ".join(f"{e}={v}" for e, v in zip(t["evals"], row[5:-2]) if v)
-            rows.append([f"{Path(str(store).rstrip('/')).stem} ({task})", *row[:5], evals, *row[-2:]])
+            rows.append([f"{store_name(store)} ({task})", *row[:5], evals, *row[-2:]])
     return report.write_csv(Path(out), header, rows)

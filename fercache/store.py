@@ -46,6 +46,11 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+def store_name(location) -> str:
+    """A store's short name for tables and run folders: `out/fer2013.zarr/` -> `fer2013`."""
+    return Path(str(location).rstrip("/")).stem
+
+
 def make_fingerprint(encoder_identity: dict, manifest_sha256: str, n_rows: int, chunk_rows: int,
                      read_chunk_rows: int | None = None) -> dict:
     """The fingerprint stored in a store's attributes; `key` is what must match to resume or reuse it.

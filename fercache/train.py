@@ -25,7 +25,7 @@ from .errors import ConfigError
 from .heads import HEADS, HeadContext, build_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
-from .store import open_store
+from .store import open_store, store_name
 
 log = logging.getLogger(__name__)
 
@@ -229,7 +229,7 @@ def train_loop(head: nn.Module, train: dict, val: dict, recipe: dict, task: str,
 
 
 def _run_name(store: str, head: str, seed: int) -> str:
-    return f"{Path(str(store).rstrip('/')).stem}-{head}/seed{seed}"
+    return f"{store_name(store)}-{head}/seed{seed}"
 
 
 def prepare(store: str, head: str, manifest=None, output=None, mask_source=None, aus=None, seed: int = 0,
