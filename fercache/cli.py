@@ -147,12 +147,15 @@ def export(store: str, to: Path = typer.Option(..., "--to", help="HDF5 file to w
     typer.echo(export_h5(store, to))
 
 
+_PY_LITERALS = {"True": True, "False": False, "None": None}  # so `--hp use_sigmoid=False` is not the truthy string "False"
+
+
 def _kv(pairs: list[str]) -> dict:
-    """key=value pairs with values parsed as JSON when possible (numbers, booleans, lists)."""
+    """key=value pairs with values parsed as JSON when possible (numbers, booleans, null, lists)."""
     out = {}
     for key, value in _options(pairs).items():
         try:
-            out[key] = json.loads(value)
+            out[key] = _PY_LITERALS[value] if value in _PY_LITERALS else json.loads(value)
         except json.JSONDecodeError:
             out[key] = value
     return out
@@ -168,8 +171,8 @@ def _seeds(text: str) -> list[int]:
 @app.command("train-head")
 def train_head(
     store: str = typer.Argument(..., help="A complete feature store."),
-    head: str = typer.Option("linear", "--head", "-H", help="linear, zeroshot, mask, cvar_mlp, au (images), or temporal (video clips; "
-                                                             "--hp pool=mean|transformer, classifier=prompts|handwritten|linear)."),
+    head: str = typer.Option("linear", "--head", "-H", help="linear, zeroshot, mask, cvar_mlp, au (images), or temporal (video "
+                                                             "clips); `fercache heads` lists each one's --hp keys and recipe."),
     seeds: str = typer.Option("0", help="Comma-separated seeds; one run per seed."),
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs are written to OUT/<store>-<head>/seed<k>/."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
@@ -192,6 +195,25 @@ def train_head(
         sel, val = r.metrics["selection"], r.metrics["val"]
         score = val.get("accuracy", val.get("macro_f1_at_0.5"))
         typer.echo(f"{r.run_dir}: val {sel['metric']} {100 * score:.2f}% (epoch {sel['best_epoch']}; val: {sel['val_source']})")
+
+
+@app.command("heads")
+def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default: all)."),
+              as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """The registered heads: task, level, --hp keys with their defaults, and the published --recipe each one trains with."""
+    from .heads import HEADS
+    from .heads._registry import describe
+
+    rows = [describe(n) for n in ([name] if name else sorted(HEADS))]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2))
+        return
+    for d in rows:
+        typer.echo(f"{d['name']:10s} {d['task']}/{d['level']}  {d['summary']}")
+        typer.echo(f"{'':10s} --hp      {' '.join(f'{k}={json.dumps(v)}' for k, v in d['hp'].items()) or '(none)'}")
+        typer.echo(f"{'':10s} --recipe  {' '.join(f'{k}={json.dumps(v)}' for k, v in d['recipe'].items() if v is not None)}")
+    if not as_json:
+        typer.echo("(null: chosen from the data, e.g. hidden=null is the feature width; values are JSON, as --hp parses them)")
 
 
 @app.command()

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import report
 from .data import features_memo
-from .errors import ConfigError
+from .errors import ConfigError, ManifestError
 from .evaluate import evaluate_run
 from .store import store_name
 from .train import fit_seeds
@@ -162,13 +162,24 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
 
 
 def _fixed_aus(manifest, aus: str | list[str]) -> list[str]:
-    """`topK` over the whole dataset, or an explicit list / comma-separated AU numbers."""
-    if isinstance(aus, list):
-        return aus
-    if aus.startswith("top"):
-        pos = {a: sum(v == "1" for v in manifest.column(a)) for a in manifest.au_columns}
+    """`topK` over the whole dataset, or an explicit list / comma-separated AU numbers.
+
+    Checked here, before any fold manifest is written, so a wrong store or AU name leaves nothing behind.
+    """
+    have = manifest.au_columns
+    if not have:
+        raise ManifestError(f"{manifest.source} has no AU columns (AU1, AU2, ...); AU cross-validation needs a "
+                            "manifest with FACS codes (e.g. the ckplus adapter)")
+    if isinstance(aus, str) and aus.startswith("top"):
+        if not aus[3:].isdigit() or int(aus[3:]) < 1:
+            raise ConfigError(f"--aus {aus!r}: write topK with K >= 1 (e.g. top8), or a list of AU numbers")
+        pos = {a: sum(v == "1" for v in manifest.column(a)) for a in have}
         return sorted(sorted(pos, key=pos.get, reverse=True)[: int(aus[3:])], key=lambda a: int(a[2:]))
-    return [a if a.startswith("AU") else f"AU{a}" for a in aus.split(",")]
+    chosen = aus if isinstance(aus, list) else [a if a.startswith("AU") else f"AU{a}" for a in aus.split(",")]
+    missing = [a for a in chosen if a not in have]
+    if missing:
+        raise ConfigError(f"AUs {', '.join(missing)} are not in {manifest.source}; it has {', '.join(have)}")
+    return chosen
 
 
 def _au_table(out_dir: Path, results: list[dict]) -> dict:

@@ -133,3 +133,40 @@ def test_sweep_axes_take_json_lists_for_list_valued_points(tiny_store, tmp_path)
     assert "| [3,1,1,1] |" in r.output and "| default |" in r.output
     r = invoke("sweep", tiny_store, "--head", "mask", "--axis", "budgets=[null, [3,1", "--out", out)
     assert r.exit_code == 2 and "not a JSON list" in r.output
+
+
+def test_heads_lists_every_head_with_its_hyperparameters_and_recipe():
+    import inspect
+
+    from fercache.heads import HEADS
+
+    r = invoke("heads", "--json")
+    assert r.exit_code == 0
+    rows = {d["name"]: d for d in json.loads(r.output)}
+    assert sorted(rows) == sorted(HEADS)
+    for name, d in rows.items():  # the keys are the factory's keyword-only parameters, with their defaults
+        params = inspect.signature(HEADS[name]).parameters.values()
+        assert d["hp"] == {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+    assert rows["mask"]["recipe"]["epochs"] == 60 and rows["mask"]["hp"]["n_drop"] is None
+    assert rows["temporal"]["level"] == "clip" and rows["au"]["task"] == "au"
+    r = invoke("heads", "cvar_mlp")
+    assert r.exit_code == 0 and "alpha=0.5" in r.output and "sam_rho=0.5" in r.output and "mask " not in r.output
+
+
+def test_unknown_hyperparameter_names_the_ones_the_head_takes(tiny_store, tmp_path):
+    r = invoke("train-head", tiny_store, "--head", "mask", "--hp", "n_dorp=3", "--out", tmp_path)
+    assert r.exit_code == 2 and "no hyperparameter 'n_dorp'" in r.output and "n_drop=None" in r.output
+    assert not any(tmp_path.iterdir())  # refused before anything was written
+
+
+def test_hp_values_parse_python_and_json_literals():
+    assert cli._kv(["a=False", "b=false", "c=None", "d=null", "e=3", "f=[1,2]", "g=sample"]) == {
+        "a": False, "b": False, "c": None, "d": None, "e": 3, "f": [1, 2], "g": "sample"}
+    assert cli._axis("use_sigmoid=True,False") == ("use_sigmoid", [True, False])
+
+
+def test_au_cv_on_a_store_without_aus_fails_before_writing(tiny_store, tmp_path):
+    out = tmp_path / "au"
+    r = invoke("au-cv", tiny_store, "--out", out)
+    assert r.exit_code == 2 and "has no AU columns" in r.output
+    assert not out.exists()

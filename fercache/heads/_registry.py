@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import inspect
+import typing
 from dataclasses import dataclass, field
 
 import torch
@@ -51,12 +53,31 @@ HEADS = Registry("head")
 register_head = HEADS.register
 
 
+def hyperparameters(name: str) -> dict:
+    """A head's hyperparameters and their defaults, read from its factory's keyword-only parameters."""
+    params = inspect.signature(HEADS.lookup(name)).parameters.values()
+    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+
+def describe(name: str) -> dict:
+    """What `fercache heads` prints: the head's summary, task, level, hyperparameters and published recipe."""
+    factory = HEADS.lookup(name)
+    cls = typing.get_type_hints(factory).get("return", Head)  # each factory is annotated with its Head class
+    return {"name": name, "summary": (factory.__doc__ or cls.__doc__ or "").strip().splitlines()[0],
+            "task": cls.task, "level": cls.level, "hp": hyperparameters(name), "recipe": dict(cls.recipe)}
+
+
 def build_head(name: str, ctx: HeadContext, **hp) -> Head:
     """Instantiate a registered head; unknown hyperparameters are an error, not silently ignored."""
     factory = HEADS.lookup(name)
+    known = hyperparameters(name)
+    unknown = sorted(set(hp) - set(known))
+    if unknown:
+        raise ConfigError(f"head {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
+                          f"it takes: {', '.join(f'{k}={v!r}' for k, v in known.items())}")
     try:
         head = factory(ctx, **hp)
-    except TypeError as e:
-        raise ConfigError(f"head {name!r}: {e}") from None
+    except (TypeError, ValueError) as e:  # a value of the wrong type or range, e.g. --hp hidden=wide
+        raise ConfigError(f"head {name!r} with {hp}: {e}") from None
     head.name = name
     return head
