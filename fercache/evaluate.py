@@ -125,7 +125,8 @@ def _write_eval(run: Path, result: dict, cfg: dict) -> Path:
         report.write_csv(out / "confusion.csv", ["true \\ predicted"] + classes,
                          [[c] + row for c, row in zip(classes, result["confusion"])])
         report.confusion_png(out / "confusion.png", result["confusion"], classes,
-                             f"{cfg['head']} on {Path(result['store']).stem} {result['split']}: acc {100 * result['accuracy']:.1f}%")
+                             f"{cfg['head']} on {store_name(result['store'])} {result['split']}: acc {100 * result['accuracy']:.1f}%, "
+                             f"UAR {100 * result['uar']:.1f}%, n={result['n']}")
     result["out"] = str(out)
     return out
 

@@ -41,16 +41,17 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 
 def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> Path:
-    """Row-normalised confusion matrix with counts."""
+    """Row-normalised confusion matrix with counts; each true class is labelled with its recall and size."""
     plt = _plt()
     cm = np.asarray(confusion, dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(1 + 0.8 * len(classes), 1 + 0.7 * len(classes)))
+    fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(classes), 1 + 0.7 * len(classes)))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
-    ax.set_yticks(range(len(classes)), classes)
+    # Recall per class beside its name: the number FER papers report, and what UAR averages.
+    ax.set_yticks(range(len(classes)), [f"{c}  {100 * norm[i, i]:.0f}% of {int(cm[i].sum())}" for i, c in enumerate(classes)])
     ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    ax.set_ylabel("true (recall of n)")
     for i in range(len(classes)):
         for j in range(len(classes)):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
