@@ -260,6 +260,23 @@ def _val_scores(model: nn.Module, val: dict, yval: np.ndarray, task: str, classe
     return metrics.au(yval, prob, classes, thresholds), thresholds
 
 
+def _train_val(fs: FeatureSet, y: np.ndarray, task: str, dev: torch.device):
+    """The train and val batches on `dev`, and their targets."""
+    train_fs, val_fs = fs.rows("train"), fs.rows("val")
+    ytr, yval = y[fs.split == "train"], y[fs.split == "val"]
+    if task == "expr":  # val rows with a class unseen in train cannot be predicted; keep them out of selection
+        val_fs, yval = val_fs.take(yval >= 0), yval[yval >= 0]
+    return _to_device(train_fs, ytr, dev), _to_device(val_fs, yval, dev), ytr, yval
+
+
+def _provenance(fs: FeatureSet, st, ctx: HeadContext) -> dict:
+    """What a run was trained from, so evaluate can refuse it once the store or the labels change."""
+    return {"manifest": fs.notes["manifest"], "manifest_rows_sha256": fs.notes["manifest_rows_sha256"],
+            "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "store_fingerprint": st.fingerprint,
+            "encoder_args": st.meta.get("encoder_args"), "views": fs.views,
+            "variant": "cached features (frozen encoder; see METHODS.md)"}
+
+
 def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
         device: str = "cpu", output: str | None = None, mask_source: str | None = None, hp: dict | None = None,
         recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False,
@@ -280,14 +297,9 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     r = {**model.recipe, **(recipe or {})}
     if model.level == "clip":
         fs = clip_level(fs, r["max_frames"])
-    y = targets(fs, task, classes)
-    train_fs, val_fs = fs.rows("train"), fs.rows("val")
-    ytr, yval = y[fs.split == "train"], y[fs.split == "val"]
-    if task == "expr":  # val rows with a class unseen in train cannot be predicted; keep them out of selection
-        val_fs, yval = val_fs.take(yval >= 0), yval[yval >= 0]
     dev = torch.device(device)
     model.to(dev)
-    train, val = _to_device(train_fs, ytr, dev), _to_device(val_fs, yval, dev)
+    train, val, ytr, yval = _train_val(fs, targets(fs, task, classes), task, dev)
     if hasattr(model, "fit_stats"):
         model.fit_stats(train)
     t0 = time.perf_counter()
@@ -300,11 +312,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     config = {
         "head": head, "hp": hp, "level": model.level, "recipe": r, "seed": seed, "task": task, "classes": classes,
-        "store": str(store), "output": output or st.default_output, "mask_source": mask_source,
-        "manifest": fs.notes["manifest"], "manifest_rows_sha256": fs.notes["manifest_rows_sha256"],
-        "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "device": device,
-        "store_fingerprint": st.fingerprint, "encoder_args": st.meta.get("encoder_args"), "views": fs.views,
-        "variant": "cached features (frozen encoder; see METHODS.md)",
+        "store": str(store), "output": output or st.default_output, "mask_source": mask_source, "device": device,
+        **_provenance(fs, st, ctx),
     }
     result = {
         "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": SELECT_METRIC[task],
@@ -326,7 +335,7 @@ def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, thresh
     if result["history"]:
         sel = result["selection"]
         report.training_png(run_dir / "training.png", result["history"], sel["metric"], sel["best_epoch"],
-                            f"{config['head']} on {Path(config['store']).stem}, seed {config['seed']}")
+                            f"{config['head']} on {store_name(config['store'])}, seed {config['seed']}")
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, np.ndarray | None]:
