@@ -259,6 +259,17 @@ def _join(parts: list[tuple[dict, np.ndarray, list[str]]]) -> tuple[dict, np.nda
     return feats, np.concatenate([p[1] for p in parts]), [e for p in parts for e in p[2]]
 
 
+def _ready(enc: Encoder, views, dev: torch.device) -> Encoder:
+    """The encoder on `dev` (channels-last on CUDA or where the encoder asks for it), with `views` to extract."""
+    for v in views:
+        VIEWS.lookup(v)  # an unknown view fails here, before any work
+    enc.views = tuple(views)
+    enc.model.to(dev)
+    if enc.channels_last or dev.type == "cuda":
+        enc.model.to(memory_format=torch.channels_last)
+    return enc
+
+
 def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrained: str | None = None,
             image_size: int | None = None, root: str | Path | None = None, device: str = "cpu",
             batch_size: int = 256, workers: int | None = None, chunk_rows: int = 1024, precision: str = "auto",
@@ -271,15 +282,9 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     t0 = time.perf_counter()
     manifest = read_manifest(manifest_path)
     paths = resolve_paths(manifest, data_root(root))
-    enc = encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size)
-    for v in views:
-        VIEWS.lookup(v)  # an unknown view fails here, before any work
-    enc.views = tuple(views)
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)
-    enc.model.to(dev)
-    if enc.channels_last or dev.type == "cuda":
-        enc.model.to(memory_format=torch.channels_last)
+    enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev)
     store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world,
                            manifest_path=str(Path(manifest_path).resolve()),
                            encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size},
