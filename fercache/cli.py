@@ -216,6 +216,26 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
         typer.echo("(null: chosen from the data, e.g. hidden=null is the feature width; values are JSON, as --hp parses them)")
 
 
+def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Path, seeds: list[int], recipe: dict,
+                    device: str) -> None:
+    from .protocols import cross_matrix
+
+    if not train:
+        raise typer.BadParameter("--cross needs --train STORE (repeatable)")
+    tables = cross_matrix(train, heads, out, seeds=seeds, test_stores=test or None, recipe={h: recipe for h in heads},
+                          device=device, progress=True)
+    for t in tables.values():
+        typer.echo(t["markdown"])
+
+
+def _score_line(r: dict, split: str) -> str:
+    """One evaluated run: its headline scores and where the full report went."""
+    scores = f"acc {100 * r['accuracy']:.2f}  UAR {100 * r['uar']:.2f}  macro-F1 {100 * r['macro_f1']:.2f}" if "accuracy" in r \
+        else f"AU macro-F1 @0.5 {100 * r['macro_f1_at_0.5']:.2f}  tuned {100 * r['macro_f1_tuned']:.2f}"
+    excl = f"  (excluded {r['excluded']['n']})" if r.get("excluded", {}).get("n") else ""
+    return f"{r['run']} on {r['store']}:{split}  n={r['n']}  {scores}{excl}  -> {r['out']}"
+
+
 @app.command()
 def evaluate(
     runs: list[str] = typer.Argument(None, help="Run directories (or parents of seed runs). With --cross: unused."),
@@ -233,16 +253,7 @@ def evaluate(
 ) -> None:
     """Score runs (WAR, UAR, macro-F1, per-class recall, confusion CSV/PNG; per-AU F1), or the --cross matrix."""
     if cross:
-        from .protocols import cross_matrix
-
-        if not train:
-            raise typer.BadParameter("--cross needs --train STORE (repeatable)")
-        head_list = [h for h in heads.split(",") if h]
-        tables = cross_matrix(train, head_list, out, seeds=_seeds(seeds), test_stores=test or None,
-                              recipe={h: _kv(recipe) for h in head_list}, device=device, progress=True)
-        for t in tables.values():
-            typer.echo(t["markdown"])
-        return
+        return _evaluate_cross(train, test, [h for h in heads.split(",") if h], out, _seeds(seeds), _kv(recipe), device)
     from .evaluate import evaluate as run_eval
 
     if not runs:
@@ -250,10 +261,7 @@ def evaluate(
     for run in runs:
         res = run_eval(run, store, manifest, split, device)
         for r in res["runs"]:
-            head = f"acc {100 * r['accuracy']:.2f}  UAR {100 * r['uar']:.2f}  macro-F1 {100 * r['macro_f1']:.2f}" if "accuracy" in r \
-                else f"AU macro-F1 @0.5 {100 * r['macro_f1_at_0.5']:.2f}  tuned {100 * r['macro_f1_tuned']:.2f}"
-            excl = f"  (excluded {r['excluded']['n']})" if r.get("excluded", {}).get("n") else ""
-            typer.echo(f"{r['run']} on {r['store']}:{split}  n={r['n']}  {head}{excl}  -> {r['out']}")
+            typer.echo(_score_line(r, split))
         if len(res["runs"]) > 1:
             typer.echo("mean ± std: " + ", ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in res["summary"].items()))
 

@@ -170,3 +170,15 @@ def test_au_cv_on_a_store_without_aus_fails_before_writing(tiny_store, tmp_path)
     r = invoke("au-cv", tiny_store, "--out", out)
     assert r.exit_code == 2 and "has no AU columns" in r.output
     assert not out.exists()
+
+
+def test_evaluate_cross_from_the_cli_writes_the_matrix(tiny_store, tmp_path):
+    out = tmp_path / "cross"
+    r = invoke("evaluate", "--cross", "--train", tiny_store, "--heads", "linear,mask", "--recipe", "epochs=2",
+               "--recipe", "batch_size=8", "--out", out)
+    assert r.exit_code == 0, r.output
+    for head in ("linear", "mask"):  # one markdown table per head, printed and written, with the recipe override used
+        assert (out / f"cross-{head}.md").read_text().strip() in r.output
+        assert json.loads((out / "runs" / f"faces-{head}" / "seed0" / "config.json").read_text())["recipe"]["epochs"] == 2
+    r = invoke("evaluate", "--cross", "--heads", "linear", "--out", out)
+    assert r.exit_code == 2 and "--cross needs --train" in r.output
