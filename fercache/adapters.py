@@ -13,6 +13,8 @@ import logging
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
+
 from . import labels as L
 from .errors import ManifestError
 from .manifests import Manifest, validate
@@ -186,6 +188,51 @@ def ferplus(src: Path) -> list[dict]:
         if label:
             img = src / FERPLUS_FOLDERS[split] / name
             rows.append(_row(f"{split}/{Path(name).stem}", img, label, split, subject=Path(name).stem))
+    return rows
+
+
+def _fer2013_pixels(blob: str, where: str) -> np.ndarray:
+    try:
+        pixels = np.array(blob.split(), dtype=np.int64)
+    except ValueError:
+        raise ManifestError(f"{where}: `pixels` must be 2304 space-separated integers") from None
+    if pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
+        raise ManifestError(f"{where}: `pixels` has {pixels.size} values in [{pixels.min()}, {pixels.max()}]; "
+                            "FER2013 rows are 48x48 = 2304 values in [0, 255]")
+    return pixels.astype(np.uint8).reshape(48, 48)
+
+
+@register_adapter("fer2013csv")
+def fer2013csv(src: Path, csv_file: str = "fer2013.csv", images: str | None = None) -> list[dict]:
+    """Kaggle `fer2013.csv` / `icml_face_data.csv` (emotion 0-6, pixels, Usage) -> PNGs laid out as FERPlus expects."""
+    from PIL import Image
+
+    path = src / csv_file
+    if not path.is_file():
+        raise ManifestError(f"{path} not found; pass --option csv_file=NAME (e.g. icml_face_data.csv)")
+    # FERPlus's own generator names images by their row in this file; writing the same names lets the
+    # ferplus adapter (with fer2013new.csv beside them) read this folder, with the same sample ids.
+    out = Path(images) if images else src
+    rows = []
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        reader.fieldnames = [c.strip() for c in reader.fieldnames or []]  # icml_face_data.csv has " Usage"
+        if not {"emotion", "pixels", "Usage"} <= set(reader.fieldnames):
+            raise ManifestError(f"{path}: expected columns emotion, pixels, Usage; found {reader.fieldnames}")
+        for i, r in enumerate(reader):
+            where = f"{path}:{i + 2}"
+            if r["Usage"].strip() not in FERPLUS_USAGE:
+                raise ManifestError(f"{where}: Usage {r['Usage']!r} is not one of {sorted(FERPLUS_USAGE)}")
+            split = FERPLUS_USAGE[r["Usage"].strip()]
+            name = f"fer{i:07d}.png"
+            img = out / FERPLUS_FOLDERS[split] / name
+            pixels = _fer2013_pixels(r["pixels"], where)
+            # Written once; a re-run checks each image against its row, so a PNG from another csv is never reused.
+            if not img.is_file() or not np.array_equal(np.asarray(Image.open(img)), pixels):
+                img.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels).save(img)  # 2-D uint8: grey "L", lossless
+            label = L.from_native("fer2013", int(r["emotion"]), f"{where}: ")
+            rows.append(_row(f"{split}/{img.stem}", img, label, split, subject=img.stem))
     return rows
 
 

@@ -105,6 +105,60 @@ def test_ferplus_majority_and_drops(tmp_path):
     assert got["val/fer0000002"]["label"] == "surprise" and got["val/fer0000002"]["path"].endswith("FER2013Valid/fer0000002.png")
 
 
+def _fer2013_csv(path: Path, rows: list[tuple[int, np.ndarray | str, str]], header=("emotion", "pixels", "Usage")) -> Path:
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        for emotion, pixels, usage in rows:
+            blob = pixels if isinstance(pixels, str) else " ".join(map(str, pixels.ravel()))
+            w.writerow([emotion, blob, usage] if header[1].strip() == "pixels" else [emotion, usage, blob])
+    return path
+
+
+def test_fer2013_csv_writes_ferplus_named_pngs_with_native_labels(tmp_path):
+    rng = np.random.default_rng(0)
+    faces = [rng.integers(0, 256, (48, 48), dtype=np.uint8) for _ in range(4)]
+    usage = ["Training", "Training", "PublicTest", "PrivateTest"]
+    _fer2013_csv(tmp_path / "fer2013.csv", [(c, f, u) for c, f, u in zip((0, 6, 3, 5), faces, usage)])
+    m = build("fer2013csv", tmp_path)
+    got = _by_id(m)
+    assert [(r["sample_id"], r["label"], r["split"]) for r in m.rows] == [
+        ("train/fer0000000", "anger", "train"), ("train/fer0000001", "neutral", "train"),
+        ("val/fer0000002", "happy", "val"), ("test/fer0000003", "surprise", "test")]
+    assert got["test/fer0000003"]["path"] == "FER2013Test/fer0000003.png"
+    for face, r in zip(faces, m.rows):  # lossless: the pixels of the csv, exactly
+        assert np.array_equal(np.asarray(Image.open(tmp_path / r["path"])), face)
+    # The same folder, with FERPlus's vote file beside it, builds a FERPlus manifest with the same ids.
+    votes = [[u, f"fer{i:07d}.png", 10, 0, 0, 0, 0, 0, 0, 0, 0, 0] for i, u in enumerate(usage)]
+    with open(tmp_path / "fer2013new.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["Usage", "Image name"] + list(L.FERPLUS_VOTES)] + votes)
+    plus = build("ferplus", tmp_path)
+    assert [r["sample_id"] for r in plus.rows] == [r["sample_id"] for r in m.rows]
+    assert all((tmp_path / r["path"]).is_file() for r in plus.rows)
+
+
+def test_fer2013_csv_icml_header_rerun_and_errors(tmp_path):
+    face = np.full((48, 48), 7, np.uint8)
+    _fer2013_csv(tmp_path / "icml_face_data.csv", [(2, face, "Training")], header=("emotion", " Usage", " pixels"))
+    m = build("fer2013csv", tmp_path, data_root=tmp_path, csv_file="icml_face_data.csv", images=str(tmp_path / "png"))
+    assert m.rows[0]["label"] == "fear" and m.rows[0]["path"] == "png/FER2013Train/fer0000000.png"
+    png = tmp_path / "png" / "FER2013Train" / "fer0000000.png"
+    before = png.stat().st_mtime_ns
+    build("fer2013csv", tmp_path, data_root=tmp_path, csv_file="icml_face_data.csv", images=str(tmp_path / "png"))
+    assert png.stat().st_mtime_ns == before  # a re-run leaves matching images alone...
+    Image.fromarray(np.zeros((48, 48), np.uint8)).save(png)
+    build("fer2013csv", tmp_path, data_root=tmp_path, csv_file="icml_face_data.csv", images=str(tmp_path / "png"))
+    assert np.array_equal(np.asarray(Image.open(png)), face)  # ...and rewrites one that is not its row's
+    _fer2013_csv(tmp_path / "short.csv", [(0, "1 2 3", "Training")])
+    with pytest.raises(ManifestError, match=r"short.csv:2: `pixels` has 3 values"):
+        build("fer2013csv", tmp_path, csv_file="short.csv")
+    _fer2013_csv(tmp_path / "code.csv", [(7, face, "Training")])
+    with pytest.raises(ManifestError, match=r"code.csv:2: label 7 is not a fer2013 code"):
+        build("fer2013csv", tmp_path, csv_file="code.csv")
+    with pytest.raises(ManifestError, match="csv_file=NAME"):
+        build("fer2013csv", tmp_path, csv_file="missing.csv")
+
+
 def test_rafdb_list(tmp_path):
     (tmp_path / "EmoLabel").mkdir()
     (tmp_path / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 5\ntest_0001.jpg 1\n")
