@@ -184,13 +184,15 @@ def train_head(
     device: str = typer.Option("cpu", help="cpu or cuda."),
     views: bool = typer.Option(True, help="Train on the store's cached augmented views (extract --views) and "
                                           "evaluate on their average; --no-views uses the plain images only."),
+    overwrite: bool = typer.Option(False, help="Replace a run of the same name trained with other settings "
+                                              "(without it such a run is kept and this one refused)."),
 ) -> None:
     """Train a head on cached features; the epoch is chosen on the validation split, never on test."""
     from .train import fit_seeds
 
     runs = fit_seeds(store, head, seeds=_seeds(seeds), out_dir=out, manifest=manifest, output=output,
                      mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device, progress=True,
-                     views=views)
+                     views=views, replace=overwrite)
     for r in runs:
         sel, val = r.metrics["selection"], r.metrics["val"]
         score = val.get("accuracy", val.get("macro_f1_at_0.5"))

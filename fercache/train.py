@@ -271,20 +271,43 @@ def _train_val(fs: FeatureSet, y: np.ndarray, task: str, dev: torch.device):
 
 def _provenance(fs: FeatureSet, st, ctx: HeadContext) -> dict:
     """What a run was trained from, so evaluate can refuse it once the store or the labels change."""
-    return {"manifest": fs.notes["manifest"], "manifest_rows_sha256": fs.notes["manifest_rows_sha256"],
+    return {"manifest_rows_sha256": fs.notes["manifest_rows_sha256"],
             "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "store_fingerprint": st.fingerprint,
-            "encoder_args": st.meta.get("encoder_args"), "views": fs.views,
+            "encoder_args": st.meta.get("encoder_args"),
             "variant": "cached features (frozen encoder; see METHODS.md)"}
+
+
+def _changed(old, new) -> str:
+    """`old -> new`, narrowed to the keys that differ when both are dicts (a recipe, hyperparameters)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = [k for k in {**old, **new} if old.get(k) != new.get(k)]
+        return ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in keys)
+    return f"{old!r} -> {new!r}"
+
+
+def _refuse_other_run(run_dir: Path, settings: dict) -> None:
+    """A run directory already holding a run with other settings is kept: nothing trained is lost silently."""
+    saved_path = run_dir / "config.json"
+    if not saved_path.is_file():
+        return
+    saved = json.loads(saved_path.read_text())
+    differ = [k for k, v in settings.items() if json.dumps(saved.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
+    if differ:
+        detail = "; ".join(f"{k}: {_changed(saved.get(k), settings[k])}" for k in differ)
+        raise ConfigError(f"{run_dir} holds a run trained with other settings ({detail}); "
+                          "pass another --out, or --overwrite to replace it")
 
 
 def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
         device: str = "cpu", output: str | None = None, mask_source: str | None = None, hp: dict | None = None,
         recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False,
-        views: bool = True) -> RunResult:
+        views: bool = True, replace: bool = True, fold: int | None = None) -> RunResult:
     """Train one head with one seed on a store; writes <out_dir>/<name>/{head.pt,config.json,metrics.json}.
 
     With `views` (default) and a store extracted with `--views`, each training image contributes a random
     one of its cached views per epoch, and validation scores the average of the views' logits.
+    `replace=False` refuses, before training, to overwrite a run trained with other settings.
+    `fold` marks the run as one fold of a protocol (`folds`, `au-cv`), so the ledger pools folds like seeds.
     """
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed, views)
     st = open_store(store)
@@ -295,6 +318,11 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     model = build_head(head, ctx, **(hp or {}))
     hp = {**(hp or {}), **getattr(model, "resolved_hp", {})}  # e.g. an "auto" choice, so load_run rebuilds this head
     r = {**model.recipe, **(recipe or {})}
+    run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
+    settings = {"head": head, "hp": hp, "recipe": r, "store": str(store), "output": output or st.default_output,
+                "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views, "classes": classes}
+    if not replace:
+        _refuse_other_run(run_dir, settings)
     if model.level == "clip":
         fs = clip_level(fs, r["max_frames"])
     dev = torch.device(device)
@@ -309,12 +337,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     else:
         history, best_epoch = [], 0
     val_metrics, thresholds = _val_scores(model, val, yval, task, classes)
-    run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
-    config = {
-        "head": head, "hp": hp, "level": model.level, "recipe": r, "seed": seed, "task": task, "classes": classes,
-        "store": str(store), "output": output or st.default_output, "mask_source": mask_source, "device": device,
-        **_provenance(fs, st, ctx),
-    }
+    config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
+              **_provenance(fs, st, ctx)}
     result = {
         "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": SELECT_METRIC[task],
                       "best_epoch": best_epoch, "test_split_used": False},
