@@ -102,7 +102,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
         results[head] = []
         for f, m in enumerate(manifests, 1):
             runs = _fit_label(store, head, hp, recipe, seeds=seeds, manifest=m, out_dir=out_dir / "runs", device=device,
-                              progress=progress, name=f"{head}/fold{f}/seed{{seed}}")
+                              progress=progress, name=f"{head}/fold{f}/seed{{seed}}", fold=f)
             results[head] += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f, "manifest": str(m)}
                               for r in runs]
     return _folds_table(out_dir, store, results, len(manifests), len(seeds))
@@ -156,7 +156,7 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
         rows = [{**r, "split": "test" if fold[i] == f else "train"} for i, r in enumerate(base.rows)]
         m = write_manifest(Manifest(rows=rows, source=f"fold{f}", columns=base.columns), out_dir / f"fold{f}.csv")
         runs = fit_seeds(store, "au", seeds=seeds, manifest=m, aus=au_list, out_dir=out_dir / "runs", device=device,
-                         hp=hp, recipe=recipe, progress=progress, name=f"fold{f}/seed{{seed}}")
+                         hp=hp, recipe=recipe, progress=progress, name=f"fold{f}/seed{{seed}}", fold=f)
         results += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f} for r in runs]
     return _au_table(out_dir, results)
 

@@ -8,6 +8,7 @@ which setting won on validation, what did it score, and is any of it stale?" wit
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -47,14 +48,21 @@ def run_record(run: Path) -> dict:
             evals[f"{store_name(r['store'])} {r['split']}"] = r[metric]
     return {"run": run, "head": cfg["head"], "hp": cfg.get("hp") or {}, "recipe": cfg.get("recipe") or {},
             "store": cfg["store"], "manifest": cfg.get("manifest"), "output": cfg.get("output"),
-            "views": cfg.get("views", []), "task": cfg["task"], "seed": cfg["seed"], "metric": metric,
+            "views": cfg.get("views", []), "task": cfg["task"], "seed": cfg["seed"], "fold": cfg.get("fold"), "metric": metric,
             "val": met["val"][metric], "evals": evals, "status": _status(cfg)}
 
 
 def _setting(rec: dict) -> str:
-    """Everything but the seed: runs with the same setting are seeds of one experiment."""
-    keys = ("head", "hp", "recipe", "store", "manifest", "output", "views")
-    return json.dumps({k: rec[k] for k in keys}, sort_keys=True, default=str)
+    """Everything but the seed: runs with the same setting are seeds of one experiment. Folds of a protocol
+    differ in their manifest by design, so they pool with the seeds too (ranking fold 3 above fold 1 means nothing)."""
+    keys = ("head", "hp", "recipe", "store", "output", "views") + (("manifest",) if rec["fold"] is None else ("folded",))
+    return json.dumps({k: rec[k] if k != "folded" else True for k in keys}, sort_keys=True, default=str)
+
+
+def _count(g: list[dict]) -> str:
+    """How many runs a row pools: `3` seeds, or `3 x 5` seeds x folds."""
+    folds = {r["fold"] for r in g}
+    return str(len(g)) if folds == {None} else f"{len({r['seed'] for r in g})} x {len(folds)}"
 
 
 def _settings(groups: list[list[dict]]) -> dict[int, str]:
@@ -95,13 +103,13 @@ def _table(root: Path, groups: list[list[dict]]) -> dict:
     store, task, metric = groups[0][0]["store"], groups[0][0]["task"], groups[0][0]["metric"]
     settings = _settings(groups)
     evals = sorted({k for g in groups for r in g for k in r["evals"]})
-    header = ["rank", "head", "settings", "seeds", f"val {metric} (%)"] + [f"{e} (%)" for e in evals] + ["status", "runs"]
+    header = ["rank", "head", "settings", "seeds (x folds)", f"val {metric} (%)"] + [f"{e} (%)" for e in evals] + ["status", "runs"]
     rows = []
     for i, g in enumerate(groups):
         where = g[0]["run"].relative_to(root)
-        if len(g) > 1:  # seed runs share a parent folder
-            where = where.parent
-        rows.append([i + 1, g[0]["head"], settings[id(g)], len(g), _mean_std([r["val"] for r in g])]
+        if len(g) > 1:  # the seed (and fold) runs of one setting share a parent folder
+            where = Path(os.path.commonpath([r["run"].relative_to(root) for r in g]))
+        rows.append([i + 1, g[0]["head"], settings[id(g)], _count(g), _mean_std([r["val"] for r in g])]
                     + [_mean_std([r["evals"][e] for r in g if e in r["evals"]]) for e in evals]
                     + [", ".join(sorted({r["status"] for r in g})), str(where)])
     title = f"### runs trained on {store_name(store)} ({task}), ranked on validation {metric}"
@@ -111,7 +119,7 @@ def _table(root: Path, groups: list[list[dict]]) -> dict:
 
 def write_ledger(result: dict, out: str | Path) -> Path:
     """Every table as rows of one CSV with fixed columns; evaluations as `target=mean ± std` pairs."""
-    header = ["table", "rank", "head", "settings", "seeds", "val (%)", "evaluations (%)", "status", "runs"]
+    header = ["table", "rank", "head", "settings", "seeds (x folds)", "val (%)", "evaluations (%)", "status", "runs"]
     rows = []
     for (store, task), t in result["tables"].items():
         for row in t["rows"]:

@@ -182,3 +182,18 @@ def test_evaluate_cross_from_the_cli_writes_the_matrix(tiny_store, tmp_path):
         assert json.loads((out / "runs" / f"faces-{head}" / "seed0" / "config.json").read_text())["recipe"]["epochs"] == 2
     r = invoke("evaluate", "--cross", "--heads", "linear", "--out", out)
     assert r.exit_code == 2 and "--cross needs --train" in r.output
+
+
+def test_train_head_keeps_a_run_trained_with_other_settings(tiny_store, tmp_path):
+    args = ("train-head", tiny_store, "--head", "linear", "--recipe", "batch_size=8", "--out", tmp_path)
+    r = invoke(*args, "--recipe", "epochs=2")
+    assert r.exit_code == 0, r.output
+    config = tmp_path / "faces-linear" / "seed0" / "config.json"
+    first = config.read_text()
+    r = invoke(*args, "--recipe", "epochs=2")  # the same settings again: a re-run, allowed
+    assert r.exit_code == 0, r.output
+    r = invoke(*args, "--recipe", "epochs=3")
+    assert r.exit_code == 2 and "other settings (recipe: epochs 2 -> 3)" in r.output and "--overwrite" in r.output
+    assert config.read_text() == first  # kept as it was
+    r = invoke(*args, "--recipe", "epochs=3", "--overwrite")
+    assert r.exit_code == 0 and json.loads(config.read_text())["recipe"]["epochs"] == 3

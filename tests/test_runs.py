@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 
+import numpy as np
 import pytest
 
 from fercache.errors import ConfigError
@@ -40,7 +41,7 @@ def test_ledger_groups_seeds_ranks_on_val_and_shows_what_varied(runs_dir):
     for rec in r["records"]:
         vals.setdefault((rec["head"], rec["recipe"]["lr"]), []).append(rec["val"])
     by_mean = sorted(vals, key=lambda k: -sum(vals[k]) / len(vals[k]))
-    assert [(row[1], row[3]) for row in table["rows"]] == [(h, 2 if h == "linear" else 1) for h, _ in by_mean]
+    assert [(row[1], row[3]) for row in table["rows"]] == [(h, "2" if h == "linear" else "1") for h, _ in by_mean]
     settings = {row[-1]: row[2] for row in table["rows"]}
     assert settings == {"linear-lr1e-06": "lr=1e-06", "linear-lr0.01": "lr=0.01", "mask/seed0": ""}
     mask_row = next(row for row in table["rows"] if row[1] == "mask")
@@ -62,6 +63,24 @@ def test_ledger_flags_runs_whose_manifest_changed(runs_dir):
     with open(root / "ledger.csv") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == 3 and rows[0]["table"] == "faces (expr)" and {r["status"] for r in rows} == {"STALE: manifest changed"}
+
+
+def test_ledger_pools_the_folds_of_a_protocol_like_seeds(tiny_store, tiny_manifest, tmp_path):
+    from fercache.protocols import manifest_folds
+
+    m = read_manifest(tiny_manifest)
+    folds = []
+    for k in (1, 2):  # two "official folds": the same rows, a different half of train moved to val each time
+        rows = [dict(r, split="val" if r["split"] == "train" and i % 2 == k - 1 else r["split"]) for i, r in enumerate(m.rows)]
+        folds.append(write_manifest(type(m)(rows=rows, source=f"fold{k}"), tmp_path / f"fold{k}.csv"))
+    manifest_folds(str(tiny_store), folds, ["linear"], tmp_path / "folds", seeds=(0, 1), recipe={"linear": QUICK})
+    r = ledger(tmp_path / "folds")
+    (table,) = r["tables"].values()
+    assert len(r["records"]) == 4 and {rec["fold"] for rec in r["records"]} == {1, 2}
+    (row,) = table["rows"]  # one setting: 2 seeds x 2 folds in one row, not four ranked against each other
+    assert row[3] == "2 x 2" and row[-1] == "runs/linear"
+    vals = [rec["val"] for rec in r["records"]]
+    assert row[4] == f"{100 * np.mean(vals):.2f} ± {100 * np.std(vals):.2f}"
 
 
 def test_ledger_of_an_empty_folder_says_so(tmp_path):
