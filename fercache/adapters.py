@@ -197,8 +197,8 @@ def _fer2013_pixels(blob: str, where: str) -> np.ndarray:
     except ValueError:
         raise ManifestError(f"{where}: `pixels` must be 2304 space-separated integers") from None
     if pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
-        raise ManifestError(f"{where}: `pixels` has {pixels.size} values in [{pixels.min()}, {pixels.max()}]; "
-                            "FER2013 rows are 48x48 = 2304 values in [0, 255]")
+        span = f" in [{pixels.min()}, {pixels.max()}]" if pixels.size else ""
+        raise ManifestError(f"{where}: `pixels` has {pixels.size} values{span}; FER2013 rows are 48x48 = 2304 values in [0, 255]")
     return pixels.astype(np.uint8).reshape(48, 48)
 
 
@@ -226,12 +226,14 @@ def fer2013csv(src: Path, csv_file: str = "fer2013.csv", images: str | None = No
             split = FERPLUS_USAGE[r["Usage"].strip()]
             name = f"fer{i:07d}.png"
             img = out / FERPLUS_FOLDERS[split] / name
+            if not r["emotion"].strip().isdigit():
+                raise ManifestError(f"{where}: emotion {r['emotion']!r} is not a FER2013 code (0-6)")
+            label = L.from_native("fer2013", int(r["emotion"]), f"{where}: ")
             pixels = _fer2013_pixels(r["pixels"], where)
             # Written once; a re-run checks each image against its row, so a PNG from another csv is never reused.
             if not img.is_file() or not np.array_equal(np.asarray(Image.open(img)), pixels):
                 img.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels).save(img)  # 2-D uint8: grey "L", lossless
-            label = L.from_native("fer2013", int(r["emotion"]), f"{where}: ")
             rows.append(_row(f"{split}/{img.stem}", img, label, split, subject=img.stem))
     return rows
 

@@ -214,8 +214,7 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
         typer.echo(f"{d['name']:10s} {d['task']}/{d['level']}  {d['summary']}")
         typer.echo(f"{'':10s} --hp      {' '.join(f'{k}={json.dumps(v)}' for k, v in d['hp'].items()) or '(none)'}")
         typer.echo(f"{'':10s} --recipe  {' '.join(f'{k}={json.dumps(v)}' for k, v in d['recipe'].items() if v is not None)}")
-    if not as_json:
-        typer.echo("(null: chosen from the data, e.g. hidden=null is the feature width; values are JSON, as --hp parses them)")
+    typer.echo("(null: chosen from the data, e.g. hidden=null is the feature width; values are JSON, as --hp parses them)")
 
 
 def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Path, seeds: list[int], recipe: dict,

@@ -55,8 +55,9 @@ def run_record(run: Path) -> dict:
 def _setting(rec: dict) -> str:
     """Everything but the seed: runs with the same setting are seeds of one experiment. Folds of a protocol
     differ in their manifest by design, so they pool with the seeds too (ranking fold 3 above fold 1 means nothing)."""
-    keys = ("head", "hp", "recipe", "store", "output", "views") + (("manifest",) if rec["fold"] is None else ("folded",))
-    return json.dumps({k: rec[k] if k != "folded" else True for k in keys}, sort_keys=True, default=str)
+    keys = ("head", "hp", "recipe", "store", "output", "views")
+    manifest = rec["manifest"] if rec["fold"] is None else "(folds)"
+    return json.dumps({**{k: rec[k] for k in keys}, "manifest": manifest}, sort_keys=True, default=str)
 
 
 def _count(g: list[dict]) -> str:

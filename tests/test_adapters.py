@@ -152,6 +152,9 @@ def test_fer2013_csv_icml_header_rerun_and_errors(tmp_path):
     _fer2013_csv(tmp_path / "short.csv", [(0, "1 2 3", "Training")])
     with pytest.raises(ManifestError, match=r"short.csv:2: `pixels` has 3 values"):
         build("fer2013csv", tmp_path, csv_file="short.csv")
+    _fer2013_csv(tmp_path / "empty.csv", [(0, "", "Training")])
+    with pytest.raises(ManifestError, match=r"empty.csv:2: `pixels` has 0 values;"):
+        build("fer2013csv", tmp_path, csv_file="empty.csv")
     _fer2013_csv(tmp_path / "code.csv", [(7, face, "Training")])
     with pytest.raises(ManifestError, match=r"code.csv:2: label 7 is not a fer2013 code"):
         build("fer2013csv", tmp_path, csv_file="code.csv")
