@@ -11,6 +11,7 @@ import numpy as np
 from . import report
 from .data import features_memo
 from .errors import ConfigError
+from .store import store_name
 from .train import fit_seeds
 
 RECIPE_KEYS = {"epochs", "lr", "weight_decay", "batch_size", "sam_rho", "gamma", "eta_min", "optimizer", "scheduler"}
@@ -42,12 +43,12 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
     rows.sort(key=lambda r: -r["mean"])
     header = ["rank"] + list(grid) + [f"val {rows[0]['val_metric']} (%)"]
     table = [[k + 1] + [report.cell(r[a]) for a in grid] + [f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"] for k, r in enumerate(rows)]
-    md = f"### sweep of {head} on {Path(store).stem} (ranked on the validation split)\n\n" + report.markdown_table(header, table) + "\n"
+    md = f"### sweep of {head} on {store_name(store)} (ranked on the validation split)\n\n" + report.markdown_table(header, table) + "\n"
     (out_dir / "sweep.md").write_text(md)
     report.write_csv(out_dir / "sweep.csv", header, table)
     report.ranking_png(out_dir / "sweep.png", [", ".join(f"{a}={report.cell(r[a])}" for a in grid) for r in rows],
                        [100 * r["mean"] for r in rows], [100 * r["std"] for r in rows],
                        f"val {rows[0]['val_metric']} (%), mean ± std over {len(seeds)} seed(s)",
-                       f"sweep of {head} on {Path(store).stem}")
+                       f"sweep of {head} on {store_name(store)}")
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
     return {"markdown": md, "best": rows[0], "rows": rows}
