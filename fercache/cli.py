@@ -230,9 +230,12 @@ def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Pa
 
 
 def _score_line(r: dict, split: str) -> str:
-    """One evaluated run: its headline scores and where the full report went."""
-    scores = f"acc {100 * r['accuracy']:.2f}  UAR {100 * r['uar']:.2f}  macro-F1 {100 * r['macro_f1']:.2f}" if "accuracy" in r \
-        else f"AU macro-F1 @0.5 {100 * r['macro_f1_at_0.5']:.2f}  tuned {100 * r['macro_f1_tuned']:.2f}"
+    """One evaluated run: its headline scores with their 95% intervals, and where the full report went."""
+    names = {"accuracy": "acc", "uar": "UAR", "macro_f1": "macro-F1"} if "accuracy" in r \
+        else {"macro_f1_at_0.5": "AU macro-F1 @0.5", "macro_f1_tuned": "tuned"}
+    ci = r.get("ci95", {})
+    scores = "  ".join(f"{name} {100 * r[k]:.2f}" + (f" [{100 * ci[k][0]:.1f}, {100 * ci[k][1]:.1f}]" if k in ci else "")
+                       for k, name in names.items())
     excl = f"  (excluded {r['excluded']['n']})" if r.get("excluded", {}).get("n") else ""
     return f"{r['run']} on {r['store']}:{split}  n={r['n']}  {scores}{excl}  -> {r['out']}"
 
@@ -265,6 +268,31 @@ def evaluate(
             typer.echo(_score_line(r, split))
         if len(res["runs"]) > 1:
             typer.echo("mean ± std: " + ", ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in res["summary"].items()))
+
+
+@app.command()
+def compare(
+    a: str = typer.Argument(..., help="Run A: a run directory, or a parent of seed runs (the mean of its seeds)."),
+    b: str = typer.Argument(..., help="Run B, likewise."),
+    store: Optional[str] = typer.Option(None, help="Score both on this store (default: their common training store)."),
+    split: str = typer.Option("test", help="Split to score."),
+    manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
+    n_boot: int = typer.Option(1000, "--n-boot", min=100, help="Bootstrap resamples."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the comparison as JSON."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Is B better than A? B - A on the same test samples, with a paired 95% bootstrap interval and p-value.
+
+    Subjects are resampled whole (several frames of one person are not independent evidence), and both runs
+    score every resample, so the interval is that of the difference, not of either run alone.
+    """
+    from .compare import compare as run_compare, describe
+
+    result = run_compare(a, b, store, manifest, split, device, n_boot=n_boot)
+    typer.echo(describe(result))
+    if out:
+        out.write_text(json.dumps(result, indent=2))
+        typer.echo(f"-> {out}")
 
 
 @app.command()

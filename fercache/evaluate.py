@@ -6,6 +6,7 @@ import functools
 import json
 import logging
 import os
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -80,9 +81,46 @@ def run_dirs(run: str | Path) -> list[Path]:
     return found
 
 
-def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split: str = "test",
-                 write: bool = True, device: str = "cpu") -> dict:
-    """Metrics of one run on `split` of `store` (default: the store it was trained on)."""
+@dataclass
+class Scored:
+    """One run's outputs on a split, row by row: what metrics, intervals, predictions.csv and `compare` read."""
+
+    sample_id: np.ndarray  # clip ids for a clip-level run
+    subject: np.ndarray
+    label: np.ndarray  # manifest labels (expression) ; unused for AUs
+    y: np.ndarray  # class index [n], or AU matrix [n, A] (-1 = not annotated)
+    prob: np.ndarray  # softmax [n, K], or sigmoid [n, A]
+    classes: list[str]
+    task: str
+    thresholds: np.ndarray | None = None
+
+    def take(self, idx: np.ndarray) -> "Scored":
+        return replace(self, sample_id=self.sample_id[idx], subject=self.subject[idx], label=self.label[idx],
+                       y=self.y[idx], prob=self.prob[idx])
+
+    def decisions(self) -> dict[str, np.ndarray]:
+        """The predictions each headline metric scores: argmax, or AUs at 0.5 and at the tuned thresholds."""
+        if self.task == "expr":
+            return {"pred": self.prob.argmax(1)}
+        tuned = np.full(len(self.classes), 0.5) if self.thresholds is None else self.thresholds
+        return {"at_0.5": (self.prob >= 0.5).astype(int), "tuned": (self.prob >= tuned).astype(int)}
+
+    def clusters(self) -> np.ndarray:
+        """What the bootstrap resamples: subjects, or rows whose subject is unknown."""
+        return np.where(self.subject.astype(str) == "", self.sample_id.astype(str), self.subject.astype(str))
+
+    def metric_draws(self, w: np.ndarray) -> dict[str, np.ndarray]:
+        """Each headline metric under row weights `w` [b, n] (one bootstrap resample per row of w)."""
+        d = self.decisions()
+        if self.task == "expr":
+            return metrics.weighted_classification(w, self.y, d["pred"], len(self.classes))
+        return {"macro_f1_at_0.5": metrics.weighted_au_f1(w, self.y, d["at_0.5"]),
+                "macro_f1_tuned": metrics.weighted_au_f1(w, self.y, d["tuned"])}
+
+
+def score_run(run: str | Path, store: str | None = None, manifest=None, split: str = "test",
+              device: str = "cpu") -> tuple[dict, Scored]:
+    """Metrics of one run on `split` of `store` (default: the store it was trained on), and its row outputs."""
     model, cfg, thresholds = load_run(run, device)
     store = store or cfg["store"]
     _check_same_encoder(cfg, store)
@@ -106,20 +144,43 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
         excluded = {str(lbl): int((fs.label[~scored] == lbl).sum()) for lbl in np.unique(fs.label[~scored])}
         fs, y = fs.take(scored), y[scored]
         result["excluded"] = {"n": int(sum(excluded.values())), "by_label": excluded}
-        logits = predict_logits(model, _to_device(fs, y, device))
-        result.update(metrics.classification(y, logits.argmax(1).cpu().numpy(), cfg["classes"]))
+    logits = predict_logits(model, _to_device(fs, y, device))
+    prob = (torch.softmax(logits, 1) if cfg["task"] == "expr" else torch.sigmoid(logits)).cpu().numpy()
+    out = Scored(fs.sample_id, fs.subject, fs.label, y, prob, list(cfg["classes"]), cfg["task"], thresholds)
+    if cfg["task"] == "expr":
+        result.update(metrics.classification(y, out.decisions()["pred"], cfg["classes"]))
     else:
-        prob = torch.sigmoid(predict_logits(model, _to_device(fs, y, device))).cpu().numpy()
         result.update(metrics.au(y, prob, cfg["classes"], thresholds))
+    return result, out
+
+
+def with_intervals(result: dict, scored: Scored, n_boot: int = metrics.N_BOOT) -> dict:
+    """`result` plus 95% bootstrap intervals of its headline metrics, resampling subjects (see metrics)."""
+    clusters = scored.clusters()
+    if len(clusters) == 0:
+        return result
+    n_clusters = len(np.unique(clusters))
+    unit = "subjects" if n_clusters < len(clusters) else "samples (no subject shared by two)"
+    return {**result, "ci95": metrics.bootstrap_ci(scored.metric_draws, clusters, n_boot),
+            "ci_method": f"percentile bootstrap, {n_boot} resamples of the {n_clusters} {unit}, seed 0"}
+
+
+def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split: str = "test",
+                 write: bool = True, device: str = "cpu") -> dict:
+    """Metrics of one run on `split` of `store`, with 95% intervals; written beside the run (eval-<store>-<split>/)."""
+    result, scored = score_run(run, store, manifest, split, device)
+    result = with_intervals(result, scored)
     if write:
-        _write_eval(Path(run), result, cfg)
+        cfg = json.loads((Path(run) / "config.json").read_text())
+        _write_eval(Path(run), result, cfg, scored)
     return result
 
 
-def _write_eval(run: Path, result: dict, cfg: dict) -> Path:
+def _write_eval(run: Path, result: dict, cfg: dict, scored: Scored) -> Path:
     out = run / f"eval-{store_name(result['store'])}-{result['split']}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
+    write_predictions(out / "predictions.csv", scored)
     if "confusion" in result:
         classes = result["classes"]
         report.write_csv(out / "confusion.csv", ["true \\ predicted"] + classes,
@@ -129,6 +190,21 @@ def _write_eval(run: Path, result: dict, cfg: dict) -> Path:
                              f"UAR {100 * result['uar']:.1f}%, n={result['n']}")
     result["out"] = str(out)
     return out
+
+
+def write_predictions(path: Path, s: Scored) -> Path:
+    """One row per scored sample (clip): its id, subject, truth, decision and probabilities, for error analysis."""
+    if s.task == "expr":
+        header = ["sample_id", "subject", "label", "prediction", "correct"] + [f"p_{c}" for c in s.classes]
+        pred = s.decisions()["pred"]
+        rows = [[i, subj, s.classes[t], s.classes[p], int(t == p)] + [f"{v:.5f}" for v in pr]
+                for i, subj, t, p, pr in zip(s.sample_id, s.subject, s.y, pred, s.prob)]
+    else:
+        tuned = s.decisions()["tuned"]
+        header = ["sample_id", "subject"] + [f"{a}_{k}" for a in s.classes for k in ("true", "pred", "p")]
+        rows = [[i, subj] + [v for a in range(len(s.classes)) for v in (yt[a], pt[a], f"{pr[a]:.5f}")]
+                for i, subj, yt, pt, pr in zip(s.sample_id, s.subject, s.y, tuned, s.prob)]
+    return report.write_csv(path, header, rows)
 
 
 def summarize(results: list[dict], keys=("accuracy", "uar", "macro_f1", "macro_f1_at_0.5", "macro_f1_tuned")) -> dict:

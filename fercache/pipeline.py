@@ -83,6 +83,19 @@ def _sweep_step(store: str, head: str, grid: dict, out: str, **kw):
     return "\n" + sweep(store, head, grid, out, **kw)["markdown"]
 
 
+@register_step("compare")
+def _compare_step(a: str, b: str, out: str | None = None, **kw):
+    import json
+
+    from .compare import compare, describe
+
+    result = compare(a, b, **kw)
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return "\n" + describe(result)
+
+
 @register_step("runs")
 def _runs_step(root: str, csv: str | None = None):
     from .runs import ledger, write_ledger

@@ -101,7 +101,9 @@ def test_every_shipped_pipeline_parses_and_names_real_steps_heads_and_arguments(
     from fercache.pipeline import STEPS, load_pipeline
     from fercache.protocols import au_crossval, cross_matrix, head_of, manifest_folds
 
-    targets = {"extract": extract, "cross": cross_matrix, "folds": manifest_folds, "au_cv": au_crossval}
+    from fercache.compare import compare
+
+    targets = {"extract": extract, "cross": cross_matrix, "folds": manifest_folds, "au_cv": au_crossval, "compare": compare}
     files = sorted((Path(__file__).parents[1] / "pipelines").glob("*.toml"))
     assert {f.name for f in files} >= {"quickstart.toml", "dfew_temporal.toml", "clip_cross.toml"}
     for f in files:
@@ -197,3 +199,25 @@ def test_train_head_keeps_a_run_trained_with_other_settings(tiny_store, tmp_path
     assert config.read_text() == first  # kept as it was
     r = invoke(*args, "--recipe", "epochs=3", "--overwrite")
     assert r.exit_code == 0 and json.loads(config.read_text())["recipe"]["epochs"] == 3
+
+
+def test_compare_two_heads_on_the_same_test_samples(tiny_store, tmp_path):
+    r = invoke("evaluate", "--cross", "--train", tiny_store, "--heads", "linear,mask", "--seeds", "0,1",
+               "--recipe", "epochs=3", "--recipe", "batch_size=8", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    a, b = tmp_path / "runs" / "faces-linear", tmp_path / "runs" / "faces-mask"
+    r = invoke("compare", a, b, "-o", tmp_path / "cmp.json")
+    assert r.exit_code == 0, r.output
+    res = json.loads((tmp_path / "cmp.json").read_text())
+    assert res["seeds_a"] == res["seeds_b"] == 2 and res["n"] == 24 and res["dropped"] == 0
+    # A seed group is the mean of its seeds: the same number `evaluate` reports for it.
+    for run, key in ((a, "a"), (b, "b")):
+        seeds = [json.loads((run / f"seed{s}" / "eval-faces-test" / "metrics.json").read_text())["accuracy"] for s in (0, 1)]
+        assert abs(res["metrics"]["accuracy"][key] - sum(seeds) / 2) < 1e-9
+    m = res["metrics"]["uar"]
+    assert m["ci95"][0] <= m["diff"] <= m["ci95"][1] and 0 <= m["p"] <= 1
+    assert f"{100 * m['diff']:+7.2f}" in r.output and "24 samples" in r.output
+    r = invoke("compare", a, a)
+    assert r.exit_code == 0 and "+0.00  [+0.0, +0.0]" in r.output
+    r = invoke("compare", a / "seed0", tmp_path / "nowhere")
+    assert r.exit_code == 2 and "no trained run" in r.output

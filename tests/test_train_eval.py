@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -97,6 +98,17 @@ def test_evaluate_writes_metrics_confusion_and_plot(tiny_store, tmp_path):
     out = r.run_dir / "eval-faces-test"
     assert (out / "confusion.png").stat().st_size > 1000
     assert (out / "confusion.csv").read_text().startswith("true \\ predicted,neutral,happy,sad,anger")
+    # One row per test image: its decision and probabilities reproduce the headline metric.
+    rows = list(csv.DictReader(open(out / "predictions.csv")))
+    assert len(rows) == 24 and list(rows[0])[:5] == ["sample_id", "subject", "label", "prediction", "correct"]
+    assert abs(np.mean([int(r["correct"]) for r in rows]) - res["accuracy"]) < 1e-9
+    assert all(r["correct"] == str(int(r["label"] == r["prediction"])) for r in rows)
+    assert all(abs(sum(float(r[f"p_{c}"]) for c in res["classes"]) - 1) < 1e-3 for r in rows)
+    for k in ("accuracy", "uar", "macro_f1"):
+        lo, hi = res["ci95"][k]
+        assert 0 <= lo <= res[k] <= hi <= 1 and hi > lo
+    assert res["ci_method"].startswith("percentile bootstrap, 1000 resamples of the ")
+    assert json.loads((out / "metrics.json").read_text())["ci95"] == res["ci95"]
 
 
 def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
@@ -113,6 +125,10 @@ def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
     res = evaluate_run(r.run_dir, manifest=path)
     assert res["n"] == 24 and set(res["per_au_f1_at_0.5"]) == {"AU12", "AU15"}
     assert res["macro_f1_tuned"] > res["macro_f1_always_positive"]
+    assert set(res["ci95"]) == {"macro_f1_at_0.5", "macro_f1_tuned"}
+    rows = list(csv.DictReader(open(r.run_dir / "eval-faces-test" / "predictions.csv")))
+    assert len(rows) == 24 and {"AU12_true", "AU12_pred", "AU12_p", "AU15_true"} <= set(rows[0])
+    assert {r["AU15_true"] for r in rows} == {"-1", "0", "1"}  # not annotated is kept as -1, not scored as 0
 
 
 def test_cross_matrix_counts_excluded_labels(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
