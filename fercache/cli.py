@@ -253,9 +253,13 @@ def evaluate(
     seeds: str = typer.Option("0", help="--cross: comma-separated seeds."),
     recipe: list[str] = typer.Option([], "--recipe", help="--cross: training override key=value for every head."),
     out: Path = typer.Option(Path("runs/cross"), "--out", "-o", help="--cross: output folder."),
+    errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of (errors.png)."),
+    data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
+                                             "(default: $FERCACHE_DATA, else .)."),
     device: str = typer.Option("cpu"),
 ) -> None:
-    """Score runs (WAR, UAR, macro-F1, per-class recall, confusion CSV/PNG; per-AU F1), or the --cross matrix."""
+    """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
+    per-AU F1), or the --cross matrix."""
     if cross:
         return _evaluate_cross(train, test, [h for h in heads.split(",") if h], out, _seeds(seeds), _kv(recipe), device)
     from .evaluate import evaluate as run_eval
@@ -263,9 +267,9 @@ def evaluate(
     if not runs:
         raise typer.BadParameter("give a run directory, or use --cross")
     for run in runs:
-        res = run_eval(run, store, manifest, split, device)
+        res = run_eval(run, store, manifest, split, device, errors=errors, root=data_root)
         for r in res["runs"]:
-            typer.echo(_score_line(r, split))
+            typer.echo(_score_line(r, split) + (f"\n  surest mistakes -> {r['errors_png']}" if "errors_png" in r else ""))
         if len(res["runs"]) > 1:
             typer.echo("mean ± std: " + ", ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in res["summary"].items()))
 

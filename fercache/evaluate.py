@@ -166,14 +166,66 @@ def with_intervals(result: dict, scored: Scored, n_boot: int = metrics.N_BOOT) -
 
 
 def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split: str = "test",
-                 write: bool = True, device: str = "cpu") -> dict:
-    """Metrics of one run on `split` of `store`, with 95% intervals; written beside the run (eval-<store>-<split>/)."""
+                 write: bool = True, device: str = "cpu", errors: int = 0, root: str | Path | None = None) -> dict:
+    """Metrics of one run on `split` of `store`, with 95% intervals; written beside the run (eval-<store>-<split>/).
+
+    `errors`: also draw the run's `errors` most confident mistakes (images read under data root `root`).
+    """
     result, scored = score_run(run, store, manifest, split, device)
+    if errors and scored.task != "expr":
+        raise ConfigError("--errors shows expression mistakes; for AU runs read predictions.csv (truth, decision, p per AU)")
     result = with_intervals(result, scored)
     if write:
         cfg = json.loads((Path(run) / "config.json").read_text())
-        _write_eval(Path(run), result, cfg, scored)
+        out = _write_eval(Path(run), result, cfg, scored)
+        if errors:
+            result["errors_png"] = str(error_gallery(out / "errors.png", result, scored, errors, root))
+            result["errors_shown"] = len(confident_errors(scored, errors))
     return result
+
+
+def confident_errors(s: Scored, k: int) -> list[tuple[str, str, str, float]]:
+    """The k mistakes the head was surest of, surest first: (sample_id, true, predicted, p(predicted))."""
+    pred = s.decisions()["pred"]
+    wrong = np.flatnonzero(pred != s.y)
+    surest = wrong[np.argsort(-s.prob[wrong, pred[wrong]], kind="stable")][:k]
+    return [(str(s.sample_id[i]), s.classes[s.y[i]], s.classes[pred[i]], float(s.prob[i, pred[i]])) for i in surest]
+
+
+def _image_rows(store: str) -> dict[str, dict]:
+    """sample_id (and clip_id: its middle frame) -> manifest row, from the manifest the store was built from."""
+    from .data import manifest_for
+
+    m = manifest_for(open_store(store), None)
+    rows = {r["sample_id"]: r for r in m.rows}
+    clips: dict[str, list[dict]] = {}
+    for r in m.rows:
+        if r.get("clip_id"):
+            clips.setdefault(r["clip_id"], []).append(r)
+    for clip, frames in clips.items():
+        frames.sort(key=lambda r: int(r.get("frame_idx") or -1))
+        rows.setdefault(clip, frames[len(frames) // 2])
+    return rows
+
+
+def error_gallery(path: Path, result: dict, s: Scored, k: int, root: str | Path | None) -> Path:
+    """errors.png: the run's surest mistakes as images captioned `true -> predicted p`: label noise and
+    systematic confusions show at a glance (FER2013 has many of the first)."""
+    from .manifests import data_root
+    from .preprocess import decode_image
+
+    errors, rows, base = confident_errors(s, k), _image_rows(result["store"]), data_root(root)
+    images = []
+    for sid, *_ in errors:
+        file = base / rows[sid]["path"]
+        if not file.is_file():
+            raise ConfigError(f"cannot draw the mistakes: {file} does not exist; pass --data-root (or set FERCACHE_DATA) "
+                              "to the folder the manifest paths are relative to")
+        images.append(decode_image(file, rows[sid].get("bbox") or ""))
+    captions = [f"{t} → {p} {prob:.2f}\n{sid.rsplit('/', 1)[-1][-20:]}" for sid, t, p, prob in errors]
+    wrong = int(round(result["n"] * (1 - result["accuracy"])))
+    title = f"{result['head']} on {store_name(result['store'])}:{result['split']}: the {len(errors)} surest of {wrong} mistakes"
+    return report.gallery_png(path, images, captions, title)
 
 
 def _write_eval(run: Path, result: dict, cfg: dict, scored: Scored) -> Path:
@@ -217,7 +269,8 @@ def summarize(results: list[dict], keys=("accuracy", "uar", "macro_f1", "macro_f
     return out
 
 
-def evaluate(run: str | Path, store: str | None = None, manifest=None, split: str = "test", device: str = "cpu") -> dict:
+def evaluate(run: str | Path, store: str | None = None, manifest=None, split: str = "test", device: str = "cpu",
+             errors: int = 0, root: str | Path | None = None) -> dict:
     """Evaluate a run (or every seed under it); returns per-seed results and mean/std."""
-    results = [evaluate_run(r, store, manifest, split, device=device) for r in run_dirs(run)]
+    results = [evaluate_run(r, store, manifest, split, device=device, errors=errors, root=root) for r in run_dirs(run)]
     return {"runs": results, "summary": summarize(results)}

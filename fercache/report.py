@@ -62,6 +62,23 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], ti
     return path
 
 
+def gallery_png(path: Path, images: list[np.ndarray], captions: list[str], title: str, cols: int = 8) -> Path:
+    """Images in a grid, each with its caption below (grayscale-looking faces stay as they are: RGB, no colormap)."""
+    plt = _plt()
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.95 * rows + 0.4), squeeze=False)
+    for ax in axes.ravel():
+        ax.axis("off")
+    for ax, img, cap in zip(axes.ravel(), images, captions):
+        ax.imshow(img)
+        ax.set_title(cap, fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray, rows: list[str], cols: list[str], title: str) -> Path:
     """Cross-dataset matrix (rows trained on, columns tested on) as a heatmap of mean +- std."""
     plt = _plt()

@@ -140,3 +140,14 @@ def test_compare_refuses_runs_of_different_stores_without_store(tmp_path):
         _test_store(tmp_path / "a", tmp_path / "b", None)
     assert _test_store(tmp_path / "a", tmp_path / "b", "z.zarr") == "z.zarr"
     assert _test_store(tmp_path / "a", tmp_path / "a", None) == "x.zarr"
+
+
+def test_confident_errors_are_the_surest_mistakes_first():
+    from fercache.evaluate import confident_errors
+
+    y = np.array([0, 1, 2, 0, 1])
+    s = _scored(y, np.array([0, 2, 0, 1, 1]), k=3)
+    s.prob[1, 2], s.prob[2, 0], s.prob[3, 1] = 0.6, 0.95, 0.7  # three mistakes of known confidence
+    got = confident_errors(s, 2)
+    assert got == [("s2", "c2", "c0", 0.95), ("s3", "c0", "c1", 0.7)]
+    assert [e[0] for e in confident_errors(s, 10)] == ["s2", "s3", "s1"]  # never a correct row

@@ -111,6 +111,18 @@ def test_evaluate_writes_metrics_confusion_and_plot(tiny_store, tmp_path):
     assert json.loads((out / "metrics.json").read_text())["ci95"] == res["ci95"]
 
 
+def test_evaluate_draws_the_surest_mistakes(tiny_store, tiny_dataset, tmp_path):
+    from fercache.errors import ConfigError
+
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 2, "batch_size": 8})
+    res = evaluate_run(r.run_dir, errors=4, root=tiny_dataset)
+    png = r.run_dir / "eval-faces-test" / "errors.png"
+    assert res["errors_png"] == str(png) and png.stat().st_size > 5000
+    assert res["errors_shown"] == min(4, round(res["n"] * (1 - res["accuracy"]))) > 0
+    with pytest.raises(ConfigError, match="does not exist; pass --data-root"):
+        evaluate_run(r.run_dir, errors=4, root=tmp_path)
+
+
 def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
     m = read_manifest(tiny_manifest)
     for r in m.rows:  # AU12 ~ happy, AU15 ~ sad, unknown for some neutral rows
