@@ -87,7 +87,7 @@ class Scored:
 
     sample_id: np.ndarray  # clip ids for a clip-level run
     subject: np.ndarray
-    label: np.ndarray  # manifest labels (expression) ; unused for AUs
+    label: np.ndarray  # manifest label names (expression runs)
     y: np.ndarray  # class index [n], or AU matrix [n, A] (-1 = not annotated)
     prob: np.ndarray  # softmax [n, K], or sigmoid [n, A]
     classes: list[str]
@@ -223,7 +223,7 @@ def error_gallery(path: Path, result: dict, s: Scored, k: int, root: str | Path 
                               "to the folder the manifest paths are relative to")
         images.append(decode_image(file, rows[sid].get("bbox") or ""))
     captions = [f"{t} → {p} {prob:.2f}\n{sid.rsplit('/', 1)[-1][-20:]}" for sid, t, p, prob in errors]
-    wrong = int(round(result["n"] * (1 - result["accuracy"])))
+    wrong = int((s.decisions()["pred"] != s.y).sum())
     title = f"{result['head']} on {store_name(result['store'])}:{result['split']}: the {len(errors)} surest of {wrong} mistakes"
     return report.gallery_png(path, images, captions, title)
 
@@ -232,7 +232,7 @@ def _write_eval(run: Path, result: dict, cfg: dict, scored: Scored) -> Path:
     out = run / f"eval-{store_name(result['store'])}-{result['split']}"
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
-    write_predictions(out / "predictions.csv", scored)
+    _write_predictions(out / "predictions.csv", scored)
     if "confusion" in result:
         classes = result["classes"]
         report.write_csv(out / "confusion.csv", ["true \\ predicted"] + classes,
@@ -244,7 +244,7 @@ def _write_eval(run: Path, result: dict, cfg: dict, scored: Scored) -> Path:
     return out
 
 
-def write_predictions(path: Path, s: Scored) -> Path:
+def _write_predictions(path: Path, s: Scored) -> Path:
     """One row per scored sample (clip): its id, subject, truth, decision and probabilities, for error analysis."""
     if s.task == "expr":
         header = ["sample_id", "subject", "label", "prediction", "correct"] + [f"p_{c}" for c in s.classes]
