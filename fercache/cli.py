@@ -69,13 +69,37 @@ def manifest_formats() -> None:
 
 
 @manifest_app.command("check")
-def manifest_check(manifest: Path, data_root: Optional[Path] = DataRoot) -> None:
-    """Validate a manifest and that every file exists; print counts per split and label."""
-    from .manifests import data_root as root_of, read_manifest, resolve_paths, summary
+def manifest_check(
+    manifest: Path,
+    data_root: Optional[Path] = DataRoot,
+    hash_images: bool = typer.Option(True, "--hash/--no-hash", help="Hash every image to find copies shared by splits."),
+    without_leaks: Optional[Path] = typer.Option(None, "--without-leaks", help="Write this manifest with the leaking "
+                                                 "val/test images (or clips) unlabelled; the same store serves it."),
+    strict: bool = typer.Option(False, help="Exit with status 1 when anything leaks."),
+    as_json: bool = typer.Option(False, "--json", help="Counts and findings as JSON."),
+) -> None:
+    """Validate a manifest and that every file exists; counts per split and label; leakage across splits.
 
-    m = read_manifest(manifest)
-    resolve_paths(m, root_of(data_root))
-    typer.echo(json.dumps(summary(m), indent=2))
+    Leakage: subjects in more than one split, and byte-identical images (same face box) in more than one split
+    or with different labels. Published splits have them (FER2013: a test image that is a training image).
+    """
+    from .audit import check, describe, label_table
+    from .manifests import summary
+
+    m, found, written = check(manifest, data_root, hash_images, without_leaks, progress=not as_json)
+    if as_json:
+        extra = {"duplicate_groups": len(found.duplicate_groups), "label_conflicts": len(found.label_conflicts),
+                 "leaking_units": len(found.leaking)} if found else {}
+        typer.echo(json.dumps({**summary(m), **extra}, indent=2))
+    else:
+        s = summary(m)
+        typer.echo(f"{manifest}: {s['rows']} rows, {s['subjects']} subjects, every file present"
+                   + (f", AU columns {', '.join(s['au_columns'])}" if s["au_columns"] else "") + "\n" + label_table(m)
+                   + "\n" + describe(m, found))
+    if written:
+        typer.echo(f"{written}: {len(found.leaking)} {found.unit}(s) unlabelled")
+    if strict and (found is None or not found.clean):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -139,6 +139,8 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     y = targets(fs, cfg["task"], cfg["classes"])
     result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.level,
               "tta_views": views}
+    if manifest is not None and Path(manifest).resolve() != Path(cfg["manifest"]).resolve():
+        result["labels"] = str(manifest)  # other labels for the same images: written apart (eval-...@<name>)
     if cfg["task"] == "expr":
         scored = y >= 0  # labels outside the training label set cannot be predicted: excluded and counted
         excluded = {str(lbl): int((fs.label[~scored] == lbl).sum()) for lbl in np.unique(fs.label[~scored])}
@@ -228,8 +230,21 @@ def error_gallery(path: Path, result: dict, s: Scored, k: int, root: str | Path 
     return report.gallery_png(path, images, captions, title)
 
 
+def labels_tag(manifest: str | Path) -> str:
+    """`@name` of a manifest given to score on other labels (`fer2013-noleak.csv.gz` -> `@fer2013-noleak`)."""
+    name = Path(manifest).name
+    for suffix in (".gz", ".csv"):
+        name = name.removesuffix(suffix)
+    return f"@{name}"
+
+
+def eval_name(result: dict) -> str:
+    """Where an evaluation is written beside its run, and its column in the ledger: `<store> <split>[ @labels]`."""
+    return f"{store_name(result['store'])} {result['split']}" + (f" {labels_tag(result['labels'])}" if "labels" in result else "")
+
+
 def _write_eval(run: Path, result: dict, cfg: dict, scored: Scored) -> Path:
-    out = run / f"eval-{store_name(result['store'])}-{result['split']}"
+    out = run / ("eval-" + eval_name(result).replace(" ", "-"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
     _write_predictions(out / "predictions.csv", scored)

@@ -33,6 +33,14 @@ def _manifest_step(format: str, src: str, out: str, data_root: str | None = None
     return f"{write_manifest(manifest, out)} ({len(manifest)} rows)"
 
 
+@register_step("audit")
+def _audit_step(manifest: str, data_root: str | None = None, without_leaks: str | None = None):
+    from .audit import check, describe
+
+    m, found, written = check(manifest, data_root, without_leaks_to=without_leaks)
+    return "\n" + describe(m, found) + (f"\n-> {written}" if written else "")
+
+
 @register_step("extract")
 def _extract_step(manifest: str, encoder: str, out: str, **kw):
     from .extract import extract
@@ -58,6 +66,20 @@ def _cross_step(stores: list[str], heads: list[str], out: str, **kw):
     kw.setdefault("progress", True)  # minutes of training: show per-epoch bars
     tables = cross_matrix(stores, heads, out, **kw)
     return "\n" + "\n".join(t["markdown"] for t in tables.values())
+
+
+@register_step("evaluate")
+def _evaluate_step(runs: list[str], store: str | None = None, manifest: str | None = None, split: str = "test",
+                   device: str = "cpu"):
+    from .evaluate import eval_name, evaluate
+
+    lines = []
+    for run in runs:
+        res = evaluate(run, store, manifest, split, device)
+        first, summary = res["runs"][0], res["summary"]
+        scores = ", ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in summary.items())
+        lines.append(f"{run} on {eval_name(first)}: n={first['n']}, {scores} ({len(res['runs'])} seed(s))")
+    return "\n" + "\n".join(lines)
 
 
 @register_step("au_cv")

@@ -15,7 +15,7 @@ import numpy as np
 
 from . import report
 from .errors import ConfigError, FercacheError
-from .evaluate import staleness
+from .evaluate import eval_name, staleness
 from .store import store_name
 
 
@@ -45,7 +45,7 @@ def run_record(run: Path) -> dict:
     for f in sorted(run.glob("eval-*/metrics.json")):
         r = json.loads(f.read_text())
         if metric in r:
-            evals[f"{store_name(r['store'])} {r['split']}"] = r[metric]
+            evals[eval_name(r)] = r[metric]
     return {"run": run, "head": cfg["head"], "hp": cfg.get("hp") or {}, "recipe": cfg.get("recipe") or {},
             "store": cfg["store"], "manifest": cfg.get("manifest"), "output": cfg.get("output"),
             "views": cfg.get("views", []), "task": cfg["task"], "seed": cfg["seed"], "fold": cfg.get("fold"), "metric": metric,

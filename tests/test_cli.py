@@ -27,8 +27,12 @@ def test_manifest_build_extract_info_export(tiny_dataset, tiny_encoder_spec, tmp
     m = tmp_path / "m.csv"
     r = invoke("manifest", "build", tiny_dataset / "faces", "--format", "imagefolder", "-o", m, "--data-root", tiny_dataset)
     assert r.exit_code == 0 and "72 rows" in r.output
-    r = invoke("manifest", "check", m, "--data-root", tiny_dataset)
+    r = invoke("manifest", "check", m, "--data-root", tiny_dataset, "--json")
     assert r.exit_code == 0 and json.loads(r.output)["splits"] == {"test": 24, "train": 24, "val": 24}
+    assert json.loads(r.output)["leaking_units"] == 0
+    r = invoke("manifest", "check", m, "--data-root", tiny_dataset)
+    assert r.exit_code == 0 and "72 rows" in r.output and "no val/test image repeats" in r.output
+    assert [line.split() for line in r.output.splitlines() if line.strip().startswith("total")][0] == ["total", "24", "24", "24", "72"]
     s = tmp_path / "s.zarr"
     r = invoke("extract", m, "--encoder", tiny_encoder_spec, "--out", s, "--data-root", tiny_dataset, "--workers", "0")
     assert r.exit_code == 0 and "72 ok, 0 failed" in r.output, r.output
