@@ -323,6 +323,27 @@ def compare(
         typer.echo(f"-> {out}")
 
 
+@app.command("near-dups")
+def near_dups(
+    store: str = typer.Argument(..., help="A complete store."),
+    threshold: float = typer.Option(0.95, min=0.0, max=1.0, help="Cosine at or above which two images count as one photo."),
+    out: Path = typer.Option(Path("near-dups"), "--out", "-o", help="Folder for near-dups.csv and the plots."),
+    manifest: Optional[Path] = typer.Option(None, help="Labels and splits from this manifest (default: the store's own)."),
+    output: Optional[str] = typer.Option(None, help="Store output to compare (default: the store's default)."),
+    pairs: int = typer.Option(16, min=0, help="Draw the N least similar pairs above the threshold (needs the images)."),
+    data_root: Optional[Path] = DataRoot,
+    without_leaks: Optional[Path] = typer.Option(None, "--without-leaks", help="Write the manifest with those val/test "
+                                                 "images (clips) unlabelled; the same store serves it."),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Near-duplicates across splits from the cached features: val/test images whose nearest train (or val)
+    image is at least --threshold similar, mirrored views included. Finds the re-cropped and re-encoded copies
+    that `manifest check` (byte-identical files) cannot."""
+    from .neighbours import describe, near_duplicates
+
+    typer.echo(describe(near_duplicates(store, out, manifest, output, threshold, without_leaks, pairs, data_root, device)))
+
+
 @app.command()
 def predict(
     run: Path = typer.Argument(..., help="A trained run directory."),

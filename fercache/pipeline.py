@@ -68,6 +68,13 @@ def _cross_step(stores: list[str], heads: list[str], out: str, **kw):
     return "\n" + "\n".join(t["markdown"] for t in tables.values())
 
 
+@register_step("near_dups")
+def _near_dups_step(store: str, out: str, **kw):
+    from .neighbours import describe, near_duplicates
+
+    return "\n" + describe(near_duplicates(store, out, **kw))
+
+
 @register_step("evaluate")
 def _evaluate_step(runs: list[str], store: str | None = None, manifest: str | None = None, split: str = "test",
                    device: str = "cpu"):

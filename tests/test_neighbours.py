@@ -1,0 +1,86 @@
+"""Near-duplicates across splits from cached features: the right neighbour, mirrored views, chunking, the outputs."""
+
+from __future__ import annotations
+
+import csv
+
+import numpy as np
+
+from fercache.data import FeatureSet
+from fercache.neighbours import counts, nearest_earlier, near_duplicates
+
+
+def _fs(x, split, label, xv=None, clip_id=None):
+    n = len(x)
+    ids = np.array([f"r{i}" for i in range(n)], dtype=object)
+    return FeatureSet(ids, x, np.array(label, dtype=object), np.array(split, dtype=object), ids.copy(), xv=xv,
+                      views=["flip"] if xv is not None else [], clip_id=clip_id)
+
+
+def _example():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(26, 64)).astype(np.float32)
+    flip = rng.normal(size=(26, 1, 64)).astype(np.float32)  # each row's "mirrored view"
+    split = ["train"] * 20 + ["val", "val", "test", "test", "test", "test"]
+    label = ["happy"] * 24 + ["", "sad"]
+    x[20] = x[3] + 0.01 * rng.normal(size=64)  # val: a near copy of train 3
+    x[22] = x[21]  # test: an exact copy of a val image (test is compared with train + val)
+    x[23] = flip[5, 0]  # test: the mirror of train 5
+    x[24] = x[7]  # an unlabelled test copy: nothing to score, not a query
+    return _fs(x, split, label, xv=flip)
+
+
+def test_each_val_and_test_row_finds_its_copy_in_an_earlier_split():
+    nb = nearest_earlier(_example())
+    got = {int(q): (int(r), round(float(c), 3), bool(m)) for q, r, c, m in zip(nb.query, nb.ref, nb.cos, nb.mirrored)}
+    assert set(got) == {20, 21, 22, 23, 25}  # row 24 is unlabelled
+    assert got[20][0] == 3 and got[20][1] > 0.99 and not got[20][2]
+    assert got[22] == (21, 1.0, False)
+    assert got[23][:2] == (5, 1.0) and got[23][2]  # matched train 5's mirrored view
+    assert got[21][1] < 0.6 and got[25][1] < 0.6  # unrelated random rows
+    assert nb.units(0.99) == ["r22", "r23", "r20"]  # most similar first
+    assert counts(nb, (0.99, 0.5)) == {0.99: {"val": 1, "test": 2}, 0.5: {"val": 1, "test": 2}}
+
+
+def test_chunked_search_equals_one_big_matrix():
+    fs = _example()
+    a, b = nearest_earlier(fs), nearest_earlier(fs, chunk=2, ref_chunk=3)
+    assert (a.query == b.query).all() and (a.ref == b.ref).all() and (a.mirrored == b.mirrored).all()
+    np.testing.assert_allclose(a.cos, b.cos, atol=1e-6)
+
+
+def test_a_video_store_reports_clips():
+    fs = _example()
+    fs.clip_id = np.array([f"c{i // 2}" for i in range(len(fs))], dtype=object)
+    assert nearest_earlier(fs).units(0.99) == ["c11", "c10"]  # rows 22 and 23 are one clip; row 20 is clip 10
+
+
+def test_near_dups_writes_csv_plots_and_a_manifest_for_the_same_store(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
+    from fercache.data import load_features
+    from fercache.manifests import content_sha256, read_manifest
+
+    # The tiny images are class patterns plus noise: take the median similarity as threshold, so about half count.
+    cos = nearest_earlier(load_features(str(tiny_store))).cos
+    threshold = float(np.median(cos))
+    r = near_duplicates(str(tiny_store), tmp_path / "nd", threshold=threshold, pairs=4, root=tiny_dataset,
+                        without_leaks_to=tmp_path / "clean.csv")
+    rows = list(csv.DictReader(open(r["csv"])))
+    assert r["queries"] == 48 and len(rows) == len(r["units"]) == int((cos >= threshold).sum()) > 0
+    assert all(float(row["cosine"]) >= threshold - 1e-4 and row["split"] in ("val", "test") for row in rows)
+    assert all(row["neighbour_split"] == "train" for row in rows if row["split"] == "val")
+    assert [float(row["cosine"]) for row in rows] == sorted((float(row["cosine"]) for row in rows), reverse=True)
+    assert (tmp_path / "nd" / "near-dups-hist.png").stat().st_size > 5000
+    assert (tmp_path / "nd" / "near-dups-pairs.png").stat().st_size > 5000
+    clean = read_manifest(r["manifest"])
+    assert {x["sample_id"] for x in clean.rows if not x["label"]} == {row["sample_id"] for row in rows}
+    assert content_sha256(clean) == content_sha256(read_manifest(tiny_manifest))  # same images: same store
+    assert (load_features(str(tiny_store), r["manifest"]).label == "").sum() == len(rows)
+
+
+def test_near_dups_cli_prints_the_threshold_table(tiny_store, tmp_path):
+    from .test_cli import invoke
+
+    r = invoke("near-dups", tiny_store, "--threshold", "0.97", "--pairs", "0", "--out", tmp_path)
+    assert r.exit_code == 0, r.output
+    assert "48 labelled val/test images" in r.output and "0.97" in r.output and "<- threshold" in r.output
+    assert (tmp_path / "near-dups.csv").is_file() and not (tmp_path / "near-dups-pairs.png").exists()
