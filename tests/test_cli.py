@@ -106,8 +106,10 @@ def test_every_shipped_pipeline_parses_and_names_real_steps_heads_and_arguments(
     from fercache.protocols import au_crossval, cross_matrix, head_of, manifest_folds
 
     from fercache.compare import compare
+    from fercache.neighbours import near_duplicates
 
-    targets = {"extract": extract, "cross": cross_matrix, "folds": manifest_folds, "au_cv": au_crossval, "compare": compare}
+    targets = {"extract": extract, "cross": cross_matrix, "folds": manifest_folds, "au_cv": au_crossval, "compare": compare,
+               "near_dups": near_duplicates}
     files = sorted((Path(__file__).parents[1] / "pipelines").glob("*.toml"))
     assert {f.name for f in files} >= {"quickstart.toml", "dfew_temporal.toml", "clip_cross.toml"}
     for f in files:
