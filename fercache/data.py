@@ -62,6 +62,19 @@ def manifest_for(store: FeatureStore, manifest: str | Path | None) -> Manifest:
     return m
 
 
+def image_rows(m: Manifest) -> dict[str, dict]:
+    """sample_id -> manifest row, and clip_id -> its middle frame's row: where to find the image of a scored unit."""
+    rows = {r["sample_id"]: r for r in m.rows}
+    clips: dict[str, list[dict]] = {}
+    for r in m.rows:
+        if r.get("clip_id"):
+            clips.setdefault(r["clip_id"], []).append(r)
+    for clip, frames in clips.items():
+        frames.sort(key=lambda r: int(r.get("frame_idx") or -1))
+        rows.setdefault(clip, frames[len(frames) // 2])
+    return rows
+
+
 def _joined_features(store: FeatureStore, source: str, output: str | None) -> np.ndarray:
     other = open_store(source).require_complete()
     if list(other.sample_ids()) != list(store.sample_ids()):
@@ -157,6 +170,20 @@ def require_clips(fs: FeatureSet) -> None:
     if fs.clip_id is None:
         raise ConfigError(f"{fs.notes.get('manifest')} has no clip_id/frame_idx columns; a clip-level head needs "
                           "a manifest of video frames (e.g. the dfew, ferv39k, mafw or ckplus adapters)")
+
+
+def clip_means(fs: FeatureSet) -> FeatureSet:
+    """One row per clip: the mean of its frames' features (label, split and subject of its first frame)."""
+    import torch
+
+    require_clips(fs)
+    clips, first, inverse = np.unique(fs.clip_id.astype(str), return_index=True, return_inverse=True)
+    sums = torch.zeros((len(clips), fs.x.shape[1]), dtype=torch.float32)
+    sums.index_add_(0, torch.as_tensor(inverse), torch.as_tensor(np.asarray(fs.x, dtype=np.float32)))
+    x = (sums / torch.as_tensor(np.bincount(inverse), dtype=torch.float32)[:, None]).numpy()
+    pick = lambda a: None if a is None else a[first]  # noqa: E731
+    return FeatureSet(clips.astype(object), x, fs.label[first], fs.split[first], fs.subject[first], pick(fs.au),
+                      fs.au_names, notes={**fs.notes, "level": "clip (mean of its frames)"}, clip_id=clips.astype(object))
 
 
 def clip_level(fs: FeatureSet, max_frames: int = 64) -> FeatureSet:

@@ -194,29 +194,16 @@ def confident_errors(s: Scored, k: int) -> list[tuple[str, str, str, float]]:
     return [(str(s.sample_id[i]), s.classes[s.y[i]], s.classes[pred[i]], float(s.prob[i, pred[i]])) for i in surest]
 
 
-def _image_rows(store: str) -> dict[str, dict]:
-    """sample_id (and clip_id: its middle frame) -> manifest row, from the manifest the store was built from."""
-    from .data import manifest_for
-
-    m = manifest_for(open_store(store), None)
-    rows = {r["sample_id"]: r for r in m.rows}
-    clips: dict[str, list[dict]] = {}
-    for r in m.rows:
-        if r.get("clip_id"):
-            clips.setdefault(r["clip_id"], []).append(r)
-    for clip, frames in clips.items():
-        frames.sort(key=lambda r: int(r.get("frame_idx") or -1))
-        rows.setdefault(clip, frames[len(frames) // 2])
-    return rows
-
-
 def error_gallery(path: Path, result: dict, s: Scored, k: int, root: str | Path | None) -> Path:
     """errors.png: the run's surest mistakes as images captioned `true -> predicted p`: label noise and
     systematic confusions show at a glance (FER2013 has many of the first)."""
     from .manifests import data_root
     from .preprocess import decode_image
 
-    errors, rows, base = confident_errors(s, k), _image_rows(result["store"]), data_root(root)
+    from .data import image_rows, manifest_for
+
+    rows = image_rows(manifest_for(open_store(result["store"]), None))
+    errors, base = confident_errors(s, k), data_root(root)
     images = []
     for sid, *_ in errors:
         file = base / rows[sid]["path"]

@@ -6,7 +6,8 @@ features cached, comparing every val/test image with every earlier-split image (
 the store has one) is one matrix product per chunk: seconds, no image read. The threshold is the user's call,
 so every run also prints the counts at several thresholds, draws the distribution, and shows the least
 similar pairs above the threshold (with the ImageNet stand-in on FER2013, pairs at 0.95 are still one photo
-re-cropped or re-encoded: 471 of 7,178 val/test images, against 280 byte-identical).
+re-cropped or re-encoded: 471 of 7,178 val/test images, against 280 byte-identical). A video store is compared clip by
+clip (the mean of each clip's frames).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import torch
 
 from . import report
 from .audit import ORDER, without_leaks
-from .data import FeatureSet, load_features, manifest_for, store_views
+from .data import FeatureSet, clip_means, image_rows, load_features, manifest_for, store_views
 from .errors import ConfigError
 from .manifests import write_manifest
 from .store import open_store, store_name
@@ -150,6 +151,8 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fs = load_features(store, manifest, output, views=store_views(store))
+    if fs.clip_id is not None:  # video: a clip is copied or not; millions of frames x millions would never end
+        fs = clip_means(fs)
     nb = nearest_earlier(fs, device=device)
     name = store_name(store)
     hits = nb.above(threshold)
@@ -165,7 +168,7 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
     m = manifest_for(open_store(store), manifest)
     if pairs and len(hits):
         base = data_root(root)
-        paths = {r["sample_id"]: (base / r["path"], r.get("bbox") or "") for r in m.rows}
+        paths = {k: (base / r["path"], r.get("bbox") or "") for k, r in image_rows(m).items()}
         result["pairs_png"] = str(pairs_png(out_dir / "near-dups-pairs.png", nb, threshold, pairs, paths,
                                             f"{name}: the {min(pairs, len(hits))} least similar pairs at cosine ≥ {threshold} "
                                             "(if these are one photo, so is everything above)"))

@@ -84,3 +84,21 @@ def test_near_dups_cli_prints_the_threshold_table(tiny_store, tmp_path):
     assert r.exit_code == 0, r.output
     assert "48 labelled val/test images" in r.output and "0.97" in r.output and "<- threshold" in r.output
     assert (tmp_path / "near-dups.csv").is_file() and not (tmp_path / "near-dups-pairs.png").exists()
+
+
+def test_a_video_store_is_compared_clip_by_clip(video_store, tmp_path):
+    from fercache.data import clip_means, load_features
+    from fercache.manifests import read_manifest
+
+    store, root = video_store
+    frames = load_features(store)
+    clips = clip_means(frames)
+    assert len(clips) == 48 and clips.x.shape == (48, frames.x.shape[1])
+    rows = frames.clip_id == clips.clip_id[5]
+    np.testing.assert_allclose(clips.x[5], frames.x[rows].astype(np.float32).mean(0), rtol=1e-5, atol=1e-5)
+    r = near_duplicates(store, tmp_path / "nd", threshold=-1.0, pairs=2, root=root, without_leaks_to=tmp_path / "clean.csv")
+    assert r["queries"] == 24 and len(r["units"]) == 24  # every val/test clip (threshold -1: all of them), once each
+    assert set(r["units"]) == {c for c in clips.clip_id if not c.startswith("train")}
+    clean = read_manifest(r["manifest"])
+    assert {x["clip_id"] for x in clean.rows if not x["label"]} == set(r["units"])  # whole clips, every frame
+    assert (tmp_path / "nd" / "near-dups-pairs.png").stat().st_size > 5000  # a clip is drawn by its middle frame
