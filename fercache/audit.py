@@ -24,7 +24,6 @@ ORDER = {s: i for i, s in enumerate(SPLITS)}  # train < val < test: the earlier 
 class Audit:
     """What leaks. Units are rows, or whole clips in a video manifest (a clip cannot be half unlabelled)."""
 
-    rows: int
     unit: str  # "image" or "clip"
     subjects_across_splits: dict[str, list[str]]  # subject -> its splits, for subjects in more than one
     duplicate_groups: list[list[int]] = field(default_factory=list)  # row indices of identical images, >1 unit
@@ -93,7 +92,7 @@ def audit(m: Manifest, paths: list[Path], progress: bool = False) -> Audit:
     # Identical frames inside one clip (a still face) are not a leak: a group must span two units.
     groups = [g for g in by_key.values() if len({_unit(m.rows[i]) for i in g}) > 1]
     conflicts = [g for g in groups if len({m.rows[i]["label"] for i in g if m.rows[i]["label"]}) > 1]
-    return Audit(len(m), "clip" if "clip_id" in m.columns else "image", _subjects_across_splits(m),
+    return Audit("clip" if "clip_id" in m.columns else "image", _subjects_across_splits(m),
                  groups, conflicts, leaking_units(m, groups))
 
 

@@ -172,6 +172,22 @@ def require_clips(fs: FeatureSet) -> None:
                           "a manifest of video frames (e.g. the dfew, ferv39k, mafw or ckplus adapters)")
 
 
+def unit_images(store: str, units: list[str], root: str | Path | None, manifest: str | Path | None = None) -> list[np.ndarray]:
+    """The images of scored units (sample ids, or clip ids: their middle frame), read under data root `root`."""
+    from .manifests import data_root
+    from .preprocess import decode_image
+
+    rows, base = image_rows(manifest_for(open_store(store), manifest)), data_root(root)
+    images = []
+    for unit in units:
+        file = base / rows[unit]["path"]
+        if not file.is_file():
+            raise ConfigError(f"cannot draw the images: {file} does not exist; pass --data-root (or set FERCACHE_DATA) "
+                              "to the folder the manifest paths are relative to")
+        images.append(decode_image(file, rows[unit].get("bbox") or ""))
+    return images
+
+
 def clip_means(fs: FeatureSet) -> FeatureSet:
     """One row per clip: the mean of its frames' features (label, split and subject of its first frame)."""
     import torch

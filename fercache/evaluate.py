@@ -197,20 +197,10 @@ def confident_errors(s: Scored, k: int) -> list[tuple[str, str, str, float]]:
 def error_gallery(path: Path, result: dict, s: Scored, k: int, root: str | Path | None) -> Path:
     """errors.png: the run's surest mistakes as images captioned `true -> predicted p`: label noise and
     systematic confusions show at a glance (FER2013 has many of the first)."""
-    from .manifests import data_root
-    from .preprocess import decode_image
+    from .data import unit_images
 
-    from .data import image_rows, manifest_for
-
-    rows = image_rows(manifest_for(open_store(result["store"]), None))
-    errors, base = confident_errors(s, k), data_root(root)
-    images = []
-    for sid, *_ in errors:
-        file = base / rows[sid]["path"]
-        if not file.is_file():
-            raise ConfigError(f"cannot draw the mistakes: {file} does not exist; pass --data-root (or set FERCACHE_DATA) "
-                              "to the folder the manifest paths are relative to")
-        images.append(decode_image(file, rows[sid].get("bbox") or ""))
+    errors = confident_errors(s, k)
+    images = unit_images(result["store"], [e[0] for e in errors], root)
     captions = [f"{t} → {p} {prob:.2f}\n{sid.rsplit('/', 1)[-1][-20:]}" for sid, t, p, prob in errors]
     wrong = int((s.decisions()["pred"] != s.y).sum())
     title = f"{result['head']} on {store_name(result['store'])}:{result['split']}: the {len(errors)} surest of {wrong} mistakes"

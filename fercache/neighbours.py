@@ -20,8 +20,7 @@ import torch
 
 from . import report
 from .audit import ORDER, without_leaks
-from .data import FeatureSet, clip_means, image_rows, load_features, manifest_for, store_views
-from .errors import ConfigError
+from .data import FeatureSet, clip_means, load_features, manifest_for, store_views, unit_images
 from .manifests import write_manifest
 from .store import open_store, store_name
 
@@ -102,43 +101,18 @@ def counts(nb: Neighbours, thresholds=THRESHOLDS) -> dict[float, dict[str, int]]
     return {t: {s: int(((nb.cos >= t) & (split == s)).sum()) for s in ("val", "test")} for t in thresholds}
 
 
-def hist_png(path: Path, nb: Neighbours, threshold: float, title: str) -> Path:
-    """Distribution of each val/test image's similarity to its nearest earlier-split image, threshold marked."""
-    plt = report._plt()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
-    bins = np.linspace(min(0.5, float(nb.cos.min(initial=1))), 1, 101)
-    for s in ("val", "test"):
-        ax.hist(nb.cos[nb.fs.split[nb.query] == s], bins=bins, alpha=0.6, label=s)
-    ax.axvline(threshold, color="red", lw=1)
-    ax.set_yscale("log")
-    ax.set_xlabel("cosine to the nearest earlier-split image (train; train + val for test)")
-    ax.set_ylabel("images")
-    ax.legend()
-    ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def pairs_png(path: Path, nb: Neighbours, threshold: float, k: int, paths: dict[str, tuple[Path, str]], title: str) -> Path:
+def pairs_png(path: Path, nb: Neighbours, threshold: float, k: int, store: str, manifest, root, title: str) -> Path:
     """The k LEAST similar pairs still above the threshold, each val/test image beside its earlier-split neighbour:
     exact copies tell nothing, the borderline pairs show whether the threshold is safe."""
-    from .preprocess import decode_image
-
-    images, captions = [], []
+    rows, captions = [], []
     for i in nb.above(threshold)[::-1][:k]:
         q, r = nb.query[i], nb.ref[i]
-        for row, cap in ((q, f"{nb.fs.split[q]} {nb.fs.label[q]}"),
-                         (r, f"{nb.fs.split[r]} {nb.fs.label[r]} {nb.cos[i]:.3f}" + (" (mirrored)" if nb.mirrored[i] else ""))):
-            sid = str(nb.fs.sample_id[row])
-            file, bbox = paths[sid]
-            if not file.is_file():
-                raise ConfigError(f"cannot draw the pairs: {file} does not exist; pass --data-root (or set FERCACHE_DATA) "
-                                  "to the folder the manifest paths are relative to")
-            images.append(decode_image(file, bbox))
-            captions.append(f"{cap}\n{sid.rsplit('/', 1)[-1][-20:]}")
-    return report.gallery_png(path, images, captions, title)
+        rows += [q, r]
+        captions += [f"{nb.fs.split[q]} {nb.fs.label[q]}",
+                     f"{nb.fs.split[r]} {nb.fs.label[r]} {nb.cos[i]:.3f}" + (" (mirrored)" if nb.mirrored[i] else "")]
+    ids = [str(nb.fs.sample_id[row]) for row in rows]
+    images = unit_images(store, ids, root, manifest)
+    return report.gallery_png(path, images, [f"{c}\n{i.rsplit('/', 1)[-1][-20:]}" for c, i in zip(captions, ids)], title)
 
 
 def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None = None, output: str | None = None,
@@ -146,8 +120,6 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
                     root: str | Path | None = None, device: str = "cpu") -> dict:
     """Find, count, draw and list val/test images whose nearest earlier-split image is at least `threshold` similar;
     optionally write the manifest with their units unlabelled (the same store serves it)."""
-    from .manifests import data_root
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     fs = load_features(store, manifest, output, views=store_views(store))
@@ -163,16 +135,16 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
               "csv": str(report.write_csv(out_dir / "near-dups.csv", ["sample_id", "split", "label", "neighbour",
                                                                       "neighbour_split", "neighbour_label", "cosine",
                                                                       "mirrored"], rows)),
-              "hist_png": str(hist_png(out_dir / "near-dups-hist.png", nb, threshold,
-                                       f"{name}: {len(hits)} of {len(nb.query)} val/test images at cosine ≥ {threshold}"))}
-    m = manifest_for(open_store(store), manifest)
+              "hist_png": str(report.hist_png(
+                  out_dir / "near-dups-hist.png", {s: nb.cos[fs.split[nb.query] == s] for s in ("val", "test")}, threshold,
+                  "cosine to the nearest earlier-split image (train; train + val for test)",
+                  f"{name}: {len(hits)} of {len(nb.query)} val/test images at cosine ≥ {threshold}"))}
     if pairs and len(hits):
-        base = data_root(root)
-        paths = {k: (base / r["path"], r.get("bbox") or "") for k, r in image_rows(m).items()}
-        result["pairs_png"] = str(pairs_png(out_dir / "near-dups-pairs.png", nb, threshold, pairs, paths,
+        result["pairs_png"] = str(pairs_png(out_dir / "near-dups-pairs.png", nb, threshold, pairs, store, manifest, root,
                                             f"{name}: the {min(pairs, len(hits))} least similar pairs at cosine ≥ {threshold} "
                                             "(if these are one photo, so is everything above)"))
     if without_leaks_to:
+        m = manifest_for(open_store(store), manifest)
         result["manifest"] = str(write_manifest(without_leaks(m, result["units"]), without_leaks_to))
     return result
 

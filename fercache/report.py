@@ -79,6 +79,25 @@ def gallery_png(path: Path, images: list[np.ndarray], captions: list[str], title
     return path
 
 
+def hist_png(path: Path, groups: dict[str, np.ndarray], threshold: float, xlabel: str, title: str) -> Path:
+    """Overlaid histograms (log counts) of a score per group, with a threshold marked."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(7, 3.2))
+    lowest = min([0.5] + [float(v.min()) for v in groups.values() if len(v)])
+    for name, values in groups.items():
+        ax.hist(values, bins=np.linspace(lowest, 1, 101), alpha=0.6, label=name)
+    ax.axvline(threshold, color="red", lw=1)
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("images")
+    ax.legend()
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
 def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray, rows: list[str], cols: list[str], title: str) -> Path:
     """Cross-dataset matrix (rows trained on, columns tested on) as a heatmap of mean +- std."""
     plt = _plt()
