@@ -67,6 +67,9 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     paths, results = collect_images(inputs), []
     for start in range(0, len(paths), batch_size):
         results += _predict_batch(paths[start:start + batch_size], enc, model, cfg, thresholds, cropper, device)
+    if all("error" in r for r in results):  # nothing to report but failures: say so, do not exit 0
+        raise ConfigError(f"none of the {len(results)} file(s) could be read as an image, e.g. {results[0]['path']}: "
+                          f"{results[0]['error']}")
     return results
 
 

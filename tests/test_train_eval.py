@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from fercache import store as S
-from fercache.errors import EncoderError, StaleRunError
+from fercache.errors import ConfigError, EncoderError, StaleRunError
 from fercache.evaluate import evaluate, evaluate_run
 from fercache.heads.mask import group_widths
 from fercache.manifests import read_manifest, write_manifest
@@ -112,8 +112,6 @@ def test_evaluate_writes_metrics_confusion_and_plot(tiny_store, tmp_path):
 
 
 def test_evaluate_draws_the_surest_mistakes(tiny_store, tiny_dataset, tmp_path):
-    from fercache.errors import ConfigError
-
     r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 2, "batch_size": 8})
     res = evaluate_run(r.run_dir, errors=4, root=tiny_dataset)
     png = r.run_dir / "eval-faces-test" / "errors.png"
@@ -191,6 +189,11 @@ def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path):
     assert [row["prediction"] for row in rows] == want
     out = write_predictions(rows, tmp_path / "p.csv")
     assert out.read_text().splitlines()[0] == "path,prediction,face_detected,error,neutral,happy,sad,anger"
+    (tmp_path / "notes.txt").write_text("not an image")
+    mixed = predict(r.run_dir, [folder / "test_happy_000.jpg", tmp_path / "notes.txt"])  # one bad file loses nothing
+    assert "prediction" in mixed[0] and mixed[1]["error"].startswith("UnidentifiedImageError")
+    with pytest.raises(ConfigError, match="none of the 1 file"):
+        predict(r.run_dir, [tmp_path / "notes.txt"])
 
 
 def test_mask_head_with_a_second_mask_source_store(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
