@@ -334,14 +334,18 @@ def near_dups(
     data_root: Optional[Path] = DataRoot,
     without_leaks: Optional[Path] = typer.Option(None, "--without-leaks", help="Write the manifest with those val/test "
                                                  "images (clips) unlabelled; the same store serves it."),
+    against: Optional[str] = typer.Option(None, help="Compare with this other store's train and val images instead "
+                                          "(same encoder): test images of STORE that a head trained on it has seen."),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Near-duplicates across splits from the cached features: val/test images whose nearest train (or val)
     image is at least --threshold similar, mirrored views included. Finds the re-cropped and re-encoded copies
-    that `manifest check` (byte-identical files) cannot."""
+    that `manifest check` (byte-identical files) cannot. With --against B.zarr, across datasets: the images a
+    train-on-B / test-on-STORE cell of the cross matrix would score from memory."""
     from .neighbours import describe, near_duplicates
 
-    typer.echo(describe(near_duplicates(store, out, manifest, output, threshold, without_leaks, pairs, data_root, device)))
+    typer.echo(describe(near_duplicates(store, out, manifest, output, threshold, without_leaks, pairs, data_root, device,
+                                        against)))
 
 
 @app.command()

@@ -16,7 +16,7 @@ from . import metrics, report
 from .data import clip_level, load_features, store_views
 from .errors import ConfigError, StaleRunError, StoreError
 from .manifests import read_manifest, rows_sha256
-from .store import open_store, store_name
+from .store import encoder_key, open_store, store_name
 from .train import _to_device, load_run, predict_logits, targets
 
 log = logging.getLogger(__name__)
@@ -25,7 +25,7 @@ log = logging.getLogger(__name__)
 def _check_same_encoder(cfg: dict, store: str) -> None:
     trained = cfg["store_fingerprint"]["encoder"]
     here = open_store(store).fingerprint["encoder"]
-    if {k: trained[k] for k in ("name", "weights_sha256", "preprocess")} != {k: here[k] for k in ("name", "weights_sha256", "preprocess")}:
+    if encoder_key(trained) != encoder_key(here):
         raise StoreError(f"{store} was extracted with {here['name']} ({here['weights_sha256'][:12]}, size "
                          f"{here['preprocess']['size']}) but the head was trained on {trained['name']} "
                          f"({trained['weights_sha256'][:12]}, size {trained['preprocess']['size']}); features are not comparable")

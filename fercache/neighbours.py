@@ -22,7 +22,8 @@ from . import report
 from .audit import ORDER, without_leaks
 from .data import FeatureSet, clip_means, load_features, manifest_for, store_views, unit_images
 from .manifests import write_manifest
-from .store import open_store, store_name
+from .errors import StoreError
+from .store import encoder_key, open_store, store_name
 
 THRESHOLDS = (0.999, 0.99, 0.98, 0.97, 0.95, 0.9)  # printed every run, whatever the threshold
 
@@ -33,9 +34,14 @@ class Neighbours:
 
     fs: FeatureSet
     query: np.ndarray  # row indices into fs
-    ref: np.ndarray  # row indices into fs, one per query
+    ref: np.ndarray  # row indices into ref_fs, one per query
     cos: np.ndarray
     mirrored: np.ndarray  # the match was the reference's mirrored view
+    ref_fs: FeatureSet | None = None  # another store's rows (--against); None: fs itself
+
+    @property
+    def refs(self) -> FeatureSet:
+        return self.fs if self.ref_fs is None else self.ref_fs
 
     def above(self, threshold: float) -> np.ndarray:
         """Positions (into query) at or above `threshold`, most similar first."""
@@ -73,26 +79,46 @@ def _nearest(q: torch.Tensor, banks: list[torch.Tensor], ref_chunk: int) -> tupl
     return best, idx, bank_of
 
 
+def _banks(fs: FeatureSet, rows: np.ndarray, device: str) -> list[torch.Tensor]:
+    """Normalised features of `rows`, then of each of their cached views (mirrored images)."""
+    views = [fs.xv[:, v] for v in range(fs.xv.shape[1])] if fs.xv is not None else []
+    return [_normalised(a[rows]).to(device) for a in [fs.x] + views]
+
+
+def _search(fs: FeatureSet, q: np.ndarray, ref_fs: FeatureSet, r: np.ndarray, chunk: int, ref_chunk: int,
+            device: str) -> list[tuple[np.ndarray, ...]]:
+    """(queries, reference rows, cosines, mirrored) for query rows `q` of fs against rows `r` of ref_fs, in chunks."""
+    if not len(q) or not len(r):
+        return []
+    x, banks, out = _normalised(fs.x[q]).to(device), _banks(ref_fs, r, device), []
+    for a in range(0, len(q), chunk):
+        best, idx, bank_of = _nearest(x[a:a + chunk], banks, ref_chunk)
+        out.append((q[a:a + chunk], r[idx.cpu().numpy()], best.cpu().numpy(), bank_of.cpu().numpy() > 0))
+    return out
+
+
+def _neighbours(fs: FeatureSet, parts: list[tuple[np.ndarray, ...]], ref_fs: FeatureSet | None = None) -> Neighbours:
+    cols = [np.concatenate([p[k] for p in parts]) if parts else np.zeros(0, t)
+            for k, t in enumerate((np.int64, np.int64, np.float32, bool))]
+    return Neighbours(fs, *cols, ref_fs=ref_fs)
+
+
 def nearest_earlier(fs: FeatureSet, chunk: int = 2048, ref_chunk: int = 65536, device: str = "cpu") -> Neighbours:
     """Nearest earlier-split neighbour of every labelled val/test row: val against train, test against train + val."""
-    x = _normalised(fs.x).to(device)
-    views = [_normalised(fs.xv[:, v]).to(device) for v in range(fs.xv.shape[1])] if fs.xv is not None else []
     order = np.array([ORDER[s] for s in fs.split])
-    queries, refs, sims, mirrored = [], [], [], []
+    parts = []
     for split in ("val", "test"):
         q = np.flatnonzero((fs.split == split) & _scored(fs))
-        r = np.flatnonzero(order < ORDER[split])
-        if not len(q) or not len(r):
-            continue
-        banks = [x[r]] + [v[r] for v in views]
-        for a in range(0, len(q), chunk):
-            best, idx, bank_of = _nearest(x[q[a:a + chunk]], banks, ref_chunk)
-            queries.append(q[a:a + chunk])
-            refs.append(r[idx.cpu().numpy()])
-            sims.append(best.cpu().numpy())
-            mirrored.append(bank_of.cpu().numpy() > 0)
-    cat = lambda parts, dtype: np.concatenate(parts) if parts else np.zeros(0, dtype)  # noqa: E731
-    return Neighbours(fs, cat(queries, np.int64), cat(refs, np.int64), cat(sims, np.float32), cat(mirrored, bool))
+        parts += _search(fs, q, fs, np.flatnonzero(order < ORDER[split]), chunk, ref_chunk, device)
+    return _neighbours(fs, parts)
+
+
+def nearest_in(fs: FeatureSet, other: FeatureSet, chunk: int = 2048, ref_chunk: int = 65536, device: str = "cpu") -> Neighbours:
+    """Nearest neighbour in another dataset's train and val rows (what its heads learn from and select on) of every
+    labelled val/test row of fs: the images a train-on-B / test-on-A cell would score from memory."""
+    q = np.flatnonzero(np.isin(fs.split, ("val", "test")) & _scored(fs))
+    r = np.flatnonzero(np.isin(other.split, ("train", "val")))
+    return _neighbours(fs, _search(fs, q, other, r, chunk, ref_chunk, device), ref_fs=other)
 
 
 def counts(nb: Neighbours, thresholds=THRESHOLDS) -> dict[float, dict[str, int]]:
@@ -101,48 +127,71 @@ def counts(nb: Neighbours, thresholds=THRESHOLDS) -> dict[float, dict[str, int]]
     return {t: {s: int(((nb.cos >= t) & (split == s)).sum()) for s in ("val", "test")} for t in thresholds}
 
 
-def pairs_png(path: Path, nb: Neighbours, threshold: float, k: int, store: str, manifest, root, title: str) -> Path:
-    """The k LEAST similar pairs still above the threshold, each val/test image beside its earlier-split neighbour:
-    exact copies tell nothing, the borderline pairs show whether the threshold is safe."""
-    rows, captions = [], []
-    for i in nb.above(threshold)[::-1][:k]:
+def pairs_png(path: Path, nb: Neighbours, threshold: float, k: int, stores: tuple[str, str], manifest, root,
+              title: str) -> Path:
+    """The k LEAST similar pairs still above the threshold, each val/test image beside its neighbour: exact copies
+    tell nothing, the borderline pairs show whether the threshold is safe. `stores`: (queries', references')."""
+    shown = nb.above(threshold)[::-1][:k]
+    q_ids = [str(nb.fs.sample_id[nb.query[i]]) for i in shown]
+    r_ids = [str(nb.refs.sample_id[nb.ref[i]]) for i in shown]
+    q_img = unit_images(stores[0], q_ids, root, manifest)
+    r_img = unit_images(stores[1], r_ids, root, manifest if stores[1] == stores[0] else None)
+    images, captions = [], []
+    for j, i in enumerate(shown):
         q, r = nb.query[i], nb.ref[i]
-        rows += [q, r]
-        captions += [f"{nb.fs.split[q]} {nb.fs.label[q]}",
-                     f"{nb.fs.split[r]} {nb.fs.label[r]} {nb.cos[i]:.3f}" + (" (mirrored)" if nb.mirrored[i] else "")]
-    ids = [str(nb.fs.sample_id[row]) for row in rows]
-    images = unit_images(store, ids, root, manifest)
-    return report.gallery_png(path, images, [f"{c}\n{i.rsplit('/', 1)[-1][-20:]}" for c, i in zip(captions, ids)], title)
+        images += [q_img[j], r_img[j]]
+        captions += [f"{nb.fs.split[q]} {nb.fs.label[q]}\n{q_ids[j].rsplit('/', 1)[-1][-20:]}",
+                     f"{nb.refs.split[r]} {nb.refs.label[r]} {nb.cos[i]:.3f}" + (" (mirrored)" if nb.mirrored[i] else "")
+                     + f"\n{r_ids[j].rsplit('/', 1)[-1][-20:]}"]
+    return report.gallery_png(path, images, captions, title)
+
+
+def _units_of(store: str, manifest, output: str | None) -> FeatureSet:
+    """A store's features with its cached views; a video store as one mean feature per clip (a clip is copied or
+    not, and millions of frames against millions would never finish)."""
+    fs = load_features(store, manifest, output, views=store_views(store))
+    return clip_means(fs) if fs.clip_id is not None else fs
+
+
+def _same_encoder(a: str, b: str) -> None:
+    ea, eb = (open_store(s).fingerprint["encoder"] for s in (a, b))
+    if encoder_key(ea) != encoder_key(eb):
+        raise StoreError(f"{a} ({ea['name']}, size {ea['preprocess']['size']}) and {b} ({eb['name']}, size "
+                         f"{eb['preprocess']['size']}) were extracted differently; their features are not comparable")
 
 
 def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None = None, output: str | None = None,
                     threshold: float = 0.95, without_leaks_to: str | Path | None = None, pairs: int = 0,
-                    root: str | Path | None = None, device: str = "cpu") -> dict:
-    """Find, count, draw and list val/test images whose nearest earlier-split image is at least `threshold` similar;
-    optionally write the manifest with their units unlabelled (the same store serves it)."""
+                    root: str | Path | None = None, device: str = "cpu", against: str | None = None) -> dict:
+    """Find, count, draw and list val/test images whose nearest earlier-split image (or, `against` another store,
+    nearest image of its train and val splits) is at least `threshold` similar; optionally write the manifest
+    with their units unlabelled (the same store serves it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fs = load_features(store, manifest, output, views=store_views(store))
-    if fs.clip_id is not None:  # video: a clip is copied or not; millions of frames x millions would never end
-        fs = clip_means(fs)
-    nb = nearest_earlier(fs, device=device)
-    name = store_name(store)
-    hits = nb.above(threshold)
-    rows = [[fs.sample_id[nb.query[i]], fs.split[nb.query[i]], fs.label[nb.query[i]], fs.sample_id[nb.ref[i]],
-             fs.split[nb.ref[i]], fs.label[nb.ref[i]], f"{nb.cos[i]:.4f}", int(nb.mirrored[i])] for i in hits]
-    result = {"store": store, "threshold": threshold, "queries": int(len(nb.query)), "counts": counts(nb),
-              "units": nb.units(threshold), "label_differs": int(sum(r[2] != r[5] for r in rows)),
+    fs = _units_of(store, manifest, output)
+    if against:
+        _same_encoder(store, against)
+        nb = nearest_in(fs, _units_of(against, None, output), device=device)
+    else:
+        nb = nearest_earlier(fs, device=device)
+    refs, hits = nb.refs, nb.above(threshold)
+    where = f"{store_name(against)} train/val" if against else "earlier-split"
+    name = store_name(store) + (f" vs {store_name(against)}" if against else "")
+    rows = [[fs.sample_id[nb.query[i]], fs.split[nb.query[i]], fs.label[nb.query[i]], refs.sample_id[nb.ref[i]],
+             refs.split[nb.ref[i]], refs.label[nb.ref[i]], f"{nb.cos[i]:.4f}", int(nb.mirrored[i])] for i in hits]
+    result = {"store": store, "against": against, "where": where, "threshold": threshold, "queries": int(len(nb.query)),
+              "counts": counts(nb), "units": nb.units(threshold), "label_differs": int(sum(r[2] != r[5] for r in rows)),
               "csv": str(report.write_csv(out_dir / "near-dups.csv", ["sample_id", "split", "label", "neighbour",
                                                                       "neighbour_split", "neighbour_label", "cosine",
                                                                       "mirrored"], rows)),
               "hist_png": str(report.hist_png(
                   out_dir / "near-dups-hist.png", {s: nb.cos[fs.split[nb.query] == s] for s in ("val", "test")}, threshold,
-                  "cosine to the nearest earlier-split image (train; train + val for test)",
+                  f"cosine to the nearest {where} image" + ("" if against else " (train; train + val for test)"),
                   f"{name}: {len(hits)} of {len(nb.query)} val/test images at cosine ≥ {threshold}"))}
     if pairs and len(hits):
-        result["pairs_png"] = str(pairs_png(out_dir / "near-dups-pairs.png", nb, threshold, pairs, store, manifest, root,
-                                            f"{name}: the {min(pairs, len(hits))} least similar pairs at cosine ≥ {threshold} "
-                                            "(if these are one photo, so is everything above)"))
+        result["pairs_png"] = str(pairs_png(out_dir / "near-dups-pairs.png", nb, threshold, pairs, (store, against or store),
+                                            manifest, root, f"{name}: the {min(pairs, len(hits))} least similar pairs at "
+                                            f"cosine ≥ {threshold} (if these are one photo, so is everything above)"))
     if without_leaks_to:
         m = manifest_for(open_store(store), manifest)
         result["manifest"] = str(write_manifest(without_leaks(m, result["units"]), without_leaks_to))
@@ -151,8 +200,8 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
 
 def describe(result: dict) -> str:
     """Counts at each threshold, what was found at the chosen one, and where the outputs went."""
-    lines = [f"{result['store']}: {result['queries']} labelled val/test images against every earlier-split image"
-             " (and its mirrored view where the store has one)",
+    lines = [f"{result['store']}: {result['queries']} labelled val/test images against every {result['where']} image"
+             " (and its mirrored view where that store has one)",
              f"  {'cosine ≥':>9} {'val':>6} {'test':>6}"]
     lines += [f"  {t:>9} {c['val']:>6} {c['test']:>6}" + ("  <- threshold" if t == result["threshold"] else "")
               for t, c in result["counts"].items()]

@@ -51,6 +51,11 @@ def store_name(location) -> str:
     return Path(str(location).rstrip("/")).stem
 
 
+def encoder_key(encoder: dict) -> dict:
+    """What makes two stores' features comparable: the same model, weights and preprocessing (not views or outputs)."""
+    return {k: encoder[k] for k in ("name", "weights_sha256", "preprocess")}
+
+
 def make_fingerprint(encoder_identity: dict, manifest_sha256: str, n_rows: int, chunk_rows: int,
                      read_chunk_rows: int | None = None) -> dict:
     """The fingerprint stored in a store's attributes; `key` is what must match to resume or reuse it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 
 from fercache.data import FeatureSet
 from fercache.neighbours import counts, nearest_earlier, near_duplicates
@@ -102,3 +103,45 @@ def test_a_video_store_is_compared_clip_by_clip(video_store, tmp_path):
     clean = read_manifest(r["manifest"])
     assert {x["clip_id"] for x in clean.rows if not x["label"]} == set(r["units"])  # whole clips, every frame
     assert (tmp_path / "nd" / "near-dups-pairs.png").stat().st_size > 5000  # a clip is drawn by its middle frame
+
+
+def test_nearest_in_another_dataset_searches_only_its_train_and_val():
+    from fercache.neighbours import nearest_in
+
+    a, b = _example(), _example()
+    b.split = np.array(["test"] * 26, dtype=object)
+    b.split[:3] = "train"
+    b.split[3] = "val"
+    nb = nearest_in(a, b)
+    got = dict(zip(nb.query.tolist(), nb.ref.tolist()))
+    assert set(nb.ref.tolist()) <= {0, 1, 2, 3}  # never one of b's test rows
+    assert got[20] == 3 and nb.cos[nb.query.tolist().index(20)] > 0.99  # a's val row 20 copies b's row 3 (val)
+    assert nb.refs is b and len(nb.query) == 5
+
+
+def test_near_dups_against_another_store(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
+    from fercache.errors import StoreError
+    from fercache.extract import extract
+    from fercache.manifests import read_manifest, write_manifest
+    from fercache.store import open_store
+
+    from .test_cli import invoke
+
+    # Dataset b: the same images under other ids, same splits, same encoder: a's val images are b's val images.
+    m = read_manifest(tiny_manifest)
+    b_manifest = write_manifest(type(m)(rows=[dict(r, sample_id="b/" + r["sample_id"]) for r in m.rows], source="b"),
+                                tmp_path / "b.csv")
+    spec = open_store(tiny_store).meta["encoder_args"]["spec"]
+    extract(b_manifest, spec, tmp_path / "b.zarr", root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
+    r = invoke("near-dups", tiny_store, "--against", tmp_path / "b.zarr", "--threshold", "0.999", "--pairs", "2",
+               "--data-root", tiny_dataset, "--out", tmp_path / "nd")
+    assert r.exit_code == 0, r.output
+    assert "against every b train/val image" in r.output
+    rows = list(csv.DictReader(open(tmp_path / "nd" / "near-dups.csv")))
+    val = [row for row in rows if row["split"] == "val"]
+    assert len(val) == 24 and all(row["neighbour"] == "b/" + row["sample_id"] for row in val)
+    assert all(row["neighbour_split"] in ("train", "val") for row in rows)
+    assert (tmp_path / "nd" / "near-dups-pairs.png").stat().st_size > 5000
+    extract(tiny_manifest, "null:", tmp_path / "null.zarr", root=tiny_dataset, image_size=16, workers=0, progress=False)
+    with pytest.raises(StoreError, match="extracted differently"):
+        near_duplicates(str(tiny_store), tmp_path / "nd2", against=str(tmp_path / "null.zarr"))
