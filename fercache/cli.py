@@ -33,12 +33,12 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lo
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
 
 
-def _options(pairs: list[str]) -> dict:
+def _options(pairs: list[str], flag: str = "--option") -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
-            raise typer.BadParameter(f"--option takes key=value, got {pair!r}")
+            raise typer.BadParameter(f"{flag} takes key=value, got {pair!r}")
         out[key] = value
     return out
 
@@ -242,13 +242,13 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
 
 
 def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Path, seeds: list[int], recipe: dict,
-                    device: str) -> None:
+                    device: str, labels: dict[str, str]) -> None:
     from .protocols import cross_matrix
 
     if not train:
         raise typer.BadParameter("--cross needs --train STORE (repeatable)")
     tables = cross_matrix(train, heads, out, seeds=seeds, test_stores=test or None, recipe={h: recipe for h in heads},
-                          device=device, progress=True)
+                          device=device, progress=True, labels=labels)
     for t in tables.values():
         typer.echo(t["markdown"])
 
@@ -277,6 +277,8 @@ def evaluate(
     seeds: str = typer.Option("0", help="--cross: comma-separated seeds."),
     recipe: list[str] = typer.Option([], "--recipe", help="--cross: training override key=value for every head."),
     out: Path = typer.Option(Path("runs/cross"), "--out", "-o", help="--cross: output folder."),
+    labels: list[str] = typer.Option([], "--labels", help="--cross: STORE=MANIFEST (store path or name), train and test "
+                                     "that store on these labels of the same images, e.g. a --without-leaks manifest."),
     errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of (errors.png)."),
     data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
                                              "(default: $FERCACHE_DATA, else .)."),
@@ -285,7 +287,8 @@ def evaluate(
     """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
     per-AU F1), or the --cross matrix."""
     if cross:
-        return _evaluate_cross(train, test, [h for h in heads.split(",") if h], out, _seeds(seeds), _kv(recipe), device)
+        return _evaluate_cross(train, test, [h for h in heads.split(",") if h], out, _seeds(seeds), _kv(recipe), device,
+                               _options(labels, "--labels"))
     from .evaluate import evaluate as run_eval
 
     if not runs:

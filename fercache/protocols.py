@@ -29,25 +29,38 @@ def _fit_label(store: str, label: str, hp: dict | None, recipe: dict | None, **k
     return fit_seeds(store, head_of(label), hp=(hp or {}).get(label), recipe=(recipe or {}).get(label), **kw)
 
 
+def _labels_for(labels: dict[str, str] | None, stores: list[str]) -> dict[str, str | None]:
+    """Each store's manifest from `labels` (keyed by store path or store name), else None: the store's own."""
+    labels = dict(labels or {})
+    out = {s: labels.pop(str(s), None) or labels.pop(store_name(s), None) for s in stores}
+    if labels:
+        raise ConfigError(f"--labels names {', '.join(labels)}, which is none of the stores "
+                          f"({', '.join(store_name(s) for s in stores)})")
+    return out
+
+
 @features_memo()
 def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,), test_stores: list[str] | None = None,
                  hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str = "accuracy",
-                 progress: bool = False) -> dict:
+                 progress: bool = False, labels: dict[str, str] | None = None) -> dict:
     """Train each head on each store, test on each test store's `test` split; rows trained-on, columns tested-on.
 
     Predictions are over the training label set; test samples whose true label is not in it are
     excluded from that cell and counted. Values are `metric` in %, mean and std over seeds.
+    `labels` ({store or store name: manifest}) trains and tests that store on other labels of the same images,
+    e.g. the manifest `manifest check --without-leaks` or `near-dups --without-leaks` wrote.
     """
     test_stores = test_stores or stores
+    manifests = _labels_for(labels, list(dict.fromkeys(list(stores) + list(test_stores))))
     out_dir = Path(out_dir)
     tables = {}
     for head in heads:
         cells = {}
         for train in stores:
             runs = _fit_label(train, head, hp, recipe, seeds=seeds, out_dir=out_dir / "runs", device=device,
-                              progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}")
+                              progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}", manifest=manifests[train])
             for test in test_stores:
-                res = [evaluate_run(r.run_dir, test, device=device) for r in runs]
+                res = [evaluate_run(r.run_dir, test, manifests[test], device=device) for r in runs]
                 vals = [100 * r[metric] for r in res]
                 cells[(train, test)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": vals,
                                         "n": res[0]["n"], "excluded": res[0]["excluded"]}

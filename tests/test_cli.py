@@ -227,3 +227,23 @@ def test_compare_two_heads_on_the_same_test_samples(tiny_store, tmp_path):
     assert r.exit_code == 0 and "+0.00  [+0.0, +0.0]" in r.output
     r = invoke("compare", a / "seed0", tmp_path / "nowhere")
     assert r.exit_code == 2 and "no trained run" in r.output
+
+
+def test_cross_matrix_on_other_labels_trains_and_tests_with_them(tiny_store, tiny_manifest, tmp_path):
+    from fercache.audit import without_leaks
+    from fercache.manifests import read_manifest, write_manifest
+
+    m = read_manifest(tiny_manifest)
+    gone = [r["sample_id"] for r in m.rows if r["split"] in ("val", "test")][::4]  # 6 val, 6 test rows unlabelled
+    clean = write_manifest(without_leaks(m, gone), tmp_path / "faces-clean.csv")
+    args = ("evaluate", "--cross", "--train", tiny_store, "--heads", "linear", "--recipe", "epochs=2", "--recipe",
+            "batch_size=8", "--out", tmp_path / "x")
+    r = invoke(*args, "--labels", f"faces={clean}")
+    assert r.exit_code == 0, r.output
+    cell = json.loads((tmp_path / "x" / "cross-linear.json").read_text())["faces -> faces"]
+    assert cell["n"] == 18  # 24 test images, 6 unlabelled
+    run = tmp_path / "x" / "runs" / "faces-linear" / "seed0"
+    assert json.loads((run / "config.json").read_text())["manifest"] == str(clean)
+    assert json.loads((run / "metrics.json").read_text())["n_val"] == 18  # selection never saw the unlabelled val rows
+    r = invoke(*args, "--labels", f"nosuch={clean}")
+    assert r.exit_code == 2 and "--labels names nosuch, which is none of the stores (faces)" in r.output
