@@ -146,10 +146,10 @@ def pairs_png(path: Path, nb: Neighbours, threshold: float, k: int, stores: tupl
     return report.gallery_png(path, images, captions, title)
 
 
-def _units_of(store: str, manifest, output: str | None) -> FeatureSet:
-    """A store's features with its cached views; a video store as one mean feature per clip (a clip is copied or
-    not, and millions of frames against millions would never finish)."""
-    fs = load_features(store, manifest, output, views=store_views(store))
+def _units_of(store: str, manifest, output: str | None, views: bool = True) -> FeatureSet:
+    """A store's features (with its cached views when it serves as reference); a video store as one mean feature
+    per clip (a clip is copied or not, and millions of frames against millions would never finish)."""
+    fs = load_features(store, manifest, output, views=store_views(store) if views else ())
     return clip_means(fs) if fs.clip_id is not None else fs
 
 
@@ -168,7 +168,7 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
     with their units unlabelled (the same store serves it)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    fs = _units_of(store, manifest, output)
+    fs = _units_of(store, manifest, output, views=not against)  # queries are compared as they are, never mirrored
     if against:
         _same_encoder(store, against)
         nb = nearest_in(fs, _units_of(against, None, output), device=device)
