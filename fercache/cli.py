@@ -289,7 +289,7 @@ def evaluate(
     if cross:
         return _evaluate_cross(train, test, [h for h in heads.split(",") if h], out, _seeds(seeds), _kv(recipe), device,
                                _options(labels, "--labels"))
-    from .evaluate import evaluate as run_eval
+    from .evaluate import evaluate as run_eval, format_summary
 
     if not runs:
         raise typer.BadParameter("give a run directory, or use --cross")
@@ -298,7 +298,7 @@ def evaluate(
         for r in res["runs"]:
             typer.echo(_score_line(r, split) + (f"\n  surest mistakes -> {r['errors_png']}" if "errors_png" in r else ""))
         if len(res["runs"]) > 1:
-            typer.echo("mean ± std: " + ", ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in res["summary"].items()))
+            typer.echo("mean ± std: " + format_summary(res["summary"]))
 
 
 @app.command()

@@ -178,11 +178,11 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
         raise ConfigError("--errors shows expression mistakes; for AU runs read predictions.csv (truth, decision, p per AU)")
     result = with_intervals(result, scored)
     if write:
-        cfg = json.loads((Path(run) / "config.json").read_text())
-        out = _write_eval(Path(run), result, cfg, scored)
+        out = _write_eval(Path(run), result, scored)
         if errors:
-            result["errors_png"] = str(error_gallery(out / "errors.png", result, scored, errors, root))
-            result["errors_shown"] = len(confident_errors(scored, errors))
+            surest = confident_errors(scored, errors)
+            result["errors_png"] = str(error_gallery(out / "errors.png", result, scored, surest, root))
+            result["errors_shown"] = len(surest)
     return result
 
 
@@ -194,12 +194,12 @@ def confident_errors(s: Scored, k: int) -> list[tuple[str, str, str, float]]:
     return [(str(s.sample_id[i]), s.classes[s.y[i]], s.classes[pred[i]], float(s.prob[i, pred[i]])) for i in surest]
 
 
-def error_gallery(path: Path, result: dict, s: Scored, k: int, root: str | Path | None) -> Path:
-    """errors.png: the run's surest mistakes as images captioned `true -> predicted p`: label noise and
+def error_gallery(path: Path, result: dict, s: Scored, errors: list[tuple[str, str, str, float]],
+                  root: str | Path | None) -> Path:
+    """errors.png: `errors` (from `confident_errors`) as images captioned `true -> predicted p`: label noise and
     systematic confusions show at a glance (FER2013 has many of the first)."""
     from .data import unit_images
 
-    errors = confident_errors(s, k)
     images = unit_images(result["store"], [e[0] for e in errors], root)
     captions = [f"{t} → {p} {prob:.2f}\n{sid.rsplit('/', 1)[-1][-20:]}" for sid, t, p, prob in errors]
     wrong = int((s.decisions()["pred"] != s.y).sum())
@@ -220,7 +220,7 @@ def eval_name(result: dict) -> str:
     return f"{store_name(result['store'])} {result['split']}" + (f" {labels_tag(result['labels'])}" if "labels" in result else "")
 
 
-def _write_eval(run: Path, result: dict, cfg: dict, scored: Scored) -> Path:
+def _write_eval(run: Path, result: dict, scored: Scored) -> Path:
     out = run / ("eval-" + eval_name(result).replace(" ", "-"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "metrics.json").write_text(json.dumps(result, indent=2))
@@ -230,7 +230,7 @@ def _write_eval(run: Path, result: dict, cfg: dict, scored: Scored) -> Path:
         report.write_csv(out / "confusion.csv", ["true \\ predicted"] + classes,
                          [[c] + row for c, row in zip(classes, result["confusion"])])
         report.confusion_png(out / "confusion.png", result["confusion"], classes,
-                             f"{cfg['head']} on {store_name(result['store'])} {result['split']}: acc {100 * result['accuracy']:.1f}%, "
+                             f"{result['head']} on {store_name(result['store'])} {result['split']}: acc {100 * result['accuracy']:.1f}%, "
                              f"UAR {100 * result['uar']:.1f}%, n={result['n']}")
     result["out"] = str(out)
     return out
@@ -259,6 +259,11 @@ def summarize(results: list[dict], keys=("accuracy", "uar", "macro_f1", "macro_f
         if vals:
             out[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "n_seeds": len(vals)}
     return out
+
+
+def format_summary(summary: dict) -> str:
+    """`accuracy 47.19 ± 0.01, uar ...`: a summary's headline metrics in %, mean ± std over seeds."""
+    return ", ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in summary.items())
 
 
 def evaluate(run: str | Path, store: str | None = None, manifest=None, split: str = "test", device: str = "cpu",

@@ -78,14 +78,14 @@ def _near_dups_step(store: str, out: str, **kw):
 @register_step("evaluate")
 def _evaluate_step(runs: list[str], store: str | None = None, manifest: str | None = None, split: str = "test",
                    device: str = "cpu"):
-    from .evaluate import eval_name, evaluate
+    from .evaluate import eval_name, evaluate, format_summary
 
     lines = []
     for run in runs:
         res = evaluate(run, store, manifest, split, device)
-        first, summary = res["runs"][0], res["summary"]
-        scores = ", ".join(f"{k} {100 * v['mean']:.2f} ± {100 * v['std']:.2f}" for k, v in summary.items())
-        lines.append(f"{run} on {eval_name(first)}: n={first['n']}, {scores} ({len(res['runs'])} seed(s))")
+        first = res["runs"][0]
+        lines.append(f"{run} on {eval_name(first)}: n={first['n']}, {format_summary(res['summary'])} "
+                     f"({len(res['runs'])} seed(s))")
     return "\n" + "\n".join(lines)
 
 
