@@ -242,13 +242,13 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
 
 
 def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Path, seeds: list[int], recipe: dict,
-                    device: str, labels: dict[str, str]) -> None:
+                    device: str, labels: dict[str, str], metric: list[str]) -> None:
     from .protocols import cross_matrix
 
     if not train:
         raise typer.BadParameter("--cross needs --train STORE (repeatable)")
     tables = cross_matrix(train, heads, out, seeds=seeds, test_stores=test or None, recipe={h: recipe for h in heads},
-                          device=device, progress=True, labels=labels)
+                          device=device, progress=True, labels=labels, metric=metric)
     for t in tables.values():
         typer.echo(t["markdown"])
 
@@ -260,6 +260,9 @@ def _score_line(r: dict, split: str) -> str:
     ci = r.get("ci95", {})
     scores = "  ".join(f"{name} {100 * r[k]:.2f}" + (f" [{100 * ci[k][0]:.1f}, {100 * ci[k][1]:.1f}]" if k in ci else "")
                        for k, name in names.items())
+    if "ece" in r:  # calibration: raw, and after the temperature the run fitted on its validation split
+        scores += f"  ECE {100 * r['ece']:.1f}" + (f" [{100 * ci['ece'][0]:.1f}, {100 * ci['ece'][1]:.1f}]" if "ece" in ci else "")
+        scores += f" (T={r['temperature']:.2f}: {100 * r['ece_ts']:.1f})" if "ece_ts" in r else ""
     excl = f"  (excluded {r['excluded']['n']})" if r.get("excluded", {}).get("n") else ""
     return f"{r['run']} on {r['store']}:{split}  n={r['n']}  {scores}{excl}  -> {r['out']}"
 
@@ -279,16 +282,19 @@ def evaluate(
     out: Path = typer.Option(Path("runs/cross"), "--out", "-o", help="--cross: output folder."),
     labels: list[str] = typer.Option([], "--labels", help="--cross: STORE=MANIFEST (store path or name), train and test "
                                      "that store on these labels of the same images, e.g. a --without-leaks manifest."),
+    metric: str = typer.Option("accuracy", help="--cross: comma-separated metrics, one matrix each (accuracy, uar, "
+                               "macro_f1, ece, ece_ts: ECE after the temperature fitted on the training store's val split)."),
     errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of (errors.png)."),
     data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
                                              "(default: $FERCACHE_DATA, else .)."),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
+    calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
     per-AU F1), or the --cross matrix."""
     if cross:
         return _evaluate_cross(train, test, [h for h in heads.split(",") if h], out, _seeds(seeds), _kv(recipe), device,
-                               _options(labels, "--labels"))
+                               _options(labels, "--labels"), [m for m in metric.split(",") if m])
     from .evaluate import evaluate as run_eval, format_summary
 
     if not runs:
@@ -357,12 +363,14 @@ def predict(
     images: list[Path] = typer.Argument(..., help="Image files or folders."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write .json or .csv (default: JSON to stdout)."),
     detect: bool = typer.Option(False, help="Crop the most confident face with MTCNN (facenet-pytorch) first."),
+    calibrated: bool = typer.Option(True, help="Expression probabilities scaled by the temperature the run fitted on "
+                                    "its validation split (--no-calibrated: raw softmax; the prediction is the same)."),
     device: str = typer.Option("cpu"),
 ) -> None:
     """Class probabilities for new images, using the run's encoder and preprocessing."""
     from .predict import predict as run_predict, write_predictions
 
-    rows = run_predict(run, images, detect=detect, device=device)
+    rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated)
     if out:
         typer.echo(f"{write_predictions(rows, out)}: {len(rows)} images")
     else:

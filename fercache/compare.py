@@ -97,9 +97,10 @@ def describe(result: dict) -> str:
     head = (f"B - A on {store_name(result['store'])}:{result['split']}  ({unit}; {result['n_boot']} paired bootstrap "
             "resamples of the subjects" + (f"; {result['dropped']} samples not scored by both left out" if result["dropped"] else "")
             + f")\n  A = {result['a']} ({result['seeds_a']} seed(s))\n  B = {result['b']} ({result['seeds_b']} seed(s))\n")
-    lines = [f"  {'metric':<16} {'A':>7} {'B':>7} {'B - A':>7}  {'95% CI':<16} {'p':>6}"]
+    lines = [f"  {'metric':<21} {'A':>7} {'B':>7} {'B - A':>7}  {'95% CI':<16} {'p':>6}"]
     for k, m in result["metrics"].items():
+        k = f"{k} (lower=better)" if k in metrics.LOWER_IS_BETTER else k
         ci = f"[{100 * m['ci95'][0]:+.1f}, {100 * m['ci95'][1]:+.1f}]"
         p = f"{m['p']:.3f}" if m["p"] > 0 else f"<{1 / result['n_boot']:.3g}"  # zero of n_boot resamples
-        lines.append(f"  {k:<16} {100 * m['a']:7.2f} {100 * m['b']:7.2f} {100 * m['diff']:+7.2f}  {ci:<16} {p:>6}")
+        lines.append(f"  {k:<21} {100 * m['a']:7.2f} {100 * m['b']:7.2f} {100 * m['diff']:+7.2f}  {ci:<16} {p:>6}")
     return head + "\n".join(lines)

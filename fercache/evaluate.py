@@ -113,7 +113,8 @@ class Scored:
         """Each headline metric under row weights `w` [b, n] (one bootstrap resample per row of w)."""
         d = self.decisions()
         if self.task == "expr":
-            return metrics.weighted_classification(w, self.y, d["pred"], len(self.classes))
+            return {**metrics.weighted_classification(w, self.y, d["pred"], len(self.classes)),
+                    "ece": metrics.weighted_ece(w, self.prob, self.y)}
         return {"macro_f1_at_0.5": metrics.weighted_au_f1(w, self.y, d["at_0.5"]),
                 "macro_f1_tuned": metrics.weighted_au_f1(w, self.y, d["tuned"])}
 
@@ -121,7 +122,7 @@ class Scored:
 def score_run(run: str | Path, store: str | None = None, manifest=None, split: str = "test",
               device: str = "cpu") -> tuple[dict, Scored]:
     """Metrics of one run on `split` of `store` (default: the store it was trained on), and its row outputs."""
-    model, cfg, thresholds = load_run(run, device)
+    model, cfg, fitted = load_run(run, device)
     store = store or cfg["store"]
     _check_same_encoder(cfg, store)
     _check_not_stale(run, cfg, store, manifest)
@@ -148,11 +149,14 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
         result["excluded"] = {"n": int(sum(excluded.values())), "by_label": excluded}
     logits = predict_logits(model, _to_device(fs, y, device))
     prob = (torch.softmax(logits, 1) if cfg["task"] == "expr" else torch.sigmoid(logits)).cpu().numpy()
-    out = Scored(fs.sample_id, fs.subject, fs.label, y, prob, list(cfg["classes"]), cfg["task"], thresholds)
+    out = Scored(fs.sample_id, fs.subject, fs.label, y, prob, list(cfg["classes"]), cfg["task"], fitted.thresholds)
     if cfg["task"] == "expr":
         result.update(metrics.classification(y, out.decisions()["pred"], cfg["classes"]))
+        # ECE of the raw softmax, and after the temperature the run fitted on its own validation split: on
+        # another dataset, whether that in-domain calibration still holds
+        result.update(metrics.calibration(logits.cpu().numpy(), y, fitted.temperature))
     else:
-        result.update(metrics.au(y, prob, cfg["classes"], thresholds))
+        result.update(metrics.au(y, prob, cfg["classes"], fitted.thresholds))
     return result, out
 
 
@@ -232,6 +236,9 @@ def _write_eval(run: Path, result: dict, scored: Scored) -> Path:
         report.confusion_png(out / "confusion.png", result["confusion"], classes,
                              f"{result['head']} on {store_name(result['store'])} {result['split']}: acc {100 * result['accuracy']:.1f}%, "
                              f"UAR {100 * result['uar']:.1f}%, n={result['n']}")
+    if "reliability" in result:
+        report.reliability_png(out / "reliability.png", result,
+                               f"{result['head']} on {store_name(result['store'])} {result['split']}, n={result['n']}")
     result["out"] = str(out)
     return out
 
@@ -251,7 +258,7 @@ def _write_predictions(path: Path, s: Scored) -> Path:
     return report.write_csv(path, header, rows)
 
 
-def summarize(results: list[dict], keys=("accuracy", "uar", "macro_f1", "macro_f1_at_0.5", "macro_f1_tuned")) -> dict:
+def summarize(results: list[dict], keys=("accuracy", "uar", "macro_f1", "ece", "macro_f1_at_0.5", "macro_f1_tuned")) -> dict:
     """mean and std over seeds of each headline metric present."""
     out = {}
     for k in keys:

@@ -115,3 +115,97 @@ def bootstrap_ci(stats, groups: np.ndarray, n_boot: int = N_BOOT, seed: int = 0)
         for name, v in stats(w).items():
             draws.setdefault(name, []).append(v)
     return {name: percentile_ci(np.concatenate(v)) for name, v in draws.items()}
+
+
+# --- Calibration: is the probability of the predicted class the chance that it is right? -------------------
+# A head can rank classes well and still be over-confident, most of all on a dataset it never saw; a user who
+# thresholds its probabilities needs to know. Expected calibration error (top-label, equal-width bins), NLL and
+# Brier score, before and after temperature scaling (one scalar T fitted on the validation split; Guo et al.,
+# "On calibration of modern neural networks", 2017). T never changes the argmax, so accuracy is untouched.
+
+N_BINS = 15
+LOWER_IS_BETTER = frozenset({"ece", "ece_ts", "nll", "nll_ts", "brier", "brier_ts"})
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    z = logits - logits.max(1, keepdims=True)
+    return z - np.log(np.exp(z).sum(1, keepdims=True))
+
+
+def _bin_of(conf: np.ndarray, n_bins: int) -> np.ndarray:
+    return np.minimum((conf * n_bins).astype(int), n_bins - 1)  # a confidence of exactly 1 joins the top bin
+
+
+def reliability(prob: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> dict:
+    """Per confidence bin: how many predictions, their mean confidence and their accuracy (NaN where empty)."""
+    conf, correct = prob.max(1), (prob.argmax(1) == y)
+    b = _bin_of(conf, n_bins)
+    n = np.bincount(b, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = lambda v: np.bincount(b, weights=v, minlength=n_bins) / n  # noqa: E731
+        return {"edges": np.linspace(0, 1, n_bins + 1).tolist(), "n": n.tolist(),
+                "confidence": mean(conf).tolist(), "accuracy": mean(correct.astype(float)).tolist()}
+
+
+def weighted_ece(w: np.ndarray, prob: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> np.ndarray:
+    """ECE under each row of weights `w` [b, n]: sum over bins of |weighted (correct - confidence)| / total weight."""
+    conf = prob.max(1)
+    gap = np.zeros((len(y), n_bins))
+    gap[np.arange(len(y)), _bin_of(conf, n_bins)] = (prob.argmax(1) == y) - conf
+    return np.abs(w @ gap).sum(1) / w.sum(1)
+
+
+def ece(prob: np.ndarray, y: np.ndarray, n_bins: int = N_BINS) -> float:
+    """Expected calibration error: the count-weighted mean |accuracy - confidence| over confidence bins."""
+    return float(weighted_ece(np.ones((1, len(y))), prob, y, n_bins)[0]) if len(y) else float("nan")
+
+
+def _nll(logits: np.ndarray, y: np.ndarray) -> float:
+    return float(-log_softmax(logits)[np.arange(len(y)), y].mean())
+
+
+T_RANGE = (0.05, 20.0)
+
+
+def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = T_RANGE[0], hi: float = T_RANGE[1], iters: int = 80) -> float:
+    """The T in [lo, hi] minimising the NLL of softmax(logits / T): call on the validation split only.
+
+    NLL is convex in 1/T (a log-sum-exp of a linear function of it, minus a linear term), so a golden-section
+    search over 1/T finds the minimum without a gradient, a learning rate or a host-side optimiser loop.
+    A validation split the head separates perfectly has its minimum at T -> 0: the result is then `lo`.
+    """
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(y) == 0:
+        return 1.0
+    a, b = 1.0 / hi, 1.0 / lo
+    g = (np.sqrt(5) - 1) / 2
+    c, d = b - g * (b - a), a + g * (b - a)
+    fc, fd = _nll(logits * c, y), _nll(logits * d, y)
+    for _ in range(iters):
+        if fc < fd:
+            b, d, fd = d, c, fc
+            c = b - g * (b - a)
+            fc = _nll(logits * c, y)
+        else:
+            a, c, fc = c, d, fd
+            d = a + g * (b - a)
+            fd = _nll(logits * d, y)
+    return float(2.0 / (a + b))
+
+
+def calibration(logits: np.ndarray, y: np.ndarray, temperature: float | None = None) -> dict:
+    """ECE, NLL and Brier score (sum over classes, 0 to 2) of softmax(logits), with the reliability bins; with a
+    `temperature` (fitted on validation), the same of softmax(logits / T) as `*_ts`."""
+    def of(z: np.ndarray, suffix: str) -> dict:
+        prob = np.exp(log_softmax(z))
+        onehot = np.eye(z.shape[1])[y]
+        return {f"ece{suffix}": ece(prob, y), f"nll{suffix}": _nll(z, y),
+                f"brier{suffix}": float(((prob - onehot) ** 2).sum(1).mean()), f"reliability{suffix}": reliability(prob, y)}
+
+    logits = np.asarray(logits, dtype=np.float64)
+    if len(y) == 0:
+        return {}
+    out = of(logits, "")
+    if temperature is not None:
+        out = {**out, "temperature": float(temperature), **of(logits / temperature, "_ts")}
+    return out

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from .adapters import IMAGE_EXTS
 from .encoders import encoder_of
 from .errors import ConfigError, FercacheError
 from .preprocess import decode_image, to_model_input, with_views
-from .train import load_run
+from .train import Fitted, load_run
 
 log = logging.getLogger(__name__)
 
@@ -54,26 +55,33 @@ class FaceCropper:
 
 
 def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, device: str = "cpu",
-            batch_size: int = 64) -> list[dict]:
-    """Per-image class probabilities (or AU probabilities and decisions) from a trained run."""
-    model, cfg, thresholds = load_run(run, device)
+            batch_size: int = 64, calibrated: bool = True) -> list[dict]:
+    """Per-image class probabilities (or AU probabilities and decisions) from a trained run.
+
+    `calibrated`: expression probabilities are softmax(logits / T) with the temperature the run fitted on its
+    validation split (so 0.8 means right about 80% of the time there); False gives the raw softmax. The
+    predicted class is the same either way.
+    """
+    model, cfg, fitted = load_run(run, device)
+    if not calibrated:
+        fitted = replace(fitted, temperature=None)
     if cfg["mask_source"]:
         raise ConfigError("this run's mask reads a second store's features; predict supports single-encoder runs")
     enc = encoder_of({"fingerprint": cfg["store_fingerprint"], "encoder_args": cfg.get("encoder_args")})
     enc.model.to(device)
     cropper = FaceCropper(device) if detect else None
     if model.level == "clip":
-        return [_predict_clip(Path(p), enc, model, cfg, cropper, device, batch_size) for p in inputs]
+        return [_predict_clip(Path(p), enc, model, cfg, fitted, cropper, device, batch_size) for p in inputs]
     paths, results = collect_images(inputs), []
     for start in range(0, len(paths), batch_size):
-        results += _predict_batch(paths[start:start + batch_size], enc, model, cfg, thresholds, cropper, device)
+        results += _predict_batch(paths[start:start + batch_size], enc, model, cfg, fitted, cropper, device)
     if all("error" in r for r in results):  # nothing to report but failures: say so, do not exit 0
         raise ConfigError(f"none of the {len(results)} file(s) could be read as an image, e.g. {results[0]['path']}: "
                           f"{results[0]['error']}")
     return results
 
 
-def _predict_clip(folder: Path, enc, model, cfg, cropper, device, batch_size: int) -> dict:
+def _predict_clip(folder: Path, enc, model, cfg, fitted, cropper, device, batch_size: int) -> dict:
     """One prediction for a folder of a clip's frames (sorted by name); frames that fail to decode are skipped."""
     if not folder.is_dir():
         raise ConfigError(f"a clip-level run ({cfg['head']}) predicts one clip per folder of frames; {folder} is not a folder")
@@ -91,11 +99,11 @@ def _predict_clip(folder: Path, enc, model, cfg, cropper, device, batch_size: in
         feats = torch.cat([enc.model(to_model_input(frames[i:i + batch_size], enc.preprocess, device))[cfg["output"]].float()
                            for i in range(0, len(frames), batch_size)])
         logits = model(feats[None])  # [1, frames, D]: every frame is valid
-    _fill([row], logits, cfg, None)
+    _fill([row], logits, cfg, fitted)
     return row
 
 
-def _predict_batch(paths, enc, model, cfg, thresholds, cropper, device) -> list[dict]:
+def _predict_batch(paths, enc, model, cfg, fitted, cropper, device) -> list[dict]:
     images, rows = [], []
     for p in paths:
         try:
@@ -115,20 +123,20 @@ def _predict_batch(paths, enc, model, cfg, thresholds, cropper, device) -> list[
     with torch.inference_mode():
         x = to_model_input(images, enc.preprocess, device)
         logits = torch.stack([model(enc.model(xi)[cfg["output"]].float()) for _, xi in with_views(x, views)]).mean(0)
-    _fill(good, logits, cfg, thresholds)
+    _fill(good, logits, cfg, fitted)
     return rows
 
 
-def _fill(rows: list[dict], logits: torch.Tensor, cfg: dict, thresholds) -> None:
+def _fill(rows: list[dict], logits: torch.Tensor, cfg: dict, fitted: Fitted) -> None:
     classes = cfg["classes"]
     if cfg["task"] == "au":
         prob = torch.sigmoid(logits).cpu().numpy()
-        thr = thresholds if thresholds is not None else np.full(len(classes), 0.5)
+        thr = fitted.thresholds if fitted.thresholds is not None else np.full(len(classes), 0.5)
         for r, p in zip(rows, prob):
             r["probabilities"] = {c: float(v) for c, v in zip(classes, p)}
             r["active"] = [c for c, v, t in zip(classes, p, thr) if v >= t]
         return
-    prob = torch.softmax(logits, dim=1).cpu().numpy()
+    prob = torch.softmax(logits / (fitted.temperature or 1.0), dim=1).cpu().numpy()
     for r, p in zip(rows, prob):
         r["probabilities"] = {c: float(v) for c, v in zip(classes, p)}
         r["prediction"] = classes[int(p.argmax())]

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import report
+from . import metrics, report
 from .data import features_memo
 from .errors import ConfigError, ManifestError
 from .evaluate import evaluate_run
@@ -41,34 +41,53 @@ def _labels_for(labels: dict[str, str] | None, stores: list[str]) -> dict[str, s
 
 @features_memo()
 def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,), test_stores: list[str] | None = None,
-                 hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str = "accuracy",
+                 hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str | list[str] = "accuracy",
                  progress: bool = False, labels: dict[str, str] | None = None) -> dict:
     """Train each head on each store, test on each test store's `test` split; rows trained-on, columns tested-on.
 
     Predictions are over the training label set; test samples whose true label is not in it are
-    excluded from that cell and counted. Values are `metric` in %, mean and std over seeds.
+    excluded from that cell and counted. Values are `metric` in %, mean and std over seeds; a list of metrics
+    writes one matrix each (the first as cross-<head>, the others as cross-<head>-<metric>), from the same runs:
+    e.g. ["accuracy", "ece", "ece_ts"] asks whether the calibration a head learnt in domain holds on other data.
     `labels` ({store or store name: manifest}) trains and tests that store on other labels of the same images,
     e.g. the manifest `manifest check --without-leaks` or `near-dups --without-leaks` wrote.
     """
+    names = _cross_metrics(metric)
     test_stores = test_stores or stores
     manifests = _labels_for(labels, list(dict.fromkeys(list(stores) + list(test_stores))))
     out_dir = Path(out_dir)
     tables = {}
     for head in heads:
-        cells = {}
+        cells: dict[str, dict] = {m: {} for m in names}
         for train in stores:
             runs = _fit_label(train, head, hp, recipe, seeds=seeds, out_dir=out_dir / "runs", device=device,
                               progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}", manifest=manifests[train])
             for test in test_stores:
                 res = [evaluate_run(r.run_dir, test, manifests[test], device=device) for r in runs]
-                vals = [100 * r[metric] for r in res]
-                cells[(train, test)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": vals,
-                                        "n": res[0]["n"], "excluded": res[0]["excluded"]}
-        tables[head] = _write_matrix(out_dir, head, stores, test_stores, cells, metric, len(seeds))
+                for m in names:
+                    vals = [100 * r.get(m, np.nan) for r in res]  # ece_ts: NaN for a run fitted no temperature
+                    cells[m][(train, test)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": vals,
+                                               "n": res[0]["n"], "excluded": res[0]["excluded"]}
+        for i, m in enumerate(names):
+            key = head if i == 0 else f"{head}-{m}"
+            tables[key] = _write_matrix(out_dir, key, head, stores, test_stores, cells[m], m, len(seeds))
     return tables
 
 
-def _write_matrix(out_dir: Path, head: str, rows: list[str], cols: list[str], cells: dict, metric: str, n_seeds: int) -> dict:
+#: What a cross-matrix cell can report (all in %); ECE is lower-is-better, the others higher.
+CROSS_METRICS = ("accuracy", "uar", "macro_f1", "ece", "ece_ts")
+
+
+def _cross_metrics(metric: str | list[str]) -> list[str]:
+    names = [metric] if isinstance(metric, str) else list(metric)
+    unknown = [m for m in names if m not in CROSS_METRICS]
+    if unknown or not names:
+        raise ConfigError(f"cross-matrix metric {unknown or names!r}: choose from {', '.join(CROSS_METRICS)}")
+    return names
+
+
+def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: list[str], cells: dict, metric: str,
+                  n_seeds: int) -> dict:
     names_r, names_c = [store_name(s) for s in rows], [store_name(s) for s in cols]
     mean = np.array([[cells[(r, c)]["mean"] for c in cols] for r in rows])
     std = np.array([[cells[(r, c)]["std"] for c in cols] for r in rows])
@@ -84,14 +103,15 @@ def _write_matrix(out_dir: Path, head: str, rows: list[str], cols: list[str], ce
         csv_rows.append([names_r[i]] + [f"{mean[i, j]:.2f}" for j in range(len(cols))] +
                         [f"{std[i, j]:.2f}" for j in range(len(cols))] +
                         [cells[(r, c)]["excluded"]["n"] for c in cols] + [f"{unseen[i]:.2f}"])
-    base = out_dir / f"cross-{head}"
+    base = out_dir / f"cross-{key}"
     report.write_csv(base.with_suffix(".csv"), ["trained_on"] + [f"{c}_mean" for c in names_c] + [f"{c}_std" for c in names_c]
                      + [f"{c}_excluded" for c in names_c] + ["mean_unseen"], csv_rows)
-    title = f"{head}: {metric} (%) on the test split, mean ± std over {n_seeds} seed(s)"
+    lower = metric in metrics.LOWER_IS_BETTER
+    title = f"{head}: {metric} (%{', lower is better' if lower else ''}) on the test split, mean ± std over {n_seeds} seed(s)"
     md = f"### {title}\n\n" + report.markdown_table(header, md_rows) + \
         "\n\n[excl. N]: test samples whose label is not in the training label set (not scored).\n"
     base.with_suffix(".md").write_text(md)
-    report.heatmap_png(base.with_suffix(".png"), mean, std, names_r, names_c, title)
+    report.heatmap_png(base.with_suffix(".png"), mean, std, names_r, names_c, title, lower_is_better=lower)
     serial = {f"{store_name(r)} -> {store_name(c)}": v for (r, c), v in cells.items()}
     base.with_suffix(".json").write_text(json.dumps(serial, indent=2))
     return {"markdown": md, "csv": str(base.with_suffix(".csv")), "png": str(base.with_suffix(".png")), "cells": serial}

@@ -98,17 +98,20 @@ def hist_png(path: Path, groups: dict[str, np.ndarray], threshold: float, xlabel
     return path
 
 
-def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray, rows: list[str], cols: list[str], title: str) -> Path:
-    """Cross-dataset matrix (rows trained on, columns tested on) as a heatmap of mean +- std."""
+def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray, rows: list[str], cols: list[str], title: str,
+                lower_is_better: bool = False) -> Path:
+    """Cross-dataset matrix (rows trained on, columns tested on) as a heatmap of mean +- std (%); bright is
+    good either way (the colour scale turns over for a lower-is-better metric such as ECE)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(cols), 1.2 + 0.8 * len(rows)))
-    ax.imshow(mean, cmap="viridis", vmin=0, vmax=100)
+    ax.imshow(mean, cmap="viridis_r" if lower_is_better else "viridis", vmin=0, vmax=100)
+    good = 100 - mean if lower_is_better else mean
     ax.set_xticks(range(len(cols)), [f"test: {c}" for c in cols])
     ax.set_yticks(range(len(rows)), [f"train: {r}" for r in rows])
     for i in range(len(rows)):
         for j in range(len(cols)):
             ax.text(j, i, f"{mean[i, j]:.1f}\n±{std[i, j]:.1f}", ha="center", va="center",
-                    color="white" if mean[i, j] < 60 else "black", fontsize=9)
+                    color="white" if good[i, j] < 60 else "black", fontsize=9)
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -158,6 +161,36 @@ def ranking_png(path: Path, labels: list[str], mean: list[float], std: list[floa
     ax.grid(axis="x", alpha=0.3)
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def reliability_png(path: Path, result: dict, title: str) -> Path:
+    """Reliability diagram: accuracy against confidence per bin (on the diagonal = calibrated; below it =
+    over-confident), raw softmax and, where the run fitted one on validation, after its temperature; beneath,
+    how many predictions fall in each bin, so a far-off but empty bin is not mistaken for a problem."""
+    plt = _plt()
+    curves = [("raw softmax", result["reliability"], result["ece"], "tab:blue")]
+    if "reliability_ts" in result:
+        curves.append((f"T = {result['temperature']:.2f} (fit on val)", result["reliability_ts"], result["ece_ts"], "tab:orange"))
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    ax.plot([0, 1], [0, 1], color="gray", lw=1, linestyle="--")
+    edges = np.asarray(curves[0][1]["edges"])
+    width = np.diff(edges)
+    for i, (name, rel, ece, color) in enumerate(curves):
+        conf, acc = (np.asarray(rel[k], dtype=float) for k in ("confidence", "accuracy"))
+        full = np.asarray(rel["n"]) > 0
+        ax.plot(conf[full], acc[full], marker="o", color=color, label=f"{name}: ECE {100 * ece:.1f}%")
+        axn.bar(edges[:-1] + i * width / len(curves), rel["n"], width / len(curves), align="edge", color=color, alpha=0.8)
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("accuracy in bin")
+    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    ax.set_title(title, fontsize=9)
+    axn.set_xlabel("confidence (probability of the predicted class)")
+    axn.set_ylabel("predictions")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

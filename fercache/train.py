@@ -251,13 +251,33 @@ def prepare(store: str, head: str, manifest=None, output=None, mask_source=None,
     return fs, task, classes, output
 
 
-def _val_scores(model: nn.Module, val: dict, yval: np.ndarray, task: str, classes: list[str]):
-    """Validation metrics, and for AU heads the per-AU thresholds tuned on this same split (never on test)."""
-    if task != "au":
-        return score(model, val, task, classes), None
-    prob = torch.sigmoid(predict_logits(model, val)).cpu().numpy()
-    thresholds = metrics.tune_thresholds(yval, prob)
-    return metrics.au(yval, prob, classes, thresholds), thresholds
+@dataclass
+class Fitted:
+    """What a run fits on its validation split once trained, to turn logits into decisions and probabilities:
+    per-AU thresholds (AU heads) or a softmax temperature (expression heads). Never fitted on test."""
+
+    thresholds: np.ndarray | None = None
+    temperature: float | None = None
+
+
+def _val_scores(model: nn.Module, val: dict, yval: np.ndarray, task: str, classes: list[str]) -> tuple[dict, Fitted]:
+    """Validation metrics, and what is fitted on this same split (never on test): per-AU thresholds for AU heads,
+    the temperature that calibrates an expression head's probabilities (with ECE before and after it)."""
+    logits = predict_logits(model, val)
+    if task == "au":
+        prob = torch.sigmoid(logits).cpu().numpy()
+        thresholds = metrics.tune_thresholds(yval, prob)
+        return metrics.au(yval, prob, classes, thresholds), Fitted(thresholds=thresholds)
+    logits = logits.cpu().numpy()
+    t = metrics.fit_temperature(logits, yval)
+    if not metrics.T_RANGE[0] * 1.01 < t < metrics.T_RANGE[1] * 0.99:
+        log.warning("the calibration temperature hit its bound (T = %.2f): the head %s every validation sample, "
+                    "so its calibrated probabilities are close to 0 or 1; a larger validation split calibrates better",
+                    t, "separates" if t < 1 else "is no better than chance on")
+    cal = metrics.calibration(logits, yval, t)
+    scores = {**metrics.classification(yval, logits.argmax(1), classes),
+              **{k: v for k, v in cal.items() if not k.startswith("reliability")}}
+    return scores, Fitted(temperature=t)
 
 
 def _train_val(fs: FeatureSet, y: np.ndarray, task: str, dev: torch.device):
@@ -336,7 +356,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         model.load_state_dict(state)
     else:
         history, best_epoch = [], 0
-    val_metrics, thresholds = _val_scores(model, val, yval, task, classes)
+    val_metrics, fitted = _val_scores(model, val, yval, task, classes)
     config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
               **_provenance(fs, st, ctx)}
     result = {
@@ -346,14 +366,15 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         "n_train": int(len(ytr)), "n_val": int(len(yval)), "unit": "clips" if model.level == "clip" else "images",
         "seed": seed, "config": config,
     }
-    save_run(run_dir, model, config, result, thresholds)
+    save_run(run_dir, model, config, result, fitted)
     return RunResult(run_dir, result)
 
 
-def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, thresholds) -> None:
+def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, fitted: Fitted) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": model.state_dict(), "config": config,
-                "thresholds": None if thresholds is None else torch.as_tensor(thresholds)}, run_dir / "head.pt")
+                "thresholds": None if fitted.thresholds is None else torch.as_tensor(fitted.thresholds),
+                "temperature": fitted.temperature}, run_dir / "head.pt")
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     if result["history"]:
@@ -362,8 +383,8 @@ def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, thresh
                             f"{config['head']} on {store_name(config['store'])}, seed {config['seed']}")
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, np.ndarray | None]:
-    """Rebuild a trained head from its run directory: (model, config, AU thresholds or None)."""
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, Fitted]:
+    """Rebuild a trained head from its run directory: (model, config, what it fitted on validation)."""
     path = Path(run_dir) / "head.pt"
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no head.pt); train one with `fercache train-head`")
@@ -373,8 +394,9 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict,
                       z_dim=cfg["z_dim"], restore=True)
     model = build_head(cfg["head"], ctx, **cfg["hp"])
     model.load_state_dict(saved["state_dict"])
-    thr = saved.get("thresholds")
-    return model.to(device).eval(), cfg, None if thr is None else thr.cpu().numpy()
+    thr = saved.get("thresholds")  # runs saved before temperatures existed have none: raw softmax
+    fitted = Fitted(None if thr is None else thr.cpu().numpy(), saved.get("temperature"))
+    return model.to(device).eval(), cfg, fitted
 
 
 @features_memo()
