@@ -184,8 +184,10 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
         full = np.asarray(rel["n"]) > 0
         ax.plot(conf[full], acc[full], marker="o", color=color, label=f"{name}: ECE {100 * ece:.1f}%")
         axn.bar(edges[:-1] + i * width / len(curves), rel["n"], width / len(curves), align="edge", color=color, alpha=0.8)
-    ax.set_xlim(0, 1)
-    ax.set_ylim(0, 1)
+    ax.text(0.97, 0.03, "below the diagonal: over-confident\nabove: under-confident", ha="right", va="bottom",
+            fontsize=7, color="gray", transform=ax.transAxes)
+    ax.set_xlim(0, 1.02)  # room for the markers of bins at 0 or 1
+    ax.set_ylim(-0.02, 1.03)
     ax.set_ylabel("accuracy in bin")
     ax.legend(loc="upper left", fontsize=8, frameon=False)
     ax.set_title(title, fontsize=9)
