@@ -84,15 +84,18 @@ def _mean_std(values: list[float]) -> str:
 
 
 def ledger(root: str | Path) -> dict:
-    """Runs under `root` grouped over seeds, one table per (training store, task), ranked on the validation metric."""
+    """Runs under `root` grouped over seeds, one table per (training store, task, selection metric), ranked on
+    that validation metric."""
     root = Path(root)
     records = [run_record(r) for r in find_runs(root)]
     by_setting: dict[str, list[dict]] = {}
     for rec in records:
         by_setting.setdefault(_setting(rec), []).append(rec)
     tables = {}
-    for store_task in sorted({(g[0]["store"], g[0]["task"]) for g in by_setting.values()}):
-        groups = [g for g in by_setting.values() if (g[0]["store"], g[0]["task"]) == store_task]
+    # One table per training store, task and selection metric: runs selected on UAR rank on their val UAR
+    key = lambda g: (g[0]["store"], g[0]["task"], g[0]["metric"])  # noqa: E731
+    for store_task in sorted({key(g) for g in by_setting.values()}):
+        groups = [g for g in by_setting.values() if key(g) == store_task]
         groups.sort(key=lambda g: -float(np.mean([r["val"] for r in g])))
         tables[store_task] = _table(root, groups)
     md = "\n\n".join(t["markdown"] for t in tables.values()) + "\n"
@@ -120,10 +123,11 @@ def _table(root: Path, groups: list[list[dict]]) -> dict:
 
 def write_ledger(result: dict, out: str | Path) -> Path:
     """Every table as rows of one CSV with fixed columns; evaluations as `target=mean ± std` pairs."""
-    header = ["table", "rank", "head", "settings", "seeds (x folds)", "val (%)", "evaluations (%)", "status", "runs"]
+    header = ["table", "rank", "head", "settings", "seeds (x folds)", "val metric", "val (%)", "evaluations (%)",
+              "status", "runs"]
     rows = []
-    for (store, task), t in result["tables"].items():
+    for (store, task, metric), t in result["tables"].items():
         for row in t["rows"]:
             evals = "; ".join(f"{e}={v}" for e, v in zip(t["evals"], row[5:-2]) if v)
-            rows.append([f"{store_name(store)} ({task})", *row[:5], evals, *row[-2:]])
+            rows.append([f"{store_name(store)} ({task})", *row[:4], metric, row[4], evals, *row[-2:]])
     return report.write_csv(Path(out), header, rows)

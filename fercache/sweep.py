@@ -12,9 +12,8 @@ from . import report
 from .data import features_memo
 from .errors import ConfigError
 from .store import store_name
-from .train import fit_seeds
+from .train import fit_seeds, recipe_keys
 
-RECIPE_KEYS = {"epochs", "lr", "weight_decay", "batch_size", "sam_rho", "gamma", "eta_min", "optimizer", "scheduler"}
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
@@ -30,10 +29,10 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
           base_recipe: dict | None = None, base_hp: dict | None = None, **fit_kw) -> dict:
     """Train every grid point (x seeds); rank by the validation metric. Test is never read here."""
     out_dir = Path(out_dir)
-    rows = []
+    rows, in_recipe = [], recipe_keys(head)  # an axis is a recipe key (the trainer's or the head's) or else a hyperparameter
     for i, point in enumerate(grid_points(grid)):
-        recipe = {**(base_recipe or {}), **{k: v for k, v in point.items() if k in RECIPE_KEYS}}
-        hp = {**(base_hp or {}), **{k: v for k, v in point.items() if k not in RECIPE_KEYS}}
+        recipe = {**(base_recipe or {}), **{k: v for k, v in point.items() if k in in_recipe}}
+        hp = {**(base_hp or {}), **{k: v for k, v in point.items() if k not in in_recipe}}
         runs = fit_seeds(store, head, seeds=seeds, out_dir=out_dir, device=device, hp=hp, recipe=recipe,
                          name=f"point{i:03d}/seed{{seed}}", **fit_kw)
         metric = runs[0].metrics["selection"]["metric"]

@@ -8,6 +8,7 @@ The test split is removed before training starts, so no head can see it during s
 from __future__ import annotations
 
 import copy
+import difflib
 import json
 import logging
 import math
@@ -22,7 +23,7 @@ from torch import nn
 from . import metrics, report
 from .data import FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views
 from .errors import ConfigError
-from .heads import HEADS, HeadContext, build_head
+from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
 from .store import open_store, store_name
@@ -30,8 +31,47 @@ from .store import open_store, store_name
 log = logging.getLogger(__name__)
 
 
-#: The validation metric that chooses the epoch, per task.
+#: The validation metric that chooses the epoch, per task (recipe key `select` picks another of SELECTABLE).
 SELECT_METRIC = {"expr": "accuracy", "au": "macro_f1_at_0.5"}
+SELECTABLE = {"expr": ("accuracy", "uar", "macro_f1"), "au": ("macro_f1_at_0.5",)}
+
+#: Recipe keys the trainer reads for every head; a head's own recipe may add keys (the temporal head's max_frames).
+TRAINER_KEYS = frozenset({"optimizer", "lr", "weight_decay", "epochs", "batch_size", "scheduler", "sam_rho", "gamma",
+                          "eta_min", "milestones", "momentum", "balance", "select"})
+
+#: Recipe key `balance`: each training row is drawn with probability proportional to count(its class) ** -power,
+#: with replacement, as many draws per epoch as rows. "class" gives every class the same share of the batches
+#: (what UAR rewards on skewed sets such as FER2013's disgust, 1.5% of it); "sqrt" goes half way.
+BALANCE = {"none": 0.0, "sqrt": 0.5, "class": 1.0}
+
+
+def recipe_keys(head: str) -> frozenset[str]:
+    """Every recipe key `head` trains with: the trainer's and its own."""
+    return TRAINER_KEYS | set(describe_head(head)["recipe"])
+
+
+def check_recipe(head: str, r: dict, task: str) -> None:
+    """Refuse what training would otherwise ignore or misread: a misspelt key, an unknown balance or metric."""
+    known = recipe_keys(head)
+    unknown = sorted(set(r) - known)
+    if unknown:
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k) for k in unknown]
+        raise ConfigError(f"head {head!r} has no recipe key {', '.join(hints)}; it reads: {', '.join(sorted(known))}")
+    if r.get("balance", "none") not in BALANCE:
+        raise ConfigError(f"balance={r['balance']!r}: choose from {', '.join(BALANCE)}")
+    if r.get("balance", "none") != "none" and task != "expr":
+        raise ConfigError("balance samples rows by their class: expression heads only (an AU row has many labels)")
+    if r.get("select", SELECT_METRIC[task]) not in SELECTABLE[task]:
+        raise ConfigError(f"select={r['select']!r}: an {task} head is selected on {', '.join(SELECTABLE[task])}")
+
+
+def sampling_weights(y: torch.Tensor, balance: str) -> torch.Tensor | None:
+    """Per-row draw weights for `balance` (None: plain shuffling)."""
+    power = BALANCE[balance]
+    if not power:
+        return None
+    counts = torch.bincount(y).double()
+    return counts[y] ** -power
 
 
 @dataclass
@@ -188,9 +228,10 @@ def score(head: nn.Module, data: dict, task: str, classes: list[str], thresholds
     return metrics.classification(y, logits.argmax(1).cpu().numpy(), classes)
 
 
-def epoch_batches(n: int, batch_size: int, gen: torch.Generator) -> list[torch.Tensor]:
-    """Shuffled index batches; a trailing batch of 1 is dropped (BatchNorm cannot train on it)."""
-    perm = torch.randperm(n, generator=gen)
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator, weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """Shuffled index batches, or with `weights` n rows drawn with replacement in proportion to them; a trailing
+    batch of 1 is dropped (BatchNorm cannot train on it)."""
+    perm = torch.randperm(n, generator=gen) if weights is None else torch.multinomial(weights, n, True, generator=gen)
     batches = list(perm.split(batch_size))
     return batches[:-1] if len(batches) > 1 and len(batches[-1]) < 2 else batches
 
@@ -200,8 +241,9 @@ def train_loop(head: nn.Module, train: dict, val: dict, recipe: dict, task: str,
     """Train for recipe['epochs']; return the state of the epoch with the best validation metric."""
     from tqdm.auto import tqdm
 
-    select = SELECT_METRIC[task]
+    select = recipe.get("select", SELECT_METRIC[task])
     gen = torch.Generator().manual_seed(seed)
+    weights = sampling_weights(train["y"].cpu(), recipe.get("balance", "none")) if task == "expr" else None
     opt, history = _optimizer(head, recipe), []
     sched = _scheduler(opt, recipe)
     best, best_state, best_epoch = -math.inf, copy.deepcopy(head.state_dict()), 0
@@ -210,7 +252,7 @@ def train_loop(head: nn.Module, train: dict, val: dict, recipe: dict, task: str,
     for epoch in bar:
         head.train()
         t0, losses = time.perf_counter(), []
-        for idx in epoch_batches(len(train["x"]), recipe["batch_size"], gen):
+        for idx in epoch_batches(len(train["x"]), recipe["batch_size"], gen, weights):
             idx = idx.to(train["x"].device)
             batch = {k: v[idx] for k, v in train.items()}
             if "xv" in batch:
@@ -338,6 +380,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     model = build_head(head, ctx, **(hp or {}))
     hp = {**(hp or {}), **getattr(model, "resolved_hp", {})}  # e.g. an "auto" choice, so load_run rebuilds this head
     r = {**model.recipe, **(recipe or {})}
+    check_recipe(head, r, task)
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     settings = {"head": head, "hp": hp, "recipe": r, "store": str(store), "output": output or st.default_output,
                 "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views, "classes": classes}
@@ -360,7 +403,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
               **_provenance(fs, st, ctx)}
     result = {
-        "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": SELECT_METRIC[task],
+        "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": r.get("select", SELECT_METRIC[task]),
                       "best_epoch": best_epoch, "test_split_used": False},
         "val": val_metrics, "history": history, "train_seconds": time.perf_counter() - t0,
         "n_train": int(len(ytr)), "n_val": int(len(yval)), "unit": "clips" if model.level == "clip" else "images",
