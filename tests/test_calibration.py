@@ -103,3 +103,13 @@ def test_cross_matrix_reports_calibration_per_metric(tiny_store, tmp_path):
     assert (tmp_path / "cross" / "cross-linear-ece_ts.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="choose from accuracy"):
         cross_matrix([str(tiny_store)], ["linear"], tmp_path / "c2", metric="nll")
+
+
+def test_runs_saved_before_temperatures_still_evaluate(tiny_store, tmp_path):
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 2, "batch_size": 8})
+    saved = torch.load(r.run_dir / "head.pt", weights_only=True)
+    del saved["temperature"]  # the head.pt of an older fercache
+    torch.save(saved, r.run_dir / "head.pt")
+    assert load_run(r.run_dir)[2].temperature is None
+    res = evaluate_run(r.run_dir)
+    assert "ece" in res and "ece_ts" not in res and "temperature" not in res

@@ -103,7 +103,8 @@ def test_every_shipped_pipeline_parses_and_names_real_steps_heads_and_arguments(
     from fercache.extract import extract
     from fercache.heads import HEADS
     from fercache.pipeline import STEPS, load_pipeline
-    from fercache.protocols import au_crossval, cross_matrix, head_of, manifest_folds
+    from fercache.protocols import _cross_metrics, au_crossval, cross_matrix, head_of, manifest_folds
+    from fercache.train import recipe_keys
 
     from fercache.compare import compare
     from fercache.neighbours import near_duplicates
@@ -123,6 +124,10 @@ def test_every_shipped_pipeline_parses_and_names_real_steps_heads_and_arguments(
                 assert head_of(label) in HEADS, (f.name, label)
             for table in ("hp", "recipe") if "heads" in args else ():  # per-head tables, keyed by head label
                 assert set(args.get(table, {})) <= set(args["heads"]), (f.name, table)
+            for label, recipe in (args.get("recipe", {}) if "heads" in args else {}).items():
+                assert set(recipe) <= recipe_keys(head_of(label)), (f.name, label, set(recipe) - recipe_keys(head_of(label)))
+            if kind == "cross" and "metric" in args:
+                _cross_metrics(args["metric"])  # raises on an unknown metric
             if kind == "manifest":
                 assert args["format"] in ADAPTERS, (f.name, args["format"])
 
