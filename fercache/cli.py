@@ -460,7 +460,8 @@ def sweep(
     store: str,
     head: str = typer.Option("mask", "--head", "-H"),
     axis: list[str] = typer.Option(..., "--axis", help="name=v1,v2,... (repeatable); head hyperparameters or recipe keys "
-                                   "(epochs, lr, weight_decay, batch_size, sam_rho, ...), e.g. --axis n_drop=5,10,20 --axis mask=sample,class,none; "
+                                   "(epochs, lr, weight_decay, batch_size, sam_rho, balance, select, shots, fraction, ...), e.g. "
+                                   "--axis n_drop=5,10,20 --axis mask=sample,class,none; a data-efficiency curve: --axis shots=1,4,16,64; "
                                    "list-valued points as one JSON list: --axis 'budgets=[null,[2,1,1,1,1,1,1]]'"),
     seeds: str = typer.Option("0"),
     recipe: list[str] = typer.Option([], "--recipe", help="Fixed recipe overrides for every point."),
@@ -473,7 +474,7 @@ def sweep(
 
     grid = dict(_axis(a) for a in axis)
     r = run_sweep(store, head, grid, out, seeds=_seeds(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp))
-    typer.echo(r["markdown"])
+    typer.echo(r["markdown"] + (f"\ncurve -> {r['curve_png']}" if "curve_png" in r else ""))
 
 
 def _print_figures(d: dict) -> None:

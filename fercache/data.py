@@ -165,6 +165,29 @@ def carve_val(fs: FeatureSet, fraction: float = 0.15, seed: int = 0) -> FeatureS
     return replace(fs, split=split, notes={**fs.notes, "val_source": note})
 
 
+def subset_train(fs: FeatureSet, shots: int | None = None, fraction: float | None = None, seed: int = 0,
+                 stratify: bool = True) -> FeatureSet:
+    """Keep `shots` training units per class, or a `fraction` of them (per class with `stratify`); val and test
+    untouched. A unit is a clip where rows are video frames (its frames stay together), else a row. Seeded:
+    each seed of a run draws its own subset, so the spread over seeds includes the luck of the draw."""
+    if shots is None and fraction is None:
+        return fs
+    unit = fs.clip_id if fs.clip_id is not None else fs.sample_id
+    train = fs.split == "train"
+    units, first = np.unique(unit[train], return_index=True)
+    strata = fs.label[train][first] if stratify else np.zeros(len(units), dtype=object)
+    rng = np.random.default_rng(seed)
+    keep = []
+    for s in sorted(set(strata)):
+        members = rng.permutation(units[strata == s])
+        keep.extend(members[:shots] if shots is not None else members[:max(1, int(np.ceil(fraction * len(members))))])
+    kept = ~train | np.isin(unit, keep)
+    note = f"shots={shots}" if shots is not None else f"fraction={fraction}"
+    log.info("training on a subset (%s, seed %d): %d of %d training %s", note, seed, len(keep), len(units),
+             "clips" if fs.clip_id is not None else "rows")
+    return fs.take(kept)
+
+
 def require_clips(fs: FeatureSet) -> None:
     """Raise unless the rows are video frames (a manifest with clip_id and frame_idx)."""
     if fs.clip_id is None:

@@ -197,3 +197,28 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def curve_png(path: Path, x: list[float], mean: list[float], std: list[float], xlabel: str, ylabel: str, title: str) -> Path:
+    """A metric against one numeric setting (shots, a learning rate), seed spread shaded; the x axis is
+    logarithmic when the values span a factor of 10 or more, as shot counts and learning rates do."""
+    plt = _plt()
+    order = np.argsort(x)
+    x, mean, std = (np.asarray(v, dtype=float)[order] for v in (x, mean, std))
+    fig, ax = plt.subplots(figsize=(6, 3.4))
+    ax.plot(x, mean, marker="o", color="tab:blue")
+    ax.fill_between(x, mean - std, mean + std, color="tab:blue", alpha=0.2, linewidth=0)
+    if x.min() > 0 and x.max() / x.min() >= 10:
+        ax.set_xscale("log")
+    ax.set_xticks(x, [f"{v:g}" for v in x])
+    ax.minorticks_off()
+    for xi, m in zip(x, mean):
+        ax.annotate(f"{m:.1f}", (xi, m), xytext=(0, 6), textcoords="offset points", ha="center", fontsize=8)
+    ax.grid(alpha=0.3)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -50,4 +50,12 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
                        f"val {rows[0]['val_metric']} (%), mean ± std over {len(seeds)} seed(s)",
                        f"sweep of {head} on {store_name(store)}")
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
-    return {"markdown": md, "best": rows[0], "rows": rows}
+    out = {"markdown": md, "best": rows[0], "rows": rows}
+    (axis,) = grid if len(grid) == 1 else (None,)
+    if axis and all(isinstance(r[axis], (int, float)) and not isinstance(r[axis], bool) for r in rows):
+        # One numeric axis (shots, fraction, lr): the metric as a curve of it, e.g. a data-efficiency curve
+        out["curve_png"] = str(report.curve_png(out_dir / "sweep-curve.png", [r[axis] for r in rows],
+                                                [100 * r["mean"] for r in rows], [100 * r["std"] for r in rows], axis,
+                                                f"val {rows[0]['val_metric']} (%)",
+                                                f"{head} on {store_name(store)}: mean ± std over {len(seeds)} seed(s)"))
+    return out

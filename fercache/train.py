@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from . import metrics, report
-from .data import FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views
+from .data import (FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views,
+                   subset_train)
 from .errors import ConfigError
 from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
@@ -37,7 +38,7 @@ SELECTABLE = {"expr": ("accuracy", "uar", "macro_f1"), "au": ("macro_f1_at_0.5",
 
 #: Recipe keys the trainer reads for every head; a head's own recipe may add keys (the temporal head's max_frames).
 TRAINER_KEYS = frozenset({"optimizer", "lr", "weight_decay", "epochs", "batch_size", "scheduler", "sam_rho", "gamma",
-                          "eta_min", "milestones", "momentum", "balance", "select"})
+                          "eta_min", "milestones", "momentum", "balance", "select", "shots", "fraction"})
 
 #: Recipe key `balance`: each training row is drawn with probability proportional to count(its class) ** -power,
 #: with replacement, as many draws per epoch as rows. "class" gives every class the same share of the batches
@@ -63,6 +64,20 @@ def check_recipe(head: str, r: dict, task: str) -> None:
         raise ConfigError("balance samples rows by their class: expression heads only (an AU row has many labels)")
     if r.get("select", SELECT_METRIC[task]) not in SELECTABLE[task]:
         raise ConfigError(f"select={r['select']!r}: an {task} head is selected on {', '.join(SELECTABLE[task])}")
+    _check_subset(r, task)
+
+
+def _check_subset(r: dict, task: str) -> None:
+    """Recipe keys `shots` (training units per class) and `fraction` (of the training units): data-efficiency
+    curves are a sweep axis (`--axis shots=1,4,16,64`)."""
+    shots, fraction = r.get("shots"), r.get("fraction")
+    if shots is not None and fraction is not None:
+        raise ConfigError("give shots (units per class) or fraction (of the training units), not both")
+    if shots is not None and (task != "expr" or not isinstance(shots, int) or isinstance(shots, bool) or shots < 1):
+        raise ConfigError(f"shots={shots!r}: a whole number >= 1 of training units per class, for expression heads "
+                          "(AU heads: fraction)")
+    if fraction is not None and (not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
+        raise ConfigError(f"fraction={fraction!r}: a number in (0, 1]")
 
 
 def sampling_weights(y: torch.Tensor, balance: str) -> torch.Tensor | None:
@@ -372,6 +387,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     `fold` marks the run as one fold of a protocol (`folds`, `au-cv`), so the ledger pools folds like seeds.
     """
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed, views)
+    check_recipe(head, {**describe_head(head)["recipe"], **(recipe or {})}, task)  # before any work
+    fs = subset_train(fs, (recipe or {}).get("shots"), (recipe or {}).get("fraction"), seed, stratify=task == "expr")
     st = open_store(store)
     ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
                       z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store},
@@ -380,7 +397,6 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     model = build_head(head, ctx, **(hp or {}))
     hp = {**(hp or {}), **getattr(model, "resolved_hp", {})}  # e.g. an "auto" choice, so load_run rebuilds this head
     r = {**model.recipe, **(recipe or {})}
-    check_recipe(head, r, task)
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     settings = {"head": head, "hp": hp, "recipe": r, "store": str(store), "output": output or st.default_output,
                 "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views, "classes": classes}

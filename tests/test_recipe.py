@@ -71,3 +71,55 @@ def test_au_heads_refuse_class_balance_and_expression_metrics():
     with pytest.raises(ConfigError, match="an au head is selected on macro_f1_at_0.5"):
         T.check_recipe("au", {"select": "uar"}, "au")
     T.check_recipe("au", {"balance": "none", "select": "macro_f1_at_0.5", "epochs": 2}, "au")  # accepted
+
+
+def test_shots_and_fraction_subsample_training_units_per_class(tiny_store, tmp_path):
+    from fercache.data import load_features, subset_train
+
+    fs = load_features(str(tiny_store))  # 4 classes x 6 images per split
+    few = subset_train(fs, shots=2, seed=0)
+    train = few.split == "train"
+    assert sorted(np.unique(few.label[train], return_counts=True)[1].tolist()) == [2, 2, 2, 2]
+    assert ((few.split == "val").sum(), (few.split == "test").sum()) == ((fs.split == "val").sum(), (fs.split == "test").sum())
+    other = subset_train(fs, shots=2, seed=1)
+    assert set(few.sample_id[train]) != set(other.sample_id[other.split == "train"])  # each seed draws its own
+    assert list(subset_train(fs, shots=2, seed=0).sample_id) == list(few.sample_id)  # ... reproducibly
+    half = subset_train(fs, fraction=0.5, seed=0)
+    assert np.unique(half.label[half.split == "train"], return_counts=True)[1].tolist() == [3, 3, 3, 3]
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={**QUICK, "shots": 1})
+    assert r.metrics["n_train"] == 4 and r.metrics["n_val"] == (fs.split == "val").sum()
+
+
+def test_subsets_of_video_keep_whole_clips(video_store):
+    from fercache.data import load_features, subset_train
+
+    fs = load_features(video_store[0])
+    few = subset_train(fs, shots=1, seed=0)
+    train = few.split == "train"
+    clips = np.unique(few.clip_id[train])
+    assert len(clips) == len(np.unique(fs.label[fs.split == "train"]))  # one clip per class
+    for c in clips:  # every frame of a kept clip is kept
+        assert (few.clip_id == c).sum() == (fs.clip_id == c).sum()
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"shots": 2, "fraction": 0.5}, "not both"),
+    ({"shots": 0}, "shots=0: a whole number >= 1"),
+    ({"shots": 2.5}, "shots=2.5"),
+    ({"fraction": 1.5}, r"fraction=1.5: a number in \(0, 1\]"),
+])
+def test_bad_subsets_are_refused(recipe, message):
+    with pytest.raises(ConfigError, match=message):
+        T.check_recipe("linear", recipe, "expr")
+
+
+def test_a_numeric_sweep_axis_draws_a_curve(tiny_store, tmp_path):
+    from PIL import Image
+
+    from fercache.sweep import sweep
+
+    r = sweep(str(tiny_store), "linear", {"shots": [1, 2, 4]}, tmp_path, base_recipe=QUICK)
+    assert [json.loads((tmp_path / f"point{i:03d}" / "seed0" / "metrics.json").read_text())["n_train"] for i in range(3)] == [4, 8, 16]
+    png = tmp_path / "sweep-curve.png"
+    assert r["curve_png"] == str(png) and Image.open(png).size[0] > 500
+    assert "curve_png" not in sweep(str(tiny_store), "linear", {"balance": ["none", "class"]}, tmp_path / "b", base_recipe=QUICK)
