@@ -220,7 +220,8 @@ def train_head(
     for r in runs:
         sel, val = r.metrics["selection"], r.metrics["val"]
         score = val.get("accuracy", val.get("macro_f1_at_0.5"))
-        typer.echo(f"{r.run_dir}: val {sel['metric']} {100 * score:.2f}% (epoch {sel['best_epoch']}; val: {sel['val_source']})")
+        chosen = f"l2 {sel['solver']['l2']:g}" if "solver" in sel else f"epoch {sel['best_epoch']}"
+        typer.echo(f"{r.run_dir}: val {sel['metric']} {100 * score:.2f}% ({chosen}; val: {sel['val_source']})")
 
 
 @app.command("heads")

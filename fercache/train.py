@@ -410,17 +410,19 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     if hasattr(model, "fit_stats"):
         model.fit_stats(train)
     t0 = time.perf_counter()
-    if model.trainable and r["epochs"] > 0:
+    select, solver = r.get("select", SELECT_METRIC[task]), None
+    history, best_epoch = [], 0
+    if hasattr(model, "solve"):  # fitted in closed form or full batch (logreg), choosing on validation only
+        solver = model.solve(train, lambda m: score(m, val, task, classes)[select], r)
+    elif model.trainable and r["epochs"] > 0:
         state, history, best_epoch = train_loop(model, train, val, r, task, classes, seed, progress)
         model.load_state_dict(state)
-    else:
-        history, best_epoch = [], 0
     val_metrics, fitted = _val_scores(model, val, yval, task, classes)
     config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
               **_provenance(fs, st, ctx)}
     result = {
-        "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": r.get("select", SELECT_METRIC[task]),
-                      "best_epoch": best_epoch, "test_split_used": False},
+        "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": select,
+                      "best_epoch": best_epoch, "test_split_used": False, **({"solver": solver} if solver else {})},
         "val": val_metrics, "history": history, "train_seconds": time.perf_counter() - t0,
         "n_train": int(len(ytr)), "n_val": int(len(yval)), "unit": "clips" if model.level == "clip" else "images",
         "seed": seed, "config": config,

@@ -33,7 +33,7 @@ def test_cuda_extract_matches_cpu(tiny_store, tiny_manifest, tiny_dataset, tiny_
     assert cos.min() > (0.999 if precision == "fp32" else 0.99)
 
 
-@pytest.mark.parametrize("head", ["linear", "mask", "cvar_mlp"])
+@pytest.mark.parametrize("head", ["linear", "logreg", "mask", "cvar_mlp"])
 def test_heads_train_on_cuda(tiny_store, tmp_path, head):
     from fercache.evaluate import evaluate_run
     from fercache.train import fit

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -60,7 +62,7 @@ def test_every_head_shapes_and_finite_loss(name):
         assert loss.ndim == 0 and torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(HEADS) if n != "zeroshot"])
+@pytest.mark.parametrize("name", [n for n in sorted(HEADS) if n not in ("zeroshot", "logreg")])  # logreg: solve(), below
 def test_every_trainable_head_learns_separable_data(name):
     torch.manual_seed(0)
     # Dropout 0.6 needs some width: the MLP heads get 64 hidden units on 24-d toy data.
@@ -264,3 +266,42 @@ def test_unknown_hyperparameter_is_an_error():
 
     with pytest.raises(ConfigError, match="hiddn"):
         build_head("cvar_mlp", HeadContext(8, 3, CLASSES), hiddn=4)
+
+
+def test_logreg_matches_sklearn_at_the_same_regularisation():
+    from sklearn.linear_model import LogisticRegression
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 10)).astype(np.float32) * rng.uniform(0.5, 5, 10).astype(np.float32)
+    y = (x @ rng.normal(size=(10, 3)) + rng.normal(size=(300, 3)) * 2).argmax(1)
+    C = 0.05  # sklearn: C * sum CE + |W|^2 / 2  ==  n C (mean CE + |W|^2 / (2 n C))
+    head = make("logreg", d=10, c=3, l2=[1 / (2 * len(y) * C)])
+    train = {"x": torch.as_tensor(x), "y": torch.as_tensor(y)}
+    head.fit_stats(train)
+    out = head.solve(train, lambda m: 0.0, {"max_iter": 500})
+    assert [p["l2"] for p in out["path"]] == [pytest.approx(1 / (2 * len(y) * C))]
+    xs = ((torch.as_tensor(x) - head.mu) / head.sigma).numpy()
+    ref = LogisticRegression(C=C, max_iter=5000, tol=1e-10).fit(xs, y)
+    with torch.no_grad():
+        ours = torch.softmax(head(torch.as_tensor(x)), 1).numpy()
+    np.testing.assert_allclose(ours, ref.predict_proba(xs), atol=2e-4)
+
+
+def test_logreg_chooses_the_regularisation_on_validation():
+    head = make("logreg")
+    train, val = toy(), toy(seed=1)
+    head.fit_stats(train)
+    seen = []
+
+    def val_score(m):
+        m.eval()
+        with torch.no_grad():
+            acc = (m.logits(val).argmax(1) == val["y"]).float().mean().item()
+        seen.append(acc)
+        return acc
+
+    out = head.solve(train, val_score, {"max_iter": 100})
+    assert [p["l2"] for p in out["path"]] == sorted((p["l2"] for p in out["path"]), reverse=True) and len(seen) == 8
+    best = max(out["path"], key=lambda p: p["val"])
+    assert out["l2"] == best["l2"] and val_score(head) == best["val"] > 0.9  # the kept weights are the best's
+    assert out["path"][0]["loss"] > out["path"][-1]["loss"]  # weaker penalty, lower training objective

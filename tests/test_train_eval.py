@@ -22,7 +22,7 @@ from fercache.train import fit, load_run
 QUICK = {"epochs": 4, "batch_size": 16}
 
 
-@pytest.mark.parametrize("head", ["linear", "mask", "cvar_mlp", "zeroshot"])
+@pytest.mark.parametrize("head", ["linear", "logreg", "mask", "cvar_mlp", "zeroshot"])
 def test_train_head_writes_run(tiny_store, head, tmp_path):
     r = fit(str(tiny_store), head, out_dir=tmp_path, recipe=QUICK, hp={"hidden": 16} if head == "cvar_mlp" else None)
     files = {p.name for p in r.run_dir.iterdir()}
@@ -35,6 +35,10 @@ def test_train_head_writes_run(tiny_store, head, tmp_path):
     assert m["n_train"] == 24 and m["n_val"] == 24 and 0 <= m["val"]["accuracy"] <= 1
     model, cfg, _ = load_run(r.run_dir)
     assert cfg["head"] == head and sum(p.numel() for p in model.state_dict().values()) > 0
+    if head == "logreg":  # no epochs: the l2 path, the kept point the best on val
+        solver = m["selection"]["solver"]
+        assert len(solver["path"]) == 8 and solver["l2"] == max(solver["path"], key=lambda p: p["val"])["l2"]
+        assert m["val"]["accuracy"] == pytest.approx(max(p["val"] for p in solver["path"]))
 
 
 def test_zeroshot_refused_without_text_tower(tiny_manifest, tiny_dataset, tmp_path):
@@ -57,7 +61,7 @@ def _poison_test_rows(src, dst, manifest):
     return test
 
 
-@pytest.mark.parametrize("head", ["linear", "mask", "cvar_mlp"])
+@pytest.mark.parametrize("head", ["linear", "logreg", "mask", "cvar_mlp"])
 def test_selection_never_reads_the_test_split(tiny_store, tiny_manifest, tmp_path, head):
     """Scrambled test features and labels change nothing about training or the selected epoch."""
     test = _poison_test_rows(tiny_store, tmp_path / "poisoned.zarr", tiny_manifest)
@@ -71,6 +75,7 @@ def test_selection_never_reads_the_test_split(tiny_store, tiny_manifest, tmp_pat
     b = fit(str(tmp_path / "poisoned.zarr"), head, manifest=relabelled, out_dir=tmp_path / "b", recipe=QUICK, hp=hp)
     assert a.metrics["selection"]["best_epoch"] == b.metrics["selection"]["best_epoch"]
     assert [h["val_accuracy"] for h in a.metrics["history"]] == [h["val_accuracy"] for h in b.metrics["history"]]
+    assert a.metrics["selection"].get("solver") == b.metrics["selection"].get("solver")  # logreg's l2 path
     sa, sb = torch.load(a.run_dir / "head.pt")["state_dict"], torch.load(b.run_dir / "head.pt")["state_dict"]
     for k in sa:
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
@@ -293,3 +298,12 @@ def test_features_memo_reads_a_store_once_and_changes_no_result(tiny_store, tmp_
     for a, b in zip(plain, shared):
         drop_time = lambda run: [{k: v for k, v in h.items() if k != "seconds"} for h in run.metrics["history"]]  # noqa: E731
         assert drop_time(a) == drop_time(b) and a.metrics["val"] == b.metrics["val"]
+
+
+def test_logreg_is_the_same_for_every_seed(tiny_store, tmp_path):
+    a, b = (fit(str(tiny_store), "logreg", out_dir=tmp_path, seed=s) for s in (0, 1))
+    sa, sb = (torch.load(r.run_dir / "head.pt")["state_dict"] for r in (a, b))
+    for k in sa:  # a convex problem solved from zeros: the seed changes nothing
+        torch.testing.assert_close(sa[k], sb[k])
+    subset = fit(str(tiny_store), "logreg", out_dir=tmp_path / "s", seed=1, recipe={"shots": 2})
+    assert subset.metrics["n_train"] == 8  # ... unless it draws a training subset
