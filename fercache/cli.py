@@ -240,8 +240,9 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
         typer.echo(f"{'':10s} --hp      {' '.join(f'{k}={json.dumps(v)}' for k, v in d['hp'].items()) or '(none)'}")
         typer.echo(f"{'':10s} --recipe  {' '.join(f'{k}={json.dumps(v)}' for k, v in d['recipe'].items() if v is not None)}")
     typer.echo("(null: chosen from the data, e.g. hidden=null is the feature width; values are JSON, as --hp parses them)\n"
-               "every head also takes --recipe balance=none|sqrt|class (class-balanced sampling, expression heads) and "
-               "select=<val metric> (accuracy|uar|macro_f1; AU: macro_f1_at_0.5)")
+               "every head also takes --recipe balance=none|sqrt|class (class-balanced sampling, expression heads), "
+               "select=<val metric> (accuracy|uar|macro_f1; AU: macro_f1_at_0.5), and shots=K (training units per "
+               "class) or fraction=F (of the training units) to train on a seeded subset")
 
 
 def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Path, seeds: list[int], recipe: dict,
