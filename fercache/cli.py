@@ -522,7 +522,8 @@ def bench_memory_cmd(
     for r in rows:
         typer.echo("  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if len(rows) > 1:
-        typer.echo(f"peak RSS ratio largest/smallest: {rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.3f} "
+        typer.echo(f"peak RSS ratio largest/smallest: {rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.3f}, "
+                   f"steady-state (median RSS over each run's second half) {rows[-1]['late_median_rss_mib'] / rows[0]['late_median_rss_mib']:.3f}, "
                    f"for {rows[-1]['images'] / rows[0]['images']:.0f}x the images")
 
 

@@ -56,13 +56,21 @@ def pieces(chunks: list[int], chunk_rows: int, read_rows: int, n_rows: int) -> l
     return out
 
 
+def packed(values) -> np.ndarray:
+    """Strings as one fixed-width bytes array. Forked decode workers index it without touching a per-row
+    refcount, so its pages stay shared with the main process: a list of N Path/str objects is copied page by
+    page into every worker as it is read (refcounts are writes), growing each worker's memory with the dataset."""
+    return np.array([os.fsencode(str(v)) for v in values], dtype=bytes)
+
+
 class ChunkReader(Dataset):
     """Item k = rows of piece `items[k]` decoded to uint8: a stacked [n,H,W,3] tensor when sizes agree, else a list.
 
     A piece is a whole chunk, or one inner chunk of a sharded chunk; `last` marks a chunk's final piece.
+    `paths` and `bboxes` are `packed` arrays.
     """
 
-    def __init__(self, paths: list[Path], bboxes: list[str], items: list[tuple[int, range]], size: int):
+    def __init__(self, paths: np.ndarray, bboxes: np.ndarray, items: list[tuple[int, range]], size: int):
         self.paths, self.bboxes, self.items, self.size = paths, bboxes, items, size
 
     def __len__(self) -> int:
@@ -75,7 +83,7 @@ class ChunkReader(Dataset):
         images, ok, error = [], [], []
         for r in rows:
             try:
-                images.append(decode_image(self.paths[r], self.bboxes[r], self.size))
+                images.append(decode_image(os.fsdecode(self.paths[r]), os.fsdecode(self.bboxes[r]), self.size))
                 ok.append(True)
                 error.append("")
             except Exception as e:  # any decode failure is recorded for that row, never fatal
@@ -222,7 +230,7 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: list[Path], bboxes: list[str], chunks: list[int],
+def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: np.ndarray, bboxes: np.ndarray, chunks: list[int],
                device: torch.device, batch_size: int, workers: int, dtype: torch.dtype, progress: bool) -> tuple[int, float]:
     """Decode, encode and write `chunks`; returns (images processed, summed decode-worker busy seconds)."""
     from tqdm.auto import tqdm
@@ -281,7 +289,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     """
     t0 = time.perf_counter()
     manifest = read_manifest(manifest_path)
-    paths = resolve_paths(manifest, data_root(root))
+    paths, bboxes = packed(resolve_paths(manifest, data_root(root))), packed(manifest.column("bbox"))
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)
     enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev)
@@ -289,6 +297,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
                            manifest_path=str(Path(manifest_path).resolve()),
                            encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size},
                            read_chunk_rows=read_chunk_rows)
+    del manifest  # its rows (~0.6 KB each as dicts) are not needed past the fingerprint and the store's ids
     if store.complete:
         log.info("%s is complete and matches; nothing to do", out)
         return ExtractResult(str(out), store.n_rows, 0, store.meta.get("n_ok"), store.meta.get("n_failed"),
@@ -296,7 +305,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     mine = [c for c in store.pending_chunks() if c % world == rank]
     n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
     t1 = time.perf_counter()
-    done, worker_s = run_chunks(store, enc, paths, manifest.column("bbox"), mine, dev, batch_size, n_workers,
+    done, worker_s = run_chunks(store, enc, paths, bboxes, mine, dev, batch_size, n_workers,
                       _amp_dtype(dev, precision), progress and rank == 0)
     seconds = time.perf_counter() - t1
     _barrier(world)

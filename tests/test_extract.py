@@ -202,3 +202,14 @@ def test_incomplete_store_cannot_be_exported(tmp_path, tiny_manifest, tiny_encod
         S.export_h5(tmp_path / "half.zarr", tmp_path / "x.h5")
     with pytest.raises(StoreError, match="already exists"):
         S.create(tmp_path / "half.zarr", fp, m.column("sample_id"), "embedding")
+
+
+def test_packed_paths_round_trip_without_python_objects(tmp_path):
+    import os
+
+    from fercache.extract import packed
+
+    names = [tmp_path / "été" / "a b.jpg", tmp_path / "x.png", ""]
+    arr = packed(names)
+    assert arr.dtype.kind == "S" and arr.dtype != object  # one buffer: no per-row refcount for workers to copy
+    assert [os.fsdecode(v) for v in arr] == [str(n) for n in names]
