@@ -17,6 +17,14 @@ def _plt():
     return plt
 
 
+def _save(fig, path: Path, dpi: int) -> Path:
+    """Lay out, write and close a figure (closing matters: pyplot keeps every open figure alive)."""
+    fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    _plt().close(fig)
+    return path
+
+
 def cell(value) -> str:
     """A setting as a table shows it: None is the head's default; lists stay compact; strings unquoted."""
     if value is None:
@@ -56,10 +64,7 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], ti
         for j in range(len(classes)):
             ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 120)
 
 
 def gallery_png(path: Path, images: list[np.ndarray], captions: list[str], title: str, cols: int = 8) -> Path:
@@ -73,10 +78,7 @@ def gallery_png(path: Path, images: list[np.ndarray], captions: list[str], title
         ax.imshow(img)
         ax.set_title(cap, fontsize=7)
     fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def hist_png(path: Path, groups: dict[str, np.ndarray], threshold: float, xlabel: str, title: str) -> Path:
@@ -92,10 +94,7 @@ def hist_png(path: Path, groups: dict[str, np.ndarray], threshold: float, xlabel
     ax.set_ylabel("images")
     ax.legend()
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 120)
 
 
 def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray, rows: list[str], cols: list[str], title: str,
@@ -113,10 +112,7 @@ def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray, rows: list[str], 
             ax.text(j, i, f"{mean[i, j]:.1f}\n±{std[i, j]:.1f}", ha="center", va="center",
                     color="white" if good[i, j] < 60 else "black", fontsize=9)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 120)
 
 
 def training_png(path: Path, history: list[dict], metric: str, best_epoch: int, title: str) -> Path:
@@ -139,10 +135,7 @@ def training_png(path: Path, history: list[dict], metric: str, best_epoch: int, 
     lines = ax.get_lines() + ax2.get_lines()[:1]
     ax2.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8, frameon=False)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def ranking_png(path: Path, labels: list[str], mean: list[float], std: list[float], xlabel: str, title: str) -> Path:
@@ -161,10 +154,7 @@ def ranking_png(path: Path, labels: list[str], mean: list[float], std: list[floa
     ax.grid(axis="x", alpha=0.3)
     ax.set_xlabel(xlabel)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def reliability_png(path: Path, result: dict, title: str) -> Path:
@@ -193,10 +183,7 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
     ax.set_title(title, fontsize=9)
     axn.set_xlabel("confidence (probability of the predicted class)")
     axn.set_ylabel("predictions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
 
 
 def curve_png(path: Path, x: list[float], mean: list[float], std: list[float], xlabel: str, ylabel: str, title: str) -> Path:
@@ -218,7 +205,4 @@ def curve_png(path: Path, x: list[float], mean: list[float], std: list[float], x
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, 110)
