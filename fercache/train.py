@@ -390,8 +390,9 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     `fold` marks the run as one fold of a protocol (`folds`, `au-cv`), so the ledger pools folds like seeds.
     """
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed, views)
-    check_recipe(head, {**describe_head(head)["recipe"], **(recipe or {})}, task)  # before any work
-    fs = subset_train(fs, (recipe or {}).get("shots"), (recipe or {}).get("fraction"), seed, stratify=task == "expr")
+    r = {**describe_head(head)["recipe"], **(recipe or {})}  # the head's published recipe, with the overrides
+    check_recipe(head, r, task)  # before any work
+    fs = subset_train(fs, r.get("shots"), r.get("fraction"), seed, stratify=task == "expr")
     st = open_store(store)
     ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
                       z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store},
@@ -399,7 +400,6 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     torch.manual_seed(seed)
     model = build_head(head, ctx, **(hp or {}))
     hp = {**(hp or {}), **getattr(model, "resolved_hp", {})}  # e.g. an "auto" choice, so load_run rebuilds this head
-    r = {**model.recipe, **(recipe or {})}
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     settings = {"head": head, "hp": hp, "recipe": r, "store": str(store), "output": output or st.default_output,
                 "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views, "classes": classes}

@@ -305,3 +305,12 @@ def test_logreg_chooses_the_regularisation_on_validation():
     best = max(out["path"], key=lambda p: p["val"])
     assert out["l2"] == best["l2"] and val_score(head) == best["val"] > 0.9  # the kept weights are the best's
     assert out["path"][0]["loss"] > out["path"][-1]["loss"]  # weaker penalty, lower training objective
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_described_recipe_is_the_one_the_head_trains_with(name):
+    from fercache.heads import describe
+
+    # fit() reads the recipe from describe() before building the head: a factory without its return
+    # annotation would silently train with the base recipe
+    assert describe(name)["recipe"] == make(name).recipe
