@@ -137,15 +137,17 @@ import json, resource, statistics, sys, threading, time
 from fercache.extract import extract
 a = json.loads(sys.argv[1])
 samples, done = [], threading.Event()
+def rss():
+    return int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20
 def watch():
     while not done.wait(0.2):
-        samples.append(int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20)
+        samples.append(rss())
 threading.Thread(target=watch, daemon=True).start()
 t = time.perf_counter()
 r = extract(a["manifest"], a["encoder"], a["out"], image_size=a["image_size"], root=a["root"], device=a["device"],
             batch_size=a["batch_size"], workers=a["workers"], progress=False)
 done.set()
-samples.append(int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize() / 2**20)  # a short run too
+samples.append(rss())  # a short run too
 import torch
 late = samples[len(samples) // 2:]
 print(json.dumps({"rows": r.rows, "img_s": r.images_per_s, "seconds": time.perf_counter() - t,

@@ -197,9 +197,9 @@ def calibration(logits: np.ndarray, y: np.ndarray, temperature: float | None = N
     """ECE, NLL and Brier score (sum over classes, 0 to 2) of softmax(logits), with the reliability bins; with a
     `temperature` (fitted on validation), the same of softmax(logits / T) as `*_ts`."""
     def of(z: np.ndarray, suffix: str) -> dict:
-        prob = np.exp(log_softmax(z))
-        onehot = np.eye(z.shape[1])[y]
-        return {f"ece{suffix}": ece(prob, y), f"nll{suffix}": _nll(z, y),
+        logp = log_softmax(z)
+        prob, onehot = np.exp(logp), np.eye(z.shape[1])[y]
+        return {f"ece{suffix}": ece(prob, y), f"nll{suffix}": float(-logp[np.arange(len(y)), y].mean()),
                 f"brier{suffix}": float(((prob - onehot) ** 2).sum(1).mean()), f"reliability{suffix}": reliability(prob, y)}
 
     logits = np.asarray(logits, dtype=np.float64)

@@ -44,28 +44,26 @@ class LogRegProbe(LinearProbe):
         # A convex problem: from zeros, every seed reaches the same weights (the seed only matters for subsets)
         nn.init.zeros_(self.fc.weight)
         nn.init.zeros_(self.fc.bias)
-        best, best_state, path = -float("inf"), None, []
+        best, path = None, []
         for l2 in self.l2:
+            objective = lambda: nn.functional.cross_entropy(self.fc(x), y) + l2 * self.fc.weight.pow(2).sum()  # noqa: E731
             opt = torch.optim.LBFGS(self.fc.parameters(), lr=1, max_iter=recipe["max_iter"], history_size=20,
                                     line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
 
             def closure():
                 opt.zero_grad()
-                loss = nn.functional.cross_entropy(self.fc(x), y) + l2 * self.fc.weight.pow(2).sum()
+                loss = objective()
                 loss.backward()
                 return loss
 
             self.train()
             opt.step(closure)
             with torch.no_grad():
-                loss = float(nn.functional.cross_entropy(self.fc(x), y) + l2 * self.fc.weight.pow(2).sum())
-            score = val_score(self)
-            path.append({"l2": l2, "loss": loss, "val": score})
-            if score > best:
-                best, best_state = score, copy.deepcopy(self.state_dict())
-        self.load_state_dict(best_state)
-        return {"method": "L-BFGS, l2 chosen on validation", "path": path,
-                "l2": max(path, key=lambda p: p["val"])["l2"]}
+                path.append({"l2": l2, "loss": float(objective()), "val": val_score(self)})
+            if best is None or path[-1]["val"] > best[0]["val"]:
+                best = (path[-1], copy.deepcopy(self.state_dict()))
+        self.load_state_dict(best[1])
+        return {"method": "L-BFGS, l2 chosen on validation", "path": path, "l2": best[0]["l2"]}
 
 
 @register_head("logreg")
