@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .devices import torch_device
 from .encoders import Encoder, load_encoder
 from .extract import _amp_dtype, extract
 from .manifests import Manifest, data_root, read_manifest, resolve_paths, write_manifest
@@ -96,7 +97,7 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
                   root=None, device: str = "cpu", batch_size: int = 256, workers: int | None = None,
                   n_images: int | None = None, precision: str = "auto", model_seconds: float = 5.0) -> dict:
     """All figures of `fercache bench extract` (see the module docstring), measured in this process."""
-    dev = torch.device(device)
+    dev = torch_device(device)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     enc = load_encoder(encoder, pretrained=pretrained, image_size=image_size)
     enc.model.to(dev)
@@ -161,7 +162,7 @@ print(json.dumps({"rows": r.rows, "img_s": r.images_per_s, "seconds": time.perf_
 def bench_memory(manifest: str | Path, sizes: list[int], encoder: str = "null:", image_size: int = 224, root=None,
                  device: str = "cpu", batch_size: int = 256, workers: int | None = None) -> list[dict]:
     """Peak host RSS (main process, and the largest worker) and device memory of whole extracts at each size."""
-    out = []
+    out, _ = [], torch_device(device)  # refused here, not in the first child
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
@@ -226,7 +227,7 @@ def bench_head(manifest: str | Path, encoder: str = "open_clip:ViT-B-16", *, pre
     from .heads import HeadContext
     from .preprocess import reference_transform
 
-    dev = torch.device(device)
+    dev = torch_device(device)
     enc = load_encoder(encoder, pretrained=pretrained)
     enc.model.to(dev)
     out_name = output or enc.default_output

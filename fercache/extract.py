@@ -23,8 +23,8 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import store as S
+from .devices import torch_device
 from .encoders import Encoder, load_encoder
-from .errors import FercacheError
 from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
 from .preprocess import VIEWS, decode_image, to_model_input, with_views
 
@@ -126,9 +126,7 @@ def _resolve_device(device: str, rank: int, world: int) -> torch.device:
         dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
         torch.cuda.set_device(dev)  # NCCL collectives (the barriers) run on the current device: make it this rank's
         return dev
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise FercacheError("--device cuda requested but CUDA is not available here; use --device cpu")
-    return torch.device(device)
+    return torch_device(device)
 
 
 def _amp_dtype(device: torch.device, precision: str) -> torch.dtype:
@@ -288,10 +286,10 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     `views` (e.g. ["flip"]) also stores each output of each augmented view, as "<output>.<view>".
     """
     t0 = time.perf_counter()
+    rank, world = _dist()
+    dev = _resolve_device(device, rank, world)  # before any reading: a wrong --device fails in a second
     manifest = read_manifest(manifest_path)
     paths, bboxes = packed(resolve_paths(manifest, data_root(root))), packed(manifest.column("bbox"))
-    rank, world = _dist()
-    dev = _resolve_device(device, rank, world)
     enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev)
     store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world,
                            manifest_path=str(Path(manifest_path).resolve()),

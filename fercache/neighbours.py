@@ -22,6 +22,7 @@ from . import report
 from .audit import ORDER, without_leaks
 from .data import FeatureSet, clip_means, load_features, manifest_for, store_views, unit_images
 from .manifests import write_manifest
+from .devices import torch_device
 from .errors import StoreError
 from .store import encoder_key, open_store, store_name
 
@@ -166,7 +167,7 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
     """Find, count, draw and list val/test images whose nearest earlier-split image (or, `against` another store,
     nearest image of its train and val splits) is at least `threshold` similar; optionally write the manifest
     with their units unlabelled (the same store serves it)."""
-    out_dir = Path(out_dir)
+    out_dir, device = Path(out_dir), torch_device(device)
     out_dir.mkdir(parents=True, exist_ok=True)
     fs = _units_of(store, manifest, output, views=not against)  # queries are compared as they are, never mirrored
     if against:

@@ -23,6 +23,7 @@ from torch import nn
 from . import metrics, report
 from .data import (FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views,
                    subset_train)
+from .devices import torch_device
 from .errors import ConfigError
 from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
@@ -389,6 +390,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     `replace=False` refuses, before training, to overwrite a run trained with other settings.
     `fold` marks the run as one fold of a protocol (`folds`, `au-cv`), so the ledger pools folds like seeds.
     """
+    dev = torch_device(device)  # before any reading
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed, views)
     r = {**describe_head(head)["recipe"], **(recipe or {})}  # the head's published recipe, with the overrides
     check_recipe(head, r, task)  # before any work
@@ -407,7 +409,6 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         _refuse_other_run(run_dir, settings)
     if model.level == "clip":
         fs = clip_level(fs, r["max_frames"])
-    dev = torch.device(device)
     model.to(dev)
     train, val, ytr, yval = _train_val(fs, targets(fs, task, classes), task, dev)
     if hasattr(model, "fit_stats"):
@@ -449,7 +450,7 @@ def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, fitted
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, Fitted]:
     """Rebuild a trained head from its run directory: (model, config, what it fitted on validation)."""
-    path = Path(run_dir) / "head.pt"
+    path, device = Path(run_dir) / "head.pt", torch_device(device)
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no head.pt); train one with `fercache train-head`")
     saved = torch.load(path, map_location=device, weights_only=True)
