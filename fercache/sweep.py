@@ -12,7 +12,8 @@ from . import report
 from .data import features_memo
 from .errors import ConfigError
 from .store import store_name
-from .train import fit_seeds, recipe_keys
+from .heads import check_hyperparameters, describe as describe_head
+from .train import check_recipe, fit_seeds, recipe_keys
 
 
 
@@ -24,15 +25,27 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) -> list[tuple[dict, dict, dict]]:
+    """(point, recipe, hp) for every grid point, each checked before the first is trained: a bad value at point
+    17 fails now, not after 16 points of work."""
+    in_recipe, d = recipe_keys(head), describe_head(head)  # an axis is a recipe key, or else a hyperparameter
+    plan = []
+    for point in grid_points(grid):
+        recipe = {**base_recipe, **{k: v for k, v in point.items() if k in in_recipe}}
+        hp = {**base_hp, **{k: v for k, v in point.items() if k not in in_recipe}}
+        check_recipe(head, {**d["recipe"], **recipe}, d["task"])
+        check_hyperparameters(head, hp)
+        plan.append((point, recipe, hp))
+    return plan
+
+
 @features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
           base_recipe: dict | None = None, base_hp: dict | None = None, **fit_kw) -> dict:
     """Train every grid point (x seeds); rank by the validation metric. Test is never read here."""
-    out_dir = Path(out_dir)
-    rows, in_recipe = [], recipe_keys(head)  # an axis is a recipe key (the trainer's or the head's) or else a hyperparameter
-    for i, point in enumerate(grid_points(grid)):
-        recipe = {**(base_recipe or {}), **{k: v for k, v in point.items() if k in in_recipe}}
-        hp = {**(base_hp or {}), **{k: v for k, v in point.items() if k not in in_recipe}}
+    out_dir, rows = Path(out_dir), []
+    plan = _plan(head, grid, base_recipe or {}, base_hp or {})
+    for i, (point, recipe, hp) in enumerate(plan):
         runs = fit_seeds(store, head, seeds=seeds, out_dir=out_dir, device=device, hp=hp, recipe=recipe,
                          name=f"point{i:03d}/seed{{seed}}", **fit_kw)
         metric = runs[0].metrics["selection"]["metric"]

@@ -47,6 +47,54 @@ TRAINER_KEYS = frozenset({"optimizer", "lr", "weight_decay", "epochs", "batch_si
 BALANCE = {"none": 0.0, "sqrt": 0.5, "class": 1.0}
 
 
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = (None, "exponential", "cosine", "cosine_quarter", "multistep")
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _whole(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+#: What each trainer key accepts. A value outside it would crash mid-run (lr="abc" in the optimiser) or, worse,
+#: train something else than asked without a word (scheduler="cos" used to mean no schedule at all).
+RECIPE_VALUES = {
+    "optimizer": (lambda v: v in OPTIMIZERS, "adam, adamw or sgd"),
+    "lr": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "weight_decay": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "epochs": (lambda v: _whole(v) and v >= 0, "a whole number >= 0"),
+    "batch_size": (lambda v: _whole(v) and v >= 1, "a whole number >= 1"),
+    "scheduler": (lambda v: v in SCHEDULERS, "null, " + ", ".join(SCHEDULERS[1:])),
+    "sam_rho": (lambda v: _number(v) and v >= 0, "a number >= 0 (0: plain steps, no SAM)"),
+    "gamma": (lambda v: _number(v) and v > 0, "a number > 0"),
+    "eta_min": (lambda v: _number(v) and v >= 0, "a number >= 0"),
+    "milestones": (lambda v: isinstance(v, list) and all(_whole(e) and e >= 1 for e in v), "a list of epochs, e.g. [30, 40]"),
+    "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
+def _like_default(default) -> tuple:
+    """A head's own recipe key (max_frames, prompt_lr, max_iter) takes a value of its published default's kind."""
+    if _whole(default):
+        return lambda v: _whole(v) and v >= 1, f"a whole number >= 1 (published: {default})"
+    if _number(default):
+        return lambda v: _number(v) and v > 0, f"a number > 0 (published: {default})"
+    return lambda v: True, ""
+
+
+def _check_values(head: str, r: dict) -> None:
+    published = describe_head(head)["recipe"]
+    for key, value in r.items():
+        ok, what = RECIPE_VALUES.get(key) or _like_default(published.get(key))
+        if not ok(value):
+            raise ConfigError(f"recipe {key}={value!r}: {what}")
+    if published.get("epochs") and r.get("epochs") == 0:
+        raise ConfigError(f"epochs=0: head {head!r} is trained by epochs, and 0 would save it untrained")
+
+
 def recipe_keys(head: str) -> frozenset[str]:
     """Every recipe key `head` trains with: the trainer's and its own."""
     return TRAINER_KEYS | set(describe_head(head)["recipe"])
@@ -59,6 +107,7 @@ def check_recipe(head: str, r: dict, task: str) -> None:
     if unknown:
         hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k) for k in unknown]
         raise ConfigError(f"head {head!r} has no recipe key {', '.join(hints)}; it reads: {', '.join(sorted(known))}")
+    _check_values(head, r)
     if r.get("balance", "none") not in BALANCE:
         raise ConfigError(f"balance={r['balance']!r}: choose from {', '.join(BALANCE)}")
     if r.get("balance", "none") != "none" and task != "expr":

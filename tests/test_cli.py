@@ -101,10 +101,10 @@ def test_every_shipped_pipeline_parses_and_names_real_steps_heads_and_arguments(
 
     from fercache.adapters import ADAPTERS
     from fercache.extract import extract
-    from fercache.heads import HEADS
+    from fercache.heads import HEADS, check_hyperparameters, describe
     from fercache.pipeline import STEPS, load_pipeline
     from fercache.protocols import _cross_metrics, au_crossval, cross_matrix, head_of, manifest_folds
-    from fercache.train import recipe_keys
+    from fercache.train import check_recipe, recipe_keys
 
     from fercache.compare import compare
     from fercache.neighbours import near_duplicates
@@ -126,6 +126,10 @@ def test_every_shipped_pipeline_parses_and_names_real_steps_heads_and_arguments(
                 assert set(args.get(table, {})) <= set(args["heads"]), (f.name, table)
             for label, recipe in (args.get("recipe", {}) if "heads" in args else {}).items():
                 assert set(recipe) <= recipe_keys(head_of(label)), (f.name, label, set(recipe) - recipe_keys(head_of(label)))
+                d = describe(head_of(label))
+                check_recipe(head_of(label), {**d["recipe"], **recipe}, d["task"])  # values too: kind and range
+            for label, hp in (args.get("hp", {}) if "heads" in args else {}).items():
+                check_hyperparameters(head_of(label), hp)
             if kind == "cross" and "metric" in args:
                 _cross_metrics(args["metric"])  # raises on an unknown metric
             if kind == "manifest":

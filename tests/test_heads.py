@@ -162,9 +162,10 @@ def test_budgets_from_training_class_counts():
     assert head.widths == [85, 171, 42] and head.resolved_hp == {"budgets": [10.0, 20.0, 5.0]}
     with pytest.raises(ConfigError, match="class counts"):
         make("mask", budgets="freq")  # no counts: e.g. an AU task
-    for bad in ("rare", 3):
-        with pytest.raises(ConfigError, match="list of C weights"):
-            make("mask", budgets=bad)
+    with pytest.raises(ConfigError, match="list of C weights"):
+        make("mask", budgets="rare")
+    with pytest.raises(ConfigError, match="budgets=3; give a string or a list"):  # the annotation's check, first
+        make("mask", budgets=3)
 
 
 def test_per_class_masks_give_each_class_its_own_feature():

@@ -123,3 +123,84 @@ def test_a_numeric_sweep_axis_draws_a_curve(tiny_store, tmp_path):
     png = tmp_path / "sweep-curve.png"
     assert r["curve_png"] == str(png) and Image.open(png).size[0] > 500
     assert "curve_png" not in sweep(str(tiny_store), "linear", {"balance": ["none", "class"]}, tmp_path / "b", base_recipe=QUICK)
+
+
+@pytest.mark.parametrize("recipe, message", [
+    ({"epochs": "abc"}, "recipe epochs='abc': a whole number >= 0"),
+    ({"epochs": 2.5}, "recipe epochs=2.5: a whole number >= 0"),
+    ({"epochs": 0}, "epochs=0: head 'linear' is trained by epochs"),
+    ({"lr": 0}, "recipe lr=0: a number > 0"),
+    ({"lr": float("nan")}, "recipe lr=nan: a number > 0"),
+    ({"batch_size": 0}, "recipe batch_size=0: a whole number >= 1"),
+    ({"optimizer": "sgdd"}, "recipe optimizer='sgdd': adam, adamw or sgd"),
+    ({"scheduler": "cos"}, "recipe scheduler='cos': null, exponential, cosine"),  # used to mean: no schedule
+    ({"milestones": 30}, "recipe milestones=30: a list of epochs"),
+    ({"momentum": 1.0}, r"recipe momentum=1.0: a number in \[0, 1\)"),
+    ({"sam_rho": -0.1}, "recipe sam_rho=-0.1: a number >= 0"),
+    ({"weight_decay": True}, "recipe weight_decay=True: a number >= 0"),
+])
+def test_recipe_values_of_the_wrong_kind_or_range_are_refused(recipe, message):
+    with pytest.raises(ConfigError, match=message):
+        T.check_recipe("linear", {**T.describe_head("linear")["recipe"], **recipe}, "expr")
+
+
+def test_a_heads_own_recipe_keys_take_values_like_their_published_default():
+    with pytest.raises(ConfigError, match=r"recipe max_frames=0: a whole number >= 1 \(published: 64\)"):
+        T.check_recipe("temporal", {"max_frames": 0}, "expr")
+    with pytest.raises(ConfigError, match=r"recipe max_iter=1.5: a whole number >= 1 \(published: 200\)"):
+        T.check_recipe("logreg", {"max_iter": 1.5}, "expr")
+    with pytest.raises(ConfigError, match="recipe prompt_lr='fast': a number > 0"):
+        T.check_recipe("temporal", {"prompt_lr": "fast"}, "expr")
+    T.check_recipe("logreg", {"epochs": 0, "max_iter": 50}, "expr")  # a solved head trains no epochs: fine
+    T.check_recipe("temporal", {"max_frames": 16, "prompt_lr": 1e-4, "scheduler": None}, "expr")
+
+
+@pytest.mark.parametrize("head", sorted(T.HEADS))
+def test_every_heads_published_recipe_and_defaults_pass_its_own_checks(head):
+    from fercache.heads import check_hyperparameters
+    from fercache.heads._registry import hyperparameters
+
+    d = T.describe_head(head)
+    T.check_recipe(head, d["recipe"], d["task"])
+    check_hyperparameters(head, hyperparameters(head))
+
+
+@pytest.mark.parametrize("head, hp, message", [
+    ("mask", {"use_sigmoid": "yes"}, "use_sigmoid='yes'; give true or false"),  # used to be truthy
+    ("mask", {"hidden": "wide"}, "hidden='wide'; give a whole number >= 0"),
+    ("mask", {"hidden": -3}, "hidden=-3; give a whole number >= 0"),
+    ("mask", {"budgets": [1, "a"]}, r"budgets=\[1, 'a'\]; give a string or a list of \(a number >= 0\) or null"),
+    ("linear", {"normalize": 1}, "normalize=1; give true or false"),
+    ("logreg", {"l2": 0.1}, r"l2=0.1; give a list of \(a number >= 0\) or null"),
+    ("cvar_mlp", {"alpha": 2.0}, r"alpha=2.0: a fraction in \(0, 1\]"),  # used to fail mid-training in topk
+    ("cvar_mlp", {"alpha": 0.0}, r"alpha=0.0: a fraction in \(0, 1\]"),
+    ("cvar_mlp", {"dropout": 1.0}, r"dropout=1.0: a fraction in \[0, 1\)"),
+    ("au", {"auc_weight": 1.0}, r"auc_weight=1.0: a fraction in \[0, 1\)"),
+    ("mask", {"n_drop": 4}, "n_drop=4: at most 3 of the 4 channels per class group"),
+])
+def test_hyperparameters_of_the_wrong_kind_or_range_are_refused(head, hp, message):
+    from fercache.heads import HeadContext, build_head
+
+    ctx = HeadContext(in_dim=12, out_dim=3, class_names=["a", "b", "c"], class_counts=[5, 5, 5])
+    with pytest.raises(ConfigError, match=message):
+        build_head(head, ctx, **hp)
+
+
+def test_hyperparameters_that_fit_their_annotation_build():
+    from fercache.heads import HeadContext, build_head
+
+    ctx = HeadContext(in_dim=12, out_dim=3, class_names=["a", "b", "c"], class_counts=[5, 5, 5])
+    assert build_head("mask", ctx, budgets="freq", n_drop=3, use_sigmoid=False).n_drop == 3
+    assert build_head("mask", ctx, budgets=[1, 2.5, 1], n_drop=None).n_drop == 1
+    assert build_head("logreg", ctx, l2=[1, 0.1]).l2 == [1, 0.1]
+    assert build_head("cvar_mlp", ctx, alpha=1, dropout=0.0).alpha == 1
+
+
+def test_a_sweep_checks_every_point_before_training_the_first(tiny_store, tmp_path):
+    from fercache.sweep import sweep
+
+    with pytest.raises(ConfigError, match="recipe lr='fast': a number > 0"):
+        sweep(str(tiny_store), "linear", {"lr": [0.01, 0.1, "fast"]}, tmp_path, base_recipe=QUICK)
+    with pytest.raises(ConfigError, match="n_drop=\\[3\\]; give a whole number >= 0 or null"):
+        sweep(str(tiny_store), "mask", {"n_drop": [1, [3]]}, tmp_path, base_recipe=QUICK)
+    assert not list(tmp_path.iterdir())  # no point was trained

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import inspect
+import math
+import types
 import typing
 from dataclasses import dataclass, field
 
@@ -67,14 +69,55 @@ def describe(name: str) -> dict:
             "task": cls.task, "level": cls.level, "hp": hyperparameters(name), "recipe": dict(cls.recipe)}
 
 
-def build_head(name: str, ctx: HeadContext, **hp) -> Head:
-    """Instantiate a registered head; unknown hyperparameters are an error, not silently ignored."""
-    factory = HEADS.lookup(name)
+def _matches(value, hint) -> bool:
+    """Does `value` (as --hp parses it: JSON or a Python literal) fit the factory's annotation?"""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(_matches(value, a) for a in args)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple)) and all(_matches(v, args[0]) for v in value)
+    if hint is type(None):
+        return value is None
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint in (int, float):  # numbers are non-negative and finite for every head so far
+        ok = isinstance(value, int) if hint is int else isinstance(value, (int, float))
+        return ok and not isinstance(value, bool) and math.isfinite(value) and value >= 0
+    return isinstance(value, hint) if isinstance(hint, type) else True
+
+
+_NAMES = {int: "a whole number >= 0", float: "a number >= 0", bool: "true or false", str: "a string",
+          type(None): "null"}
+
+
+def _hint_name(hint) -> str:
+    """`int | None` -> "a whole number >= 0 or null": what the error message asks for."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_hint_name(a) for a in args)
+    if origin in (list, tuple):
+        return f"a list of ({_hint_name(args[0])})"
+    return _NAMES.get(hint, str(hint))
+
+
+def check_hyperparameters(name: str, hp: dict) -> None:
+    """Refuse, before any work, a name the head does not take or a value its factory's annotation rules out
+    (use_sigmoid="yes" would otherwise be truthy, hidden="wide" fail inside torch)."""
     known = hyperparameters(name)
     unknown = sorted(set(hp) - set(known))
     if unknown:
         raise ConfigError(f"head {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
                           f"it takes: {', '.join(f'{k}={v!r}' for k, v in known.items())}")
+    hints = typing.get_type_hints(HEADS.lookup(name))
+    for key, value in hp.items():
+        if key in hints and not _matches(value, hints[key]):
+            raise ConfigError(f"head {name!r}: {key}={value!r}; give {_hint_name(hints[key])} (default {known[key]!r})")
+
+
+def build_head(name: str, ctx: HeadContext, **hp) -> Head:
+    """Instantiate a registered head; unknown hyperparameters are an error, not silently ignored."""
+    factory = HEADS.lookup(name)
+    check_hyperparameters(name, hp)
     try:
         head = factory(ctx, **hp)
     except (TypeError, ValueError) as e:  # a value of the wrong type or range, e.g. --hp hidden=wide

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ._registry import Head, HeadContext, register_head
-from .cvar_mlp import CVAR_RECIPE, cvar, mlp
+from .cvar_mlp import CVAR_RECIPE, check_fractions, cvar, mlp
 
 
 def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -51,4 +51,5 @@ class AUDetector(Head):
 def au(ctx: HeadContext, *, hidden: int | None = None, alpha: float = 0.5, dropout: float = 0.6,
        auc_weight: float = 0.0) -> AUDetector:
     """AU detector; `auc_weight=0.2` gives the published 0.8 CVaR + 0.2 AUC-margin loss."""
+    check_fractions(alpha=alpha, dropout=dropout, auc_weight=auc_weight)
     return AUDetector(ctx.in_dim, ctx.out_dim, hidden or ctx.in_dim, alpha, dropout, auc_weight)

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import ConfigError
 from ._registry import Head, HeadContext, register_head
 
 
@@ -15,6 +16,15 @@ def cvar(losses: torch.Tensor, alpha: float) -> torch.Tensor:
     """CVaR_alpha: the mean of the largest ceil(alpha * n) per-sample losses (closed form, no host sync)."""
     k = max(1, math.ceil(alpha * losses.shape[0]))
     return losses.topk(k).values.mean()
+
+
+def check_fractions(**values: float) -> None:
+    """alpha in (0, 1] (alpha = 0 would average no loss, > 1 more losses than the batch has); dropout and loss
+    weights in [0, 1)."""
+    for name, v in values.items():
+        ok = 0 < v <= 1 if name == "alpha" else 0 <= v < 1
+        if not ok:
+            raise ConfigError(f"{name}={v!r}: " + ("a fraction in (0, 1]" if name == "alpha" else "a fraction in [0, 1)"))
 
 
 def mlp(in_dim: int, out_dim: int, hidden: int, layers: int = 3, dropout: float = 0.6) -> nn.Sequential:
@@ -48,4 +58,5 @@ class CVaRMLP(Head):
 @register_head("cvar_mlp")
 def cvar_mlp(ctx: HeadContext, *, hidden: int | None = None, alpha: float = 0.5, dropout: float = 0.6) -> CVaRMLP:
     """MLP trained on the CVaR of per-sample losses (top alpha fraction); width = feature dim by default."""
+    check_fractions(alpha=alpha, dropout=dropout)
     return CVaRMLP(ctx.in_dim, ctx.out_dim, hidden or ctx.in_dim, alpha, dropout)

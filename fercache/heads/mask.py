@@ -165,6 +165,9 @@ def mask(ctx: HeadContext, *, hidden: int = 512, n_drop: int | None = None, use_
     k = group_size(ctx.in_dim, ctx.out_dim)
     if n_drop is None:
         n_drop = max(1, round(k * 10 / 73))  # the paper drops 10 of 73
+    if n_drop >= k:  # every channel of a group dropped: its class score would be 0 for every sample
+        raise ConfigError(f"n_drop={n_drop}: at most {k - 1} of the {k} channels per class group "
+                          f"(D={ctx.in_dim}, {ctx.out_dim} classes)")
     budgets = resolve_budgets(budgets, ctx.class_counts)
     head = MaskHead(ctx.in_dim, ctx.out_dim, ctx.z_dim or ctx.in_dim, hidden, n_drop, use_sigmoid, w_sep, w_div,
                     group_widths(ctx.in_dim, ctx.out_dim, budgets), mask)
