@@ -1,5 +1,7 @@
 """Typed errors. Every message says what went wrong and what to do about it."""
 
+import difflib
+
 
 class FercacheError(Exception):
     """Base class: the CLI prints these as `error: ...` and exits 2."""
@@ -21,7 +23,9 @@ class UnknownNameError(FercacheError):
     """A registry lookup (encoder, head, adapter, label) found no such name."""
 
     def __init__(self, kind: str, name: str, known):
-        super().__init__(f"unknown {kind} {name!r}; known: {', '.join(sorted(known))}")
+        close = difflib.get_close_matches(str(name), [str(k) for k in known], 1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        super().__init__(f"unknown {kind} {name!r}{hint}; known: {', '.join(sorted(known))}")
 
 
 class StaleRunError(FercacheError):

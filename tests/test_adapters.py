@@ -242,8 +242,11 @@ def test_every_adapter_has_a_docstring():
 
 
 def test_unknown_format():
-    with pytest.raises(UnknownNameError, match="imagefolder"):
+    with pytest.raises(UnknownNameError, match="imagefolder") as e:
         build("nope", ".")
+    assert "did you mean" not in str(e.value)  # nothing close: no guess
+    with pytest.raises(UnknownNameError, match=r"unknown manifest format 'ferplsu' \(did you mean 'ferplus'\?\)"):
+        build("ferplsu", ".")
 
 
 def _write_csv(path: Path, rows: list[list[str]]) -> Path:
