@@ -21,7 +21,7 @@ import torch
 
 from .devices import torch_device
 from .encoders import Encoder, load_encoder
-from .extract import _amp_dtype, extract
+from .extract import _amp_dtype, check_options, extract
 from .manifests import Manifest, data_root, read_manifest, resolve_paths, write_manifest
 
 
@@ -98,6 +98,7 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
                   n_images: int | None = None, precision: str = "auto", model_seconds: float = 5.0) -> dict:
     """All figures of `fercache bench extract` (see the module docstring), measured in this process."""
     dev = torch_device(device)
+    check_options(batch_size, workers, 1, precision, image_size)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     enc = load_encoder(encoder, pretrained=pretrained, image_size=image_size)
     enc.model.to(dev)

@@ -185,11 +185,14 @@ def _kv(pairs: list[str]) -> dict:
     return out
 
 
-def _seeds(text: str) -> list[int]:
+def _ints(text: str, option: str = "--seeds", least: int = 0) -> list[int]:
     try:
-        return [int(s) for s in text.split(",") if s.strip()]
+        values = [int(s) for s in text.split(",") if s.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--seeds takes comma-separated integers, got {text!r}") from None
+        values = []
+    if not values or min(values) < least:
+        raise typer.BadParameter(f"{option} takes comma-separated whole numbers >= {least}, got {text!r}")
+    return values
 
 
 @app.command("train-head")
@@ -214,7 +217,7 @@ def train_head(
     """Train a head on cached features; the epoch is chosen on the validation split, never on test."""
     from .train import fit_seeds
 
-    runs = fit_seeds(store, head, seeds=_seeds(seeds), out_dir=out, manifest=manifest, output=output,
+    runs = fit_seeds(store, head, seeds=_ints(seeds), out_dir=out, manifest=manifest, output=output,
                      mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device, progress=True,
                      views=views, replace=overwrite)
     for r in runs:
@@ -297,7 +300,7 @@ def evaluate(
     calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
     per-AU F1), or the --cross matrix."""
     if cross:
-        return _evaluate_cross(train, test, [h for h in heads.split(",") if h], out, _seeds(seeds), _kv(recipe), device,
+        return _evaluate_cross(train, test, [h for h in heads.split(",") if h], out, _ints(seeds), _kv(recipe), device,
                                _options(labels, "--labels"), [m for m in metric.split(",") if m])
     from .evaluate import evaluate as run_eval, format_summary
 
@@ -395,7 +398,7 @@ def au_cv(
     """Subject-grouped k-fold AU detection: per-AU F1 at 0.5, tuned thresholds, and the always-positive baseline."""
     from .protocols import au_crossval
 
-    r = au_crossval(store, out, folds=folds, aus=aus, seeds=_seeds(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device)
+    r = au_crossval(store, out, folds=folds, aus=aus, seeds=_ints(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device)
     typer.echo(r["markdown"])
 
 
@@ -418,7 +421,7 @@ def folds(
     """
     from .protocols import manifest_folds
 
-    r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_seeds(seeds),
+    r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_ints(seeds),
                        hp={h: _kv(hp) for h in head}, recipe={h: _kv(recipe) for h in head}, device=device, progress=True)
     typer.echo(r["markdown"])
 
@@ -475,7 +478,7 @@ def sweep(
     from .sweep import sweep as run_sweep
 
     grid = dict(_axis(a) for a in axis)
-    r = run_sweep(store, head, grid, out, seeds=_seeds(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp))
+    r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp))
     typer.echo(r["markdown"] + (f"\ncurve -> {r['curve_png']}" if "curve_png" in r else ""))
 
 
@@ -518,7 +521,7 @@ def bench_memory_cmd(
     """Peak host RSS and device memory of whole extracts at several sizes: flat means it does not grow with N."""
     from .bench import bench_memory
 
-    rows = bench_memory(manifest, [int(s) for s in sizes.split(",")], encoder, image_size, data_root, device, batch_size, workers)
+    rows = bench_memory(manifest, _ints(sizes, "--sizes", least=1), encoder, image_size, data_root, device, batch_size, workers)
     for r in rows:
         typer.echo("  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if len(rows) > 1:

@@ -132,6 +132,9 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     # Test-time augmentation over the cached views the head trained with, where this store has them too.
     views = [v for v in cfg.get("views", []) if v in store_views(store)]
     fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views)
+    if not (fs.split == split).any():
+        have = ", ".join(f"{s} ({n})" for s, n in zip(*np.unique(fs.split, return_counts=True)))
+        raise ConfigError(f"{store_name(store)} has no {split!r} rows; its manifest's splits: {have}")
     fs = fs.rows(split)
     if model.level == "clip":
         fs = clip_level(fs, cfg["recipe"]["max_frames"])
@@ -147,6 +150,9 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
         excluded = {str(lbl): int((fs.label[~scored] == lbl).sum()) for lbl in np.unique(fs.label[~scored])}
         fs, y = fs.take(scored), y[scored]
         result["excluded"] = {"n": int(sum(excluded.values())), "by_label": excluded}
+    if not len(y):
+        raise ConfigError(f"the {split} split of {store_name(store)} has no labelled sample of the run's classes "
+                          f"({', '.join(cfg['classes'])}) to score")
     logits = predict_logits(model, _to_device(fs, y, device))
     prob = (torch.softmax(logits, 1) if cfg["task"] == "expr" else torch.sigmoid(logits)).cpu().numpy()
     out = Scored(fs.sample_id, fs.subject, fs.label, y, prob, list(cfg["classes"]), cfg["task"], fitted.thresholds)

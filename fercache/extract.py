@@ -25,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import store as S
 from .devices import torch_device
 from .encoders import Encoder, load_encoder
+from .errors import ConfigError
 from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
 from .preprocess import VIEWS, decode_image, to_model_input, with_views
 
@@ -276,6 +277,24 @@ def _ready(enc: Encoder, views, dev: torch.device) -> Encoder:
     return enc
 
 
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+
+
+def check_options(batch_size: int, workers: int | None, chunk_rows: int, precision: str, image_size: int | None) -> None:
+    """Refuse, before anything is read or created, what would otherwise fail mid-run inside range(), the
+    DataLoader or a dict lookup (and image_size=0, which used to mean the model's default silently)."""
+    wrong = [f"--{name} {value}: {what}" for name, value, ok, what in [
+        ("batch-size", batch_size, batch_size >= 1, "at least 1 image per forward pass"),
+        ("workers", workers, workers is None or workers >= 0, "0 (decode in this process) or more worker processes"),
+        ("chunk-rows", chunk_rows, chunk_rows >= 1, "at least 1 row per store chunk"),
+        ("precision", precision, precision in PRECISIONS, ", ".join(PRECISIONS)),
+        ("image-size", image_size, image_size is None or image_size >= 1, "leave it out for the model's own size, "
+                                                                          "or give pixels >= 1"),
+    ] if not ok]
+    if wrong:
+        raise ConfigError("; ".join(wrong))
+
+
 def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrained: str | None = None,
             image_size: int | None = None, root: str | Path | None = None, device: str = "cpu",
             batch_size: int = 256, workers: int | None = None, chunk_rows: int = 1024, precision: str = "auto",
@@ -286,6 +305,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     `views` (e.g. ["flip"]) also stores each output of each augmented view, as "<output>.<view>".
     """
     t0 = time.perf_counter()
+    check_options(batch_size, workers, chunk_rows, precision, image_size)
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)  # before any reading: a wrong --device fails in a second
     manifest = read_manifest(manifest_path)

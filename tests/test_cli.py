@@ -256,3 +256,30 @@ def test_cross_matrix_on_other_labels_trains_and_tests_with_them(tiny_store, tin
     assert json.loads((run / "metrics.json").read_text())["n_val"] == 18  # selection never saw the unlabelled val rows
     r = invoke(*args, "--labels", f"nosuch={clean}")
     assert r.exit_code == 2 and "--labels names nosuch, which is none of the stores (faces)" in r.output
+
+
+def test_extract_refuses_bad_numbers_before_creating_the_store(tiny_manifest, tiny_dataset, tmp_path):
+    out = tmp_path / "s.zarr"
+    for args, says in [(["--batch-size", "0"], "--batch-size 0: at least 1"), (["--workers", "-1"], "--workers -1: 0"),
+                       (["--chunk-rows", "0"], "--chunk-rows 0: at least 1 row"), (["--precision", "fp8"], "--precision fp8: auto, fp32"),
+                       (["--image-size", "0"], "--image-size 0: leave it out")]:
+        r = invoke("extract", tiny_manifest, "--encoder", "null:", "--out", out, "--data-root", tiny_dataset, *args)
+        assert r.exit_code == 2 and says in r.output, (args, r.output)
+        assert not out.exists()
+
+
+def test_evaluate_on_a_split_the_manifest_lacks_names_the_ones_it_has(tiny_store, tmp_path):
+    r = invoke("train-head", tiny_store, "--head", "linear", "--recipe", "epochs=1", "--out", tmp_path)
+    run = next(tmp_path.glob("*/seed0"))
+    r = invoke("evaluate", run, "--split", "tset")
+    assert r.exit_code == 2 and "has no 'tset' rows; its manifest's splits: test (24), train (24), val (24)" in r.output
+
+
+def test_comma_separated_numbers_are_checked_by_the_cli():
+    import pytest
+    import typer
+
+    assert cli._ints("0, 1,2") == [0, 1, 2] and cli._ints("10000,100000", "--sizes", least=1) == [10000, 100000]
+    for text, least in [("x", 0), ("", 0), ("-1", 0), ("0", 1)]:
+        with pytest.raises(typer.BadParameter, match="comma-separated whole numbers"):
+            cli._ints(text, least=least)
