@@ -548,9 +548,15 @@ def bench_head_cmd(
 
 
 @app.command("run")
-def run_cmd(pipeline: Path, only: list[str] = typer.Option([], "--only", help="Run only steps with this name or kind.")) -> None:
-    """Run a TOML pipeline (see pipelines/quickstart.toml)."""
-    from .pipeline import run_pipeline
+def run_cmd(pipeline: Path, only: list[str] = typer.Option([], "--only", help="Run only steps with this name or kind."),
+            check: bool = typer.Option(False, "--check", help="Check every step's arguments against the library "
+                                                               "(names, heads, hp/recipe values, device) and stop.")) -> None:
+    """Run a TOML pipeline (see pipelines/quickstart.toml); every step is checked before the first runs."""
+    from .pipeline import check_pipeline, run_pipeline
+
+    if check:
+        typer.echo(f"{pipeline}: {check_pipeline(pipeline, only or None)} step(s) checked, nothing run")
+        return
 
     def show(i: int, step: dict, result) -> None:
         typer.echo(f"[{i + 1}] {step['name']}: {result}")

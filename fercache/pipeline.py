@@ -12,6 +12,9 @@ Steps are plain calls into the library, so a pipeline does nothing the CLI can't
 
 from __future__ import annotations
 
+import difflib
+import importlib
+import inspect
 import os
 import tomllib
 from pathlib import Path
@@ -180,15 +183,91 @@ def load_pipeline(path: str | Path) -> list[dict]:
     return [_substitute(s, variables) for s in steps]
 
 
+#: Where each step's extra keyword arguments go (fercache module, function), so that a pipeline's arguments are
+#: checked against the library before step 1 runs, not when step 9 is reached after an hour of extraction.
+FORWARDS = {"extract": ("extract", "extract"), "train": ("train", "fit"), "cross": ("protocols", "cross_matrix"),
+            "near_dups": ("neighbours", "near_duplicates"), "au_cv": ("protocols", "au_crossval"),
+            "folds": ("protocols", "manifest_folds"), "sweep": ("sweep", "sweep"), "compare": ("compare", "compare")}
+
+
+def _target(kind: str) -> Callable | None:
+    module, fn = FORWARDS.get(kind, (None, None))
+    return getattr(importlib.import_module(f"fercache.{module}"), fn) if module else None
+
+
+def _check_arguments(kind: str, args: dict) -> None:
+    params = [p for p in inspect.signature(STEPS[kind]).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    takes = {p.name for p in params} | (set(inspect.signature(_target(kind)).parameters) if kind in FORWARDS else set())
+    for key in sorted(set(args) - takes):
+        close = difflib.get_close_matches(key, takes, 1)
+        raise ConfigError(f"{kind} takes no argument {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
+                          + f"; it takes: {', '.join(sorted(takes))}")
+    missing = [p.name for p in params if p.default is p.empty and p.name not in args]
+    if missing:
+        raise ConfigError(f"{kind} needs {', '.join(missing)}")
+
+
+def _check_values(kind: str, args: dict) -> None:
+    """What the library would refuse only when the step is reached: names, devices, head settings, options."""
+    from .adapters import ADAPTERS
+    from .devices import torch_device
+    from .extract import check_options
+    from .protocols import _cross_metrics, check_tables
+    from .sweep import _plan
+
+    if "device" in args:
+        torch_device(args["device"])
+    if kind == "manifest":
+        ADAPTERS.lookup(args["format"])
+    if kind == "extract":
+        o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
+        check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"])
+    if kind in ("cross", "folds"):
+        check_tables(args["heads"], args.get("hp"), args.get("recipe"))
+    if kind == "cross":
+        _cross_metrics(args.get("metric", "accuracy"))
+    if kind in ("train", "au_cv"):
+        head = args.get("head", "au")
+        check_tables([head], {head: args.get("hp") or {}}, {head: args.get("recipe") or {}})
+    if kind == "sweep":
+        _plan(args["head"], args["grid"], args.get("base_recipe") or {}, args.get("base_hp") or {})
+
+
+def check_step(i: int, step: dict) -> None:
+    """Step i's arguments against the library, raising ConfigError (or the library's own typed error) that
+    names the step: argument names (with a suggestion), required ones, heads and their hp/recipe values, the
+    device, the cross metrics, the dataset format, extract's options."""
+    kind = step["run"]
+    args = {k: v for k, v in step.items() if k not in ("run", "name")}
+    try:
+        _check_arguments(kind, args)
+        _check_values(kind, args)
+    except FercacheError as e:
+        e.args = (f"step {i + 1} ({step.get('name', kind)}): {e}",)
+        raise
+
+
+def _selected(steps: list[dict], only: list[str] | None) -> list[tuple[int, dict]]:
+    return [(i, s) for i, s in enumerate(steps) if not only or s.get("name", s["run"]) in only or s["run"] in only]
+
+
+def check_pipeline(path: str | Path, only: list[str] | None = None) -> int:
+    """Check every (selected) step of a pipeline file without running any; returns how many were checked."""
+    steps = _selected(load_pipeline(path), only)
+    for i, step in steps:
+        check_step(i, step)
+    return len(steps)
+
+
 def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | None = None,
                  only: list[str] | None = None) -> list[Any]:
-    """Run each step in order; `on_step(i, step, result)` is called after each."""
-    results = []
-    for i, step in enumerate(load_pipeline(path)):
+    """Check every step first (`check_pipeline`), then run each in order; `on_step(i, step, result)` after each."""
+    results, steps = [], _selected(load_pipeline(path), only)
+    for i, step in steps:
+        check_step(i, step)
+    for i, step in steps:
         kind = step.pop("run")
         name = step.pop("name", kind)
-        if only and name not in only and kind not in only:
-            continue
         try:
             result = STEPS[kind](**step)
         except TypeError as e:

@@ -12,8 +12,9 @@ from . import metrics, report
 from .data import features_memo
 from .errors import ConfigError, ManifestError
 from .evaluate import evaluate_run
+from .heads import HEADS, check_hyperparameters, describe as describe_head
 from .store import store_name
-from .train import fit_seeds
+from .train import check_recipe, fit_seeds
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +23,22 @@ def head_of(label: str) -> str:
     """The registered head behind a table label: `HEAD` or `HEAD@VARIANT` (same head, its own hp/recipe entry),
     so one protocol run can tabulate ablations, e.g. "temporal" beside "temporal@mean" with hp {pool = "mean"}."""
     return label.split("@", 1)[0]
+
+
+def check_tables(heads: list[str], hp: dict | None, recipe: dict | None) -> None:
+    """Before any training: every label names a registered head, every hp/recipe entry names one of the labels
+    (an entry for "linaer" used to be ignored without a word), and each entry's values pass the head's checks."""
+    for label in heads:
+        HEADS.lookup(head_of(label))
+    for table, entries in (("hp", hp or {}), ("recipe", recipe or {})):
+        stray = sorted(set(entries) - set(heads))
+        if stray:
+            raise ConfigError(f"{table} has entries for {', '.join(map(repr, stray))}, which is none of the heads "
+                              f"({', '.join(heads)}); {table} is keyed by head label, e.g. {{ {heads[0]} = {{ ... }} }}")
+    for label in heads:
+        d = describe_head(head_of(label))
+        check_recipe(d["name"], {**d["recipe"], **(recipe or {}).get(label, {})}, d["task"])
+        check_hyperparameters(d["name"], (hp or {}).get(label) or {})
 
 
 def _fit_label(store: str, label: str, hp: dict | None, recipe: dict | None, **kw):
@@ -53,6 +70,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     e.g. the manifest `manifest check --without-leaks` or `near-dups --without-leaks` wrote.
     """
     names = _cross_metrics(metric)
+    check_tables(heads, hp, recipe)
     test_stores = test_stores or stores
     manifests = _labels_for(labels, list(dict.fromkeys(list(stores) + list(test_stores))))
     out_dir = Path(out_dir)
@@ -130,6 +148,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     out_dir = Path(out_dir)
     if any(head_of(h) == "au" for h in heads):
         raise ConfigError("`folds` reports expression metrics (UAR/WAR); for AU detection use `fercache au-cv`")
+    check_tables(heads, hp, recipe)
     results = {}
     for head in heads:
         results[head] = []
@@ -175,6 +194,7 @@ def subject_folds(subjects: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top8", seeds=(0,), hp: dict | None = None,
                 recipe: dict | None = None, device: str = "cpu", progress: bool = False) -> dict:
     """Subject-grouped k-fold AU detection over all rows of a store; per-AU F1 pooled over test folds."""
+    check_tables(["au"], {"au": hp or {}}, {"au": recipe or {}})
     from .manifests import Manifest, write_manifest
     from .data import manifest_for
     from .store import open_store
