@@ -121,8 +121,10 @@ def extract(
                    "decoding and encoding work in inner chunks, so memory stays small."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
     overwrite: bool = typer.Option(False, help="Replace an existing store built from other inputs."),
-    views: str = typer.Option("", help="Augmented views to cache too, comma-separated (available: flip). Heads then "
-                                       "train on a random view per image per epoch and evaluate on the average."),
+    views: str = typer.Option("", help="Augmented views to cache too, comma-separated: flip (mirror; evaluation "
+                                       "averages it in), erase (random erasing) and noise (Gaussian pixel noise), "
+                                       "training-only draws fixed per row. Heads train on a random one of {image, "
+                                       "its views} per image per epoch."),
 ) -> None:
     """Run a frozen encoder once over every manifest row into a fingerprinted, resumable Zarr store."""
     from .extract import extract as run
@@ -210,7 +212,8 @@ def train_head(
     aus: Optional[str] = typer.Option(None, help="au head: 'top8', or AU numbers like 1,2,4 (default: AUs with >=20 train positives)."),
     device: str = typer.Option("cpu", help="cpu or cuda."),
     views: bool = typer.Option(True, help="Train on the store's cached augmented views (extract --views) and "
-                                          "evaluate on their average; --no-views uses the plain images only."),
+                                          "evaluate on the average with its mirror (flip); --no-views uses the plain "
+                                          "images only."),
     overwrite: bool = typer.Option(False, help="Replace a run of the same name trained with other settings "
                                               "(without it such a run is kept and this one refused)."),
 ) -> None:
@@ -245,7 +248,8 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
     typer.echo("(null: chosen from the data, e.g. hidden=null is the feature width; values are JSON, as --hp parses them)\n"
                "every head also takes --recipe balance=none|sqrt|class (class-balanced sampling, expression heads), "
                "select=<val metric> (accuracy|uar|macro_f1; AU: macro_f1_at_0.5), and shots=K (training units per "
-               "class) or fraction=F (of the training units) to train on a seeded subset")
+               "class) or fraction=F (of the training units) to train on a seeded subset, and views=[...] (which of "
+               "the store's cached views to train with; default all)")
 
 
 def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Path, seeds: list[int], recipe: dict,

@@ -11,6 +11,7 @@ import numpy as np
 
 from .errors import ConfigError, StoreError
 from .manifests import Manifest, content_sha256, read_manifest, rows_sha256
+from .preprocess import tta_views
 from .store import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,13 @@ class FeatureSet:
 
     def rows(self, split: str) -> "FeatureSet":
         return self.take(self.split == split)
+
+    def tta_only(self) -> "FeatureSet":
+        """Only the cached views evaluation averages (flip), not the training-only draws (erase, noise)."""
+        keep = [i for i, v in enumerate(self.views) if v in tta_views(self.views)]
+        if len(keep) == len(self.views):
+            return self
+        return replace(self, xv=self.xv[:, keep] if keep else None, views=[self.views[i] for i in keep])
 
 
 def manifest_for(store: FeatureStore, manifest: str | Path | None) -> Manifest:

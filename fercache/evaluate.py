@@ -14,6 +14,7 @@ import torch
 
 from . import metrics, report
 from .data import clip_level, load_features, store_views
+from .preprocess import tta_views
 from .errors import ConfigError, StaleRunError, StoreError
 from .manifests import read_manifest, rows_sha256
 from .store import encoder_key, open_store, store_name
@@ -130,7 +131,7 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
         raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
     labels_from = manifest or (cfg["manifest"] if store == cfg["store"] else None)  # else the store's own manifest
     # Test-time augmentation over the cached views the head trained with, where this store has them too.
-    views = [v for v in cfg.get("views", []) if v in store_views(store)]
+    views = [v for v in tta_views(cfg.get("views", [])) if v in store_views(store)]
     fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views)
     if not (fs.split == split).any():
         have = ", ".join(f"{s} ({n})" for s, n in zip(*np.unique(fs.split, return_counts=True)))

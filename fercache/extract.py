@@ -96,6 +96,7 @@ class ChunkReader(Dataset):
             good = torch.from_numpy(np.stack(good))  # one shared-memory tensor: cheap to ship between processes
         # worker_s: this worker's busy time for the chunk, so benchmarks can report per-worker capacity.
         return {"chunk": c, "last": last, "images": good, "ok": np.array(ok, dtype=bool), "error": error,
+                "rows": np.arange(rows.start, rows.stop),
                 "worker_s": time.perf_counter() - t0}
 
 
@@ -165,13 +166,14 @@ def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size:
     """
     ok, images = item["ok"], item["images"]
     good = np.flatnonzero(ok)
+    rows = torch.as_tensor(item["rows"][good])  # manifest rows: what the random views are seeded by
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     channels_last = encoder.channels_last or device.type == "cuda"
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoder.stored_outputs()}
     with torch.inference_mode(), autocast:
         for start in range(0, len(good), batch_size):
             x = to_model_input(images[start:start + batch_size], encoder.preprocess, device, dtype, channels_last)
-            for view, xi in with_views(x, encoder.views):
+            for view, xi in with_views(x, encoder.views, encoder.preprocess, rows[start:start + batch_size]):
                 for k, v in encoder.model(xi).items():
                     parts[f"{k}.{view}" if view else k].append(v.to(torch.float16))
         staged = {k: _to_host(torch.cat(v), device) if v else None for k, v in parts.items()}

@@ -22,6 +22,7 @@ from . import report
 from .audit import ORDER, without_leaks
 from .data import FeatureSet, clip_means, load_features, manifest_for, store_views, unit_images
 from .manifests import write_manifest
+from .preprocess import tta_views
 from .devices import torch_device
 from .errors import StoreError
 from .store import encoder_key, open_store, store_name
@@ -150,7 +151,7 @@ def pairs_png(path: Path, nb: Neighbours, threshold: float, k: int, stores: tupl
 def _units_of(store: str, manifest, output: str | None, views: bool = True) -> FeatureSet:
     """A store's features (with its cached views when it serves as reference); a video store as one mean feature
     per clip (a clip is copied or not, and millions of frames against millions would never finish)."""
-    fs = load_features(store, manifest, output, views=store_views(store) if views else ())
+    fs = load_features(store, manifest, output, views=tta_views(store_views(store)) if views else ())  # mirrors, not noise
     return clip_means(fs) if fs.clip_id is not None else fs
 
 

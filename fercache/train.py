@@ -39,7 +39,7 @@ SELECTABLE = {"expr": ("accuracy", "uar", "macro_f1"), "au": ("macro_f1_at_0.5",
 
 #: Recipe keys the trainer reads for every head; a head's own recipe may add keys (the temporal head's max_frames).
 TRAINER_KEYS = frozenset({"optimizer", "lr", "weight_decay", "epochs", "batch_size", "scheduler", "sam_rho", "gamma",
-                          "eta_min", "milestones", "momentum", "balance", "select", "shots", "fraction"})
+                          "eta_min", "milestones", "momentum", "balance", "select", "shots", "fraction", "views"})
 
 #: Recipe key `balance`: each training row is drawn with probability proportional to count(its class) ** -power,
 #: with replacement, as many draws per epoch as rows. "class" gives every class the same share of the batches
@@ -72,6 +72,7 @@ RECIPE_VALUES = {
     "gamma": (lambda v: _number(v) and v > 0, "a number > 0"),
     "eta_min": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "milestones": (lambda v: isinstance(v, list) and all(_whole(e) and e >= 1 for e in v), "a list of epochs, e.g. [30, 40]"),
+    "views": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v), 'a list of the store\'s views, e.g. ["flip", "erase"]'),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
 }
 
@@ -339,8 +340,23 @@ def _run_name(store: str, head: str, seed: int) -> str:
     return f"{store_name(store)}-{head}/seed{seed}"
 
 
+def _train_views(store: str, views: bool | list[str] | None) -> list[str]:
+    """The cached views a run trains with: all the store holds (True/None), none (False), or the named ones
+    (recipe key `views`, e.g. ["flip", "erase"]: an augmentation ablation is a sweep axis)."""
+    held = store_views(store)
+    if views is None or views is True:
+        return held
+    if views is False:
+        return []
+    missing = [v for v in views if v not in held]
+    if missing:
+        raise ConfigError(f"views={views!r}: {store_name(store)} holds {held or 'no views'}, not {', '.join(missing)}; "
+                          f"extract it with --views {','.join(dict.fromkeys(held + missing))}")
+    return [v for v in held if v in views]
+
+
 def prepare(store: str, head: str, manifest=None, output=None, mask_source=None, aus=None, seed: int = 0,
-            views: bool = True):
+            views: bool | list[str] | None = True):
     """Load features (and the store's cached views), carve val if needed, drop test rows, fix the label set."""
     clip = getattr(HEADS.lookup(head), "level", "frame") == "clip"
     task = "au" if head == "au" else "expr"
@@ -348,7 +364,7 @@ def prepare(store: str, head: str, manifest=None, output=None, mask_source=None,
         require_text_tower(open_store(store).meta)  # before reading features: fail on the real cause
         output = output or "embedding"
     # Views augment frame-level heads; a clip-level head resamples frames instead.
-    fs = load_features(store, manifest, output, mask_source, views=store_views(store) if views and not clip else ())
+    fs = load_features(store, manifest, output, mask_source, views=_train_views(store, views) if not clip else ())
     if clip:
         require_clips(fs)  # before building the head, which may load a text tower
     if task == "expr":
@@ -392,7 +408,7 @@ def _val_scores(model: nn.Module, val: dict, yval: np.ndarray, task: str, classe
 
 def _train_val(fs: FeatureSet, y: np.ndarray, task: str, dev: torch.device):
     """The train and val batches on `dev`, and their targets."""
-    train_fs, val_fs = fs.rows("train"), fs.rows("val")
+    train_fs, val_fs = fs.rows("train"), fs.rows("val").tta_only()  # selection scores what evaluate will
     ytr, yval = y[fs.split == "train"], y[fs.split == "val"]
     if task == "expr":  # val rows with a class unseen in train cannot be predicted; keep them out of selection
         val_fs, yval = val_fs.take(yval >= 0), yval[yval >= 0]
@@ -440,9 +456,10 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     `fold` marks the run as one fold of a protocol (`folds`, `au-cv`), so the ledger pools folds like seeds.
     """
     dev = torch_device(device)  # before any reading
-    fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed, views)
     r = {**describe_head(head)["recipe"], **(recipe or {})}  # the head's published recipe, with the overrides
-    check_recipe(head, r, task)  # before any work
+    check_recipe(head, r, describe_head(head)["task"])  # before any work
+    fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed,
+                                        r["views"] if views and "views" in r else views)
     fs = subset_train(fs, r.get("shots"), r.get("fraction"), seed, stratify=task == "expr")
     st = open_store(store)
     ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,

@@ -27,8 +27,8 @@ def _single(manifest, spec, root, out, extra=()):
                    check=True, env=_env(), capture_output=True)
 
 
-@pytest.mark.parametrize("nproc,extra", [(2, ()), (3, ()), (2, ("--read-chunk-rows", "4"))],
-                         ids=["2-ranks", "3-ranks", "2-ranks-sharded"])
+@pytest.mark.parametrize("nproc,extra", [(2, ()), (3, ()), (2, ("--read-chunk-rows", "4")), (2, ("--views", "erase,noise"))],
+                         ids=["2-ranks", "3-ranks", "2-ranks-sharded", "2-ranks-random-views"])
 def test_torchrun_equals_single_process(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, nproc, extra):
     _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr", extra)
     proc = subprocess.run(TORCHRUN + [f"--nproc-per-node={nproc}", "-m", "fercache", "-q", "extract", str(tiny_manifest),

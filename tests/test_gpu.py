@@ -68,13 +68,15 @@ def test_temporal_head_on_cuda(video_store, tmp_path, classifier):
 
 
 def test_cuda_views_and_sharded_pieces_match_cpu(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
-    """The flip view and sharded pieces through the async device-to-host path equal the CPU store."""
+    """The views (the random ones drawn per row on the device too) and sharded pieces through the async
+    device-to-host path equal the CPU store."""
     from fercache.extract import extract
 
-    kw = dict(root=tiny_dataset, chunk_rows=32, read_chunk_rows=8, batch_size=8, views=["flip"], progress=False)
+    kw = dict(root=tiny_dataset, chunk_rows=32, read_chunk_rows=8, batch_size=8, views=["flip", "erase", "noise"],
+              progress=False)
     extract(tiny_manifest, tiny_encoder_spec, tmp_path / "c.zarr", device="cpu", workers=0, **kw)
     extract(tiny_manifest, tiny_encoder_spec, tmp_path / "g.zarr", device="cuda", workers=2, precision="fp32", **kw)
-    for out in ("embedding", "embedding.flip"):
+    for out in ("embedding", "embedding.flip", "embedding.erase", "embedding.noise"):
         a, b = S.open_store(tmp_path / "c.zarr").features(out), S.open_store(tmp_path / "g.zarr").features(out)
         cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cos.min() > 0.999, out

@@ -131,3 +131,108 @@ def test_cli_extract_views_and_train_head_no_views(tiny_manifest, tiny_dataset, 
     r = invoke("train-head", s, "--head", "linear", "--recipe", "epochs=1", "--no-views", "-o", tmp_path / "runs")
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "runs" / "v-linear" / "seed0" / "config.json").read_text())["views"] == []
+
+
+def test_row_uniforms_are_uniform_independent_and_a_function_of_seed_row_and_draw():
+    from fercache.preprocess import row_uniforms
+
+    u = row_uniforms(7, torch.arange(20000), 3)
+    assert u.shape == (20000, 3) and u.min() >= 0 and u.max() < 1
+    hist = np.histogram(u, bins=10, range=(0, 1))[0] / u.size
+    assert np.abs(hist - 0.1).max() < 0.005  # 60,000 draws: each decile within 5% of its share
+    assert abs(np.corrcoef(u[:-1, 0], u[1:, 0])[0, 1]) < 0.03 and abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.03
+    assert np.array_equal(row_uniforms(7, torch.tensor([19999, 5]), 3), u[[19999, 5]])
+    assert not np.allclose(row_uniforms(8, torch.arange(5), 3), u[:5])  # another seed, other draws
+
+
+def test_erase_boxes_follow_random_erasing_and_are_a_function_of_the_row_alone():
+    from fercache.preprocess import ERASE_RATIO, ERASE_SCALE, erase_boxes
+
+    rows = torch.arange(1000, 1400)
+    boxes = erase_boxes(rows, 112)
+    t, l, h, w = boxes.T.double()
+    assert (h > 0).all() and (t + h <= 112).all() and (l + w <= 112).all()  # every box fits the image
+    frac = h * w / 112**2
+    assert frac.min() > ERASE_SCALE[0] * 0.8 and frac.max() < ERASE_SCALE[1] * 1.2  # rounding of h and w only
+    assert (h / w).min() > ERASE_RATIO[0] * 0.7 and (h / w).max() < ERASE_RATIO[1] * 1.4
+    assert len({tuple(b) for b in boxes.tolist()}) > 390  # rows draw different boxes
+    # the same row draws the same box whatever batch it is in: resuming or sharding cannot change a feature
+    assert torch.equal(erase_boxes(torch.tensor([1399, 1000]), 112), boxes[[399, 0]])
+
+
+def test_erase_zeroes_one_box_and_keeps_the_rest():
+    from fercache.preprocess import VIEWS, Preprocess, erase_boxes
+
+    x = torch.randn(8, 3, 64, 64) + 5  # no zeros of its own
+    rows = torch.arange(8)
+    out = VIEWS["erase"].fn(x, rows, Preprocess(size=64))
+    for i, (t, l, h, w) in enumerate(erase_boxes(rows, 64).tolist()):
+        inside = torch.zeros(64, 64, dtype=torch.bool)
+        inside[t:t + h, l:l + w] = True
+        assert (out[i][:, inside] == 0).all() and torch.equal(out[i][:, ~inside], x[i][:, ~inside])
+
+
+def test_noise_is_gaussian_in_pixel_units_and_a_function_of_the_row_alone():
+    from fercache.preprocess import NOISE_BANK, NOISE_STD, VIEWS, Preprocess
+
+    spec = Preprocess(size=48)
+    x = torch.zeros(64, 3, 48, 48)
+    rows = torch.arange(64)
+    pixel = VIEWS["noise"].fn(x, rows, spec) * torch.tensor(spec.std).view(1, 3, 1, 1)  # back to [0, 1] units
+    assert abs(pixel.std().item() - NOISE_STD) < 0.003 and abs(pixel.mean().item()) < 0.003
+    alone = VIEWS["noise"].fn(x[:1], torch.tensor([37]), spec)
+    torch.testing.assert_close(alone[0], VIEWS["noise"].fn(x, rows, spec)[37])  # its batch does not matter
+    far = VIEWS["noise"].fn(x[:2], torch.tensor([5, 5 + NOISE_BANK]), spec)  # same bank image, other shift
+    assert not torch.allclose(far[0], far[1])
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory, tiny_dataset, tiny_manifest, tiny_encoder_spec):
+    out = tmp_path_factory.mktemp("aug") / "aug.zarr"
+    extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, views=["flip", "erase", "noise"], chunk_rows=32,
+            batch_size=16, workers=0, progress=False)
+    return out
+
+
+def test_random_views_do_not_depend_on_batching(augmented, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    other = tmp_path / "other.zarr"
+    extract(tiny_manifest, tiny_encoder_spec, other, root=tiny_dataset, views=["flip", "erase", "noise"], chunk_rows=24,
+            batch_size=5, workers=0, progress=False)
+    a, b = S.open_store(augmented), S.open_store(other)
+    for out in ("embedding", "embedding.erase", "embedding.noise"):
+        np.testing.assert_allclose(a.features(out), b.features(out), atol=2e-3, err_msg=out)
+    plain, erased, noisy = (a.features(o).astype(np.float32) for o in ("embedding", "embedding.erase", "embedding.noise"))
+    assert np.abs(erased - plain).mean() > 0.01 and np.abs(noisy - plain).mean() > 0.001  # views, not copies
+
+
+def test_training_only_views_train_but_are_never_averaged_into_a_prediction(augmented, tmp_path, monkeypatch):
+    from fercache import train as T
+    from fercache.evaluate import evaluate_run
+
+    seen, real = [], T.random_view
+    monkeypatch.setattr(T, "random_view", lambda batch, gen: seen.append(batch["xv"].shape[1]) or real(batch, gen))
+    r = T.fit(str(augmented), "linear", out_dir=tmp_path, recipe={"epochs": 2})
+    assert r.metrics["config"]["views"] == ["flip", "erase", "noise"] and set(seen) == {3}  # trains on all three
+    assert evaluate_run(r.run_dir, write=False)["tta_views"] == ["flip"]  # averages the mirror only
+    from fercache.data import load_features
+
+    fs = load_features(str(augmented), views=["flip", "erase", "noise"]).tta_only()
+    assert fs.views == ["flip"] and fs.xv.shape[1] == 1
+
+
+def test_recipe_key_views_picks_which_cached_views_train(augmented, tmp_path):
+    from fercache.errors import ConfigError
+    from fercache.sweep import sweep
+    from fercache.train import fit
+
+    r = fit(str(augmented), "linear", out_dir=tmp_path, recipe={"epochs": 1, "views": ["erase", "flip"]})
+    assert r.metrics["config"]["views"] == ["flip", "erase"]  # in the store's order
+    r = fit(str(augmented), "linear", out_dir=tmp_path / "none", recipe={"epochs": 1, "views": []})
+    assert r.metrics["config"]["views"] == []
+    with pytest.raises(ConfigError, match=r"holds \['flip', 'erase', 'noise'\], not rotate; extract it with --views flip,erase,noise,rotate"):
+        fit(str(augmented), "linear", out_dir=tmp_path / "bad", recipe={"views": ["rotate"]})
+    with pytest.raises(ConfigError, match="recipe views='flip': a list of the store's views"):
+        fit(str(augmented), "linear", out_dir=tmp_path / "bad", recipe={"views": "flip"})
+    res = sweep(str(augmented), "linear", {"views": [["flip"], ["flip", "erase", "noise"]]}, tmp_path / "sw",
+                base_recipe={"epochs": 1})
+    assert sorted(len(row["views"]) for row in res["rows"]) == [1, 3]
