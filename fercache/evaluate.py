@@ -14,9 +14,9 @@ import torch
 
 from . import metrics, report
 from .data import clip_level, load_features, store_views
-from .preprocess import tta_views
 from .errors import ConfigError, StaleRunError, StoreError
 from .manifests import read_manifest, rows_sha256
+from .preprocess import tta_views
 from .store import encoder_key, open_store, store_name
 from .train import _to_device, load_run, predict_logits, targets
 

@@ -21,10 +21,10 @@ import torch
 from . import report
 from .audit import ORDER, without_leaks
 from .data import FeatureSet, clip_means, load_features, manifest_for, store_views, unit_images
-from .manifests import write_manifest
-from .preprocess import tta_views
 from .devices import torch_device
 from .errors import StoreError
+from .manifests import write_manifest
+from .preprocess import tta_views
 from .store import encoder_key, open_store, store_name
 
 THRESHOLDS = (0.999, 0.99, 0.98, 0.97, 0.95, 0.9)  # printed every run, whatever the threshold

@@ -212,6 +212,7 @@ def _check_values(kind: str, args: dict) -> None:
     from .adapters import ADAPTERS
     from .devices import torch_device
     from .extract import check_options
+    from .preprocess import VIEWS
     from .protocols import _cross_metrics, check_tables
     from .sweep import _plan
 
@@ -222,6 +223,8 @@ def _check_values(kind: str, args: dict) -> None:
     if kind == "extract":
         o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
         check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"])
+        for view in o["views"]:
+            VIEWS.lookup(view)
     if kind in ("cross", "folds"):
         check_tables(args["heads"], args.get("hp"), args.get("recipe"))
     if kind == "cross":

@@ -141,6 +141,8 @@ def test_a_pipeline_is_checked_whole_before_its_first_step_runs(tiny_dataset, tm
         ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\nbatch_size = 0', "--batch-size 0"),
         ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\ndevice = "gpu"', "--device 'gpu'"),
         ('run = "extract"\nmanifest = "m.csv"\nout = "s.zarr"', "step 3 (extract): extract needs encoder"),
+        ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\nviews = ["flip", "erasing"]',
+         "unknown view 'erasing' (did you mean 'erase'?)"),
         ('run = "au_cv"\nstore = "s.zarr"\nout = "x"\nrecipe = { balance = "class" }', "expression heads only"),
     ]
     for third, says in cases:
