@@ -205,7 +205,7 @@ def test_random_views_do_not_depend_on_batching(augmented, tiny_manifest, tiny_d
     assert np.abs(erased - plain).mean() > 0.01 and np.abs(noisy - plain).mean() > 0.001  # views, not copies
 
 
-def test_training_only_views_train_but_are_never_averaged_into_a_prediction(augmented, tmp_path, monkeypatch):
+def test_training_only_views_train_but_are_never_averaged_into_a_prediction(augmented, tiny_dataset, tmp_path, monkeypatch):
     from fercache import train as T
     from fercache.evaluate import evaluate_run
 
@@ -214,6 +214,12 @@ def test_training_only_views_train_but_are_never_averaged_into_a_prediction(augm
     r = T.fit(str(augmented), "linear", out_dir=tmp_path, recipe={"epochs": 2})
     assert r.metrics["config"]["views"] == ["flip", "erase", "noise"] and set(seen) == {3}  # trains on all three
     assert evaluate_run(r.run_dir, write=False)["tta_views"] == ["flip"]  # averages the mirror only
+    from fercache import predict as P
+
+    asked, real_views = [], P.with_views
+    monkeypatch.setattr(P, "with_views", lambda x, views, *a: asked.append(list(views)) or real_views(x, views, *a))
+    probs = P.predict(r.run_dir, [tiny_dataset / "faces" / "test" / "happy"])
+    assert len(probs) == 6 and asked and all(v == ["flip"] for v in asked)  # predict too
     from fercache.data import load_features
 
     fs = load_features(str(augmented), views=["flip", "erase", "noise"]).tta_only()
