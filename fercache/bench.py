@@ -177,6 +177,14 @@ def bench_memory(manifest: str | Path, sizes: list[int], encoder: str = "null:",
     return out
 
 
+def memory_growth(rows: list[dict]) -> dict:
+    """Largest-size run over smallest-size run, whatever order --sizes gave them in: peak RSS, steady-state RSS
+    (median over each run's second half) and the worker peak, with the ratio of their sizes."""
+    small, large = min(rows, key=lambda r: r["images"]), max(rows, key=lambda r: r["images"])
+    return {"images": large["images"] / small["images"],
+            **{k: large[k] / small[k] for k in ("peak_rss_mib", "late_median_rss_mib", "peak_worker_rss_mib")}}
+
+
 def _mask_epoch(head, x: torch.Tensor, y: torch.Tensor, batch_size: int, opt) -> None:
     head.train()
     for i in range(0, len(x), batch_size):

@@ -523,15 +523,16 @@ def bench_memory_cmd(
     workers: Optional[int] = typer.Option(None),
 ) -> None:
     """Peak host RSS and device memory of whole extracts at several sizes: flat means it does not grow with N."""
-    from .bench import bench_memory
+    from .bench import bench_memory, memory_growth
 
     rows = bench_memory(manifest, _ints(sizes, "--sizes", least=1), encoder, image_size, data_root, device, batch_size, workers)
     for r in rows:
         typer.echo("  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if len(rows) > 1:
-        typer.echo(f"peak RSS ratio largest/smallest: {rows[-1]['peak_rss_mib'] / rows[0]['peak_rss_mib']:.3f}, "
-                   f"steady-state (median RSS over each run's second half) {rows[-1]['late_median_rss_mib'] / rows[0]['late_median_rss_mib']:.3f}, "
-                   f"for {rows[-1]['images'] / rows[0]['images']:.0f}x the images")
+        g = memory_growth(rows)
+        typer.echo(f"peak RSS ratio largest/smallest: {g['peak_rss_mib']:.3f}, steady-state (median RSS over each "
+                   f"run's second half) {g['late_median_rss_mib']:.3f}, largest worker {g['peak_worker_rss_mib']:.3f}, "
+                   f"for {g['images']:.3g}x the images")
 
 
 @bench_app.command("head")

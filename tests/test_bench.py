@@ -31,9 +31,18 @@ def test_bench_memory_cli_repeats_the_manifest_to_reach_each_size(tiny_manifest,
     rss = [float(re.search(r"peak_rss_mib=([\d,.]+)", ln).group(1).replace(",", "")) for ln in lines[:2]]
     late = [float(re.search(r"late_median_rss_mib=([\d,.]+)", ln).group(1).replace(",", "")) for ln in lines[:2]]
     assert all(v > 100 for v in rss) and all(100 < v <= p + 1 for v, p in zip(late, rss))  # a median is below the peak
-    ratio, steady = map(float, re.search(r"largest/smallest: ([\d.]+), steady-state .* ([\d.]+), for 5x the images",
-                                         lines[2]).groups())
+    ratio, steady = map(float, re.search(r"largest/smallest: ([\d.]+), steady-state .* ([\d.]+), largest worker "
+                                         r"[\d.]+, for 5x the images", lines[2]).groups())
     assert math.isclose(ratio, rss[1] / rss[0], abs_tol=1e-3) and math.isclose(steady, late[1] / late[0], abs_tol=2e-3)
+
+
+def test_memory_growth_compares_the_largest_size_with_the_smallest_in_any_order():
+    from fercache.bench import memory_growth
+
+    rows = [{"images": 200, "peak_rss_mib": 300.0, "late_median_rss_mib": 240.0, "peak_worker_rss_mib": 50.0},
+            {"images": 50, "peak_rss_mib": 200.0, "late_median_rss_mib": 200.0, "peak_worker_rss_mib": 40.0},
+            {"images": 100, "peak_rss_mib": 900.0, "late_median_rss_mib": 900.0, "peak_worker_rss_mib": 90.0}]
+    assert memory_growth(rows) == {"images": 4.0, "peak_rss_mib": 1.5, "late_median_rss_mib": 1.2, "peak_worker_rss_mib": 1.25}
 
 
 def test_bench_head_times_both_recipes_on_the_same_images(tiny_manifest, tiny_dataset, tiny_encoder_spec):
