@@ -52,7 +52,8 @@ class FeatureSet:
 
     def tta_only(self) -> "FeatureSet":
         """Only the cached views evaluation averages (flip), not the training-only draws (erase, noise)."""
-        keep = [i for i, v in enumerate(self.views) if v in tta_views(self.views)]
+        tta = tta_views(self.views)
+        keep = [i for i, v in enumerate(self.views) if v in tta]
         if len(keep) == len(self.views):
             return self
         return replace(self, xv=self.xv[:, keep] if keep else None, views=[self.views[i] for i in keep])

@@ -124,10 +124,10 @@ def _check_subset(r: dict, task: str) -> None:
     shots, fraction = r.get("shots"), r.get("fraction")
     if shots is not None and fraction is not None:
         raise ConfigError("give shots (units per class) or fraction (of the training units), not both")
-    if shots is not None and (task != "expr" or not isinstance(shots, int) or isinstance(shots, bool) or shots < 1):
+    if shots is not None and (task != "expr" or not _whole(shots) or shots < 1):
         raise ConfigError(f"shots={shots!r}: a whole number >= 1 of training units per class, for expression heads "
                           "(AU heads: fraction)")
-    if fraction is not None and (not isinstance(fraction, (int, float)) or not 0 < fraction <= 1):
+    if fraction is not None and (not _number(fraction) or not 0 < fraction <= 1):
         raise ConfigError(f"fraction={fraction!r}: a number in (0, 1]")
 
 
@@ -456,8 +456,9 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     `fold` marks the run as one fold of a protocol (`folds`, `au-cv`), so the ledger pools folds like seeds.
     """
     dev = torch_device(device)  # before any reading
-    r = {**describe_head(head)["recipe"], **(recipe or {})}  # the head's published recipe, with the overrides
-    check_recipe(head, r, describe_head(head)["task"])  # before any work
+    d = describe_head(head)
+    r = {**d["recipe"], **(recipe or {})}  # the head's published recipe, with the overrides
+    check_recipe(head, r, d["task"])  # before any work
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed,
                                         r["views"] if views and "views" in r else views)
     fs = subset_train(fs, r.get("shots"), r.get("fraction"), seed, stratify=task == "expr")
