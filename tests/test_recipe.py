@@ -107,6 +107,7 @@ def test_subsets_of_video_keep_whole_clips(video_store):
     ({"shots": 0}, "shots=0: a whole number >= 1"),
     ({"shots": 2.5}, "shots=2.5"),
     ({"fraction": 1.5}, r"fraction=1.5: a number in \(0, 1\]"),
+    ({"fraction": True}, r"fraction=True: a number in \(0, 1\]"),  # a bool is not 1
 ])
 def test_bad_subsets_are_refused(recipe, message):
     with pytest.raises(ConfigError, match=message):
