@@ -119,10 +119,11 @@ def _predict_batch(paths, enc, model, cfg, fitted, cropper, device) -> list[dict
     good = [r for r in rows if "error" not in r]
     if not good:
         return rows
-    views = tta_views(cfg.get("views", []))  # the head trained on these cached views: average over them, as evaluate does
+    views = tta_views(cfg.get("views", []))  # the mirror, if the head trained with it: averaged, as evaluate does
     with torch.inference_mode():
         x = to_model_input(images, enc.preprocess, device)
-        logits = torch.stack([model(enc.model(xi)[cfg["output"]].float()) for _, xi in with_views(x, views, enc.preprocess)]).mean(0)
+        logits = torch.stack([model(enc.model(xi)[cfg["output"]].float())
+                              for _, xi in with_views(x, views, enc.preprocess)]).mean(0)
     _fill(good, logits, cfg, fitted)
     return rows
 

@@ -104,9 +104,9 @@ def reference_transform(spec: Preprocess):
 @dataclass(frozen=True)
 class View:
     """An augmented view cached beside the plain image: `fn(x, rows, spec)` maps the normalised model input
-    [B, 3, S, S] of manifest rows `rows` ([B] int64), preprocessed by `spec`, to the view's input. `tta`: evaluation averages it with the
-    plain image (a mirrored face is the same face); a training-only view (erasing, noise) is one more draw for
-    training and is never averaged into a prediction."""
+    [B, 3, S, S] of manifest rows `rows` ([B] int64), preprocessed by `spec`, to the view's input.
+    `tta`: evaluation averages it with the plain image (a mirrored face is the same face); a training-only view
+    (erasing, noise) is one more draw for training and is never averaged into a prediction."""
 
     fn: Callable[[torch.Tensor, torch.Tensor, Preprocess], torch.Tensor]
     tta: bool
@@ -206,6 +206,7 @@ def _noise(x: torch.Tensor, rows: torch.Tensor, spec: Preprocess) -> torch.Tenso
     noise = _noise_bank(s, x.device)[k[:, None, None, None], channels, iy[:, None, :, None], ix[:, None, None, :]]
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1)
     return x + (NOISE_STD * noise / std).to(x.dtype)
+
 
 def with_views(x: torch.Tensor, views: tuple[str, ...] | list[str], spec: Preprocess, rows: torch.Tensor | None = None):
     """(name, input) for the plain input (name "") and then each named view of it; `rows`: the manifest rows
