@@ -24,13 +24,15 @@ bench_app = typer.Typer(help="Benchmarks: figures and ratios measured in one run
 app.add_typer(bench_app, name="bench")
 
 DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative to (default: $FERCACHE_DATA, else .).")
+_progress = {"bars": True}  # set by --quiet: logs of scripted runs stay free of progress-bar lines
 
 
 @app.callback()
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-           quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only.")) -> None:
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only, no progress bars.")) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    _progress["bars"] = not quiet
 
 
 def _options(pairs: list[str], flag: str = "--option") -> dict:
@@ -86,7 +88,7 @@ def manifest_check(
     from .audit import check, describe, label_table
     from .manifests import summary
 
-    m, found, written = check(manifest, data_root, hash_images, without_leaks, progress=not as_json)
+    m, found, written = check(manifest, data_root, hash_images, without_leaks, progress=not as_json and _progress["bars"])
     if as_json:
         extra = {"duplicate_groups": len(found.duplicate_groups), "label_conflicts": len(found.label_conflicts),
                  "leaking_units": len(found.leaking)} if found else {}
@@ -131,7 +133,8 @@ def extract(
 
     r = run(manifest, encoder, out, pretrained=pretrained, image_size=image_size, root=data_root, device=device,
             batch_size=batch_size, workers=workers, chunk_rows=chunk_rows, precision=precision, overwrite=overwrite,
-            read_chunk_rows=read_chunk_rows, views=[v.strip() for v in views.split(",") if v.strip()])
+            read_chunk_rows=read_chunk_rows, views=[v.strip() for v in views.split(",") if v.strip()],
+            progress=_progress["bars"])
     if r.n_ok is None:
         return  # non-zero torchrun ranks: rank 0 reports
     state = "already complete, nothing to do" if r.already_complete else f"{r.chunks_computed} chunks at {r.images_per_s:.0f} img/s"
@@ -221,7 +224,7 @@ def train_head(
     from .train import fit_seeds
 
     runs = fit_seeds(store, head, seeds=_ints(seeds), out_dir=out, manifest=manifest, output=output,
-                     mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device, progress=True,
+                     mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device, progress=_progress["bars"],
                      views=views, replace=overwrite)
     for r in runs:
         sel, val = r.metrics["selection"], r.metrics["val"]
@@ -259,7 +262,7 @@ def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Pa
     if not train:
         raise typer.BadParameter("--cross needs --train STORE (repeatable)")
     tables = cross_matrix(train, heads, out, seeds=seeds, test_stores=test or None, recipe={h: recipe for h in heads},
-                          device=device, progress=True, labels=labels, metric=metric)
+                          device=device, progress=_progress["bars"], labels=labels, metric=metric)
     for t in tables.values():
         typer.echo(t["markdown"])
 
@@ -426,7 +429,7 @@ def folds(
     from .protocols import manifest_folds
 
     r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_ints(seeds),
-                       hp={h: _kv(hp) for h in head}, recipe={h: _kv(recipe) for h in head}, device=device, progress=True)
+                       hp={h: _kv(hp) for h in head}, recipe={h: _kv(recipe) for h in head}, device=device, progress=_progress["bars"])
     typer.echo(r["markdown"])
 
 
@@ -566,7 +569,7 @@ def run_cmd(pipeline: Path, only: list[str] = typer.Option([], "--only", help="R
     def show(i: int, step: dict, result) -> None:
         typer.echo(f"[{i + 1}] {step['name']}: {result}")
 
-    run_pipeline(pipeline, on_step=show, only=only or None)
+    run_pipeline(pipeline, on_step=show, only=only or None, progress=_progress["bars"])
 
 
 def main() -> None:

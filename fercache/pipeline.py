@@ -195,9 +195,18 @@ def _target(kind: str) -> Callable | None:
     return getattr(importlib.import_module(f"fercache.{module}"), fn) if module else None
 
 
+def _params(kind: str) -> list[inspect.Parameter]:
+    return [p for p in inspect.signature(STEPS[kind]).parameters.values() if p.kind is not p.VAR_KEYWORD]
+
+
+def _takes(kind: str) -> set[str]:
+    """The argument names a step accepts: its own and those of the library function it forwards to."""
+    forwarded = set(inspect.signature(_target(kind)).parameters) if kind in FORWARDS else set()
+    return {p.name for p in _params(kind)} | forwarded
+
+
 def _check_arguments(kind: str, args: dict) -> None:
-    params = [p for p in inspect.signature(STEPS[kind]).parameters.values() if p.kind is not p.VAR_KEYWORD]
-    takes = {p.name for p in params} | (set(inspect.signature(_target(kind)).parameters) if kind in FORWARDS else set())
+    params, takes = _params(kind), _takes(kind)
     for key in sorted(set(args) - takes):
         close = difflib.get_close_matches(key, takes, 1)
         raise ConfigError(f"{kind} takes no argument {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
@@ -263,13 +272,17 @@ def check_pipeline(path: str | Path, only: list[str] | None = None) -> int:
 
 
 def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | None = None,
-                 only: list[str] | None = None) -> list[Any]:
-    """Check every step first (`check_pipeline`), then run each in order; `on_step(i, step, result)` after each."""
+                 only: list[str] | None = None, progress: bool = True) -> list[Any]:
+    """Check every step first (`check_pipeline`), then run each in order; `on_step(i, step, result)` after each.
+
+    `progress=False` turns off every step's progress bars (`fercache -q run`)."""
     results, steps = [], _selected(load_pipeline(path), only)
     for i, step in steps:
         check_step(i, step)
     for i, step in steps:
         kind = step.pop("run")
+        if not progress and "progress" in _takes(kind):
+            step["progress"] = False
         name = step.pop("name", kind)
         try:
             result = STEPS[kind](**step)

@@ -301,3 +301,23 @@ def test_comma_separated_numbers_are_checked_by_the_cli():
     for text, least in [("x", 0), ("", 0), ("-1", 0), ("0", 1)]:
         with pytest.raises(typer.BadParameter, match="comma-separated whole numbers"):
             cli._ints(text, least=least)
+
+
+def test_quiet_turns_off_progress_bars_in_commands_and_pipelines(tiny_store, tiny_dataset, tiny_encoder_spec, tmp_path):
+    """`-q` is for scripted runs: their logs should not fill with progress-bar redraws (bars are not warnings)."""
+    def bars(*args):
+        r = runner.invoke(cli.app, [str(a) for a in args], catch_exceptions=False)
+        assert r.exit_code == 0, r.output
+        return r.stderr
+
+    train = ("train-head", tiny_store, "--head", "linear", "--out", tmp_path / "runs", "--recipe", "epochs=3")
+    assert "epoch/s" in bars(*train)
+    assert "epoch/s" not in bars("-q", *train)
+    p = tmp_path / "p.toml"
+    p.write_text(f'[[step]]\nrun = "extract"\nmanifest = "{tmp_path}/m.csv"\nencoder = "{tiny_encoder_spec}"\n'
+                 f'root = "{tiny_dataset}"\nout = "{{out}}"\nworkers = 0\n[vars]\nout = "{tmp_path}/a.zarr"\n')
+    assert runner.invoke(cli.app, ["manifest", "build", str(tiny_dataset / "faces"), "-f", "imagefolder",
+                                   "-o", str(tmp_path / "m.csv"), "--data-root", str(tiny_dataset)]).exit_code == 0
+    assert "img/s" in bars("run", p)
+    p.write_text(p.read_text().replace("a.zarr", "b.zarr"))
+    assert "img/s" not in bars("-q", "run", p) and (tmp_path / "b.zarr").is_dir()
