@@ -482,13 +482,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     if hasattr(model, "fit_stats"):
         model.fit_stats(train)
     t0 = time.perf_counter()
-    select, solver = r.get("select", SELECT_METRIC[task]), None
-    history, best_epoch = [], 0
-    if hasattr(model, "solve"):  # fitted in closed form or full batch (logreg), choosing on validation only
-        solver = model.solve(train, lambda m: score(m, val, task, classes)[select], r)
-    elif model.trainable and r["epochs"] > 0:
-        state, history, best_epoch = train_loop(model, train, val, r, task, classes, seed, progress)
-        model.load_state_dict(state)
+    select = r.get("select", SELECT_METRIC[task])
+    solver, history, best_epoch = _fit_model(model, train, val, r, task, classes, seed, progress, select)
     val_metrics, fitted = _val_scores(model, val, yval, task, classes)
     config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
               **_provenance(fs, st, ctx)}
@@ -501,6 +496,18 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     }
     save_run(run_dir, model, config, result, fitted)
     return RunResult(run_dir, result)
+
+
+def _fit_model(model: nn.Module, train, val, r: dict, task: str, classes: list[str], seed: int, progress: bool,
+               select: str) -> tuple[dict | None, list[dict], int]:
+    """Fit `model` in place, choosing on validation only: (solver report, epoch history, best epoch)."""
+    if hasattr(model, "solve"):  # closed form or full batch (logreg)
+        return model.solve(train, lambda m: score(m, val, task, classes)[select], r), [], 0
+    if model.trainable and r["epochs"] > 0:
+        state, history, best_epoch = train_loop(model, train, val, r, task, classes, seed, progress)
+        model.load_state_dict(state)
+        return None, history, best_epoch
+    return None, [], 0  # zero-shot: nothing to fit
 
 
 def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, fitted: Fitted) -> None:
