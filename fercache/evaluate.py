@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import metrics, report
-from .data import clip_level, load_features, store_views
+from .data import FeatureSet, clip_level, load_features, store_views
 from .errors import ConfigError, StaleRunError, StoreError
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
@@ -132,25 +132,15 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     labels_from = manifest or (cfg["manifest"] if store == cfg["store"] else None)  # else the store's own manifest
     # Test-time augmentation over the cached views the head trained with, where this store has them too.
     views = [v for v in tta_views(cfg.get("views", [])) if v in store_views(store)]
-    fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views)
-    if not (fs.split == split).any():
-        have = ", ".join(f"{s} ({n})" for s, n in zip(*np.unique(fs.split, return_counts=True)))
-        raise ConfigError(f"{store_name(store)} has no {split!r} rows; its manifest's splits: {have}")
-    fs = fs.rows(split)
-    if model.level == "clip":
-        fs = clip_level(fs, cfg["recipe"]["max_frames"])
-    if cfg["task"] == "expr":
-        fs = fs.take(fs.label != "")
+    fs = _rows_to_score(load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views),
+                        split, store, model.level, cfg)
     y = targets(fs, cfg["task"], cfg["classes"])
     result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.level,
               "tta_views": views}
     if manifest is not None and Path(manifest).resolve() != Path(cfg["manifest"]).resolve():
         result["labels"] = str(manifest)  # other labels for the same images: written apart (eval-...@<name>)
     if cfg["task"] == "expr":
-        scored = y >= 0  # labels outside the training label set cannot be predicted: excluded and counted
-        excluded = {str(lbl): int((fs.label[~scored] == lbl).sum()) for lbl in np.unique(fs.label[~scored])}
-        fs, y = fs.take(scored), y[scored]
-        result["excluded"] = {"n": int(sum(excluded.values())), "by_label": excluded}
+        fs, y, result["excluded"] = _without_unknown_labels(fs, y)
     if not len(y):
         raise ConfigError(f"the {split} split of {store_name(store)} has no labelled sample of the run's classes "
                           f"({', '.join(cfg['classes'])}) to score")
@@ -165,6 +155,24 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     else:
         result.update(metrics.au(y, prob, cfg["classes"], fitted.thresholds))
     return result, out
+
+
+def _rows_to_score(fs: FeatureSet, split: str, store: str, level: str, cfg: dict) -> FeatureSet:
+    """`split`'s rows (clips for a clip-level head); for expressions, only the labelled ones."""
+    if not (fs.split == split).any():
+        have = ", ".join(f"{s} ({n})" for s, n in zip(*np.unique(fs.split, return_counts=True)))
+        raise ConfigError(f"{store_name(store)} has no {split!r} rows; its manifest's splits: {have}")
+    fs = fs.rows(split)
+    if level == "clip":
+        fs = clip_level(fs, cfg["recipe"]["max_frames"])
+    return fs.take(fs.label != "") if cfg["task"] == "expr" else fs
+
+
+def _without_unknown_labels(fs: FeatureSet, y: np.ndarray) -> tuple[FeatureSet, np.ndarray, dict]:
+    """Labels outside the training label set cannot be predicted: excluded, and counted per label."""
+    scored = y >= 0
+    excluded = {str(lbl): int((fs.label[~scored] == lbl).sum()) for lbl in np.unique(fs.label[~scored])}
+    return fs.take(scored), y[scored], {"n": int(sum(excluded.values())), "by_label": excluded}
 
 
 def with_intervals(result: dict, scored: Scored, n_boot: int = metrics.N_BOOT) -> dict:
