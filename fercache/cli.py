@@ -169,11 +169,12 @@ def info(store: str, as_json: bool = typer.Option(False, "--json", help="Print t
 
 
 @app.command()
-def export(store: str, to: Path = typer.Option(..., "--to", help="HDF5 file to write.")) -> None:
-    """Export a complete store to HDF5 (features, sample ids, ok mask, fingerprint)."""
+def export(store: str, to: Path = typer.Option(..., "--to", help="HDF5 file to write."),
+           overwrite: bool = typer.Option(False, help="Replace an existing file that is not an export of STORE.")) -> None:
+    """Export a complete store to HDF5 (features, sample ids, ok mask, clip ids and frame indices, fingerprint)."""
     from .store import export_h5
 
-    typer.echo(export_h5(store, to))
+    typer.echo(export_h5(store, to, overwrite))
 
 
 _PY_LITERALS = {"True": True, "False": False, "None": None}  # so `--hp use_sigmoid=False` is not the truthy string "False"

@@ -273,20 +273,46 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
     return FeatureStore(location, g)
 
 
-def export_h5(location: str | Path, to: str | Path) -> Path:
-    """Copy a complete store's arrays and fingerprint to one HDF5 file (for tools that read HDF5)."""
+def export_h5(location: str | Path, to: str | Path, overwrite: bool = False) -> Path:
+    """Copy a complete store's arrays and fingerprint to one HDF5 file (for tools that read HDF5).
+
+    Features are copied one store chunk at a time, so memory does not grow with the store. An existing file is
+    replaced only when it is an earlier export of this same store, or with `overwrite`.
+    """
     import h5py
 
     store = open_store(location).require_complete()
     to = Path(to)
+    if to.exists() and not overwrite:
+        _refuse_other_file(to, store.fingerprint)
     to.parent.mkdir(parents=True, exist_ok=True)
     tmp = to.with_suffix(to.suffix + ".tmp")
     with h5py.File(tmp, "w") as f:
-        for name in store.outputs:
-            f.create_dataset(f"features/{name}", data=store.group[f"features/{name}"][:], chunks=True)
+        for name, dim in store.outputs.items():
+            src = store.group[f"features/{name}"]
+            dst = f.create_dataset(f"features/{name}", shape=(store.n_rows, dim), dtype=np.float16, chunks=True)
+            for i in range(store.n_chunks):
+                dst[store.chunk_slice(i)] = src[store.chunk_slice(i)]
         f.create_dataset("sample_id", data=store.sample_ids(), dtype=h5py.string_dtype())
         f.create_dataset("ok", data=store.ok())
         f.create_dataset("error", data=_strings(store.group["error"][:]), dtype=h5py.string_dtype())
+        if "clip_id" in store.group:  # a video store: which frames make a clip, in order
+            f.create_dataset("clip_id", data=_strings(store.group["clip_id"][:]), dtype=h5py.string_dtype())
+            f.create_dataset("frame_idx", data=store.group["frame_idx"][:])
         f.attrs["fercache"] = json.dumps(store.meta)
     tmp.replace(to)
     return to
+
+
+def _refuse_other_file(path: Path, fingerprint: dict) -> None:
+    """Raise unless `path` is an HDF5 export of the store with this fingerprint (derived data, safe to redo)."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            theirs = json.loads(f.attrs["fercache"]).get("fingerprint")
+    except (OSError, KeyError, ValueError):
+        theirs = "not an export"
+    if theirs != fingerprint:
+        what = "an export of another store" if isinstance(theirs, dict) else "not a fercache export"
+        raise StoreError(f"{path} exists and is {what}; choose another --to, or pass --overwrite to replace it")

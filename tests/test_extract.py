@@ -182,12 +182,35 @@ def test_sharded_store_writes_one_object_per_shard_and_equals_unsharded(tiny_sto
 
 
 def test_export_h5(tiny_store, tmp_path):
-    path = S.export_h5(tiny_store, tmp_path / "f.h5")
     st = S.open_store(tiny_store)
+    assert st.n_chunks > 1  # copied chunk by chunk
+    path = S.export_h5(tiny_store, tmp_path / "f.h5")
     with h5py.File(path) as f:
-        np.testing.assert_array_equal(f["features/embedding"][:], st.group["features/embedding"][:])
+        for name in st.outputs:
+            np.testing.assert_array_equal(f[f"features/{name}"][:], st.group[f"features/{name}"][:])
         assert [s.decode() for s in f["sample_id"][:]] == list(st.sample_ids())
-        assert '"complete": true' in f.attrs["fercache"]
+        assert '"complete": true' in f.attrs["fercache"] and "clip_id" not in f
+
+
+def test_export_replaces_only_its_own_earlier_export(tiny_store, video_store, tmp_path):
+    """Re-exporting a store is safe; an unrelated file, or another store's export, is kept unless --overwrite."""
+    path = S.export_h5(tiny_store, tmp_path / "f.h5")
+    assert S.export_h5(tiny_store, path) == path
+    other = S.export_h5(video_store[0], tmp_path / "v.h5")
+    with h5py.File(other) as f:  # a video store keeps which frames make each clip
+        st = S.open_store(video_store[0])
+        assert [s.decode() for s in f["clip_id"][:]] == [str(c) for c in st.group["clip_id"][:]]
+        np.testing.assert_array_equal(f["frame_idx"][:], st.group["frame_idx"][:])
+    with pytest.raises(StoreError, match="an export of another store.*--overwrite"):
+        S.export_h5(tiny_store, other)
+    notes = tmp_path / "notes.h5"
+    notes.write_text("my results")
+    with pytest.raises(StoreError, match="not a fercache export"):
+        S.export_h5(tiny_store, notes)
+    assert notes.read_text() == "my results"
+    S.export_h5(tiny_store, notes, overwrite=True)
+    with h5py.File(notes) as f:
+        assert f["ok"].shape == (S.open_store(tiny_store).n_rows,)
 
 
 def test_incomplete_store_cannot_be_exported(tmp_path, tiny_manifest, tiny_encoder_spec):
