@@ -225,8 +225,8 @@ def train_head(
     from .train import fit_seeds
 
     runs = fit_seeds(store, head, seeds=_ints(seeds), out_dir=out, manifest=manifest, output=output,
-                     mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device, progress=_progress["bars"],
-                     views=views, replace=overwrite)
+                     mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device,
+                     progress=_progress["bars"], views=views, replace=overwrite)
     for r in runs:
         sel, val = r.metrics["selection"], r.metrics["val"]
         score = val.get("accuracy", val.get("macro_f1_at_0.5"))
@@ -430,7 +430,8 @@ def folds(
     from .protocols import manifest_folds
 
     r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_ints(seeds),
-                       hp={h: _kv(hp) for h in head}, recipe={h: _kv(recipe) for h in head}, device=device, progress=_progress["bars"])
+                       hp={h: _kv(hp) for h in head}, recipe={h: _kv(recipe) for h in head}, device=device,
+                       progress=_progress["bars"])
     typer.echo(r["markdown"])
 
 
