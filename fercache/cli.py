@@ -24,6 +24,10 @@ bench_app = typer.Typer(help="Benchmarks: figures and ratios measured in one run
 app.add_typer(bench_app, name="bench")
 
 DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative to (default: $FERCACHE_DATA, else .).")
+Device = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps; checked before any data is read.")
+StoreArg = typer.Argument(..., help="A feature store: STORE.zarr, or any fsspec URL zarr supports.")
+ManifestArg = typer.Argument(..., help="Manifest CSV (.csv or .csv.gz).")
+Seeds = typer.Option("0", help="Comma-separated seeds; one run per seed.")
 _progress = {"bars": True}  # set by --quiet: logs of scripted runs stay free of progress-bar lines
 
 
@@ -72,7 +76,7 @@ def manifest_formats() -> None:
 
 @manifest_app.command("check")
 def manifest_check(
-    manifest: Path,
+    manifest: Path = ManifestArg,
     data_root: Optional[Path] = DataRoot,
     hash_images: bool = typer.Option(True, "--hash/--no-hash", help="Hash every image to find copies shared by splits."),
     without_leaks: Optional[Path] = typer.Option(None, "--without-leaks", help="Write this manifest with the leaking "
@@ -142,7 +146,7 @@ def extract(
 
 
 @app.command()
-def info(store: str, as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON.")) -> None:
+def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON.")) -> None:
     """Shape, outputs, completeness, failures and fingerprint of a store."""
     from .store import open_store
 
@@ -169,7 +173,7 @@ def info(store: str, as_json: bool = typer.Option(False, "--json", help="Print t
 
 
 @app.command()
-def export(store: str, to: Path = typer.Option(..., "--to", help="HDF5 file to write."),
+def export(store: str = StoreArg, to: Path = typer.Option(..., "--to", help="HDF5 file to write."),
            overwrite: bool = typer.Option(False, help="Replace an existing file that is not an export of STORE.")) -> None:
     """Export a complete store to HDF5 (features, sample ids, ok mask, clip ids and frame indices, fingerprint)."""
     from .store import export_h5
@@ -214,7 +218,7 @@ def train_head(
     hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value (repeatable), e.g. --hp hidden=512."),
     recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value, e.g. --recipe epochs=10 --recipe lr=1e-3."),
     aus: Optional[str] = typer.Option(None, help="au head: 'top8', or AU numbers like 1,2,4 (default: AUs with >=20 train positives)."),
-    device: str = typer.Option("cpu", help="cpu or cuda."),
+    device: str = Device,
     views: bool = typer.Option(True, help="Train on the store's cached augmented views (extract --views) and "
                                           "evaluate on the average with its mirror (flip); --no-views uses the plain "
                                           "images only."),
@@ -302,7 +306,7 @@ def evaluate(
     errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of (errors.png)."),
     data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
                                              "(default: $FERCACHE_DATA, else .)."),
-    device: str = typer.Option("cpu"),
+    device: str = Device,
 ) -> None:
     """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
     calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
@@ -331,7 +335,7 @@ def compare(
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
     n_boot: int = typer.Option(1000, "--n-boot", min=100, help="Bootstrap resamples."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Also write the comparison as JSON."),
-    device: str = typer.Option("cpu"),
+    device: str = Device,
 ) -> None:
     """Is B better than A? B - A on the same test samples, with a paired 95% bootstrap interval and p-value.
 
@@ -360,7 +364,7 @@ def near_dups(
                                                  "images (clips) unlabelled; the same store serves it."),
     against: Optional[str] = typer.Option(None, help="Compare with this other store's train and val images instead "
                                           "(same encoder): test images of STORE that a head trained on it has seen."),
-    device: str = typer.Option("cpu"),
+    device: str = Device,
 ) -> None:
     """Near-duplicates across splits from the cached features: val/test images whose nearest train (or val)
     image is at least --threshold similar, mirrored views included. Finds the re-cropped and re-encoded copies
@@ -380,7 +384,7 @@ def predict(
     detect: bool = typer.Option(False, help="Crop the most confident face with MTCNN (facenet-pytorch) first."),
     calibrated: bool = typer.Option(True, help="Expression probabilities scaled by the temperature the run fitted on "
                                     "its validation split (--no-calibrated: raw softmax; the prediction is the same)."),
-    device: str = typer.Option("cpu"),
+    device: str = Device,
 ) -> None:
     """Class probabilities for new images, using the run's encoder and preprocessing."""
     from .predict import predict as run_predict, write_predictions
@@ -394,14 +398,14 @@ def predict(
 
 @app.command("au-cv")
 def au_cv(
-    store: str,
+    store: str = StoreArg,
     folds: int = typer.Option(5, help="Subject-grouped folds."),
     aus: str = typer.Option("top8", help="'topK' or AU numbers like 1,2,4."),
-    seeds: str = typer.Option("0"),
-    hp: list[str] = typer.Option([], "--hp"),
-    recipe: list[str] = typer.Option([], "--recipe"),
-    out: Path = typer.Option(Path("runs/au-cv"), "--out", "-o"),
-    device: str = typer.Option("cpu"),
+    seeds: str = Seeds,
+    hp: list[str] = typer.Option([], "--hp", help="au head hyperparameter key=value (repeatable)."),
+    recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value (repeatable), e.g. epochs=30."),
+    out: Path = typer.Option(Path("runs/au-cv"), "--out", "-o", help="Folder for the runs and the AU table."),
+    device: str = Device,
 ) -> None:
     """Subject-grouped k-fold AU detection: per-AU F1 at 0.5, tuned thresholds, and the always-positive baseline."""
     from .protocols import au_crossval
@@ -412,7 +416,7 @@ def au_cv(
 
 @app.command()
 def folds(
-    store: str,
+    store: str = StoreArg,
     manifest: list[Path] = typer.Option(..., "--manifest", "-m",
                                         help="One manifest per fold (repeatable), e.g. DFEW's set_1..set_5 built with "
                                              "`fercache manifest build SRC --format dfew --option fold=K -o setK.csv`."),
@@ -420,8 +424,8 @@ def folds(
     seeds: str = typer.Option("0,1,2", help="Seeds per fold; results are mean ± std over folds x seeds."),
     hp: list[str] = typer.Option([], "--hp", help="Hyperparameter key=value for every head."),
     recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value for every head, e.g. epochs=30."),
-    out: Path = typer.Option(Path("runs/folds"), "--out", "-o"),
-    device: str = typer.Option("cpu"),
+    out: Path = typer.Option(Path("runs/folds"), "--out", "-o", help="Folder for the runs and the table."),
+    device: str = Device,
 ) -> None:
     """The video protocol: train and test on each fold's manifest over ONE store; UAR and WAR over folds x seeds.
 
@@ -471,17 +475,17 @@ def runs_cmd(
 
 @app.command()
 def sweep(
-    store: str,
-    head: str = typer.Option("mask", "--head", "-H"),
+    store: str = StoreArg,
+    head: str = typer.Option("mask", "--head", "-H", help="The head to sweep (see `fercache heads`)."),
     axis: list[str] = typer.Option(..., "--axis", help="name=v1,v2,... (repeatable); head hyperparameters or recipe keys "
                                    "(epochs, lr, weight_decay, batch_size, sam_rho, balance, select, shots, fraction, ...), e.g. "
                                    "--axis n_drop=5,10,20 --axis mask=sample,class,none; a data-efficiency curve: --axis shots=1,4,16,64; "
                                    "list-valued points as one JSON list: --axis 'budgets=[null,[2,1,1,1,1,1,1]]'"),
-    seeds: str = typer.Option("0"),
+    seeds: str = typer.Option("0", help="Comma-separated seeds; each point is trained once per seed, ranked on the mean."),
     recipe: list[str] = typer.Option([], "--recipe", help="Fixed recipe overrides for every point."),
     hp: list[str] = typer.Option([], "--hp", help="Fixed head hyperparameters for every point."),
-    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o"),
-    device: str = typer.Option("cpu"),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs, sweep.md/.csv/.json and plots."),
+    device: str = Device,
 ) -> None:
     """Grid sweep of a head on cached features, ranked on the validation split (seconds per point on CPU)."""
     from .sweep import sweep as run_sweep
@@ -498,16 +502,16 @@ def _print_figures(d: dict) -> None:
 
 @bench_app.command("extract")
 def bench_extract_cmd(
-    manifest: Path,
-    encoder: str = typer.Option("open_clip:ViT-B-16", "--encoder", "-e"),
-    pretrained: Optional[str] = typer.Option(None),
-    image_size: Optional[int] = typer.Option(None),
+    manifest: Path = ManifestArg,
+    encoder: str = typer.Option("open_clip:ViT-B-16", "--encoder", "-e", help="family:arch, as for `extract`."),
+    pretrained: Optional[str] = typer.Option(None, help="As for `extract`; the weights do not change the speed."),
+    image_size: Optional[int] = typer.Option(None, help="Encoder input size (default: the model's)."),
     data_root: Optional[Path] = DataRoot,
-    device: str = typer.Option("cpu"),
-    batch_size: int = typer.Option(256),
-    workers: Optional[int] = typer.Option(None),
+    device: str = Device,
+    batch_size: int = typer.Option(256, help="Images per forward pass, in every path measured."),
+    workers: Optional[int] = typer.Option(None, help="Decode worker processes (default min(4, CPUs))."),
     n_images: Optional[int] = typer.Option(None, help="Use the first N rows (repeating the manifest if N is larger)."),
-    precision: str = typer.Option("auto"),
+    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
 ) -> None:
     """(a) model-only, (b) end-to-end extract, (c) b/a, (d) PIL+DataLoader baseline, (e) input pipeline alone, (f) memory."""
     from .bench import bench_extract
@@ -518,14 +522,15 @@ def bench_extract_cmd(
 
 @bench_app.command("memory")
 def bench_memory_cmd(
-    manifest: Path,
+    manifest: Path = ManifestArg,
     sizes: str = typer.Option("10000,100000", help="Dataset sizes (rows; the manifest repeats to reach them)."),
-    encoder: str = typer.Option("null:", "--encoder", "-e"),
-    image_size: int = typer.Option(224),
+    encoder: str = typer.Option("null:", "--encoder", "-e", help="null: measures the input pipeline and the store "
+                                "writes alone; a real encoder adds the model and device memory."),
+    image_size: int = typer.Option(224, help="Input size the images are decoded and resized to."),
     data_root: Optional[Path] = DataRoot,
-    device: str = typer.Option("cpu"),
-    batch_size: int = typer.Option(256),
-    workers: Optional[int] = typer.Option(None),
+    device: str = Device,
+    batch_size: int = typer.Option(256, help="Images per forward pass."),
+    workers: Optional[int] = typer.Option(None, help="Decode worker processes (default min(4, CPUs))."),
 ) -> None:
     """Peak host RSS and device memory of whole extracts at several sizes: flat means it does not grow with N."""
     from .bench import bench_memory, memory_growth
@@ -542,13 +547,13 @@ def bench_memory_cmd(
 
 @bench_app.command("head")
 def bench_head_cmd(
-    manifest: Path,
-    encoder: str = typer.Option("open_clip:ViT-B-16", "--encoder", "-e"),
-    pretrained: Optional[str] = typer.Option(None),
+    manifest: Path = ManifestArg,
+    encoder: str = typer.Option("open_clip:ViT-B-16", "--encoder", "-e", help="family:arch, as for `extract`."),
+    pretrained: Optional[str] = typer.Option(None, help="As for `extract`; the weights do not change the speed."),
     data_root: Optional[Path] = DataRoot,
-    n_images: int = typer.Option(128),
-    batch_size: int = typer.Option(32),
-    device: str = typer.Option("cpu"),
+    n_images: int = typer.Option(128, help="Images (the first N manifest rows) per epoch."),
+    batch_size: int = typer.Option(32, help="Images per training step."),
+    device: str = Device,
 ) -> None:
     """Seconds per epoch of the mask head from the cache vs re-encoding every image each epoch, and their ratio."""
     from .bench import bench_head
@@ -558,9 +563,12 @@ def bench_head_cmd(
 
 
 @app.command("run")
-def run_cmd(pipeline: Path, only: list[str] = typer.Option([], "--only", help="Run only steps with this name or kind."),
-            check: bool = typer.Option(False, "--check", help="Check every step's arguments against the library "
-                                                               "(names, heads, hp/recipe values, device) and stop.")) -> None:
+def run_cmd(
+    pipeline: Path = typer.Argument(..., help="A pipeline TOML file, e.g. pipelines/quickstart.toml."),
+    only: list[str] = typer.Option([], "--only", help="Run only steps with this name or kind."),
+    check: bool = typer.Option(False, "--check", help="Check every step's arguments against the library "
+                                                      "(names, heads, hp/recipe values, device) and stop."),
+) -> None:
     """Run a TOML pipeline (see pipelines/quickstart.toml); every step is checked before the first runs."""
     from .pipeline import check_pipeline, run_pipeline
 

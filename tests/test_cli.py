@@ -321,3 +321,19 @@ def test_quiet_turns_off_progress_bars_in_commands_and_pipelines(tiny_store, tin
     assert "img/s" in bars("run", p)
     p.write_text(p.read_text().replace("a.zarr", "b.zarr"))
     assert "img/s" not in bars("-q", "run", p) and (tmp_path / "b.zarr").is_dir()
+
+
+def test_every_argument_and_option_of_every_command_has_help():
+    """`--help` is the manual users read first: a new option without a line of help fails here."""
+    import typer.main
+
+    def undocumented(command, path):
+        for name, sub in getattr(command, "commands", {}).items():
+            yield from undocumented(sub, f"{path} {name}")
+        for p in [] if getattr(command, "commands", None) else command.params:
+            if p.name != "help" and not getattr(p, "help", None):
+                yield f"{path.strip()}: {p.name}"
+
+    assert list(undocumented(typer.main.get_command(cli.app), "")) == []
+    r = runner.invoke(cli.app, ["sweep", "--help"])
+    assert r.exit_code == 0 and "checked before any data is read" in " ".join(r.output.replace("│", " ").split())
