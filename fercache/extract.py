@@ -310,6 +310,8 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     check_options(batch_size, workers, chunk_rows, precision, image_size)
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)  # before any reading: a wrong --device fails in a second
+    if rank == 0:
+        S.check_location(str(out), overwrite)  # before the encoder loads: never create a store over someone's files
     manifest = read_manifest(manifest_path)
     paths, bboxes = packed(resolve_paths(manifest, data_root(root))), packed(manifest.column("bbox"))
     enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev)

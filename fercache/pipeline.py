@@ -223,6 +223,7 @@ def _check_values(kind: str, args: dict) -> None:
     from .extract import check_options
     from .preprocess import VIEWS
     from .protocols import _cross_metrics, check_tables
+    from .store import check_location
     from .sweep import _plan
 
     if "device" in args:
@@ -232,6 +233,7 @@ def _check_values(kind: str, args: dict) -> None:
     if kind == "extract":
         o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
         check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"])
+        check_location(str(args["out"]), bool(o["overwrite"]))
         for view in o["views"]:
             VIEWS.lookup(view)
     if kind in ("cross", "folds"):

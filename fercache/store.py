@@ -239,6 +239,30 @@ def check_compatible(store: FeatureStore, fingerprint: dict) -> None:
         )
 
 
+def _entries(location: str) -> list[str]:
+    """Names at `location` (a local path, or an fsspec URL); [] when nothing is there."""
+    if "://" in location:
+        import fsspec
+
+        fs, path = fsspec.core.url_to_fs(location)
+        return [str(e).rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(path, detail=False)] if fs.exists(path) else []
+    path = Path(location)
+    return [c.name for c in path.iterdir()] if path.is_dir() else [path.name] if path.exists() else []
+
+
+def check_location(location: str, overwrite: bool) -> None:
+    """A store is created by emptying its location (zarr mode "w"): refuse when that would delete anything but a
+    fercache store; another zarr group (or a store whose creation died before its metadata) only with --overwrite."""
+    entries = _entries(location)
+    if not entries or exists(location) or ("zarr.json" in entries and overwrite):
+        return
+    if "zarr.json" in entries:
+        raise StoreError(f"{location} is a zarr group but not a fercache store; pass --overwrite to replace it")
+    raise StoreError(f"{location} exists and is not a feature store ({len(entries)} entries, e.g. "
+                     f"{', '.join(sorted(entries)[:3])}); creating a store there would delete them: choose another "
+                     "--out (a new folder, e.g. STORE.zarr)")
+
+
 def create(location: str | Path, fingerprint: dict, sample_ids: list[str], default_output: str,
            manifest_name: str = "", video: dict[str, list] | None = None, overwrite: bool = False,
            encoder_args: dict | None = None) -> FeatureStore:
@@ -247,9 +271,10 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
     location = str(location)
     if exists(location) and not overwrite:
         raise StoreError(f"{location} already exists; pass --overwrite to replace it")
+    check_location(location, overwrite)
     if overwrite and Path(location).exists():
         shutil.rmtree(location)
-    g = zarr.open_group(location, mode="w")
+    g = zarr.open_group(location, mode="w")  # empties the location: check_location made sure it holds no one's files
     n, rows = fingerprint["n_rows"], fingerprint["chunk_rows"]
     inner = fingerprint.get("read_chunk_rows")
     g.create_array("sample_id", shape=(n,), dtype=str, chunks=(rows,))[:] = np.asarray(sample_ids, dtype=str)

@@ -144,6 +144,8 @@ def test_a_pipeline_is_checked_whole_before_its_first_step_runs(tiny_dataset, tm
         ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\nviews = ["flip", "erasing"]',
          "unknown view 'erasing' (did you mean 'erase'?)"),
         ('run = "au_cv"\nstore = "s.zarr"\nout = "x"\nrecipe = { balance = "class" }', "expression heads only"),
+        (f'run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "{tiny_dataset}"\noverwrite = true',
+         "is not a feature store"),
     ]
     for third, says in cases:
         r = invoke("run", _pipeline(tmp_path, tiny_dataset, third))

@@ -236,3 +236,36 @@ def test_packed_paths_round_trip_without_python_objects(tmp_path):
     arr = packed(names)
     assert arr.dtype.kind == "S" and arr.dtype != object  # one buffer: no per-row refcount for workers to copy
     assert [os.fsdecode(v) for v in arr] == [str(n) for n in names]
+
+
+def test_a_store_is_never_created_over_files_that_are_not_a_store(tiny_manifest, tiny_dataset, tiny_encoder_spec,
+                                                                  tmp_path):
+    """zarr creates a group by emptying its folder: `--out` naming a data folder by mistake used to wipe it."""
+    import zarr
+
+    run = dict(root=tiny_dataset, workers=0, progress=False)
+    photos = tmp_path / "photos"
+    (photos / "2024").mkdir(parents=True)
+    (photos / "2024" / "a.jpg").write_bytes(b"jpeg")
+    for overwrite in (False, True):
+        with pytest.raises(StoreError, match="not a feature store .*would delete them"):
+            extract(tiny_manifest, tiny_encoder_spec, photos, overwrite=overwrite, **run)
+    assert (photos / "2024" / "a.jpg").read_bytes() == b"jpeg"
+    other = tmp_path / "other.zarr"
+    zarr.open_group(other, mode="w").create_array("x", shape=(3,), dtype="int8")
+    with pytest.raises(StoreError, match="zarr group but not a fercache store.*--overwrite"):
+        extract(tiny_manifest, tiny_encoder_spec, other, **run)
+    assert extract(tiny_manifest, tiny_encoder_spec, other, overwrite=True, **run).n_ok == 72
+    (tmp_path / "empty").mkdir()
+    assert extract(tiny_manifest, tiny_encoder_spec, tmp_path / "empty", **run).n_ok == 72
+    with open(f"{tmp_path}/notes.txt", "w") as fh:
+        fh.write("x")
+    with pytest.raises(StoreError, match="1 entries, e.g. notes.txt"):
+        S.check_location(str(tmp_path / "notes.txt"), overwrite=True)
+    import fsspec
+
+    with fsspec.open("memory://bucket/feats/readme.md", "w") as fh:
+        fh.write("mine")
+    with pytest.raises(StoreError, match="e.g. readme.md"):
+        S.check_location("memory://bucket/feats", overwrite=False)
+    S.check_location("memory://bucket/new.zarr", overwrite=False)  # nothing there: fine
