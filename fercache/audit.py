@@ -153,8 +153,9 @@ def describe(m: Manifest, a: Audit | None) -> str:
 def check(manifest: str | Path, root: str | Path | None = None, hash_images: bool = True,
           without_leaks_to: str | Path | None = None, progress: bool = False) -> tuple[Manifest, Audit | None, Path | None]:
     """Read and validate a manifest, check its files exist, audit it; optionally write it without its leaks."""
-    from .manifests import data_root, read_manifest, resolve_paths, write_manifest
+    from .manifests import check_derived_path, data_root, read_manifest, resolve_paths, write_manifest
 
+    check_derived_path(without_leaks_to, manifest)  # before hours of hashing, and before any write
     m = read_manifest(manifest)
     paths = resolve_paths(m, data_root(root))
     found = audit(m, paths, progress) if hash_images else None

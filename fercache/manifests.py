@@ -111,6 +111,13 @@ def _check_relative(rel: str, where: str) -> None:
         raise ManifestError(f"{where}path {rel!r} escapes the data root; paths must be relative and stay inside it")
 
 
+def check_derived_path(out: str | Path | None, source: str | Path | None, flag: str = "--without-leaks") -> None:
+    """Refuse to write a manifest derived from `source` over `source` itself: its original labels would be lost."""
+    if out is not None and source is not None and Path(out).resolve() == Path(source).resolve():
+        raise ManifestError(f"{flag} {out} is the manifest it is derived from; its original labels would be lost: "
+                            "write it to another file")
+
+
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     """Write a manifest CSV (validating it first)."""
     validate(manifest)

@@ -221,6 +221,7 @@ def _check_values(kind: str, args: dict) -> None:
     from .adapters import ADAPTERS
     from .devices import torch_device
     from .extract import check_options
+    from .manifests import check_derived_path
     from .preprocess import VIEWS
     from .protocols import _cross_metrics, check_tables
     from .store import check_location
@@ -230,6 +231,10 @@ def _check_values(kind: str, args: dict) -> None:
         torch_device(args["device"])
     if kind == "manifest":
         ADAPTERS.lookup(args["format"])
+    if kind == "audit":
+        check_derived_path(args.get("without_leaks"), args["manifest"])
+    if kind == "near_dups":
+        check_derived_path(args.get("without_leaks_to"), args.get("manifest"))
     if kind == "extract":
         o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
         check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"])

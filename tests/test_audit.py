@@ -110,3 +110,23 @@ def test_fer2013_copy_leaks_test_images_from_train():
     assert sum(a.pairs(m).values()) > 100 and len(a.label_conflicts) > 0
     assert a.leaking and all(by_split[u] in ("val", "test") for u in a.leaking)
     assert not a.subjects_across_splits  # per-image subjects mean "unknown", never a shared person
+
+
+def test_a_manifest_without_its_leaks_is_never_written_over_the_manifest_it_comes_from(tmp_path, tiny_store, tiny_dataset):
+    """`--without-leaks M.csv` on M.csv itself used to unlabel the leaking rows of the original, for good."""
+    from pathlib import Path
+
+    from fercache.audit import check
+    from fercache.errors import ManifestError
+    from fercache.neighbours import near_duplicates
+    from fercache.store import open_store
+
+    source = open_store(tiny_store).meta["manifest"]
+    before = Path(source).read_bytes()
+    with pytest.raises(ManifestError, match="is the manifest it is derived from"):
+        check(source, tiny_dataset, without_leaks_to=source)
+    with pytest.raises(ManifestError, match="original labels would be lost"):
+        near_duplicates(str(tiny_store), tmp_path / "nd", without_leaks_to=source)  # the store's own manifest
+    assert Path(source).read_bytes() == before and not (tmp_path / "nd").exists()
+    written = near_duplicates(str(tiny_store), tmp_path / "nd", without_leaks_to=tmp_path / "clean.csv")["manifest"]
+    assert Path(written).is_file()

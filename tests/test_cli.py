@@ -146,6 +146,7 @@ def test_a_pipeline_is_checked_whole_before_its_first_step_runs(tiny_dataset, tm
         ('run = "au_cv"\nstore = "s.zarr"\nout = "x"\nrecipe = { balance = "class" }', "expression heads only"),
         (f'run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "{tiny_dataset}"\noverwrite = true',
          "is not a feature store"),
+        ('run = "audit"\nmanifest = "m.csv"\nwithout_leaks = "./m.csv"', "is the manifest it is derived from"),
     ]
     for third, says in cases:
         r = invoke("run", _pipeline(tmp_path, tiny_dataset, third))
