@@ -457,7 +457,8 @@ def _axis(text: str) -> tuple[str, list]:
 def runs_cmd(
     root: Path = typer.Argument(Path("runs"), help="Folder to search for trained runs (any depth)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write every table to this CSV."),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any run is stale (for scripts and CI)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any run is stale or cannot be checked (for scripts "
+                                                       "and CI)."),
 ) -> None:
     """The run ledger: every run under ROOT, seeds grouped, ranked on validation, with the evaluations saved
     beside each run (eval-*/) and a status that flags STALE runs (store re-extracted or manifest edited since)."""
@@ -469,8 +470,11 @@ def runs_cmd(
         typer.echo(f"wrote {write_ledger(result, csv)}")
     if result["stale"]:
         typer.echo(f"{len(result['stale'])} run(s) are STALE: retrain them before trusting their numbers", err=True)
-        if strict:
-            raise typer.Exit(1)
+    if result["unchecked"]:
+        typer.echo(f"{len(result['unchecked'])} run(s) could not be checked: their training store or manifest is "
+                   "missing (moved or deleted); `fercache evaluate RUN --store NEW` scores a run on a moved store", err=True)
+    if strict and (result["stale"] or result["unchecked"]):
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -17,7 +17,7 @@ from .data import FeatureSet, clip_level, load_features, store_views
 from .errors import ConfigError, StaleRunError, StoreError
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
-from .store import encoder_key, open_store, store_name
+from .store import encoder_key, exists, open_store, store_name
 from .train import _to_device, load_run, predict_logits, targets
 
 log = logging.getLogger(__name__)
@@ -124,6 +124,9 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
               device: str = "cpu") -> tuple[dict, Scored]:
     """Metrics of one run on `split` of `store` (default: the store it was trained on), and its row outputs."""
     model, cfg, fitted = load_run(run, device)
+    if store is None and not exists(cfg["store"]):
+        raise StoreError(f"run {run} was trained on {cfg['store']}, which is gone (moved or deleted); if it moved, "
+                         "pass --store NEW_LOCATION (the encoder is checked against the run's)")
     store = store or cfg["store"]
     _check_same_encoder(cfg, store)
     _check_not_stale(run, cfg, store, manifest)

@@ -16,7 +16,7 @@ import numpy as np
 from . import report
 from .errors import ConfigError, FercacheError
 from .evaluate import eval_name, staleness
-from .store import store_name
+from .store import exists, store_name
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -29,9 +29,14 @@ def find_runs(root: str | Path) -> list[Path]:
 
 
 def _status(cfg: dict) -> str:
+    """ok, STALE: why (retrain), or MISSING: store/manifest (moved or deleted: nothing to check against)."""
+    if not exists(cfg["store"]):
+        return "MISSING: store"
+    if cfg.get("manifest") and not Path(cfg["manifest"]).is_file():
+        return "MISSING: manifest"
     try:
         stale = staleness(cfg)
-    except (FercacheError, OSError, KeyError) as e:  # a moved or deleted store or manifest
+    except (FercacheError, OSError, KeyError) as e:
         return f"unreadable data ({type(e).__name__})"
     return "ok" if stale is None else f"STALE: {stale[0]}"
 
@@ -100,7 +105,8 @@ def ledger(root: str | Path) -> dict:
         tables[store_task] = _table(root, groups)
     md = "\n\n".join(t["markdown"] for t in tables.values()) + "\n"
     return {"records": records, "tables": tables, "markdown": md,
-            "stale": [str(r["run"]) for r in records if r["status"] != "ok"]}
+            "stale": [str(r["run"]) for r in records if r["status"].startswith("STALE")],
+            "unchecked": [str(r["run"]) for r in records if r["status"] != "ok" and not r["status"].startswith("STALE")]}
 
 
 def _table(root: Path, groups: list[list[dict]]) -> dict:

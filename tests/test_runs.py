@@ -86,3 +86,25 @@ def test_ledger_pools_the_folds_of_a_protocol_like_seeds(tiny_store, tiny_manife
 def test_ledger_of_an_empty_folder_says_so(tmp_path):
     with pytest.raises(ConfigError, match="no trained run"):
         ledger(tmp_path)
+
+
+def test_a_moved_store_is_reported_missing_not_stale_and_evaluate_says_how_to_score_it(tiny_store, tmp_path):
+    """Moving a store is not a reason to retrain: the ledger says MISSING and evaluate names --store."""
+    import shutil
+
+    from fercache.errors import StoreError
+    from fercache.evaluate import evaluate
+    from fercache.train import fit
+
+    store = tmp_path / "faces.zarr"
+    shutil.copytree(tiny_store, store)
+    run = fit(str(store), "linear", out_dir=tmp_path / "runs", recipe=QUICK).run_dir
+    assert ledger(tmp_path / "runs")["records"][0]["status"] == "ok"
+    store.rename(tmp_path / "moved.zarr")
+    r = ledger(tmp_path / "runs")
+    assert r["records"][0]["status"] == "MISSING: store" and r["stale"] == [] and r["unchecked"] == [str(run)]
+    res = invoke("runs", tmp_path / "runs", "--strict")
+    assert res.exit_code == 1 and "could not be checked" in res.output and "STALE" not in res.output
+    with pytest.raises(StoreError, match="which is gone .*--store NEW_LOCATION"):
+        evaluate(run)
+    assert evaluate(run, str(tmp_path / "moved.zarr"))["runs"][0]["n"] == 24
