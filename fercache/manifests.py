@@ -118,10 +118,23 @@ def check_derived_path(out: str | Path | None, source: str | Path | None, flag: 
                             "write it to another file")
 
 
+def _is_manifest(path: Path) -> bool:
+    """Whether the file at `path` starts with a manifest header (the required columns)."""
+    try:
+        with _open_text(path, "r") as f:
+            return set(REQUIRED) <= set(next(csv.reader(f), []))
+    except (OSError, UnicodeDecodeError, csv.Error, EOFError):
+        return False
+
+
 def write_manifest(manifest: Manifest, path: str | Path) -> Path:
-    """Write a manifest CSV (validating it first)."""
+    """Write a manifest CSV (validating it first). It may replace a manifest, never another file: `-o` naming a
+    dataset's own label file (FER2013's fer2013.csv, say) would otherwise destroy it."""
     validate(manifest)
     path = Path(path)
+    if path.exists() and not (path.is_file() and _is_manifest(path)):
+        raise ManifestError(f"{path} exists and is not a manifest; writing one there would destroy it: choose "
+                            "another -o")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with _open_text(tmp, "w") as f:

@@ -340,3 +340,19 @@ def test_every_argument_and_option_of_every_command_has_help():
     assert list(undocumented(typer.main.get_command(cli.app), "")) == []
     r = runner.invoke(cli.app, ["sweep", "--help"])
     assert r.exit_code == 0 and "checked before any data is read" in " ".join(r.output.replace("│", " ").split())
+
+
+def test_manifest_build_replaces_a_manifest_but_never_another_file(tiny_dataset, tmp_path):
+    """`-o` naming a dataset's own label file (a typo away from the manifest's name) must not destroy it."""
+    native = tmp_path / "fer2013.csv"
+    native.write_text("emotion,pixels,Usage\n0,70 80 82,Training\n")
+    r = invoke("manifest", "build", tiny_dataset / "faces", "-f", "imagefolder", "-o", native, "--data-root", tiny_dataset)
+    assert r.exit_code == 2 and "is not a manifest" in r.output
+    assert native.read_text() == "emotion,pixels,Usage\n0,70 80 82,Training\n"
+    gz = tmp_path / "m.csv.gz"
+    gz.write_bytes(b"not gzip at all")
+    assert invoke("manifest", "build", tiny_dataset / "faces", "-f", "imagefolder", "-o", gz).exit_code == 2
+    m = tmp_path / "m.csv"
+    for _ in range(2):  # rebuilding over its own earlier output is fine
+        r = invoke("manifest", "build", tiny_dataset / "faces", "-f", "imagefolder", "-o", m, "--data-root", tiny_dataset)
+        assert r.exit_code == 0 and "72 rows" in r.output
