@@ -8,6 +8,7 @@ rank 0 created, so the result equals a single-process run.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
@@ -231,6 +232,14 @@ class _Writer(threading.Thread):
             raise self.error
 
 
+def _malloc_trim() -> Callable[[], object]:
+    """glibc's malloc_trim, or a no-op elsewhere (macOS, musl)."""
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda *_: None
+
+
 def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: np.ndarray, bboxes: np.ndarray, chunks: list[int],
                device: torch.device, batch_size: int, workers: int, dtype: torch.dtype, progress: bool) -> tuple[int, float]:
     """Decode, encode and write `chunks`; returns (images processed, summed decode-worker busy seconds)."""
@@ -244,11 +253,15 @@ def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: np.ndarray, bboxe
     total = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in chunks)
     writer = _Writer(store)
     writer.start()
-    done, worker_s, parts = 0, 0.0, []
+    done, worker_s, parts, trim = 0, 0.0, [], _malloc_trim()
     with tqdm(total=total, unit="img", desc="extract", disable=not progress, smoothing=0.1) as bar:
         try:
             for item in loader:  # in order: the pieces of a chunk arrive one after another
                 parts.append((encode_chunk(item, encoder, device, batch_size, dtype), item["ok"], item["error"]))
+                # Hand the batch tensors' freed memory back to the OS: glibc keeps blocks below its (self-raising,
+                # up to 32 MiB) mmap threshold in heaps it seldom shrinks, so without this the main process grew
+                # with the run (steady-state RSS 885 -> 1,199 MiB from 30k to 200k images). ~8 ms per 1,024 rows.
+                trim(0)
                 if item["last"]:  # the chunk (a whole shard, when sharded) is complete: write it as one unit
                     writer.put((item["chunk"], parts))
                     parts = []
