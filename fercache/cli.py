@@ -210,7 +210,7 @@ def train_head(
     store: str = typer.Argument(..., help="A complete feature store."),
     head: str = typer.Option("linear", "--head", "-H", help="linear, zeroshot, mask, cvar_mlp, au (images), or temporal (video "
                                                              "clips); `fercache heads` lists each one's --hp keys and recipe."),
-    seeds: str = typer.Option("0", help="Comma-separated seeds; one run per seed."),
+    seeds: str = Seeds,
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs are written to OUT/<store>-<head>/seed<k>/."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
     output: Optional[str] = typer.Option(None, help="Store output to train on (default: the store's default)."),

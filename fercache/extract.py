@@ -232,7 +232,7 @@ class _Writer(threading.Thread):
             raise self.error
 
 
-def _malloc_trim() -> Callable[[], object]:
+def _malloc_trim() -> Callable[[int], object]:
     """glibc's malloc_trim, or a no-op elsewhere (macOS, musl)."""
     try:
         return ctypes.CDLL("libc.so.6").malloc_trim
