@@ -495,7 +495,8 @@ def sweep(
     from .sweep import sweep as run_sweep
 
     grid = dict(_axis(a) for a in axis)
-    r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp))
+    r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp),
+                  progress=_progress["bars"])
     typer.echo(r["markdown"] + (f"\ncurve -> {r['curve_png']}" if "curve_png" in r else ""))
 
 

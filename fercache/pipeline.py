@@ -112,6 +112,7 @@ def _folds_step(store: str, manifests: list[str], heads: list[str], out: str, **
 def _sweep_step(store: str, head: str, grid: dict, out: str, **kw):
     from .sweep import sweep
 
+    kw.setdefault("progress", True)
     return "\n" + sweep(store, head, grid, out, **kw)["markdown"]
 
 

@@ -41,17 +41,23 @@ def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) ->
 
 @features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
-          base_recipe: dict | None = None, base_hp: dict | None = None, **fit_kw) -> dict:
-    """Train every grid point (x seeds); rank by the validation metric. Test is never read here."""
+          base_recipe: dict | None = None, base_hp: dict | None = None, progress: bool = False, **fit_kw) -> dict:
+    """Train every grid point (x seeds); rank by the validation metric. Test is never read here.
+
+    `progress`: a bar over the points, with the best validation score so far."""
+    from tqdm.auto import tqdm
+
     out_dir, rows = Path(out_dir), []
     plan = _plan(head, grid, base_recipe or {}, base_hp or {})
-    for i, (point, recipe, hp) in enumerate(plan):
+    bar = tqdm(plan, desc=f"sweep {head}", unit="point", disable=not progress)
+    for i, (point, recipe, hp) in enumerate(bar):
         runs = fit_seeds(store, head, seeds=seeds, out_dir=out_dir, device=device, hp=hp, recipe=recipe,
                          name=f"point{i:03d}/seed{{seed}}", **fit_kw)
         metric = runs[0].metrics["selection"]["metric"]
         vals = [r.metrics["val"][metric] for r in runs]
         rows.append({"point": i, **point, "val_metric": metric, "mean": float(np.mean(vals)), "std": float(np.std(vals)),
                      "runs": [str(r.run_dir) for r in runs]})
+        bar.set_postfix({f"best val {metric}": f"{100 * max(r['mean'] for r in rows):.2f}"})
     rows.sort(key=lambda r: -r["mean"])
     header = ["rank"] + list(grid) + [f"val {rows[0]['val_metric']} (%)"]
     table = [[k + 1] + [report.cell(r[a]) for a in grid] + [f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"] for k, r in enumerate(rows)]

@@ -356,3 +356,13 @@ def test_manifest_build_replaces_a_manifest_but_never_another_file(tiny_dataset,
     for _ in range(2):  # rebuilding over its own earlier output is fine
         r = invoke("manifest", "build", tiny_dataset / "faces", "-f", "imagefolder", "-o", m, "--data-root", tiny_dataset)
         assert r.exit_code == 0 and "72 rows" in r.output
+
+
+def test_a_sweep_shows_its_points_going_by_unless_quiet(tiny_store, tmp_path):
+    """A sweep of many points runs for minutes: a bar over the points, with the best validation score so far."""
+    args = ["sweep", str(tiny_store), "--head", "linear", "--axis", "lr=0.01,0.1", "--recipe", "epochs=2",
+            "--out", str(tmp_path / "sw")]
+    r = runner.invoke(cli.app, args, catch_exceptions=False)
+    assert r.exit_code == 0 and "2/2" in r.stderr and "best val accuracy=" in r.stderr
+    r = runner.invoke(cli.app, ["-q"] + args, catch_exceptions=False)
+    assert r.exit_code == 0 and "point" not in r.stderr and "| rank | lr |" in r.stdout
