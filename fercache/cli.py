@@ -587,6 +587,25 @@ def run_cmd(
     run_pipeline(pipeline, on_step=show, only=only or None, progress=_progress["bars"])
 
 
+@app.command("steps")
+def steps_cmd(kind: Optional[str] = typer.Argument(None, help="One step kind (default: all)."),
+              as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """The kinds of pipeline step (`run = KIND` in a [[step]] table): what each needs, and its optional keys with
+    their defaults."""
+    from .pipeline import STEPS, describe_step
+
+    rows = [describe_step(k) for k in ([kind] if kind else sorted(STEPS))]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+        return
+    for d in rows:
+        typer.echo(f"{d['kind']:10s} {d['summary']}")
+        typer.echo(f"{'':10s} needs     {' '.join(d['needs'])}")
+        typer.echo(f"{'':10s} optional  {' '.join(f'{k}={json.dumps(v, default=str)}' for k, v in d['optional'].items())}")
+    typer.echo("(keys are mostly the command's options in snake_case; null: the library's default; "
+               "`{name}` in a string is a [vars] entry, overridden by the environment variable FERCACHE_NAME)")
+
+
 def main() -> None:
     """Console entry point: FercacheError -> `error: ...` on stderr, exit 2."""
     try:

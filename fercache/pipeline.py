@@ -7,7 +7,8 @@
     format = "imagefolder"
     src = "{data}/fer2013"
 
-Steps are plain calls into the library, so a pipeline does nothing the CLI can't.
+Steps are plain calls into the library, so a pipeline does nothing the CLI can't; `fercache steps` lists each kind
+with the keys it needs and takes.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ register_step = STEPS.register
 
 @register_step("manifest")
 def _manifest_step(format: str, src: str, out: str, data_root: str | None = None, options: dict | None = None):
+    """A manifest from a dataset's native layout (`fercache manifest build`); `options` are the format's."""
     from .adapters import build
     from .manifests import write_manifest
 
@@ -38,6 +40,7 @@ def _manifest_step(format: str, src: str, out: str, data_root: str | None = None
 
 @register_step("audit")
 def _audit_step(manifest: str, data_root: str | None = None, without_leaks: str | None = None):
+    """Subjects and identical images shared by splits, optionally a leak-free copy (`fercache manifest check`)."""
     from .audit import check, describe
 
     m, found, written = check(manifest, data_root, without_leaks_to=without_leaks)
@@ -46,6 +49,7 @@ def _audit_step(manifest: str, data_root: str | None = None, without_leaks: str 
 
 @register_step("extract")
 def _extract_step(manifest: str, encoder: str, out: str, **kw):
+    """Encode every manifest row once into a store at `out` (`fercache extract`)."""
     from .extract import extract
 
     r = extract(manifest, encoder, out, **kw)
@@ -54,25 +58,27 @@ def _extract_step(manifest: str, encoder: str, out: str, **kw):
 
 
 @register_step("train")
-def _train_step(store: str, head: str, seeds: list[int] = (0,), **kw):
+def _train_step(store: str, head: str, out: str = "runs", seeds: list[int] = (0,), progress: bool = True, **kw):
+    """Train a head on a store, one run per seed under `out` (`fercache train-head`)."""
     from .train import fit_seeds
 
-    runs = fit_seeds(store, head, seeds=seeds, **kw)
+    runs = fit_seeds(store, head, seeds=seeds, out_dir=out, progress=progress, **kw)
     return ", ".join(f"{r.run_dir} (val {r.metrics['selection']['metric']} "
                      f"{100 * r.metrics['val'].get('accuracy', r.metrics['val'].get('macro_f1_at_0.5')):.1f}%)" for r in runs)
 
 
 @register_step("cross")
-def _cross_step(stores: list[str], heads: list[str], out: str, **kw):
+def _cross_step(stores: list[str], heads: list[str], out: str, progress: bool = True, **kw):
+    """The train-on-A/test-on-B matrix of each head under `out` (`fercache evaluate --cross`)."""
     from .protocols import cross_matrix
 
-    kw.setdefault("progress", True)  # minutes of training: show per-epoch bars
-    tables = cross_matrix(stores, heads, out, **kw)
+    tables = cross_matrix(stores, heads, out, progress=progress, **kw)  # minutes of training: per-epoch bars
     return "\n" + "\n".join(t["markdown"] for t in tables.values())
 
 
 @register_step("near_dups")
 def _near_dups_step(store: str, out: str, **kw):
+    """Near-duplicates across splits from the cached features, written to `out` (`fercache near-dups`)."""
     from .neighbours import describe, near_duplicates
 
     return "\n" + describe(near_duplicates(store, out, **kw))
@@ -81,6 +87,7 @@ def _near_dups_step(store: str, out: str, **kw):
 @register_step("evaluate")
 def _evaluate_step(runs: list[str], store: str | None = None, manifest: str | None = None, split: str = "test",
                    device: str = "cpu"):
+    """Score runs on a split; files beside each run (`fercache evaluate`)."""
     from .evaluate import eval_name, evaluate, format_summary
 
     lines = []
@@ -93,31 +100,32 @@ def _evaluate_step(runs: list[str], store: str | None = None, manifest: str | No
 
 
 @register_step("au_cv")
-def _au_cv_step(store: str, out: str, **kw):
+def _au_cv_step(store: str, out: str, progress: bool = True, **kw):
+    """Subject-grouped k-fold AU detection under `out` (`fercache au-cv`)."""
     from .protocols import au_crossval
 
-    kw.setdefault("progress", True)
-    return "\n" + au_crossval(store, out, **kw)["markdown"]
+    return "\n" + au_crossval(store, out, progress=progress, **kw)["markdown"]
 
 
 @register_step("folds")
-def _folds_step(store: str, manifests: list[str], heads: list[str], out: str, **kw):
+def _folds_step(store: str, manifests: list[str], heads: list[str], out: str, progress: bool = True, **kw):
+    """The video protocol: one store, one manifest per fold, tables under `out` (`fercache folds`)."""
     from .protocols import manifest_folds
 
-    kw.setdefault("progress", True)
-    return "\n" + manifest_folds(store, manifests, heads, out, **kw)["markdown"]
+    return "\n" + manifest_folds(store, manifests, heads, out, progress=progress, **kw)["markdown"]
 
 
 @register_step("sweep")
-def _sweep_step(store: str, head: str, grid: dict, out: str, **kw):
+def _sweep_step(store: str, head: str, grid: dict, out: str, progress: bool = True, **kw):
+    """A grid of hyperparameters or recipe keys ranked on validation, under `out` (`fercache sweep`)."""
     from .sweep import sweep
 
-    kw.setdefault("progress", True)
-    return "\n" + sweep(store, head, grid, out, **kw)["markdown"]
+    return "\n" + sweep(store, head, grid, out, progress=progress, **kw)["markdown"]
 
 
 @register_step("compare")
 def _compare_step(a: str, b: str, out: str | None = None, **kw):
+    """B - A on the same test samples with a paired bootstrap; JSON to `out` if given (`fercache compare`)."""
     import json
 
     from .compare import compare, describe
@@ -131,6 +139,7 @@ def _compare_step(a: str, b: str, out: str | None = None, **kw):
 
 @register_step("runs")
 def _runs_step(root: str, csv: str | None = None):
+    """The run ledger of every run under `root`, optionally as CSV (`fercache runs`)."""
     from .runs import ledger, write_ledger
 
     result = ledger(root)
@@ -190,10 +199,23 @@ FORWARDS = {"extract": ("extract", "extract"), "train": ("train", "fit"), "cross
             "near_dups": ("neighbours", "near_duplicates"), "au_cv": ("protocols", "au_crossval"),
             "folds": ("protocols", "manifest_folds"), "sweep": ("sweep", "sweep"), "compare": ("compare", "compare")}
 
+#: The target's arguments that the step fills in itself from its own (every step names its output `out`, as the
+#: CLI's `--out`; train's `seeds` become one `seed` per run), or that TOML cannot hold (extract's encoder object).
+#: A pipeline naming one would pass the check and fail only when the step is reached.
+SUPPLIED = {"extract": {"manifest_path", "encoder_obj"}, "train": {"out_dir", "seed"}, "cross": {"out_dir"},
+            "near_dups": {"out_dir"}, "au_cv": {"out_dir"}, "folds": {"out_dir"},
+            "sweep": {"out_dir", "seed", "name", "hp", "recipe"}}
+
+#: Where a target's own **kwargs go in turn: sweep hands them to every point's `fit` (manifest, views, ...).
+ONWARD = {"sweep": ("train", "fit")}
+
+
+def _function(module: str, fn: str) -> Callable:
+    return getattr(importlib.import_module(f"fercache.{module}"), fn)
+
 
 def _target(kind: str) -> Callable | None:
-    module, fn = FORWARDS.get(kind, (None, None))
-    return getattr(importlib.import_module(f"fercache.{module}"), fn) if module else None
+    return _function(*FORWARDS[kind]) if kind in FORWARDS else None
 
 
 def _params(kind: str) -> list[inspect.Parameter]:
@@ -202,8 +224,25 @@ def _params(kind: str) -> list[inspect.Parameter]:
 
 def _takes(kind: str) -> set[str]:
     """The argument names a step accepts: its own and those of the library function it forwards to."""
-    forwarded = set(inspect.signature(_target(kind)).parameters) if kind in FORWARDS else set()
-    return {p.name for p in _params(kind)} | forwarded
+    names = {p.name for p in _params(kind)}
+    for target in (FORWARDS.get(kind), ONWARD.get(kind)):
+        if target:
+            names |= {p.name for p in inspect.signature(_function(*target)).parameters.values()
+                      if p.kind is not p.VAR_KEYWORD}
+    return names - SUPPLIED.get(kind, set())
+
+
+def describe_step(kind: str) -> dict:
+    """What a `[[step]]` of this kind takes: the keys it needs, and every optional key with its default."""
+    STEPS.lookup(kind)
+    defaults: dict[str, Any] = {}
+    for fn in [STEPS[kind]] + [_function(*t) for t in (FORWARDS.get(kind), ONWARD.get(kind)) if t]:
+        for p in inspect.signature(fn).parameters.values():
+            defaults.setdefault(p.name, p.default)
+    takes, needs = _takes(kind), [p.name for p in _params(kind) if p.default is p.empty]
+    return {"kind": kind, "summary": STEPS[kind].__doc__, "needs": needs,
+            "optional": {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()
+                         if k in takes and k not in needs}}
 
 
 def _check_arguments(kind: str, args: dict) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from fercache import cli
@@ -46,7 +47,6 @@ def test_manifest_build_extract_info_export(tiny_dataset, tiny_encoder_spec, tmp
 
 
 def test_errors_exit_2_with_message(tmp_path, monkeypatch, capsys):
-    import pytest
 
     monkeypatch.setattr("sys.argv", ["fercache", "info", str(tmp_path / "missing.zarr")])
     with pytest.raises(SystemExit) as e:
@@ -76,10 +76,17 @@ root = "{{data}}"
 out = "{{out}}/s.zarr"
 workers = 0
 progress = false
+[[step]]
+run = "train"
+store = "{{out}}/s.zarr"
+head = "linear"
+out = "{{out}}/runs"
+recipe = {{ epochs = 2 }}
 """)
     r = invoke("run", p)
     assert r.exit_code == 0, r.output
     assert "[2] extract: " in r.output and "72 ok" in r.output
+    assert (tmp_path / "out/runs/s-linear/seed0/head.pt").is_file()  # `out` as in every step and the CLI
     r = invoke("run", p)
     assert "already complete" in r.output
     monkeypatch.setenv("FERCACHE_SIZE", "48")  # env overrides a variable, keeping its type
@@ -110,6 +117,36 @@ def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch):
         assert check_pipeline(f) == len(load_pipeline(f)) > 3, f.name
 
 
+def test_every_argument_a_step_offers_reaches_the_library(monkeypatch):
+    """Each name the pre-flight check accepts for a step is one the step can pass on: none that the step fills in
+    itself (train's out_dir and seed), which would pass the check and fail only when the step is reached."""
+    import inspect
+
+    from fercache import pipeline
+
+    class Reached(Exception):
+        pass
+
+    takes = {kind: pipeline._takes(kind) for kind in pipeline.FORWARDS}  # before any target is replaced
+    for kind, (module, fn) in pipeline.FORWARDS.items():
+        real = pipeline._target(kind)
+
+        def recorder(*a, _real=real, **k):
+            raise Reached(inspect.signature(_real).bind(*a, **k).arguments)
+
+        monkeypatch.setattr(f"fercache.{module}.{fn}", recorder)
+        own = {p.name: ["x"] for p in pipeline._params(kind) if p.default is p.empty}
+        for name in sorted(takes[kind] - set(own)):
+            with pytest.raises(Reached) as e:  # not TypeError: got multiple values for argument
+                pipeline.STEPS[kind](**own, **{name: [7]})
+            bound = e.value.args[0]
+            bound |= bound.pop("fit_kw", {})  # sweep's **fit_kw, handed on to fit
+            if name not in {p.name for p in pipeline._params(kind)}:  # not one the step uses itself: it arrived
+                assert [7] in bound.values() or bound["seed"] == 7, (kind, name)
+    assert "out_dir" not in takes["train"] and "out" in takes["train"]
+    assert {"manifest", "views"} <= takes["sweep"] and "fit_kw" not in takes["sweep"]
+
+
 def _pipeline(tmp_path, tiny_dataset, third: str) -> Path:
     p = tmp_path / "p.toml"
     p.write_text(f"""
@@ -137,6 +174,9 @@ def test_a_pipeline_is_checked_whole_before_its_first_step_runs(tiny_dataset, tm
         ('run = "cross"\nstores = ["s.zarr"]\nheads = ["mask"]\nout = "x"\nrecipe = { mask = { scheduler = "cos" } }',
          "recipe scheduler='cos'"),
         ('run = "train"\nstore = "s.zarr"\nhead = "mask"\nhp = { use_sigmoid = "no" }', "use_sigmoid='no'; give true or false"),
+        ('run = "train"\nstore = "s.zarr"\nhead = "linear"\nseed = 1', "train takes no argument 'seed' (did you mean 'seeds'?)"),
+        ('run = "sweep"\nstore = "s.zarr"\nhead = "linear"\nout_dir = "x"\ngrid = { lr = [0.1] }',
+         "sweep takes no argument 'out_dir' (did you mean 'out'?)"),
         ('run = "sweep"\nstore = "s.zarr"\nhead = "linear"\nout = "x"\ngrid = { lr = [0.1, 0] }', "recipe lr=0: a number > 0"),
         ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\nbatch_size = 0', "--batch-size 0"),
         ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\ndevice = "gpu"', "--device 'gpu'"),
@@ -297,7 +337,6 @@ def test_evaluate_on_a_split_the_manifest_lacks_names_the_ones_it_has(tiny_store
 
 
 def test_comma_separated_numbers_are_checked_by_the_cli():
-    import pytest
     import typer
 
     assert cli._ints("0, 1,2") == [0, 1, 2] and cli._ints("10000,100000", "--sizes", least=1) == [10000, 100000]
@@ -366,3 +405,21 @@ def test_a_sweep_shows_its_points_going_by_unless_quiet(tiny_store, tmp_path):
     assert r.exit_code == 0 and "2/2" in r.stderr and "best val accuracy=" in r.stderr
     r = runner.invoke(cli.app, ["-q"] + args, catch_exceptions=False)
     assert r.exit_code == 0 and "point" not in r.stderr and "| rank | lr |" in r.stdout
+
+
+def test_steps_lists_what_each_pipeline_step_needs_and_takes():
+    r = invoke("steps", "--json")
+    rows = {d["kind"]: d for d in json.loads(r.output)}
+    from fercache.pipeline import STEPS
+
+    assert r.exit_code == 0 and set(rows) == set(STEPS)
+    train = rows["train"]
+    assert train["needs"] == ["store", "head"] and "fercache train-head" in train["summary"]
+    assert train["optional"]["out"] == "runs" and train["optional"]["progress"] is True  # the step's own default
+    assert "out_dir" not in train["optional"] and "seed" not in train["optional"]
+    assert "encoder_obj" not in rows["extract"]["optional"] and rows["extract"]["optional"]["batch_size"] == 256
+    assert rows["sweep"]["optional"]["views"] is True  # handed on to every point's fit
+    r = invoke("steps", "cross")
+    assert r.exit_code == 0 and "needs     stores heads out" in r.output and 'metric="accuracy"' in r.output
+    r = invoke("steps", "trian")
+    assert r.exit_code == 2 and "did you mean 'train'?" in r.output
