@@ -61,7 +61,28 @@ class Encoder:
             "name": self.name, "pretrained": self.pretrained, "weights_sha256": self.weights_sha256,
             "preprocess": self.preprocess.to_dict(), "outputs": self.stored_outputs(),
         }
+        if has_batchnorm(self.model):
+            ident["revision"] = BATCHNORM_REVISION
         return {**ident, "views": list(self.views)} if self.views else ident  # no views: the keys of before
+
+
+#: In the fingerprint of encoders with BatchNorm layers (torchvision/timm convnets, open_clip ResNets): fercache
+#: 0.1.0 (no `revision`) probed their output sizes in training mode, so one all-zero batch moved every BatchNorm's
+#: running statistics (MobileNetV2: features 29% off in L2, cosine 0.96). Such stores no longer match: re-extract.
+BATCHNORM_REVISION = 2
+
+
+def has_batchnorm(model: nn.Module) -> bool:
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+def revision_note(stored: dict, current: dict) -> str | None:
+    """Why features of a store with encoder identity `stored` differ from what `current` computes, or None."""
+    if stored.get("revision") == current.get("revision"):
+        return None
+    old, new = sorted((stored, current), key=lambda e: e.get("revision") or 1)
+    return (f"{old['name']} features of encoder revision {old.get('revision') or 1} were computed with BatchNorm "
+            f"statistics that fercache 0.1.0 shifted while loading the model (revision {new['revision']} fixes it)")
 
 
 ENCODERS = Registry("encoder family")
@@ -81,6 +102,9 @@ def encoder_of(store_meta: dict) -> Encoder:
     fp = store_meta["fingerprint"]["encoder"]
     args = store_meta.get("encoder_args") or {"spec": fp["name"]}
     enc = load_encoder(args["spec"], pretrained=args.get("pretrained"), image_size=args.get("image_size"))
+    if why := revision_note(fp, enc.identity()):
+        raise EncoderError(f"{why}; new images would not be encoded as the cached ones were. Re-extract the store "
+                           f"with `fercache extract ... --overwrite` and retrain its runs")
     if enc.weights_sha256 != fp["weights_sha256"] or enc.preprocess.to_dict() != fp["preprocess"]:
         raise EncoderError(f"{args['spec']} now loads weights or preprocessing that differ from the store's "
                            f"(sha256 {fp['weights_sha256'][:12]}); pass the same --pretrained file it was built with")
@@ -107,6 +131,7 @@ def sha256_state(model: nn.Module) -> str:
 
 
 def _out_dims(model: nn.Module, size: int) -> dict[str, int]:
+    model.eval()  # a training-mode forward would move every BatchNorm's running statistics towards a black image
     with torch.no_grad():
         out = model(torch.zeros(1, 3, size, size))
     return {k: int(v.shape[-1]) for k, v in out.items()}

@@ -14,10 +14,11 @@ import torch
 
 from . import metrics, report
 from .data import FeatureSet, clip_level, load_features, store_views
+from .encoders import revision_note
 from .errors import ConfigError, StaleRunError, StoreError
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
-from .store import encoder_key, exists, open_store, store_name
+from .store import encoder_key, encoder_label, exists, open_store, store_name
 from .train import _to_device, load_run, predict_logits, targets
 
 log = logging.getLogger(__name__)
@@ -27,9 +28,9 @@ def _check_same_encoder(cfg: dict, store: str) -> None:
     trained = cfg["store_fingerprint"]["encoder"]
     here = open_store(store).fingerprint["encoder"]
     if encoder_key(trained) != encoder_key(here):
-        raise StoreError(f"{store} was extracted with {here['name']} ({here['weights_sha256'][:12]}, size "
-                         f"{here['preprocess']['size']}) but the head was trained on {trained['name']} "
-                         f"({trained['weights_sha256'][:12]}, size {trained['preprocess']['size']}); features are not comparable")
+        why = revision_note(trained, here)
+        raise StoreError(f"{store} was extracted with {encoder_label(here)} but the head was trained on "
+                         f"{encoder_label(trained)}; features are not comparable" + (f" ({why})" if why else ""))
 
 
 def _rows_sha256(path: str) -> str:

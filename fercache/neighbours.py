@@ -25,7 +25,7 @@ from .devices import torch_device
 from .errors import StoreError
 from .manifests import check_derived_path, write_manifest
 from .preprocess import tta_views
-from .store import encoder_key, open_store, store_name
+from .store import encoder_key, encoder_label, open_store, store_name
 
 THRESHOLDS = (0.999, 0.99, 0.98, 0.97, 0.95, 0.9)  # printed every run, whatever the threshold
 
@@ -158,8 +158,8 @@ def _units_of(store: str, manifest, output: str | None, views: bool = True) -> F
 def _same_encoder(a: str, b: str) -> None:
     ea, eb = (open_store(s).fingerprint["encoder"] for s in (a, b))
     if encoder_key(ea) != encoder_key(eb):
-        raise StoreError(f"{a} ({ea['name']}, size {ea['preprocess']['size']}) and {b} ({eb['name']}, size "
-                         f"{eb['preprocess']['size']}) were extracted differently; their features are not comparable")
+        raise StoreError(f"{a} ({encoder_label(ea)}) and {b} ({encoder_label(eb)}) were extracted differently; their "
+                         "features are not comparable")
 
 
 def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None = None, output: str | None = None,

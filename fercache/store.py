@@ -52,8 +52,15 @@ def store_name(location) -> str:
 
 
 def encoder_key(encoder: dict) -> dict:
-    """What makes two stores' features comparable: the same model, weights and preprocessing (not views or outputs)."""
-    return {k: encoder[k] for k in ("name", "weights_sha256", "preprocess")}
+    """What makes two stores' features comparable: the same model, weights and preprocessing (not views or outputs),
+    and for BatchNorm models the same encoder revision."""
+    return {k: encoder.get(k) for k in ("name", "weights_sha256", "preprocess", "revision")}
+
+
+def encoder_label(encoder: dict) -> str:
+    """An encoder identity in one line, for errors that compare two."""
+    revision = f", revision {encoder['revision']}" if encoder.get("revision") else ""
+    return f"{encoder['name']} ({encoder['weights_sha256'][:12]}, size {encoder['preprocess']['size']}{revision})"
 
 
 def make_fingerprint(encoder_identity: dict, manifest_sha256: str, n_rows: int, chunk_rows: int,
@@ -73,8 +80,12 @@ def make_fingerprint(encoder_identity: dict, manifest_sha256: str, n_rows: int, 
 
 
 def _diff(old: dict, new: dict) -> str:
+    from .encoders import revision_note  # here, not at the top: `fercache info` needs no torch
+
     parts = []
-    if old["encoder"] != new["encoder"]:
+    if why := revision_note(old["encoder"], new["encoder"]):
+        parts.append(why)
+    elif old["encoder"] != new["encoder"]:
         o, n = old["encoder"], new["encoder"]
         parts.append(f"encoder {o['name']} ({o['pretrained']}, sha {o['weights_sha256'][:12]}, size {o['preprocess']['size']}) "
                      f"vs {n['name']} ({n['pretrained']}, sha {n['weights_sha256'][:12]}, size {n['preprocess']['size']})")

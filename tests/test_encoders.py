@@ -63,6 +63,66 @@ def test_torchvision_local_weights_must_fit(tmp_path):
         E.load_encoder("torchvision:resnet18")
 
 
+@pytest.mark.parametrize("spec", ["torchvision:mobilenet_v3_small", "timm:resnet10t"])
+def test_loading_keeps_every_weight_and_batchnorm_statistic_as_saved(spec, tmp_path):
+    """Building the encoder once probed its output size in training mode: one black batch moved the running mean
+    and variance of every BatchNorm, and every feature of a convnet was computed with the shifted statistics."""
+    import timm
+    import torchvision
+
+    torch.manual_seed(0)
+    arch = spec.split(":")[1]
+    net = timm.create_model(arch) if spec.startswith("timm") else getattr(torchvision.models, arch)(weights=None)
+    for m in net.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):  # trained-looking statistics, not the 0/1 defaults
+            m.running_mean.uniform_(-1, 1)
+            m.running_var.uniform_(0.5, 2)
+    torch.save(net.state_dict(), tmp_path / "w.pth")
+    enc = E.load_encoder(spec, pretrained=str(tmp_path / "w.pth"), image_size=64)
+    loaded = enc.model.state_dict()
+    saved = {f"net.{k}": v for k, v in net.state_dict().items()}
+    common = [k for k in saved if k in loaded]
+    assert sum("running_var" in k for k in common) > 10
+    for k in common:
+        torch.testing.assert_close(loaded[k], saved[k], rtol=0, atol=0, msg=k)
+    assert enc.identity()["revision"] == E.BATCHNORM_REVISION
+
+
+def test_encoders_without_batchnorm_keep_the_fingerprint_they_had(tiny_encoder_spec):
+    """ViT stores (LayerNorm only) extracted before the BatchNorm fix stay valid: no revision in their identity."""
+    assert "revision" not in E.load_encoder(tiny_encoder_spec).identity()
+
+
+def test_a_convnet_store_from_before_the_batchnorm_fix_is_refused_with_the_reason(tiny_manifest, tiny_dataset,
+                                                                                   tmp_path):
+    """Its features no longer match what the encoder computes: resuming it, or encoding new images for its runs
+    (predict, zero-shot), would mix two encoders. Both say why and how to re-extract."""
+    import torchvision
+
+    from fercache import store as S
+    from fercache.errors import StoreError
+    from fercache.extract import extract
+
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "w.pth")
+    kw = dict(pretrained=str(tmp_path / "w.pth"), image_size=32, root=tiny_dataset, chunk_rows=16, workers=0,
+              progress=False)
+    out = tmp_path / "s.zarr"
+    extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, **kw)
+    st = S.open_store(out, mode="r+")
+    fp = st.fingerprint
+    old_encoder = {k: v for k, v in fp["encoder"].items() if k != "revision"}  # what fercache 0.1.0 wrote
+    st.group.attrs["fercache"] = {**st.meta, "fingerprint": S.make_fingerprint(
+        old_encoder, fp["manifest_sha256"], fp["n_rows"], fp["chunk_rows"])}
+    with pytest.raises(StoreError, match=r"revision 1 were computed with BatchNorm statistics .* --overwrite"):
+        extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, **kw)
+    with pytest.raises(EncoderError, match=r"revision 1 .*Re-extract the store"):
+        E.encoder_of(S.open_store(out).meta)
+    assert extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, overwrite=True, **kw).n_ok == 72
+    assert E.encoder_of(S.open_store(out).meta).identity()["revision"] == E.BATCHNORM_REVISION
+    new_encoder = S.open_store(out).fingerprint["encoder"]  # runs of the old store don't score on the new one
+    assert S.encoder_key(old_encoder) != S.encoder_key(new_encoder) and "revision 2)" in S.encoder_label(new_encoder)
+
+
 def test_bundled_mobilenet_is_real_imagenet():
     path = E.bundled_mobilenet_v2()
     if path is None:
