@@ -12,6 +12,7 @@ import ctypes
 import logging
 import os
 import queue
+import signal
 import threading
 import time
 from contextlib import nullcontext
@@ -104,6 +105,13 @@ class ChunkReader(Dataset):
 def _as_is(item):
     """Collate that keeps numpy arrays as they are (the default turns them into tensors)."""
     return item
+
+
+def _ignore_sigint(_worker_id: int) -> None:
+    """Decode workers leave Ctrl-C to the main process. Ctrl-C reaches the whole process group; a worker that
+    stopped on it left its queue's feeder thread blocked on a pipe nobody read, and the DataLoader waited 5 s per
+    worker before killing it. Left running, the workers see the loader's shutdown and exit at once."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _dist() -> tuple[int, int]:
@@ -249,7 +257,7 @@ def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: np.ndarray, bboxe
                          encoder.preprocess.size)
     loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-                        persistent_workers=False)
+                        persistent_workers=False, worker_init_fn=_ignore_sigint if workers else None)
     total = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in chunks)
     writer = _Writer(store)
     writer.start()
@@ -340,8 +348,14 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     mine = [c for c in store.pending_chunks() if c % world == rank]
     n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
     t1 = time.perf_counter()
-    done, worker_s = run_chunks(store, enc, paths, bboxes, mine, dev, batch_size, n_workers,
-                      _amp_dtype(dev, precision), progress and rank == 0)
+    try:
+        done, worker_s = run_chunks(store, enc, paths, bboxes, mine, dev, batch_size, n_workers,
+                                    _amp_dtype(dev, precision), progress and rank == 0)
+    except KeyboardInterrupt:
+        saved = store.n_chunks - len(store.pending_chunks())
+        log.warning("interrupted: %d of %d chunks of %s are written and kept; the same command resumes from there",
+                    saved, store.n_chunks, out)
+        raise
     seconds = time.perf_counter() - t1
     _barrier(world)
     n_ok = None

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
 import textwrap
+import time
 
 import h5py
 import numpy as np
@@ -15,7 +17,7 @@ import pytest
 from fercache import store as S
 from fercache.errors import StoreError
 from fercache.extract import extract
-from fercache.manifests import read_manifest, write_manifest
+from fercache.manifests import Manifest, read_manifest, write_manifest
 
 
 def _arrays(location) -> dict[str, np.ndarray]:
@@ -153,6 +155,67 @@ def test_resume_after_sigkill_equals_clean_run(tiny_store, tiny_manifest, tiny_d
         _assert_same_arrays(tiny_store, out)
     else:
         _assert_same_store(tiny_store, out)
+
+
+CTRL_C = textwrap.dedent("""
+    import os, signal, sys, time
+    from fercache import extract as E, store as S
+    from fercache.cli import main
+    manifest, out, root, sent = sys.argv[1:]
+    encode, calls = E.encode_chunk, [0]
+    def interrupted(*a, **k):
+        calls[0] += 1
+        if calls[0] == 4:
+            while S.open_store(out).group["done"][:].sum() < 2:
+                time.sleep(0.05)
+            time.sleep(2)  # the workers fill their prefetch queue, as they do behind an encoder slower than them
+            open(sent, "w").write(repr(time.time()))
+            os.killpg(0, signal.SIGINT)  # Ctrl-C in a terminal: the main process and its decode workers
+            time.sleep(1)
+        return encode(*a, **k)
+    E.encode_chunk = interrupted
+    sys.argv = ["fercache", "-q", "extract", manifest, "--encoder", "null:", "--out", out, "--data-root", root,
+                "--image-size", "8", "--workers", "2", "--chunk-rows", "2048"]
+    try:
+        main()  # as the console script
+    finally:  # the DataLoader shuts its workers down when collected, at a time that varies: make it now
+        import gc
+        gc.collect()
+""")
+
+
+
+def test_ctrl_c_stops_at_once_keeps_the_written_chunks_and_says_how_to_resume(tiny_manifest, tiny_dataset, tmp_path):
+    # Ctrl-C reaches the decode workers too. A worker stopped by it waited, on exit, for its queued results to reach
+    # the main process, which no longer read them, and the DataLoader killed it after 5 s: in about half the runs of
+    # this test, depending on where the signal caught the worker (test_decode_workers_... checks the cause).
+    m = read_manifest(tiny_manifest)
+    rows = [{**r, "sample_id": f"{r['sample_id']}#{k}"} for k in range(342) for r in m.rows][:12 * 2048]
+    big = write_manifest(Manifest(rows=rows, source="repeated", columns=m.columns), tmp_path / "big.csv")
+    out, sent = tmp_path / "interrupted.zarr", tmp_path / "sigint-at"
+    proc = subprocess.run([sys.executable, "-c", CTRL_C, str(big), str(out), str(tiny_dataset), str(sent)],
+                          capture_output=True, text=True, start_new_session=True)
+    stopped = time.time() - float(sent.read_text())
+    assert proc.returncode == 130 and "the same command resumes" in proc.stderr, proc.stderr
+    assert stopped < 4, f"{stopped:.1f} s from Ctrl-C to exit"
+    saved = int(re.search(r"interrupted: (\d+) of 12 chunks", proc.stderr).group(1))
+    assert saved >= 2 and saved == 12 - len(S.open_store(out).pending_chunks())
+    r = extract(big, "null:", out, root=tiny_dataset, image_size=8, chunk_rows=2048, progress=False)
+    assert r.chunks_computed == 12 - saved and r.n_ok == 12 * 2048 and S.open_store(out).complete
+
+
+def test_decode_workers_leave_ctrl_c_to_the_main_process(tiny_manifest, tiny_dataset, tmp_path, monkeypatch):
+    """Left running, a worker exits at once when the main process shuts the DataLoader down after Ctrl-C."""
+    import signal
+
+    from fercache import extract as E
+
+    read, encode, seen = E.ChunkReader.__getitem__, E.encode_chunk, []
+    monkeypatch.setattr(E.ChunkReader, "__getitem__", lambda self, k: {**read(self, k),
+                                                                       "sigint": signal.getsignal(signal.SIGINT)})
+    monkeypatch.setattr(E, "encode_chunk", lambda item, *a: seen.append(item["sigint"]) or encode(item, *a))
+    extract(tiny_manifest, "null:", tmp_path / "s.zarr", root=tiny_dataset, chunk_rows=16, workers=2, progress=False)
+    assert seen == [signal.SIG_IGN] * 5 and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
 
 
 def _assert_same_arrays(a, b):
