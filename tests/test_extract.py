@@ -161,6 +161,7 @@ CTRL_C = textwrap.dedent("""
     import os, signal, sys, time
     from fercache import extract as E, store as S
     from fercache.cli import main
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores SIGINT)
     manifest, out, root, sent = sys.argv[1:]
     encode, calls = E.encode_chunk, [0]
     def interrupted(*a, **k):
@@ -210,12 +211,17 @@ def test_decode_workers_leave_ctrl_c_to_the_main_process(tiny_manifest, tiny_dat
 
     from fercache import extract as E
 
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, even when CI ignores it
     read, encode, seen = E.ChunkReader.__getitem__, E.encode_chunk, []
     monkeypatch.setattr(E.ChunkReader, "__getitem__", lambda self, k: {**read(self, k),
                                                                        "sigint": signal.getsignal(signal.SIGINT)})
     monkeypatch.setattr(E, "encode_chunk", lambda item, *a: seen.append(item["sigint"]) or encode(item, *a))
-    extract(tiny_manifest, "null:", tmp_path / "s.zarr", root=tiny_dataset, chunk_rows=16, workers=2, progress=False)
-    assert seen == [signal.SIG_IGN] * 5 and signal.getsignal(signal.SIGINT) is not signal.SIG_IGN
+    try:
+        extract(tiny_manifest, "null:", tmp_path / "s.zarr", root=tiny_dataset, chunk_rows=16, workers=2,
+                progress=False)
+        assert seen == [signal.SIG_IGN] * 5 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _assert_same_arrays(a, b):
