@@ -257,6 +257,7 @@ def open_clip_encoder(arch: str, pretrained: str | None = None, image_size: int 
             raise EncoderError(f"weights file {path} does not exist. {OFFLINE_HELP}")
         model = open_clip.create_model(name, pretrained=str(path), weights_only=True, **kw)
         sha, label = sha256_file(path), pretrained
+    model.eval().requires_grad_(False)  # the text tower too: zero-shot and prompt heads run it, frozen
     cfg = model.visual.preprocess_cfg
     spec = Preprocess(size=int(model.visual.image_size[0]) if isinstance(model.visual.image_size, (tuple, list))
                       else int(model.visual.image_size),

@@ -93,6 +93,11 @@ def test_encoders_without_batchnorm_keep_the_fingerprint_they_had(tiny_encoder_s
     assert "revision" not in E.load_encoder(tiny_encoder_spec).identity()
 
 
+def test_the_whole_clip_model_is_frozen_in_eval_mode_text_tower_included(tiny_encoder_spec):
+    clip = E.load_encoder(tiny_encoder_spec).extra["clip_model"]
+    assert not any(m.training for m in clip.modules()) and not any(p.requires_grad for p in clip.parameters())
+
+
 def test_a_convnet_store_from_before_the_batchnorm_fix_is_refused_with_the_reason(tiny_manifest, tiny_dataset,
                                                                                    tmp_path):
     """Its features no longer match what the encoder computes: resuming it, or encoding new images for its runs
