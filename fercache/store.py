@@ -246,7 +246,8 @@ def check_compatible(store: FeatureStore, fingerprint: dict) -> None:
     if store.fingerprint["key"] != fingerprint["key"]:
         raise StoreError(
             f"{store.location} was built from other inputs ({_diff(store.fingerprint, fingerprint)}). "
-            "Rebuild it with `fercache extract ... --overwrite`, or write to a new --out path."
+            "Rebuild it with `fercache extract ... --overwrite` (in a pipeline step: `overwrite = true`), or write to a "
+            "new --out path."
         )
 
 
