@@ -60,7 +60,8 @@ def encoder_key(encoder: dict) -> dict:
 def encoder_label(encoder: dict) -> str:
     """An encoder identity in one line, for errors that compare two."""
     revision = f", revision {encoder['revision']}" if encoder.get("revision") else ""
-    return f"{encoder['name']} ({encoder['weights_sha256'][:12]}, size {encoder['preprocess']['size']}{revision})"
+    return (f"{encoder['name']} ({encoder['pretrained']}, sha {encoder['weights_sha256'][:12]}, "
+            f"size {encoder['preprocess']['size']}{revision})")
 
 
 def make_fingerprint(encoder_identity: dict, manifest_sha256: str, n_rows: int, chunk_rows: int,
@@ -86,9 +87,7 @@ def _diff(old: dict, new: dict) -> str:
     if why := revision_note(old["encoder"], new["encoder"]):
         parts.append(why)
     elif old["encoder"] != new["encoder"]:
-        o, n = old["encoder"], new["encoder"]
-        parts.append(f"encoder {o['name']} ({o['pretrained']}, sha {o['weights_sha256'][:12]}, size {o['preprocess']['size']}) "
-                     f"vs {n['name']} ({n['pretrained']}, sha {n['weights_sha256'][:12]}, size {n['preprocess']['size']})")
+        parts.append(f"encoder {encoder_label(old['encoder'])} vs {encoder_label(new['encoder'])}")
     if old["manifest_sha256"] != new["manifest_sha256"]:
         parts.append(f"manifest sha256 {old['manifest_sha256'][:12]} vs {new['manifest_sha256'][:12]}")
     for k in ("schema_version", "n_rows", "chunk_rows", "read_chunk_rows"):
