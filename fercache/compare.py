@@ -16,7 +16,7 @@ import numpy as np
 from . import metrics
 from .errors import ConfigError
 from .evaluate import Scored, run_dirs, score_run
-from .store import store_name
+from .store import canonical, store_name
 
 
 def _scored(run: str | Path, store, manifest, split: str, device: str) -> list[Scored]:
@@ -45,7 +45,7 @@ def _test_store(a, b, store: str | None) -> str:
     """The one store both runs are scored on: --store, else their common training store."""
     if store:
         return store
-    trained = {str(r): json.loads((r / "config.json").read_text())["store"] for r in run_dirs(a) + run_dirs(b)}
+    trained = {str(r): canonical(json.loads((r / "config.json").read_text())["store"]) for r in run_dirs(a) + run_dirs(b)}
     if len(set(trained.values())) > 1:
         raise ConfigError("the runs were trained on different stores (" + ", ".join(sorted(set(trained.values())))
                           + "); pass --store to score both on the same test samples")

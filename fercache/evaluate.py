@@ -18,7 +18,7 @@ from .encoders import revision_note
 from .errors import ConfigError, StaleRunError, StoreError
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
-from .store import encoder_key, encoder_label, exists, open_store, store_name
+from .store import encoder_key, encoder_label, exists, open_store, same_location, store_name
 from .train import _to_device, load_run, predict_logits, targets
 
 log = logging.getLogger(__name__)
@@ -50,7 +50,7 @@ def staleness(cfg: dict, store: str | None = None, manifest=None) -> tuple[str, 
     training images into the test split without any other error. Another store, or an explicit manifest, is
     not checked: that is scoring on purpose."""
     store = store or cfg["store"]
-    if store != cfg["store"]:
+    if not same_location(store, cfg["store"]):
         return None
     then, now = cfg["store_fingerprint"], open_store(store).fingerprint
     if (then["manifest_sha256"], then["n_rows"]) != (now["manifest_sha256"], now["n_rows"]):
@@ -131,9 +131,10 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     store = store or cfg["store"]
     _check_same_encoder(cfg, store)
     _check_not_stale(run, cfg, store, manifest)
-    if cfg["mask_source"] and store != cfg["store"]:
+    own_store = same_location(store, cfg["store"])
+    if cfg["mask_source"] and not own_store:
         raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
-    labels_from = manifest or (cfg["manifest"] if store == cfg["store"] else None)  # else the store's own manifest
+    labels_from = manifest or (cfg["manifest"] if own_store else None)  # else the store's own manifest
     # Test-time augmentation over the cached views the head trained with, where this store has them too.
     views = [v for v in tta_views(cfg.get("views", [])) if v in store_views(store)]
     fs = _rows_to_score(load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views),

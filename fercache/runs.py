@@ -16,7 +16,7 @@ import numpy as np
 from . import report
 from .errors import ConfigError, FercacheError
 from .evaluate import eval_name, staleness
-from .store import exists, store_name
+from .store import canonical, exists, store_name
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -52,7 +52,7 @@ def run_record(run: Path) -> dict:
         if metric in r:
             evals[eval_name(r)] = r[metric]
     return {"run": run, "head": cfg["head"], "hp": cfg.get("hp") or {}, "recipe": cfg.get("recipe") or {},
-            "store": cfg["store"], "manifest": cfg.get("manifest"), "output": cfg.get("output"),
+            "store": canonical(cfg["store"]), "manifest": cfg.get("manifest"), "output": cfg.get("output"),
             "views": cfg.get("views", []), "task": cfg["task"], "seed": cfg["seed"], "fold": cfg.get("fold"), "metric": metric,
             "val": met["val"][metric], "evals": evals, "status": _status(cfg)}
 

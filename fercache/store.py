@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import platform
 import shutil
 from dataclasses import dataclass
@@ -49,6 +50,20 @@ def library_versions() -> dict[str, str]:
 def store_name(location) -> str:
     """A store's short name for tables and run folders: `out/fer2013.zarr/` -> `fer2013`."""
     return Path(str(location).rstrip("/")).stem
+
+
+def canonical(location: str | Path) -> str:
+    """One spelling per store location: an absolute local path, or the URL without a trailing slash. Runs record
+    it, so a run finds its store from any working directory, and `s.zarr`, `./s.zarr/` and `/abs/s.zarr` are one
+    store when evaluate decides whether it scores a run on its own training store."""
+    location = str(location)
+    if "://" in location:
+        return location.rstrip("/")
+    return os.path.abspath(os.path.expanduser(location))
+
+
+def same_location(a: str | Path | None, b: str | Path | None) -> bool:
+    return a is not None and b is not None and canonical(a) == canonical(b)
 
 
 def encoder_key(encoder: dict) -> dict:

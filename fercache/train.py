@@ -28,7 +28,7 @@ from .errors import ConfigError
 from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
-from .store import open_store, store_name
+from .store import canonical, open_store, store_name
 
 log = logging.getLogger(__name__)
 
@@ -432,12 +432,23 @@ def _changed(old, new) -> str:
     return f"{old!r} -> {new!r}"
 
 
+def _located(settings: dict) -> dict:
+    """`settings` with its store, mask-source store and manifest file as absolute locations: a run's record of
+    its data holds from any working directory, and one file spelled two ways is one file."""
+    out = dict(settings)
+    for k in ("store", "mask_source", "manifest"):
+        v = settings.get(k)
+        if v and ("://" in str(v) or Path(v).exists()):  # not "<memory>", a manifest built in code
+            out[k] = canonical(v)
+    return out
+
+
 def _refuse_other_run(run_dir: Path, settings: dict) -> None:
     """A run directory already holding a run with other settings is kept: nothing trained is lost silently."""
     saved_path = run_dir / "config.json"
     if not saved_path.is_file():
         return
-    saved = json.loads(saved_path.read_text())
+    saved = _located(json.loads(saved_path.read_text()))  # older runs may hold relative paths
     differ = [k for k, v in settings.items() if json.dumps(saved.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
     if differ:
         detail = "; ".join(f"{k}: {_changed(saved.get(k), settings[k])}" for k in differ)
@@ -471,8 +482,9 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     model = build_head(head, ctx, **(hp or {}))
     hp = {**(hp or {}), **getattr(model, "resolved_hp", {})}  # e.g. an "auto" choice, so load_run rebuilds this head
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
-    settings = {"head": head, "hp": hp, "recipe": r, "store": str(store), "output": output or st.default_output,
-                "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views, "classes": classes}
+    settings = _located({"head": head, "hp": hp, "recipe": r, "store": store, "output": output or st.default_output,
+                         "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views,
+                         "classes": classes})
     if not replace:
         _refuse_other_run(run_dir, settings)
     if model.level == "clip":

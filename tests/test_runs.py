@@ -108,3 +108,30 @@ def test_a_moved_store_is_reported_missing_not_stale_and_evaluate_says_how_to_sc
     with pytest.raises(StoreError, match="which is gone .*--store NEW_LOCATION"):
         evaluate(run)
     assert evaluate(run, str(tmp_path / "moved.zarr"))["runs"][0]["n"] == 24
+
+
+def test_runs_record_their_data_so_any_working_directory_and_any_spelling_finds_it(tiny_store, tiny_manifest,
+                                                                                  tmp_path, monkeypatch):
+    """A run trained on `faces.zarr` from one folder is checked and scored from another, and `./faces.zarr/` is
+    the same store: staleness is checked and the run's own manifest is used, not the store's."""
+    import shutil
+
+    from fercache.errors import StaleRunError
+
+    shutil.copytree(tiny_store, tmp_path / "faces.zarr")
+    write_manifest(read_manifest(tiny_manifest), tmp_path / "labels.csv")
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path)
+    run = fit("faces.zarr", "linear", manifest="labels.csv", out_dir="runs", recipe=QUICK).run_dir
+    cfg = json.loads((run / "config.json").read_text())
+    assert (cfg["store"], cfg["manifest"]) == (str(tmp_path / "faces.zarr"), str(tmp_path / "labels.csv"))
+    fit("./faces.zarr/", "linear", manifest="./labels.csv", out_dir="runs", recipe=QUICK, replace=False)  # same run
+
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    assert ledger(tmp_path / "runs")["records"][0]["status"] == "ok"
+    assert evaluate_run(tmp_path / "runs" / run.relative_to("runs"))["n"] == 24
+    m = read_manifest(tmp_path / "labels.csv")
+    next(row for row in m.rows if row["split"] == "train")["split"] = "test"
+    write_manifest(m, tmp_path / "labels.csv")
+    with pytest.raises(StaleRunError, match="labels.csv changed since it was trained"):
+        evaluate_run(tmp_path / "runs" / run.relative_to("runs"), store="../faces.zarr/")
