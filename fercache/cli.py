@@ -164,7 +164,10 @@ def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", he
     typer.echo(f"chunks     {lay['chunk_rows']} rows" + (f", sharded: inner chunks of {lay['read_chunk_rows']} rows"
                                                       if lay["sharded"] else ""))
     typer.echo("outputs    " + ", ".join(f"{k}[{v}]" for k, v in d["outputs"].items()) + f" (default {d['default_output']})")
-    typer.echo(f"encoder    {enc['name']} pretrained={enc['pretrained']} sha256={enc['weights_sha256'][:16]}")
+    typer.echo(f"encoder    {enc['name']} pretrained={enc['pretrained']} sha256={enc['weights_sha256'][:16]}"
+               + (f" revision={enc['revision']}" if enc.get("revision") else ""))
+    if d["outdated"]:
+        typer.echo(f"OUTDATED   {d['outdated']}: re-extract it (`fercache extract ... --overwrite`) and retrain its runs")
     typer.echo(f"preprocess {json.dumps(enc['preprocess'])}")
     typer.echo(f"manifest   {d['manifest']} sha256={fp['manifest_sha256'][:16]}")
     typer.echo(f"key        {fp['key']}")

@@ -9,6 +9,7 @@ the CLI starts instantly.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -20,7 +21,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from .errors import EncoderError, UnknownNameError
+from .errors import EncoderError, FercacheError, UnknownNameError
 from .preprocess import Preprocess
 from .registry import Registry
 
@@ -83,6 +84,18 @@ def revision_note(stored: dict, current: dict) -> str | None:
     old, new = sorted((stored, current), key=lambda e: e.get("revision") or 1)
     return (f"{old['name']} features of encoder revision {old.get('revision') or 1} were computed with BatchNorm "
             f"statistics that fercache 0.1.0 shifted while loading the model (revision {new['revision']} fixes it)")
+
+
+@functools.lru_cache(maxsize=None)
+def arch_has_batchnorm(spec: str) -> bool:
+    """Whether `family:arch` has BatchNorm layers, from its architecture alone (random init, no weights)."""
+    family, _, arch = spec.partition(":")
+    if family == "null":
+        return False
+    try:
+        return has_batchnorm(ENCODERS.lookup(family)(arch, pretrained="none").model)
+    except FercacheError:  # an architecture this install cannot build (a model config file gone): cannot tell
+        return False
 
 
 ENCODERS = Registry("encoder family")

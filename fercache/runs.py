@@ -16,7 +16,7 @@ import numpy as np
 from . import report
 from .errors import ConfigError, FercacheError
 from .evaluate import eval_name, staleness
-from .store import canonical, exists, store_name
+from .store import canonical, exists, outdated, store_name
 
 
 def find_runs(root: str | Path) -> list[Path]:
@@ -29,7 +29,8 @@ def find_runs(root: str | Path) -> list[Path]:
 
 
 def _status(cfg: dict) -> str:
-    """ok, STALE: why (retrain), or MISSING: store/manifest (moved or deleted: nothing to check against)."""
+    """ok, STALE: why (retrain; re-extract first when its store is a 0.1.0 BatchNorm store), or MISSING:
+    store/manifest (moved or deleted: nothing to check against)."""
     if not exists(cfg["store"]):
         return "MISSING: store"
     if cfg.get("manifest") and not Path(cfg["manifest"]).is_file():
@@ -38,6 +39,8 @@ def _status(cfg: dict) -> str:
         stale = staleness(cfg)
     except (FercacheError, OSError, KeyError) as e:
         return f"unreadable data ({type(e).__name__})"
+    if stale is None and outdated(cfg["store_fingerprint"], (cfg.get("encoder_args") or {}).get("spec")):
+        return f"STALE: encoder revision {cfg['store_fingerprint']['encoder'].get('revision') or 1} (re-extract)"
     return "ok" if stale is None else f"STALE: {stale[0]}"
 
 

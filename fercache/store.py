@@ -95,6 +95,20 @@ def make_fingerprint(encoder_identity: dict, manifest_sha256: str, n_rows: int, 
     return {**ident, "key": key, "versions": library_versions()}
 
 
+def outdated(fingerprint: dict, spec: str | None = None) -> str | None:
+    """Why a store with this fingerprint holds features its encoder no longer computes, or None: a BatchNorm model
+    fingerprinted by fercache 0.1.0 (no revision). Later versions' stores say so themselves, so only 0.1.0's
+    build the architecture (random init, no weights) to look for BatchNorm; `spec` is the store's encoder_args spec."""
+    enc = fingerprint["encoder"]
+    if enc.get("revision") or fingerprint.get("versions", {}).get("fercache") not in (None, "0.1.0"):
+        return None
+    from .encoders import BATCHNORM_REVISION, arch_has_batchnorm, revision_note  # torch only for 0.1.0 stores
+
+    if not arch_has_batchnorm(spec or enc["name"]):
+        return None
+    return revision_note(enc, {**enc, "revision": BATCHNORM_REVISION})
+
+
 def _diff(old: dict, new: dict) -> str:
     from .encoders import revision_note  # here, not at the top: `fercache info` needs no torch
 
@@ -218,6 +232,7 @@ class FeatureStore:
             "chunks_total": self.n_chunks, "outputs": self.outputs, "default_output": self.default_output,
             "n_ok": meta.get("n_ok"), "n_failed": meta.get("n_failed"), "failures": self.errors() if self.complete else {},
             "fingerprint": self.fingerprint, "manifest": meta.get("manifest"),
+            "outdated": outdated(self.fingerprint, (meta.get("encoder_args") or {}).get("spec")),
             "clips": int(len(np.unique(_strings(self.group["clip_id"][:])))) if "clip_id" in self.group else None,
             "layout": {"chunk_rows": self.chunk_rows, "read_chunk_rows": self.read_chunk_rows,
                        "sharded": self.read_chunk_rows != self.chunk_rows},

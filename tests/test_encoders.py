@@ -98,6 +98,44 @@ def test_the_whole_clip_model_is_frozen_in_eval_mode_text_tower_included(tiny_en
     assert not any(m.training for m in clip.modules()) and not any(p.requires_grad for p in clip.parameters())
 
 
+def _as_written_by_0_1_0(location) -> dict:
+    """Rewrite a store's fingerprint as fercache 0.1.0 wrote it (no encoder revision); returns that encoder."""
+    from fercache import store as S
+
+    st = S.open_store(location, mode="r+")
+    fp = st.fingerprint
+    old_encoder = {k: v for k, v in fp["encoder"].items() if k != "revision"}
+    old = S.make_fingerprint(old_encoder, fp["manifest_sha256"], fp["n_rows"], fp["chunk_rows"])
+    st.group.attrs["fercache"] = {**st.meta, "fingerprint": {**old, "versions": {**old["versions"], "fercache": "0.1.0"}}}
+    return old_encoder
+
+
+def test_info_and_the_run_ledger_flag_a_0_1_0_convnet_store_and_its_runs_not_a_0_1_0_vit_store(
+        tiny_manifest, tiny_dataset, tiny_store, tmp_path):
+    import shutil
+
+    import torchvision
+
+    from fercache.extract import extract
+    from fercache.runs import ledger
+    from fercache.train import fit
+    from tests.test_cli import invoke
+
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "w.pth")
+    extract(tiny_manifest, "torchvision:mobilenet_v3_small", tmp_path / "cnn.zarr", pretrained=str(tmp_path / "w.pth"),
+            image_size=32, root=tiny_dataset, workers=0, progress=False)
+    shutil.copytree(tiny_store, tmp_path / "vit.zarr")
+    for name in ("cnn", "vit"):
+        assert "OUTDATED" not in invoke("info", tmp_path / f"{name}.zarr").output
+        _as_written_by_0_1_0(tmp_path / f"{name}.zarr")
+        fit(str(tmp_path / f"{name}.zarr"), "linear", out_dir=tmp_path / "runs", recipe={"epochs": 1})
+    res = invoke("info", tmp_path / "cnn.zarr")
+    assert res.exit_code == 0 and "OUTDATED   torchvision:mobilenet_v3_small features of encoder revision 1" in res.output
+    assert "OUTDATED" not in invoke("info", tmp_path / "vit.zarr").output  # LayerNorm only: its features hold
+    status = {r["store"].rsplit("/", 1)[-1]: r["status"] for r in ledger(tmp_path / "runs")["records"]}
+    assert status == {"cnn.zarr": "STALE: encoder revision 1 (re-extract)", "vit.zarr": "ok"}
+
+
 def test_a_convnet_store_from_before_the_batchnorm_fix_is_refused_with_the_reason(tiny_manifest, tiny_dataset,
                                                                                    tmp_path):
     """Its features no longer match what the encoder computes: resuming it, or encoding new images for its runs
@@ -113,11 +151,7 @@ def test_a_convnet_store_from_before_the_batchnorm_fix_is_refused_with_the_reaso
               progress=False)
     out = tmp_path / "s.zarr"
     extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, **kw)
-    st = S.open_store(out, mode="r+")
-    fp = st.fingerprint
-    old_encoder = {k: v for k, v in fp["encoder"].items() if k != "revision"}  # what fercache 0.1.0 wrote
-    st.group.attrs["fercache"] = {**st.meta, "fingerprint": S.make_fingerprint(
-        old_encoder, fp["manifest_sha256"], fp["n_rows"], fp["chunk_rows"])}
+    old_encoder = _as_written_by_0_1_0(out)
     with pytest.raises(StoreError, match=r"revision 1 were computed with BatchNorm statistics .* --overwrite"):
         extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, **kw)
     with pytest.raises(EncoderError, match=r"revision 1 .*Re-extract the store"):
