@@ -381,7 +381,8 @@ def near_dups(
 
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="A trained run directory."),
+    run: Path = typer.Argument(..., help="A trained run directory, or a folder of seed runs (seed0, seed1, ...): "
+                               "their probabilities are averaged."),
     images: list[Path] = typer.Argument(..., help="Image files or folders."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write .json or .csv (default: JSON to stdout)."),
     detect: bool = typer.Option(False, help="Crop the most confident face with MTCNN (facenet-pytorch) first."),

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +12,9 @@ import torch
 from .adapters import IMAGE_EXTS
 from .encoders import encoder_of
 from .errors import ConfigError, FercacheError
+from .evaluate import run_dirs
 from .preprocess import decode_image, to_model_input, tta_views, with_views
+from .store import encoder_key
 from .train import Fitted, load_run
 
 log = logging.getLogger(__name__)
@@ -54,37 +56,67 @@ class FaceCropper:
         return image[max(0, y0):min(h, y1), max(0, x0):min(w, x1)], True
 
 
+@dataclass
+class Head:
+    """One trained run, ready to score encoder features."""
+
+    model: torch.nn.Module
+    cfg: dict
+    fitted: Fitted
+
+
+def load_heads(run: str | Path, device: str = "cpu", calibrated: bool = True) -> list[Head]:
+    """The run at `run`, or every seed run under it (an ensemble): they must read the same encoder's features the
+    same way and predict the same classes."""
+    dirs = run_dirs(run)
+    heads = []
+    for d in dirs:
+        model, cfg, fitted = load_run(d, device)
+        heads.append(Head(model, cfg, fitted if calibrated else replace(fitted, temperature=None)))
+    first = heads[0].cfg
+    for d, h in zip(dirs[1:], heads[1:]):
+        same = {"encoder": encoder_key(h.cfg["store_fingerprint"]["encoder"]) == encoder_key(first["store_fingerprint"]["encoder"]),
+                **{k: h.cfg.get(k) == first.get(k) for k in ("task", "classes", "output", "level")}}
+        if differ := [k for k, ok in same.items() if not ok]:
+            raise ConfigError(f"{d} and {dirs[0]} differ in {', '.join(differ)}: an ensemble's runs must share them; "
+                              "pass one run directory")
+    if any(h.cfg["mask_source"] for h in heads):
+        raise ConfigError("this run's mask reads a second store's features; predict supports single-encoder runs")
+    if len(heads) > 1:
+        log.info("ensemble of %d runs under %s: their probabilities are averaged", len(heads), run)
+    return heads
+
+
 def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, device: str = "cpu",
             batch_size: int = 64, calibrated: bool = True) -> list[dict]:
-    """Per-image class probabilities (or AU probabilities and decisions) from a trained run.
+    """Per-image class probabilities (or AU probabilities and decisions) from a trained run, or the average over
+    the seed runs under a folder (AU decisions then at the runs' mean threshold).
 
-    `calibrated`: expression probabilities are softmax(logits / T) with the temperature the run fitted on its
-    validation split (so 0.8 means right about 80% of the time there); False gives the raw softmax. The
-    predicted class is the same either way.
+    `calibrated`: expression probabilities are softmax(logits / T) with the temperature each run fitted on its
+    validation split (so 0.8 means right about 80% of the time there); False gives the raw softmax. A single
+    run's predicted class is the same either way.
     """
-    model, cfg, fitted = load_run(run, device)
-    if not calibrated:
-        fitted = replace(fitted, temperature=None)
-    if cfg["mask_source"]:
-        raise ConfigError("this run's mask reads a second store's features; predict supports single-encoder runs")
+    heads = load_heads(run, device, calibrated)
+    cfg = heads[0].cfg
     enc = encoder_of({"fingerprint": cfg["store_fingerprint"], "encoder_args": cfg.get("encoder_args")})
     enc.model.to(device)
     cropper = FaceCropper(device) if detect else None
-    if model.level == "clip":
-        return [_predict_clip(Path(p), enc, model, cfg, fitted, cropper, device, batch_size) for p in inputs]
+    if heads[0].model.level == "clip":
+        return [_predict_clip(Path(p), enc, heads, cropper, device, batch_size) for p in inputs]
     paths, results = collect_images(inputs), []
     for start in range(0, len(paths), batch_size):
-        results += _predict_batch(paths[start:start + batch_size], enc, model, cfg, fitted, cropper, device)
+        results += _predict_batch(paths[start:start + batch_size], enc, heads, cropper, device)
     if all("error" in r for r in results):  # nothing to report but failures: say so, do not exit 0
         raise ConfigError(f"none of the {len(results)} file(s) could be read as an image, e.g. {results[0]['path']}: "
                           f"{results[0]['error']}")
     return results
 
 
-def _predict_clip(folder: Path, enc, model, cfg, fitted, cropper, device, batch_size: int) -> dict:
+def _predict_clip(folder: Path, enc, heads: list[Head], cropper, device, batch_size: int) -> dict:
     """One prediction for a folder of a clip's frames (sorted by name); frames that fail to decode are skipped."""
     if not folder.is_dir():
-        raise ConfigError(f"a clip-level run ({cfg['head']}) predicts one clip per folder of frames; {folder} is not a folder")
+        raise ConfigError(f"a clip-level run ({heads[0].cfg['head']}) predicts one clip per folder of frames; "
+                          f"{folder} is not a folder")
     frames, errors = [], 0
     for p in collect_images([folder]):
         try:
@@ -95,15 +127,16 @@ def _predict_clip(folder: Path, enc, model, cfg, fitted, cropper, device, batch_
     row = {"path": str(folder), "frames": len(frames), "frames_failed": errors}
     if not frames:
         return {**row, "error": "no frame of the clip could be decoded"}
+    output = heads[0].cfg["output"]
     with torch.inference_mode():
-        feats = torch.cat([enc.model(to_model_input(frames[i:i + batch_size], enc.preprocess, device))[cfg["output"]].float()
+        feats = torch.cat([enc.model(to_model_input(frames[i:i + batch_size], enc.preprocess, device))[output].float()
                            for i in range(0, len(frames), batch_size)])
-        logits = model(feats[None])  # [1, frames, D]: every frame is valid
-    _fill([row], logits, cfg, fitted)
+        prob = np.mean([_probabilities(h, h.model(feats[None])) for h in heads], axis=0)  # [1, frames, D]
+    _fill([row], prob, heads)
     return row
 
 
-def _predict_batch(paths, enc, model, cfg, fitted, cropper, device) -> list[dict]:
+def _predict_batch(paths, enc, heads: list[Head], cropper, device) -> list[dict]:
     images, rows = [], []
     for p in paths:
         try:
@@ -119,25 +152,37 @@ def _predict_batch(paths, enc, model, cfg, fitted, cropper, device) -> list[dict
     good = [r for r in rows if "error" not in r]
     if not good:
         return rows
-    views = tta_views(cfg.get("views", []))  # the mirror, if the head trained with it: averaged, as evaluate does
+    # Each head averages the views it trained with (the mirror: as evaluate does); each view is encoded once.
+    views = sorted({v for h in heads for v in tta_views(h.cfg.get("views", []))})
+    output = heads[0].cfg["output"]
     with torch.inference_mode():
         x = to_model_input(images, enc.preprocess, device)
-        logits = torch.stack([model(enc.model(xi)[cfg["output"]].float())
-                              for _, xi in with_views(x, views, enc.preprocess)]).mean(0)
-    _fill(good, logits, cfg, fitted)
+        feats = {name: enc.model(xi)[output].float() for name, xi in with_views(x, views, enc.preprocess)}
+        prob = np.mean([_probabilities(h, _view_mean(h, feats)) for h in heads], axis=0)
+    _fill(good, prob, heads)
     return rows
 
 
-def _fill(rows: list[dict], logits: torch.Tensor, cfg: dict, fitted: Fitted) -> None:
-    classes = cfg["classes"]
-    if cfg["task"] == "au":
-        prob = torch.sigmoid(logits).cpu().numpy()
-        thr = fitted.thresholds if fitted.thresholds is not None else np.full(len(classes), 0.5)
+def _view_mean(head: Head, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The head's logits averaged over the plain image and the test-time views it trained with."""
+    return torch.stack([head.model(feats[v]) for v in ["", *tta_views(head.cfg.get("views", []))]]).mean(0)
+
+
+def _probabilities(head: Head, logits: torch.Tensor) -> np.ndarray:
+    if head.cfg["task"] == "au":
+        return torch.sigmoid(logits).cpu().numpy()
+    return torch.softmax(logits / (head.fitted.temperature or 1.0), dim=1).cpu().numpy()
+
+
+def _fill(rows: list[dict], prob: np.ndarray, heads: list[Head]) -> None:
+    classes = heads[0].cfg["classes"]
+    if heads[0].cfg["task"] == "au":
+        thr = np.mean([h.fitted.thresholds if h.fitted.thresholds is not None else np.full(len(classes), 0.5)
+                       for h in heads], axis=0)
         for r, p in zip(rows, prob):
             r["probabilities"] = {c: float(v) for c, v in zip(classes, p)}
             r["active"] = [c for c, v, t in zip(classes, p, thr) if v >= t]
         return
-    prob = torch.softmax(logits / (fitted.temperature or 1.0), dim=1).cpu().numpy()
     for r, p in zip(rows, prob):
         r["probabilities"] = {c: float(v) for c, v in zip(classes, p)}
         r["prediction"] = classes[int(p.argmax())]

@@ -201,6 +201,26 @@ def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path):
         predict(r.run_dir, [tmp_path / "notes.txt"])
 
 
+def test_predict_on_a_folder_of_seeds_averages_their_probabilities(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
+    from fercache.extract import extract
+    from fercache.predict import predict
+
+    runs = [fit(str(tiny_store), "linear", out_dir=tmp_path, seed=s, recipe=QUICK).run_dir for s in (0, 1)]
+    folder = tiny_dataset / "faces" / "test" / "happy"
+    each = [np.array([list(r["probabilities"].values()) for r in predict(run, [folder])]) for run in runs]
+    assert not np.allclose(each[0], each[1])  # two seeds, two heads
+    both = predict(runs[0].parent, [folder])
+    np.testing.assert_allclose([list(r["probabilities"].values()) for r in both], (each[0] + each[1]) / 2, atol=1e-6)
+    classes = list(both[0]["probabilities"])
+    assert [r["prediction"] for r in both] == [classes[i] for i in ((each[0] + each[1]) / 2).argmax(1)]
+
+    extract(tiny_manifest, "null:", tmp_path / "null.zarr", root=tiny_dataset, image_size=16, workers=0, progress=False)
+    other = fit(str(tmp_path / "null.zarr"), "linear", out_dir=tmp_path, recipe=QUICK).run_dir
+    shutil.copytree(other, runs[0].parent / "seed9")
+    with pytest.raises(ConfigError, match=r"seed9 and .*seed0 differ in encoder, output: an ensemble's runs must share"):
+        predict(runs[0].parent, [folder])
+
+
 def test_mask_head_with_a_second_mask_source_store(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
     from fercache.extract import extract
 
