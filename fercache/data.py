@@ -15,6 +15,7 @@ from .preprocess import tta_views
 from .store import FeatureStore, open_store
 
 log = logging.getLogger(__name__)
+_CARVE_SAID: set[tuple] = set()  # the carved val splits this process has logged
 
 
 @dataclass
@@ -170,7 +171,9 @@ def carve_val(fs: FeatureSet, fraction: float = 0.15, seed: int = 0) -> FeatureS
     split = fs.split.copy()
     split[train & np.isin(fs.subject, list(val_subjects))] = "val"
     note = f"carved from train: {n_val} of {len(subjects)} subjects ({fraction:.0%}), seed {seed}"
-    log.info("no val split in the manifest; %s", note)
+    if (said := (fs.notes.get("store"), fs.notes.get("manifest"), note)) not in _CARVE_SAID:  # a sweep: once, not per point
+        _CARVE_SAID.add(said)
+        log.info("no val split in the manifest; %s", note)
     return replace(fs, split=split, notes={**fs.notes, "val_source": note})
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import shutil
 
 import numpy as np
@@ -81,14 +82,21 @@ def test_selection_never_reads_the_test_split(tiny_store, tiny_manifest, tmp_pat
         torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0)
 
 
-def test_val_is_carved_by_subject_when_missing(tiny_store, tiny_manifest, tmp_path):
+def test_val_is_carved_by_subject_when_missing(tiny_store, tiny_manifest, tmp_path, caplog, monkeypatch):
+    from fercache import data
+
+    monkeypatch.setattr(data, "_CARVE_SAID", set())
     m = read_manifest(tiny_manifest)
     for r in m.rows:
         if r["split"] == "val":
             r["split"] = "train"
         r["subject"] = r["sample_id"][-3:]  # 6 "subjects", shared across classes
     path = write_manifest(m, tmp_path / "noval.csv")
-    r = fit(str(tiny_store), "linear", manifest=path, out_dir=tmp_path, recipe=QUICK)
+    with caplog.at_level(logging.INFO, logger="fercache.data"):
+        for seed in (0, 0, 1):  # a sweep's points: the same carve is said once
+            r = fit(str(tiny_store), "linear", manifest=path, out_dir=tmp_path, seed=seed, recipe=QUICK)
+    assert [m.split("; ")[1] for m in caplog.messages if m.startswith("no val split")] == [
+        "carved from train: 1 of 6 subjects (15%), seed 0", "carved from train: 1 of 6 subjects (15%), seed 1"]
     assert r.metrics["selection"]["val_source"].startswith("carved from train: 1 of 6 subjects")
     assert r.metrics["n_val"] == 8 and r.metrics["n_train"] == 40
 
