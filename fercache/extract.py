@@ -331,6 +331,13 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     check_options(batch_size, workers, chunk_rows, precision, image_size)
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)  # before any reading: a wrong --device fails in a second
+    with S.writing(out) if world == 1 else nullcontext():  # torchrun ranks share one store by design
+        return _extract(manifest_path, encoder, out, pretrained, image_size, root, dev, batch_size, workers,
+                        chunk_rows, precision, overwrite, progress, encoder_obj, read_chunk_rows, views, rank, world, t0)
+
+
+def _extract(manifest_path, encoder, out, pretrained, image_size, root, dev, batch_size, workers, chunk_rows,
+             precision, overwrite, progress, encoder_obj, read_chunk_rows, views, rank, world, t0) -> ExtractResult:
     if rank == 0:
         S.check_location(str(out), overwrite)  # before the encoder loads: never create a store over someone's files
     manifest = read_manifest(manifest_path)

@@ -18,11 +18,14 @@ store never looks finished.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import shutil
+import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -302,6 +305,37 @@ def check_location(location: str, overwrite: bool) -> None:
     raise StoreError(f"{location} exists and is not a feature store ({len(entries)} entries, e.g. "
                      f"{', '.join(sorted(entries)[:3])}); creating a store there would delete them: choose another "
                      "--out (a new folder, e.g. STORE.zarr)")
+
+
+@contextlib.contextmanager
+def writing(location: str | Path):
+    """Hold a lock while this process writes the local store at `location`, so a second `extract` of it fails at
+    once instead of wiping the store it is creating (zarr mode "w") or encoding the same chunks twice. The lock is
+    `.NAME.lock` beside the store, released by the OS when the process ends, however it ends; the file stays
+    (deleting it could let two processes lock two files). fsspec URLs and platforms without flock are not locked."""
+    location = str(location)
+    try:
+        import fcntl
+    except ImportError:
+        fcntl = None
+    if "://" in location or fcntl is None:
+        yield
+        return
+    path = Path(location)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            raise StoreError(f"{location} is being written by another extract ({f.read().strip() or 'unknown process'}); "
+                             "wait for it (the same command then finds the store complete), or stop it (its chunks are "
+                             "kept, and the same command resumes them)") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        f.flush()
+        yield
 
 
 def create(location: str | Path, fingerprint: dict, sample_ids: list[str], default_output: str,

@@ -205,6 +205,43 @@ def test_ctrl_c_stops_at_once_keeps_the_written_chunks_and_says_how_to_resume(ti
     assert r.chunks_computed == 12 - saved and r.n_ok == 12 * 2048 and S.open_store(out).complete
 
 
+PAUSED = textwrap.dedent("""
+    import os, sys, time
+    from fercache import extract as E
+    manifest, out, root, go = sys.argv[1:]
+    encode = E.encode_chunk
+    def paused(*a, **k):
+        while not os.path.exists(go):  # the test tries a second extract of the store meanwhile
+            time.sleep(0.05)
+        return encode(*a, **k)
+    E.encode_chunk = paused
+    E.extract(manifest, "null:", out, root=root, image_size=8, chunk_rows=16, workers=0, progress=False)
+""")
+
+
+def test_a_second_extract_of_a_store_being_written_fails_at_once_and_touches_nothing(tiny_manifest, tiny_dataset,
+                                                                                      tmp_path):
+    """Two extracts of one new store used to both create it (zarr mode "w" empties the location), or the second
+    said 'a zarr group but not a fercache store; pass --overwrite', which would wipe the first one's chunks."""
+    out, go = tmp_path / "s.zarr", tmp_path / "go"
+    first = subprocess.Popen([sys.executable, "-c", PAUSED, str(tiny_manifest), str(out), str(tiny_dataset), str(go)],
+                             stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 60
+        while not S.exists(out) and time.time() < deadline:  # created: it is encoding its first chunk
+            time.sleep(0.05)
+        for overwrite in (False, True):
+            with pytest.raises(StoreError, match=rf"s.zarr is being written by another extract \(pid {first.pid} "):
+                extract(tiny_manifest, "null:", out, root=tiny_dataset, image_size=8, chunk_rows=16, workers=0,
+                        progress=False, overwrite=overwrite)
+    finally:
+        go.write_text("")
+        assert first.wait(120) == 0, first.stderr.read()
+    assert S.open_store(out).complete
+    assert extract(tiny_manifest, "null:", out, root=tiny_dataset, image_size=8, chunk_rows=16, workers=0,
+                   progress=False).already_complete  # the lock went with the first process
+
+
 def test_decode_workers_leave_ctrl_c_to_the_main_process(tiny_manifest, tiny_dataset, tmp_path, monkeypatch):
     """Left running, a worker exits at once when the main process shuts the DataLoader down after Ctrl-C."""
     import signal
