@@ -332,43 +332,37 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)  # before any reading: a wrong --device fails in a second
     with S.writing(out) if world == 1 else nullcontext():  # torchrun ranks share one store by design
-        return _extract(manifest_path, encoder, out, pretrained, image_size, root, dev, batch_size, workers,
-                        chunk_rows, precision, overwrite, progress, encoder_obj, read_chunk_rows, views, rank, world, t0)
-
-
-def _extract(manifest_path, encoder, out, pretrained, image_size, root, dev, batch_size, workers, chunk_rows,
-             precision, overwrite, progress, encoder_obj, read_chunk_rows, views, rank, world, t0) -> ExtractResult:
-    if rank == 0:
-        S.check_location(str(out), overwrite)  # before the encoder loads: never create a store over someone's files
-    manifest = read_manifest(manifest_path)
-    paths, bboxes = packed(resolve_paths(manifest, data_root(root))), packed(manifest.column("bbox"))
-    enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev)
-    store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world,
-                           manifest_path=str(Path(manifest_path).resolve()),
-                           encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size},
-                           read_chunk_rows=read_chunk_rows)
-    del manifest  # its rows (~0.6 KB each as dicts) are not needed past the fingerprint and the store's ids
-    if store.complete:
-        log.info("%s is complete and matches; nothing to do", out)
-        return ExtractResult(str(out), store.n_rows, 0, store.meta.get("n_ok"), store.meta.get("n_failed"),
-                             time.perf_counter() - t0, 0.0, already_complete=True)
-    mine = [c for c in store.pending_chunks() if c % world == rank]
-    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    t1 = time.perf_counter()
-    try:
-        done, worker_s = run_chunks(store, enc, paths, bboxes, mine, dev, batch_size, n_workers,
-                                    _amp_dtype(dev, precision), progress and rank == 0)
-    except KeyboardInterrupt:
-        saved = store.n_chunks - len(store.pending_chunks())
-        log.warning("interrupted: %d of %d chunks of %s are written and kept; the same command resumes from there",
-                    saved, store.n_chunks, out)
-        raise
-    seconds = time.perf_counter() - t1
-    _barrier(world)
-    n_ok = None
-    if rank == 0:
-        n_ok = int(store.ok().sum())
-        store.mark_complete(n_ok)
-    return ExtractResult(str(out), store.n_rows, len(mine), n_ok, None if n_ok is None else store.n_rows - n_ok,
-                         time.perf_counter() - t0, done / seconds if seconds > 0 else 0.0, images=done,
-                         decode_worker_seconds=worker_s)
+        if rank == 0:
+            S.check_location(str(out), overwrite)  # before the encoder loads: never create a store over someone's files
+        manifest = read_manifest(manifest_path)
+        paths, bboxes = packed(resolve_paths(manifest, data_root(root))), packed(manifest.column("bbox"))
+        enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev)
+        store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world,
+                               manifest_path=str(Path(manifest_path).resolve()),
+                               encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size},
+                               read_chunk_rows=read_chunk_rows)
+        del manifest  # its rows (~0.6 KB each as dicts) are not needed past the fingerprint and the store's ids
+        if store.complete:
+            log.info("%s is complete and matches; nothing to do", out)
+            return ExtractResult(str(out), store.n_rows, 0, store.meta.get("n_ok"), store.meta.get("n_failed"),
+                                 time.perf_counter() - t0, 0.0, already_complete=True)
+        mine = [c for c in store.pending_chunks() if c % world == rank]
+        n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+        t1 = time.perf_counter()
+        try:
+            done, worker_s = run_chunks(store, enc, paths, bboxes, mine, dev, batch_size, n_workers,
+                                        _amp_dtype(dev, precision), progress and rank == 0)
+        except KeyboardInterrupt:
+            saved = store.n_chunks - len(store.pending_chunks())
+            log.warning("interrupted: %d of %d chunks of %s are written and kept; the same command resumes from there",
+                        saved, store.n_chunks, out)
+            raise
+        seconds = time.perf_counter() - t1
+        _barrier(world)
+        n_ok = None
+        if rank == 0:
+            n_ok = int(store.ok().sum())
+            store.mark_complete(n_ok)
+        return ExtractResult(str(out), store.n_rows, len(mine), n_ok, None if n_ok is None else store.n_rows - n_ok,
+                             time.perf_counter() - t0, done / seconds if seconds > 0 else 0.0, images=done,
+                             decode_worker_seconds=worker_s)

@@ -126,20 +126,22 @@ def test_paired_seed_group_scores_the_mean_of_its_seeds():
 
 def test_compare_refuses_runs_of_different_stores_without_store(tmp_path):
     import json
+    import os
 
     import pytest
 
     from fercache.compare import _test_store
     from fercache.errors import ConfigError
 
-    for name, store in (("a", "x.zarr"), ("b", "y.zarr")):
+    for name, store in (("a", "x.zarr"), ("b", "y.zarr"), ("c", "./x.zarr/")):
         (tmp_path / name).mkdir()
         (tmp_path / name / "head.pt").write_bytes(b"")
         (tmp_path / name / "config.json").write_text(json.dumps({"store": store}))
-    with pytest.raises(ConfigError, match=r"different stores \(x.zarr, y.zarr\); pass --store"):
+    with pytest.raises(ConfigError, match=r"different stores \(/\S*/x.zarr, /\S*/y.zarr\); pass --store"):
         _test_store(tmp_path / "a", tmp_path / "b", None)
     assert _test_store(tmp_path / "a", tmp_path / "b", "z.zarr") == "z.zarr"
-    assert _test_store(tmp_path / "a", tmp_path / "a", None) == "x.zarr"
+    assert _test_store(tmp_path / "a", tmp_path / "a", None) == os.path.abspath("x.zarr")
+    assert _test_store(tmp_path / "a", tmp_path / "c", None) == os.path.abspath("x.zarr")  # one store, two spellings
 
 
 def test_confident_errors_are_the_surest_mistakes_first():
