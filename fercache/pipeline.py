@@ -48,11 +48,11 @@ def _audit_step(manifest: str, data_root: str | None = None, without_leaks: str 
 
 
 @register_step("extract")
-def _extract_step(manifest: str, encoder: str, out: str, **kw):
+def _extract_step(manifest: str, encoder: str, out: str, data_root: str | None = None, **kw):
     """Encode every manifest row once into a store at `out` (`fercache extract`)."""
     from .extract import extract
 
-    r = extract(manifest, encoder, out, **kw)
+    r = extract(manifest, encoder, out, root=data_root, **kw)
     state = "already complete" if r.already_complete else f"{r.chunks_computed} chunks, {r.images_per_s:.0f} img/s"
     return f"{r.store}: {r.rows} rows, {r.n_ok} ok, {r.n_failed} failed ({state})"
 
@@ -77,11 +77,11 @@ def _cross_step(stores: list[str], heads: list[str], out: str, progress: bool = 
 
 
 @register_step("near_dups")
-def _near_dups_step(store: str, out: str, **kw):
+def _near_dups_step(store: str, out: str, data_root: str | None = None, **kw):
     """Near-duplicates across splits from the cached features, written to `out` (`fercache near-dups`)."""
     from .neighbours import describe, near_duplicates
 
-    return "\n" + describe(near_duplicates(store, out, **kw))
+    return "\n" + describe(near_duplicates(store, out, root=data_root, **kw))
 
 
 @register_step("evaluate")
@@ -190,6 +190,12 @@ def load_pipeline(path: str | Path) -> list[dict]:
     for i, step in enumerate(steps):
         if step.get("run") not in STEPS:
             raise ConfigError(f"{path}: step {i + 1} has run={step.get('run')!r}; known: {', '.join(sorted(STEPS))}")
+        for old, new in RENAMED.get(step["run"], []):
+            if old in step and new in step:
+                raise ConfigError(f"{path}: step {i + 1} ({step['run']}) has both {old!r} and {new!r}, which are one "
+                                  f"key ({old!r} is its old name); keep {new!r}")
+            if old in step:
+                step[new] = step.pop(old)
     return [_substitute(s, variables) for s in steps]
 
 
@@ -202,9 +208,13 @@ FORWARDS = {"extract": ("extract", "extract"), "train": ("train", "fit"), "cross
 #: The target's arguments that the step fills in itself from its own (every step names its output `out`, as the
 #: CLI's `--out`; train's `seeds` become one `seed` per run), or that TOML cannot hold (extract's encoder object).
 #: A pipeline naming one would pass the check and fail only when the step is reached.
-SUPPLIED = {"extract": {"manifest_path", "encoder_obj"}, "train": {"out_dir", "seed"}, "cross": {"out_dir"},
-            "near_dups": {"out_dir"}, "au_cv": {"out_dir"}, "folds": {"out_dir"},
+SUPPLIED = {"extract": {"manifest_path", "encoder_obj", "root"}, "train": {"out_dir", "seed"}, "cross": {"out_dir"},
+            "near_dups": {"out_dir", "root"}, "au_cv": {"out_dir"}, "folds": {"out_dir"},
             "sweep": {"out_dir", "seed", "name", "hp", "recipe"}}
+
+#: Keys a kind of step took under another name before, still read: (old, new). The data folder is `data_root` in
+#: every step, as `--data-root` on the command line; extract and near_dups steps called it `root` until 0.2.0.
+RENAMED = {"extract": [("root", "data_root")], "near_dups": [("root", "data_root")]}
 
 #: Where a target's own **kwargs go in turn: sweep hands them to every point's `fit` (manifest, views, ...).
 ONWARD = {"sweep": ("train", "fit")}

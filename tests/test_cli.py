@@ -101,6 +101,23 @@ def test_pipeline_unknown_step(tmp_path):
     assert r.exit_code == 2 and "teleport" in r.output and "manifest" in r.output
 
 
+def test_the_data_folder_is_data_root_in_every_step_and_the_old_root_still_reads(tmp_path):
+    """Manifest and audit steps said `data_root` (as `--data-root`), extract and near_dups `root`: one name now."""
+    from fercache.pipeline import describe_step, load_pipeline
+
+    assert all("data_root" in describe_step(k)["optional"] and "root" not in describe_step(k)["optional"]
+               for k in ("manifest", "audit", "extract", "near_dups"))
+    head = '[[step]]\nrun = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\n'
+    for key in ("data_root", "root"):
+        (tmp_path / "p.toml").write_text(head + f'{key} = "/data"\n')
+        assert load_pipeline(tmp_path / "p.toml")[0]["data_root"] == "/data"
+    (tmp_path / "p.toml").write_text(head + 'root = "/a"\ndata_root = "/b"\n')
+    r = invoke("run", tmp_path / "p.toml", "--check")
+    assert r.exit_code == 2 and "both 'root' and 'data_root', which are one key" in r.output
+    (tmp_path / "p.toml").write_text('[[step]]\nrun = "runs"\nroot = "out"\n')  # the ledger's own `root`: untouched
+    assert load_pipeline(tmp_path / "p.toml")[0]["root"] == "out"
+
+
 def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch):
     """Typos in pipelines/ (a step argument, a head, an hp/recipe value, a dataset format) fail here, not hours
     into a GPU run. The GPU pipelines name `device = "cuda"`: checked as cpu on a machine without one."""
