@@ -262,6 +262,23 @@ def test_au_losses_ignore_unknown_labels():
     assert auc_margin(logits, y2).item() == pytest.approx(want.item())
 
 
+@pytest.mark.parametrize("name", ["linear", "logreg", "temporal"])
+def test_a_feature_dead_in_training_cannot_swamp_the_logits_at_test_time(name):
+    """A ReLU channel that is zero on every training image and not on a test image was divided by 1e-6: one such
+    value decided the prediction. Every standardising head now bounds it at 100x a typical feature."""
+    head = make(name, standardize=True) if name == "temporal" else make(name)
+    train = shaped(head, toy(d=24))
+    train["x"][..., 0] = 0.0  # dead on every training row (every frame)
+    head.fit_stats(train)
+    test = shaped(head, toy(d=24, seed=5))
+    test["x"][..., 0] = 0.0
+    plain = head.logits(test).detach()
+    test["x"][..., 0] = 1.0  # the dead channel fires, well within the scale of the live ones (std ~3)
+    moved = (head.logits(test).detach() - plain).abs().max()
+    assert float(head.sigma[0]) == pytest.approx(0.01 * float(head.sigma.median()), rel=1e-6)
+    assert moved < 100  # it was ~1e5: (1 - 0) / 1e-6 times an untrained weight
+
+
 def test_unknown_hyperparameter_is_an_error():
     from fercache.errors import ConfigError
 

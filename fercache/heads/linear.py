@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ._registry import Head, HeadContext, register_head
+from ._registry import Head, HeadContext, feature_scale, register_head
 
 
 class LinearProbe(Head):
@@ -25,7 +25,7 @@ class LinearProbe(Head):
         x = batch["x"]
         if not self.normalize:
             self.mu.copy_(x.mean(0))
-            self.sigma.copy_(x.std(0).clamp_min(1e-6))
+            self.sigma.copy_(feature_scale(x))
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         x = nn.functional.normalize(x, dim=-1) if self.normalize else (x - self.mu) / self.sigma

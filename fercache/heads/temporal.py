@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, EncoderError
-from ._registry import Head, HeadContext, register_head
+from ._registry import Head, HeadContext, feature_scale, register_head
 from .zeroshot import has_text_tower, text_classifier
 
 log = logging.getLogger(__name__)
@@ -154,7 +154,7 @@ class TemporalHead(Head):
             x, lengths = batch["x"], batch["lengths"]
             frames = x[torch.arange(x.shape[1], device=x.device)[None] < lengths[:, None]].float()
             self.mu.copy_(frames.mean(0))
-            self.sigma.copy_(frames.std(0).clamp_min(1e-6))
+            self.sigma.copy_(feature_scale(frames))
 
     def video_feature(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         idx = segment_indices(lengths, self.segments, self.training)
