@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from . import metrics, report
-from .data import FeatureSet, clip_level, load_features, store_views
+from .data import FeatureSet, carve_val, clip_level, load_features, store_views
 from .encoders import revision_note
 from .errors import ConfigError, StaleRunError, StoreError
 from .manifests import read_manifest, rows_sha256
@@ -137,8 +137,10 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     labels_from = manifest or (cfg["manifest"] if own_store else None)  # else the store's own manifest
     # Test-time augmentation over the cached views the head trained with, where this store has them too.
     views = [v for v in tta_views(cfg.get("views", [])) if v in store_views(store)]
-    fs = _rows_to_score(load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views),
-                        split, store, model.level, cfg)
+    fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views)
+    if split == "val" and own_store and labels_from == cfg["manifest"]:
+        fs = _val_as_trained(fs, run, cfg)
+    fs = _rows_to_score(fs, split, store, model.level, cfg)
     y = targets(fs, cfg["task"], cfg["classes"])
     result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.level,
               "tta_views": views}
@@ -160,6 +162,20 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     else:
         result.update(metrics.au(y, prob, cfg["classes"], fitted.thresholds))
     return result, out
+
+
+def _val_as_trained(fs: FeatureSet, run, cfg: dict) -> FeatureSet:
+    """The rows as the run saw them: when its manifest has no val split, the one it carved from train (by subject,
+    seeded by the run's seed), carved again the same way, so `--split val` scores what selection scored."""
+    if (fs.split == "val").any():
+        return fs
+    trained = json.loads((Path(run) / "metrics.json").read_text())["selection"]["val_source"]
+    kept = fs.take(fs.label != "") if cfg["task"] == "expr" else fs  # as train.prepare does before carving
+    carved = carve_val(kept.take(kept.split != "test"), seed=cfg["seed"])
+    if carved.notes["val_source"] != trained:
+        raise ConfigError(f"cannot carve the validation split of run {run} again ({trained!r} then, "
+                          f"{carved.notes['val_source']!r} now)")
+    return carved
 
 
 def _rows_to_score(fs: FeatureSet, split: str, store: str, level: str, cfg: dict) -> FeatureSet:

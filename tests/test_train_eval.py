@@ -99,6 +99,9 @@ def test_val_is_carved_by_subject_when_missing(tiny_store, tiny_manifest, tmp_pa
         "carved from train: 1 of 6 subjects (15%), seed 0", "carved from train: 1 of 6 subjects (15%), seed 1"]
     assert r.metrics["selection"]["val_source"].startswith("carved from train: 1 of 6 subjects")
     assert r.metrics["n_val"] == 8 and r.metrics["n_train"] == 40
+    # --split val scores the split the run selected on: carved again the same way (it said "no 'val' rows")
+    res = evaluate_run(r.run_dir, split="val", write=False)
+    assert res["n"] == 8 and res["accuracy"] == pytest.approx(r.metrics["val"]["accuracy"])
 
 
 def test_evaluate_writes_metrics_confusion_and_plot(tiny_store, tmp_path):
