@@ -322,8 +322,13 @@ def writing(location: str | Path):
         yield
         return
     path = Path(location)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.parent / f".{path.name}.lock", "a+") as f:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        f = open(path.parent / f".{path.name}.lock", "a+")
+    except OSError:  # a read-only folder of shared, complete stores: nothing will be written there either
+        yield
+        return
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -331,6 +336,9 @@ def writing(location: str | Path):
             raise StoreError(f"{location} is being written by another extract ({f.read().strip() or 'unknown process'}); "
                              "wait for it (the same command then finds the store complete), or stop it (its chunks are "
                              "kept, and the same command resumes them)") from None
+        except OSError:  # a filesystem without locks (some NFS mounts): write unlocked
+            yield
+            return
         f.seek(0)
         f.truncate()
         f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")

@@ -242,6 +242,18 @@ def test_a_second_extract_of_a_store_being_written_fails_at_once_and_touches_not
                    progress=False).already_complete  # the lock went with the first process
 
 
+def test_a_complete_store_in_a_folder_where_no_lock_can_be_made_still_reads_as_complete(tiny_store, tiny_manifest,
+                                                                                        tiny_dataset, tiny_encoder_spec,
+                                                                                        monkeypatch):
+    """A team's read-only folder of finished stores: a pipeline's extract step must still find them complete."""
+    def read_only(*a, **k):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(S, "open", read_only, raising=False)  # the lock file's open(); zarr's own I/O is untouched
+    r = extract(tiny_manifest, tiny_encoder_spec, tiny_store, root=tiny_dataset, chunk_rows=16, progress=False)
+    assert r.already_complete and r.n_ok == 72
+
+
 def test_decode_workers_leave_ctrl_c_to_the_main_process(tiny_manifest, tiny_dataset, tmp_path, monkeypatch):
     """Left running, a worker exits at once when the main process shuts the DataLoader down after Ctrl-C."""
     import signal
