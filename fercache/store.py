@@ -55,11 +55,17 @@ def store_name(location) -> str:
     return Path(str(location).rstrip("/")).stem
 
 
+def _plain(location: str | Path) -> str:
+    """`file:///x/s.zarr` is the local path /x/s.zarr (zarr's fsspec store would not create its folders)."""
+    location = str(location)
+    return location[len("file://"):] if location.startswith("file://") else location
+
+
 def canonical(location: str | Path) -> str:
     """One spelling per store location: an absolute local path, or the URL without a trailing slash. Runs record
     it, so a run finds its store from any working directory, and `s.zarr`, `./s.zarr/` and `/abs/s.zarr` are one
     store when evaluate decides whether it scores a run on its own training store."""
-    location = str(location)
+    location = _plain(location)
     if "://" in location:
         return location.rstrip("/")
     return os.path.abspath(os.path.expanduser(location))
@@ -255,7 +261,7 @@ def _zarr():
 def exists(location: str | Path) -> bool:
     """True when a fercache store (complete or not) is at `location`."""
     try:
-        g = _zarr().open_group(str(location), mode="r")
+        g = _zarr().open_group(_plain(location), mode="r")
     except Exception:  # zarr raises FileNotFoundError / GroupNotFoundError depending on the backend
         return False
     return "fercache" in g.attrs
@@ -265,7 +271,7 @@ def open_store(location: str | Path, mode: str = "r") -> FeatureStore:
     """Open an existing store, checking its format and schema version."""
     if not exists(location):
         raise StoreError(f"no fercache store at {location}; create one with `fercache extract`")
-    g = _zarr().open_group(str(location), mode=mode)
+    g = _zarr().open_group(_plain(location), mode=mode)
     meta = g.attrs["fercache"]
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(f"{location} has store schema {meta.get('schema_version')}, this fercache reads {SCHEMA_VERSION}; "
@@ -285,6 +291,7 @@ def check_compatible(store: FeatureStore, fingerprint: dict) -> None:
 
 def _entries(location: str) -> list[str]:
     """Names at `location` (a local path, or an fsspec URL); [] when nothing is there."""
+    location = _plain(location)
     if "://" in location:
         import fsspec
 
@@ -313,7 +320,7 @@ def writing(location: str | Path):
     once instead of wiping the store it is creating (zarr mode "w") or encoding the same chunks twice. The lock is
     `.NAME.lock` beside the store, released by the OS when the process ends, however it ends; the file stays
     (deleting it could let two processes lock two files). fsspec URLs and platforms without flock are not locked."""
-    location = str(location)
+    location = _plain(location)
     try:
         import fcntl
     except ImportError:
@@ -351,7 +358,7 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
            encoder_args: dict | None = None) -> FeatureStore:
     """Pre-allocate a store for all rows; refuses to replace an existing one unless `overwrite`."""
     zarr = _zarr()
-    location = str(location)
+    location = _plain(location)
     if exists(location) and not overwrite:
         raise StoreError(f"{location} already exists; pass --overwrite to replace it")
     check_location(location, overwrite)

@@ -254,6 +254,29 @@ def test_a_complete_store_in_a_folder_where_no_lock_can_be_made_still_reads_as_c
     assert r.already_complete and r.n_ok == 72
 
 
+def test_stores_on_fsspec_urls_extract_resume_train_and_score_like_local_ones(tiny_store, tiny_manifest, tiny_dataset,
+                                                                               tiny_encoder_spec, tmp_path):
+    """memory:// stands in for an object store (no folders, no locks); file:// failed: zarr's fsspec store does not
+    create the store's folders, so the first write of zarr.json raised FileNotFoundError."""
+    import uuid
+
+    from fercache.evaluate import evaluate_run
+    from fercache.train import fit
+
+    kw = dict(root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0, progress=False)
+    url = f"memory://bucket/{uuid.uuid4().hex}/faces.zarr"
+    extract(tiny_manifest, tiny_encoder_spec, url, **kw)
+    S.open_store(url, mode="r+").group["done"][1] = False  # as if a rank died before finishing chunk 1
+    S.open_store(url, mode="r+").group.attrs["fercache"] = {**S.open_store(url).meta, "complete": False}
+    assert extract(tiny_manifest, tiny_encoder_spec, url, **kw).chunks_computed == 1
+    _assert_same_store(tiny_store, url)
+    run = fit(url, "linear", out_dir=tmp_path / "runs", recipe={"epochs": 2}).run_dir
+    assert evaluate_run(run, write=False)["n"] == 24
+
+    assert extract(tiny_manifest, tiny_encoder_spec, f"file://{tmp_path}/f.zarr", **kw).n_ok == 72
+    _assert_same_store(tiny_store, tmp_path / "f.zarr")
+
+
 def test_decode_workers_leave_ctrl_c_to_the_main_process(tiny_manifest, tiny_dataset, tmp_path, monkeypatch):
     """Left running, a worker exits at once when the main process shuts the DataLoader down after Ctrl-C."""
     import signal
