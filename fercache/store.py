@@ -319,38 +319,47 @@ def writing(location: str | Path):
     """Hold a lock while this process writes the local store at `location`, so a second `extract` of it fails at
     once instead of wiping the store it is creating (zarr mode "w") or encoding the same chunks twice. The lock is
     `.NAME.lock` beside the store, released by the OS when the process ends, however it ends; the file stays
-    (deleting it could let two processes lock two files). fsspec URLs and platforms without flock are not locked."""
-    location = _plain(location)
+    (deleting it could let two processes lock two files)."""
+    lock = _lock(_plain(location))
+    try:
+        yield
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def _lock(location: str):
+    """The open, locked lock file of a local store, or None where no lock can be had: fsspec URLs, platforms
+    without flock, a read-only folder of finished stores, filesystems without locks (some NFS mounts)."""
     try:
         import fcntl
     except ImportError:
-        fcntl = None
-    if "://" in location or fcntl is None:
-        yield
-        return
+        return None
+    if "://" in location:
+        return None
     path = Path(location)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path.parent / f".{path.name}.lock", "a+")
-    except OSError:  # a read-only folder of shared, complete stores: nothing will be written there either
-        yield
-        return
-    with f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            raise StoreError(f"{location} is being written by another extract ({f.read().strip() or 'unknown process'}); "
-                             "wait for it (the same command then finds the store complete), or stop it (its chunks are "
-                             "kept, and the same command resumes them)") from None
-        except OSError:  # a filesystem without locks (some NFS mounts): write unlocked
-            yield
-            return
+    except OSError:
+        return None
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
         f.seek(0)
-        f.truncate()
-        f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
-        f.flush()
-        yield
+        holder = f.read().strip() or "unknown process"
+        f.close()
+        raise StoreError(f"{location} is being written by another extract ({holder}); wait for it (the same command "
+                         "then finds the store complete), or stop it (its chunks are kept, and the same command "
+                         "resumes them)") from None
+    except OSError:
+        f.close()
+        return None
+    f.seek(0)
+    f.truncate()
+    f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    return f
 
 
 def create(location: str | Path, fingerprint: dict, sample_ids: list[str], default_output: str,
