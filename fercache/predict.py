@@ -73,11 +73,9 @@ def load_heads(run: str | Path, device: str = "cpu", calibrated: bool = True) ->
     for d in dirs:
         model, cfg, fitted = load_run(d, device)
         heads.append(Head(model, cfg, fitted if calibrated else replace(fitted, temperature=None)))
-    first = heads[0].cfg
+    first = _shared(heads[0].cfg)
     for d, h in zip(dirs[1:], heads[1:]):
-        same = {"encoder": encoder_key(h.cfg["store_fingerprint"]["encoder"]) == encoder_key(first["store_fingerprint"]["encoder"]),
-                **{k: h.cfg.get(k) == first.get(k) for k in ("task", "classes", "output", "level")}}
-        if differ := [k for k, ok in same.items() if not ok]:
+        if differ := [k for k, v in _shared(h.cfg).items() if v != first[k]]:
             raise ConfigError(f"{d} and {dirs[0]} differ in {', '.join(differ)}: an ensemble's runs must share them; "
                               "pass one run directory")
     if any(h.cfg["mask_source"] for h in heads):
@@ -85,6 +83,12 @@ def load_heads(run: str | Path, device: str = "cpu", calibrated: bool = True) ->
     if len(heads) > 1:
         log.info("ensemble of %d runs under %s: their probabilities are averaged", len(heads), run)
     return heads
+
+
+def _shared(cfg: dict) -> dict:
+    """What the runs of an ensemble must share: the features they read and the classes they predict."""
+    return {"encoder": encoder_key(cfg["store_fingerprint"]["encoder"]),
+            **{k: cfg.get(k) for k in ("task", "classes", "output", "level")}}
 
 
 def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, device: str = "cpu",
