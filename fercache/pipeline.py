@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, FercacheError
+from .errors import ConfigError, FercacheError, UnknownNameError
 from .registry import Registry
 
 STEPS = Registry("pipeline step")
@@ -317,6 +317,12 @@ def check_step(i: int, step: dict) -> None:
 
 
 def _selected(steps: list[dict], only: list[str] | None) -> list[tuple[int, dict]]:
+    """The steps named (or of a kind named) in `only`, all without it; a name that matches none is an error, not
+    a pipeline that runs nothing and exits 0."""
+    names = {s.get("name", s["run"]) for s in steps} | {s["run"] for s in steps}
+    for wanted in only or []:
+        if wanted not in names:
+            raise UnknownNameError("pipeline step", wanted, sorted({s.get("name", s["run"]) for s in steps}))
     return [(i, s) for i, s in enumerate(steps) if not only or s.get("name", s["run"]) in only or s["run"] in only]
 
 

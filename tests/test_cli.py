@@ -118,6 +118,17 @@ def test_the_data_folder_is_data_root_in_every_step_and_the_old_root_still_reads
     assert load_pipeline(tmp_path / "p.toml")[0]["root"] == "out"
 
 
+def test_only_a_step_that_does_not_exist_is_an_error_not_a_run_of_nothing():
+    from pathlib import Path
+
+    quickstart = Path(__file__).parents[1] / "pipelines" / "quickstart.toml"
+    for args in (["--check"], []):  # it printed "0 step(s)" and exited 0
+        r = invoke("run", quickstart, "--only", "extract-fer2014", *args)
+        assert r.exit_code == 2 and "unknown pipeline step 'extract-fer2014' (did you mean 'extract-fer2013'?)" in r.output
+    r = invoke("run", quickstart, "--only", "extract", "--only", "ledger", "--check")  # a kind, and a name
+    assert r.exit_code == 0 and "3 step(s) checked" in r.output
+
+
 def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch):
     """Typos in pipelines/ (a step argument, a head, an hp/recipe value, a dataset format) fail here, not hours
     into a GPU run. The GPU pipelines name `device = "cuda"`: checked as cpu on a machine without one."""
