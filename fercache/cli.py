@@ -393,7 +393,7 @@ def predict(
     """Class probabilities for new images, using the run's encoder and preprocessing."""
     from .predict import predict as run_predict, write_predictions
 
-    rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated)
+    rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"])
     if out:
         typer.echo(f"{write_predictions(rows, out)}: {len(rows)} images")
     else:

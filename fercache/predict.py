@@ -92,7 +92,7 @@ def _shared(cfg: dict) -> dict:
 
 
 def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, device: str = "cpu",
-            batch_size: int = 64, calibrated: bool = True) -> list[dict]:
+            batch_size: int = 64, calibrated: bool = True, progress: bool = False) -> list[dict]:
     """Per-image class probabilities (or AU probabilities and decisions) from a trained run, or the average over
     the seed runs under a folder (AU decisions then at the runs' mean threshold).
 
@@ -105,11 +105,16 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     enc = encoder_of({"fingerprint": cfg["store_fingerprint"], "encoder_args": cfg.get("encoder_args")})
     enc.model.to(device)
     cropper = FaceCropper(device) if detect else None
+    from tqdm.auto import tqdm
+
     if heads[0].model.level == "clip":
-        return [_predict_clip(Path(p), enc, heads, cropper, device, batch_size) for p in inputs]
+        return [_predict_clip(Path(p), enc, heads, cropper, device, batch_size)
+                for p in tqdm(inputs, desc="predict", unit="clip", disable=not progress)]
     paths, results = collect_images(inputs), []
-    for start in range(0, len(paths), batch_size):
-        results += _predict_batch(paths[start:start + batch_size], enc, heads, cropper, device)
+    with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
+        for start in range(0, len(paths), batch_size):
+            results += _predict_batch(paths[start:start + batch_size], enc, heads, cropper, device)
+            bar.update(len(paths[start:start + batch_size]))
     if all("error" in r for r in results):  # nothing to report but failures: say so, do not exit 0
         raise ConfigError(f"none of the {len(results)} file(s) could be read as an image, e.g. {results[0]['path']}: "
                           f"{results[0]['error']}")
