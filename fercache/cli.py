@@ -181,7 +181,7 @@ def export(store: str = StoreArg, to: Path = typer.Option(..., "--to", help="HDF
     """Export a complete store to HDF5 (features, sample ids, ok mask, clip ids and frame indices, fingerprint)."""
     from .store import export_h5
 
-    typer.echo(export_h5(store, to, overwrite))
+    typer.echo(export_h5(store, to, overwrite, progress=_progress["bars"]))
 
 
 _PY_LITERALS = {"True": True, "False": False, "None": None}  # so `--hp use_sigmoid=False` is not the truthy string "False"

@@ -397,13 +397,14 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
     return FeatureStore(location, g)
 
 
-def export_h5(location: str | Path, to: str | Path, overwrite: bool = False) -> Path:
+def export_h5(location: str | Path, to: str | Path, overwrite: bool = False, progress: bool = False) -> Path:
     """Copy a complete store's arrays and fingerprint to one HDF5 file (for tools that read HDF5).
 
     Features are copied one store chunk at a time, so memory does not grow with the store. An existing file is
     replaced only when it is an earlier export of this same store, or with `overwrite`.
     """
     import h5py
+    from tqdm.auto import tqdm
 
     store = open_store(location).require_complete()
     to = Path(to)
@@ -411,12 +412,14 @@ def export_h5(location: str | Path, to: str | Path, overwrite: bool = False) -> 
         _refuse_other_file(to, store.fingerprint)
     to.parent.mkdir(parents=True, exist_ok=True)
     tmp = to.with_suffix(to.suffix + ".tmp")
-    with h5py.File(tmp, "w") as f:
+    bar = tqdm(total=store.n_chunks * len(store.outputs), desc="export", unit="chunk", disable=not progress)
+    with h5py.File(tmp, "w") as f, bar:
         for name, dim in store.outputs.items():
             src = store.group[f"features/{name}"]
             dst = f.create_dataset(f"features/{name}", shape=(store.n_rows, dim), dtype=np.float16, chunks=True)
             for i in range(store.n_chunks):
                 dst[store.chunk_slice(i)] = src[store.chunk_slice(i)]
+                bar.update()
         f.create_dataset("sample_id", data=store.sample_ids(), dtype=h5py.string_dtype())
         f.create_dataset("ok", data=store.ok())
         f.create_dataset("error", data=_strings(store.group["error"][:]), dtype=h5py.string_dtype())

@@ -385,6 +385,8 @@ def test_quiet_turns_off_progress_bars_in_commands_and_pipelines(tiny_store, tin
     assert "epoch/s" not in bars("-q", *train)
     predict = ("predict", tmp_path / "runs" / "faces-linear" / "seed0", tiny_dataset / "faces" / "test", "-o", tmp_path / "p.csv")
     assert "predict: 100%" in bars(*predict) and "predict" not in bars("-q", *predict)  # was silent for any number
+    export = ("export", tiny_store, "--to", tmp_path / "s.h5")
+    assert "export: 100%" in bars(*export) and "export" not in bars("-q", *export)
     p = tmp_path / "p.toml"
     p.write_text(f'[[step]]\nrun = "extract"\nmanifest = "{tmp_path}/m.csv"\nencoder = "{tiny_encoder_spec}"\n'
                  f'root = "{tiny_dataset}"\nout = "{{out}}"\nworkers = 0\n[vars]\nout = "{tmp_path}/a.zarr"\n')
