@@ -415,7 +415,7 @@ def au_cv(
     from .protocols import au_crossval
 
     r = au_crossval(store, out, folds=folds, aus=aus, seeds=_ints(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device)
-    typer.echo(r["markdown"])
+    typer.echo(r["markdown"] + f"\n-> {r['png']}")
 
 
 @app.command()

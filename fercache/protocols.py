@@ -251,4 +251,8 @@ def _au_table(out_dir: Path, results: list[dict]) -> dict:
     (out_dir / "au-cv.md").write_text(md)
     report.write_csv(out_dir / "au-cv.csv", header, rows)
     (out_dir / "au-cv.json").write_text(json.dumps({"macro": macro, "folds": results}, indent=2, default=str))
-    return {"markdown": md, "macro": macro}
+    series = {"F1 @0.5": "per_au_f1_at_0.5", "F1 tuned thr (val)": "per_au_f1_tuned",
+              "always positive": "per_au_f1_always_positive"}
+    png = report.au_png(out_dir / "au-cv.png", aus, {k: [100 * avg(v, a) for a in aus] for k, v in series.items()},
+                        f"AU detection, {n_folds}-fold subject-grouped CV (mean over folds and seeds)")
+    return {"markdown": md, "macro": macro, "png": png}

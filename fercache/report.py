@@ -206,3 +206,24 @@ def curve_png(path: Path, x: list[float], mean: list[float], std: list[float], x
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     return _save(fig, path, 110)
+
+
+def au_png(path: Path, aus: list[str], series: dict[str, list[float]], title: str) -> Path:
+    """Per-AU F1 (%) of each series side by side, the baseline last: which AUs a detector gets, at a glance."""
+    plt = _plt()
+    n, k = len(aus), len(series)
+    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.45 * n))
+    height = 0.8 / k
+    colors = ["tab:blue", "tab:green", "tab:gray"] + ["tab:orange"] * k
+    for j, (name, values) in enumerate(series.items()):
+        pos = np.arange(n)[::-1] + (k - 1 - 2 * j) * height / 2
+        ax.barh(pos, values, height=height, color=colors[j], label=name)
+        for p, v in zip(pos, values):
+            ax.annotate(f"{v:.0f}", (v, p), xytext=(2, 0), textcoords="offset points", va="center", fontsize=7)
+    ax.set_yticks(np.arange(n)[::-1], aus, fontsize=8)
+    ax.set_xlim(0, 105)
+    ax.set_xlabel("F1 (%)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.3 / n), ncol=k, frameon=False)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path, 110)

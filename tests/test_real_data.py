@@ -71,6 +71,7 @@ def test_ck_au_detector_beats_always_positive(ck_store, tmp_path):
     macro = r["macro"]
     assert macro["macro_f1_at_0.5"] > macro["macro_f1_always_positive"] + 0.15, macro
     assert "AU25" in r["markdown"] and "AU1 " in r["markdown"]
+    assert r["png"] == tmp_path / "au-cv.png" and r["png"].stat().st_size > 10_000
 
 
 @pytest.mark.parametrize("head", ["linear", "mask", "cvar_mlp"])
