@@ -93,6 +93,11 @@ def baseline_loop(enc: Encoder, paths: list[Path], device: torch.device, batch_s
     return len(paths) / (time.perf_counter() - t0)
 
 
+def speed_weights(encoder: str, pretrained: str | None) -> str | None:
+    """Weights do not change the speed: an open_clip model benchmarks at random init unless weights are named."""
+    return "none" if pretrained is None and encoder.startswith("open_clip:") else pretrained
+
+
 def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None = None, image_size: int | None = None,
                   root=None, device: str = "cpu", batch_size: int = 256, workers: int | None = None,
                   n_images: int | None = None, precision: str = "auto", model_seconds: float = 5.0) -> dict:
@@ -100,7 +105,7 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
     dev = torch_device(device)
     check_options(batch_size, workers, 1, precision, image_size)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    enc = load_encoder(encoder, pretrained=pretrained, image_size=image_size)
+    enc = load_encoder(encoder, pretrained=speed_weights(encoder, pretrained), image_size=image_size)
     enc.model.to(dev)
     if enc.channels_last or dev.type == "cuda":
         enc.model.to(memory_format=torch.channels_last)
@@ -146,8 +151,8 @@ def watch():
         samples.append(rss())
 threading.Thread(target=watch, daemon=True).start()
 t = time.perf_counter()
-r = extract(a["manifest"], a["encoder"], a["out"], image_size=a["image_size"], root=a["root"], device=a["device"],
-            batch_size=a["batch_size"], workers=a["workers"], progress=False)
+r = extract(a["manifest"], a["encoder"], a["out"], pretrained=a["pretrained"], image_size=a["image_size"],
+            root=a["root"], device=a["device"], batch_size=a["batch_size"], workers=a["workers"], progress=False)
 done.set()
 samples.append(rss())  # a short run too
 import torch
@@ -168,7 +173,8 @@ def bench_memory(manifest: str | Path, sizes: list[int], encoder: str = "null:",
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
             m = _subset(manifest, n, Path(tmp) / f"m{n}.csv")
-            args = {"manifest": str(m), "encoder": encoder, "out": str(Path(tmp) / f"s{n}.zarr"), "image_size": image_size,
+            args = {"manifest": str(m), "encoder": encoder, "pretrained": speed_weights(encoder, None),
+                    "out": str(Path(tmp) / f"s{n}.zarr"), "image_size": image_size,
                     "root": str(data_root(root)), "device": device, "batch_size": batch_size, "workers": workers}
             proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(args)], capture_output=True, text=True)
             if proc.returncode:
@@ -237,7 +243,7 @@ def bench_head(manifest: str | Path, encoder: str = "open_clip:ViT-B-16", *, pre
     from .preprocess import reference_transform
 
     dev = torch_device(device)
-    enc = load_encoder(encoder, pretrained=pretrained)
+    enc = load_encoder(encoder, pretrained=speed_weights(encoder, pretrained))
     enc.model.to(dev)
     out_name = output or enc.default_output
     m = read_manifest(manifest)

@@ -114,7 +114,9 @@ def extract(
     encoder: str = typer.Option("torchvision:mobilenet_v2", "--encoder", "-e",
                                 help="family:arch, e.g. open_clip:ViT-B-16, torchvision:resnet50, timm:convnext_tiny."),
     out: str = typer.Option(..., "--out", "-o", help="Store path (STORE.zarr) or any fsspec URL zarr supports."),
-    pretrained: Optional[str] = typer.Option(None, help="open_clip hub tag (e.g. openai), local weights file, or 'none'."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip hub tag (e.g. openai), local weights file, or 'none' "
+                                             "(random init, never a silent default: open_clip models, and torchvision/timm "
+                                             "ones other than mobilenet_v2, need it)."),
     image_size: Optional[int] = typer.Option(None, help="Encoder input size (default: the model's)."),
     data_root: Optional[Path] = DataRoot,
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (under torchrun: cuda picks LOCAL_RANK)."),

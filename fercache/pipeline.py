@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, FercacheError, UnknownNameError
+from .errors import ConfigError, EncoderError, FercacheError, UnknownNameError
 from .registry import Registry
 
 STEPS = Registry("pipeline step")
@@ -270,6 +270,7 @@ def _check_values(kind: str, args: dict) -> None:
     """What the library would refuse only when the step is reached: names, devices, head settings, options."""
     from .adapters import ADAPTERS
     from .devices import torch_device
+    from .encoders import missing_weights
     from .extract import check_options
     from .manifests import check_derived_path
     from .preprocess import VIEWS
@@ -286,6 +287,8 @@ def _check_values(kind: str, args: dict) -> None:
     if kind == "near_dups":
         check_derived_path(args.get("without_leaks_to"), args.get("manifest"))
     if kind == "extract":
+        if why := missing_weights(args["encoder"], args.get("pretrained")):
+            raise EncoderError(why)
         o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
         check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"])
         check_location(str(args["out"]), bool(o["overwrite"]))

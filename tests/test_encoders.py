@@ -170,6 +170,25 @@ def test_bundled_mobilenet_is_real_imagenet():
     assert enc.outputs == {"pooled": 1280} and enc.weights_sha256.startswith("b0353104")
 
 
+def test_random_init_is_asked_for_never_a_silent_default(tmp_path):
+    """`--encoder open_clip:ViT-B-16` without --pretrained built a random ViT (open_clip only logged a warning): a
+    store of a model that never saw an image, looking like any other, found out hours later at chance accuracy."""
+    from fercache.pipeline import check_pipeline
+
+    with pytest.raises(EncoderError, match=r"open_clip:ViT-B-16 needs --pretrained: an open_clip tag \(openai, .*none "
+                                           r"for random init"):
+        E.load_encoder("open_clip:ViT-B-16")
+    assert E.missing_weights("open_clip:ViT-B-16", "none") is None  # asked for: fine
+    assert E.missing_weights("open_clip:/any/config.json", None) is None  # a custom config has no published weights
+    assert E.missing_weights("torchvision:mobilenet_v2", None) is None  # the bundled stand-in
+    assert "torchvision:resnet18 needs --pretrained PATH" in E.missing_weights("torchvision:resnet18", None)
+    assert E.missing_weights("torchvision:resnet5O", None) is None  # unknown: the builder names it, with a suggestion
+    p = tmp_path / "p.toml"
+    p.write_text('[[step]]\nrun = "extract"\nmanifest = "m.csv"\nencoder = "open_clip:ViT-B-16"\nout = "s.zarr"\n')
+    with pytest.raises(EncoderError, match=r"step 1 \(extract\): open_clip:ViT-B-16 needs --pretrained"):
+        check_pipeline(p)  # before any step runs
+
+
 def test_unknown_names():
     with pytest.raises(UnknownNameError, match="open_clip"):
         E.load_encoder("clip:ViT-B-16")
