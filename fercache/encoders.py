@@ -147,7 +147,9 @@ def encoder_of(store_meta: dict) -> Encoder:
     """Rebuild the encoder a store was extracted with, and check it still has the same weights."""
     fp = store_meta["fingerprint"]["encoder"]
     args = store_meta.get("encoder_args") or {"spec": fp["name"]}
-    enc = load_encoder(args["spec"], pretrained=args.get("pretrained"), image_size=args.get("image_size"))
+    # A random-init store made before --pretrained was required recorded none as None: it asked for random init
+    pretrained = args.get("pretrained") or ("none" if fp.get("pretrained") == "none" else None)
+    enc = load_encoder(args["spec"], pretrained=pretrained, image_size=args.get("image_size"))
     if why := revision_note(fp, enc.identity()):
         raise EncoderError(f"{why}; new images would not be encoded as the cached ones were. Re-extract the store "
                            f"with `fercache extract ... --overwrite` and retrain its runs")
