@@ -454,7 +454,8 @@ def _axis(text: str) -> tuple[str, list]:
         try:
             points = json.loads(values)
         except json.JSONDecodeError as e:
-            raise typer.BadParameter(f"--axis {name}: {values!r} is not a JSON list ({e})") from None
+            raise typer.BadParameter(f"--axis {name}: {values!r} is not a JSON list ({e}); points that are lists "
+                                     f"themselves go in one outer list: {name}=[[], [\"flip\"]]") from None
         return name, points
     return name, [_kv([f"v={v}"])["v"] for v in values.split(",")]
 
