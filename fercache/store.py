@@ -242,6 +242,7 @@ class FeatureStore:
             "n_ok": meta.get("n_ok"), "n_failed": meta.get("n_failed"), "failures": self.errors() if self.complete else {},
             "fingerprint": self.fingerprint, "manifest": meta.get("manifest"),
             "outdated": outdated(self.fingerprint, (meta.get("encoder_args") or {}).get("spec")),
+            "writer": None if self.complete else writer(self.location),
             "clips": int(len(np.unique(_strings(self.group["clip_id"][:])))) if "clip_id" in self.group else None,
             "layout": {"chunk_rows": self.chunk_rows, "read_chunk_rows": self.read_chunk_rows,
                        "sharded": self.read_chunk_rows != self.chunk_rows},
@@ -328,6 +329,29 @@ def writing(location: str | Path):
             lock.close()
 
 
+def _lock_path(location: str) -> Path:
+    path = Path(location)
+    return path.parent / f".{path.name}.lock"
+
+
+def writer(location: str | Path) -> str | None:
+    """Who is writing the local store at `location` now ("pid N on HOST, since T"), or None: no extract on this
+    machine is (or this platform cannot tell). Read from /proc/locks, never by taking the lock, so it cannot get
+    in a starting writer's way."""
+    location = _plain(location)
+    if "://" in location:
+        return None
+    lock = _lock_path(location)
+    try:
+        st, held = lock.stat(), Path("/proc/locks").read_text()
+    except OSError:
+        return None
+    key = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
+    if not any("FLOCK" in line and key in line for line in held.splitlines()):
+        return None
+    return lock.read_text().strip() or "unknown process"
+
+
 def _lock(location: str):
     """The open, locked lock file of a local store, or None where no lock can be had: fsspec URLs, platforms
     without flock, a read-only folder of finished stores, filesystems without locks (some NFS mounts)."""
@@ -337,10 +361,10 @@ def _lock(location: str):
         return None
     if "://" in location:
         return None
-    path = Path(location)
+    path = _lock_path(location)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        f = open(path.parent / f".{path.name}.lock", "a+")
+        f = open(path, "a+")
     except OSError:
         return None
     try:
