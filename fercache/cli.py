@@ -160,7 +160,7 @@ def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", he
     enc = fp["encoder"]
     typer.echo(f"store      {d['location']} (schema {d['schema_version']})")
     typer.echo(f"complete   {d['complete']} ({d['chunks_done']}/{d['chunks_total']} chunks)")
-    if not d["complete"]:
+    if not d["complete"] and d["writer"] is not None:  # None: this platform cannot tell
         typer.echo(f"writer     {d['writer']}: an extract is running" if d["writer"] else
                    "writer     none on this machine: re-run the same extract command to resume from the written chunks")
     typer.echo(f"rows       {d['rows']}  ok {d['n_ok']}  failed {d['n_failed']}"

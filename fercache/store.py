@@ -335,20 +335,24 @@ def _lock_path(location: str) -> Path:
 
 
 def writer(location: str | Path) -> str | None:
-    """Who is writing the local store at `location` now ("pid N on HOST, since T"), or None: no extract on this
-    machine is (or this platform cannot tell). Read from /proc/locks, never by taking the lock, so it cannot get
-    in a starting writer's way."""
+    """Who is writing the local store at `location` now ("pid N on HOST, since T"); "" when no extract on this
+    machine is; None when that cannot be told (a URL, no /proc/locks). Read from /proc/locks, never by taking the
+    lock, so it cannot get in a starting writer's way."""
     location = _plain(location)
     if "://" in location:
         return None
     lock = _lock_path(location)
     try:
-        st, held = lock.stat(), Path("/proc/locks").read_text()
+        held = Path("/proc/locks").read_text()
     except OSError:
         return None
+    try:
+        st = lock.stat()
+    except OSError:
+        return ""  # never locked: written before locks, or by torchrun ranks
     key = f" {os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino} "
     if not any("FLOCK" in line and key in line for line in held.splitlines()):
-        return None
+        return ""
     return lock.read_text().strip() or "unknown process"
 
 
