@@ -479,7 +479,9 @@ def runs_cmd(
     if csv:
         typer.echo(f"wrote {write_ledger(result, csv)}")
     if result["stale"]:
-        typer.echo(f"{len(result['stale'])} run(s) are STALE: retrain them before trusting their numbers", err=True)
+        first = "re-extract their stores (see `fercache info STORE`), then " if any(
+            "re-extract" in r["status"] for r in result["records"]) else ""
+        typer.echo(f"{len(result['stale'])} run(s) are STALE: {first}retrain them before trusting their numbers", err=True)
     if result["unchecked"]:
         typer.echo(f"{len(result['unchecked'])} run(s) could not be checked: their training store or manifest is "
                    "missing (moved or deleted); `fercache evaluate RUN --store NEW` scores a run on a moved store", err=True)

@@ -134,6 +134,7 @@ def test_info_and_the_run_ledger_flag_a_0_1_0_convnet_store_and_its_runs_not_a_0
     assert "OUTDATED" not in invoke("info", tmp_path / "vit.zarr").output  # LayerNorm only: its features hold
     status = {r["store"].rsplit("/", 1)[-1]: r["status"] for r in ledger(tmp_path / "runs")["records"]}
     assert status == {"cnn.zarr": "STALE: encoder revision 1 (re-extract)", "vit.zarr": "ok"}
+    assert "1 run(s) are STALE: re-extract their stores" in invoke("runs", tmp_path / "runs").stderr
 
 
 def test_a_convnet_store_from_before_the_batchnorm_fix_is_refused_with_the_reason(tiny_manifest, tiny_dataset,
