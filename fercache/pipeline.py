@@ -213,7 +213,7 @@ SUPPLIED = {"extract": {"manifest_path", "encoder_obj", "root"}, "train": {"out_
             "sweep": {"out_dir", "seed", "name", "hp", "recipe"}}
 
 #: Keys a kind of step took under another name before, still read: (old, new). The data folder is `data_root` in
-#: every step, as `--data-root` on the command line; extract and near_dups steps called it `root` until 0.2.0.
+#: every step, as `--data-root` on the command line; extract and near_dups steps called it `root` up to 0.2.0.
 RENAMED = {"extract": [("root", "data_root")], "near_dups": [("root", "data_root")]}
 
 #: Where a target's own **kwargs go in turn: sweep hands them to every point's `fit` (manifest, views, ...).

@@ -140,7 +140,7 @@ def _predict_clip(folder: Path, enc, heads: list[Head], cropper, device, batch_s
     with torch.inference_mode():
         feats = torch.cat([enc.model(to_model_input(frames[i:i + batch_size], enc.preprocess, device))[output].float()
                            for i in range(0, len(frames), batch_size)])
-        prob = np.mean([_probabilities(h, h.model(feats[None])) for h in heads], axis=0)  # [1, frames, D]
+        prob = np.mean([_probabilities(h, h.model(feats[None])) for h in heads], axis=0)  # one clip: [1, frames, D]
     _fill([row], prob, heads)
     return row
 
