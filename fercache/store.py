@@ -121,11 +121,13 @@ def outdated(fingerprint: dict, spec: str | None = None) -> str | None:
 def _diff(old: dict, new: dict) -> str:
     from .encoders import revision_note  # here, not at the top: `fercache info` needs no torch
 
-    parts = []
-    if why := revision_note(old["encoder"], new["encoder"]):
+    parts, a, b = [], old["encoder"], new["encoder"]
+    if why := revision_note(a, b):
         parts.append(why)
-    elif old["encoder"] != new["encoder"]:
-        parts.append(f"encoder {encoder_label(old['encoder'])} vs {encoder_label(new['encoder'])}")
+    elif encoder_key(a) != encoder_key(b):
+        parts.append(f"encoder {encoder_label(a)} vs {encoder_label(b)}")
+    if a.get("views") != b.get("views"):  # same model, other cached views (and so other outputs): say which
+        parts.append(f"views {', '.join(a.get('views') or ['none'])} vs {', '.join(b.get('views') or ['none'])}")
     if old["manifest_sha256"] != new["manifest_sha256"]:
         parts.append(f"manifest sha256 {old['manifest_sha256'][:12]} vs {new['manifest_sha256'][:12]}")
     for k in ("schema_version", "n_rows", "chunk_rows", "read_chunk_rows"):
@@ -280,9 +282,16 @@ def open_store(location: str | Path, mode: str = "r") -> FeatureStore:
     return FeatureStore(str(location), g)
 
 
+def _without_weights_name(fp: dict) -> dict:
+    return {**{k: v for k, v in fp.items() if k not in ("key", "versions")},
+            "encoder": {k: v for k, v in fp["encoder"].items() if k != "pretrained"}}
+
+
 def check_compatible(store: FeatureStore, fingerprint: dict) -> None:
-    """Refuse to resume or reuse a store built from other inputs."""
-    if store.fingerprint["key"] != fingerprint["key"]:
+    """Refuse to resume or reuse a store built from other inputs. The name the weights go by is not an input: the
+    same file renamed, or a hub tag and a local copy of its file (the same sha256), encode the same features."""
+    if store.fingerprint["key"] != fingerprint["key"] and (
+            _without_weights_name(store.fingerprint) != _without_weights_name(fingerprint)):
         raise StoreError(
             f"{store.location} was built from other inputs ({_diff(store.fingerprint, fingerprint)}). "
             "Rebuild it with `fercache extract ... --overwrite` (in a pipeline step: `overwrite = true`), or write to a "

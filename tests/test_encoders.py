@@ -98,6 +98,28 @@ def test_the_whole_clip_model_is_frozen_in_eval_mode_text_tower_included(tiny_en
     assert not any(m.training for m in clip.modules()) and not any(p.requires_grad for p in clip.parameters())
 
 
+def test_the_same_weights_under_another_name_reuse_the_store(tiny_manifest, tiny_dataset, tmp_path):
+    """A renamed or moved weights file (or a hub tag and a local copy of its file) has the same sha256 and encodes
+    the same features; the store was refused as 'built from other inputs (fingerprint key differs)'."""
+    import shutil
+
+    import torchvision
+
+    from fercache.errors import StoreError
+    from fercache.extract import extract
+
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "w.pth")
+    shutil.copy(tmp_path / "w.pth", tmp_path / "renamed.pth")
+    kw = dict(image_size=32, root=tiny_dataset, workers=0, progress=False)
+    out = tmp_path / "s.zarr"
+    extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, pretrained=str(tmp_path / "w.pth"), **kw)
+    again = extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, pretrained=str(tmp_path / "renamed.pth"), **kw)
+    assert again.already_complete
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "other.pth")  # new init
+    with pytest.raises(StoreError, match=r"other inputs \(encoder torchvision:mobilenet_v3_small \(w.pth, sha "):
+        extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, pretrained=str(tmp_path / "other.pth"), **kw)
+
+
 def _as_written_by_0_1_0(location) -> dict:
     """Rewrite a store's fingerprint as fercache 0.1.0 wrote it (no encoder revision); returns that encoder."""
     from fercache import store as S
