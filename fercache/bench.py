@@ -125,7 +125,8 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
                      workers=1, progress=False, encoder_obj=null)
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
-        "encoder": enc.name, "image_size": enc.preprocess.size, "dtype": str(dtype).replace("torch.", ""),
+        "encoder": enc.name, "weights": enc.pretrained, "image_size": enc.preprocess.size,
+        "dtype": str(dtype).replace("torch.", ""),
         "batch_size": batch_size, "workers": workers, "images": n,
         "a_model_only_img_s": a, "b_end_to_end_img_s": e2e.images_per_s, "c_ratio_b_over_a": e2e.images_per_s / a,
         "d_baseline_img_s": d, "ratio_b_over_d": e2e.images_per_s / d,

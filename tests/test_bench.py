@@ -14,6 +14,7 @@ def test_bench_extract_reports_a_to_f_on_a_subset(tiny_manifest, tiny_dataset, t
     r = bench_extract(tiny_manifest, tiny_encoder_spec, root=tiny_dataset, batch_size=16, workers=1, n_images=40,
                       model_seconds=0.3)
     assert r["images"] == 40 and r["workers"] == 1 and r["dtype"] == "float32" and r["device"].startswith("CPU")
+    assert r["weights"] == "none"  # speed does not depend on weights: an open_clip model runs at random init unless named
     for key in ("a_model_only_img_s", "b_end_to_end_img_s", "d_baseline_img_s", "e_null_total_img_s",
                 "e_null_1_worker_img_s", "e_worker_capacity_img_s"):
         assert math.isfinite(r[key]) and r[key] > 0, key
