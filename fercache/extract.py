@@ -179,12 +179,15 @@ def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size:
     autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
     channels_last = encoder.channels_last or device.type == "cuda"
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoder.stored_outputs()}
-    with torch.inference_mode(), autocast:
-        for start in range(0, len(good), batch_size):
-            x = to_model_input(images[start:start + batch_size], encoder.preprocess, device, dtype, channels_last)
-            for view, xi in with_views(x, encoder.views, encoder.preprocess, rows[start:start + batch_size]):
-                for k, v in encoder.model(xi).items():
-                    parts[f"{k}.{view}" if view else k].append(v.to(torch.float16))
+    with torch.inference_mode():
+        with autocast:
+            for start in range(0, len(good), batch_size):
+                x = to_model_input(images[start:start + batch_size], encoder.preprocess, device, dtype, channels_last)
+                for view, xi in with_views(x, encoder.views, encoder.preprocess, rows[start:start + batch_size]):
+                    for k, v in encoder.model(xi).items():
+                        parts[f"{k}.{view}" if view else k].append(v.to(torch.float16))
+        # Outside autocast: it casts cat's inputs to its own dtype, and under bf16 (the CUDA default) float16
+        # inputs are neither that nor float32, so cat raised "Unexpected floating ScalarType".
         staged = {k: _to_host(torch.cat(v), device) if v else None for k, v in parts.items()}
     event = None
     if device.type == "cuda":

@@ -114,6 +114,20 @@ def test_workers_do_not_change_features(tiny_store, tiny_manifest, tiny_dataset,
     _assert_same_store(tiny_store, tmp_path / "w2.zarr")
 
 
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_half_precision_extract_matches_fp32(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path,
+                                             precision):
+    """bf16 is the CUDA default; under bf16 autocast, joining a piece's float16 outputs raised
+    'Unexpected floating ScalarType in at::autocast::prioritize' (the same autocast rule on CPU and CUDA)."""
+    r = extract(tiny_manifest, tiny_encoder_spec, tmp_path / "half.zarr", root=tiny_dataset, chunk_rows=16,
+                batch_size=8, workers=0, precision=precision, progress=False)
+    assert r.n_ok == 72
+    a, b = S.open_store(tiny_store).features("embedding"), S.open_store(tmp_path / "half.zarr").features("embedding")
+    a, b = a.astype(np.float32), b.astype(np.float32)
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > 0.99 and not np.array_equal(a, b)  # half precision ran: close, not bit-equal
+
+
 KILLER = textwrap.dedent("""
     import os, signal, sys, time
     from fercache import store as S
