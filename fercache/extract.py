@@ -133,6 +133,9 @@ def _barrier(world: int) -> None:
 
 
 def _resolve_device(device: str, rank: int, world: int) -> torch.device:
+    if world > 1 and device.startswith("cuda:"):  # every rank would share that one GPU, each at 1/world speed
+        raise ConfigError(f"--device {device} under torchrun ({world} ranks): use --device cuda, and each rank "
+                          "takes cuda:LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES)")
     if device == "cuda" and world > 1:
         dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
         torch.cuda.set_device(dev)  # NCCL collectives (the barriers) run on the current device: make it this rank's
