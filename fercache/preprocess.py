@@ -86,7 +86,7 @@ def _batch_to_input(batch: torch.Tensor, spec: Preprocess, device, dtype, channe
     x = _center_crop(_resize_shorter(x, spec.size, spec.interpolation), spec.size)
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1) * 255
-    x = ((x - mean) / std).to(dtype)
+    x = (x - mean).div_(std).to(dtype)  # in place on the new tensor: one batch-sized allocation fewer, same values
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
 
 
