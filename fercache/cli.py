@@ -35,7 +35,11 @@ _progress = {"bars": True}  # set by --quiet: logs of scripted runs stay free of
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
            quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only, no progress bars.")) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
-    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    # Our INFO lines are progress a user reads; the libraries' (open_clip logs each step of building a model to the
+    # root logger) are noise unless debugging, so only --verbose lets them through.
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("fercache").setLevel(level)
     _progress["bars"] = not quiet
 
 

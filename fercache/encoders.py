@@ -9,6 +9,7 @@ the CLI starts instantly.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -289,6 +290,23 @@ def resolve_open_clip_weights(arch: str, tag: str) -> Path:
     return Path(target)
 
 
+class _RandomInitWarning(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+
+@contextlib.contextmanager
+def _without_random_init_warning():
+    """open_clip warns on the root logger that a model was "initialized randomly": here that was asked for
+    (--pretrained none, or a test config), and the store records it, so the warning only alarms."""
+    f = _RandomInitWarning()
+    logging.getLogger().addFilter(f)
+    try:
+        yield
+    finally:
+        logging.getLogger().removeFilter(f)
+
+
 @register_encoder("open_clip")
 def open_clip_encoder(arch: str, pretrained: str | None = None, image_size: int | None = None) -> Encoder:
     """open_clip model by name (or JSON config path); `pretrained` is a hub tag, a local file, or none (random init)."""
@@ -300,7 +318,8 @@ def open_clip_encoder(arch: str, pretrained: str | None = None, image_size: int 
     kw = {"force_image_size": image_size} if image_size else {}
     if not pretrained or pretrained == "none":
         torch.manual_seed(0)  # random init must be reproducible: its hash is the weights identity
-        model, sha, label = open_clip.create_model(name, pretrained=None, **kw), None, "none"
+        with _without_random_init_warning():
+            model, sha, label = open_clip.create_model(name, pretrained=None, **kw), None, "none"
     else:
         path = Path(pretrained).expanduser() if _is_path(pretrained) else resolve_open_clip_weights(name, pretrained)
         if not path.is_file():

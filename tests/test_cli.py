@@ -455,3 +455,20 @@ def test_steps_lists_what_each_pipeline_step_needs_and_takes():
     assert r.exit_code == 0 and "needs     stores heads out" in r.output and 'metric="accuracy"' in r.output
     r = invoke("steps", "trian")
     assert r.exit_code == 2 and "did you mean 'train'?" in r.output
+
+
+def test_the_console_shows_our_progress_lines_not_the_libraries_info_or_the_random_init_warning(
+        tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "fercache", "extract", str(tiny_manifest), "--encoder", tiny_encoder_spec,
+           "--out", str(tmp_path / "s.zarr"), "--data-root", str(tiny_dataset), "--workers", "0"]
+    first = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    # open_clip logs each step of building the model at INFO on the root logger, and warns that a model with no
+    # weights is random: asked for here (a test config), so both are noise
+    assert "root:" not in first and "initialized randomly" not in first, first
+    again = subprocess.run(cmd, capture_output=True, text=True, check=True).stderr
+    assert "INFO fercache.extract: " in again and "is complete and matches; nothing to do" in again, again
+    verbose = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], capture_output=True, text=True, check=True).stderr
+    assert "root: Loaded" in verbose or "root: Instantiating" in verbose, verbose
