@@ -193,6 +193,31 @@ def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = T_RANGE[0], h
     return float(2.0 / (a + b))
 
 
+def temperature_at_bound(logits: np.ndarray, y: np.ndarray, t: float) -> str | None:
+    """What a fitted temperature stuck at an end of T_RANGE says about the head on this split; None inside it.
+
+    At the upper end there are two heads to tell apart: one whose logits carry no information (softmax(z / T)
+    is then near uniform) and one whose logits are huge (after a learning rate too high for it, say): more
+    than 20x over-confident, so dividing by T still leaves it sharp. The top probability after T tells which.
+    """
+    lo, hi = T_RANGE
+    at = f"the calibration temperature hit its bound (T = {t:.2f})"
+    if t <= lo * 1.01:
+        return (f"{at}: the head separates every validation sample, so its calibrated probabilities are close to "
+                "0 or 1; a larger validation split calibrates better")
+    if t < hi * 0.99:
+        return None
+    logits = np.asarray(logits, dtype=np.float64)
+    def top(z): return float(np.exp(log_softmax(z)).max(1).mean())
+    raw, scaled, acc = top(logits), top(logits / t), float((logits.argmax(1) == np.asarray(y)).mean())
+    if scaled < 1.5 / logits.shape[1]:
+        return (f"{at}: the head's confidence tells nothing on validation (accuracy {acc:.1%}), so its calibrated "
+                "probabilities are close to uniform")
+    return (f"{at}: the head is over-confident on validation by more than that factor (mean top probability "
+            f"{raw:.1%} raw, {scaled:.1%} at T, accuracy {acc:.1%}): its logits are very large, as after a learning "
+            "rate too high for the head")
+
+
 def calibration(logits: np.ndarray, y: np.ndarray, temperature: float | None = None) -> dict:
     """ECE, NLL and Brier score (sum over classes, 0 to 2) of softmax(logits), with the reliability bins; with a
     `temperature` (fitted on validation), the same of softmax(logits / T) as `*_ts`."""

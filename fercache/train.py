@@ -394,13 +394,8 @@ def _val_scores(model: nn.Module, val: dict, yval: np.ndarray, task: str, classe
         return metrics.au(yval, prob, classes, thresholds), Fitted(thresholds=thresholds)
     logits = logits.cpu().numpy()
     t = metrics.fit_temperature(logits, yval)
-    if t <= metrics.T_RANGE[0] * 1.01:
-        log.warning("the calibration temperature hit its bound (T = %.2f): the head separates every validation "
-                    "sample, so its calibrated probabilities are close to 0 or 1; a larger validation split "
-                    "calibrates better", t)
-    elif t >= metrics.T_RANGE[1] * 0.99:
-        log.warning("the calibration temperature hit its bound (T = %.2f): the head's confidence tells nothing "
-                    "on validation, so its calibrated probabilities are close to uniform", t)
+    if note := metrics.temperature_at_bound(logits, yval, t):
+        log.warning("%s", note)
     cal = metrics.calibration(logits, yval, t)
     scores = {**metrics.classification(yval, logits.argmax(1), classes),
               **{k: v for k, v in cal.items() if not k.startswith("reliability")}}

@@ -66,6 +66,25 @@ def test_temperature_from_validation_repairs_an_overconfident_test_split():
     assert metrics.calibration(zt[:0], yt[:0], 1.0) == {}
 
 
+def test_a_temperature_at_its_upper_bound_tells_a_clueless_head_from_a_far_over_confident_one():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 7, 400)
+    clueless = rng.normal(size=(400, 7))  # logits that know nothing of y: the best T is infinite
+    t = metrics.fit_temperature(clueless, y)
+    assert t == pytest.approx(metrics.T_RANGE[1], rel=0.01)
+    assert "confidence tells nothing on validation" in metrics.temperature_at_bound(clueless, y, t)
+    # Right 80% of the time with logits 100x too sharp (a learning rate too high for the head): also at the bound,
+    # but softmax(z / 20) is still far from uniform: over-confident, not clueless (the old warning said clueless)
+    sharp = rng.normal(size=(400, 7)) * 100
+    sharp[np.arange(400), y] += np.where(rng.random(400) < 0.8, 300, 0)
+    t = metrics.fit_temperature(sharp, y)
+    note = metrics.temperature_at_bound(sharp, y, t)
+    assert t == pytest.approx(metrics.T_RANGE[1], rel=0.01) and "over-confident on validation" in note, note
+    assert f"accuracy {(sharp.argmax(1) == y).mean():.1%}" in note and "tells nothing" not in note
+    z, y = _draw(2000, t_true=3.0, seed=6)
+    assert metrics.temperature_at_bound(z, y, metrics.fit_temperature(z, y)) is None  # inside the range: nothing to say
+
+
 def test_runs_carry_a_validation_temperature_that_evaluate_and_predict_use(tiny_store, tiny_dataset, tmp_path, caplog):
     from fercache.predict import predict
 
