@@ -85,3 +85,42 @@ def test_one_named_gpu_for_every_rank_is_refused():
     with pytest.raises(ConfigError, match=r"--device cuda:0 under torchrun \(2 ranks\): use --device cuda"):
         _resolve_device("cuda:0", 1, 2)
     assert _resolve_device("cpu", 1, 2).type == "cpu"
+
+
+@pytest.fixture
+def s3_env(monkeypatch):
+    """A real S3 endpoint (moto's server, in a thread) and the environment that points s3fs at it."""
+    pytest.importorskip("s3fs", reason="s3fs not installed (pip install -e '.[test]')")
+    server_mod = pytest.importorskip("moto.server", reason="moto not installed (pip install -e '.[test]')")
+    import boto3
+
+    server = server_mod.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    env = {"AWS_ENDPOINT_URL": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "test", "AWS_SECRET_ACCESS_KEY": "test",
+           "AWS_DEFAULT_REGION": "us-east-1"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"]).create_bucket(Bucket="fer")
+    yield env
+    server.stop()
+
+
+def test_torchrun_ranks_share_an_s3_store_resume_on_it_and_equal_a_single_process_run(
+        tiny_manifest, tiny_dataset, tiny_encoder_spec, tiny_store, tmp_path, s3_env):
+    """The multi-node recipe: ranks that share nothing but an object store (no folders, no locks, no shared
+    memory). Rank 1 dies mid-run; three ranks finish the store; it equals a local single-process store."""
+    url = "s3://fer/faces.zarr"
+    script = tmp_path / "killer.py"
+    script.write_text(RANK_KILLER)
+    proc = subprocess.run(TORCHRUN + ["--nproc-per-node=2", str(script), str(tiny_manifest), tiny_encoder_spec, url,
+                                      str(tiny_dataset)], env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    st = S.open_store(url)
+    assert not st.complete and 0 < len(st.pending_chunks()) < st.n_chunks, proc.stderr[-3000:]
+    proc = subprocess.run(TORCHRUN + ["--nproc-per-node=3", "-m", "fercache", "-q", "extract", str(tiny_manifest),
+                                      "--encoder", tiny_encoder_spec, "--out", url, "--data-root", str(tiny_dataset),
+                                      "--chunk-rows", "16", "--batch-size", "8", "--workers", "0"],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "72 rows, 72 ok" in proc.stdout, proc.stderr[-3000:]
+    _assert_same_store(tiny_store, url)  # the session's store: one process, the same chunk and batch sizes
