@@ -107,7 +107,7 @@ def s3_env(monkeypatch):
 
 
 def test_torchrun_ranks_share_an_s3_store_resume_on_it_and_equal_a_single_process_run(
-        tiny_manifest, tiny_dataset, tiny_encoder_spec, tiny_store, tmp_path, s3_env):
+        tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, s3_env):
     """The multi-node recipe: ranks that share nothing but an object store (no folders, no locks, no shared
     memory). Rank 1 dies mid-run; three ranks finish the store; it equals a local single-process store."""
     url = "s3://fer/faces.zarr"
@@ -123,4 +123,5 @@ def test_torchrun_ranks_share_an_s3_store_resume_on_it_and_equal_a_single_proces
                                       "--chunk-rows", "16", "--batch-size", "8", "--workers", "0"],
                           env=_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0 and "72 rows, 72 ok" in proc.stdout, proc.stderr[-3000:]
-    _assert_same_store(tiny_store, url)  # the session's store: one process, the same chunk and batch sizes
+    _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr")  # one thread, as each rank has
+    _assert_same_store(tmp_path / "one.zarr", url)
