@@ -197,8 +197,9 @@ def temperature_at_bound(logits: np.ndarray, y: np.ndarray, t: float) -> str | N
     """What a fitted temperature stuck at an end of T_RANGE says about the head on this split; None inside it.
 
     At the upper end there are two heads to tell apart: one whose logits carry no information (softmax(z / T)
-    is then near uniform) and one whose logits are huge (after a learning rate too high for it, say): more
-    than 20x over-confident, so dividing by T still leaves it sharp. The top probability after T tells which.
+    is then near uniform) and one whose logits are huge (after a learning rate too high for it, say), whose
+    NLL-optimal T lies beyond the bound while softmax(z / T) stays far from uniform. The mean top probability
+    after T tells which.
     """
     lo, hi = T_RANGE
     at = f"the calibration temperature hit its bound (T = {t:.2f})"
