@@ -290,21 +290,19 @@ def resolve_open_clip_weights(arch: str, tag: str) -> Path:
     return Path(target)
 
 
-class _RandomInitWarning(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("No pretrained weights loaded")
-
-
 @contextlib.contextmanager
 def _without_random_init_warning():
     """open_clip warns on the root logger that a model was "initialized randomly": here that was asked for
     (--pretrained none, or a test config), and the store records it, so the warning only alarms."""
-    f = _RandomInitWarning()
-    logging.getLogger().addFilter(f)
+    def keep(record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("No pretrained weights loaded")
+
+    root = logging.getLogger()
+    root.addFilter(keep)
     try:
         yield
     finally:
-        logging.getLogger().removeFilter(f)
+        root.removeFilter(keep)
 
 
 @register_encoder("open_clip")
