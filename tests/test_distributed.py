@@ -27,14 +27,18 @@ def _single(manifest, spec, root, out, extra=()):
                    check=True, env=_env(), capture_output=True)
 
 
+def _torchrun(nproc, manifest, spec, root, out, extra=()):
+    return subprocess.run(TORCHRUN + [f"--nproc-per-node={nproc}", "-m", "fercache", "-q", "extract", str(manifest),
+                                      "--encoder", spec, "--out", str(out), "--data-root", str(root),
+                                      "--chunk-rows", "16", "--batch-size", "8", "--workers", "0", *extra],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+
+
 @pytest.mark.parametrize("nproc,extra", [(2, ()), (3, ()), (2, ("--read-chunk-rows", "4")), (2, ("--views", "erase,noise"))],
                          ids=["2-ranks", "3-ranks", "2-ranks-sharded", "2-ranks-random-views"])
 def test_torchrun_equals_single_process(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, nproc, extra):
     _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr", extra)
-    proc = subprocess.run(TORCHRUN + [f"--nproc-per-node={nproc}", "-m", "fercache", "-q", "extract", str(tiny_manifest),
-                                      "--encoder", tiny_encoder_spec, "--out", str(tmp_path / "many.zarr"),
-                                      "--data-root", str(tiny_dataset), "--chunk-rows", "16", "--batch-size", "8",
-                                      "--workers", "0", *extra], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = _torchrun(nproc, tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "many.zarr", extra)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "72 rows, 72 ok" in proc.stdout  # only rank 0 reports
     _assert_same_store(tmp_path / "one.zarr", tmp_path / "many.zarr")
@@ -58,19 +62,21 @@ RANK_KILLER = textwrap.dedent("""
 """)
 
 
-def test_resume_after_a_rank_dies(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+def _kill_rank_1(manifest, spec, root, out, tmp_path):
+    """Two ranks extract to `out` until rank 1 is SIGKILLed (RANK_KILLER)."""
     script = tmp_path / "killer.py"
     script.write_text(RANK_KILLER)
+    return subprocess.run(TORCHRUN + ["--nproc-per-node=2", str(script), str(manifest), spec, str(out), str(root)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+
+
+def test_resume_after_a_rank_dies(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
     out = tmp_path / "many.zarr"
-    proc = subprocess.run(TORCHRUN + ["--nproc-per-node=2", str(script), str(tiny_manifest), tiny_encoder_spec, str(out),
-                                      str(tiny_dataset)], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = _kill_rank_1(tiny_manifest, tiny_encoder_spec, tiny_dataset, out, tmp_path)
     assert proc.returncode != 0
     st = S.open_store(out)
     assert not st.complete and len(st.pending_chunks()) > 0
-    proc = subprocess.run(TORCHRUN + ["--nproc-per-node=2", "-m", "fercache", "-q", "extract", str(tiny_manifest),
-                                      "--encoder", tiny_encoder_spec, "--out", str(out), "--data-root", str(tiny_dataset),
-                                      "--chunk-rows", "16", "--batch-size", "8", "--workers", "0"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = _torchrun(2, tiny_manifest, tiny_encoder_spec, tiny_dataset, out)
     assert proc.returncode == 0, proc.stderr[-3000:]
     _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr")
     _assert_same_store(tmp_path / "one.zarr", out)
@@ -111,17 +117,11 @@ def test_torchrun_ranks_share_an_s3_store_resume_on_it_and_equal_a_single_proces
     """The multi-node recipe: ranks that share nothing but an object store (no folders, no locks, no shared
     memory). Rank 1 dies mid-run; three ranks finish the store; it equals a local single-process store."""
     url = "s3://fer/faces.zarr"
-    script = tmp_path / "killer.py"
-    script.write_text(RANK_KILLER)
-    proc = subprocess.run(TORCHRUN + ["--nproc-per-node=2", str(script), str(tiny_manifest), tiny_encoder_spec, url,
-                                      str(tiny_dataset)], env=_env(), capture_output=True, text=True, timeout=300)
+    proc = _kill_rank_1(tiny_manifest, tiny_encoder_spec, tiny_dataset, url, tmp_path)
     assert proc.returncode != 0
     st = S.open_store(url)
     assert not st.complete and 0 < len(st.pending_chunks()) < st.n_chunks, proc.stderr[-3000:]
-    proc = subprocess.run(TORCHRUN + ["--nproc-per-node=3", "-m", "fercache", "-q", "extract", str(tiny_manifest),
-                                      "--encoder", tiny_encoder_spec, "--out", url, "--data-root", str(tiny_dataset),
-                                      "--chunk-rows", "16", "--batch-size", "8", "--workers", "0"],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+    proc = _torchrun(3, tiny_manifest, tiny_encoder_spec, tiny_dataset, url)
     assert proc.returncode == 0 and "72 rows, 72 ok" in proc.stdout, proc.stderr[-3000:]
     _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr")  # one thread, as each rank has
     _assert_same_store(tmp_path / "one.zarr", url)
