@@ -119,21 +119,19 @@ def training_png(path: Path, history: list[dict], metric: str, best_epoch: int, 
     """Training loss and the validation metric per epoch, with the epoch that selection kept."""
     plt = _plt()
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.2))
+    fig, ax = plt.subplots(figsize=(6, 3.5))
     ax.plot(epochs, [h["loss"] for h in history], color="tab:gray", label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss")
     ax2 = ax.twinx()
     ax2.plot(epochs, [100 * h[f"val_{metric}"] for h in history], color="tab:blue", marker=".", label=f"val {metric}")
     ax2.set_ylabel(f"val {metric} (%)")
-    if best_epoch:
-        right = best_epoch > (epochs[0] + epochs[-1]) / 2  # label on the side with room
-        ax2.axvline(best_epoch, color="tab:blue", linestyle=":", linewidth=1)
-        ax2.annotate(f"kept: epoch {best_epoch}", (best_epoch, 0.03), xycoords=("data", "axes fraction"), fontsize=8,
-                     color="tab:blue", xytext=(-3 if right else 3, 0), textcoords="offset points",
-                     ha="right" if right else "left")
-    lines = ax.get_lines() + ax2.get_lines()[:1]
-    ax2.legend(lines, [ln.get_label() for ln in lines], loc="center right", fontsize=8, frameon=False)
+    if best_epoch:  # in the legend, not as text on the axes, where it landed on the curves
+        ax2.axvline(best_epoch, color="tab:blue", linestyle=":", linewidth=1, label=f"kept: epoch {best_epoch}")
+    lines = ax.get_lines() + ax2.get_lines()
+    # Below the axes: any spot inside them can hold a curve (a loss near 0, a validation dip).
+    ax2.legend(lines, [ln.get_label() for ln in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
+               fontsize=8, frameon=False)
     ax.set_title(title, fontsize=9)
     return _save(fig, path, 110)
 
