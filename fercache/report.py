@@ -163,7 +163,7 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
     curves = [("raw softmax", result["reliability"], result["ece"], "tab:blue")]
     if "reliability_ts" in result:
         curves.append((f"T = {result['temperature']:.2f} (fit on val)", result["reliability_ts"], result["ece_ts"], "tab:orange"))
-    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 5.6), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 6.3), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="gray", lw=1, linestyle="--")
     edges = np.asarray(curves[0][1]["edges"])
     width = np.diff(edges)
@@ -172,12 +172,12 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
         full = np.asarray(rel["n"]) > 0
         ax.plot(conf[full], acc[full], marker="o", color=color, label=f"{name}: ECE {100 * ece:.1f}%")
         axn.bar(edges[:-1] + i * width / len(curves), rel["n"], width / len(curves), align="edge", color=color, alpha=0.8)
-    ax.text(0.97, 0.03, "below the diagonal: over-confident\nabove: under-confident", ha="right", va="bottom",
-            fontsize=7, color="gray", transform=ax.transAxes)
     ax.set_xlim(0, 1.02)  # room for the markers of bins at 0 or 1
     ax.set_ylim(-0.02, 1.03)
     ax.set_ylabel("accuracy in bin")
-    ax.legend(loc="upper left", fontsize=8, frameon=False)
+    # Under the figure: a small split's bins land anywhere on the axes, the legend's corner too.
+    axn.legend(*ax.get_legend_handles_labels(), loc="upper center", bbox_to_anchor=(0.5, -0.5), fontsize=8,
+               frameon=False, title="below the diagonal: over-confident; above: under-confident", title_fontsize=7)
     ax.set_title(title, fontsize=9)
     axn.set_xlabel("confidence (probability of the predicted class)")
     axn.set_ylabel("predictions")

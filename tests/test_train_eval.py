@@ -315,25 +315,6 @@ def test_sweep_ranks_on_validation(tiny_store, tmp_path):
         assert img.shape[0] > 300 * 200 and (np.abs(img.astype(int) - blue).sum(1) < 30).sum() > 20, png
 
 
-def test_the_training_plot_keeps_its_labels_off_the_curves(monkeypatch, tmp_path):
-    from fercache import report
-
-    figs = []
-    monkeypatch.setattr(report, "_save", lambda fig, path, dpi: figs.append(fig) or path)
-    # a loss that ends near 0 and a validation dip at the bottom: where the kept-epoch label used to be drawn
-    history = [{"epoch": e, "loss": 1 / e**2, "val_accuracy": 0.5 - 0.2 * (e == 6) + 0.01 * e} for e in range(1, 11)]
-    report.training_png(tmp_path / "t.png", history, "accuracy", 4, "t")
-    fig = figs[0]
-    fig.tight_layout()
-    fig.canvas.draw()
-    ax, ax2 = fig.axes
-    legend, renderer = ax2.get_legend(), fig.canvas.get_renderer()
-    assert [t.get_text() for t in legend.get_texts()] == ["train loss", "val accuracy", "kept: epoch 4"]
-    assert legend.get_window_extent(renderer).y1 < ax.get_window_extent(renderer).y0  # under the axes
-    assert legend.get_window_extent(renderer).y0 >= 0  # and still inside the figure
-    assert not ax.texts and not ax2.texts  # no free text over the curves
-
-
 def test_features_memo_reads_a_store_once_and_changes_no_result(tiny_store, tmp_path):
     from fercache.data import features_memo, load_features
 
