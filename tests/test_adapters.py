@@ -284,3 +284,16 @@ def test_gzip_manifest_round_trip_is_byte_stable(tmp_path):
     a = write_manifest(m, tmp_path / "a.csv.gz").read_bytes()
     b = write_manifest(m, tmp_path / "a.csv.gz").read_bytes()
     assert a == b and read_manifest(tmp_path / "a.csv.gz").rows == m.rows
+
+
+def test_a_missing_manifest_names_the_one_beside_it(tmp_path):
+    # data_manifests/ has ckplus48.csv and fer2013.csv.gz: asking for the other ending is an easy slip
+    for name in ("ck.csv", "fer2013.csv.gz", "notes.txt"):
+        (tmp_path / name).write_text("")
+    for asked, meant in (("ck.csv.gz", "ck.csv"), ("fer2013.csv", "fer2013.csv.gz"), ("fer2031.csv.gz", "fer2013.csv.gz")):
+        with pytest.raises(ManifestError, match=rf"{asked} does not exist \(did you mean '.*/{meant}'\?\)"):
+            read_manifest(tmp_path / asked)
+    with pytest.raises(ManifestError, match=r"zzz.csv does not exist; build one"):  # nothing close: no guess
+        read_manifest(tmp_path / "zzz.csv")
+    with pytest.raises(ManifestError, match=r"m.csv does not exist; build one"):  # no such folder either
+        read_manifest(tmp_path / "nope" / "m.csv")
