@@ -1,6 +1,8 @@
 """Typed errors. Every message says what went wrong and what to do about it."""
 
 import difflib
+from pathlib import Path
+from typing import Callable
 
 
 class FercacheError(Exception):
@@ -34,3 +36,26 @@ class StaleRunError(FercacheError):
 
 class ConfigError(FercacheError):
     """A pipeline file or head configuration is invalid."""
+
+
+ENDINGS = (".gz", ".csv", ".zarr")
+
+
+def near_path(path: str | Path, keep: Callable[[Path], bool]) -> str:
+    """' (did you mean 'X'?)' naming the entry beside a missing `path` (one that `keep` accepts) whose name is
+    closest, endings aside: ckplus48.csv for ckplus48.csv.gz, fer2013.zarr for fer2031.zarr. '' when none is close,
+    or `path` is a URL."""
+    if "://" in str(path):
+        return ""
+    path = Path(path)
+    if not path.parent.is_dir():
+        return ""
+
+    def stem(name: str) -> str:  # compared without the endings, which every manifest (or store) shares
+        for ending in ENDINGS:
+            name = name.removesuffix(ending)
+        return name
+
+    beside = {stem(p.name): p for p in sorted(path.parent.iterdir()) if p != path and keep(p)}
+    close = difflib.get_close_matches(stem(path.name), list(beside), 1)
+    return f" (did you mean {str(beside[close[0]])!r}?)" if close else ""

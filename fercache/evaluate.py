@@ -15,7 +15,7 @@ import torch
 from . import metrics, report
 from .data import FeatureSet, carve_val, clip_level, load_features, store_views
 from .encoders import revision_note
-from .errors import ConfigError, StaleRunError, StoreError
+from .errors import ConfigError, StaleRunError, StoreError, near_path
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
 from .store import encoder_key, encoder_label, exists, open_store, same_location, store_name
@@ -72,6 +72,17 @@ def _check_not_stale(run, cfg: dict, store: str, manifest) -> None:
                             + ("" if manifest else ", or pass --manifest to score it on other labels on purpose"))
 
 
+def _runs_hint(run: Path) -> str:
+    """Where the runs might be: a folder of a near name, or runs deeper under `run` (a protocol's output)."""
+    if not run.exists():
+        return near_path(run, Path.is_dir)
+    deeper = next(iter(sorted(run.glob("**/head.pt"))), None)
+    if deeper is None:
+        return ""
+    return (f"; runs lie deeper, e.g. {deeper.parent.parent}: pass one of those folders, "
+            f"or list them all with `fercache runs {run}`")
+
+
 def run_dirs(run: str | Path) -> list[Path]:
     """A run directory, or every seed run under a parent directory."""
     run = Path(run)
@@ -79,7 +90,7 @@ def run_dirs(run: str | Path) -> list[Path]:
         return [run]
     found = sorted(p.parent for p in run.glob("*/head.pt"))
     if not found:
-        raise ConfigError(f"no trained run (head.pt) in {run} or its subfolders")
+        raise ConfigError(f"no trained run (head.pt) in {run} or its subfolders{_runs_hint(run)}")
     return found
 
 

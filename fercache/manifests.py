@@ -10,7 +10,6 @@ given at run time, so a manifest works on every machine.
 from __future__ import annotations
 
 import csv
-import difflib
 import gzip
 import hashlib
 import io
@@ -19,7 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ManifestError
+from .errors import ManifestError, near_path
 from .labels import CANONICAL
 
 REQUIRED = ("sample_id", "path", "label", "split", "subject")
@@ -69,26 +68,16 @@ def _columns_of(rows: list[dict[str, str]]) -> list[str]:
     return list(REQUIRED) + [c for c in OPTIONAL if c in seen] + [c for c in extra if c not in OPTIONAL and c not in aus] + aus
 
 
-def _near_name(path: Path) -> str:
-    """' (did you mean X?)' for the manifest of a near name beside the one asked for: the same name with or without
-    .gz (data_manifests/ has both kinds), or a close spelling."""
-    if not path.parent.is_dir():
-        return ""
-
-    def stem(name: str) -> str:  # compared without the endings, which every manifest shares
-        return name.removesuffix(".gz").removesuffix(".csv")
-
-    siblings = {stem(p.name): p.name for p in sorted(path.parent.iterdir())
-                if p.is_file() and p.name.endswith((".csv", ".csv.gz"))}
-    close = difflib.get_close_matches(stem(path.name), list(siblings), 1)
-    return f" (did you mean {str(path.with_name(siblings[close[0]]))!r}?)" if close else ""
+def _named_like_a_manifest(p: Path) -> bool:
+    return p.is_file() and p.name.endswith((".csv", ".csv.gz"))
 
 
 def read_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest CSV."""
     path = Path(path)
     if not path.is_file():
-        raise ManifestError(f"manifest {path} does not exist{_near_name(path)}; build one with `fercache manifest build`")
+        hint = near_path(path, _named_like_a_manifest)
+        raise ManifestError(f"manifest {path} does not exist{hint}; build one with `fercache manifest build`")
     with _open_text(path, "r") as f:
         reader = csv.DictReader(f)
         missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]

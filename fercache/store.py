@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError
+from .errors import StoreError, near_path
 
 SCHEMA_VERSION = 1
 FORMAT = "fercache.features"
@@ -273,7 +273,8 @@ def exists(location: str | Path) -> bool:
 def open_store(location: str | Path, mode: str = "r") -> FeatureStore:
     """Open an existing store, checking its format and schema version."""
     if not exists(location):
-        raise StoreError(f"no fercache store at {location}; create one with `fercache extract`")
+        hint = near_path(location, lambda p: p.is_dir() and p.name.endswith(".zarr"))
+        raise StoreError(f"no fercache store at {location}{hint}; create one with `fercache extract`")
     g = _zarr().open_group(_plain(location), mode=mode)
     meta = g.attrs["fercache"]
     if meta.get("schema_version") != SCHEMA_VERSION:

@@ -186,6 +186,22 @@ def test_cross_matrix_refuses_other_encoders(tiny_store, tiny_manifest, tiny_dat
         evaluate_run(r.run_dir, str(tmp_path / "null.zarr"))
 
 
+def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, tmp_path):
+    from fercache.errors import StoreError
+    from fercache.evaluate import run_dirs
+
+    typo = tiny_store.with_name(tiny_store.stem + "s.zarr")
+    with pytest.raises(StoreError, match=rf"no fercache store at .*s\.zarr \(did you mean '{tiny_store}'\?\)"):
+        S.open_store(typo)
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path / "cross" / "runs" / "faces-linear", recipe=QUICK)
+    with pytest.raises(ConfigError, match=r"faces-lineer or its subfolders \(did you mean '.*/faces-linear'\?\)"):
+        run_dirs(tmp_path / "cross" / "runs" / "faces-lineer")
+    # a protocol's output folder holds its runs two levels down: say so, and how to list them
+    with pytest.raises(ConfigError, match=rf"runs lie deeper, e.g. {r.run_dir.parent}: .*`fercache runs {tmp_path / 'cross'}`"):
+        run_dirs(tmp_path / "cross")
+    assert run_dirs(r.run_dir.parent) == [r.run_dir]
+
+
 def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path):
     from fercache.predict import predict, write_predictions
 
