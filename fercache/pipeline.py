@@ -21,7 +21,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, EncoderError, FercacheError, UnknownNameError
+from .errors import ConfigError, EncoderError, FercacheError, UnknownNameError, near_path
 from .registry import Registry
 
 STEPS = Registry("pipeline step")
@@ -177,7 +177,8 @@ def load_pipeline(path: str | Path) -> list[dict]:
     """Parse a pipeline file into steps with variables substituted."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"pipeline file {path} does not exist")
+        hint = near_path(path, lambda p: p.is_file() and p.suffix == ".toml")
+        raise ConfigError(f"pipeline file {path} does not exist{hint}")
     try:
         doc = tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
@@ -325,7 +326,7 @@ def _selected(steps: list[dict], only: list[str] | None) -> list[tuple[int, dict
     names = {s.get("name", s["run"]) for s in steps} | {s["run"] for s in steps}
     for wanted in only or []:
         if wanted not in names:
-            raise UnknownNameError("pipeline step", wanted, sorted({s.get("name", s["run"]) for s in steps}))
+            raise UnknownNameError("pipeline step name or kind", wanted, names)
     return [(i, s) for i, s in enumerate(steps) if not only or s.get("name", s["run"]) in only or s["run"] in only]
 
 

@@ -124,9 +124,13 @@ def test_only_a_step_that_does_not_exist_is_an_error_not_a_run_of_nothing():
     quickstart = Path(__file__).parents[1] / "pipelines" / "quickstart.toml"
     for args in (["--check"], []):  # it printed "0 step(s)" and exited 0
         r = invoke("run", quickstart, "--only", "extract-fer2014", *args)
-        assert r.exit_code == 2 and "unknown pipeline step 'extract-fer2014' (did you mean 'extract-fer2013'?)" in r.output
+        assert r.exit_code == 2 and "step name or kind 'extract-fer2014' (did you mean 'extract-fer2013'?)" in r.output
     r = invoke("run", quickstart, "--only", "extract", "--only", "ledger", "--check")  # a kind, and a name
     assert r.exit_code == 0 and "3 step(s) checked" in r.output
+    r = invoke("run", quickstart, "--only", "extrct", "--check")  # kinds are suggested too, and listed
+    assert r.exit_code == 2 and "'extrct' (did you mean 'extract'?)" in r.output and " near_dups, " in r.output
+    r = invoke("run", quickstart.with_name("quickstrat.toml"), "--check")
+    assert r.exit_code == 2 and f"quickstrat.toml does not exist (did you mean '{quickstart}'?)" in r.output
 
 
 def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch):
