@@ -16,7 +16,7 @@ from typing import Iterable
 import numpy as np
 
 from . import labels as L
-from .errors import ManifestError
+from .errors import ManifestError, near_path
 from .manifests import Manifest, validate
 from .registry import Registry
 
@@ -37,7 +37,7 @@ def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **opti
     adapter = ADAPTERS.lookup(fmt)
     src = Path(src).resolve()
     if not src.exists():
-        raise ManifestError(f"dataset folder {src} does not exist")
+        raise ManifestError(f"dataset folder {src} does not exist{near_path(src, Path.is_dir)}")
     root = Path(data_root).resolve() if data_root else src
     rows = adapter(src, **options)
     if not rows:

@@ -297,3 +297,16 @@ def test_a_missing_manifest_names_the_one_beside_it(tmp_path):
         read_manifest(tmp_path / "zzz.csv")
     with pytest.raises(ManifestError, match=r"m.csv does not exist; build one"):  # no such folder either
         read_manifest(tmp_path / "nope" / "m.csv")
+
+
+def test_a_missing_dataset_folder_or_data_root_is_one_line_naming_the_near_folder(tmp_path):
+    from fercache.manifests import resolve_paths
+
+    write_imagefolder(tmp_path / "data" / "fer2013", per_class=1)
+    with pytest.raises(ManifestError, match=r"dataset folder .*fer2031 does not exist \(did you mean '.*fer2013'\?\)"):
+        build("imagefolder", tmp_path / "data" / "fer2031")
+    m = build("imagefolder", tmp_path / "data" / "fer2013", data_root=tmp_path / "data")
+    assert len(resolve_paths(m, tmp_path / "data")) == len(m) > 0
+    # a root that is not there: said once, not as every file missing under it
+    with pytest.raises(ManifestError, match=r"^data root .*/dat does not exist \(did you mean '.*/data'\?\)\. Pass --data-root"):
+        resolve_paths(m, tmp_path / "dat")
