@@ -598,7 +598,9 @@ def run_cmd(
         return
 
     def show(i: int, step: dict, result) -> None:
-        typer.echo(f"[{i + 1}] {step['name']}: {result}")
+        text = str(result)
+        sep = "" if text.startswith("\n") else " "  # a multi-line report starts on a line of its own
+        typer.echo(f"[{i + 1}] {step['name']}:{sep}{text}")
 
     run_pipeline(pipeline, on_step=show, only=only or None, progress=_progress["bars"])
 

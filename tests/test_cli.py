@@ -82,10 +82,15 @@ store = "{{out}}/s.zarr"
 head = "linear"
 out = "{{out}}/runs"
 recipe = {{ epochs = 2 }}
+[[step]]
+run = "audit"
+manifest = "{{out}}/m.csv"
+data_root = "{{data}}"
 """)
     r = invoke("run", p)
     assert r.exit_code == 0, r.output
     assert "[2] extract: " in r.output and "72 ok" in r.output
+    assert "\n[4] audit:\nsubjects in more than one split: " in r.output  # a report of lines starts on its own
     assert (tmp_path / "out/runs/s-linear/seed0/head.pt").is_file()  # `out` as in every step and the CLI
     r = invoke("run", p)
     assert "already complete" in r.output
