@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import report
-from .errors import ConfigError, FercacheError
+from .errors import ConfigError, FercacheError, near_path
 from .evaluate import eval_name, staleness
 from .store import canonical, exists, outdated, store_name
 
@@ -24,7 +24,8 @@ def find_runs(root: str | Path) -> list[Path]:
     root = Path(root)
     runs = sorted(p.parent for p in root.rglob("head.pt"))
     if not runs:
-        raise ConfigError(f"no trained run (head.pt) under {root}")
+        hint = "" if root.exists() else near_path(root, Path.is_dir)
+        raise ConfigError(f"no trained run (head.pt) under {root}{hint}")
     return runs
 
 

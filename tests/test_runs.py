@@ -84,8 +84,11 @@ def test_ledger_pools_the_folds_of_a_protocol_like_seeds(tiny_store, tiny_manife
 
 
 def test_ledger_of_an_empty_folder_says_so(tmp_path):
-    with pytest.raises(ConfigError, match="no trained run"):
+    with pytest.raises(ConfigError, match=r"no trained run \(head.pt\) under \S+$"):
         ledger(tmp_path)
+    (tmp_path / "quickstart").mkdir()
+    with pytest.raises(ConfigError, match=r"under \S+/quikstart \(did you mean '\S+/quickstart'\?\)$"):
+        ledger(tmp_path / "quikstart")
 
 
 def test_a_moved_store_is_reported_missing_not_stale_and_evaluate_says_how_to_score_it(tiny_store, tmp_path):
