@@ -76,7 +76,8 @@ def _runs_hint(run: Path) -> str:
     """Where the runs might be: a folder of a near name, or runs deeper under `run` (a protocol's output)."""
     if not run.exists():
         return near_path(run, Path.is_dir)
-    deeper = next(iter(sorted(run.glob("**/head.pt"))), None)
+    # a few levels down, not the whole tree: `run` may be a home folder (a protocol's runs sit 3-4 levels deep)
+    deeper = next((p for depth in range(2, 6) for p in sorted(run.glob("*/" * depth + "head.pt"))), None)
     if deeper is None:
         return ""
     return (f"; runs lie deeper, e.g. {deeper.parent.parent}: pass one of those folders, "
