@@ -11,7 +11,7 @@ import torch
 
 from .adapters import IMAGE_EXTS
 from .encoders import encoder_of
-from .errors import ConfigError, FercacheError
+from .errors import ConfigError, FercacheError, near_path
 from .evaluate import run_dirs
 from .preprocess import decode_image, to_model_input, tta_views, with_views
 from .store import encoder_key
@@ -29,7 +29,7 @@ def collect_images(inputs: list[str | Path]) -> list[Path]:
         elif p.is_file():
             out.append(p)
         else:
-            raise ConfigError(f"{p} is neither an image file nor a folder")
+            raise ConfigError(f"{p} is neither an image file nor a folder{near_path(p, Path.exists)}")
     if not out:
         raise ConfigError(f"no images found in {', '.join(map(str, inputs))}")
     return out

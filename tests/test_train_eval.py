@@ -202,6 +202,18 @@ def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, 
     assert run_dirs(r.run_dir.parent) == [r.run_dir]
 
 
+def test_predict_collects_images_of_folders_and_names_the_near_path_of_a_typo(tmp_path):
+    from fercache.predict import collect_images
+
+    (tmp_path / "happy" / "more").mkdir(parents=True)
+    for name in ("happy/b.png", "happy/more/a.JPG", "happy/notes.txt", "one.jpg"):
+        (tmp_path / name).write_bytes(b"")
+    assert collect_images([tmp_path / "happy", tmp_path / "one.jpg"]) == [
+        tmp_path / "happy" / "b.png", tmp_path / "happy" / "more" / "a.JPG", tmp_path / "one.jpg"]
+    with pytest.raises(ConfigError, match=r"hapy is neither an image file nor a folder \(did you mean '.*/happy'\?\)"):
+        collect_images([tmp_path / "hapy"])
+
+
 def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path):
     from fercache.predict import predict, write_predictions
 
