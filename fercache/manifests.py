@@ -204,11 +204,11 @@ def data_root(explicit: str | Path | None) -> Path:
 def resolve_paths(manifest: Manifest, root: Path, check_exists: bool = True) -> list[Path]:
     """Absolute image paths; raises naming the first rows whose file is missing."""
     paths = [root / r["path"] for r in manifest.rows]
-    if check_exists and manifest.rows and not Path(root).is_dir():  # one line for the root, not one per file
-        raise ManifestError(f"data root {root} does not exist{near_path(root, Path.is_dir)}. Pass --data-root "
-                            "(or set FERCACHE_DATA) to the folder the manifest's paths are relative to.")
     if check_exists:
         missing = [i for i, p in enumerate(paths) if not p.is_file()]
+        if missing and not root.is_dir():  # one line for the root, not one per file
+            raise ManifestError(f"data root {root} does not exist{near_path(root, Path.is_dir)}. Pass --data-root "
+                                "(or set FERCACHE_DATA) to the folder the manifest's paths are relative to.")
         if missing:
             shown = "; ".join(f"{manifest.where(i)}{paths[i]}" for i in missing[:5])
             raise ManifestError(
