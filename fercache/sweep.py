@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import itertools
 import json
 from pathlib import Path
@@ -16,7 +17,6 @@ from .heads import check_hyperparameters, describe as describe_head
 from .train import check_recipe, fit_seeds, recipe_keys
 
 
-
 def grid_points(grid: dict[str, list]) -> list[dict]:
     """Every combination of the grid's values."""
     if not grid:
@@ -25,10 +25,22 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 
 
+def _check_axes(head: str, grid: dict[str, list], in_recipe: set[str], in_hp: set[str]) -> None:
+    """An axis that is neither a recipe key nor a hyperparameter is named as such, with the nearest of either
+    (--axis lrr=... is a slip for the recipe's lr, not a hyperparameter the head lacks)."""
+    for axis in grid:
+        if axis not in in_recipe | in_hp:
+            near = difflib.get_close_matches(axis, sorted(in_recipe | in_hp), 1)
+            raise ConfigError(f"sweep axis {axis!r}{f' (did you mean {near[0]!r}?)' if near else ''}: head {head!r} has "
+                              f"no such hyperparameter ({', '.join(sorted(in_hp)) or 'none'}) or recipe key "
+                              f"({', '.join(sorted(in_recipe))})")
+
+
 def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) -> list[tuple[dict, dict, dict]]:
     """(point, recipe, hp) for every grid point, each checked before the first is trained: a bad value at point
     17 fails now, not after 16 points of work."""
     in_recipe, d = recipe_keys(head), describe_head(head)  # an axis is a recipe key, or else a hyperparameter
+    _check_axes(head, grid, in_recipe, set(d["hp"]))
     plan = []
     for point in grid_points(grid):
         recipe = {**base_recipe, **{k: v for k, v in point.items() if k in in_recipe}}

@@ -270,7 +270,8 @@ def test_heads_lists_every_head_with_its_hyperparameters_and_recipe():
 
 def test_unknown_hyperparameter_names_the_ones_the_head_takes(tiny_store, tmp_path):
     r = invoke("train-head", tiny_store, "--head", "mask", "--hp", "n_dorp=3", "--out", tmp_path)
-    assert r.exit_code == 2 and "no hyperparameter 'n_dorp'" in r.output and "n_drop=None" in r.output
+    assert r.exit_code == 2 and "no hyperparameter 'n_dorp' (did you mean 'n_drop'?)" in r.output
+    assert "n_drop=None" in r.output
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 

@@ -204,4 +204,8 @@ def test_a_sweep_checks_every_point_before_training_the_first(tiny_store, tmp_pa
         sweep(str(tiny_store), "linear", {"lr": [0.01, 0.1, "fast"]}, tmp_path, base_recipe=QUICK)
     with pytest.raises(ConfigError, match="n_drop=\\[3\\]; give a whole number >= 0 or null"):
         sweep(str(tiny_store), "mask", {"n_drop": [1, [3]]}, tmp_path, base_recipe=QUICK)
+    # A misspelt recipe key is not "a hyperparameter the head lacks": the message names both kinds, and the near one
+    with pytest.raises(ConfigError, match="sweep axis 'lrr' \\(did you mean 'lr'\\?\\): head 'linear' has no such "
+                                          "hyperparameter \\(normalize\\) or recipe key \\(balance, "):
+        sweep(str(tiny_store), "linear", {"lrr": [0.01]}, tmp_path, base_recipe=QUICK)
     assert not list(tmp_path.iterdir())  # no point was trained

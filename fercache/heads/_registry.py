@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import inspect
 import math
 import types
@@ -115,7 +116,9 @@ def check_hyperparameters(name: str, hp: dict) -> None:
     known = hyperparameters(name)
     unknown = sorted(set(hp) - set(known))
     if unknown:
-        raise ConfigError(f"head {name!r} has no hyperparameter {', '.join(map(repr, unknown))}; "
+        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
+                 for k in unknown]
+        raise ConfigError(f"head {name!r} has no hyperparameter {', '.join(hints)}; "
                           f"it takes: {', '.join(f'{k}={v!r}' for k, v in known.items())}")
     hints = typing.get_type_hints(HEADS.lookup(name))
     for key, value in hp.items():
