@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import importlib.util
 import logging
 import os
 import socket
@@ -120,20 +121,50 @@ def missing_weights(spec: str, pretrained: str | None) -> str | None:
     return None
 
 
+def _torchvision_models() -> list[str]:
+    """The classification models' builders. Not hasattr(torchvision.models, arch): that also holds for its
+    submodules (`mobilenetv2`, `resnet`) and helpers (`get_model`), which are no model."""
+    import torchvision
+
+    return torchvision.models.list_models(torchvision.models)
+
+
+def _timm_importable() -> bool:
+    return importlib.util.find_spec("timm") is not None
+
+
 def _known(family: str, arch: str) -> bool:
     if family == "torchvision":
-        import torchvision
-
-        return hasattr(torchvision.models, arch)
-    try:
-        import timm
-    except ImportError:
+        return arch in _torchvision_models()
+    if not _timm_importable():
         return False
+    import timm
+
     return timm.is_model(arch)
 
 
 ENCODERS = Registry("encoder family")
 register_encoder = ENCODERS.register  # `family:<arch>` specs
+
+
+def check_encoder_name(spec: str) -> None:
+    """Refuse a family or model name that no builder knows (with the near one), without building anything: a
+    pipeline checks its extract steps with it before its first step runs, not when the extract step is reached."""
+    family, _, arch = spec.partition(":")
+    ENCODERS.lookup(family)
+    if family == "open_clip" and not arch.endswith(".json"):
+        import open_clip
+
+        if arch not in open_clip.list_models():
+            raise UnknownNameError("open_clip model", arch, open_clip.list_models())
+    elif family == "open_clip" and not Path(arch).expanduser().is_file():
+        raise EncoderError(f"open_clip model config {Path(arch).expanduser()} does not exist")
+    if family == "torchvision" and arch not in _torchvision_models():
+        raise UnknownNameError("torchvision model", arch, _torchvision_models())
+    if family == "timm" and _timm_importable() and not _known("timm", arch):
+        import timm
+
+        raise UnknownNameError("timm model", arch, timm.list_models())
 
 
 def load_encoder(spec: str, pretrained: str | None = None, image_size: int | None = None) -> Encoder:
@@ -229,14 +260,11 @@ def _open_clip_arch(arch: str) -> str:
     """`arch` may be a registered model name or a path to an open_clip JSON model config."""
     import open_clip
 
+    check_encoder_name(f"open_clip:{arch}")
     if arch.endswith(".json"):
         path = Path(arch).expanduser()
-        if not path.is_file():
-            raise EncoderError(f"open_clip model config {path} does not exist")
         open_clip.add_model_config(path)
         return path.stem
-    if arch not in open_clip.list_models():
-        raise UnknownNameError("open_clip model", arch, open_clip.list_models())
     return arch
 
 
@@ -370,8 +398,7 @@ def torchvision_encoder(arch: str, pretrained: str | None = None, image_size: in
     """torchvision classification model with local weights (`--pretrained PATH`, or `none` for random init)."""
     import torchvision
 
-    if not hasattr(torchvision.models, arch):
-        raise UnknownNameError("torchvision model", arch, torchvision.models.list_models(torchvision.models))
+    check_encoder_name(f"torchvision:{arch}")
     if pretrained is None and arch == "mobilenet_v2":
         bundled = bundled_mobilenet_v2()
         if bundled is None:
@@ -405,12 +432,10 @@ def timm_encoder(arch: str, pretrained: str | None = None, image_size: int | Non
         import timm
     except ImportError:
         raise EncoderError("timm encoders need `pip install timm`") from None
+    check_encoder_name(f"timm:{arch}")
     if why := missing_weights(f"timm:{arch}", pretrained):
         raise EncoderError(why)
-    try:
-        net = timm.create_model(arch, pretrained=False)
-    except RuntimeError as e:
-        raise UnknownNameError("timm model", arch, timm.list_models()[:20] + ["..."]) from e
+    net = timm.create_model(arch, pretrained=False)
     sha, label = _load_into(net, pretrained, f"timm:{arch}")
     net.reset_classifier(0)
     cfg = timm.data.resolve_data_config({}, model=net)

@@ -24,10 +24,17 @@ class EncoderError(FercacheError):
 class UnknownNameError(FercacheError):
     """A registry lookup (encoder, head, adapter, label) found no such name."""
 
+    LIST_ALL = 40  # longer lists (open_clip's ~170 models, timm's ~1,400) are cut to the names nearest the typo
+
     def __init__(self, kind: str, name: str, known):
-        close = difflib.get_close_matches(str(name), [str(k) for k in known], 1)
+        known = sorted(str(k) for k in known)
+        close = difflib.get_close_matches(str(name), known, 5)
         hint = f" (did you mean {close[0]!r}?)" if close else ""
-        super().__init__(f"unknown {kind} {name!r}{hint}; known: {', '.join(sorted(known))}")
+        if len(known) <= self.LIST_ALL:
+            listed = f"known: {', '.join(known)}"
+        else:
+            listed = f"{len(known)} known, " + (f"the nearest: {', '.join(close)}" if close else "none close to it")
+        super().__init__(f"unknown {kind} {name!r}{hint}; {listed}")
 
 
 class StaleRunError(FercacheError):

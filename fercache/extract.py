@@ -26,7 +26,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from . import store as S
 from .devices import torch_device
-from .encoders import Encoder, load_encoder, missing_weights
+from .encoders import Encoder, check_encoder_name, load_encoder, missing_weights
 from .errors import ConfigError, EncoderError
 from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
 from .preprocess import VIEWS, decode_image, to_model_input, with_views
@@ -337,8 +337,10 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     check_options(batch_size, workers, chunk_rows, precision, image_size)
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)  # before any reading: a wrong --device fails in a second
-    if encoder_obj is None and (why := missing_weights(encoder, pretrained)):
-        raise EncoderError(why)  # likewise: before a 10M-row manifest is read
+    if encoder_obj is None:  # likewise: a misspelt model or missing weights, before a 10M-row manifest is read
+        check_encoder_name(encoder)
+        if why := missing_weights(encoder, pretrained):
+            raise EncoderError(why)
     with S.writing(out) if world == 1 else nullcontext():  # torchrun ranks share one store by design
         if rank == 0:
             S.check_location(str(out), overwrite)  # before the encoder loads: never create a store over someone's files

@@ -271,7 +271,7 @@ def _check_values(kind: str, args: dict) -> None:
     """What the library would refuse only when the step is reached: names, devices, head settings, options."""
     from .adapters import ADAPTERS
     from .devices import torch_device
-    from .encoders import missing_weights
+    from .encoders import check_encoder_name, missing_weights
     from .extract import check_options
     from .manifests import check_derived_path
     from .preprocess import VIEWS
@@ -288,6 +288,7 @@ def _check_values(kind: str, args: dict) -> None:
     if kind == "near_dups":
         check_derived_path(args.get("without_leaks_to"), args.get("manifest"))
     if kind == "extract":
+        check_encoder_name(args["encoder"])
         if why := missing_weights(args["encoder"], args.get("pretrained")):
             raise EncoderError(why)
         o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args

@@ -217,6 +217,36 @@ def test_unknown_names():
         E.load_encoder("clip:ViT-B-16")
     with pytest.raises(UnknownNameError, match="unknown open_clip model 'ViT-Nope'"):
         E.load_encoder("open_clip:ViT-Nope")
+    # torchvision.models.mobilenetv2 is a module, not a model: it was taken for one ("needs --pretrained PATH",
+    # then "'module' object is not callable" with --pretrained none)
+    for pretrained in (None, "none"):
+        with pytest.raises(UnknownNameError, match="unknown torchvision model 'mobilenetv2' "
+                                                   "\\(did you mean 'mobilenet_v2'\\?\\); [0-9]+ known, the nearest: "):
+            E.load_encoder("torchvision:mobilenetv2", pretrained=pretrained)
+
+
+def test_a_long_list_of_known_names_is_cut_to_the_nearest():
+    """open_clip knows ~150 models and timm ~1,400: the message names the five nearest, not a wall of names."""
+    e = str(UnknownNameError("timm model", "resnet81", [f"m{i}" for i in range(100)] + ["resnet18", "resnet18d"]))
+    assert e == "unknown timm model 'resnet81' (did you mean 'resnet18'?); 102 known, the nearest: resnet18, resnet18d"
+    e = str(UnknownNameError("timm model", "qqqq", [f"m{i}" for i in range(100)]))
+    assert e == "unknown timm model 'qqqq'; 100 known, none close to it"
+    assert str(UnknownNameError("head", "mak", ["mask", "linear"])) == (
+        "unknown head 'mak' (did you mean 'mask'?); known: linear, mask")  # a short list is given whole
+
+
+def test_a_pipeline_names_a_misspelt_encoder_before_its_first_step(tmp_path):
+    from fercache.pipeline import check_pipeline
+
+    p = tmp_path / "p.toml"
+    for spec, error in [("torchvisio:mobilenet_v2", "unknown encoder family 'torchvisio' \\(did you mean 'torchvision'"),
+                        ("torchvision:mobilenetv2", "unknown torchvision model 'mobilenetv2' \\(did you mean"),
+                        ("open_clip:ViT-B-61", "unknown open_clip model 'ViT-B-61' \\(did you mean 'ViT-B-16'"),
+                        (f"open_clip:{tmp_path / 'no.json'}", "open_clip model config .*no.json does not exist")]:
+        p.write_text(f'[[step]]\nrun = "extract"\nmanifest = "m.csv"\nencoder = "{spec}"\npretrained = "none"\n'
+                     f'out = "s.zarr"\n')
+        with pytest.raises((UnknownNameError, EncoderError), match=f"step 1 \\(extract\\): {error}"):
+            check_pipeline(p)
 
 
 def test_hub_tag_offline_fails_fast_with_options(monkeypatch):
