@@ -310,3 +310,22 @@ def test_a_missing_dataset_folder_or_data_root_is_one_line_naming_the_near_folde
     # a root that is not there: said once, not as every file missing under it
     with pytest.raises(ManifestError, match=r"^data root .*/dat does not exist \(did you mean '.*/data'\?\)\. Pass --data-root"):
         resolve_paths(m, tmp_path / "dat")
+
+
+def test_a_data_root_one_level_off_is_answered_with_the_right_one(tmp_path):
+    """CK+48's paths are relative to ckplus48/, FER2013's to the folder above fer2013/: --data-root one level too
+    high or too low is an easy slip, and every file then 'does not exist'."""
+    from fercache.manifests import resolve_paths
+
+    data = tmp_path / "data"
+    write_imagefolder(data / "fer2013", per_class=1)
+    (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
+    m = build("imagefolder", data / "fer2013", data_root=data)  # paths: fer2013/<split>/<class>/*.jpg
+    n = len(m)
+    with pytest.raises(ManifestError, match=rf"^{n} file\(s\) .* under data root .*/data/fer2013: .* and {n - 5} more\. "
+                                            rf"They are under {data}: pass --data-root {data}\.$"):
+        resolve_paths(m, data / "fer2013")  # one level too low
+    with pytest.raises(ManifestError, match=rf"They are under {data}: pass --data-root {data}\.$"):
+        resolve_paths(m, tmp_path)  # one level too high: data/ is one of the folders below
+    with pytest.raises(ManifestError, match=r"\. Pass --data-root \(or set FERCACHE_DATA\) to the folder"):
+        resolve_paths(m, tmp_path / "elsewhere")  # nor above or below this one: no guess
