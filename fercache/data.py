@@ -209,7 +209,7 @@ def require_clips(fs: FeatureSet) -> None:
 
 def unit_images(store: str, units: list[str], root: str | Path | None, manifest: str | Path | None = None) -> list[np.ndarray]:
     """The images of scored units (sample ids, or clip ids: their middle frame), read under data root `root`."""
-    from .manifests import data_root
+    from .manifests import data_root, root_holding
     from .preprocess import decode_image
 
     rows, base = image_rows(manifest_for(open_store(store), manifest)), data_root(root)
@@ -217,8 +217,10 @@ def unit_images(store: str, units: list[str], root: str | Path | None, manifest:
     for unit in units:
         file = base / rows[unit]["path"]
         if not file.is_file():
-            raise ConfigError(f"cannot draw the images: {file} does not exist; pass --data-root (or set FERCACHE_DATA) "
-                              "to the folder the manifest paths are relative to")
+            there = root_holding([rows[unit]["path"]], base)
+            fix = (f"it is under {there}: pass --data-root {there}" if there else
+                   "pass --data-root (or set FERCACHE_DATA) to the folder the manifest paths are relative to")
+            raise ConfigError(f"cannot draw the images: {file} does not exist; {fix}")
         images.append(decode_image(file, rows[unit].get("bbox") or ""))
     return images
 

@@ -211,7 +211,7 @@ def resolve_paths(manifest: Manifest, root: Path, check_exists: bool = True) -> 
                                 "(or set FERCACHE_DATA) to the folder the manifest's paths are relative to.")
         if missing:
             shown = "; ".join(f"{manifest.where(i)}{paths[i]}" for i in missing[:5])
-            there = _root_holding([manifest.rows[i]["path"] for i in missing[:5]], root)
+            there = root_holding([manifest.rows[i]["path"] for i in missing[:5]], root)
             fix = (f"They are under {there}: pass --data-root {there}" if there else
                    "Pass --data-root (or set FERCACHE_DATA) to the folder the paths are relative to")
             raise ManifestError(f"{len(missing)} file(s) listed in the manifest do not exist under data root {root}: "
@@ -219,9 +219,11 @@ def resolve_paths(manifest: Manifest, root: Path, check_exists: bool = True) -> 
     return paths
 
 
-def _root_holding(rels: list[str], root: Path) -> Path | None:
+def root_holding(rels: list[str], root: Path) -> Path | None:
     """The folder one level above or below `root` under which every one of `rels` exists, or None: a data root
     one level off is the usual slip (../shared/data for CK+48, whose paths are relative to ../shared/data/ckplus48)."""
+    if not root.is_dir():
+        return None
     with os.scandir(root) as entries:  # d_type: no stat per entry, even in a folder of 100k images
         below = sorted(Path(e.path) for e in entries if e.is_dir())
     for there in [root.parent, *below]:

@@ -135,6 +135,9 @@ def test_evaluate_draws_the_surest_mistakes(tiny_store, tiny_dataset, tmp_path):
     assert res["errors_shown"] == min(4, round(res["n"] * (1 - res["accuracy"]))) > 0
     with pytest.raises(ConfigError, match="does not exist; pass --data-root"):
         evaluate_run(r.run_dir, errors=4, root=tmp_path)
+    # the manifest's paths start with faces/: a root one folder too low is answered with the right one
+    with pytest.raises(ConfigError, match=f"does not exist; it is under {tiny_dataset}: pass --data-root {tiny_dataset}$"):
+        evaluate_run(r.run_dir, errors=4, root=tiny_dataset / "faces")
 
 
 def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
