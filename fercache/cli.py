@@ -489,7 +489,10 @@ def runs_cmd(
     if result["unchecked"]:
         typer.echo(f"{len(result['unchecked'])} run(s) could not be checked: their training store or manifest is "
                    "missing (moved or deleted); `fercache evaluate RUN --store NEW` scores a run on a moved store", err=True)
-    if strict and (result["stale"] or result["unchecked"]):
+    if result["incomplete"]:
+        typer.echo(f"{len(result['incomplete'])} folder(s) hold head.pt but not a whole run, left out (retrain them): "
+                   f"{'; '.join(result['incomplete'])}", err=True)
+    if strict and (result["stale"] or result["unchecked"] or result["incomplete"]):
         raise typer.Exit(1)
 
 

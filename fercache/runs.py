@@ -92,11 +92,26 @@ def _mean_std(values: list[float]) -> str:
     return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}" if values else ""
 
 
+def _records(root: Path, runs: list[Path]) -> tuple[list[dict], list[str]]:
+    """The records of the runs, and `run (why)` for each folder holding head.pt without a readable config.json
+    and metrics.json (a save killed by an earlier version, a file deleted by hand): left out, not a traceback."""
+    records, incomplete = [], []
+    for run in runs:
+        try:
+            records.append(run_record(run))
+        except (OSError, ValueError, KeyError) as e:
+            why = f"no {Path(e.filename).name}" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
+            incomplete.append(f"{run} ({why})")
+    if not records:
+        raise ConfigError(f"no complete run under {root}: {'; '.join(incomplete)}")
+    return records, incomplete
+
+
 def ledger(root: str | Path) -> dict:
     """Runs under `root` grouped over seeds, one table per (training store, task, selection metric), ranked on
     that validation metric."""
     root = Path(root)
-    records = [run_record(r) for r in find_runs(root)]
+    records, incomplete = _records(root, find_runs(root))
     by_setting: dict[str, list[dict]] = {}
     for rec in records:
         by_setting.setdefault(_setting(rec), []).append(rec)
@@ -108,7 +123,7 @@ def ledger(root: str | Path) -> dict:
         groups.sort(key=lambda g: -float(np.mean([r["val"] for r in g])))
         tables[store_task] = _table(root, groups)
     md = "\n\n".join(t["markdown"] for t in tables.values()) + "\n"
-    return {"records": records, "tables": tables, "markdown": md,
+    return {"records": records, "tables": tables, "markdown": md, "incomplete": incomplete,
             "stale": [str(r["run"]) for r in records if r["status"].startswith("STALE")],
             "unchecked": [str(r["run"]) for r in records if r["status"] != "ok" and not r["status"].startswith("STALE")]}
 

@@ -1,7 +1,8 @@
 """Train a head on cached features; select the epoch on the validation split (never test); write the run.
 
 A run directory holds `head.pt` (weights + how to rebuild the head), `config.json` (everything
-that produced it) and `metrics.json` (validation metrics, the selecting split and epoch).
+that produced it) and `metrics.json` (validation metrics, the selecting split and epoch); head.pt is written
+last, so a folder with it holds a whole run.
 The test split is removed before training starts, so no head can see it during selection.
 """
 
@@ -12,6 +13,7 @@ import difflib
 import json
 import logging
 import math
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -518,16 +520,30 @@ def _fit_model(model: nn.Module, train, val, r: dict, task: str, classes: list[s
 
 
 def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, fitted: Fitted) -> None:
+    """head.pt marks a run (evaluate and the ledger look for it), so it is written last and by rename: a save
+    killed half-way leaves no half run behind. A run saved here before goes first, with its evaluations: they
+    scored weights that no longer exist."""
     run_dir.mkdir(parents=True, exist_ok=True)
-    torch.save({"state_dict": model.state_dict(), "config": config,
-                "thresholds": None if fitted.thresholds is None else torch.as_tensor(fitted.thresholds),
-                "temperature": fitted.temperature}, run_dir / "head.pt")
+    _clear_run(run_dir)
     (run_dir / "config.json").write_text(json.dumps(config, indent=2))
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     if result["history"]:
         sel = result["selection"]
         report.training_png(run_dir / "training.png", result["history"], sel["metric"], sel["best_epoch"],
                             f"{config['head']} on {store_name(config['store'])}, seed {config['seed']}")
+    torch.save({"state_dict": model.state_dict(), "config": config,
+                "thresholds": None if fitted.thresholds is None else torch.as_tensor(fitted.thresholds),
+                "temperature": fitted.temperature}, run_dir / "head.pt.partial")
+    (run_dir / "head.pt.partial").replace(run_dir / "head.pt")
+
+
+def _clear_run(run_dir: Path) -> None:
+    (run_dir / "head.pt").unlink(missing_ok=True)
+    evaluations = sorted(d for d in run_dir.glob("eval-*") if d.is_dir())
+    for d in evaluations:
+        shutil.rmtree(d)
+    if evaluations:
+        log.info("%s: replaced the run there, and its %d evaluation(s)", run_dir, len(evaluations))
 
 
 def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, Fitted]:

@@ -65,6 +65,24 @@ def test_ledger_flags_runs_whose_manifest_changed(runs_dir):
     assert len(rows) == 3 and rows[0]["table"] == "faces (expr)" and {r["status"] for r in rows} == {"STALE: manifest changed"}
 
 
+def test_a_half_saved_run_is_left_out_of_the_ledger_and_named(runs_dir):
+    """head.pt without metrics.json (a save killed by an earlier version; a file deleted by hand) was a
+    FileNotFoundError traceback that hid every other run."""
+    root, _ = runs_dir
+    (root / "linear-lr0.01" / "seed1" / "metrics.json").unlink()
+    (root / "mask" / "seed0" / "config.json").write_text("{")
+    r = ledger(root)
+    assert len(r["records"]) == 3 and r["stale"] == []
+    assert r["incomplete"] == [f"{root}/linear-lr0.01/seed1 (no metrics.json)",
+                               f"{root}/mask/seed0 (JSONDecodeError: Expecting property name enclosed in double quotes: "
+                               "line 1 column 2 (char 1))"]
+    res = invoke("runs", root, "--strict")
+    assert res.exit_code == 1 and "2 folder(s) hold head.pt but not a whole run, left out (retrain them): " in res.output
+    assert "| linear | lr=0.01 | 1 |" in res.output  # the other seed of that setting is still there
+    with pytest.raises(ConfigError, match=r"no complete run under \S+/mask: \S+/mask/seed0 \(JSONDecodeError"):
+        ledger(root / "mask")
+
+
 def test_ledger_pools_the_folds_of_a_protocol_like_seeds(tiny_store, tiny_manifest, tmp_path):
     from fercache.protocols import manifest_folds
 

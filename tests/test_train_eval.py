@@ -140,6 +140,27 @@ def test_evaluate_draws_the_surest_mistakes(tiny_store, tiny_dataset, tmp_path):
         evaluate_run(r.run_dir, errors=4, root=tiny_dataset / "faces")
 
 
+def test_a_run_appears_only_once_saved_whole_and_a_retrained_one_drops_the_old_evaluations(tiny_store, tmp_path,
+                                                                                             monkeypatch):
+    from fercache import train as T
+
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 2, "batch_size": 8}, name="run")
+    evaluate_run(r.run_dir)
+    assert (r.run_dir / "eval-faces-test" / "metrics.json").is_file()
+    # Killed while writing the weights: the folder no longer holds a run (the old head.pt went first), not a
+    # new config.json beside the old weights, and not a head.pt beside no metrics.json
+    monkeypatch.setattr(T.torch, "save", lambda obj, f: (open(f, "wb").write(b"half"), 1 / 0))
+    with pytest.raises(ZeroDivisionError):
+        fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 3, "batch_size": 8}, name="run")
+    assert not (r.run_dir / "head.pt").exists() and sorted(p.name for p in r.run_dir.iterdir()) == [
+        "config.json", "head.pt.partial", "metrics.json", "training.png"]
+    monkeypatch.undo()
+    # Retrained whole: the evaluation of the weights it replaced is gone with them
+    fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 3, "batch_size": 8}, name="run")
+    assert sorted(p.name for p in r.run_dir.iterdir()) == ["config.json", "head.pt", "metrics.json", "training.png"]
+    assert load_run(r.run_dir)[1]["recipe"]["epochs"] == 3
+
+
 def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
     m = read_manifest(tiny_manifest)
     for r in m.rows:  # AU12 ~ happy, AU15 ~ sad, unknown for some neutral rows
