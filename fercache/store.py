@@ -270,9 +270,31 @@ def exists(location: str | Path) -> bool:
     return "fercache" in g.attrs
 
 
+def _what_is_there(location: str | Path) -> str | None:
+    """What `location` is when it is no store but a folder inside one, a run (which names the store it trained
+    on) or a manifest: the paths a user is likely to hold when they reach for a store's."""
+    if "://" in str(location) or not Path(location).exists():
+        return None
+    path = Path(location).resolve()
+    if inside := next((p for p in path.parents if exists(p)), None):
+        return f"it lies inside the store {inside}"
+    if path.is_file() and path.name.endswith((".csv", ".csv.gz")):
+        return f"it is a manifest: `fercache extract {location} --encoder ... --out STORE.zarr` makes a store of it"
+    configs = [path / "config.json"] if (path / "head.pt").is_file() else sorted(path.glob("*/config.json"))[:1]
+    try:
+        trained_on = json.loads(configs[0].read_text())["store"] if configs else None
+    except (OSError, ValueError, KeyError):
+        return None
+    if trained_on:
+        return f"it {'is a run' if configs[0].parent == path else 'holds runs'} trained on the store {trained_on}"
+    return None
+
+
 def open_store(location: str | Path, mode: str = "r") -> FeatureStore:
     """Open an existing store, checking its format and schema version."""
     if not exists(location):
+        if what := _what_is_there(location):
+            raise StoreError(f"no fercache store at {location}: {what}")
         hint = near_path(location, lambda p: p.is_dir() and p.name.endswith(".zarr"))
         raise StoreError(f"no fercache store at {location}{hint}; create one with `fercache extract`")
     g = _zarr().open_group(_plain(location), mode=mode)

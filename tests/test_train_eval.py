@@ -210,7 +210,7 @@ def test_cross_matrix_refuses_other_encoders(tiny_store, tiny_manifest, tiny_dat
         evaluate_run(r.run_dir, str(tmp_path / "null.zarr"))
 
 
-def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, tmp_path):
+def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, tiny_manifest, tmp_path):
     from fercache.errors import StoreError
     from fercache.evaluate import run_dirs
 
@@ -223,6 +223,15 @@ def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, 
     # a protocol's output folder holds its runs two levels down: say so, and how to list them
     with pytest.raises(ConfigError, match=rf"runs lie deeper, e.g. {r.run_dir.parent}: .*`fercache runs {tmp_path / 'cross'}`"):
         run_dirs(tmp_path / "cross")
+    # where a store's path is wanted, a folder inside one, a run or a manifest is named as what it is
+    store = S.canonical(str(tiny_store))
+    for where, said in [(tiny_store / "features", f": it lies inside the store {store}$"),
+                        (r.run_dir, f": it is a run trained on the store {store}$"),
+                        (r.run_dir.parent, f": it holds runs trained on the store {store}$"),
+                        (tiny_manifest, r": it is a manifest: `fercache extract \S+faces.csv --encoder"),
+                        (tmp_path, "; create one with `fercache extract`$")]:
+        with pytest.raises(StoreError, match=rf"^no fercache store at {where}{said}"):
+            S.open_store(where)
     assert run_dirs(r.run_dir.parent) == [r.run_dir]
 
 
