@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -78,14 +79,34 @@ def read_manifest(path: str | Path) -> Manifest:
     if not path.is_file():
         hint = near_path(path, _named_like_a_manifest)
         raise ManifestError(f"manifest {path} does not exist{hint}; build one with `fercache manifest build`")
-    with _open_text(path, "r") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{path}:1: missing required column(s) {missing}; a manifest needs {list(REQUIRED)}")
-        manifest = Manifest(rows=[dict(r) for r in reader], source=str(path), columns=list(reader.fieldnames))
+    try:
+        with _open_text(path, "r") as f:
+            reader = csv.DictReader(f)
+            missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
+            if missing:
+                raise ManifestError(f"{path}:1: missing required column(s) {missing}; a manifest needs {list(REQUIRED)}")
+            manifest = Manifest(rows=[dict(r) for r in reader], source=str(path), columns=list(reader.fieldnames))
+    except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error, csv.Error) as e:  # EOFError: a cut .gz
+        raise ManifestError(f"{path} is not a readable manifest ({type(e).__name__}: {e}); a manifest is a UTF-8 "
+                            "CSV file, gzipped when it ends in .gz") from None
+    if not manifest.rows:
+        raise ManifestError(f"{path} has a header but no rows")
+    _check_field_counts(manifest)
     validate(manifest)
     return manifest
+
+
+def _check_field_counts(manifest: Manifest) -> None:
+    """csv.DictReader files a row's extra fields under None and pads a short row with None: say so by line, not
+    as a puzzling "unknown label None" (the usual cause: a comma inside an unquoted value)."""
+    n = len(manifest.columns)
+    for i, row in enumerate(manifest.rows):
+        if None in row or None in row.values():
+            if None in row:
+                raise ManifestError(f"{manifest.where(i)}{n + len(row[None])} fields, the header has {n}; a value "
+                                    'holding a comma must be quoted ("a,b")')
+            raise ManifestError(f"{manifest.where(i)}{sum(v is not None for v in row.values())} fields, the header "
+                                f"has {n}; an empty value is still a field (a,,b)")
 
 
 def validate(manifest: Manifest) -> None:
@@ -152,10 +173,12 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
 
 def _open_text(path: Path, mode: str):
     """Manifests may be gzipped (`.csv.gz`): large ones stay small in git."""
+    # utf-8-sig reads a file with or without the byte-order mark a spreadsheet saves at its start ("\ufeffsample_id")
+    encoding = "utf-8-sig" if mode == "r" else "utf-8"
     if not (path.name.endswith(".gz") or path.name.endswith(".gz.tmp")):
-        return open(path, mode, newline="")
+        return open(path, mode, newline="", encoding=encoding)
     if mode == "r":
-        return gzip.open(path, "rt", newline="")
+        return gzip.open(path, "rt", newline="", encoding=encoding)
     # No name and a zero mtime in the header, so rebuilding an unchanged manifest gives identical bytes.
     raw = gzip.GzipFile(filename="", mode="wb", fileobj=open(path, "wb"), mtime=0)
     return _ClosingText(raw)
@@ -165,7 +188,7 @@ class _ClosingText(io.TextIOWrapper):
     """Text wrapper over a GzipFile that also closes the underlying file object."""
 
     def __init__(self, raw: gzip.GzipFile):
-        super().__init__(raw, newline="")
+        super().__init__(raw, newline="", encoding="utf-8")
         self._fileobj = raw.fileobj
 
     def close(self) -> None:

@@ -261,12 +261,37 @@ def _write_csv(path: Path, rows: list[list[str]]) -> Path:
     ([["a", "../x.jpg", "happy", "train", "s"]], r":2: path '../x.jpg' escapes the data root"),
     ([["a", "/etc/passwd", "happy", "train", "s"]], r":2: path '/etc/passwd' escapes"),
     ([["a", "x.jpg", "happy", "holdout", "s"]], r":2: unknown split 'holdout'"),
+    ([["a", "x.jpg", "happy", "train", "s"], ["b", "y", " z.jpg", "happy", "train", "s"]],
+     r":3: 6 fields, the header has 5; a value holding a comma must be quoted"),
+    ([["a", "x.jpg", "happy", "train"]], r":2: 4 fields, the header has 5; an empty value is still a field"),
 ])
 def test_bad_manifest_rows_name_file_and_line(tmp_path, rows, match):
     path = _write_csv(tmp_path / "m.csv", rows)
     with pytest.raises(ManifestError, match=match) as e:
         read_manifest(path)
     assert "m.csv" in str(e.value)
+
+
+def test_a_manifest_saved_by_a_spreadsheet_reads_and_an_unreadable_one_is_named(tmp_path):
+    """Excel's "CSV UTF-8" starts the file with a byte-order mark, which made `sample_id` a missing column; a
+    cut .csv.gz was click's bare "Aborted." (an EOFError), a binary file a UnicodeDecodeError traceback."""
+    rows = [["a", "x.jpg", "happy", "train", "s"]]
+    plain = _write_csv(tmp_path / "m.csv", rows)
+    bom = tmp_path / "bom.csv"
+    bom.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert read_manifest(bom).rows == read_manifest(plain).rows and read_manifest(bom).columns[0] == "sample_id"
+    gz = write_manifest(read_manifest(plain), tmp_path / "m.csv.gz")
+    cut = tmp_path / "cut.csv.gz"
+    cut.write_bytes(gz.read_bytes()[:30])
+    with pytest.raises(ManifestError, match=r"cut.csv.gz is not a readable manifest \(EOFError: .*\); a manifest is a "
+                                            r"UTF-8 CSV file, gzipped when it ends in .gz$"):
+        read_manifest(cut)
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x81")
+    with pytest.raises(ManifestError, match=r"bin.csv is not a readable manifest \(UnicodeDecodeError"):
+        read_manifest(tmp_path / "bin.csv")
+    (tmp_path / "empty.csv").write_text("sample_id,path,label,split,subject\n")
+    with pytest.raises(ManifestError, match=r"empty.csv has a header but no rows$"):
+        read_manifest(tmp_path / "empty.csv")
 
 
 def test_missing_file_names_line(tmp_path):
