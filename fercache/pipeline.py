@@ -180,7 +180,9 @@ def load_pipeline(path: str | Path) -> list[dict]:
         hint = near_path(path, lambda p: p.is_file() and p.suffix == ".toml")
         raise ConfigError(f"pipeline file {path} does not exist{hint}")
     try:
-        doc = tomllib.loads(path.read_text())
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a TOML text file ({e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
     variables = {k: _typed(os.environ[f"FERCACHE_{k.upper()}"]) if f"FERCACHE_{k.upper()}" in os.environ else v

@@ -186,7 +186,7 @@ class FeatureStore:
 
     def pending_chunks(self) -> list[int]:
         """Chunks not yet written (what a resumed extract computes)."""
-        return [int(i) for i in np.flatnonzero(~self.group["done"][:])]
+        return [int(i) for i in np.flatnonzero(~self.read("done"))]
 
     def write_chunk(self, i: int, features: dict[str, np.ndarray], ok: np.ndarray, error: list[str]) -> None:
         """Write one whole chunk; its `done` flag goes last so an interrupted write is redone on resume."""
@@ -214,23 +214,32 @@ class FeatureStore:
                              "`fercache extract` command to finish it")
         return self
 
+    def read(self, key: str) -> np.ndarray:
+        """One whole array. A chunk that cannot be decoded (a file cut short by a full disk, a bad copy) is a
+        StoreError naming the array, not a reshape error from deep inside zarr."""
+        try:
+            return self.group[key][:]
+        except Exception as e:  # zarr's codecs raise ValueError, RuntimeError, ... depending on the damage
+            raise StoreError(f"{self.location}: its array {key!r} cannot be read ({type(e).__name__}: {e}); the "
+                             "store is damaged: extract it again with --overwrite") from None
+
     def features(self, output: str | None = None) -> np.ndarray:
         """All rows of one output as float32 [N, D]."""
         name = output or self.default_output
         if name not in self.outputs:
             raise StoreError(f"{self.location} has no output {name!r}; it has {sorted(self.outputs)}")
-        return self.group[f"features/{name}"][:].astype(np.float32)
+        return self.read(f"features/{name}").astype(np.float32)
 
     def sample_ids(self) -> np.ndarray:
-        return _strings(self.group["sample_id"][:])
+        return _strings(self.read("sample_id"))
 
     def ok(self) -> np.ndarray:
-        return self.group["ok"][:]
+        return self.read("ok")
 
     def errors(self) -> dict[str, str]:
         """sample_id -> failure reason, for rows that failed."""
         bad = np.flatnonzero(~self.ok())
-        ids, errs = self.sample_ids(), _strings(self.group["error"][:])
+        ids, errs = self.sample_ids(), _strings(self.read("error"))
         return {str(ids[i]): str(errs[i]) for i in bad}
 
     def info(self) -> dict:
@@ -245,7 +254,7 @@ class FeatureStore:
             "fingerprint": self.fingerprint, "manifest": meta.get("manifest"),
             "outdated": outdated(self.fingerprint, (meta.get("encoder_args") or {}).get("spec")),
             "writer": None if self.complete else writer(self.location),
-            "clips": int(len(np.unique(_strings(self.group["clip_id"][:])))) if "clip_id" in self.group else None,
+            "clips": int(len(np.unique(_strings(self.read("clip_id"))))) if "clip_id" in self.group else None,
             "layout": {"chunk_rows": self.chunk_rows, "read_chunk_rows": self.read_chunk_rows,
                        "sharded": self.read_chunk_rows != self.chunk_rows},
         }
@@ -482,10 +491,10 @@ def export_h5(location: str | Path, to: str | Path, overwrite: bool = False, pro
                 bar.update()
         f.create_dataset("sample_id", data=store.sample_ids(), dtype=h5py.string_dtype())
         f.create_dataset("ok", data=store.ok())
-        f.create_dataset("error", data=_strings(store.group["error"][:]), dtype=h5py.string_dtype())
+        f.create_dataset("error", data=_strings(store.read("error")), dtype=h5py.string_dtype())
         if "clip_id" in store.group:  # a video store: which frames make a clip, in order
-            f.create_dataset("clip_id", data=_strings(store.group["clip_id"][:]), dtype=h5py.string_dtype())
-            f.create_dataset("frame_idx", data=store.group["frame_idx"][:])
+            f.create_dataset("clip_id", data=_strings(store.read("clip_id")), dtype=h5py.string_dtype())
+            f.create_dataset("frame_idx", data=store.read("frame_idx"))
         f.attrs["fercache"] = json.dumps(store.meta)
     tmp.replace(to)
     return to

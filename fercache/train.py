@@ -13,6 +13,7 @@ import difflib
 import json
 import logging
 import math
+import pickle
 import shutil
 import time
 from dataclasses import dataclass
@@ -551,7 +552,11 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict,
     path, device = Path(run_dir) / "head.pt", torch_device(device)
     if not path.is_file():
         raise ConfigError(f"{run_dir} is not a run directory (no head.pt); train one with `fercache train-head`")
-    saved = torch.load(path, map_location=device, weights_only=True)
+    try:
+        saved = torch.load(path, map_location=device, weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a file cut short, or not one torch wrote
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]}); the run's weights "
+                          "are damaged: train it again") from None
     cfg = saved["config"]
     ctx = HeadContext(in_dim=cfg["in_dim"], out_dim=len(cfg["classes"]), class_names=cfg["classes"],
                       z_dim=cfg["z_dim"], restore=True)

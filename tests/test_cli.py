@@ -123,6 +123,15 @@ def test_the_data_folder_is_data_root_in_every_step_and_the_old_root_still_reads
     assert load_pipeline(tmp_path / "p.toml")[0]["root"] == "out"
 
 
+def test_a_pipeline_file_that_is_not_toml_text_is_an_error_not_a_traceback(tmp_path):
+    (tmp_path / "p.toml").write_bytes(b"\xff\xfe[[step]]")  # UTF-16, or any binary file given by mistake
+    r = invoke("run", tmp_path / "p.toml", "--check")
+    assert r.exit_code == 2 and "p.toml is not a TOML text file ('utf-8' codec can't decode byte 0xff" in r.output
+    (tmp_path / "p.toml").write_text('[x]\nrun = "extract"\nmanifest = \n')
+    r = invoke("run", tmp_path / "p.toml", "--check")
+    assert r.exit_code == 2 and "p.toml: Invalid value (at line 3, column 12)" in r.output
+
+
 def test_only_a_step_that_does_not_exist_is_an_error_not_a_run_of_nothing():
     from pathlib import Path
 

@@ -161,6 +161,28 @@ def test_a_run_appears_only_once_saved_whole_and_a_retrained_one_drops_the_old_e
     assert load_run(r.run_dir)[1]["recipe"]["epochs"] == 3
 
 
+def test_damaged_files_are_named_not_a_traceback(tiny_store, tmp_path):
+    """A head.pt cut short, a store chunk cut short (a full disk, a bad copy): said as what is damaged and what to
+    do, where they were a torch RuntimeError and a numpy reshape ValueError from inside zarr."""
+    import shutil
+
+    from fercache.errors import StoreError
+
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 1, "batch_size": 8}, name="run")
+    weights = r.run_dir / "head.pt"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"head.pt cannot be read \(RuntimeError: PytorchStreamReader failed reading zip "
+                                          r"archive: failed finding central directory\); the run's weights are damaged"):
+        load_run(r.run_dir)
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(tiny_store, store)
+    chunk = next(p for p in sorted((store / "features").rglob("*")) if p.is_file() and "/c/" in str(p))
+    chunk.write_bytes(chunk.read_bytes()[:50])
+    with pytest.raises(StoreError, match=rf"copy.zarr: its array 'features/{chunk.relative_to(store / 'features').parts[0]}' "
+                                         r"cannot be read \(ValueError: .*\); the store is damaged: extract it again"):
+        fit(str(store), "linear", out_dir=tmp_path, recipe={"epochs": 1, "batch_size": 8})
+
+
 def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
     m = read_manifest(tiny_manifest)
     for r in m.rows:  # AU12 ~ happy, AU15 ~ sad, unknown for some neutral rows
