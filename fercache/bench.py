@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from .devices import torch_device
-from .encoders import Encoder, load_encoder
+from .encoders import Encoder, check_encoder_name, load_encoder
+from .errors import FercacheError
 from .extract import _amp_dtype, check_options, extract
 from .manifests import Manifest, data_root, read_manifest, resolve_paths, write_manifest
 
@@ -169,7 +170,9 @@ print(json.dumps({"rows": r.rows, "img_s": r.images_per_s, "seconds": time.perf_
 def bench_memory(manifest: str | Path, sizes: list[int], encoder: str = "null:", image_size: int = 224, root=None,
                  device: str = "cpu", batch_size: int = 256, workers: int | None = None) -> list[dict]:
     """Peak host RSS (main process, and the largest worker) and device memory of whole extracts at each size."""
-    out, _ = [], torch_device(device)  # refused here, not in the first child
+    out, _ = [], torch_device(device)  # refused here, not in the first child: so are the names and files below
+    check_encoder_name(encoder)
+    resolve_paths(read_manifest(manifest), data_root(root))
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
     with tempfile.TemporaryDirectory() as tmp:
         for n in sizes:
@@ -178,8 +181,9 @@ def bench_memory(manifest: str | Path, sizes: list[int], encoder: str = "null:",
                     "out": str(Path(tmp) / f"s{n}.zarr"), "image_size": image_size,
                     "root": str(data_root(root)), "device": device, "batch_size": batch_size, "workers": workers}
             proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(args)], capture_output=True, text=True)
-            if proc.returncode:
-                raise RuntimeError(f"memory benchmark child failed: {proc.stderr[-2000:]}")
+            if proc.returncode:  # its last line is the exception; the traceback above it is the child's own
+                raise FercacheError(f"the memory benchmark's extract of {n} images failed: "
+                                    f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")
             out.append({"images": n, **json.loads(proc.stdout.strip().splitlines()[-1])})
     return out
 

@@ -63,8 +63,8 @@ class FeatureSet:
 def manifest_for(store: FeatureStore, manifest: str | Path | None) -> Manifest:
     """The manifest to take labels from (default: the one the store was built from), checked against the store."""
     path = manifest or store.meta.get("manifest")
-    if not path or not Path(path).is_file():
-        raise ConfigError(f"cannot find the manifest of {store.location} ({path!r}); pass --manifest")
+    if manifest is None and (not path or not Path(path).is_file()):  # one given is read_manifest's to name
+        raise ConfigError(f"cannot find the manifest {store.location} was built from ({path!r}); pass --manifest")
     m = read_manifest(path)
     if content_sha256(m) != store.fingerprint["manifest_sha256"]:
         raise StoreError(f"manifest {path} lists other images than store {store.location} was built from; "

@@ -53,3 +53,28 @@ def test_bench_head_times_both_recipes_on_the_same_images(tiny_manifest, tiny_da
     assert r["ratio"] == r["reencode_s_per_epoch"] / r["cached_s_per_epoch"]
     gain = r["reencode_s_per_epoch"] - r["cached_s_per_epoch"]
     assert gain <= 0 or math.isclose(r["break_even_epochs"], r["one_time_extract_s"] / gain)
+
+
+def test_bench_memory_refuses_bad_input_before_its_first_child_and_names_a_child_failure(tiny_manifest, tiny_dataset,
+                                                                                        monkeypatch, tmp_path):
+    """Its extracts run in child processes, whose errors surfaced as a RuntimeError holding a child's traceback."""
+    import subprocess
+    from types import SimpleNamespace
+
+    import pytest
+
+    from fercache import bench
+    from fercache.errors import FercacheError, ManifestError, UnknownNameError
+
+    children = []
+    monkeypatch.setattr(subprocess, "run", lambda *a, **k: children.append(a) or SimpleNamespace(
+        returncode=1, stdout="", stderr="Traceback (most recent call last):\n  ...\nMemoryError: out of memory\n"))
+    with pytest.raises(ManifestError, match="do not exist under data root"):
+        bench.bench_memory(tiny_manifest, [8], root=tmp_path)
+    with pytest.raises(UnknownNameError, match="unknown encoder family 'nul'"):
+        bench.bench_memory(tiny_manifest, [8], encoder="nul:", root=tiny_dataset)
+    assert children == []
+    with pytest.raises(FercacheError, match=r"^the memory benchmark's extract of 8 images failed: MemoryError: out of "
+                                            r"memory$"):
+        bench.bench_memory(tiny_manifest, [8], root=tiny_dataset)
+    assert len(children) == 1

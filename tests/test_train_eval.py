@@ -183,6 +183,17 @@ def test_damaged_files_are_named_not_a_traceback(tiny_store, tmp_path):
         fit(str(store), "linear", out_dir=tmp_path, recipe={"epochs": 1, "batch_size": 8})
 
 
+def test_labels_from_a_mistyped_manifest_name_the_near_one(tiny_store, tiny_manifest, tmp_path):
+    """--manifest / --labels given and missing was "cannot find the manifest of STORE; pass --manifest": the
+    option the user had just passed."""
+    from fercache.errors import ManifestError
+
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 1, "batch_size": 8})
+    typo = tiny_manifest.with_name("face.csv")
+    with pytest.raises(ManifestError, match=rf"manifest {typo} does not exist \(did you mean '{tiny_manifest}'\?\)"):
+        evaluate_run(r.run_dir, manifest=typo)
+
+
 def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
     m = read_manifest(tiny_manifest)
     for r in m.rows:  # AU12 ~ happy, AU15 ~ sad, unknown for some neutral rows
