@@ -628,9 +628,14 @@ def steps_cmd(kind: Optional[str] = typer.Argument(None, help="One step kind (de
 
 
 def main() -> None:
-    """Console entry point: FercacheError -> `error: ...` on stderr, exit 2."""
+    """Console entry point: FercacheError (and OSError) -> `error: ...` on stderr, exit 2."""
     try:
         app()
     except FercacheError as e:
         typer.echo(f"error: {e}", err=True)
+        sys.exit(2)
+    except OSError as e:  # a folder not writable, a disk full, a file gone mid-run: the OS's own words say it
+        if logging.getLogger("fercache").isEnabledFor(logging.DEBUG):
+            raise  # -v: the traceback, for a bug report
+        typer.echo(f"error: {e} (-v shows where)", err=True)
         sys.exit(2)

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from fercache import cli
@@ -52,6 +53,19 @@ def test_errors_exit_2_with_message(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 2 and "error: no fercache store" in capsys.readouterr().err
+    # What the OS refuses (here: a folder under a file) is its own message, not a traceback; -v keeps the traceback
+    (tmp_path / "afile").touch()
+    args = ["fercache", "manifest", "build", "-f", "imagefolder", str(tmp_path), "-o", str(tmp_path / "afile" / "m.csv")]
+    (tmp_path / "train" / "happy").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "happy" / "x.png")
+    monkeypatch.setattr("sys.argv", args)
+    with pytest.raises(SystemExit) as e:
+        cli.main()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith("error: [Errno 17] File exists: ") and err.endswith("afile' (-v shows where)\n")
+    monkeypatch.setattr("sys.argv", args[:1] + ["-v"] + args[1:])
+    with pytest.raises(FileExistsError):
+        cli.main()
 
 
 def test_pipeline_runs_steps(tiny_dataset, tiny_encoder_spec, tmp_path, monkeypatch):
