@@ -324,6 +324,17 @@ def check_options(batch_size: int, workers: int | None, chunk_rows: int, precisi
         raise ConfigError("; ".join(wrong))
 
 
+def _say_failures(store, out) -> None:
+    """Rows whose image could not be read are kept as failed (never silently dropped): said once, with an example,
+    since every one of them is missing from training and scoring; all of them failing is a wrong input, not bad luck."""
+    failed = store.errors()
+    if failed:
+        sid, why = next(iter(failed.items()))
+        log.warning("%d of %d images could not be read (e.g. %s: %s); their rows are marked failed and left out of "
+                    "training and scoring%s; `fercache info %s` lists them", len(failed), store.n_rows, sid, why,
+                    ": every row failed" if len(failed) == store.n_rows else "", out)
+
+
 def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrained: str | None = None,
             image_size: int | None = None, root: str | Path | None = None, device: str = "cpu",
             batch_size: int = 256, workers: int | None = None, chunk_rows: int = 1024, precision: str = "auto",
@@ -373,6 +384,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
         if rank == 0:
             n_ok = int(store.ok().sum())
             store.mark_complete(n_ok)
+            _say_failures(store, out)
         return ExtractResult(str(out), store.n_rows, len(mine), n_ok, None if n_ok is None else store.n_rows - n_ok,
                              time.perf_counter() - t0, done / seconds if seconds > 0 else 0.0, images=done,
                              decode_worker_seconds=worker_s)

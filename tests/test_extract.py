@@ -94,13 +94,19 @@ def test_relabelling_does_not_invalidate(tiny_store, tiny_manifest, tiny_dataset
     assert r.already_complete
 
 
-def test_corrupt_image_is_recorded_not_fatal(tiny_dataset, tiny_manifest, tiny_encoder_spec, tmp_path):
+def test_corrupt_image_is_recorded_not_fatal(tiny_dataset, tiny_manifest, tiny_encoder_spec, tmp_path, caplog):
     root = tmp_path / "root"
     shutil.copytree(tiny_dataset, root)
     bad = root / "faces" / "train" / "happy" / "train_happy_002.jpg"
     bad.write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg" + os.urandom(64))
-    r = extract(tiny_manifest, tiny_encoder_spec, tmp_path / "s.zarr", root=root, chunk_rows=16, workers=2, progress=False)
+    with caplog.at_level("WARNING", logger="fercache.extract"):
+        r = extract(tiny_manifest, tiny_encoder_spec, tmp_path / "s.zarr", root=root, chunk_rows=16, workers=2,
+                    progress=False)
     assert (r.n_ok, r.n_failed) == (71, 1)
+    # said once, as a warning (it shows under --quiet): a row missing from every head's training and scoring
+    (said,) = [m for m in caplog.messages if "could not be read" in m]
+    assert said.startswith("1 of 72 images could not be read (e.g. train/happy/train_happy_002: ")
+    assert said.endswith(f"left out of training and scoring; `fercache info {tmp_path / 's.zarr'}` lists them")
     st = S.open_store(tmp_path / "s.zarr")
     errors = st.errors()
     assert list(errors) == ["train/happy/train_happy_002"] and errors["train/happy/train_happy_002"].split(":")[0] in ("UnidentifiedImageError", "OSError")
