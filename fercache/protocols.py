@@ -202,6 +202,9 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
     out_dir = Path(out_dir)
     base = manifest_for(open_store(store), None)
     subjects = np.array(base.column("subject"))
+    if not 2 <= folds <= len(set(subjects)):  # 1 fold has no training data; more folds than subjects, empty tests
+        raise ConfigError(f"--folds {folds}: give 2 to {len(set(subjects))} (the subjects of {store_name(store)}; "
+                          "each fold tests on whole subjects)")
     fold = subject_folds(subjects, folds)
     au_list = _fixed_aus(base, aus)  # one AU set for every fold, so per-AU scores can be pooled
     results = []

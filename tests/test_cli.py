@@ -10,6 +10,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from fercache import cli
+from fercache.manifests import read_manifest
 from fercache.store import open_store
 
 runner = CliRunner()
@@ -308,6 +309,13 @@ def test_au_cv_on_a_store_without_aus_fails_before_writing(tiny_store, tmp_path)
     out = tmp_path / "au"
     r = invoke("au-cv", tiny_store, "--out", out)
     assert r.exit_code == 2 and "has no AU columns" in r.output
+    assert not out.exists()
+    # one fold has nothing to train on, and more folds than subjects leave test folds empty: said before any work
+    # (--folds 1 was "cannot carve a validation split: fewer than 2 training subjects")
+    subjects = len(set(read_manifest(open_store(str(tiny_store)).meta["manifest"]).column("subject")))
+    for k in (1, subjects + 1):
+        r = invoke("au-cv", tiny_store, "--folds", k, "--out", out)
+        assert r.exit_code == 2 and f"--folds {k}: give 2 to {subjects} (the subjects of faces;" in r.output
     assert not out.exists()
 
 
