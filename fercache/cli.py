@@ -307,7 +307,8 @@ def evaluate(
     cross: bool = typer.Option(False, "--cross", help="Train on each --train store, test on each --test store."),
     train: list[str] = typer.Option([], "--train", help="--cross: stores to train on (repeatable)."),
     test: list[str] = typer.Option([], "--test", help="--cross: stores to test on (default: the --train stores)."),
-    heads: str = typer.Option("linear", help="--cross: comma-separated heads."),
+    heads: list[str] = typer.Option(["linear"], "--heads", "--head", help="--cross: heads, comma-separated or "
+                                    "repeated (--heads linear,mask or --head linear --head mask)."),
     seeds: str = typer.Option("0", help="--cross: comma-separated seeds."),
     recipe: list[str] = typer.Option([], "--recipe", help="--cross: training override key=value for every head."),
     out: Path = typer.Option(Path("runs/cross"), "--out", "-o", help="--cross: output folder."),
@@ -324,7 +325,7 @@ def evaluate(
     calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
     per-AU F1), or the --cross matrix."""
     if cross:
-        return _evaluate_cross(train, test, [h for h in heads.split(",") if h], out, _ints(seeds), _kv(recipe), device,
+        return _evaluate_cross(train, test, _names(heads), out, _ints(seeds), _kv(recipe), device,
                                _options(labels, "--labels"), [m for m in metric.split(",") if m])
     from .evaluate import evaluate as run_eval, format_summary
 
@@ -433,7 +434,8 @@ def folds(
     manifest: list[Path] = typer.Option(..., "--manifest", "-m",
                                         help="One manifest per fold (repeatable), e.g. DFEW's set_1..set_5 built with "
                                              "`fercache manifest build SRC --format dfew --option fold=K -o setK.csv`."),
-    head: list[str] = typer.Option(["temporal"], "--head", help="Head(s) to train on every fold (repeatable)."),
+    head: list[str] = typer.Option(["temporal"], "--head", "--heads", help="Head(s) to train on every fold, "
+                                   "comma-separated or repeated (as evaluate --cross takes them)."),
     seeds: str = typer.Option("0,1,2", help="Seeds per fold; results are mean ± std over folds x seeds."),
     hp: list[str] = typer.Option([], "--hp", help="Hyperparameter key=value for every head."),
     recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value for every head, e.g. epochs=30."),
@@ -446,10 +448,16 @@ def folds(
     """
     from .protocols import manifest_folds
 
+    head = _names(head)
     r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_ints(seeds),
                        hp={h: _kv(hp) for h in head}, recipe={h: _kv(recipe) for h in head}, device=device,
                        progress=_progress["bars"])
     typer.echo(r["markdown"])
+
+
+def _names(values: list[str]) -> list[str]:
+    """`--heads a,b` and `--head a --head b` alike: one list, in order."""
+    return [n.strip() for v in values for n in v.split(",") if n.strip()]
 
 
 def _axis(text: str) -> tuple[str, list]:

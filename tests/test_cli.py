@@ -331,6 +331,16 @@ def test_evaluate_cross_from_the_cli_writes_the_matrix(tiny_store, tmp_path):
     assert r.exit_code == 2 and "--cross needs --train" in r.output
 
 
+def test_cross_and_folds_take_heads_comma_separated_or_repeated(tiny_store, tiny_manifest, tmp_path):
+    """evaluate --cross took `--heads a,b` and folds `--head a --head b`: each refused the other's spelling."""
+    assert cli._names(["linear,mask", " au ", "temporal@mean,"]) == ["linear", "mask", "au", "temporal@mean"]
+    for args in (["evaluate", "--cross", "--train", tiny_store], ["folds", tiny_store, "-m", tiny_manifest]):
+        for heads in (["--head", "linear", "--head", "nope"], ["--heads", "linear,nope"]):
+            r = invoke(*args, *heads, "--out", tmp_path / "x")
+            assert r.exit_code == 2 and "unknown head 'nope'" in r.output, (args, heads, r.output)
+    assert not (tmp_path / "x").exists()  # refused before anything was trained
+
+
 def test_train_head_keeps_a_run_trained_with_other_settings(tiny_store, tmp_path):
     args = ("train-head", tiny_store, "--head", "linear", "--recipe", "batch_size=8", "--out", tmp_path)
     r = invoke(*args, "--recipe", "epochs=2")
