@@ -371,7 +371,8 @@ def near_dups(
     out: Path = typer.Option(Path("near-dups"), "--out", "-o", help="Folder for near-dups.csv and the plots."),
     manifest: Optional[Path] = typer.Option(None, help="Labels and splits from this manifest (default: the store's own)."),
     output: Optional[str] = typer.Option(None, help="Store output to compare (default: the store's default)."),
-    pairs: int = typer.Option(16, min=0, help="Draw the N least similar pairs above the threshold (needs the images)."),
+    pairs: int = typer.Option(16, min=0, help="Draw the N least similar pairs above the threshold (needs the images "
+                              "under --data-root; without them the figure is skipped with a warning, the rest is written)."),
     data_root: Optional[Path] = DataRoot,
     without_leaks: Optional[Path] = typer.Option(None, "--without-leaks", help="Write the manifest with those val/test "
                                                  "images (clips) unlabelled; the same store serves it."),

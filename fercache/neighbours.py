@@ -12,6 +12,7 @@ clip (the mean of each clip's frames).
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +23,12 @@ from . import report
 from .audit import ORDER, without_leaks
 from .data import FeatureSet, clip_means, load_features, manifest_for, store_views, unit_images
 from .devices import torch_device
-from .errors import StoreError
+from .errors import ConfigError, StoreError
 from .manifests import check_derived_path, write_manifest
 from .preprocess import tta_views
 from .store import encoder_key, encoder_label, open_store, store_name
+
+log = logging.getLogger(__name__)
 
 THRESHOLDS = (0.999, 0.99, 0.98, 0.97, 0.95, 0.9)  # printed every run, whatever the threshold
 
@@ -191,13 +194,17 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
                   out_dir / "near-dups-hist.png", {s: nb.cos[fs.split[nb.query] == s] for s in ("val", "test")}, threshold,
                   f"cosine to the nearest {where} image" + ("" if against else " (train; train + val for test)"),
                   f"{name}: {len(hits)} of {len(nb.query)} val/test images at cosine ≥ {threshold}"))}
-    if pairs and len(hits):
-        result["pairs_png"] = str(pairs_png(out_dir / "near-dups-pairs.png", nb, threshold, pairs, (store, against or store),
-                                            manifest, root, f"{name}: the {min(pairs, len(hits))} least similar pairs at "
-                                            f"cosine ≥ {threshold} (if these are one photo, so is everything above)"))
     if without_leaks_to:
         m = manifest_for(open_store(store), manifest)
         result["manifest"] = str(write_manifest(without_leaks(m, result["units"]), without_leaks_to))
+    if pairs and len(hits):
+        try:
+            result["pairs_png"] = str(pairs_png(out_dir / "near-dups-pairs.png", nb, threshold, pairs,
+                                                (store, against or store), manifest, root,
+                                                f"{name}: the {min(pairs, len(hits))} least similar pairs at cosine ≥ "
+                                                f"{threshold} (if these are one photo, so is everything above)"))
+        except ConfigError as e:  # the images are not here (a store copied without them): the figure is an extra
+            log.warning("near-dups-pairs.png not drawn: %s (--pairs 0 skips it)", e)
     return result
 
 

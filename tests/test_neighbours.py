@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -76,6 +77,19 @@ def test_near_dups_writes_csv_plots_and_a_manifest_for_the_same_store(tiny_store
     assert {x["sample_id"] for x in clean.rows if not x["label"]} == {row["sample_id"] for row in rows}
     assert content_sha256(clean) == content_sha256(read_manifest(tiny_manifest))  # same images: same store
     assert (load_features(str(tiny_store), r["manifest"]).label == "").sum() == len(rows)
+
+
+def test_near_dups_without_the_images_still_writes_everything_but_the_pairs_figure(tiny_store, tmp_path, caplog):
+    """A store travels without its images (that is what it is for): the pairs figure, an extra that needs them,
+    failed the whole command, table and --without-leaks manifest included."""
+    with caplog.at_level("WARNING", logger="fercache.neighbours"):
+        r = near_duplicates(str(tiny_store), tmp_path / "nd", threshold=-1.0, pairs=4, root=tmp_path,
+                            without_leaks_to=tmp_path / "clean.csv")
+    assert r["units"] and "pairs_png" not in r and Path(r["manifest"]).is_file() and Path(r["csv"]).is_file()
+    assert not (tmp_path / "nd" / "near-dups-pairs.png").exists()
+    (said,) = caplog.messages
+    assert said.startswith("near-dups-pairs.png not drawn: cannot draw the images: ") and said.endswith(
+        "(--pairs 0 skips it)")
 
 
 def test_near_dups_cli_prints_the_threshold_table(tiny_store, tmp_path):
