@@ -8,7 +8,9 @@ dataset is one decorated function here and one fixture test.
 from __future__ import annotations
 
 import csv
+import difflib
 import hashlib
+import inspect
 import logging
 from pathlib import Path
 from typing import Iterable
@@ -32,6 +34,18 @@ ADAPTERS = Registry("manifest format")
 register_adapter = ADAPTERS.register  # `--format name`
 
 
+def check_adapter_options(fmt: str, options: dict) -> None:
+    """Refuse an --option the format does not read (it was a TypeError traceback), naming the near one."""
+    params = list(inspect.signature(ADAPTERS.lookup(fmt)).parameters.values())[1:]  # after src
+    known = {p.name: p.default for p in params}
+    for key in options:
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known), 1)
+            takes = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
+            raise ManifestError(f"format {fmt!r} has no option {key!r}{f' (did you mean {near[0]!r}?)' if near else ''}"
+                                f"; it takes: {takes}")
+
+
 def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **options) -> Manifest:
     """Build a manifest from a dataset in its native layout; paths relative to `data_root` (default `src`)."""
     adapter = ADAPTERS.lookup(fmt)
@@ -39,6 +53,7 @@ def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **opti
     if not src.exists():
         raise ManifestError(f"dataset folder {src} does not exist{near_path(src, Path.is_dir)}")
     root = Path(data_root).resolve() if data_root else src
+    check_adapter_options(fmt, options)
     rows = adapter(src, **options)
     if not rows:
         raise ManifestError(f"no samples found in {src} for format {fmt!r}; check the layout in `fercache manifest formats`")
@@ -78,6 +93,10 @@ def imagefolder(src: Path, split: str = "train") -> list[dict]:
     """`SRC/<split>/<class>/*.jpg` or `SRC/<class>/*.jpg` (FER2013, SFEW, MMA); class = folder name."""
     dirs = sorted(d for d in src.iterdir() if d.is_dir())
     has_splits = dirs and all(d.name.lower().replace("_", "") in SPLIT_NAMES for d in dirs)
+    if len(dirs) == 1 and not has_splits and dirs[0].name.strip().lower() not in L.SYNONYMS:
+        # ckplus48/ holding CK+48/<class>/: one level too high, read as a class named "CK+48"
+        raise ManifestError(f"{src} holds one folder, {dirs[0].name}/, which is no split or class: the dataset is "
+                            f"probably {dirs[0]}")
     groups = [(_split(d.name, str(src)), d) for d in dirs] if has_splits else [(split, src)]
     rows = []
     for split_name, split_dir in groups:

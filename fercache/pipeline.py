@@ -271,7 +271,7 @@ def _check_arguments(kind: str, args: dict) -> None:
 
 def _check_values(kind: str, args: dict) -> None:
     """What the library would refuse only when the step is reached: names, devices, head settings, options."""
-    from .adapters import ADAPTERS
+    from .adapters import check_adapter_options
     from .devices import torch_device
     from .encoders import check_encoder_name, missing_weights
     from .extract import check_options
@@ -284,7 +284,7 @@ def _check_values(kind: str, args: dict) -> None:
     if "device" in args:
         torch_device(args["device"])
     if kind == "manifest":
-        ADAPTERS.lookup(args["format"])
+        check_adapter_options(args["format"], args.get("options") or {})
     if kind == "audit":
         check_derived_path(args.get("without_leaks"), args["manifest"])
     if kind == "near_dups":

@@ -354,3 +354,27 @@ def test_a_data_root_one_level_off_is_answered_with_the_right_one(tmp_path):
         resolve_paths(m, tmp_path)  # one level too high: data/ is one of the folders below
     with pytest.raises(ManifestError, match=r"\. Pass --data-root \(or set FERCACHE_DATA\) to the folder"):
         resolve_paths(m, tmp_path / "elsewhere")  # nor above or below this one: no guess
+
+
+def test_an_option_the_format_does_not_read_is_named_before_reading(tmp_path):
+    """--option foo=1 was a TypeError traceback from inside the adapter; a pipeline found it at its manifest step."""
+    from fercache.pipeline import check_pipeline
+
+    write_imagefolder(tmp_path / "fer", per_class=1)
+    with pytest.raises(ManifestError, match=r"^format 'imagefolder' has no option 'splt' \(did you mean 'split'\?\); "
+                                            r"it takes: split='train'$"):
+        build("imagefolder", tmp_path / "fer", splt="val")
+    p = tmp_path / "p.toml"
+    p.write_text(f'[[step]]\nrun = "manifest"\nformat = "imagefolder"\nsrc = "{tmp_path / "fer"}"\nout = "m.csv"\n'
+                 '[step.options]\nfoo = 1\n')
+    with pytest.raises(ManifestError, match=r"step 1 \(manifest\): format 'imagefolder' has no option 'foo'"):
+        check_pipeline(p)
+
+
+def test_imagefolder_one_level_too_high_names_the_dataset_folder(tmp_path):
+    """ckplus48/ holds CK+48/<class>/: read as one class named 'CK+48' ("unknown expression label")."""
+    write_imagefolder(tmp_path / "ckplus48" / "CK+48", per_class=1)
+    with pytest.raises(ManifestError, match=r"ckplus48 holds one folder, CK\+48/, which is no split or class: the "
+                                            r"dataset is probably \S+/ckplus48/CK\+48$"):
+        build("imagefolder", tmp_path / "ckplus48")
+    assert len(build("imagefolder", tmp_path / "ckplus48" / "CK+48")) > 0
