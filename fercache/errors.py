@@ -24,7 +24,7 @@ class EncoderError(FercacheError):
 class UnknownNameError(FercacheError):
     """A registry lookup (encoder, head, adapter, label) found no such name."""
 
-    LIST_ALL = 40  # longer lists (open_clip's ~170 models, timm's ~1,400) are cut to the names nearest the typo
+    LIST_ALL = 40  # longer lists (open_clip's ~150 models, timm's ~1,400) are cut to the names nearest the typo
 
     def __init__(self, kind: str, name: str, known):
         known = sorted(str(k) for k in known)

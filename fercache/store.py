@@ -220,8 +220,8 @@ class FeatureStore:
         try:
             return self.group[key][:]
         except Exception as e:  # zarr's codecs raise ValueError, RuntimeError, ... depending on the damage
-            raise StoreError(f"{self.location}: its array {key!r} cannot be read ({type(e).__name__}: {e}); the "
-                             "store is damaged: extract it again with --overwrite") from None
+            raise StoreError(f"{self.location}: its array {key!r} cannot be read ({type(e).__name__}: {e}); if the "
+                             "store is damaged (a file cut short, a bad copy), extract it again with --overwrite") from None
 
     def features(self, output: str | None = None) -> np.ndarray:
         """All rows of one output as float32 [N, D]."""

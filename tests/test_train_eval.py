@@ -179,7 +179,7 @@ def test_damaged_files_are_named_not_a_traceback(tiny_store, tmp_path):
     chunk = next(p for p in sorted((store / "features").rglob("*")) if p.is_file() and "/c/" in str(p))
     chunk.write_bytes(chunk.read_bytes()[:50])
     with pytest.raises(StoreError, match=rf"copy.zarr: its array 'features/{chunk.relative_to(store / 'features').parts[0]}' "
-                                         r"cannot be read \(ValueError: .*\); the store is damaged: extract it again"):
+                                         r"cannot be read \(ValueError: .*\); if the store is damaged \(a file cut short, a bad copy\), extract it again"):
         fit(str(store), "linear", out_dir=tmp_path, recipe={"epochs": 1, "batch_size": 8})
 
 
