@@ -99,12 +99,12 @@ def read_manifest(path: str | Path) -> Manifest:
 def _check_field_counts(manifest: Manifest) -> None:
     """csv.DictReader files a row's extra fields under None and pads a short row with None: say so by line, not
     as a puzzling "unknown label None" (the usual cause: a comma inside an unquoted value)."""
-    n = len(manifest.columns)
+    n, last = len(manifest.columns), manifest.columns[-1]
     for i, row in enumerate(manifest.rows):
-        if None in row or None in row.values():
-            if None in row:
-                raise ManifestError(f"{manifest.where(i)}{n + len(row[None])} fields, the header has {n}; a value "
-                                    'holding a comma must be quoted ("a,b")')
+        if None in row:
+            raise ManifestError(f"{manifest.where(i)}{n + len(row[None])} fields, the header has {n}; a value "
+                                'holding a comma must be quoted ("a,b")')
+        if row[last] is None:  # a short row is padded at its end: one look per row, not a scan of its values
             raise ManifestError(f"{manifest.where(i)}{sum(v is not None for v in row.values())} fields, the header "
                                 f"has {n}; an empty value is still a field (a,,b)")
 
