@@ -8,7 +8,6 @@ dataset is one decorated function here and one fixture test.
 from __future__ import annotations
 
 import csv
-import difflib
 import hashlib
 import inspect
 import logging
@@ -18,7 +17,7 @@ from typing import Iterable
 import numpy as np
 
 from . import labels as L
-from .errors import ManifestError, near_path
+from .errors import ManifestError, did_you_mean, near_path
 from .manifests import Manifest, validate
 from .registry import Registry
 
@@ -40,10 +39,8 @@ def check_adapter_options(fmt: str, options: dict) -> None:
     known = {p.name: p.default for p in params}
     for key in options:
         if key not in known:
-            near = difflib.get_close_matches(key, list(known), 1)
             takes = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
-            raise ManifestError(f"format {fmt!r} has no option {key!r}{f' (did you mean {near[0]!r}?)' if near else ''}"
-                                f"; it takes: {takes}")
+            raise ManifestError(f"format {fmt!r} has no option {key!r}{did_you_mean(key, known)}; it takes: {takes}")
 
 
 def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **options) -> Manifest:

@@ -5,6 +5,12 @@ from pathlib import Path
 from typing import Callable
 
 
+def did_you_mean(name: str, known) -> str:
+    """' (did you mean 'x'?)' naming the closest of `known`, or '' when none is close: every typo answer's wording."""
+    close = difflib.get_close_matches(str(name), [str(k) for k in known], 1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
 class FercacheError(Exception):
     """Base class: the CLI prints these as `error: ...` and exits 2."""
 

@@ -13,7 +13,6 @@ with the keys it needs and takes.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 import os
@@ -21,7 +20,7 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, EncoderError, FercacheError, UnknownNameError, near_path
+from .errors import ConfigError, EncoderError, FercacheError, UnknownNameError, did_you_mean, near_path
 from .registry import Registry
 
 STEPS = Registry("pipeline step")
@@ -261,9 +260,8 @@ def describe_step(kind: str) -> dict:
 def _check_arguments(kind: str, args: dict) -> None:
     params, takes = _params(kind), _takes(kind)
     for key in sorted(set(args) - takes):
-        close = difflib.get_close_matches(key, takes, 1)
-        raise ConfigError(f"{kind} takes no argument {key!r}" + (f" (did you mean {close[0]!r}?)" if close else "")
-                          + f"; it takes: {', '.join(sorted(takes))}")
+        raise ConfigError(f"{kind} takes no argument {key!r}{did_you_mean(key, takes)}; it takes: "
+                          f"{', '.join(sorted(takes))}")
     missing = [p.name for p in params if p.default is p.empty and p.name not in args]
     if missing:
         raise ConfigError(f"{kind} needs {', '.join(missing)}")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import itertools
 import json
 from pathlib import Path
@@ -11,7 +10,7 @@ import numpy as np
 
 from . import report
 from .data import features_memo
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .store import store_name
 from .heads import check_hyperparameters, describe as describe_head
 from .train import check_recipe, fit_seeds, recipe_keys
@@ -30,8 +29,7 @@ def _check_axes(head: str, grid: dict[str, list], in_recipe: set[str], in_hp: se
     (--axis lrr=... is a slip for the recipe's lr, not a hyperparameter the head lacks)."""
     for axis in grid:
         if axis not in in_recipe | in_hp:
-            near = difflib.get_close_matches(axis, sorted(in_recipe | in_hp), 1)
-            raise ConfigError(f"sweep axis {axis!r}{f' (did you mean {near[0]!r}?)' if near else ''}: head {head!r} has "
+            raise ConfigError(f"sweep axis {axis!r}{did_you_mean(axis, sorted(in_recipe | in_hp))}: head {head!r} has "
                               f"no such hyperparameter ({', '.join(sorted(in_hp)) or 'none'}) or recipe key "
                               f"({', '.join(sorted(in_recipe))})")
 

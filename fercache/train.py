@@ -9,7 +9,6 @@ The test split is removed before training starts, so no head can see it during s
 from __future__ import annotations
 
 import copy
-import difflib
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from . import metrics, report
 from .data import (FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views,
                    subset_train)
 from .devices import torch_device
-from .errors import ConfigError
+from .errors import ConfigError, did_you_mean
 from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
@@ -110,7 +109,7 @@ def check_recipe(head: str, r: dict, task: str) -> None:
     known = recipe_keys(head)
     unknown = sorted(set(r) - known)
     if unknown:
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k) for k in unknown]
+        hints = [f"{k!r}{did_you_mean(k, known)}" for k in unknown]
         raise ConfigError(f"head {head!r} has no recipe key {', '.join(hints)}; it reads: {', '.join(sorted(known))}")
     _check_values(head, r)
     if r.get("balance", "none") not in BALANCE:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import math
 import types
@@ -12,7 +11,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..errors import ConfigError
+from ..errors import ConfigError, did_you_mean
 from ..registry import Registry
 
 
@@ -116,8 +115,7 @@ def check_hyperparameters(name: str, hp: dict) -> None:
     known = hyperparameters(name)
     unknown = sorted(set(hp) - set(known))
     if unknown:
-        hints = [f"{k!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else repr(k)
-                 for k in unknown]
+        hints = [f"{k!r}{did_you_mean(k, known)}" for k in unknown]
         raise ConfigError(f"head {name!r} has no hyperparameter {', '.join(hints)}; "
                           f"it takes: {', '.join(f'{k}={v!r}' for k, v in known.items())}")
     hints = typing.get_type_hints(HEADS.lookup(name))
