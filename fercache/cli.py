@@ -517,14 +517,19 @@ def sweep(
     recipe: list[str] = typer.Option([], "--recipe", help="Fixed recipe overrides for every point."),
     hp: list[str] = typer.Option([], "--hp", help="Fixed head hyperparameters for every point."),
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs, sweep.md/.csv/.json and plots."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train every run again, also those already finished in --out "
+                                 "with the same settings (by default those are reused: an interrupted sweep resumes)."),
     device: str = Device,
 ) -> None:
-    """Grid sweep of a head on cached features, ranked on the validation split (seconds per point on CPU)."""
+    """Grid sweep of a head on cached features, ranked on the validation split (seconds per point on CPU).
+
+    Run again after an interruption, it goes on where it stopped: runs already finished in --out with the same
+    settings, data and fercache/torch versions are read back instead of trained again."""
     from .sweep import sweep as run_sweep
 
     grid = dict(_axis(a) for a in axis)
     r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp),
-                  progress=_progress["bars"])
+                  progress=_progress["bars"], retrain=retrain)
     typer.echo(r["markdown"] + (f"\ncurve -> {r['curve_png']}" if "curve_png" in r else ""))
 
 

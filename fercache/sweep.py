@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,8 @@ from .errors import ConfigError, did_you_mean
 from .store import store_name
 from .heads import check_hyperparameters, describe as describe_head
 from .train import check_recipe, fit_seeds, recipe_keys
+
+log = logging.getLogger(__name__)
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
@@ -51,23 +54,30 @@ def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) ->
 
 @features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
-          base_recipe: dict | None = None, base_hp: dict | None = None, progress: bool = False, **fit_kw) -> dict:
+          base_recipe: dict | None = None, base_hp: dict | None = None, progress: bool = False,
+          retrain: bool = False, **fit_kw) -> dict:
     """Train every grid point (x seeds); rank by the validation metric. Test is never read here.
 
+    A run already finished in `out_dir` with the same configuration (a sweep interrupted and run again) is
+    reused rather than trained again, unless `retrain`; `out["reused"]` counts them.
     `progress`: a bar over the points, with the best validation score so far."""
     from tqdm.auto import tqdm
 
-    out_dir, rows = Path(out_dir), []
+    out_dir, rows, reused = Path(out_dir), [], 0
     plan = _plan(head, grid, base_recipe or {}, base_hp or {})
     bar = tqdm(plan, desc=f"sweep {head}", unit="point", disable=not progress)
     for i, (point, recipe, hp) in enumerate(bar):
         runs = fit_seeds(store, head, seeds=seeds, out_dir=out_dir, device=device, hp=hp, recipe=recipe,
-                         name=f"point{i:03d}/seed{{seed}}", **fit_kw)
+                         name=f"point{i:03d}/seed{{seed}}", reuse=not retrain, **fit_kw)
+        reused += sum(r.reused for r in runs)
         metric = runs[0].metrics["selection"]["metric"]
         vals = [r.metrics["val"][metric] for r in runs]
         rows.append({"point": i, **point, "val_metric": metric, "mean": float(np.mean(vals)), "std": float(np.std(vals)),
                      "runs": [str(r.run_dir) for r in runs]})
         bar.set_postfix({f"best val {metric}": f"{100 * max(r['mean'] for r in rows):.2f}"})
+    if reused:
+        log.info("%d of %d runs were found finished in %s with the same settings and were not trained again "
+                 "(--retrain trains every run)", reused, len(plan) * len(seeds), out_dir)
     rows.sort(key=lambda r: -r["mean"])
     header = ["rank"] + list(grid) + [f"val {rows[0]['val_metric']} (%)"]
     table = [[k + 1] + [report.cell(r[a]) for a in grid] + [f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"] for k, r in enumerate(rows)]
@@ -79,7 +89,7 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
                        f"val {rows[0]['val_metric']} (%), mean ± std over {len(seeds)} seed(s)",
                        f"sweep of {head} on {store_name(store)}")
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
-    out = {"markdown": md, "best": rows[0], "rows": rows}
+    out = {"markdown": md, "best": rows[0], "rows": rows, "reused": reused, "runs": len(plan) * len(seeds)}
     (axis,) = grid if len(grid) == 1 else (None,)
     if axis and all(isinstance(r[axis], (int, float)) and not isinstance(r[axis], bool) for r in rows):
         # One numeric axis (shots, fraction, lr): the metric as a curve of it, e.g. a data-efficiency curve

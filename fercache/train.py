@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics, report
+from . import __version__, metrics, report
 from .data import (FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views,
                    subset_train)
 from .devices import torch_device
@@ -147,6 +147,7 @@ def sampling_weights(y: torch.Tensor, balance: str) -> torch.Tensor | None:
 class RunResult:
     run_dir: Path
     metrics: dict
+    reused: bool = False  # found finished in its folder (`fit(reuse=True)`), not trained by this call
 
 
 def select_aus(fs: FeatureSet, aus: str | list[str] | None, min_pos: int = 20) -> list[str]:
@@ -414,8 +415,10 @@ def _train_val(fs: FeatureSet, y: np.ndarray, task: str, dev: torch.device):
 
 
 def _provenance(fs: FeatureSet, st, ctx: HeadContext) -> dict:
-    """What a run was trained from, so evaluate can refuse it once the store or the labels change."""
+    """What a run was trained from, so evaluate can refuse it once the store or the labels change; and with
+    which code, so a finished run is not taken as this code's result after an upgrade (`finished_run`)."""
     return {"manifest_rows_sha256": fs.notes["manifest_rows_sha256"],
+            "trained_with": {"fercache": __version__, "torch": str(torch.__version__)},  # str: a TorchVersion does not load weights_only
             "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "store_fingerprint": st.fingerprint,
             "encoder_args": st.meta.get("encoder_args"),
             "variant": "cached features (frozen encoder; see METHODS.md)"}
@@ -456,13 +459,15 @@ def _refuse_other_run(run_dir: Path, settings: dict) -> None:
 def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
         device: str = "cpu", output: str | None = None, mask_source: str | None = None, hp: dict | None = None,
         recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False,
-        views: bool = True, replace: bool = True, fold: int | None = None) -> RunResult:
+        views: bool = True, replace: bool = True, fold: int | None = None, reuse: bool = False) -> RunResult:
     """Train one head with one seed on a store; writes <out_dir>/<name>/{head.pt,config.json,metrics.json}.
 
     With `views` (default) and a store extracted with `--views`, each training image contributes a random
     one of its cached views per epoch, and validation scores the average of the views' logits.
     `replace=False` refuses, before training, to overwrite a run trained with other settings.
     `fold` marks the run as one fold of a protocol (`folds`, `au-cv`), so the ledger pools folds like seeds.
+    `reuse=True` returns the run already saved in its folder, untrained again, when it was trained with this
+    same configuration (see `finished_run`): an interrupted sweep goes on where it stopped.
     """
     dev = torch_device(device)  # before any reading
     d = describe_head(head)
@@ -484,6 +489,10 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
                          "classes": classes})
     if not replace:
         _refuse_other_run(run_dir, settings)
+    config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
+              **_provenance(fs, st, ctx)}
+    if reuse and (done := finished_run(run_dir, config)):
+        return done
     if model.level == "clip":
         fs = clip_level(fs, r["max_frames"])
     model.to(dev)
@@ -494,8 +503,6 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     select = r.get("select", SELECT_METRIC[task])
     solver, history, best_epoch = _fit_model(model, train, val, r, task, classes, seed, progress, select)
     val_metrics, fitted = _val_scores(model, val, yval, task, classes)
-    config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
-              **_provenance(fs, st, ctx)}
     result = {
         "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": select,
                       "best_epoch": best_epoch, "test_split_used": False, **({"solver": solver} if solver else {})},
@@ -505,6 +512,25 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     }
     save_run(run_dir, model, config, result, fitted)
     return RunResult(run_dir, result)
+
+
+#: Where a run may have been trained without changing what it is.
+_ANY_DEVICE = ("device",)
+
+
+def finished_run(run_dir: Path, config: dict) -> RunResult | None:
+    """The run saved in `run_dir`, when it is whole (head.pt is written last) and was trained with `config`
+    (settings, seed, fold, store fingerprint, manifest rows, fercache and torch versions; on any device).
+    None otherwise: nothing there, a run cut short, other settings, or files that cannot be read."""
+    if not (run_dir / "head.pt").is_file():
+        return None
+    try:
+        saved = _located(json.loads((run_dir / "config.json").read_text()))
+        result = json.loads((run_dir / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    same = lambda c: json.dumps({k: v for k, v in c.items() if k not in _ANY_DEVICE}, sort_keys=True)  # noqa: E731
+    return RunResult(run_dir, result, reused=True) if same(saved) == same(config) else None
 
 
 def _fit_model(model: nn.Module, train, val, r: dict, task: str, classes: list[str], seed: int, progress: bool,

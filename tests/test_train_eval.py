@@ -409,6 +409,32 @@ def test_sweep_ranks_on_validation(tiny_store, tmp_path):
         assert img.shape[0] > 300 * 200 and (np.abs(img.astype(int) - blue).sum(1) < 30).sum() > 20, png
 
 
+def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_store, tmp_path, caplog):
+    from fercache.sweep import sweep
+
+    grid, base = {"lr": [1e-3, 1e-2, 1e-1]}, {"batch_size": 8, "epochs": 3}
+    first = sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)
+    assert first["reused"] == 0 and first["runs"] == 3
+    runs = [tmp_path / f"point{i:03d}" / "seed0" for i in range(3)]
+    (runs[2] / "head.pt").unlink()  # interrupted while saving its last point: head.pt is written last
+    cfg = json.loads((runs[1] / "config.json").read_text())
+    assert cfg["trained_with"]["fercache"] and cfg["trained_with"]["torch"] == torch.__version__
+    cfg["trained_with"]["fercache"] = "0.0.1"  # trained by another version: not this code's result
+    (runs[1] / "config.json").write_text(json.dumps(cfg))
+    stamps = [(r / "head.pt").stat().st_mtime_ns for r in runs[:2]]
+    with caplog.at_level(logging.INFO, logger="fercache"):
+        again = sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)
+    assert again["reused"] == 1 and "1 of 3 runs were found finished" in caplog.text
+    assert (runs[0] / "head.pt").stat().st_mtime_ns == stamps[0] and (runs[1] / "head.pt").stat().st_mtime_ns != stamps[1]
+    assert (runs[2] / "head.pt").is_file()
+    assert json.loads((runs[1] / "config.json").read_text())["trained_with"]["fercache"] != "0.0.1"
+    assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in first["rows"]]  # same seeds, same scores
+    # other settings (a recipe key) or --retrain: nothing is taken from the folder
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2})["reused"] == 0
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2})["reused"] == 3
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}, retrain=True)["reused"] == 0
+
+
 def test_features_memo_reads_a_store_once_and_changes_no_result(tiny_store, tmp_path):
     from fercache.data import features_memo, load_features
 
