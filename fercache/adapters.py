@@ -64,6 +64,31 @@ def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **opti
     return manifest
 
 
+def _annotation(src: Path, rel: str, fmt: str, option: str, kind: str = "file") -> Path:
+    """The annotation file `rel` of a dataset folder; when it is missing, a ManifestError naming the format's
+    layout, the file's near namesake or the folder one level off that holds it, and the --option KEY=VALUE that
+    points elsewhere (it was an OSError naming the path alone). `option`: 'KEY=PATH', or how to pick a fold."""
+    path, there = src / rel, Path.is_file if kind == "file" else Path.is_dir
+    if there(path):
+        return path
+    hint = near_path(path, there)
+    if not hint:
+        beside = [src.parent] + sorted(p for p in src.iterdir() if p.is_dir()) if src.is_dir() else []
+        held = next((d for d in beside if there(d / rel)), None)
+        hint = f" (it is under {held}: pass that folder as the dataset folder)" if held else ""
+    layout = (ADAPTERS[fmt].__doc__ or "").strip().splitlines()[0]
+    where = f"pass --option {option} (relative to the dataset folder) if yours is elsewhere" if option.endswith("=PATH") else option
+    raise ManifestError(f"{fmt} annotation {kind} {path} not found{hint}; {where}. The layout {fmt} reads: {layout}")
+
+
+def _integer(text: str, where: str, what: str = "label") -> int:
+    """A native integer field; anything else is named by file and line (a bare ValueError traceback before)."""
+    try:
+        return int(text)
+    except ValueError:
+        raise ManifestError(f"{where}{what} must be an integer, got {text!r}") from None
+
+
 def _images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTS and p.is_file())
 
@@ -138,7 +163,10 @@ def ckplus(src: Path, facs: str = "ckplus_facs.csv", images: str = "CK+48", test
     for class_dir in sorted(d for d in (src / images).iterdir() if d.is_dir()):
         label = L.canonical_name(class_dir.name, f"{class_dir}: ")
         for img in _images(class_dir):
-            subject, seq, frame = img.stem.split("_")[:3]
+            parts = img.stem.split("_")
+            if len(parts) < 3 or not parts[2].isdigit():
+                raise ManifestError(f"{img}: expected a CK+ name like S005_001_00000011.png (subject_sequence_frame)")
+            subject, seq, frame = parts[:3]
             video = f"{subject}_{seq}"
             if video not in au_of:
                 raise ManifestError(f"{src / facs}: no row for sequence {video} (image {img})")
@@ -181,16 +209,25 @@ def _ferplus_votes(src: Path) -> Iterable[tuple[str, str, list[int], str]]:
     if new_csv.is_file():
         with open(new_csv, newline="") as f:
             for i, r in enumerate(csv.reader(f)):
-                if i == 0 or not r[1].strip():
-                    continue  # header, or an image FERPlus removed
-                yield FERPLUS_USAGE[r[0]], r[1].strip(), [int(v) for v in r[2:12]], f"{new_csv}:{i + 1}"
+                where = f"{new_csv}:{i + 1}"
+                if i == 0 or not r:
+                    continue  # the header, a blank line
+                if len(r) < 2 or r[0] not in FERPLUS_USAGE:
+                    raise ManifestError(f"{where}: expected Usage ({', '.join(FERPLUS_USAGE)}), Image name and "
+                                        f"{len(L.FERPLUS_VOTES)} vote counts, got {','.join(r)[:60]!r}")
+                if not r[1].strip():
+                    continue  # an image FERPlus removed
+                yield FERPLUS_USAGE[r[0]], r[1].strip(), [_integer(v, f"{where}: ", "a vote count") for v in r[2:12]], where
         return
     for split, folder in FERPLUS_FOLDERS.items():
         label_csv = src / folder / "label.csv"
         if label_csv.is_file():
             with open(label_csv, newline="") as f:
                 for i, r in enumerate(csv.reader(f)):
-                    yield split, r[0].strip(), [int(v) for v in r[2:12]], f"{label_csv}:{i + 1}"
+                    if not r:
+                        continue
+                    where = f"{label_csv}:{i + 1}"
+                    yield split, r[0].strip(), [_integer(v, f"{where}: ", "a vote count") for v in r[2:12]], where
 
 
 @register_adapter("ferplus")
@@ -257,17 +294,19 @@ def fer2013csv(src: Path, csv_file: str = "fer2013.csv", images: str | None = No
 @register_adapter("rafdb")
 def rafdb(src: Path, list_file: str = "EmoLabel/list_patition_label.txt") -> list[dict]:
     """RAF-DB basic: `train_00001.jpg 5` lines; images at `Image/aligned/<name>_aligned.jpg`."""
-    rows = []
-    with open(src / list_file) as f:
+    rows, path = [], _annotation(src, list_file, "rafdb", "list_file=PATH")
+    with open(path) as f:
         for i, line in enumerate(f):
             if not line.strip():
                 continue
+            where = f"{path}:{i + 1}: "
+            if len(line.split()) != 2:
+                raise ManifestError(f"{where}expected `<image name> <label 1-7>`, got {line.strip()[:60]!r}")
             name, code = line.split()
-            where = f"{src / list_file}:{i + 1}: "
-            label = L.from_native("rafdb", int(code), where)
+            label = L.from_native("rafdb", _integer(code, where), where)
             stem = Path(name).stem
             img = src / "Image" / "aligned" / f"{stem}_aligned.jpg"
-            rows.append(_row(stem, img, label, _split(stem.split("_")[0], where), subject=stem))
+            rows.append(_row(stem, img, label, _split(stem.split("_")[0], where.removesuffix(": ")), subject=stem))
     return rows
 
 
@@ -280,12 +319,18 @@ def affectnet(src: Path, train: str = "training.csv", test: str = "validation.cs
     """
     rows = []
     for split, name in (("train", train), ("test", test)):
-        with open(src / name, newline="") as f:
-            for i, r in enumerate(csv.DictReader(f)):
-                code = int(r["expression"])
+        path = _annotation(src, name, "affectnet", f"{split}=PATH")
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            lacking = {"subDirectory_filePath", "expression"} - set(reader.fieldnames or [])
+            if lacking:
+                raise ManifestError(f"{path}: no column {', '.join(sorted(lacking))}; AffectNet's csv has "
+                                    f"subDirectory_filePath and expression (header: {(reader.fieldnames or [])[:8]})")
+            for i, r in enumerate(reader):
+                code = _integer(r["expression"], f"{path}:{i + 2}: ", "expression")
                 if code >= 8:
                     continue
-                label = L.from_native("affectnet", code, f"{src / name}:{i + 2}: ")
+                label = L.from_native("affectnet", code, f"{path}:{i + 2}: ")
                 rel = r["subDirectory_filePath"]
                 rows.append(_row(Path(rel).with_suffix("").as_posix(), src / images / rel, label, split, subject=rel))
     return rows
@@ -295,16 +340,16 @@ def affectnet(src: Path, train: str = "training.csv", test: str = "validation.cs
 def expw(src: Path, label_file: str = "label/label.lst", images: str = "image/origin",
          test_fraction: float = 0.2) -> list[dict]:
     """ExpW `label.lst`: `name face_id top left right bottom confidence label`; the face box becomes `bbox`."""
-    rows = []
-    with open(src / label_file) as f:
+    rows, path = [], _annotation(src, label_file, "expw", "label_file=PATH")
+    with open(path) as f:
         for i, line in enumerate(f):
             parts = line.split()
             if not parts:
                 continue
             if len(parts) != 8:
-                raise ManifestError(f"{src / label_file}:{i + 1}: expected 8 fields, got {len(parts)}")
+                raise ManifestError(f"{path}:{i + 1}: expected 8 fields, got {len(parts)}")
             name, face, top, left, right, bottom, _conf, code = parts
-            label = L.from_native("expw", int(code), f"{src / label_file}:{i + 1}: ")
+            label = L.from_native("expw", _integer(code, f"{path}:{i + 1}: "), f"{path}:{i + 1}: ")
             stem = Path(name).stem
             rows.append(_row(f"{stem}_{face}", src / images / name, label, _subject_split(stem, float(test_fraction)),
                              subject=stem, bbox=f"{left} {top} {right} {bottom}"))
@@ -327,11 +372,14 @@ def affwild2(src: Path, task: str = "expr", annotations: str | None = None, fram
     if task not in ("expr", "au"):
         raise ManifestError(f"affwild2 task must be 'expr' or 'au', got {task!r}")
     default = "EXPR_Classification_Challenge" if task == "expr" else "AU_Detection_Challenge"
-    ann_root = src / (annotations or f"annotations/{default}")
+    ann_root = annotations or f"annotations/{default}"
+    _annotation(src, ann_root, "affwild2", "annotations=PATH", kind="folder")  # holds Train_Set/, Validation_Set/
     rows = []
     for set_name, split in (("Train_Set", "train"), ("Validation_Set", "test")):
-        for ann in sorted((ann_root / set_name).glob("*.txt")):
+        for ann in sorted((src / ann_root / set_name).glob("*.txt")):
             lines = ann.read_text().split()
+            if not lines:
+                raise ManifestError(f"{ann}: empty; expected a header line, then one line per frame")
             header, values = lines[0], lines[1:]
             rows += _affwild2_rows(ann, header, values, split, src / frames, task)
     return rows
@@ -346,9 +394,10 @@ def _affwild2_rows(ann: Path, header: str, values: list[str], split: str, frames
     for idx, img, value in _affwild2_frames(frames_dir, video, values):
         common = dict(clip_id=video, frame_idx=str(idx))
         if task == "expr":
-            if int(value) == -1:
+            code = _integer(value, f"{ann}:{idx + 1}: ")
+            if code == -1:
                 continue
-            label = L.from_native("affwild2", int(value), f"{ann}:{idx + 1}: ")
+            label = L.from_native("affwild2", code, f"{ann}:{idx + 1}: ")
             rows.append(_row(f"{video}/{idx:05d}", img, label, split, video, **common))
         else:
             aus = value.split(",")
@@ -374,12 +423,14 @@ def _clip_list(path: Path) -> list[tuple[str, int, str]]:
     return out
 
 
-def _video_rows(src: Path, dataset: str, lists: dict[str, str], frames: str, pad: int = 0) -> list[dict]:
+def _video_rows(src: Path, dataset: str, lists: dict[str, str], frames: str, pad: int = 0,
+                option: str = "{split}=PATH") -> list[dict]:
+    """`option`: how the --option that moves a split's list file is written (`{split}` filled in)."""
     rows = []
     for split, list_name in lists.items():
         if not list_name:
             continue
-        for clip, code, where in _clip_list(src / list_name):
+        for clip, code, where in _clip_list(_annotation(src, list_name, dataset, option.format(split=split))):
             label = L.from_native(dataset, code, where)
             clip = clip.zfill(pad) if clip.isdigit() else clip
             clip_dir = src / frames / clip
@@ -396,7 +447,7 @@ def _video_rows(src: Path, dataset: str, lists: dict[str, str], frames: str, pad
 def dfew(src: Path, fold: int = 1, frames: str = "clip_224x224") -> list[dict]:
     """DFEW: `annotation/set_<fold>/{train,test}.csv` (`video_name,label`, 1-7) + frame folders `<frames>/<00001>/`."""
     lists = {s: f"annotation/set_{fold}/{s}.csv" for s in ("train", "test")}
-    return _video_rows(src, "dfew", lists, frames, pad=5)
+    return _video_rows(src, "dfew", lists, frames, pad=5, option=f"this is fold {fold} of 1-5 (--option fold=N)")
 
 
 @register_adapter("ferv39k")
@@ -410,4 +461,4 @@ def ferv39k(src: Path, train: str = "train_All.txt", test: str = "test_All.txt",
 def mafw(src: Path, fold: int = 1, frames: str = "frames") -> list[dict]:
     """MAFW single-label: `single/set_<fold>/{train,test}.txt` (`<clip> <label 1-11>`) + frame folders."""
     lists = {s: f"single/set_{fold}/{s}.txt" for s in ("train", "test")}
-    return _video_rows(src, "mafw", lists, frames)
+    return _video_rows(src, "mafw", lists, frames, option=f"this is fold {fold} of 1-5 (--option fold=N)")

@@ -378,3 +378,61 @@ def test_imagefolder_one_level_too_high_names_the_dataset_folder(tmp_path):
                                             r"dataset is probably \S+/ckplus48/CK\+48$"):
         build("imagefolder", tmp_path / "ckplus48")
     assert len(build("imagefolder", tmp_path / "ckplus48" / "CK+48")) > 0
+
+
+@pytest.mark.parametrize("fmt,missing,advice", [
+    ("rafdb", "EmoLabel/list_patition_label.txt", "pass --option list_file=PATH"),
+    ("affectnet", "training.csv", "pass --option train=PATH"),
+    ("expw", "label/label.lst", "pass --option label_file=PATH"),
+    ("ferv39k", "train_All.txt", "pass --option train=PATH"),
+    ("dfew", "annotation/set_1/train.csv", r"this is fold 1 of 1-5 \(--option fold=N\)"),
+    ("mafw", "single/set_1/train.txt", r"this is fold 1 of 1-5 \(--option fold=N\)"),
+    ("affwild2", "annotations/EXPR_Classification_Challenge", "pass --option annotations=PATH"),
+])
+def test_a_missing_annotation_file_names_the_layout_and_the_option(tmp_path, fmt, missing, advice):
+    """Six formats gave an OSError naming the path alone; affwild2 'found no samples'."""
+    kind = "folder" if fmt == "affwild2" else "file"
+    with pytest.raises(ManifestError, match=rf"^{fmt} annotation {kind} {tmp_path}/{missing} not found; {advice}.*"
+                                            rf"The layout {fmt} reads: "):
+        build(fmt, tmp_path)
+
+
+def test_a_dataset_folder_one_level_off_names_the_folder_holding_the_annotations(tmp_path):
+    (tmp_path / "raf" / "basic" / "EmoLabel").mkdir(parents=True)
+    (tmp_path / "raf" / "basic" / "EmoLabel" / "list_patition_label.txt").write_text("train_00001.jpg 5\n")
+    for src in (tmp_path / "raf", tmp_path / "raf" / "basic" / "EmoLabel"):  # one too high, one too low
+        with pytest.raises(ManifestError, match=rf"not found \(it is under {tmp_path}/raf/basic: pass that folder as "
+                                                r"the dataset folder\)"):
+            build("rafdb", src)
+    with pytest.raises(ManifestError, match=r"list_partition_label.txt not found \(did you mean '\S+/list_patition_label.txt'\?\)"):
+        build("rafdb", tmp_path / "raf" / "basic", list_file="EmoLabel/list_partition_label.txt")
+
+
+@pytest.mark.parametrize("fmt,path,text,match", [
+    ("rafdb", "EmoLabel/list_patition_label.txt", "train_00001.jpg x\n", r"list_patition_label.txt:1: label must be an integer, got 'x'"),
+    ("rafdb", "EmoLabel/list_patition_label.txt", "train_00001.jpg\n", r"list_patition_label.txt:1: expected `<image name> <label 1-7>`"),
+    ("rafdb", "EmoLabel/list_patition_label.txt", "foo_00001.jpg 3\n", r"list_patition_label.txt:1: unknown split folder 'foo'"),
+    ("affectnet", "training.csv", "subDirectory_filePath,expression\na/b.jpg,\n", r"training.csv:2: expression must be an integer, got ''"),
+    ("affectnet", "training.csv", "subDirectory_filePath,expr\na/b.jpg,1\n", r"training.csv: no column expression"),
+    ("expw", "label/label.lst", "a.jpg 0 1 2 3 4 0.9 happy\n", r"label.lst:1: label must be an integer, got 'happy'"),
+    ("ferplus", "fer2013new.csv", "Usage,Image name,neutral\nTraining,a.png,1,x\n", r"fer2013new.csv:2: a vote count must be an integer, got 'x'"),
+    ("ferplus", "fer2013new.csv", "Usage,Image name,neutral\nTrain,a.png,1\n", r"fer2013new.csv:2: expected Usage \(Training, PublicTest, PrivateTest\)"),
+    ("ferplus", "fer2013new.csv", "Usage,Image name,neutral\nTraining\n", r"fer2013new.csv:2: expected Usage"),
+    ("affwild2", "annotations/EXPR_Classification_Challenge/Train_Set/v1.txt", "", r"v1.txt: empty; expected a header line"),
+    ("affwild2", "annotations/EXPR_Classification_Challenge/Train_Set/v1.txt", "Neutral,Anger\nsad\n",
+     r"v1.txt:2: label must be an integer, got 'sad'"),
+])
+def test_a_malformed_annotation_line_is_named_by_file_and_line(tmp_path, fmt, path, text, match):
+    """Each was a ValueError, KeyError or IndexError traceback from inside the adapter."""
+    (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / path).write_text(text)
+    _img(tmp_path / "cropped_aligned" / "v1" / "00001.jpg")
+    with pytest.raises(ManifestError, match=match):
+        build(fmt, tmp_path)
+
+
+def test_a_ckplus_image_not_named_subject_sequence_frame_is_named(tmp_path):
+    root = _ckplus_fixture(tmp_path)
+    _img(root / "CK+48" / "happy" / "S005.png")
+    with pytest.raises(ManifestError, match=r"S005.png: expected a CK\+ name like S005_001_00000011.png"):
+        build("ckplus", root)
