@@ -402,8 +402,9 @@ def predict(
     device: str = Device,
 ) -> None:
     """Class probabilities for new images, using the run's encoder and preprocessing."""
-    from .predict import predict as run_predict, write_predictions
+    from .predict import check_out, predict as run_predict, write_predictions
 
+    check_out(out)
     rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"])
     if out:
         typer.echo(f"{write_predictions(rows, out)}: {len(rows)} images")

@@ -197,17 +197,23 @@ def _fill(rows: list[dict], prob: np.ndarray, heads: list[Head]) -> None:
         r["prediction"] = classes[int(p.argmax())]
 
 
+def check_out(out: Path | None) -> None:
+    """Refuse an --out that write_predictions could not write, before any image is read (it was found after them all)."""
+    if out is not None and out.suffix not in (".json", ".csv"):
+        raise FercacheError(f"--out must end in .json or .csv, got {out.name}")
+
+
 def write_predictions(rows: list[dict], out: Path) -> Path:
-    """JSON (a list) or CSV (one column per class) by the file suffix."""
+    """JSON (a list) or CSV (one column per class) by the file suffix; its folder is created."""
     import json
 
     from .report import write_csv
 
+    check_out(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         out.write_text(json.dumps(rows, indent=2))
         return out
-    if out.suffix != ".csv":
-        raise FercacheError(f"--out must end in .json or .csv, got {out.name}")
     classes = next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
     header = ["path", "prediction", "face_detected", "error"] + classes
     return write_csv(out, header, [[r["path"], r.get("prediction", ";".join(r.get("active", []))), r.get("face_detected"),

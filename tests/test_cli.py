@@ -523,3 +523,15 @@ def test_the_console_shows_our_progress_lines_not_the_libraries_info_or_the_rand
     assert "INFO fercache.extract: " in again and "is complete and matches; nothing to do" in again, again
     verbose = subprocess.run(cmd[:3] + ["-v"] + cmd[3:], capture_output=True, text=True, check=True).stderr
     assert "root: Loaded" in verbose or "root: Instantiating" in verbose, verbose
+
+
+def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_makes_its_folder(tiny_store, tiny_dataset, tmp_path):
+    """--out p.txt was refused only after every image had been encoded; --out into a new folder was an OSError."""
+    assert invoke("train-head", tiny_store, "--head", "linear", "--out", tmp_path / "runs", "--recipe", "epochs=2").exit_code == 0
+    run, images = tmp_path / "runs" / "faces-linear" / "seed0", tiny_dataset / "faces" / "test"
+    r = runner.invoke(cli.app, ["predict", str(run), str(images), "-o", str(tmp_path / "p.txt")])
+    assert isinstance(r.exception, cli.FercacheError) and str(r.exception) == "--out must end in .json or .csv, got p.txt"
+    assert "predict:" not in r.stderr  # no image was read
+    r = invoke("predict", run, images, "-o", tmp_path / "new" / "sub" / "p.json")
+    assert r.exit_code == 0, r.output
+    assert len(json.loads((tmp_path / "new" / "sub" / "p.json").read_text())) == 24
