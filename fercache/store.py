@@ -289,6 +289,8 @@ def _what_is_there(location: str | Path) -> str | None:
         return f"it lies inside the store {inside}"
     if path.is_file() and path.name.endswith((".csv", ".csv.gz")):
         return f"it is a manifest: `fercache extract {location} --encoder ... --out STORE.zarr` makes a store of it"
+    if path.is_file() and path.suffix in (".h5", ".hdf5"):
+        return "it is an HDF5 file, as `fercache export` writes for other tools; fercache reads the store (.zarr) itself"
     configs = [path / "config.json"] if (path / "head.pt").is_file() else sorted(path.glob("*/config.json"))[:1]
     try:
         trained_on = json.loads(configs[0].read_text())["store"] if configs else None
@@ -472,15 +474,28 @@ def export_h5(location: str | Path, to: str | Path, overwrite: bool = False, pro
     Features are copied one store chunk at a time, so memory does not grow with the store. An existing file is
     replaced only when it is an earlier export of this same store, or with `overwrite`.
     """
-    import h5py
-    from tqdm.auto import tqdm
-
     store = open_store(location).require_complete()
     to = Path(to)
+    if to.is_dir():  # --overwrite cannot mean "replace this folder" (the store itself, a results folder) by a file
+        raise StoreError(f"--to {to} is a folder; --to names the HDF5 file to write, e.g. "
+                         f"{to.resolve() / (store_name(location) + '.h5')}")
     if to.exists() and not overwrite:
         _refuse_other_file(to, store.fingerprint)
     to.parent.mkdir(parents=True, exist_ok=True)
-    tmp = to.with_suffix(to.suffix + ".tmp")
+    tmp = to.with_name(to.name + ".tmp")
+    try:
+        _write_h5(store, tmp, progress)
+    except BaseException:  # a failed or interrupted export leaves no half file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    tmp.replace(to)
+    return to
+
+
+def _write_h5(store: FeatureStore, tmp: Path, progress: bool) -> None:
+    import h5py
+    from tqdm.auto import tqdm
+
     bar = tqdm(total=store.n_chunks * len(store.outputs), desc="export", unit="chunk", disable=not progress)
     with h5py.File(tmp, "w") as f, bar:
         for name, dim in store.outputs.items():
@@ -496,8 +511,6 @@ def export_h5(location: str | Path, to: str | Path, overwrite: bool = False, pro
             f.create_dataset("clip_id", data=_strings(store.read("clip_id")), dtype=h5py.string_dtype())
             f.create_dataset("frame_idx", data=store.read("frame_idx"))
         f.attrs["fercache"] = json.dumps(store.meta)
-    tmp.replace(to)
-    return to
 
 
 def _refuse_other_file(path: Path, fingerprint: dict) -> None:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from pathlib import Path
 
 import h5py
 import numpy as np
@@ -379,6 +380,23 @@ def test_export_replaces_only_its_own_earlier_export(tiny_store, video_store, tm
     S.export_h5(tiny_store, notes, overwrite=True)
     with h5py.File(notes) as f:
         assert f["ok"].shape == (S.open_store(tiny_store).n_rows,)
+
+
+def test_export_to_a_folder_is_refused_and_a_failed_export_leaves_no_file(tiny_store, tmp_path, monkeypatch):
+    """--to DIR --overwrite wrote everything, then failed to rename over the folder (the store itself, even),
+    leaving DIR.tmp behind; an interrupted export left its .tmp file too."""
+    for folder in (tmp_path, Path(tiny_store)):
+        with pytest.raises(StoreError, match=rf"^--to {folder} is a folder; --to names the HDF5 file to write, "
+                                             rf"e.g. {folder.resolve()}/\S+\.h5$"):
+            S.export_h5(tiny_store, folder, overwrite=True)
+    assert S.open_store(tiny_store).complete and not list(tmp_path.glob("*.tmp"))
+
+    def interrupted(self):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(S.FeatureStore, "sample_ids", interrupted)  # read after the features are written
+    with pytest.raises(KeyboardInterrupt):
+        S.export_h5(tiny_store, tmp_path / "f.h5")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
 def test_incomplete_store_cannot_be_exported(tmp_path, tiny_manifest, tiny_encoder_spec):

@@ -262,6 +262,8 @@ def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, 
                         (r.run_dir, f": it is a run trained on the store {store}$"),
                         (r.run_dir.parent, f": it holds runs trained on the store {store}$"),
                         (tiny_manifest, r": it is a manifest: `fercache extract \S+faces.csv --encoder"),
+                        (S.export_h5(tiny_store, tmp_path / "faces.h5"), r": it is an HDF5 file, as `fercache export` "
+                                                                          r"writes for other tools; fercache reads the store"),
                         (tmp_path, "; create one with `fercache extract`$")]:
         with pytest.raises(StoreError, match=rf"^no fercache store at {where}{said}"):
             S.open_store(where)
