@@ -607,8 +607,13 @@ def run_cmd(
     only: list[str] = typer.Option([], "--only", help="Run only steps with this name or kind."),
     check: bool = typer.Option(False, "--check", help="Check every step's arguments against the library "
                                                       "(names, heads, hp/recipe values, device) and stop."),
+    retrain: bool = typer.Option(False, "--retrain", help="Train every run again, also those already finished with "
+                                 "the same settings, data and code (by default those are reused)."),
 ) -> None:
-    """Run a TOML pipeline (see pipelines/quickstart.toml); every step is checked before the first runs."""
+    """Run a TOML pipeline (see pipelines/quickstart.toml); every step is checked before the first runs.
+
+    Run again, it goes on where it stopped: stores resume from their written chunks, and runs already finished
+    with the same settings, data and fercache code are scored as they are instead of trained again."""
     from .pipeline import check_pipeline, run_pipeline
 
     if check:
@@ -620,7 +625,7 @@ def run_cmd(
         sep = "" if text.startswith("\n") else " "  # a multi-line report starts on a line of its own
         typer.echo(f"[{i + 1}] {step['name']}:{sep}{text}")
 
-    run_pipeline(pipeline, on_step=show, only=only or None, progress=_progress["bars"])
+    run_pipeline(pipeline, on_step=show, only=only or None, progress=_progress["bars"], retrain=retrain)
 
 
 @app.command("steps")

@@ -63,7 +63,8 @@ def _train_step(store: str, head: str, out: str = "runs", seeds: list[int] = (0,
 
     runs = fit_seeds(store, head, seeds=seeds, out_dir=out, progress=progress, **kw)
     return ", ".join(f"{r.run_dir} (val {r.metrics['selection']['metric']} "
-                     f"{100 * r.metrics['val'].get('accuracy', r.metrics['val'].get('macro_f1_at_0.5')):.1f}%)" for r in runs)
+                     f"{100 * r.metrics['val'].get('accuracy', r.metrics['val'].get('macro_f1_at_0.5')):.1f}%"
+                     f"{'; reused' if r.reused else ''})" for r in runs)
 
 
 @register_step("cross")
@@ -212,7 +213,7 @@ FORWARDS = {"extract": ("extract", "extract"), "train": ("train", "fit"), "cross
 #: A pipeline naming one would pass the check and fail only when the step is reached.
 SUPPLIED = {"extract": {"manifest_path", "encoder_obj", "root"}, "train": {"out_dir", "seed"}, "cross": {"out_dir"},
             "near_dups": {"out_dir", "root"}, "au_cv": {"out_dir"}, "folds": {"out_dir"},
-            "sweep": {"out_dir", "seed", "name", "hp", "recipe"}}
+            "sweep": {"out_dir", "seed", "name", "hp", "recipe", "reuse"}}  # a sweep's reuse is `retrain`
 
 #: Keys a kind of step took under another name before, still read: (old, new). The data folder is `data_root` in
 #: every step, as `--data-root` on the command line; extract and near_dups steps called it `root` up to 0.2.0.
@@ -252,6 +253,8 @@ def describe_step(kind: str) -> dict:
         for p in inspect.signature(fn).parameters.values():
             defaults.setdefault(p.name, p.default)
     takes, needs = _takes(kind), [p.name for p in _params(kind) if p.default is p.empty]
+    if "reuse" in defaults:
+        defaults["reuse"] = True  # what run_pipeline passes unless `fercache run --retrain`
     return {"kind": kind, "summary": STEPS[kind].__doc__, "needs": needs,
             "optional": {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()
                          if k in takes and k not in needs}}
@@ -340,9 +343,12 @@ def check_pipeline(path: str | Path, only: list[str] | None = None) -> int:
 
 
 def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | None = None,
-                 only: list[str] | None = None, progress: bool = True) -> list[Any]:
+                 only: list[str] | None = None, progress: bool = True, retrain: bool = False) -> list[Any]:
     """Check every step first (`check_pipeline`), then run each in order; `on_step(i, step, result)` after each.
 
+    Run again (after a failed step, or to redo a report), the steps that train reuse every run already finished
+    in their folders with the same settings, data and code (`train.finished_run`), as extraction resumes its
+    store; `retrain=True` (`fercache run --retrain`) trains them all. A step's own `reuse`/`retrain` key wins.
     `progress=False` turns off every step's progress bars (`fercache -q run`)."""
     results, steps = [], _selected(load_pipeline(path), only)
     for i, step in steps:
@@ -351,6 +357,10 @@ def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | N
         kind = step.pop("run")
         if not progress and "progress" in _takes(kind):
             step["progress"] = False
+        if "reuse" in _takes(kind):
+            step.setdefault("reuse", not retrain)
+        elif "retrain" in _takes(kind):
+            step.setdefault("retrain", retrain)
         name = step.pop("name", kind)
         try:
             result = STEPS[kind](**step)

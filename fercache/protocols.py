@@ -59,7 +59,7 @@ def _labels_for(labels: dict[str, str] | None, stores: list[str]) -> dict[str, s
 @features_memo()
 def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,), test_stores: list[str] | None = None,
                  hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str | list[str] = "accuracy",
-                 progress: bool = False, labels: dict[str, str] | None = None) -> dict:
+                 progress: bool = False, labels: dict[str, str] | None = None, reuse: bool = False) -> dict:
     """Train each head on each store, test on each test store's `test` split; rows trained-on, columns tested-on.
 
     Predictions are over the training label set; test samples whose true label is not in it are
@@ -68,6 +68,8 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     e.g. ["accuracy", "ece", "ece_ts"] asks whether the calibration a head learnt in domain holds on other data.
     `labels` ({store or store name: manifest}) trains and tests that store on other labels of the same images,
     e.g. the manifest `manifest check --without-leaks` or `near-dups --without-leaks` wrote.
+    `reuse` (in this and the other protocols): a run already finished in its folder with the same configuration
+    is scored as it is, not trained again (`train.finished_run`); pipelines run again pass it.
     """
     names = _cross_metrics(metric)
     check_tables(heads, hp, recipe)
@@ -79,7 +81,8 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
         cells: dict[str, dict] = {m: {} for m in names}
         for train in stores:
             runs = _fit_label(train, head, hp, recipe, seeds=seeds, out_dir=out_dir / "runs", device=device,
-                              progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}", manifest=manifests[train])
+                              progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}", manifest=manifests[train],
+                              reuse=reuse)
             for test in test_stores:
                 res = [evaluate_run(r.run_dir, test, manifests[test], device=device) for r in runs]
                 for m in names:
@@ -137,7 +140,8 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
 
 @features_memo()
 def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: str | Path, seeds=(0,),
-                   hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", progress: bool = False) -> dict:
+                   hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", progress: bool = False,
+                   reuse: bool = False) -> dict:
     """The published video protocol: one store, one manifest per fold (same frames, other splits).
 
     DFEW and MAFW come with 5 official folds, FERV39k with one fixed split: train each head on
@@ -154,7 +158,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
         results[head] = []
         for f, m in enumerate(manifests, 1):
             runs = _fit_label(store, head, hp, recipe, seeds=seeds, manifest=m, out_dir=out_dir / "runs", device=device,
-                              progress=progress, name=f"{head}/fold{f}/seed{{seed}}", fold=f)
+                              progress=progress, name=f"{head}/fold{f}/seed{{seed}}", fold=f, reuse=reuse)
             results[head] += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f, "manifest": str(m)}
                               for r in runs]
     return _folds_table(out_dir, store, results, len(manifests), len(seeds))
@@ -192,7 +196,7 @@ def subject_folds(subjects: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 @features_memo()
 def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top8", seeds=(0,), hp: dict | None = None,
-                recipe: dict | None = None, device: str = "cpu", progress: bool = False) -> dict:
+                recipe: dict | None = None, device: str = "cpu", progress: bool = False, reuse: bool = False) -> dict:
     """Subject-grouped k-fold AU detection over all rows of a store; per-AU F1 pooled over test folds."""
     check_tables(["au"], {"au": hp or {}}, {"au": recipe or {}})
     from .manifests import Manifest, write_manifest
@@ -212,7 +216,7 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
         rows = [{**r, "split": "test" if fold[i] == f else "train"} for i, r in enumerate(base.rows)]
         m = write_manifest(Manifest(rows=rows, source=f"fold{f}", columns=base.columns), out_dir / f"fold{f}.csv")
         runs = fit_seeds(store, "au", seeds=seeds, manifest=m, aus=au_list, out_dir=out_dir / "runs", device=device,
-                         hp=hp, recipe=recipe, progress=progress, name=f"fold{f}/seed{{seed}}", fold=f)
+                         hp=hp, recipe=recipe, progress=progress, name=f"fold{f}/seed{{seed}}", fold=f, reuse=reuse)
         results += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f} for r in runs]
     return _au_table(out_dir, results)
 

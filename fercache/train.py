@@ -9,6 +9,8 @@ The test split is removed before training starts, so no head can see it during s
 from __future__ import annotations
 
 import copy
+import functools
+import hashlib
 import json
 import logging
 import math
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import __version__, metrics, report
+from . import metrics, report
 from .data import (FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views,
                    subset_train)
 from .devices import torch_device
@@ -30,7 +32,7 @@ from .errors import ConfigError, did_you_mean
 from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
-from .store import canonical, open_store, store_name
+from .store import canonical, library_versions, open_store, store_name
 
 log = logging.getLogger(__name__)
 
@@ -414,11 +416,23 @@ def _train_val(fs: FeatureSet, y: np.ndarray, task: str, dev: torch.device):
     return _to_device(train_fs, ytr, dev), _to_device(val_fs, yval, dev), ytr, yval
 
 
+@functools.cache
+def code_sha256() -> str:
+    """sha256 over fercache's own source files: a head or training loop edited in a checkout (no new version
+    number) is other code, so `finished_run` does not pass off a run trained by the old code as the new code's."""
+    h = hashlib.sha256()
+    root = Path(__file__).parent
+    for f in sorted(root.rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()
+
+
 def _provenance(fs: FeatureSet, st, ctx: HeadContext) -> dict:
     """What a run was trained from, so evaluate can refuse it once the store or the labels change; and with
     which code, so a finished run is not taken as this code's result after an upgrade (`finished_run`)."""
     return {"manifest_rows_sha256": fs.notes["manifest_rows_sha256"],
-            "trained_with": {"fercache": __version__, "torch": str(torch.__version__)},  # str: a TorchVersion does not load weights_only
+            "trained_with": {"fercache": library_versions().get("fercache"), "code_sha256": code_sha256(),
+                             "torch": str(torch.__version__)},  # str: a TorchVersion does not load weights_only
             "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "store_fingerprint": st.fingerprint,
             "encoder_args": st.meta.get("encoder_args"),
             "variant": "cached features (frozen encoder; see METHODS.md)"}
@@ -492,6 +506,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
               **_provenance(fs, st, ctx)}
     if reuse and (done := finished_run(run_dir, config)):
+        log.debug("%s: trained before with the same settings and code; reused", run_dir)
         return done
     if model.level == "clip":
         fs = clip_level(fs, r["max_frames"])
@@ -520,8 +535,8 @@ _ANY_DEVICE = ("device",)
 
 def finished_run(run_dir: Path, config: dict) -> RunResult | None:
     """The run saved in `run_dir`, when it is whole (head.pt is written last) and was trained with `config`
-    (settings, seed, fold, store fingerprint, manifest rows, fercache and torch versions; on any device).
-    None otherwise: nothing there, a run cut short, other settings, or files that cannot be read."""
+    (settings, seed, fold, store fingerprint, manifest rows, fercache version and source, torch version; on
+    any device). None otherwise: nothing there, a run cut short, other settings, or files that cannot be read."""
     if not (run_dir / "head.pt").is_file():
         return None
     try:

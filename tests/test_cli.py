@@ -107,8 +107,12 @@ data_root = "{{data}}"
     assert "[2] extract: " in r.output and "72 ok" in r.output
     assert "\n[4] audit:\nsubjects in more than one split: " in r.output  # a report of lines starts on its own
     assert (tmp_path / "out/runs/s-linear/seed0/head.pt").is_file()  # `out` as in every step and the CLI
-    r = invoke("run", p)
-    assert "already complete" in r.output
+    head = tmp_path / "out/runs/s-linear/seed0/head.pt"
+    stamp = head.stat().st_mtime_ns
+    r = invoke("run", p)  # run again: the store is complete, the run finished with the same settings and code
+    assert "already complete" in r.output and "; reused)" in r.output and head.stat().st_mtime_ns == stamp
+    r = invoke("run", p, "--retrain")
+    assert r.exit_code == 0 and "reused" not in r.output and head.stat().st_mtime_ns != stamp
     monkeypatch.setenv("FERCACHE_SIZE", "48")  # env overrides a variable, keeping its type
     r = invoke("run", p)
     assert r.exit_code == 2 and "step 2 (extract)" in r.output and "--overwrite" in r.output

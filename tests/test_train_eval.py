@@ -437,6 +437,25 @@ def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_
     assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}, retrain=True)["reused"] == 0
 
 
+def test_protocols_reuse_finished_runs_only_for_the_same_code(tiny_store, tmp_path, monkeypatch):
+    """What a pipeline run again does: the cross matrix scores its finished runs as they are, unless fercache's
+    own source changed since (a head edited in a checkout keeps its version number)."""
+    import fercache.train as T
+
+    def matrix():
+        return cross_matrix([str(tiny_store)], ["linear"], tmp_path, recipe={"linear": QUICK}, reuse=True)
+    first = matrix()
+    head = tmp_path / "runs" / "faces-linear" / "seed0" / "head.pt"
+    saved = json.loads((head.parent / "config.json").read_text())["trained_with"]
+    assert saved["code_sha256"] == T.code_sha256() and len(saved["code_sha256"]) == 64
+    stamp = head.stat().st_mtime_ns
+    assert matrix()["linear"]["cells"] == first["linear"]["cells"] and head.stat().st_mtime_ns == stamp
+    monkeypatch.setattr(T, "code_sha256", lambda: "0" * 64)
+    matrix()
+    assert head.stat().st_mtime_ns != stamp
+    assert json.loads((head.parent / "config.json").read_text())["trained_with"]["code_sha256"] == "0" * 64
+
+
 def test_features_memo_reads_a_store_once_and_changes_no_result(tiny_store, tmp_path):
     from fercache.data import features_memo, load_features
 
