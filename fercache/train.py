@@ -529,23 +529,26 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     return RunResult(run_dir, result)
 
 
-#: Where a run may have been trained without changing what it is.
-_ANY_DEVICE = ("device",)
+def _what_it_is(config: dict) -> str:
+    """A run's configuration as comparable text, without the device: where it trained does not change what it is."""
+    return json.dumps({k: v for k, v in config.items() if k != "device"}, sort_keys=True)
 
 
 def finished_run(run_dir: Path, config: dict) -> RunResult | None:
-    """The run saved in `run_dir`, when it is whole (head.pt is written last) and was trained with `config`
-    (settings, seed, fold, store fingerprint, manifest rows, fercache version and source, torch version; on
-    any device). None otherwise: nothing there, a run cut short, other settings, or files that cannot be read."""
+    """The run saved in `run_dir`, when it is whole (head.pt is written last, and loads) and was trained with
+    `config` (settings, seed, fold, store fingerprint, manifest rows, fercache version and source, torch version;
+    on any device). None otherwise: nothing there, a run cut short or damaged, or other settings."""
     if not (run_dir / "head.pt").is_file():
         return None
     try:
         saved = _located(json.loads((run_dir / "config.json").read_text()))
         result = json.loads((run_dir / "metrics.json").read_text())
-    except (OSError, ValueError):
+        if _what_it_is(saved) != _what_it_is(config):
+            return None
+        torch.load(run_dir / "head.pt", map_location="cpu", weights_only=True)  # damaged weights are trained again
+    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
         return None
-    same = lambda c: json.dumps({k: v for k, v in c.items() if k not in _ANY_DEVICE}, sort_keys=True)  # noqa: E731
-    return RunResult(run_dir, result, reused=True) if same(saved) == same(config) else None
+    return RunResult(run_dir, result, reused=True)
 
 
 def _fit_model(model: nn.Module, train, val, r: dict, task: str, classes: list[str], seed: int, progress: bool,

@@ -431,6 +431,9 @@ def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_
     assert (runs[2] / "head.pt").is_file()
     assert json.loads((runs[1] / "config.json").read_text())["trained_with"]["fercache"] != "0.0.1"
     assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in first["rows"]]  # same seeds, same scores
+    (runs[0] / "head.pt").write_bytes((runs[0] / "head.pt").read_bytes()[:100])  # damaged: trained again, not reused
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)["reused"] == 2
+    load_run(runs[0])
     # other settings (a recipe key) or --retrain: nothing is taken from the folder
     assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2})["reused"] == 0
     assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2})["reused"] == 3
