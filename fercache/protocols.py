@@ -82,7 +82,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
         for train in stores:
             runs = _fit_label(train, head, hp, recipe, seeds=seeds, out_dir=out_dir / "runs", device=device,
                               progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}", manifest=manifests[train],
-                              reuse=reuse)
+                              reuse=reuse, own=True)
             for test in test_stores:
                 res = [evaluate_run(r.run_dir, test, manifests[test], device=device) for r in runs]
                 for m in names:
@@ -158,7 +158,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
         results[head] = []
         for f, m in enumerate(manifests, 1):
             runs = _fit_label(store, head, hp, recipe, seeds=seeds, manifest=m, out_dir=out_dir / "runs", device=device,
-                              progress=progress, name=f"{head}/fold{f}/seed{{seed}}", fold=f, reuse=reuse)
+                              progress=progress, name=f"{head}/fold{f}/seed{{seed}}", fold=f, reuse=reuse, own=True)
             results[head] += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f, "manifest": str(m)}
                               for r in runs]
     return _folds_table(out_dir, store, results, len(manifests), len(seeds))
@@ -216,7 +216,8 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
         rows = [{**r, "split": "test" if fold[i] == f else "train"} for i, r in enumerate(base.rows)]
         m = write_manifest(Manifest(rows=rows, source=f"fold{f}", columns=base.columns), out_dir / f"fold{f}.csv")
         runs = fit_seeds(store, "au", seeds=seeds, manifest=m, aus=au_list, out_dir=out_dir / "runs", device=device,
-                         hp=hp, recipe=recipe, progress=progress, name=f"fold{f}/seed{{seed}}", fold=f, reuse=reuse)
+                         hp=hp, recipe=recipe, progress=progress, name=f"fold{f}/seed{{seed}}", fold=f, reuse=reuse,
+                         own=True)
         results += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f} for r in runs]
     return _au_table(out_dir, results)
 

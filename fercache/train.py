@@ -611,6 +611,22 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict,
 
 
 @features_memo()
-def fit_seeds(store: str, head: str, seeds=(0,), **kw) -> list[RunResult]:
-    """`fit` once per seed."""
-    return [fit(store, head, seed=s, **kw) for s in seeds]
+def fit_seeds(store: str, head: str, seeds=(0,), own: bool = False, **kw) -> list[RunResult]:
+    """`fit` once per seed. `own`: the caller (a protocol, a sweep) owns the folder its seed runs share, so runs
+    left there by an earlier call with other seeds are removed (`drop_other_seeds`)."""
+    runs = [fit(store, head, seed=s, **kw) for s in seeds]
+    if own:
+        drop_other_seeds(runs[0].run_dir.parent, seeds)
+    return runs
+
+
+def drop_other_seeds(parent: Path, seeds) -> list[Path]:
+    """Remove the `seed<N>` runs under `parent` whose N is not in `seeds`: run again with fewer seeds, a protocol
+    would leave them for `evaluate PARENT` and the ledger to average in with the current ones."""
+    wanted = {f"seed{s}" for s in seeds}
+    stale = sorted(d for d in parent.glob("seed*") if d.is_dir() and d.name[4:].isdigit() and d.name not in wanted)
+    for d in stale:
+        shutil.rmtree(d)
+    if stale:
+        log.info("%s: removed the runs of seeds no longer asked for (%s)", parent, ", ".join(d.name for d in stale))
+    return stale

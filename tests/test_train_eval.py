@@ -459,6 +459,22 @@ def test_protocols_reuse_finished_runs_only_for_the_same_code(tiny_store, tmp_pa
     assert json.loads((head.parent / "config.json").read_text())["trained_with"]["code_sha256"] == "0" * 64
 
 
+def test_a_protocol_or_sweep_run_again_with_fewer_seeds_or_points_leaves_none_of_the_old_ones(tiny_store, tmp_path):
+    """Left behind, they were averaged in by `evaluate FOLDER` (every seed run under it) and ranked by the ledger."""
+    from fercache.sweep import sweep
+
+    runs = tmp_path / "cross" / "runs" / "faces-linear"
+    cross_matrix([str(tiny_store)], ["linear"], tmp_path / "cross", seeds=(0, 1, 2), recipe={"linear": QUICK})
+    assert sorted(d.name for d in runs.iterdir()) == ["seed0", "seed1", "seed2"]
+    cross_matrix([str(tiny_store)], ["linear"], tmp_path / "cross", seeds=(2, 0), recipe={"linear": QUICK})
+    assert sorted(d.name for d in runs.iterdir()) == ["seed0", "seed2"] and len(evaluate(runs)["runs"]) == 2
+    grid, base = {"lr": [1e-3, 1e-2, 1e-1]}, {"batch_size": 8, "epochs": 2}
+    sweep(str(tiny_store), "linear", grid, tmp_path / "sweep", base_recipe=base, seeds=(0, 1))
+    sweep(str(tiny_store), "linear", {"lr": [1e-3, 1e-2]}, tmp_path / "sweep", base_recipe=base, seeds=(0,))
+    assert sorted(str(p.parent.relative_to(tmp_path / "sweep")) for p in (tmp_path / "sweep").rglob("head.pt")) == \
+        ["point000/seed0", "point001/seed0"]
+
+
 def test_features_memo_reads_a_store_once_and_changes_no_result(tiny_store, tmp_path):
     from fercache.data import features_memo, load_features
 
