@@ -77,7 +77,8 @@ def _annotation(src: Path, rel: str, fmt: str, option: str, kind: str = "file") 
         held = next((d for d in beside if there(d / rel)), None)
         hint = f" (it is under {held}: pass that folder as the dataset folder)" if held else ""
     layout = (ADAPTERS[fmt].__doc__ or "").strip().splitlines()[0]
-    where = f"pass --option {option} (relative to the dataset folder) if yours is elsewhere" if option.endswith("=PATH") else option
+    where = (f"pass --option {option} (relative to the dataset folder) if yours is elsewhere"
+             if option.endswith("=PATH") else option)
     raise ManifestError(f"{fmt} annotation {kind} {path} not found{hint}; {where}. The layout {fmt} reads: {layout}")
 
 

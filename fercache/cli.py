@@ -28,6 +28,8 @@ Device = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps; checked
 StoreArg = typer.Argument(..., help="A feature store: STORE.zarr, or any fsspec URL zarr supports.")
 ManifestArg = typer.Argument(..., help="Manifest CSV (.csv or .csv.gz).")
 Seeds = typer.Option("0", help="Comma-separated seeds; one run per seed.")
+Retrain = typer.Option(False, "--retrain", help="Train every run again, also those already finished in --out with the "
+                       "same settings, data and fercache code (by default those are reused: run again, it resumes).")
 _progress = {"bars": True}  # set by --quiet: logs of scripted runs stay free of progress-bar lines
 
 
@@ -273,13 +275,13 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
 
 
 def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Path, seeds: list[int], recipe: dict,
-                    device: str, labels: dict[str, str], metric: list[str]) -> None:
+                    device: str, labels: dict[str, str], metric: list[str], retrain: bool) -> None:
     from .protocols import cross_matrix
 
     if not train:
         raise typer.BadParameter("--cross needs --train STORE (repeatable)")
     tables = cross_matrix(train, heads, out, seeds=seeds, test_stores=test or None, recipe={h: recipe for h in heads},
-                          device=device, progress=_progress["bars"], labels=labels, metric=metric)
+                          device=device, progress=_progress["bars"], labels=labels, metric=metric, reuse=not retrain)
     for t in tables.values():
         typer.echo(t["markdown"])
 
@@ -316,6 +318,8 @@ def evaluate(
                                      "that store on these labels of the same images, e.g. a --without-leaks manifest."),
     metric: str = typer.Option("accuracy", help="--cross: comma-separated metrics, one matrix each (accuracy, uar, "
                                "macro_f1, ece, ece_ts: ECE after the temperature fitted on the training store's val split)."),
+    retrain: bool = typer.Option(False, "--retrain", help="--cross: train every run again, also those already finished "
+                                 "in --out with the same settings, data and code (by default those are reused)."),
     errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of (errors.png)."),
     data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
                                              "(default: $FERCACHE_DATA, else .)."),
@@ -326,7 +330,7 @@ def evaluate(
     per-AU F1), or the --cross matrix."""
     if cross:
         return _evaluate_cross(train, test, _names(heads), out, _ints(seeds), _kv(recipe), device,
-                               _options(labels, "--labels"), [m for m in metric.split(",") if m])
+                               _options(labels, "--labels"), [m for m in metric.split(",") if m], retrain)
     from .evaluate import evaluate as run_eval, format_summary
 
     if not runs:
@@ -421,12 +425,14 @@ def au_cv(
     hp: list[str] = typer.Option([], "--hp", help="au head hyperparameter key=value (repeatable)."),
     recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value (repeatable), e.g. epochs=30."),
     out: Path = typer.Option(Path("runs/au-cv"), "--out", "-o", help="Folder for the runs and the AU table."),
+    retrain: bool = Retrain,
     device: str = Device,
 ) -> None:
     """Subject-grouped k-fold AU detection: per-AU F1 at 0.5, tuned thresholds, and the always-positive baseline."""
     from .protocols import au_crossval
 
-    r = au_crossval(store, out, folds=folds, aus=aus, seeds=_ints(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device)
+    r = au_crossval(store, out, folds=folds, aus=aus, seeds=_ints(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device,
+                    reuse=not retrain)
     typer.echo(r["markdown"] + f"\n-> {r['png']}")
 
 
@@ -442,6 +448,7 @@ def folds(
     hp: list[str] = typer.Option([], "--hp", help="Hyperparameter key=value for every head."),
     recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value for every head, e.g. epochs=30."),
     out: Path = typer.Option(Path("runs/folds"), "--out", "-o", help="Folder for the runs and the table."),
+    retrain: bool = Retrain,
     device: str = Device,
 ) -> None:
     """The video protocol: train and test on each fold's manifest over ONE store; UAR and WAR over folds x seeds.
@@ -453,7 +460,7 @@ def folds(
     head = _names(head)
     r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_ints(seeds),
                        hp={h: _kv(hp) for h in head}, recipe={h: _kv(recipe) for h in head}, device=device,
-                       progress=_progress["bars"])
+                       progress=_progress["bars"], reuse=not retrain)
     typer.echo(r["markdown"])
 
 
@@ -518,14 +525,13 @@ def sweep(
     recipe: list[str] = typer.Option([], "--recipe", help="Fixed recipe overrides for every point."),
     hp: list[str] = typer.Option([], "--hp", help="Fixed head hyperparameters for every point."),
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs, sweep.md/.csv/.json and plots."),
-    retrain: bool = typer.Option(False, "--retrain", help="Train every run again, also those already finished in --out "
-                                 "with the same settings (by default those are reused: an interrupted sweep resumes)."),
+    retrain: bool = Retrain,
     device: str = Device,
 ) -> None:
     """Grid sweep of a head on cached features, ranked on the validation split (seconds per point on CPU).
 
     Run again after an interruption, it goes on where it stopped: runs already finished in --out with the same
-    settings, data and fercache/torch versions are read back instead of trained again."""
+    settings, data and fercache code are read back instead of trained again."""
     from .sweep import sweep as run_sweep
 
     grid = dict(_axis(a) for a in axis)

@@ -539,3 +539,13 @@ def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_make
     r = invoke("predict", run, images, "-o", tmp_path / "new" / "sub" / "p.json")
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "new" / "sub" / "p.json").read_text())) == 24
+
+
+def test_protocol_commands_run_again_reuse_their_finished_runs_unless_retrain(tiny_store, tmp_path):
+    """An interrupted `evaluate --cross` (or folds, au-cv) trained every run again when re-run."""
+    cross = ("evaluate", "--cross", "--train", tiny_store, "--head", "linear", "--recipe", "epochs=2", "-o", tmp_path)
+    assert invoke(*cross).exit_code == 0
+    head = tmp_path / "runs" / "faces-linear" / "seed0" / "head.pt"
+    stamp = head.stat().st_mtime_ns
+    assert invoke(*cross).exit_code == 0 and head.stat().st_mtime_ns == stamp
+    assert invoke(*cross, "--retrain").exit_code == 0 and head.stat().st_mtime_ns != stamp
