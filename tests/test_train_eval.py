@@ -475,6 +475,18 @@ def test_a_protocol_or_sweep_run_again_with_fewer_seeds_or_points_leaves_none_of
         ["point000/seed0", "point001/seed0"]
 
 
+def test_an_out_that_is_a_file_is_refused_before_training(tiny_store, tmp_path, monkeypatch):
+    """It was an OSError (Not a directory) when saving, after the training."""
+    import fercache.train as T
+
+    (tmp_path / "notes").write_text("mine")
+    monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the --out check"))
+    for out in (tmp_path / "notes", tmp_path / "notes" / "runs"):
+        with pytest.raises(ConfigError, match=rf"^--out {out}: {tmp_path / 'notes'} is a file, not a folder"):
+            fit(str(tiny_store), "linear", out_dir=out, recipe=QUICK)
+    assert (tmp_path / "notes").read_text() == "mine"
+
+
 def test_features_memo_reads_a_store_once_and_changes_no_result(tiny_store, tmp_path):
     from fercache.data import features_memo, load_features
 

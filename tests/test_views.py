@@ -242,3 +242,18 @@ def test_recipe_key_views_picks_which_cached_views_train(augmented, tmp_path):
     res = sweep(str(augmented), "linear", {"views": [["flip"], ["flip", "erase", "noise"]]}, tmp_path / "sw",
                 base_recipe={"epochs": 1})
     assert sorted(len(row["views"]) for row in res["rows"]) == [1, 3]
+
+
+def test_a_view_output_passed_as_the_output_is_named_as_a_view(augmented, tmp_path):
+    """--output pooled.flip said "has no output 'pooled.flip.flip'" (its views were looked up under it)."""
+    from fercache.errors import ConfigError
+    from fercache.train import fit
+
+    st = S.open_store(augmented)
+    view = f"{st.default_output}.flip"
+    assert view in st.outputs
+    with pytest.raises(ConfigError, match=rf"^output '{view}' is the cached 'flip' view of '{st.default_output}': pass "
+                                          rf"--output {st.default_output}, whose views \(flip, erase, noise\) training"):
+        fit(str(augmented), "linear", out_dir=tmp_path, output=view, recipe={"epochs": 1})
+    r = fit(str(augmented), "linear", out_dir=tmp_path, output=view, recipe={"epochs": 1, "views": []})
+    assert r.metrics["config"]["output"] == view  # without views, a view output trains like any other
