@@ -555,7 +555,8 @@ def bench_extract_cmd(
     device: str = Device,
     batch_size: int = typer.Option(256, help="Images per forward pass, in every path measured."),
     workers: Optional[int] = typer.Option(None, help="Decode worker processes (default min(4, CPUs))."),
-    n_images: Optional[int] = typer.Option(None, help="Use the first N rows (repeating the manifest if N is larger)."),
+    n_images: Optional[int] = typer.Option(None, min=1, help="Use the first N rows (repeating the manifest if N is "
+                                           "larger; default: every row)."),
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
 ) -> None:
     """(a) model-only, (b) end-to-end extract, (c) b/a, (d) PIL+DataLoader baseline, (e) input pipeline alone, (f) memory."""
@@ -596,7 +597,7 @@ def bench_head_cmd(
     encoder: str = typer.Option("open_clip:ViT-B-16", "--encoder", "-e", help="family:arch, as for `extract`."),
     pretrained: Optional[str] = typer.Option(None, help="As for `extract`; the weights do not change the speed."),
     data_root: Optional[Path] = DataRoot,
-    n_images: int = typer.Option(128, help="Images (the first N manifest rows) per epoch."),
+    n_images: int = typer.Option(128, min=1, help="Images (the first N manifest rows) per epoch."),
     batch_size: int = typer.Option(32, help="Images per training step."),
     device: str = Device,
 ) -> None:

@@ -549,3 +549,10 @@ def test_protocol_commands_run_again_reuse_their_finished_runs_unless_retrain(ti
     stamp = head.stat().st_mtime_ns
     assert invoke(*cross).exit_code == 0 and head.stat().st_mtime_ns == stamp
     assert invoke(*cross, "--retrain").exit_code == 0 and head.stat().st_mtime_ns != stamp
+
+
+@pytest.mark.parametrize("command", ["extract", "head"])
+def test_bench_n_images_below_one_is_a_usage_error(tiny_manifest, command):
+    """--n-images 0 silently benchmarked every row; -1 wrote an empty subset."""
+    r = runner.invoke(cli.app, ["bench", command, str(tiny_manifest), "--n-images", "0"])
+    assert r.exit_code == 2 and "Invalid value for '--n-images'" in r.output
