@@ -5,7 +5,6 @@ from __future__ import annotations
 import itertools
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from .data import features_memo
 from .errors import ConfigError, did_you_mean
 from .store import store_name
 from .heads import check_hyperparameters, describe as describe_head
-from .train import check_recipe, fit_seeds, recipe_keys
+from .train import check_recipe, drop_numbered, fit_seeds, recipe_keys
 
 log = logging.getLogger(__name__)
 
@@ -53,16 +52,6 @@ def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) ->
     return plan
 
 
-def _drop_other_points(out_dir: Path, n: int) -> None:
-    """Remove `point<i>` folders with i >= n, left by an earlier sweep of more points: sweep.json no longer lists
-    them, but `fercache runs` would rank them with this sweep's points."""
-    stale = sorted(d for d in out_dir.glob("point*") if d.is_dir() and d.name[5:].isdigit() and int(d.name[5:]) >= n)
-    for d in stale:
-        shutil.rmtree(d)
-    if stale:
-        log.info("%s: removed %d point folder(s) of an earlier, larger sweep (%s ...)", out_dir, len(stale), stale[0].name)
-
-
 @features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
           base_recipe: dict | None = None, base_hp: dict | None = None, progress: bool = False,
@@ -86,7 +75,8 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
         rows.append({"point": i, **point, "val_metric": metric, "mean": float(np.mean(vals)), "std": float(np.std(vals)),
                      "runs": [str(r.run_dir) for r in runs]})
         bar.set_postfix({f"best val {metric}": f"{100 * max(r['mean'] for r in rows):.2f}"})
-    _drop_other_points(out_dir, len(plan))
+    # an earlier, larger sweep's points: sweep.json no longer lists them, `fercache runs` would rank them with these
+    drop_numbered(out_dir, "point", keep=range(len(plan)), what="points of an earlier, larger sweep")
     if reused:
         log.info("%d of %d runs were found finished in %s with the same settings and were not trained again "
                  "(--retrain trains every run)", reused, len(plan) * len(seeds), out_dir)

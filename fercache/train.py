@@ -417,6 +417,11 @@ def _train_val(fs: FeatureSet, y: np.ndarray, task: str, dev: torch.device):
 
 
 @functools.cache
+def _fercache_version() -> str | None:
+    return library_versions().get("fercache")  # read once: importlib.metadata takes ~10 ms, a run on the cache less
+
+
+@functools.cache
 def code_sha256() -> str:
     """sha256 over fercache's own source files: a head or training loop edited in a checkout (no new version
     number) is other code, so `finished_run` does not pass off a run trained by the old code as the new code's."""
@@ -431,7 +436,7 @@ def _provenance(fs: FeatureSet, st, ctx: HeadContext) -> dict:
     """What a run was trained from, so evaluate can refuse it once the store or the labels change; and with
     which code, so a finished run is not taken as this code's result after an upgrade (`finished_run`)."""
     return {"manifest_rows_sha256": fs.notes["manifest_rows_sha256"],
-            "trained_with": {"fercache": library_versions().get("fercache"), "code_sha256": code_sha256(),
+            "trained_with": {"fercache": _fercache_version(), "code_sha256": code_sha256(),
                              "torch": str(torch.__version__)},  # str: a TorchVersion does not load weights_only
             "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "store_fingerprint": st.fingerprint,
             "encoder_args": st.meta.get("encoder_args"),
@@ -623,18 +628,18 @@ def fit_seeds(store: str, head: str, seeds=(0,), own: bool = False, **kw) -> lis
     """`fit` once per seed. `own`: the caller (a protocol, a sweep) owns the folder its seed runs share, so runs
     left there by an earlier call with other seeds are removed (`drop_other_seeds`)."""
     runs = [fit(store, head, seed=s, **kw) for s in seeds]
-    if own:
-        drop_other_seeds(runs[0].run_dir.parent, seeds)
+    if own:  # run again with fewer seeds, the old ones would be averaged in by `evaluate PARENT` and the ledger
+        drop_numbered(runs[0].run_dir.parent, "seed", keep=set(seeds), what="runs of seeds no longer asked for")
     return runs
 
 
-def drop_other_seeds(parent: Path, seeds) -> list[Path]:
-    """Remove the `seed<N>` runs under `parent` whose N is not in `seeds`: run again with fewer seeds, a protocol
-    would leave them for `evaluate PARENT` and the ledger to average in with the current ones."""
-    wanted = {f"seed{s}" for s in seeds}
-    stale = sorted(d for d in parent.glob("seed*") if d.is_dir() and d.name[4:].isdigit() and d.name not in wanted)
+def drop_numbered(parent: Path, prefix: str, keep, what: str) -> list[Path]:
+    """Remove the `<prefix><N>` folders under `parent` (seed3, point017) whose N is not in `keep`: what an
+    earlier call of a protocol or sweep that owns `parent` left there and this one no longer makes."""
+    stale = sorted(d for d in parent.glob(f"{prefix}*") if d.is_dir() and d.name[len(prefix):].isdigit()
+                   and int(d.name[len(prefix):]) not in keep)
     for d in stale:
         shutil.rmtree(d)
     if stale:
-        log.info("%s: removed the runs of seeds no longer asked for (%s)", parent, ", ".join(d.name for d in stale))
+        log.info("%s: removed %d folder(s) of %s (%s)", parent, len(stale), what, ", ".join(d.name for d in stale[:5]))
     return stale
