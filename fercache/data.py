@@ -136,12 +136,12 @@ def _load_features(store_path: str, manifest: str | Path | None, output: str | N
                    views) -> FeatureSet:
     store = open_store(store_path).require_complete()
     m = manifest_for(store, manifest)
-    x = store.features(output)
     name = output or store.default_output
     base, _, view = name.rpartition(".")
     if views and base in store.outputs:  # asked for pooled.flip: its views would be pooled.flip.flip
         raise ConfigError(f"output {name!r} is the cached {view!r} view of {base!r}: pass --output {base}, whose views "
                           f"({', '.join(views)}) training uses by itself (recipe views=[] trains on {base!r} alone)")
+    x = store.features(output)
     xv = np.stack([store.features(f"{name}.{v}") for v in views], axis=1) if views else None
     z = _joined_features(store, mask_source, None) if mask_source else None
     ok = store.ok()
