@@ -65,6 +65,7 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
 
     out_dir, rows, reused = Path(out_dir), [], 0
     plan = _plan(head, grid, base_recipe or {}, base_hp or {})
+    n_runs = len(plan) * len(seeds)
     bar = tqdm(plan, desc=f"sweep {head}", unit="point", disable=not progress)
     for i, (point, recipe, hp) in enumerate(bar):
         runs = fit_seeds(store, head, seeds=seeds, out_dir=out_dir, device=device, hp=hp, recipe=recipe,
@@ -79,7 +80,7 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
     drop_numbered(out_dir, "point", keep=range(len(plan)), what="points of an earlier, larger sweep")
     if reused:
         log.info("%d of %d runs were found finished in %s with the same settings and were not trained again "
-                 "(--retrain trains every run)", reused, len(plan) * len(seeds), out_dir)
+                 "(--retrain trains every run)", reused, n_runs, out_dir)
     rows.sort(key=lambda r: -r["mean"])
     header = ["rank"] + list(grid) + [f"val {rows[0]['val_metric']} (%)"]
     table = [[k + 1] + [report.cell(r[a]) for a in grid] + [f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"] for k, r in enumerate(rows)]
@@ -91,7 +92,7 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
                        f"val {rows[0]['val_metric']} (%), mean ± std over {len(seeds)} seed(s)",
                        f"sweep of {head} on {store_name(store)}")
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
-    out = {"markdown": md, "best": rows[0], "rows": rows, "reused": reused, "runs": len(plan) * len(seeds)}
+    out = {"markdown": md, "best": rows[0], "rows": rows, "reused": reused, "runs": n_runs}
     (axis,) = grid if len(grid) == 1 else (None,)
     if axis and all(isinstance(r[axis], (int, float)) and not isinstance(r[axis], bool) for r in rows):
         # One numeric axis (shots, fraction, lr): the metric as a curve of it, e.g. a data-efficiency curve

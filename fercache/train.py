@@ -558,8 +558,8 @@ def finished_run(run_dir: Path, config: dict) -> RunResult | None:
         result = json.loads((run_dir / "metrics.json").read_text())
         if _what_it_is(saved) != _what_it_is(config):
             return None
-        torch.load(run_dir / "head.pt", map_location="cpu", weights_only=True)  # damaged weights are trained again
-    except (OSError, ValueError, RuntimeError, EOFError, pickle.UnpicklingError):
+        load_run(run_dir)  # what evaluate will do with it: damaged weights are trained again, not reused
+    except (OSError, ValueError, ConfigError):
         return None
     return RunResult(run_dir, result, reused=True)
 
@@ -626,7 +626,7 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict,
 @features_memo()
 def fit_seeds(store: str, head: str, seeds=(0,), own: bool = False, **kw) -> list[RunResult]:
     """`fit` once per seed. `own`: the caller (a protocol, a sweep) owns the folder its seed runs share, so runs
-    left there by an earlier call with other seeds are removed (`drop_other_seeds`)."""
+    left there by an earlier call with other seeds are removed (`drop_numbered`)."""
     runs = [fit(store, head, seed=s, **kw) for s in seeds]
     if own:  # run again with fewer seeds, the old ones would be averaged in by `evaluate PARENT` and the ledger
         drop_numbered(runs[0].run_dir.parent, "seed", keep=set(seeds), what="runs of seeds no longer asked for")
