@@ -51,6 +51,15 @@ class ConfigError(FercacheError):
     """A pipeline file or head configuration is invalid."""
 
 
+def check_out_dir(out_dir: str | Path, what: str = "the runs") -> None:
+    """A file where an output folder should be (or above it) is refused before the work, not found when saving
+    after it: the OS's one-line 'File exists' or 'Not a directory' named neither the option nor the cure."""
+    out_dir = Path(out_dir)
+    there = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
+    if there is not None and not there.is_dir():
+        raise ConfigError(f"--out {out_dir}: {there} is a file, not a folder; pass a folder for {what}")
+
+
 ENDINGS = (".gz", ".csv", ".zarr")
 
 

@@ -23,7 +23,7 @@ from . import report
 from .audit import ORDER, without_leaks
 from .data import FeatureSet, clip_means, load_features, manifest_for, store_views, unit_images
 from .devices import torch_device
-from .errors import ConfigError, StoreError
+from .errors import ConfigError, StoreError, check_out_dir
 from .manifests import check_derived_path, write_manifest
 from .preprocess import tta_views
 from .store import encoder_key, encoder_label, open_store, store_name
@@ -172,6 +172,7 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
     nearest image of its train and val splits) is at least `threshold` similar; optionally write the manifest
     with their units unlabelled (the same store serves it)."""
     out_dir, device = Path(out_dir), torch_device(device)
+    check_out_dir(out_dir, "near-dups.csv and the plots")
     check_derived_path(without_leaks_to, manifest or open_store(store).meta.get("manifest"))
     out_dir.mkdir(parents=True, exist_ok=True)
     fs = _units_of(store, manifest, output, views=not against)  # queries are compared as they are, never mirrored

@@ -10,7 +10,7 @@ import numpy as np
 
 from . import metrics, report
 from .data import features_memo
-from .errors import ConfigError, ManifestError
+from .errors import ConfigError, ManifestError, check_out_dir
 from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters, describe as describe_head
 from .store import store_name
@@ -76,6 +76,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     test_stores = test_stores or stores
     manifests = _labels_for(labels, list(dict.fromkeys(list(stores) + list(test_stores))))
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, "the matrix and its runs")
     tables = {}
     for head in heads:
         cells: dict[str, dict] = {m: {} for m in names}
@@ -150,6 +151,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     folds' manifests list the same frames in the same order, so they all match the store.
     """
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, "the folds' table and runs")
     if any(head_of(h) == "au" for h in heads):
         raise ConfigError("`folds` reports expression metrics (UAR/WAR); for AU detection use `fercache au-cv`")
     check_tables(heads, hp, recipe)
@@ -204,6 +206,7 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
     from .store import open_store
 
     out_dir = Path(out_dir)
+    check_out_dir(out_dir, "the AU table and its runs")
     base = manifest_for(open_store(store), None)
     subjects = np.array(base.column("subject"))
     if not 2 <= folds <= len(set(subjects)):  # 1 fold has no training data; more folds than subjects, empty tests

@@ -11,7 +11,7 @@ import numpy as np
 
 from . import report
 from .data import features_memo
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, check_out_dir, did_you_mean
 from .store import store_name
 from .heads import check_hyperparameters, describe as describe_head
 from .train import check_recipe, drop_numbered, fit_seeds, recipe_keys
@@ -64,6 +64,7 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
     from tqdm.auto import tqdm
 
     out_dir, rows, reused = Path(out_dir), [], 0
+    check_out_dir(out_dir, "the sweep's runs and tables")
     plan = _plan(head, grid, base_recipe or {}, base_hp or {})
     n_runs = len(plan) * len(seeds)
     bar = tqdm(plan, desc=f"sweep {head}", unit="point", disable=not progress)

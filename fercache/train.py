@@ -28,7 +28,7 @@ from . import metrics, report
 from .data import (FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views,
                    subset_train)
 from .devices import torch_device
-from .errors import ConfigError, did_you_mean
+from .errors import ConfigError, check_out_dir, did_you_mean
 from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
@@ -475,13 +475,6 @@ def _refuse_other_run(run_dir: Path, settings: dict) -> None:
                           "pass another --out, or --overwrite to replace it")
 
 
-def _check_out_dir(out_dir: Path) -> None:
-    """A file where the runs' folder should be is refused before training, not found when saving after it."""
-    there = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if there is not None and not there.is_dir():
-        raise ConfigError(f"--out {out_dir}: {there} is a file, not a folder; pass a folder for the runs")
-
-
 def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
         device: str = "cpu", output: str | None = None, mask_source: str | None = None, hp: dict | None = None,
         recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False,
@@ -496,7 +489,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     same configuration (see `finished_run`): an interrupted sweep goes on where it stopped.
     """
     dev = torch_device(device)  # before any reading
-    _check_out_dir(Path(out_dir))
+    check_out_dir(out_dir)
     d = describe_head(head)
     r = {**d["recipe"], **(recipe or {})}  # the head's published recipe, with the overrides
     check_recipe(head, r, d["task"])  # before any work

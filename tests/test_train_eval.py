@@ -487,6 +487,27 @@ def test_an_out_that_is_a_file_is_refused_before_training(tiny_store, tmp_path, 
     assert (tmp_path / "notes").read_text() == "mine"
 
 
+def test_every_folder_output_that_is_a_file_is_refused_before_the_work(tiny_store, tmp_path, monkeypatch):
+    """near-dups and au-cv were the OS's one-line 'File exists'; cross and folds named OUT/runs, not the --out given."""
+    import fercache.train as T
+    from fercache.neighbours import near_duplicates
+    from fercache.protocols import au_crossval, manifest_folds
+    from fercache.sweep import sweep
+
+    (tmp_path / "notes").write_text("mine")
+    monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the --out check"))
+    out, store = tmp_path / "notes", str(tiny_store)
+    calls = {"near-dups.csv and the plots": lambda: near_duplicates(store, out),
+             "the AU table and its runs": lambda: au_crossval(store, out),
+             "the matrix and its runs": lambda: cross_matrix([store], ["linear"], out),
+             "the folds' table and runs": lambda: manifest_folds(store, [tiny_store.parent / "m.csv"], ["linear"], out),
+             "the sweep's runs and tables": lambda: sweep(store, "linear", {"lr": [1e-3]}, out)}
+    for what, call in calls.items():
+        with pytest.raises(ConfigError, match=rf"^--out {out}: {out} is a file, not a folder; pass a folder for {what}$"):
+            call()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"] and out.read_text() == "mine"
+
+
 def test_features_memo_reads_a_store_once_and_changes_no_result(tiny_store, tmp_path):
     from fercache.data import features_memo, load_features
 
