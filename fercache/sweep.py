@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import hashlib
 import json
 import logging
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +54,54 @@ def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) ->
     return plan
 
 
+POINT_FILE = "point.json"  # in each pointNNN folder: the settings that point trains with
+STAGED = ".moving-"  # a point folder on its way to its new number
+
+
+def _point_key(recipe: dict, hp: dict) -> str:
+    return json.dumps({"recipe": recipe, "hp": hp}, sort_keys=True, default=str)
+
+
+def _saved_key(folder: Path) -> str | None:
+    try:
+        saved = json.loads((folder / POINT_FILE).read_text())
+        return _point_key(saved["recipe"], saved["hp"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a sweep from before point.json, or a point cut short: it keeps its number
+
+
+def _line_up(out_dir: Path, keys: list[str]) -> int:
+    """Move each point folder an earlier sweep left in `out_dir` to the number its settings have in this plan:
+    a value added inside a grid (lr=1e-3,1e-1 -> 1e-3,1e-2,1e-1) renumbers the points after it, which would
+    otherwise all be trained again. Only where the runs lie changes; `fit` still checks each run before reusing
+    it. In two steps (aside, then into place) so no move lands on a folder yet to move; folders set aside by
+    a run interrupted between the two are found again by their settings. Returns how many moved."""
+    number = {k: i for i, k in enumerate(keys)}
+    found: dict[str, Path] = {}
+    for d in sorted(out_dir.glob("point[0-9]*")) + sorted(out_dir.glob(f"{STAGED}*")):
+        if d.is_dir() and (k := _saved_key(d)) in number:
+            found.setdefault(k, d)
+    for d in out_dir.glob(f"{STAGED}*"):  # set aside before, and no point of this plan now
+        if d not in found.values():
+            shutil.rmtree(d)
+    moves = {k: d for k, d in found.items() if d.name != f"point{number[k]:03d}"}
+    aside = {k: d if d.name.startswith(STAGED) else d.rename(out_dir / (STAGED + hashlib.sha256(k.encode()).hexdigest()[:16]))
+             for k, d in moves.items()}
+    for k, d in aside.items():
+        dest = out_dir / f"point{number[k]:03d}"
+        if dest.exists():  # a point with settings this plan does not have: it would be trained over
+            shutil.rmtree(dest)
+        d.rename(dest)
+    if moves:
+        log.info("%s: %d point folder(s) renumbered to this grid's order", out_dir, len(moves))
+    return len(moves)
+
+
+def _mark_point(folder: Path, point: dict, recipe: dict, hp: dict) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / POINT_FILE).write_text(json.dumps({"point": point, "recipe": recipe, "hp": hp}, indent=2, default=str))
+
+
 @features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
           base_recipe: dict | None = None, base_hp: dict | None = None, progress: bool = False,
@@ -67,8 +117,11 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
     check_out_dir(out_dir, "the sweep's runs and tables")
     plan = _plan(head, grid, base_recipe or {}, base_hp or {})
     n_runs = len(plan) * len(seeds)
+    if not retrain:
+        _line_up(out_dir, [_point_key(recipe, hp) for _, recipe, hp in plan])
     bar = tqdm(plan, desc=f"sweep {head}", unit="point", disable=not progress)
     for i, (point, recipe, hp) in enumerate(bar):
+        _mark_point(out_dir / f"point{i:03d}", point, recipe, hp)
         runs = fit_seeds(store, head, seeds=seeds, out_dir=out_dir, device=device, hp=hp, recipe=recipe,
                          name=f"point{i:03d}/seed{{seed}}", reuse=not retrain, own=True, **fit_kw)
         reused += sum(r.reused for r in runs)

@@ -440,6 +440,38 @@ def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_
     assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}, retrain=True)["reused"] == 0
 
 
+def test_a_value_added_inside_a_sweep_grid_renumbers_the_finished_points_instead_of_training_them_again(tiny_store,
+                                                                                                       tmp_path, caplog):
+    """The points after an inserted value changed number, so each was compared with another point's settings and
+    trained again: a sweep widened from 2 to 3 learning rates trained 3 points, not 1."""
+    from fercache.sweep import sweep
+
+    base = {"batch_size": 8, "epochs": 3}
+
+    def run(lrs, **kw):
+        out = sweep(str(tiny_store), "linear", {"lr": lrs}, tmp_path, base_recipe=base, **kw)
+        heads = {json.loads((tmp_path / f"point{i:03d}" / "point.json").read_text())["point"]["lr"]:
+                 (tmp_path / f"point{i:03d}" / "seed0" / "head.pt").stat().st_mtime_ns for i in range(len(lrs))}
+        return out, heads
+    first, stamps = run([1e-3, 1e-1])
+    with caplog.at_level(logging.INFO, logger="fercache"):
+        wider, after = run([1e-3, 1e-2, 1e-1])
+    assert wider["reused"] == 2 and "1 point folder(s) renumbered" in caplog.text
+    assert after[1e-3] == stamps[1e-3] and after[1e-1] == stamps[1e-1] and after[1e-2] not in stamps.values()
+    assert json.loads((tmp_path / "point002" / "seed0" / "config.json").read_text())["recipe"]["lr"] == 1e-1
+    assert {r["lr"]: r["mean"] for r in wider["rows"]}[1e-1] == {r["lr"]: r["mean"] for r in first["rows"]}[1e-1]
+    reordered, now = run([1e-1, 1e-2, 1e-3])  # the two ends swap numbers
+    assert reordered["reused"] == 3 and now == after
+    # cut short between setting folders aside and putting them in place: found again by their settings
+    (tmp_path / "point000").rename(tmp_path / ".moving-0123")
+    shutil.copytree(tmp_path / "point001", tmp_path / ".moving-4567")  # a copy of a point's folder: one is kept
+    (tmp_path / ".moving-89ab").mkdir()  # no settings: nothing of this plan, removed
+    again, now2 = run([1e-1, 1e-2, 1e-3])
+    assert again["reused"] == 3 and now2 == after and not list(tmp_path.glob(".moving-*"))
+    assert sorted(p.name for p in tmp_path.glob("point*")) == ["point000", "point001", "point002"]
+    assert run([1e-1, 1e-2, 1e-3], retrain=True)[0]["reused"] == 0
+
+
 def test_protocols_reuse_finished_runs_only_for_the_same_code(tiny_store, tmp_path, monkeypatch):
     """What a pipeline run again does: the cross matrix scores its finished runs as they are, unless fercache's
     own source changed since (a head edited in a checkout keeps its version number)."""
