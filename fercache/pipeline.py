@@ -173,9 +173,29 @@ def _substitute(value: Any, variables: dict[str, Any]) -> Any:
     return value
 
 
+TABLES = {"vars": "a [vars] table", "step": "[[step]] tables"}
+
+
+def _check_tables(path: Path, doc: dict) -> None:
+    """A pipeline file holds [vars] and [[step]] tables only: anything else ([[steps]], a variable written above
+    [vars]) was ignored, so its steps never ran or its value was never used, without a word."""
+    for key, value in doc.items():
+        if key not in TABLES:
+            where = "" if isinstance(value, (dict, list)) else " (a variable? put it under [vars])"
+            raise ConfigError(f"{path}: unknown top-level key {key!r}{did_you_mean(key, TABLES)}{where}; "
+                              "a pipeline file has a [vars] table and [[step]] tables")
+    if not isinstance(doc.get("vars", {}), dict):
+        raise ConfigError(f"{path}: 'vars' must be a table: [vars] then name = value lines")
+    if not isinstance(doc.get("step", []), list) or not all(isinstance(s, dict) for s in doc.get("step", [])):
+        raise ConfigError(f"{path}: 'step' must be [[step]] tables, one per step")
+
+
 def load_pipeline(path: str | Path) -> list[dict]:
     """Parse a pipeline file into steps with variables substituted."""
     path = Path(path)
+    if path.is_dir():
+        inside = ", ".join(sorted(p.name for p in path.glob("*.toml"))[:8])
+        raise ConfigError(f"{path} is a folder; pass a pipeline file" + (f" (here: {inside})" if inside else ""))
     if not path.is_file():
         hint = near_path(path, lambda p: p.is_file() and p.suffix == ".toml")
         raise ConfigError(f"pipeline file {path} does not exist{hint}")
@@ -185,6 +205,7 @@ def load_pipeline(path: str | Path) -> list[dict]:
         raise ConfigError(f"{path} is not a TOML text file ({e})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
+    _check_tables(path, doc)
     variables = {k: _typed(os.environ[f"FERCACHE_{k.upper()}"]) if f"FERCACHE_{k.upper()}" in os.environ else v
                  for k, v in doc.get("vars", {}).items()}
     steps = doc.get("step", [])

@@ -166,6 +166,23 @@ def test_only_a_step_that_does_not_exist_is_an_error_not_a_run_of_nothing():
     assert r.exit_code == 2 and f"quickstrat.toml does not exist (did you mean '{quickstart}'?)" in r.output
 
 
+def test_a_pipeline_file_with_misnamed_tables_or_a_folder_is_refused(tmp_path):
+    """[[steps]] said "no [[step]] tables"; a variable above [vars] was ignored without a word (its steps used
+    the [vars] value, or none); a folder passed as the file 'did not exist'."""
+    cases = {'[[steps]]\nrun = "extract"\n': "unknown top-level key 'steps' (did you mean 'step'?)",
+             'out = "o"\n[vars]\ndata = "d"\n[[step]]\nrun = "extract"\n':
+             "unknown top-level key 'out' (a variable? put it under [vars])",
+             'step = "extract"\n': "'step' must be [[step]] tables, one per step",
+             'vars = 3\n[[step]]\nrun = "extract"\n': "'vars' must be a table"}
+    for i, (text, message) in enumerate(cases.items()):
+        (tmp_path / f"p{i}.toml").write_text(text)
+        r = invoke("run", tmp_path / f"p{i}.toml", "--check")
+        assert r.exit_code == 2 and f"p{i}.toml: {message}" in " ".join(r.output.split()), r.output
+    r = invoke("run", tmp_path, "--check")
+    assert r.exit_code == 2 and f"{tmp_path} is a folder; pass a pipeline file (here: p0.toml, p1.toml, p2.toml, p3.toml)" \
+        in " ".join(r.output.split()), r.output
+
+
 def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch):
     """Typos in pipelines/ (a step argument, a head, an hp/recipe value, a dataset format) fail here, not hours
     into a GPU run. The GPU pipelines name `device = "cuda"`: checked as cpu on a machine without one."""
