@@ -102,6 +102,29 @@ def _mark_point(folder: Path, point: dict, recipe: dict, hp: dict) -> None:
     (folder / POINT_FILE).write_text(json.dumps({"point": point, "recipe": recipe, "hp": hp}, indent=2, default=str))
 
 
+def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: list[dict], n_seeds: int) -> dict:
+    """sweep.md/.csv/.json and sweep.png, points ranked on validation; with one numeric axis (shots, fraction,
+    lr), sweep-curve.png: the metric as a curve of it, e.g. a data-efficiency curve."""
+    rows.sort(key=lambda r: -r["mean"])
+    metric, name = f"val {rows[0]['val_metric']} (%)", store_name(store)
+    header = ["rank"] + list(grid) + [metric]
+    table = [[k + 1] + [report.cell(r[a]) for a in grid] + [f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"]
+             for k, r in enumerate(rows)]
+    md = f"### sweep of {head} on {name} (ranked on the validation split)\n\n" + report.markdown_table(header, table) + "\n"
+    (out_dir / "sweep.md").write_text(md)
+    report.write_csv(out_dir / "sweep.csv", header, table)
+    means, stds = [100 * r["mean"] for r in rows], [100 * r["std"] for r in rows]
+    report.ranking_png(out_dir / "sweep.png", [", ".join(f"{a}={report.cell(r[a])}" for a in grid) for r in rows],
+                       means, stds, f"{metric}, mean ± std over {n_seeds} seed(s)", f"sweep of {head} on {name}")
+    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
+    out = {"markdown": md, "best": rows[0], "rows": rows}
+    (axis,) = grid if len(grid) == 1 else (None,)
+    if axis and all(isinstance(r[axis], (int, float)) and not isinstance(r[axis], bool) for r in rows):
+        out["curve_png"] = str(report.curve_png(out_dir / "sweep-curve.png", [r[axis] for r in rows], means, stds, axis,
+                                                metric, f"{head} on {name}: mean ± std over {n_seeds} seed(s)"))
+    return out
+
+
 @features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
           base_recipe: dict | None = None, base_hp: dict | None = None, progress: bool = False,
@@ -135,23 +158,5 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
     if reused:
         log.info("%d of %d runs were found finished in %s with the same settings and were not trained again "
                  "(--retrain trains every run)", reused, n_runs, out_dir)
-    rows.sort(key=lambda r: -r["mean"])
-    header = ["rank"] + list(grid) + [f"val {rows[0]['val_metric']} (%)"]
-    table = [[k + 1] + [report.cell(r[a]) for a in grid] + [f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"] for k, r in enumerate(rows)]
-    md = f"### sweep of {head} on {store_name(store)} (ranked on the validation split)\n\n" + report.markdown_table(header, table) + "\n"
-    (out_dir / "sweep.md").write_text(md)
-    report.write_csv(out_dir / "sweep.csv", header, table)
-    report.ranking_png(out_dir / "sweep.png", [", ".join(f"{a}={report.cell(r[a])}" for a in grid) for r in rows],
-                       [100 * r["mean"] for r in rows], [100 * r["std"] for r in rows],
-                       f"val {rows[0]['val_metric']} (%), mean ± std over {len(seeds)} seed(s)",
-                       f"sweep of {head} on {store_name(store)}")
-    (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
-    out = {"markdown": md, "best": rows[0], "rows": rows, "reused": reused, "runs": n_runs}
-    (axis,) = grid if len(grid) == 1 else (None,)
-    if axis and all(isinstance(r[axis], (int, float)) and not isinstance(r[axis], bool) for r in rows):
-        # One numeric axis (shots, fraction, lr): the metric as a curve of it, e.g. a data-efficiency curve
-        out["curve_png"] = str(report.curve_png(out_dir / "sweep-curve.png", [r[axis] for r in rows],
-                                                [100 * r["mean"] for r in rows], [100 * r["std"] for r in rows], axis,
-                                                f"val {rows[0]['val_metric']} (%)",
-                                                f"{head} on {store_name(store)}: mean ± std over {len(seeds)} seed(s)"))
-    return out
+    out = _report(out_dir, store, head, grid, rows, len(seeds))
+    return {**out, "reused": reused, "runs": n_runs}
