@@ -76,6 +76,13 @@ def _named_like_a_manifest(p: Path) -> bool:
 def read_manifest(path: str | Path) -> Manifest:
     """Read and validate a manifest CSV."""
     path = Path(path)
+    if (path / "zarr.json").is_file():
+        raise ManifestError(f"{path} is a feature store, not a manifest (a .csv or .csv.gz file); where --manifest "
+                            "is left out, the store's own is used")
+    if path.is_dir():
+        inside = ", ".join(sorted(p.name for p in path.iterdir() if _named_like_a_manifest(p))[:5])
+        raise ManifestError(f"manifest {path} is a folder; a manifest is a .csv or .csv.gz file"
+                            + (f" (here: {inside})" if inside else "; build one with `fercache manifest build`"))
     if not path.is_file():
         hint = near_path(path, _named_like_a_manifest)
         raise ManifestError(f"manifest {path} does not exist{hint}; build one with `fercache manifest build`")
@@ -161,6 +168,8 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     if path.exists() and not (path.is_file() and _is_manifest(path)):
         raise ManifestError(f"{path} exists and is not a manifest; writing one there would destroy it: choose "
                             "another -o")
+    if (file := next((p for p in path.parents if p.exists() and not p.is_dir()), None)) is not None:
+        raise ManifestError(f"cannot write {path}: {file} is a file, not a folder; choose another -o")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     with _open_text(tmp, "w") as f:

@@ -324,6 +324,21 @@ def test_a_missing_manifest_names_the_one_beside_it(tmp_path):
         read_manifest(tmp_path / "nope" / "m.csv")
 
 
+def test_a_folder_or_a_store_given_as_a_manifest_is_named_as_such(tiny_store, tmp_path):
+    """Both said 'does not exist'; writing under a file was the OS's bare 'File exists'."""
+    (tmp_path / "ck.csv").write_text("")
+    with pytest.raises(ManifestError, match=rf"^manifest {tmp_path} is a folder; a manifest is a .csv or .csv.gz file "
+                                            r"\(here: ck.csv\)$"):
+        read_manifest(tmp_path)
+    with pytest.raises(ManifestError, match=rf"^{tiny_store} is a feature store, not a manifest"):
+        read_manifest(tiny_store)
+    m = build("imagefolder", write_imagefolder(tmp_path / "fer", per_class=1))
+    with pytest.raises(ManifestError, match=rf"^cannot write {tmp_path}/ck.csv/m.csv: {tmp_path}/ck.csv is a file, not a "
+                                            "folder; choose another -o$"):
+        write_manifest(m, tmp_path / "ck.csv" / "m.csv")
+    assert (tmp_path / "ck.csv").read_text() == ""
+
+
 def test_a_missing_dataset_folder_or_data_root_is_one_line_naming_the_near_folder(tmp_path):
     from fercache.manifests import resolve_paths
 
