@@ -280,8 +280,8 @@ def exists(location: str | Path) -> bool:
 
 
 def _what_is_there(location: str | Path) -> str | None:
-    """What `location` is when it is no store but a folder inside one, a run (which names the store it trained
-    on) or a manifest: the paths a user is likely to hold when they reach for a store's."""
+    """What `location` is when it is no store but a folder inside one, a folder of stores, a run (which names the
+    store it trained on) or a manifest: the paths a user is likely to hold when they reach for a store's."""
     if "://" in str(location) or not Path(location).exists():
         return None
     path = Path(location).resolve()
@@ -291,6 +291,8 @@ def _what_is_there(location: str | Path) -> str | None:
         return f"it is a manifest: `fercache extract {location} --encoder ... --out STORE.zarr` makes a store of it"
     if path.is_file() and path.suffix in (".h5", ".hdf5"):
         return "it is an HDF5 file, as `fercache export` writes for other tools; fercache reads the store (.zarr) itself"
+    if path.is_dir() and (stores := sorted(p.name for p in path.iterdir() if (p / "zarr.json").is_file() and exists(p))):
+        return f"it is a folder of stores ({', '.join(stores[:5])}{', ...' if len(stores) > 5 else ''}): pass one of them"
     configs = [path / "config.json"] if (path / "head.pt").is_file() else sorted(path.glob("*/config.json"))[:1]
     try:
         trained_on = json.loads(configs[0].read_text())["store"] if configs else None

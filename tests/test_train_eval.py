@@ -264,6 +264,7 @@ def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, 
                         (tiny_manifest, r": it is a manifest: `fercache extract \S+faces.csv --encoder"),
                         (S.export_h5(tiny_store, tmp_path / "faces.h5"), r": it is an HDF5 file, as `fercache export` "
                                                                           r"writes for other tools; fercache reads the store"),
+                        (tiny_store.parent, rf": it is a folder of stores \(.*{tiny_store.name}.*\): pass one of them$"),
                         (tmp_path, "; create one with `fercache extract`$")]:
         with pytest.raises(StoreError, match=rf"^no fercache store at {where}{said}"):
             S.open_store(where)
