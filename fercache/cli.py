@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .errors import FercacheError
+from .errors import FercacheError, check_out_file
 
 app = typer.Typer(help="Frozen-encoder features for facial expression and AU recognition, cached once in Zarr stores.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -361,9 +361,12 @@ def compare(
     """
     from .compare import compare as run_compare, describe
 
+    if out:
+        check_out_file(out)
     result = run_compare(a, b, store, manifest, split, device, n_boot=n_boot)
     typer.echo(describe(result))
     if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2))
         typer.echo(f"-> {out}")
 

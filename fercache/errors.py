@@ -60,6 +60,15 @@ def check_out_dir(out_dir: str | Path, what: str = "the runs") -> None:
         raise ConfigError(f"--out {out_dir}: {there} is a file, not a folder; pass a folder for {what}")
 
 
+def check_out_file(path: str | Path, flag: str = "--out") -> None:
+    """The same for an output file (or a store) whose folder, or one above, is a file: OSError (Not a directory,
+    File exists) when writing, after the work."""
+    path = Path(path)
+    there = next((p for p in path.parents if p.exists()), None)
+    if there is not None and not there.is_dir():
+        raise ConfigError(f"{flag} {path}: {there} is a file, not a folder; choose another {flag}")
+
+
 ENDINGS = (".gz", ".csv", ".zarr")
 
 

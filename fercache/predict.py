@@ -11,7 +11,7 @@ import torch
 
 from .adapters import IMAGE_EXTS
 from .encoders import encoder_of
-from .errors import ConfigError, FercacheError, near_path
+from .errors import ConfigError, FercacheError, check_out_file, near_path
 from .evaluate import run_dirs
 from .preprocess import decode_image, to_model_input, tta_views, with_views
 from .store import encoder_key
@@ -201,6 +201,8 @@ def check_out(out: Path | None) -> None:
     """Refuse an --out that write_predictions could not write, before any image is read (it was found after them all)."""
     if out is not None and out.suffix not in (".json", ".csv"):
         raise FercacheError(f"--out must end in .json or .csv, got {out.name}")
+    if out is not None:
+        check_out_file(out)
 
 
 def write_predictions(rows: list[dict], out: Path) -> Path:

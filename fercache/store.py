@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import StoreError, near_path
+from .errors import StoreError, check_out_file, near_path
 
 SCHEMA_VERSION = 1
 FORMAT = "fercache.features"
@@ -350,6 +350,8 @@ def _entries(location: str) -> list[str]:
 def check_location(location: str, overwrite: bool) -> None:
     """A store is created by emptying its location (zarr mode "w"): refuse when that would delete anything but a
     fercache store; another zarr group (or a store whose creation died before its metadata) only with --overwrite."""
+    if "://" not in location:
+        check_out_file(location)
     entries = _entries(location)
     if not entries or exists(location) or ("zarr.json" in entries and overwrite):
         return
@@ -481,6 +483,7 @@ def export_h5(location: str | Path, to: str | Path, overwrite: bool = False, pro
     if to.is_dir():  # --overwrite cannot mean "replace this folder" (the store itself, a results folder) by a file
         raise StoreError(f"--to {to} is a folder; --to names the HDF5 file to write, e.g. "
                          f"{to.resolve() / (store_name(location) + '.h5')}")
+    check_out_file(to, "--to")
     if to.exists() and not overwrite:
         _refuse_other_file(to, store.fingerprint)
     to.parent.mkdir(parents=True, exist_ok=True)

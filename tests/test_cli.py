@@ -397,6 +397,26 @@ def test_compare_two_heads_on_the_same_test_samples(tiny_store, tmp_path):
     assert r.exit_code == 0 and "+0.00  [+0.0, +0.0]" in r.output
     r = invoke("compare", a / "seed0", tmp_path / "nowhere")
     assert r.exit_code == 2 and "no trained run" in r.output
+    # --out in a new folder is made; under a file, refused before the bootstrap (it was an OSError after it)
+    r = invoke("compare", a, b, "-o", tmp_path / "new" / "cmp.json")
+    assert r.exit_code == 0 and json.loads((tmp_path / "new" / "cmp.json").read_text())["n"] == 24
+    r = invoke("compare", a, b, "-o", tmp_path / "cmp.json" / "c.json")
+    assert r.exit_code == 2 and "is a file, not a folder; choose another --out" in r.output and "samples" not in r.output
+
+
+def test_an_output_file_under_a_file_is_refused_before_the_work(tiny_store, tiny_manifest, tiny_dataset,
+                                                                 tiny_encoder_spec, tmp_path):
+    """extract, export and predict: the OS's 'Not a directory' or 'File exists', after the work for export."""
+    (tmp_path / "notes").write_text("mine")
+    under = tmp_path / "notes"
+    for args, flag, path in [(("extract", tiny_manifest, "--encoder", tiny_encoder_spec, "--data-root", tiny_dataset,
+                               "--out", under / "s.zarr"), "--out", under / "s.zarr"),
+                             (("export", tiny_store, "--to", under / "s.h5"), "--to", under / "s.h5"),
+                             (("predict", tmp_path, tmp_path, "--out", under / "p.csv"), "--out", under / "p.csv")]:
+        r = invoke(*args)
+        assert r.exit_code == 2 and f"{flag} {path}: {under} is a file, not a folder; choose another {flag}" in \
+            " ".join(r.output.split()), r.output
+    assert [p.name for p in tmp_path.iterdir()] == ["notes"] and under.read_text() == "mine"
 
 
 def test_cross_matrix_on_other_labels_trains_and_tests_with_them(tiny_store, tiny_manifest, tmp_path):
