@@ -498,6 +498,8 @@ def runs_cmd(
     beside each run (eval-*/) and a status that flags STALE runs (store re-extracted or manifest edited since)."""
     from .runs import ledger, write_ledger
 
+    if csv:
+        check_out_file(csv, "--csv")
     result = ledger(root)
     typer.echo(result["markdown"])
     if csv:

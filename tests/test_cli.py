@@ -406,13 +406,14 @@ def test_compare_two_heads_on_the_same_test_samples(tiny_store, tmp_path):
 
 def test_an_output_file_under_a_file_is_refused_before_the_work(tiny_store, tiny_manifest, tiny_dataset,
                                                                  tiny_encoder_spec, tmp_path):
-    """extract, export and predict: the OS's 'Not a directory' or 'File exists', after the work for export."""
+    """extract, export, predict, runs: the OS's 'Not a directory' or 'File exists', after the work for export."""
     (tmp_path / "notes").write_text("mine")
     under = tmp_path / "notes"
     for args, flag, path in [(("extract", tiny_manifest, "--encoder", tiny_encoder_spec, "--data-root", tiny_dataset,
                                "--out", under / "s.zarr"), "--out", under / "s.zarr"),
                              (("export", tiny_store, "--to", under / "s.h5"), "--to", under / "s.h5"),
-                             (("predict", tmp_path, tmp_path, "--out", under / "p.csv"), "--out", under / "p.csv")]:
+                             (("predict", tmp_path, tmp_path, "--out", under / "p.csv"), "--out", under / "p.csv"),
+                             (("runs", tmp_path, "--csv", under / "r.csv"), "--csv", under / "r.csv")]:
         r = invoke(*args)
         assert r.exit_code == 2 and f"{flag} {path}: {under} is a file, not a folder; choose another {flag}" in \
             " ".join(r.output.split()), r.output
