@@ -58,14 +58,14 @@ POINT_FILE = "point.json"  # in each pointNNN folder: the settings that point tr
 STAGED = ".moving-"  # a point folder on its way to its new number
 
 
-def _point_key(recipe: dict, hp: dict) -> str:
-    return json.dumps({"recipe": recipe, "hp": hp}, sort_keys=True, default=str)
+def _point_key(head: str, recipe: dict, hp: dict) -> str:
+    return json.dumps({"head": head, "recipe": recipe, "hp": hp}, sort_keys=True, default=str)
 
 
 def _saved_key(folder: Path) -> str | None:
     try:
         saved = json.loads((folder / POINT_FILE).read_text())
-        return _point_key(saved["recipe"], saved["hp"])
+        return _point_key(saved["head"], saved["recipe"], saved["hp"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # a sweep from before point.json, or a point cut short: it keeps its number
 
@@ -97,9 +97,10 @@ def _line_up(out_dir: Path, keys: list[str]) -> int:
     return len(moves)
 
 
-def _mark_point(folder: Path, point: dict, recipe: dict, hp: dict) -> None:
+def _mark_point(folder: Path, head: str, point: dict, recipe: dict, hp: dict) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / POINT_FILE).write_text(json.dumps({"point": point, "recipe": recipe, "hp": hp}, indent=2, default=str))
+    saved = {"head": head, "point": point, "recipe": recipe, "hp": hp}
+    (folder / POINT_FILE).write_text(json.dumps(saved, indent=2, default=str))
 
 
 def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: list[dict], n_seeds: int) -> dict:
@@ -141,10 +142,10 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
     plan = _plan(head, grid, base_recipe or {}, base_hp or {})
     n_runs = len(plan) * len(seeds)
     if not retrain:
-        _line_up(out_dir, [_point_key(recipe, hp) for _, recipe, hp in plan])
+        _line_up(out_dir, [_point_key(head, recipe, hp) for _, recipe, hp in plan])
     bar = tqdm(plan, desc=f"sweep {head}", unit="point", disable=not progress)
     for i, (point, recipe, hp) in enumerate(bar):
-        _mark_point(out_dir / f"point{i:03d}", point, recipe, hp)
+        _mark_point(out_dir / f"point{i:03d}", head, point, recipe, hp)
         runs = fit_seeds(store, head, seeds=seeds, out_dir=out_dir, device=device, hp=hp, recipe=recipe,
                          name=f"point{i:03d}/seed{{seed}}", reuse=not retrain, own=True, **fit_kw)
         reused += sum(r.reused for r in runs)

@@ -471,6 +471,10 @@ def test_a_value_added_inside_a_sweep_grid_renumbers_the_finished_points_instead
     assert again["reused"] == 3 and now2 == after and not list(tmp_path.glob(".moving-*"))
     assert sorted(p.name for p in tmp_path.glob("point*")) == ["point000", "point001", "point002"]
     assert run([1e-1, 1e-2, 1e-3], retrain=True)[0]["reused"] == 0
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="fercache"):  # another head's points are not this sweep's to move
+        assert sweep(str(tiny_store), "mask", {"lr": [1e-3, 1e-1]}, tmp_path, base_recipe=base)["reused"] == 0
+    assert "renumbered" not in caplog.text
 
 
 def test_protocols_reuse_finished_runs_only_for_the_same_code(tiny_store, tmp_path, monkeypatch):
