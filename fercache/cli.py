@@ -361,13 +361,8 @@ def compare(
     """
     from .compare import compare as run_compare, describe
 
+    typer.echo(describe(run_compare(a, b, store, manifest, split, device, n_boot=n_boot, out=out)))
     if out:
-        check_out_file(out)
-    result = run_compare(a, b, store, manifest, split, device, n_boot=n_boot)
-    typer.echo(describe(result))
-    if out:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2))
         typer.echo(f"-> {out}")
 
 

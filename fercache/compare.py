@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from . import metrics
-from .errors import ConfigError
+from .errors import ConfigError, check_out_file
 from .evaluate import Scored, run_dirs, score_run
 from .store import canonical, store_name
 
@@ -80,14 +80,21 @@ def paired(ga: list[Scored], gb: list[Scored], n_boot: int = metrics.N_BOOT, see
 
 
 def compare(a: str | Path, b: str | Path, store: str | None = None, manifest=None, split: str = "test",
-            device: str = "cpu", n_boot: int = metrics.N_BOOT, seed: int = 0) -> dict:
-    """Score runs (or seed groups) A and B on the same samples of one store and compare them with `paired`."""
+            device: str = "cpu", n_boot: int = metrics.N_BOOT, seed: int = 0, out: str | Path | None = None) -> dict:
+    """Score runs (or seed groups) A and B on the same samples of one store and compare them with `paired`;
+    the result is also written as JSON to `out` if given."""
+    if out:
+        check_out_file(out)
     store = _test_store(a, b, store)
     (ga, gb), dropped = _aligned([_scored(a, store, manifest, split, device), _scored(b, store, manifest, split, device)])
     clusters = ga[0].clusters()
-    return {"a": str(a), "b": str(b), "seeds_a": len(ga), "seeds_b": len(gb), "store": store, "split": split,
-            "n": len(clusters), "clusters": int(len(np.unique(clusters))), "dropped": int(dropped), "n_boot": n_boot,
-            "metrics": paired(ga, gb, n_boot, seed)}
+    result = {"a": str(a), "b": str(b), "seeds_a": len(ga), "seeds_b": len(gb), "store": store, "split": split,
+              "n": len(clusters), "clusters": int(len(np.unique(clusters))), "dropped": int(dropped), "n_boot": n_boot,
+              "metrics": paired(ga, gb, n_boot, seed)}
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps(result, indent=2))
+    return result
 
 
 def describe(result: dict) -> str:

@@ -126,15 +126,9 @@ def _sweep_step(store: str, head: str, grid: dict, out: str, progress: bool = Tr
 @register_step("compare")
 def _compare_step(a: str, b: str, out: str | None = None, **kw):
     """B - A on the same test samples with a paired bootstrap; JSON to `out` if given (`fercache compare`)."""
-    import json
-
     from .compare import compare, describe
 
-    result = compare(a, b, **kw)
-    if out:
-        Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps(result, indent=2))
-    return "\n" + describe(result)
+    return "\n" + describe(compare(a, b, out=out, **kw))
 
 
 @register_step("runs")
