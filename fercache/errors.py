@@ -60,10 +60,12 @@ def check_out_dir(out_dir: str | Path, what: str = "the runs") -> None:
         raise ConfigError(f"--out {out_dir}: {there} is a file, not a folder; pass a folder for {what}")
 
 
-def check_out_file(path: str | Path, flag: str = "--out") -> None:
-    """The same for an output file (or a store) whose folder, or one above, is a file: OSError (Not a directory,
-    File exists) when writing, after the work."""
+def check_out_file(path: str | Path, flag: str = "--out", folder_ok: bool = False) -> None:
+    """The same for an output file (or, `folder_ok`, a store) that is a folder or whose folder, or one above, is a
+    file: OSError (Is a directory, Not a directory, File exists) when writing, after the work."""
     path = Path(path)
+    if path.is_dir() and not folder_ok:
+        raise ConfigError(f"{flag} {path} is a folder; {flag} names the file to write")
     there = next((p for p in path.parents if p.exists()), None)
     if there is not None and not there.is_dir():
         raise ConfigError(f"{flag} {path}: {there} is a file, not a folder; choose another {flag}")

@@ -351,7 +351,7 @@ def check_location(location: str, overwrite: bool) -> None:
     """A store is created by emptying its location (zarr mode "w"): refuse when that would delete anything but a
     fercache store; another zarr group (or a store whose creation died before its metadata) only with --overwrite."""
     if "://" not in location:
-        check_out_file(location)
+        check_out_file(location, folder_ok=True)
     entries = _entries(location)
     if not entries or exists(location) or ("zarr.json" in entries and overwrite):
         return

@@ -54,18 +54,22 @@ def test_errors_exit_2_with_message(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main()
     assert e.value.code == 2 and "error: no fercache store" in capsys.readouterr().err
-    # What the OS refuses (here: a folder under a file) is its own message, not a traceback; -v keeps the traceback
-    (tmp_path / "afile").touch()
-    args = ["fercache", "manifest", "build", "-f", "imagefolder", str(tmp_path), "-o", str(tmp_path / "afile" / "m.csv")]
-    (tmp_path / "train" / "happy").mkdir(parents=True)
-    Image.new("RGB", (8, 8)).save(tmp_path / "train" / "happy" / "x.png")
+    # What the OS refuses (here: a read-only folder, as root cannot make one: the write is made to fail) is its
+    # own message, not a traceback; -v keeps the traceback
+    def refused(path, mode):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr("fercache.manifests._open_text", refused)
+    args = ["fercache", "manifest", "build", "-f", "imagefolder", str(tmp_path / "data"), "-o", str(tmp_path / "ro" / "m.csv")]
+    (tmp_path / "data" / "train" / "happy").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(tmp_path / "data" / "train" / "happy" / "x.png")
     monkeypatch.setattr("sys.argv", args)
     with pytest.raises(SystemExit) as e:
         cli.main()
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err.startswith("error: [Errno 17] File exists: ") and err.endswith("afile' (-v shows where)\n")
+    assert e.value.code == 2 and err == f"error: [Errno 13] Permission denied: '{tmp_path / 'ro' / 'm.csv.tmp'}' (-v shows where)\n"
     monkeypatch.setattr("sys.argv", args[:1] + ["-v"] + args[1:])
-    with pytest.raises(FileExistsError):
+    with pytest.raises(PermissionError):
         cli.main()
 
 
@@ -417,6 +421,9 @@ def test_an_output_file_under_a_file_is_refused_before_the_work(tiny_store, tiny
         r = invoke(*args)
         assert r.exit_code == 2 and f"{flag} {path}: {under} is a file, not a folder; choose another {flag}" in \
             " ".join(r.output.split()), r.output
+    for args, flag in [(("runs", tmp_path, "--csv", tmp_path), "--csv"), (("compare", tmp_path, tmp_path, "-o", tmp_path), "--out")]:
+        r = invoke(*args)  # 'Is a directory', after the ledger or the bootstrap
+        assert r.exit_code == 2 and f"{flag} {tmp_path} is a folder; {flag} names the file to write" in " ".join(r.output.split())
     assert [p.name for p in tmp_path.iterdir()] == ["notes"] and under.read_text() == "mine"
 
 
