@@ -284,6 +284,8 @@ def test_a_pipeline_is_checked_whole_before_its_first_step_runs(tiny_dataset, tm
 
 
 def test_sweep_axes_take_json_lists_for_list_valued_points(tiny_store, tmp_path):
+    from fercache.report import cell
+
     out = tmp_path / "sw"
     r = invoke("sweep", tiny_store, "--head", "mask", "--axis", "mask=sample,none", "--axis", "budgets=[null, [3,1,1,1]]",
                "--recipe", "epochs=2", "--recipe", "batch_size=8", "--out", out)
@@ -295,6 +297,9 @@ def test_sweep_axes_take_json_lists_for_list_valued_points(tiny_store, tmp_path)
     saved = json.loads((Path(point["runs"][0]) / "config.json").read_text())
     assert saved["hp"] == {"mask": "sample", "budgets": [3, 1, 1, 1]}
     assert "| [3,1,1,1] |" in r.output and "| default |" in r.output
+    best = Path(rows[0]["runs"][0]).parent  # sweep.json ranks on validation
+    assert f"best on validation: {best} (mask={rows[0]['mask']}, budgets={cell(rows[0]['budgets'])}); " \
+        f"its test score: `fercache evaluate {best}`" in " ".join(r.output.split())
     r = invoke("sweep", tiny_store, "--head", "mask", "--axis", "budgets=[null, [3,1", "--out", out)
     assert r.exit_code == 2 and "not a JSON list" in r.output
 
