@@ -532,16 +532,12 @@ def sweep(
 
     Run again after an interruption, it goes on where it stopped: runs already finished in --out with the same
     settings, data and fercache code are read back instead of trained again."""
-    from .report import cell
-    from .sweep import sweep as run_sweep
+    from .sweep import describe, sweep as run_sweep
 
     grid = dict(_axis(a) for a in axis)
     r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp),
                   progress=_progress["bars"], retrain=retrain)
-    typer.echo(r["markdown"] + (f"\ncurve -> {r['curve_png']}" if "curve_png" in r else ""))
-    best = Path(r["best"]["runs"][0]).parent  # chosen on validation; the test split is read only when asked
-    setting = ", ".join(f"{a}={cell(r['best'][a])}" for a in grid)  # as the table writes them
-    typer.echo(f"best on validation: {best} ({setting}); its test score: `fercache evaluate {best}`")
+    typer.echo(describe(r))
 
 
 def _print_figures(d: dict) -> None:

@@ -118,9 +118,9 @@ def _folds_step(store: str, manifests: list[str], heads: list[str], out: str, pr
 @register_step("sweep")
 def _sweep_step(store: str, head: str, grid: dict, out: str, progress: bool = True, **kw):
     """A grid of hyperparameters or recipe keys ranked on validation, under `out` (`fercache sweep`)."""
-    from .sweep import sweep
+    from .sweep import describe, sweep
 
-    return "\n" + sweep(store, head, grid, out, progress=progress, **kw)["markdown"]
+    return "\n" + describe(sweep(store, head, grid, out, progress=progress, **kw))
 
 
 @register_step("compare")

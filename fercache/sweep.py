@@ -118,7 +118,7 @@ def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: l
     report.ranking_png(out_dir / "sweep.png", [", ".join(f"{a}={report.cell(r[a])}" for a in grid) for r in rows],
                        means, stds, f"{metric}, mean ± std over {n_seeds} seed(s)", f"sweep of {head} on {name}")
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
-    out = {"markdown": md, "best": rows[0], "rows": rows}
+    out = {"markdown": md, "best": rows[0], "rows": rows, "axes": list(grid)}
     (axis,) = grid if len(grid) == 1 else (None,)
     if axis and all(isinstance(r[axis], (int, float)) and not isinstance(r[axis], bool) for r in rows):
         out["curve_png"] = str(report.curve_png(out_dir / "sweep-curve.png", [r[axis] for r in rows], means, stds, axis,
@@ -161,3 +161,12 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
                  "(--retrain trains every run)", reused, n_runs, out_dir)
     out = _report(out_dir, store, head, grid, rows, len(seeds))
     return {**out, "reused": reused, "runs": n_runs}
+
+
+def describe(result: dict) -> str:
+    """The ranked table, the curve's path, and the best point on validation with the command that scores it on
+    test: the sweep itself never reads the test split."""
+    best = Path(result["best"]["runs"][0]).parent
+    setting = ", ".join(f"{a}={report.cell(result['best'][a])}" for a in result["axes"])  # as the table writes them
+    return (result["markdown"] + (f"\ncurve -> {result['curve_png']}" if "curve_png" in result else "")
+            + f"\nbest on validation: {best} ({setting}); its test score: `fercache evaluate {best}`")
