@@ -304,6 +304,18 @@ def test_sweep_axes_take_json_lists_for_list_valued_points(tiny_store, tmp_path)
     assert r.exit_code == 2 and "not a JSON list" in r.output
 
 
+def test_a_pipeline_sweep_step_names_its_best_point_as_the_cli_does(tiny_store, tmp_path):
+    from fercache.pipeline import run_pipeline
+
+    p = tmp_path / "p.toml"
+    p.write_text(f'[[step]]\nrun = "sweep"\nstore = "{tiny_store}"\nhead = "linear"\nout = "{tmp_path}/sw"\n'
+                 + 'grid = { lr = [1e-3, 1e-1] }\nbase_recipe = { epochs = 2, batch_size = 8 }\n')
+    said = []
+    run_pipeline(p, on_step=lambda i, step, result: said.append(result), progress=False)
+    best = json.loads((tmp_path / "sw" / "sweep.json").read_text())[0]
+    assert f"best on validation: {Path(best['runs'][0]).parent} (lr={best['lr']})" in said[0]
+
+
 def test_heads_lists_every_head_with_its_hyperparameters_and_recipe():
     import inspect
 
