@@ -296,9 +296,12 @@ def _check_values(kind: str, args: dict) -> None:
     from .protocols import _cross_metrics, check_tables
     from .store import check_location
     from .sweep import _plan
+    from .train import check_seeds
 
     if "device" in args:
         torch_device(args["device"])
+    if "seeds" in args:
+        check_seeds(args["seeds"])
     if kind == "manifest":
         check_adapter_options(args["format"], args.get("options") or {})
     if kind == "audit":

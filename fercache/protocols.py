@@ -14,7 +14,7 @@ from .errors import ConfigError, ManifestError, check_out_dir
 from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters, describe as describe_head
 from .store import store_name
-from .train import check_recipe, fit_seeds
+from .train import check_recipe, check_seeds, fit_seeds
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +77,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     manifests = _labels_for(labels, list(dict.fromkeys(list(stores) + list(test_stores))))
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the matrix and its runs")
+    check_seeds(seeds)
     tables = {}
     for head in heads:
         cells: dict[str, dict] = {m: {} for m in names}
@@ -113,7 +114,8 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
     names_r, names_c = [store_name(s) for s in rows], [store_name(s) for s in cols]
     mean = np.array([[cells[(r, c)]["mean"] for c in cols] for r in rows])
     std = np.array([[cells[(r, c)]["std"] for c in cols] for r in rows])
-    unseen = [np.mean([mean[i, j] for j, c in enumerate(cols) if c != r]) if len(cols) > 1 else float("nan")
+    # None where a row has no other dataset to test on (one store): printed as '-', not nan
+    unseen = [np.mean(others) if (others := [mean[i, j] for j, c in enumerate(cols) if c != r]) else None
               for i, r in enumerate(rows)]
     header = ["trained on \\ tested on"] + names_c + ["mean unseen"]
     md_rows, csv_rows = [], []
@@ -121,10 +123,10 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
         cell = [f"{mean[i, j]:.1f} ± {std[i, j]:.1f}" + (" (in-domain)" if c == r else "") +
                 (f" [excl. {cells[(r, c)]['excluded']['n']}]" if cells[(r, c)]["excluded"]["n"] else "")
                 for j, c in enumerate(cols)]
-        md_rows.append([names_r[i]] + cell + [f"{unseen[i]:.1f}"])
+        md_rows.append([names_r[i]] + cell + ["-" if unseen[i] is None else f"{unseen[i]:.1f}"])
         csv_rows.append([names_r[i]] + [f"{mean[i, j]:.2f}" for j in range(len(cols))] +
                         [f"{std[i, j]:.2f}" for j in range(len(cols))] +
-                        [cells[(r, c)]["excluded"]["n"] for c in cols] + [f"{unseen[i]:.2f}"])
+                        [cells[(r, c)]["excluded"]["n"] for c in cols] + ["" if unseen[i] is None else f"{unseen[i]:.2f}"])
     base = out_dir / f"cross-{key}"
     report.write_csv(base.with_suffix(".csv"), ["trained_on"] + [f"{c}_mean" for c in names_c] + [f"{c}_std" for c in names_c]
                      + [f"{c}_excluded" for c in names_c] + ["mean_unseen"], csv_rows)
@@ -152,6 +154,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the folds' table and runs")
+    check_seeds(seeds)
     if any(head_of(h) == "au" for h in heads):
         raise ConfigError("`folds` reports expression metrics (UAR/WAR); for AU detection use `fercache au-cv`")
     check_tables(heads, hp, recipe)
@@ -207,6 +210,7 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
 
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the AU table and its runs")
+    check_seeds(seeds)
     base = manifest_for(open_store(store), None)
     subjects = np.array(base.column("subject"))
     if not 2 <= folds <= len(set(subjects)):  # 1 fold has no training data; more folds than subjects, empty tests

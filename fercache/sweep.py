@@ -16,7 +16,7 @@ from .data import features_memo
 from .errors import ConfigError, check_out_dir, did_you_mean
 from .store import store_name
 from .heads import check_hyperparameters, describe as describe_head
-from .train import check_recipe, drop_numbered, fit_seeds, recipe_keys
+from .train import check_recipe, check_seeds, drop_numbered, fit_seeds, recipe_keys
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +139,7 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
 
     out_dir, rows, reused = Path(out_dir), [], 0
     check_out_dir(out_dir, "the sweep's runs and tables")
+    check_seeds(seeds)
     plan = _plan(head, grid, base_recipe or {}, base_hp or {})
     n_runs = len(plan) * len(seeds)
     if not retrain:

@@ -616,10 +616,22 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict,
     return model.to(device).eval(), cfg, fitted
 
 
+def check_seeds(seeds) -> None:
+    """Seeds are distinct whole numbers >= 0. A repeated seed trained into its own folder (seed<N>/) again and
+    counted twice in the mean, its std shrunk by a copy of itself: '2 seeds' that were one run."""
+    seeds = list(seeds)
+    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
+        raise ConfigError(f"seeds {seeds}: give one or more whole numbers >= 0")
+    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
+        raise ConfigError(f"seeds {seeds} repeat {', '.join(map(str, repeated))}: each seed is one run, in its own "
+                          "folder seed<N>/; give distinct seeds")
+
+
 @features_memo()
 def fit_seeds(store: str, head: str, seeds=(0,), own: bool = False, **kw) -> list[RunResult]:
     """`fit` once per seed. `own`: the caller (a protocol, a sweep) owns the folder its seed runs share, so runs
     left there by an earlier call with other seeds are removed (`drop_numbered`)."""
+    check_seeds(seeds)
     runs = [fit(store, head, seed=s, **kw) for s in seeds]
     if own:  # run again with fewer seeds, the old ones would be averaged in by `evaluate PARENT` and the ledger
         drop_numbered(runs[0].run_dir.parent, "seed", keep=set(seeds), what="runs of seeds no longer asked for")

@@ -233,6 +233,32 @@ def test_cross_matrix_counts_excluded_labels(tiny_store, tiny_manifest, tiny_dat
     assert (tmp_path / "cross" / "cross-linear.csv").read_text().startswith("trained_on,faces_mean,b_mean")
 
 
+def test_a_one_store_matrix_has_no_unseen_mean_and_repeated_seeds_are_refused(tiny_store, tmp_path, monkeypatch):
+    """'mean unseen' was nan with one store; --seeds 0,0 trained seed0 twice into one folder and reported
+    'mean ± std over 2 seed(s)' of one run, std 0."""
+    import fercache.train as T
+    from fercache.pipeline import check_pipeline
+    from fercache.sweep import sweep
+
+    table = cross_matrix([str(tiny_store)], ["linear"], tmp_path / "one", recipe={"linear": QUICK})["linear"]
+    assert "nan" not in table["markdown"] and table["markdown"].split("\n")[4].endswith("| - |")
+    assert (tmp_path / "one" / "cross-linear.csv").read_text().splitlines()[1].endswith(",0,")
+    monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the seeds check"))
+    message = r"^seeds \[0, 2, 0\] repeat 0: each seed is one run, in its own folder seed<N>/; give distinct seeds$"
+    for call in (lambda: cross_matrix([str(tiny_store)], ["linear"], tmp_path / "c", seeds=[0, 2, 0]),
+                 lambda: T.fit_seeds(str(tiny_store), "linear", seeds=[0, 2, 0], out_dir=tmp_path / "r"),
+                 lambda: sweep(str(tiny_store), "linear", {"lr": [1e-3]}, tmp_path / "s", seeds=[0, 2, 0])):
+        with pytest.raises(ConfigError, match=message):
+            call()
+    p = tmp_path / "p.toml"
+    p.write_text(f'[[step]]\nrun = "train"\nstore = "{tiny_store}"\nhead = "linear"\nseeds = [0, 2, 0]\n')
+    with pytest.raises(ConfigError, match=r"seeds \[0, 2, 0\] repeat 0"):  # before step 1 runs
+        check_pipeline(p)
+    with pytest.raises(ConfigError, match=r"^seeds \[\]: give one or more whole numbers >= 0$"):
+        T.check_seeds([])
+    assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
+
+
 def test_cross_matrix_refuses_other_encoders(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
     from fercache.errors import StoreError
     from fercache.extract import extract
