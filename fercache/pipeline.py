@@ -293,7 +293,7 @@ def _check_values(kind: str, args: dict) -> None:
     from .extract import check_options
     from .manifests import check_derived_path
     from .preprocess import VIEWS
-    from .protocols import _cross_metrics, check_tables
+    from .protocols import _cross_metrics, check_distinct, check_tables
     from .store import check_location
     from .sweep import _plan
     from .train import check_seeds
@@ -319,6 +319,9 @@ def _check_values(kind: str, args: dict) -> None:
             VIEWS.lookup(view)
     if kind in ("cross", "folds"):
         check_tables(args["heads"], args.get("hp"), args.get("recipe"))
+    for key, what in (("stores", "training store"), ("test_stores", "test store"), ("manifests", "fold manifest")):
+        if kind in ("cross", "folds") and isinstance(args.get(key), list):
+            check_distinct(args[key], what)
     if kind == "cross":
         _cross_metrics(args.get("metric", "accuracy"))
     if kind in ("train", "au_cv"):

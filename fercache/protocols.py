@@ -13,7 +13,7 @@ from .data import features_memo
 from .errors import ConfigError, ManifestError, check_out_dir
 from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters, describe as describe_head
-from .store import store_name
+from .store import canonical, store_name
 from .train import check_recipe, check_seeds, fit_seeds
 
 log = logging.getLogger(__name__)
@@ -39,6 +39,18 @@ def check_tables(heads: list[str], hp: dict | None, recipe: dict | None) -> None
         d = describe_head(head_of(label))
         check_recipe(d["name"], {**d["recipe"], **(recipe or {}).get(label, {})}, d["task"])
         check_hyperparameters(d["name"], (hp or {}).get(label) or {})
+
+
+def check_distinct(items: list, what: str) -> None:
+    """A store (fold manifest, head) named twice made a matrix with two identical rows, or a mean over
+    'folds' that were one fold counted twice: refused before any training."""
+    seen: dict[str, str] = {}
+    for item in items:
+        key = canonical(str(item))
+        if key in seen:
+            raise ConfigError(f"{what} {item} is given twice" + (f" (as {seen[key]})" if seen[key] != str(item) else "")
+                              + f"; each {what} once")
+        seen[key] = str(item)
 
 
 def _fit_label(store: str, label: str, hp: dict | None, recipe: dict | None, **kw):
@@ -78,6 +90,8 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the matrix and its runs")
     check_seeds(seeds)
+    check_distinct(stores, "training store")
+    check_distinct(test_stores, "test store")
     tables = {}
     for head in heads:
         cells: dict[str, dict] = {m: {} for m in names}
@@ -155,6 +169,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the folds' table and runs")
     check_seeds(seeds)
+    check_distinct(manifests, "fold manifest")
     if any(head_of(h) == "au" for h in heads):
         raise ConfigError("`folds` reports expression metrics (UAR/WAR); for AU detection use `fercache au-cv`")
     check_tables(heads, hp, recipe)

@@ -259,6 +259,28 @@ def test_a_one_store_matrix_has_no_unseen_mean_and_repeated_seeds_are_refused(ti
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
+def test_a_store_or_fold_manifest_named_twice_is_refused_before_training(tiny_store, tiny_manifest, tmp_path, monkeypatch):
+    """Two identical matrix rows; a 2-fold mean over one fold counted twice."""
+    import fercache.train as T
+    from fercache.pipeline import check_pipeline
+    from fercache.protocols import manifest_folds
+
+    monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the check"))
+    other = tiny_store.parent / ".." / tiny_store.parent.name / tiny_store.name  # the same store, spelt otherwise
+    with pytest.raises(ConfigError, match=rf"^training store {other} is given twice \(as {tiny_store}\); each training store once$"):
+        cross_matrix([str(tiny_store), str(other)], ["linear"], tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"^test store .* is given twice"):
+        cross_matrix([str(tiny_store)], ["linear"], tmp_path / "c", test_stores=[str(tiny_store)] * 2)
+    with pytest.raises(ConfigError, match=rf"^fold manifest {tiny_manifest} is given twice; each fold manifest once$"):
+        manifest_folds(str(tiny_store), [tiny_manifest, tiny_manifest], ["linear"], tmp_path / "f")
+    p = tmp_path / "p.toml"
+    p.write_text(f'[[step]]\nrun = "folds"\nstore = "{tiny_store}"\nmanifests = ["{tiny_manifest}", "{tiny_manifest}"]\n'
+                 f'heads = ["linear"]\nout = "{tmp_path}/f"\n')
+    with pytest.raises(ConfigError, match="fold manifest .* is given twice"):
+        check_pipeline(p)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "f").exists()
+
+
 def test_cross_matrix_refuses_other_encoders(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
     from fercache.errors import StoreError
     from fercache.extract import extract
