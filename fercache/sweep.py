@@ -22,9 +22,16 @@ log = logging.getLogger(__name__)
 
 
 def grid_points(grid: dict[str, list]) -> list[dict]:
-    """Every combination of the grid's values."""
+    """Every combination of the grid's values. An axis without values would make no point at all; a value given
+    twice, two points that are one (trained twice, ranked against itself)."""
     if not grid:
         raise ConfigError("empty sweep grid; give at least one axis, e.g. --axis n_drop=5,10,20")
+    for axis, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"sweep axis {axis!r} has no values ({values!r}); give a list of one or more")
+        spelt = [json.dumps(v, sort_keys=True) for v in values]
+        if repeated := sorted({s for s in spelt if spelt.count(s) > 1}):
+            raise ConfigError(f"sweep axis {axis!r} repeats {', '.join(repeated)}: each value once")
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 

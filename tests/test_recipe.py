@@ -209,3 +209,22 @@ def test_a_sweep_checks_every_point_before_training_the_first(tiny_store, tmp_pa
                                           "hyperparameter \\(normalize\\) or recipe key \\(balance, "):
         sweep(str(tiny_store), "linear", {"lrr": [0.01]}, tmp_path, base_recipe=QUICK)
     assert not list(tmp_path.iterdir())  # no point was trained
+
+
+def test_a_sweep_axis_without_values_or_with_a_value_twice_is_refused():
+    """lr=[] crashed (IndexError) after the sweep found no point; lr=1e-3,0.001 trained one point twice and ranked it
+    against itself; a second --axis lr replaced the first, unsaid."""
+    from typer.testing import CliRunner
+
+    from fercache import cli
+    from fercache.sweep import grid_points
+
+    assert grid_points({"lr": [1e-3, 1e-2], "normalize": [True, False]})[3] == {"lr": 1e-2, "normalize": False}
+    for grid, message in [({"lr": []}, r"^sweep axis 'lr' has no values \(\[\]\); give a list of one or more$"),
+                          ({"lr": 0.1}, r"^sweep axis 'lr' has no values \(0\.1\)"),
+                          ({"lr": [1e-3, 0.001]}, r"^sweep axis 'lr' repeats 0\.001: each value once$"),
+                          ({"budgets": [None, [3, 1], None]}, r"^sweep axis 'budgets' repeats null: each value once$")]:
+        with pytest.raises(ConfigError, match=message):
+            grid_points(grid)
+    r = CliRunner().invoke(cli.app, ["sweep", "s.zarr", "--head", "linear", "--axis", "lr=1e-3", "--axis", "lr=1e-2"])
+    assert r.exit_code == 2 and "--axis lr is given twice" in " ".join(r.output.split())
