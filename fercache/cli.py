@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from .errors import FercacheError, check_out_file
+from .errors import FercacheError, check_out_file, repeated
 
 app = typer.Typer(help="Frozen-encoder features for facial expression and AU recognition, cached once in Zarr stores.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
@@ -535,10 +535,8 @@ def sweep(
     from .sweep import describe, sweep as run_sweep
 
     grid = dict(_axis(a) for a in axis)
-    if len(grid) < len(axis):  # the later --axis of a name replaced the earlier one, unsaid
-        names = [_axis(a)[0] for a in axis]
-        raise typer.BadParameter(f"--axis {sorted({n for n in names if names.count(n) > 1})[0]} is given twice; "
-                                 "put all its values in one --axis name=v1,v2,...")
+    if twice := repeated([_axis(a)[0] for a in axis]):  # the later --axis of a name replaced the earlier one, unsaid
+        raise typer.BadParameter(f"--axis {twice[0]} is given twice; put all its values in one --axis name=v1,v2,...")
     r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp),
                   progress=_progress["bars"], retrain=retrain)
     typer.echo(describe(r))

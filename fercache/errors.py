@@ -11,6 +11,11 @@ def did_you_mean(name: str, known) -> str:
     return f" (did you mean {close[0]!r}?)" if close else ""
 
 
+def repeated(values: list) -> list:
+    """The values that occur more than once, sorted: every 'given twice' answer's finding."""
+    return sorted({v for v in values if values.count(v) > 1})
+
+
 class FercacheError(Exception):
     """Base class: the CLI prints these as `error: ...` and exits 2."""
 

@@ -319,9 +319,9 @@ def _check_values(kind: str, args: dict) -> None:
             VIEWS.lookup(view)
     if kind in ("cross", "folds"):
         check_tables(args["heads"], args.get("hp"), args.get("recipe"))
-    for key, what in (("stores", "training store"), ("test_stores", "test store"), ("manifests", "fold manifest")):
-        if kind in ("cross", "folds") and isinstance(args.get(key), list):
-            check_distinct(args[key], what)
+        for key, what in (("stores", "training store"), ("test_stores", "test store"), ("manifests", "fold manifest")):
+            if isinstance(args.get(key), list):
+                check_distinct(args[key], what)
     if kind == "cross":
         _cross_metrics(args.get("metric", "accuracy"))
     if kind in ("train", "au_cv"):

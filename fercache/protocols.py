@@ -42,8 +42,8 @@ def check_tables(heads: list[str], hp: dict | None, recipe: dict | None) -> None
 
 
 def check_distinct(items: list, what: str) -> None:
-    """A store (fold manifest, head) named twice made a matrix with two identical rows, or a mean over
-    'folds' that were one fold counted twice: refused before any training."""
+    """A store or fold manifest named twice (spelt alike or not) made a matrix with two identical rows, or a mean
+    over 'folds' that were one fold counted twice: refused before any training."""
     seen: dict[str, str] = {}
     for item in items:
         key = canonical(str(item))

@@ -13,7 +13,7 @@ import numpy as np
 
 from . import report
 from .data import features_memo
-from .errors import ConfigError, check_out_dir, did_you_mean
+from .errors import ConfigError, check_out_dir, did_you_mean, repeated
 from .store import store_name
 from .heads import check_hyperparameters, describe as describe_head
 from .train import check_recipe, check_seeds, drop_numbered, fit_seeds, recipe_keys
@@ -29,9 +29,8 @@ def grid_points(grid: dict[str, list]) -> list[dict]:
     for axis, values in grid.items():
         if not isinstance(values, list) or not values:
             raise ConfigError(f"sweep axis {axis!r} has no values ({values!r}); give a list of one or more")
-        spelt = [json.dumps(v, sort_keys=True) for v in values]
-        if repeated := sorted({s for s in spelt if spelt.count(s) > 1}):
-            raise ConfigError(f"sweep axis {axis!r} repeats {', '.join(repeated)}: each value once")
+        if twice := repeated([json.dumps(v, sort_keys=True) for v in values]):
+            raise ConfigError(f"sweep axis {axis!r} repeats {', '.join(twice)}: each value once")
     keys = list(grid)
     return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
 

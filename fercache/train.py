@@ -28,7 +28,7 @@ from . import metrics, report
 from .data import (FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views,
                    subset_train)
 from .devices import torch_device
-from .errors import ConfigError, check_out_dir, did_you_mean
+from .errors import ConfigError, check_out_dir, did_you_mean, repeated
 from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
@@ -622,8 +622,8 @@ def check_seeds(seeds) -> None:
     seeds = list(seeds)
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
         raise ConfigError(f"seeds {seeds}: give one or more whole numbers >= 0")
-    if repeated := sorted({s for s in seeds if seeds.count(s) > 1}):
-        raise ConfigError(f"seeds {seeds} repeat {', '.join(map(str, repeated))}: each seed is one run, in its own "
+    if twice := repeated(seeds):
+        raise ConfigError(f"seeds {seeds} repeat {', '.join(map(str, twice))}: each seed is one run, in its own "
                           "folder seed<N>/; give distinct seeds")
 
 
