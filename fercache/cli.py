@@ -534,9 +534,10 @@ def sweep(
     settings, data and fercache code are read back instead of trained again."""
     from .sweep import describe, sweep as run_sweep
 
-    grid = dict(_axis(a) for a in axis)
-    if twice := repeated([_axis(a)[0] for a in axis]):  # the later --axis of a name replaced the earlier one, unsaid
+    axes = [_axis(a) for a in axis]
+    if twice := repeated([name for name, _ in axes]):  # dict() would keep the later --axis of a name, unsaid
         raise typer.BadParameter(f"--axis {twice[0]} is given twice; put all its values in one --axis name=v1,v2,...")
+    grid = dict(axes)
     r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp),
                   progress=_progress["bars"], retrain=retrain)
     typer.echo(describe(r))

@@ -56,12 +56,18 @@ class ConfigError(FercacheError):
     """A pipeline file or head configuration is invalid."""
 
 
+def file_in_the_way(folder: str | Path) -> Path | None:
+    """The file at `folder` or above it, if any, that stops the folder being made: the nearest existing path,
+    when it is no folder (everything above an existing folder is one)."""
+    folder = Path(folder)
+    there = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return there if there is not None and not there.is_dir() else None
+
+
 def check_out_dir(out_dir: str | Path, what: str = "the runs") -> None:
     """A file where an output folder should be (or above it) is refused before the work, not found when saving
     after it: the OS's one-line 'File exists' or 'Not a directory' named neither the option nor the cure."""
-    out_dir = Path(out_dir)
-    there = next((p for p in (out_dir, *out_dir.parents) if p.exists()), None)
-    if there is not None and not there.is_dir():
+    if there := file_in_the_way(out_dir):
         raise ConfigError(f"--out {out_dir}: {there} is a file, not a folder; pass a folder for {what}")
 
 
@@ -71,8 +77,7 @@ def check_out_file(path: str | Path, flag: str = "--out", folder_ok: bool = Fals
     path = Path(path)
     if path.is_dir() and not folder_ok:
         raise ConfigError(f"{flag} {path} is a folder; {flag} names the file to write")
-    there = next((p for p in path.parents if p.exists()), None)
-    if there is not None and not there.is_dir():
+    if there := file_in_the_way(path.parent):
         raise ConfigError(f"{flag} {path}: {there} is a file, not a folder; choose another {flag}")
 
 

@@ -19,7 +19,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ManifestError, near_path
+from .errors import ManifestError, file_in_the_way, near_path
 from .labels import CANONICAL
 
 REQUIRED = ("sample_id", "path", "label", "split", "subject")
@@ -168,7 +168,7 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     if path.exists() and not (path.is_file() and _is_manifest(path)):
         raise ManifestError(f"{path} exists and is not a manifest; writing one there would destroy it: choose "
                             "another -o")
-    if (file := next((p for p in path.parents if p.exists() and not p.is_dir()), None)) is not None:
+    if file := file_in_the_way(path.parent):
         raise ManifestError(f"cannot write {path}: {file} is a file, not a folder; choose another -o")
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
