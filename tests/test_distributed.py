@@ -8,8 +8,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
 
 from fercache import store as S
+from fercache.extract import extract
 
 from .test_extract import _assert_same_store
 
@@ -22,9 +24,17 @@ def _env():
 
 
 def _single(manifest, spec, root, out, extra=()):
-    subprocess.run([sys.executable, "-m", "fercache", "-q", "extract", str(manifest), "--encoder", spec, "--out", str(out),
-                    "--data-root", str(root), "--chunk-rows", "16", "--batch-size", "8", "--workers", "0", *extra],
-                   check=True, env=_env(), capture_output=True)
+    """The reference: one process, in this one (importing torch and open_clip again took ~9 s a test), at one
+    thread as each torchrun rank runs, so the floats are summed in the same order."""
+    opts = dict(zip(extra[::2], extra[1::2]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        extract(manifest, spec, out, root=root, chunk_rows=16, batch_size=8, workers=0, progress=False,
+                read_chunk_rows=int(opts.get("--read-chunk-rows", 0)) or None,
+                views=[v for v in opts.get("--views", "").split(",") if v])
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _torchrun(nproc, manifest, spec, root, out, extra=()):
