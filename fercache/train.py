@@ -514,6 +514,16 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     if reuse and (done := finished_run(run_dir, config)):
         log.debug("%s: trained before with the same settings and code; reused", run_dir)
         return done
+    result, fitted = _train_on(model, fs, r, task, classes, seed, progress, dev)
+    result = {**result, "seed": seed, "config": config}
+    save_run(run_dir, model, config, result, fitted)
+    return RunResult(run_dir, result)
+
+
+def _train_on(model: nn.Module, fs: FeatureSet, r: dict, task: str, classes: list[str], seed: int,
+              progress: bool, dev: torch.device) -> tuple[dict, Fitted]:
+    """Train `model` on fs's train split, the epoch chosen on its val split; what metrics.json reports of it
+    (selection, val scores, history, sizes) and what was fitted on val beside the weights (the temperature)."""
     if model.level == "clip":
         fs = clip_level(fs, r["max_frames"])
     model.to(dev)
@@ -524,15 +534,12 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     select = r.get("select", SELECT_METRIC[task])
     solver, history, best_epoch = _fit_model(model, train, val, r, task, classes, seed, progress, select)
     val_metrics, fitted = _val_scores(model, val, yval, task, classes)
-    result = {
+    return {
         "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": select,
                       "best_epoch": best_epoch, "test_split_used": False, **({"solver": solver} if solver else {})},
         "val": val_metrics, "history": history, "train_seconds": time.perf_counter() - t0,
         "n_train": int(len(ytr)), "n_val": int(len(yval)), "unit": "clips" if model.level == "clip" else "images",
-        "seed": seed, "config": config,
-    }
-    save_run(run_dir, model, config, result, fitted)
-    return RunResult(run_dir, result)
+    }, fitted
 
 
 def _what_it_is(config: dict) -> str:
