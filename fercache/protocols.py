@@ -10,7 +10,7 @@ import numpy as np
 
 from . import metrics, report
 from .data import features_memo
-from .errors import ConfigError, ManifestError, check_out_dir
+from .errors import ConfigError, ManifestError, check_out_dir, repeated
 from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters, describe as describe_head
 from .store import canonical, store_name
@@ -27,7 +27,12 @@ def head_of(label: str) -> str:
 
 def check_tables(heads: list[str], hp: dict | None, recipe: dict | None) -> None:
     """Before any training: every label names a registered head, every hp/recipe entry names one of the labels
-    (an entry for "linaer" used to be ignored without a word), and each entry's values pass the head's checks."""
+    (an entry for "linaer" used to be ignored without a word), and each entry's values pass the head's checks.
+    A label given twice trained its runs twice into one folder (with --retrain, the second replacing the first)
+    and wrote its table twice over."""
+    if twice := repeated(list(heads)):
+        raise ConfigError(f"head {', '.join(map(repr, twice))} is given twice; each head once (HEAD@NAME, with "
+                          "its own hp/recipe entry, trains the same head with other settings beside it)")
     for label in heads:
         HEADS.lookup(head_of(label))
     for table, entries in (("hp", hp or {}), ("recipe", recipe or {})):
@@ -120,6 +125,8 @@ def _cross_metrics(metric: str | list[str]) -> list[str]:
     unknown = [m for m in names if m not in CROSS_METRICS]
     if unknown or not names:
         raise ConfigError(f"cross-matrix metric {unknown or names!r}: choose from {', '.join(CROSS_METRICS)}")
+    if twice := repeated(names):
+        raise ConfigError(f"cross-matrix metric {', '.join(twice)} is given twice; each metric once")
     return names
 
 

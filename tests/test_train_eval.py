@@ -281,6 +281,28 @@ def test_a_store_or_fold_manifest_named_twice_is_refused_before_training(tiny_st
     assert not (tmp_path / "c").exists() and not (tmp_path / "f").exists()
 
 
+def test_a_head_or_metric_named_twice_is_refused_before_training(tiny_store, tiny_manifest, tmp_path, monkeypatch):
+    """--heads linear,linear trained linear's runs twice into one folder and wrote its table twice over."""
+    import fercache.train as T
+    from fercache.pipeline import check_pipeline
+    from fercache.protocols import manifest_folds
+
+    monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ConfigError, match=r"^head 'linear' is given twice; each head once \(HEAD@NAME"):
+        cross_matrix([str(tiny_store)], ["linear", "mask", "linear"], tmp_path / "c")
+    with pytest.raises(ConfigError, match=r"^head 'linear' is given twice"):
+        manifest_folds(str(tiny_store), [tiny_manifest], ["linear", "linear"], tmp_path / "f")
+    with pytest.raises(ConfigError, match=r"^cross-matrix metric ece is given twice; each metric once$"):
+        cross_matrix([str(tiny_store)], ["linear"], tmp_path / "c", metric=["ece", "accuracy", "ece"])
+    p = tmp_path / "p.toml"
+    p.write_text(f'[[step]]\nrun = "cross"\nstores = ["{tiny_store}"]\nheads = ["mask", "mask"]\nout = "{tmp_path}/c"\n')
+    with pytest.raises(ConfigError, match=r"step 1 \(cross\): head 'mask' is given twice"):
+        check_pipeline(p)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "f").exists()
+    from fercache.protocols import check_tables
+    check_tables(["linear", "linear@b"], {"linear@b": {}}, None)  # a variant label is not a repeat: no error
+
+
 def test_cross_matrix_refuses_other_encoders(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
     from fercache.errors import StoreError
     from fercache.extract import extract
