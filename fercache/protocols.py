@@ -14,7 +14,7 @@ from .errors import ConfigError, ManifestError, check_out_dir, repeated
 from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters, describe as describe_head
 from .store import canonical, store_name
-from .train import check_recipe, check_seeds, fit_seeds
+from .train import check_recipe, check_seeds, choose_aus, fit_seeds
 
 log = logging.getLogger(__name__)
 
@@ -260,16 +260,8 @@ def _fixed_aus(manifest, aus: str | list[str]) -> list[str]:
     if not have:
         raise ManifestError(f"{manifest.source} has no AU columns (AU1, AU2, ...); AU cross-validation needs a "
                             "manifest with FACS codes (e.g. the ckplus adapter)")
-    if isinstance(aus, str) and aus.startswith("top"):
-        if not aus[3:].isdigit() or int(aus[3:]) < 1:
-            raise ConfigError(f"--aus {aus!r}: write topK with K >= 1 (e.g. top8), or a list of AU numbers")
-        pos = {a: sum(v == "1" for v in manifest.column(a)) for a in have}
-        return sorted(sorted(pos, key=pos.get, reverse=True)[: int(aus[3:])], key=lambda a: int(a[2:]))
-    chosen = aus if isinstance(aus, list) else [a if a.startswith("AU") else f"AU{a}" for a in aus.split(",")]
-    missing = [a for a in chosen if a not in have]
-    if missing:
-        raise ConfigError(f"AUs {', '.join(missing)} are not in {manifest.source}; it has {', '.join(have)}")
-    return chosen
+    pos = {a: sum(v == "1" for v in manifest.column(a)) for a in have}
+    return choose_aus(aus, have, pos, manifest.source)
 
 
 def _au_table(out_dir: Path, results: list[dict]) -> dict:

@@ -194,13 +194,46 @@ def test_labels_from_a_mistyped_manifest_name_the_near_one(tiny_store, tiny_mani
         evaluate_run(r.run_dir, manifest=typo)
 
 
-def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
+@pytest.mark.parametrize("aus,error", [
+    ("12,12", r"--aus names AU12 twice; each AU once"), (["AU15", "AU12", "AU15"], r"--aus names AU15 twice"),
+    ("topx", r"--aus 'topx': write topK with K >= 1"), ("top0", r"--aus 'top0': write topK with K >= 1"),
+    (",", r"--aus ',' names no AU"), ("12,99", r"AU\(s\) AU99 not in .*au.csv; it has AU12, AU15$")])
+def test_au_choices_that_would_train_a_wrong_head_are_refused_before_training(tiny_store, tiny_manifest, tmp_path,
+                                                                             monkeypatch, aus, error):
+    """--aus 12,12 trained AU12 twice as two outputs (macro-F1 counted it twice); topx crashed with a ValueError;
+    top0 saved a head of no AU with a val macro-F1 of nan."""
+    import fercache.train as T
+    from fercache.protocols import _fixed_aus
+
+    path = _au_manifest(tiny_manifest, tmp_path)
+    monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the check"))
+    with pytest.raises(ConfigError, match=error):
+        fit(str(tiny_store), "au", manifest=path, out_dir=tmp_path / "r", aus=aus)
+    with pytest.raises(ConfigError, match=error):  # au-cv's choice, made before any fold manifest is written
+        _fixed_aus(read_manifest(path), aus)
+    assert not (tmp_path / "r").exists()
+
+
+def test_aus_are_named_by_number_or_name_with_spaces_or_any_case(tiny_store, tiny_manifest, tmp_path):
+    from fercache.train import choose_aus
+
+    have, pos = ["AU12", "AU15"], {"AU12": 5, "AU15": 9}
+    assert choose_aus(" 15, au12 ", have, pos, "m") == ["AU15", "AU12"]
+    assert choose_aus("top1", have, pos, "m") == ["AU15"] and choose_aus("top5", have, pos, "m") == ["AU12", "AU15"]
+
+
+def _au_manifest(tiny_manifest, tmp_path):
+    """The tiny manifest with AU12 (~happy) and AU15 (~sad; unknown for some neutral rows)."""
     m = read_manifest(tiny_manifest)
-    for r in m.rows:  # AU12 ~ happy, AU15 ~ sad, unknown for some neutral rows
+    for r in m.rows:
         r["AU12"] = "1" if r["label"] == "happy" else "0"
         r["AU15"] = "1" if r["label"] == "sad" else ("-1" if r["label"] == "neutral" else "0")
     m.columns = m.columns + ["AU12", "AU15"]
-    path = write_manifest(m, tmp_path / "au.csv")
+    return write_manifest(m, tmp_path / "au.csv")
+
+
+def test_au_head_on_manifest_au_columns(tiny_store, tiny_manifest, tmp_path):
+    path = _au_manifest(tiny_manifest, tmp_path)
     r = fit(str(tiny_store), "au", manifest=path, out_dir=tmp_path, recipe={"epochs": 30, "batch_size": 8}, aus="12,15",
             hp={"hidden": 32, "auc_weight": 0.2})
     assert r.metrics["config"]["classes"] == ["AU12", "AU15"]
