@@ -45,12 +45,16 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lo
     _progress["bars"] = not quiet
 
 
-def _options(pairs: list[str], flag: str = "--option") -> dict:
+def _options(pairs: list[str], flag: str) -> dict:
+    """key=value pairs of a repeatable option. A key given twice is refused: the later silently replaced the
+    earlier (--recipe epochs=1 --recipe epochs=2 trained 2 epochs, unsaid)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep:
             raise typer.BadParameter(f"{flag} takes key=value, got {pair!r}")
+        if key in out:
+            raise typer.BadParameter(f"{flag} {key} is given twice ({out[key]}, {value}); give each key once")
         out[key] = value
     return out
 
@@ -67,7 +71,7 @@ def manifest_build(
     from .adapters import build
     from .manifests import write_manifest
 
-    manifest = build(fmt, src, data_root=data_root, **_options(option))
+    manifest = build(fmt, src, data_root=data_root, **_options(option, "--option"))
     typer.echo(f"{write_manifest(manifest, out)}: {len(manifest)} rows")
 
 
@@ -198,10 +202,10 @@ def export(store: str = StoreArg, to: Path = typer.Option(..., "--to", help="HDF
 _PY_LITERALS = {"True": True, "False": False, "None": None}  # so `--hp use_sigmoid=False` is not the truthy string "False"
 
 
-def _kv(pairs: list[str]) -> dict:
-    """key=value pairs with values parsed as JSON when possible (numbers, booleans, null, lists)."""
+def _kv(pairs: list[str], flag: str) -> dict:
+    """key=value pairs of `flag` with values parsed as JSON when possible (numbers, booleans, null, lists)."""
     out = {}
-    for key, value in _options(pairs).items():
+    for key, value in _options(pairs, flag).items():
         try:
             out[key] = _PY_LITERALS[value] if value in _PY_LITERALS else json.loads(value)
         except json.JSONDecodeError:
@@ -243,7 +247,7 @@ def train_head(
     from .train import fit_seeds
 
     runs = fit_seeds(store, head, seeds=_ints(seeds), out_dir=out, manifest=manifest, output=output,
-                     mask_source=mask_source, hp=_kv(hp), recipe=_kv(recipe), aus=aus, device=device,
+                     mask_source=mask_source, hp=_kv(hp, "--hp"), recipe=_kv(recipe, "--recipe"), aus=aus, device=device,
                      progress=_progress["bars"], views=views, replace=overwrite)
     for r in runs:
         sel, val = r.metrics["selection"], r.metrics["val"]
@@ -329,7 +333,7 @@ def evaluate(
     calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
     per-AU F1), or the --cross matrix."""
     if cross:
-        return _evaluate_cross(train, test, _names(heads), out, _ints(seeds), _kv(recipe), device,
+        return _evaluate_cross(train, test, _names(heads), out, _ints(seeds), _kv(recipe, "--recipe"), device,
                                _options(labels, "--labels"), [m for m in metric.split(",") if m], retrain)
     from .evaluate import evaluate as run_eval, format_summary
 
@@ -429,7 +433,7 @@ def au_cv(
     """Subject-grouped k-fold AU detection: per-AU F1 at 0.5, tuned thresholds, and the always-positive baseline."""
     from .protocols import au_crossval
 
-    r = au_crossval(store, out, folds=folds, aus=aus, seeds=_ints(seeds), hp=_kv(hp), recipe=_kv(recipe), device=device,
+    r = au_crossval(store, out, folds=folds, aus=aus, seeds=_ints(seeds), hp=_kv(hp, "--hp"), recipe=_kv(recipe, "--recipe"), device=device,
                     reuse=not retrain)
     typer.echo(r["markdown"] + f"\n-> {r['png']}")
 
@@ -457,7 +461,7 @@ def folds(
 
     head = _names(head)
     r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_ints(seeds),
-                       hp={h: _kv(hp) for h in head}, recipe={h: _kv(recipe) for h in head}, device=device,
+                       hp={h: _kv(hp, "--hp") for h in head}, recipe={h: _kv(recipe, "--recipe") for h in head}, device=device,
                        progress=_progress["bars"], reuse=not retrain)
     typer.echo(r["markdown"])
 
@@ -479,7 +483,7 @@ def _axis(text: str) -> tuple[str, list]:
             raise typer.BadParameter(f"--axis {name}: {values!r} is not a JSON list ({e}); points that are lists "
                                      f"themselves go in one outer list: {name}=[[], [\"flip\"]]") from None
         return name, points
-    return name, [_kv([f"v={v}"])["v"] for v in values.split(",")]
+    return name, [_kv([f"v={v}"], "--axis")["v"] for v in values.split(",")]
 
 
 @app.command("runs")
@@ -538,7 +542,7 @@ def sweep(
     if twice := repeated([name for name, _ in axes]):  # dict() would keep the later --axis of a name, unsaid
         raise typer.BadParameter(f"--axis {twice[0]} is given twice; put all its values in one --axis name=v1,v2,...")
     grid = dict(axes)
-    r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe), base_hp=_kv(hp),
+    r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe, "--recipe"), base_hp=_kv(hp, "--hp"),
                   progress=_progress["bars"], retrain=retrain)
     typer.echo(describe(r))
 

@@ -342,7 +342,7 @@ def test_unknown_hyperparameter_names_the_ones_the_head_takes(tiny_store, tmp_pa
 
 
 def test_hp_values_parse_python_and_json_literals():
-    assert cli._kv(["a=False", "b=false", "c=None", "d=null", "e=3", "f=[1,2]", "g=sample"]) == {
+    assert cli._kv(["a=False", "b=false", "c=None", "d=null", "e=3", "f=[1,2]", "g=sample"], "--hp") == {
         "a": False, "b": False, "c": None, "d": None, "e": 3, "f": [1, 2], "g": "sample"}
     assert cli._axis("use_sigmoid=True,False") == ("use_sigmoid", [True, False])
 
@@ -618,3 +618,28 @@ def test_bench_n_images_below_one_is_a_usage_error(tiny_manifest, command):
     """--n-images 0 silently benchmarked every row; -1 wrote an empty subset."""
     r = runner.invoke(cli.app, ["bench", command, str(tiny_manifest), "--n-images", "0"])
     assert r.exit_code == 2 and "Invalid value for '--n-images'" in r.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["train-head", "s.zarr", "--recipe", "epochs=1", "--recipe", "epochs=2"], "--recipe epochs is given twice (1, 2); give each key once"),
+    (["au-cv", "s.zarr", "--hp", "hidden=8", "--hp", "hidden=16"], "--hp hidden is given twice (8, 16)"),
+    (["evaluate", "--cross", "--train", "s.zarr", "--labels", "s=a.csv", "--labels", "s=b.csv"], "--labels s is given twice"),
+    (["manifest", "build", ".", "-f", "ckplus", "-o", "m.csv", "--option", "facs=a", "--option", "facs=b"], "--option facs is given twice"),
+    (["train-head", "s.zarr", "--hp", "hidden"], "--hp takes key=value, got 'hidden'"),
+    (["sweep", "s.zarr", "--axis", "lr=1e-3", "--recipe", "epochs"], "--recipe takes key=value, got 'epochs'")])
+def test_a_key_given_twice_or_without_a_value_is_refused_and_the_flag_named(args, message):
+    """--recipe epochs=1 --recipe epochs=2 trained 2 epochs, unsaid; --hp hidden was '--option takes key=value'."""
+    r = runner.invoke(cli.app, args)
+    assert r.exit_code == 2 and message in " ".join(r.output.split()), r.output
+
+
+def test_a_sweep_axis_also_fixed_by_recipe_or_hp_is_refused(tiny_store, tmp_path):
+    """--recipe lr=1e-3 --axis lr=1e-2,1e-1: the axis won and the fixed value was dropped without a word."""
+    from fercache.errors import ConfigError
+    from fercache.sweep import sweep
+
+    with pytest.raises(ConfigError, match=r"^lr: both a sweep axis and a fixed --recipe/--hp value; give it one way$"):
+        sweep(str(tiny_store), "linear", {"lr": [1e-2, 1e-1]}, tmp_path / "s", base_recipe={"lr": 1e-3})
+    with pytest.raises(ConfigError, match=r"^n_drop: both a sweep axis"):
+        sweep(str(tiny_store), "mask", {"n_drop": [1, 2]}, tmp_path / "s", base_hp={"n_drop": 4})
+    assert not (tmp_path / "s").exists()
