@@ -202,15 +202,20 @@ def export(store: str = StoreArg, to: Path = typer.Option(..., "--to", help="HDF
 _PY_LITERALS = {"True": True, "False": False, "None": None}  # so `--hp use_sigmoid=False` is not the truthy string "False"
 
 
+def _literal(value: str):
+    """An --hp, --recipe or --axis value: JSON when it parses (numbers, booleans, null, lists), Python's
+    True/False/None, else the string."""
+    if value in _PY_LITERALS:
+        return _PY_LITERALS[value]
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError:
+        return value
+
+
 def _kv(pairs: list[str], flag: str) -> dict:
-    """key=value pairs of `flag` with values parsed as JSON when possible (numbers, booleans, null, lists)."""
-    out = {}
-    for key, value in _options(pairs, flag).items():
-        try:
-            out[key] = _PY_LITERALS[value] if value in _PY_LITERALS else json.loads(value)
-        except json.JSONDecodeError:
-            out[key] = value
-    return out
+    """key=value pairs of `flag`, each value a `_literal`."""
+    return {key: _literal(value) for key, value in _options(pairs, flag).items()}
 
 
 def _ints(text: str, option: str = "--seeds", least: int = 0) -> list[int]:
@@ -247,8 +252,8 @@ def train_head(
     from .train import fit_seeds
 
     runs = fit_seeds(store, head, seeds=_ints(seeds), out_dir=out, manifest=manifest, output=output,
-                     mask_source=mask_source, hp=_kv(hp, "--hp"), recipe=_kv(recipe, "--recipe"), aus=aus, device=device,
-                     progress=_progress["bars"], views=views, replace=overwrite)
+                     mask_source=mask_source, hp=_kv(hp, "--hp"), recipe=_kv(recipe, "--recipe"), aus=aus,
+                     device=device, progress=_progress["bars"], views=views, replace=overwrite)
     for r in runs:
         sel, val = r.metrics["selection"], r.metrics["val"]
         score = val.get("accuracy", val.get("macro_f1_at_0.5"))
@@ -433,8 +438,8 @@ def au_cv(
     """Subject-grouped k-fold AU detection: per-AU F1 at 0.5, tuned thresholds, and the always-positive baseline."""
     from .protocols import au_crossval
 
-    r = au_crossval(store, out, folds=folds, aus=aus, seeds=_ints(seeds), hp=_kv(hp, "--hp"), recipe=_kv(recipe, "--recipe"), device=device,
-                    reuse=not retrain)
+    r = au_crossval(store, out, folds=folds, aus=aus, seeds=_ints(seeds), hp=_kv(hp, "--hp"),
+                    recipe=_kv(recipe, "--recipe"), device=device, reuse=not retrain)
     typer.echo(r["markdown"] + f"\n-> {r['png']}")
 
 
@@ -461,8 +466,8 @@ def folds(
 
     head = _names(head)
     r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_ints(seeds),
-                       hp={h: _kv(hp, "--hp") for h in head}, recipe={h: _kv(recipe, "--recipe") for h in head}, device=device,
-                       progress=_progress["bars"], reuse=not retrain)
+                       hp={h: _kv(hp, "--hp") for h in head}, recipe={h: _kv(recipe, "--recipe") for h in head},
+                       device=device, progress=_progress["bars"], reuse=not retrain)
     typer.echo(r["markdown"])
 
 
@@ -483,7 +488,7 @@ def _axis(text: str) -> tuple[str, list]:
             raise typer.BadParameter(f"--axis {name}: {values!r} is not a JSON list ({e}); points that are lists "
                                      f"themselves go in one outer list: {name}=[[], [\"flip\"]]") from None
         return name, points
-    return name, [_kv([f"v={v}"], "--axis")["v"] for v in values.split(",")]
+    return name, [_literal(v) for v in values.split(",")]
 
 
 @app.command("runs")
@@ -542,8 +547,8 @@ def sweep(
     if twice := repeated([name for name, _ in axes]):  # dict() would keep the later --axis of a name, unsaid
         raise typer.BadParameter(f"--axis {twice[0]} is given twice; put all its values in one --axis name=v1,v2,...")
     grid = dict(axes)
-    r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe, "--recipe"), base_hp=_kv(hp, "--hp"),
-                  progress=_progress["bars"], retrain=retrain)
+    r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe, "--recipe"),
+                  base_hp=_kv(hp, "--hp"), progress=_progress["bars"], retrain=retrain)
     typer.echo(describe(r))
 
 
