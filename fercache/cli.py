@@ -309,9 +309,23 @@ def _score_line(r: dict, split: str) -> str:
     return f"{r['run']} on {r['store']}:{split}  n={r['n']}  {scores}{excl}  -> {r['out']}"
 
 
+#: evaluate's options that only one of its two modes reads: given to the other, they were dropped unsaid.
+_CROSS_ONLY = ("train", "test", "heads", "seeds", "recipe", "out", "labels", "metric", "retrain")
+_RUNS_ONLY = ("runs", "store", "split", "manifest", "errors", "data_root")
+
+
+def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
+    """How the user spelled those of `names` they typed (not left at their defaults), e.g. ['--heads', 'RUNS']."""
+    params = {p.name: p for p in ctx.command.params}
+    # By the source's name: typer carries its own copy of click, whose ParameterSource is not click's.
+    typed = [n for n in names if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+    return [params[n].opts[0] if params[n].param_type_name == "option" else n.upper() for n in typed]
+
+
 @app.command()
 def evaluate(
-    runs: list[str] = typer.Argument(None, help="Run directories (or parents of seed runs). With --cross: unused."),
+    ctx: typer.Context,
+    runs: list[str] = typer.Argument(None, help="Run directories (or parents of seed runs); not with --cross."),
     store: Optional[str] = typer.Option(None, help="Store to evaluate on (default: the run's training store)."),
     split: str = typer.Option("test", help="Split to score."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
@@ -337,6 +351,9 @@ def evaluate(
     """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
     calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
     per-AU F1), or the --cross matrix."""
+    if stray := _given(ctx, _RUNS_ONLY if cross else _CROSS_ONLY):  # e.g. `evaluate RUN --heads mask` scored RUN only
+        raise typer.BadParameter(f"{', '.join(stray)}: " + ("not read by --cross, which trains its own runs and scores "
+                                 "each --test store's test split" if cross else "read by --cross only"))
     if cross:
         return _evaluate_cross(train, test, _names(heads), out, _ints(seeds), _kv(recipe, "--recipe"), device,
                                _options(labels, "--labels"), [m for m in metric.split(",") if m], retrain)

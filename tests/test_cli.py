@@ -373,6 +373,21 @@ def test_evaluate_cross_from_the_cli_writes_the_matrix(tiny_store, tmp_path):
     assert r.exit_code == 2 and "--cross needs --train" in r.output
 
 
+def test_evaluate_refuses_options_of_its_other_mode(tiny_store, tmp_path):
+    """`evaluate RUN --heads mask --seeds 1` scored RUN alone and said nothing of the two options; `--cross ... RUN
+    --split val` ignored RUN and the split. Each is refused, naming the options, before anything is read or trained."""
+    run = tmp_path / "runs"
+    assert invoke("train-head", tiny_store, "--head", "linear", "--recipe", "epochs=1", "--out", run).exit_code == 0
+    run = run / "faces-linear" / "seed0"
+    r = invoke("evaluate", run, "--heads", "mask", "--seeds", "1")
+    assert r.exit_code == 2 and "--heads, --seeds: read by --cross only" in " ".join(r.output.split())
+    assert not list(run.glob("eval-*"))
+    r = invoke("evaluate", "--cross", "--train", tiny_store, run, "--split", "val", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "RUNS, --split: not read by --cross" in " ".join(r.output.split())
+    assert not (tmp_path / "x").exists()
+    assert invoke("evaluate", run, "--split", "val").exit_code == 0 and (run / "eval-faces-val").is_dir()
+
+
 def test_cross_and_folds_take_heads_comma_separated_or_repeated(tiny_store, tiny_manifest, tmp_path):
     """evaluate --cross took `--heads a,b` and folds `--head a --head b`: each refused the other's spelling."""
     assert cli._names(["linear,mask", " au ", "temporal@mean,"]) == ["linear", "mask", "au", "temporal@mean"]
