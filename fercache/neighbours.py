@@ -158,6 +158,11 @@ def _units_of(store: str, manifest, output: str | None, views: bool = True) -> F
     return clip_means(fs) if fs.clip_id is not None else fs
 
 
+def _unit(fs: FeatureSet) -> str:
+    """What one compared row is: a video store's rows are clips (59 CK+48 test clips were "59 images")."""
+    return "clip" if fs.clip_id is not None else "image"
+
+
 def _same_encoder(a: str, b: str) -> None:
     ea, eb = (open_store(s).fingerprint["encoder"] for s in (a, b))
     if encoder_key(ea) != encoder_key(eb):
@@ -187,14 +192,15 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
     rows = [[fs.sample_id[nb.query[i]], fs.split[nb.query[i]], fs.label[nb.query[i]], refs.sample_id[nb.ref[i]],
              refs.split[nb.ref[i]], refs.label[nb.ref[i]], f"{nb.cos[i]:.4f}", int(nb.mirrored[i])] for i in hits]
     result = {"store": store, "against": against, "where": where, "threshold": threshold, "queries": int(len(nb.query)),
+              "unit": _unit(fs), "ref_unit": _unit(refs),
               "counts": counts(nb), "units": nb.units(threshold), "label_differs": int(sum(r[2] != r[5] for r in rows)),
               "csv": str(report.write_csv(out_dir / "near-dups.csv", ["sample_id", "split", "label", "neighbour",
                                                                       "neighbour_split", "neighbour_label", "cosine",
                                                                       "mirrored"], rows)),
               "hist_png": str(report.hist_png(
                   out_dir / "near-dups-hist.png", {s: nb.cos[fs.split[nb.query] == s] for s in ("val", "test")}, threshold,
-                  f"cosine to the nearest {where} image" + ("" if against else " (train; train + val for test)"),
-                  f"{name}: {len(hits)} of {len(nb.query)} val/test images at cosine ≥ {threshold}"))}
+                  f"cosine to the nearest {where} {_unit(refs)}" + ("" if against else " (train; train + val for test)"),
+                  f"{name}: {len(hits)} of {len(nb.query)} val/test {_unit(fs)}s at cosine ≥ {threshold}"))}
     if without_leaks_to:
         m = manifest_for(open_store(store), manifest)
         result["manifest"] = str(write_manifest(without_leaks(m, result["units"]), without_leaks_to))
@@ -211,13 +217,16 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
 
 def describe(result: dict) -> str:
     """Counts at each threshold, what was found at the chosen one, and where the outputs went."""
-    lines = [f"{result['store']}: {result['queries']} labelled val/test images against every {result['where']} image"
-             " (and its mirrored view where that store has one)",
+    unit, ref_unit = result["unit"], result["ref_unit"]
+    lines = [f"{result['store']}: {result['queries']} labelled val/test {unit}s against every {result['where']} "
+             f"{ref_unit} (and its mirrored view where that store has one)"
+             + ("; a clip is the mean of its frames' features" if "clip" in (unit, ref_unit) else ""),
              f"  {'cosine ≥':>9} {'val':>6} {'test':>6}"]
     lines += [f"  {t:>9} {c['val']:>6} {c['test']:>6}" + ("  <- threshold" if t == result["threshold"] else "")
               for t, c in result["counts"].items()]
-    lines.append(f"at {result['threshold']}: {len(result['units'])} val/test unit(s), {result['label_differs']} of the pairs "
-                 f"labelled differently -> {result['csv']}, {result['hist_png']}" + (f", {result['pairs_png']}" if "pairs_png" in result else ""))
+    lines.append(f"at {result['threshold']}: {len(result['units'])} val/test {unit}(s), {result['label_differs']} of the "
+                 f"pairs labelled differently -> {result['csv']}, {result['hist_png']}"
+                 + (f", {result['pairs_png']}" if "pairs_png" in result else ""))
     if "manifest" in result:
         lines.append(f"{result['manifest']}: the manifest with them unlabelled (the same store serves it)")
     return "\n".join(lines)
