@@ -141,7 +141,7 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
     header = ["trained on \\ tested on"] + names_c + ["mean unseen"]
     md_rows, csv_rows = [], []
     for i, r in enumerate(rows):
-        cell = [f"{mean[i, j]:.1f} ± {std[i, j]:.1f}" + (" (in-domain)" if c == r else "") +
+        cell = [report.mean_std(mean[i, j], std[i, j], n_seeds, 1) + (" (in-domain)" if c == r else "") +
                 (f" [excl. {cells[(r, c)]['excluded']['n']}]" if cells[(r, c)]["excluded"]["n"] else "")
                 for j, c in enumerate(cols)]
         md_rows.append([names_r[i]] + cell + ["-" if unseen[i] is None else f"{unseen[i]:.1f}"])
@@ -152,11 +152,11 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
     report.write_csv(base.with_suffix(".csv"), ["trained_on"] + [f"{c}_mean" for c in names_c] + [f"{c}_std" for c in names_c]
                      + [f"{c}_excluded" for c in names_c] + ["mean_unseen"], csv_rows)
     lower = metric in metrics.LOWER_IS_BETTER
-    title = f"{head}: {metric} (%{', lower is better' if lower else ''}) on the test split, mean ± std over {n_seeds} seed(s)"
+    title = f"{head}: {metric} (%{', lower is better' if lower else ''}) on the test split, {report.over_seeds(n_seeds)}"
     md = f"### {title}\n\n" + report.markdown_table(header, md_rows) + \
         "\n\n[excl. N]: test samples whose label is not in the training label set (not scored).\n"
     base.with_suffix(".md").write_text(md)
-    report.heatmap_png(base.with_suffix(".png"), mean, std, names_r, names_c, title, lower_is_better=lower)
+    report.heatmap_png(base.with_suffix(".png"), mean, std if n_seeds > 1 else None, names_r, names_c, title, lower_is_better=lower)
     serial = {f"{store_name(r)} -> {store_name(c)}": v for (r, c), v in cells.items()}
     base.with_suffix(".json").write_text(json.dumps(serial, indent=2))
     return {"markdown": md, "csv": str(base.with_suffix(".csv")), "png": str(base.with_suffix(".png")), "cells": serial}

@@ -32,6 +32,16 @@ def cell(value) -> str:
     return json.dumps(value, separators=(",", ":")) if isinstance(value, (list, dict)) else str(value)
 
 
+def mean_std(mean: float, std: float, n: int, digits: int = 2) -> str:
+    """`47.39 ± 0.28` over n > 1 seeds; one seed has no spread to show, and `68.9 ± 0.0` read as a stable result."""
+    return f"{mean:.{digits}f}" + (f" ± {std:.{digits}f}" if n > 1 else "")
+
+
+def over_seeds(n: int) -> str:
+    """How a table's `mean_std` cells were taken, for its title."""
+    return f"mean ± std over {n} seeds" if n > 1 else "one seed (no ± std)"
+
+
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
@@ -97,10 +107,11 @@ def hist_png(path: Path, groups: dict[str, np.ndarray], threshold: float, xlabel
     return _save(fig, path, 120)
 
 
-def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray, rows: list[str], cols: list[str], title: str,
+def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray | None, rows: list[str], cols: list[str], title: str,
                 lower_is_better: bool = False) -> Path:
-    """Cross-dataset matrix (rows trained on, columns tested on) as a heatmap of mean +- std (%); bright is
-    good either way (the colour scale turns over for a lower-is-better metric such as ECE)."""
+    """Cross-dataset matrix (rows trained on, columns tested on) as a heatmap of mean +- std (%; std None: one
+    seed, the mean alone); bright is good either way (the colour scale turns over for a lower-is-better metric
+    such as ECE)."""
     plt = _plt()
     fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(cols), 1.2 + 0.8 * len(rows)))
     ax.imshow(mean, cmap="viridis_r" if lower_is_better else "viridis", vmin=0, vmax=100)
@@ -109,7 +120,7 @@ def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray, rows: list[str], 
     ax.set_yticks(range(len(rows)), [f"train: {r}" for r in rows])
     for i in range(len(rows)):
         for j in range(len(cols)):
-            ax.text(j, i, f"{mean[i, j]:.1f}\n±{std[i, j]:.1f}", ha="center", va="center",
+            ax.text(j, i, f"{mean[i, j]:.1f}" + ("" if std is None else f"\n±{std[i, j]:.1f}"), ha="center", va="center",
                     color="white" if good[i, j] < 60 else "black", fontsize=9)
     ax.set_title(title, fontsize=9)
     return _save(fig, path, 120)

@@ -89,7 +89,7 @@ def _settings(groups: list[list[dict]]) -> dict[int, str]:
 
 
 def _mean_std(values: list[float]) -> str:
-    return f"{100 * np.mean(values):.2f} ± {100 * np.std(values):.2f}" if values else ""
+    return report.mean_std(100 * np.mean(values), 100 * np.std(values), len(values)) if values else ""
 
 
 def _records(root: Path, runs: list[Path]) -> tuple[list[dict], list[str]]:

@@ -117,20 +117,20 @@ def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: l
     rows.sort(key=lambda r: -r["mean"])
     metric, name = f"val {rows[0]['val_metric']} (%)", store_name(store)
     header = ["rank"] + list(grid) + [metric]
-    table = [[k + 1] + [report.cell(r[a]) for a in grid] + [f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f}"]
+    table = [[k + 1] + [report.cell(r[a]) for a in grid] + [report.mean_std(100 * r["mean"], 100 * r["std"], n_seeds)]
              for k, r in enumerate(rows)]
     md = f"### sweep of {head} on {name} (ranked on the validation split)\n\n" + report.markdown_table(header, table) + "\n"
     (out_dir / "sweep.md").write_text(md)
     report.write_csv(out_dir / "sweep.csv", header, table)
     means, stds = [100 * r["mean"] for r in rows], [100 * r["std"] for r in rows]
     report.ranking_png(out_dir / "sweep.png", [", ".join(f"{a}={report.cell(r[a])}" for a in grid) for r in rows],
-                       means, stds, f"{metric}, mean ± std over {n_seeds} seed(s)", f"sweep of {head} on {name}")
+                       means, stds, f"{metric}, {report.over_seeds(n_seeds)}", f"sweep of {head} on {name}")
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
     out = {"markdown": md, "best": rows[0], "rows": rows, "axes": list(grid)}
     (axis,) = grid if len(grid) == 1 else (None,)
     if axis and all(isinstance(r[axis], (int, float)) and not isinstance(r[axis], bool) for r in rows):
         out["curve_png"] = str(report.curve_png(out_dir / "sweep-curve.png", [r[axis] for r in rows], means, stds, axis,
-                                                metric, f"{head} on {name}: mean ± std over {n_seeds} seed(s)"))
+                                                metric, f"{head} on {name}: {report.over_seeds(n_seeds)}"))
     return out
 
 

@@ -275,6 +275,8 @@ def test_a_one_store_matrix_has_no_unseen_mean_and_repeated_seeds_are_refused(ti
 
     table = cross_matrix([str(tiny_store)], ["linear"], tmp_path / "one", recipe={"linear": QUICK})["linear"]
     assert "nan" not in table["markdown"] and table["markdown"].split("\n")[4].endswith("| - |")
+    # one seed has no spread: the cell was "70.0 ± 0.0 (in-domain)" under "mean ± std over 1 seed(s)"
+    assert "on the test split, one seed (no ± std)" in table["markdown"] and "±" not in table["markdown"].split("\n")[4]
     assert (tmp_path / "one" / "cross-linear.csv").read_text().splitlines()[1].endswith(",0,")
     monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the seeds check"))
     message = r"^seeds \[0, 2, 0\] repeat 0: each seed is one run, in its own folder seed<N>/; give distinct seeds$"
@@ -508,6 +510,8 @@ def test_sweep_ranks_on_validation(tiny_store, tmp_path):
     saved = json.loads((tmp_path / "point000" / "seed0" / "config.json").read_text())
     assert saved["hp"] == {"normalize": False} and saved["recipe"]["lr"] == 1e-6 and saved["recipe"]["batch_size"] == 8
     assert (tmp_path / "sweep.md").read_text().count("\n|") == 6  # header, rule, 4 points
+    best = r["markdown"].split("\n")[4]  # one seed: the mean alone, where it was "x ± 0.00"
+    assert best.endswith(f"| {100 * means[0]:.2f} |") and "±" not in r["markdown"]
     # the plots: the sweep ranking with its best point in blue, and each run's training curves
     blue = (31, 119, 180)  # matplotlib tab:blue
     for png in (tmp_path / "sweep.png", tmp_path / "point000" / "seed0" / "training.png"):
