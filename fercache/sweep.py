@@ -51,7 +51,8 @@ def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) ->
     in_recipe, d = recipe_keys(head), describe_head(head)  # an axis is a recipe key, or else a hyperparameter
     _check_axes(head, grid, in_recipe, set(d["hp"]))
     if both := sorted(set(grid) & (set(base_recipe) | set(base_hp))):  # the axis won, and the fixed value was lost
-        raise ConfigError(f"{', '.join(both)}: both a sweep axis and a fixed --recipe/--hp value; give it one way")
+        raise ConfigError(f"{', '.join(both)}: both a sweep axis and a fixed --recipe/--hp value (base_recipe/base_hp "
+                          "in a pipeline); give it one way")
     plan = []
     for point in grid_points(grid):
         recipe = {**base_recipe, **{k: v for k, v in point.items() if k in in_recipe}}

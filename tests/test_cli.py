@@ -653,7 +653,7 @@ def test_a_sweep_axis_also_fixed_by_recipe_or_hp_is_refused(tiny_store, tmp_path
     from fercache.errors import ConfigError
     from fercache.sweep import sweep
 
-    with pytest.raises(ConfigError, match=r"^lr: both a sweep axis and a fixed --recipe/--hp value; give it one way$"):
+    with pytest.raises(ConfigError, match=r"^lr: both a sweep axis and a fixed --recipe/--hp value \(base_recipe/base_hp in a pipeline\); give it one way$"):
         sweep(str(tiny_store), "linear", {"lr": [1e-2, 1e-1]}, tmp_path / "s", base_recipe={"lr": 1e-3})
     with pytest.raises(ConfigError, match=r"^n_drop: both a sweep axis"):
         sweep(str(tiny_store), "mask", {"n_drop": [1, 2]}, tmp_path / "s", base_hp={"n_drop": 4})
