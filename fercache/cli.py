@@ -435,7 +435,9 @@ def predict(
     check_out(out)
     rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"])
     if out:
-        typer.echo(f"{write_predictions(rows, out)}: {len(rows)} images")
+        failed = sum("error" in r for r in rows)
+        typer.echo(f"{write_predictions(rows, out)}: {len(rows) - failed} predicted"
+                   + (f", {failed} failed (see the error column)" if failed else ""))
     else:
         typer.echo(json.dumps(rows, indent=2))
 

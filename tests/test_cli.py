@@ -606,7 +606,8 @@ def test_the_console_shows_our_progress_lines_not_the_libraries_info_or_the_rand
     assert "root: Loaded" in verbose or "root: Instantiating" in verbose, verbose
 
 
-def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_makes_its_folder(tiny_store, tiny_dataset, tmp_path):
+def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_makes_its_folder(tiny_store, tiny_dataset, tmp_path,
+                                                                                              caplog):
     """--out p.txt was refused only after every image had been encoded; --out into a new folder was an OSError."""
     assert invoke("train-head", tiny_store, "--head", "linear", "--out", tmp_path / "runs", "--recipe", "epochs=2").exit_code == 0
     run, images = tmp_path / "runs" / "faces-linear" / "seed0", tiny_dataset / "faces" / "test"
@@ -616,6 +617,13 @@ def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_make
     r = invoke("predict", run, images, "-o", tmp_path / "new" / "sub" / "p.json")
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "new" / "sub" / "p.json").read_text())) == 24
+    # a file that fails is said, on the summary line and in a warning, not only in the output's error column
+    (tmp_path / "broken.jpg").write_bytes(b"xx")
+    r = runner.invoke(cli.app, ["predict", str(run), str(images / "happy" / "test_happy_000.jpg"),
+                                str(tmp_path / "broken.jpg"), "-o", str(tmp_path / "q.csv")])
+    assert r.exit_code == 0 and f"{tmp_path / 'q.csv'}: 1 predicted, 1 failed (see the error column)" in r.stdout
+    assert f"1 of 2 inputs failed (their rows carry the error, no prediction), e.g. {tmp_path / 'broken.jpg'}: " \
+        "UnidentifiedImageError" in caplog.text
 
 
 def test_protocol_commands_run_again_reuse_their_finished_runs_unless_retrain(tiny_store, tmp_path):

@@ -156,6 +156,11 @@ def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_pat
     assert all(o["frames"] >= 3 and abs(sum(o["probabilities"].values()) - 1) < 1e-5 for o in out)
     with pytest.raises(ConfigError, match="one clip per folder"):
         predict(r.run_dir, [next((root / "clips" / "test_sad_1").iterdir())])
+    empty = tmp_path / "empty_clip"  # a folder without a decodable frame: was a row of errors and exit 0
+    (empty / "a.jpg").parent.mkdir()
+    (empty / "a.jpg").write_text("not a frame")
+    with pytest.raises(ConfigError, match=r"^none of the 1 clip folder\(s\) had a frame that could be decoded, e\.g\. "):
+        predict(r.run_dir, [empty])
 
 
 def test_restored_prompt_head_reproduces_its_validation_score(video_store, tmp_path):
