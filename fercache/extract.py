@@ -27,7 +27,7 @@ from torch.utils.data import DataLoader, Dataset
 from . import store as S
 from .devices import torch_device
 from .encoders import Encoder, check_encoder_name, load_encoder, missing_weights
-from .errors import ConfigError, EncoderError
+from .errors import ConfigError, EncoderError, repeated
 from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
 from .preprocess import VIEWS, decode_image, to_model_input, with_views
 
@@ -297,8 +297,6 @@ def _join(parts: list[tuple[dict, np.ndarray, list[str]]]) -> tuple[dict, np.nda
 
 def _ready(enc: Encoder, views, dev: torch.device) -> Encoder:
     """The encoder on `dev` (channels-last on CUDA or where the encoder asks for it), with `views` to extract."""
-    for v in views:
-        VIEWS.lookup(v)  # an unknown view fails here, before any work
     enc.views = tuple(views)
     enc.model.to(dev)
     if enc.channels_last or dev.type == "cuda":
@@ -309,9 +307,13 @@ def _ready(enc: Encoder, views, dev: torch.device) -> Encoder:
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
 
 
-def check_options(batch_size: int, workers: int | None, chunk_rows: int, precision: str, image_size: int | None) -> None:
+def check_options(batch_size: int, workers: int | None, chunk_rows: int, precision: str, image_size: int | None,
+                  views=()) -> None:
     """Refuse, before anything is read or created, what would otherwise fail mid-run inside range(), the
-    DataLoader or a dict lookup (and image_size=0, which used to mean the model's default silently)."""
+    DataLoader or a dict lookup (and image_size=0, which used to mean the model's default silently; a view given
+    twice, which crashed the first chunk's write after the store was created)."""
+    for v in views:
+        VIEWS.lookup(v)  # an unknown view, named with the known ones
     wrong = [f"--{name} {value}: {what}" for name, value, ok, what in [
         ("batch-size", batch_size, batch_size >= 1, "at least 1 image per forward pass"),
         ("workers", workers, workers is None or workers >= 0, "0 (decode in this process) or more worker processes"),
@@ -319,6 +321,8 @@ def check_options(batch_size: int, workers: int | None, chunk_rows: int, precisi
         ("precision", precision, precision in PRECISIONS, ", ".join(PRECISIONS)),
         ("image-size", image_size, image_size is None or image_size >= 1, "leave it out for the model's own size, "
                                                                           "or give pixels >= 1"),
+        ("views", ",".join(views), not repeated(list(views)), f"{', '.join(repeated(list(views)))} given twice; "
+                                                              "each view is cached once"),
     ] if not ok]
     if wrong:
         raise ConfigError("; ".join(wrong))
@@ -345,7 +349,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     `views` (e.g. ["flip"]) also stores each output of each augmented view, as "<output>.<view>".
     """
     t0 = time.perf_counter()
-    check_options(batch_size, workers, chunk_rows, precision, image_size)
+    check_options(batch_size, workers, chunk_rows, precision, image_size, views)
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)  # before any reading: a wrong --device fails in a second
     if encoder_obj is None:  # likewise: a misspelt model or missing weights, before a 10M-row manifest is read

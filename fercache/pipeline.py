@@ -292,7 +292,6 @@ def _check_values(kind: str, args: dict) -> None:
     from .encoders import check_encoder_name, missing_weights
     from .extract import check_options
     from .manifests import check_derived_path
-    from .preprocess import VIEWS
     from .protocols import _cross_metrics, check_distinct, check_tables
     from .store import check_location
     from .sweep import _plan
@@ -313,10 +312,8 @@ def _check_values(kind: str, args: dict) -> None:
         if why := missing_weights(args["encoder"], args.get("pretrained")):
             raise EncoderError(why)
         o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
-        check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"])
+        check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"], o["views"])
         check_location(str(args["out"]), bool(o["overwrite"]))
-        for view in o["views"]:
-            VIEWS.lookup(view)
     if kind in ("cross", "folds"):
         check_tables(args["heads"], args.get("hp"), args.get("recipe"))
         for key, what in (("stores", "training store"), ("test_stores", "test store"), ("manifests", "fold manifest")):

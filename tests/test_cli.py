@@ -481,9 +481,16 @@ def test_cross_matrix_on_other_labels_trains_and_tests_with_them(tiny_store, tin
 
 def test_extract_refuses_bad_numbers_before_creating_the_store(tiny_manifest, tiny_dataset, tmp_path):
     out = tmp_path / "s.zarr"
+    p = tmp_path / "p.toml"  # a pipeline's extract step is checked the same way, before its first step
+    p.write_text(f'[[step]]\nrun = "extract"\nmanifest = "{tiny_manifest}"\nencoder = "null:"\nout = "{out}"\n'
+                 'views = ["flip", "flip"]\n')
+    r = invoke("run", p, "--check")
+    assert r.exit_code == 2 and "--views flip,flip: flip given twice" in r.output, r.output
     for args, says in [(["--batch-size", "0"], "--batch-size 0: at least 1"), (["--workers", "-1"], "--workers -1: 0"),
                        (["--chunk-rows", "0"], "--chunk-rows 0: at least 1 row"), (["--precision", "fp8"], "--precision fp8: auto, fp32"),
-                       (["--image-size", "0"], "--image-size 0: leave it out")]:
+                       (["--image-size", "0"], "--image-size 0: leave it out"),
+                       # crashed writing the first chunk (shape mismatch), the store already created
+                       (["--views", "flip,flip"], "--views flip,flip: flip given twice; each view is cached once")]:
         r = invoke("extract", tiny_manifest, "--encoder", "null:", "--out", out, "--data-root", tiny_dataset, *args)
         assert r.exit_code == 2 and says in r.output, (args, r.output)
         assert not out.exists()
