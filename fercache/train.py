@@ -76,8 +76,9 @@ RECIPE_VALUES = {
     "gamma": (lambda v: _number(v) and v > 0, "a number > 0"),
     "eta_min": (lambda v: _number(v) and v >= 0, "a number >= 0"),
     "milestones": (lambda v: isinstance(v, list) and all(_whole(e) and e >= 1 for e in v), "a list of epochs, e.g. [30, 40]"),
-    "views": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v),
-              'a list of the store\'s views, e.g. ["flip", "erase"]'),
+    # a view named twice trained as once, while the saved recipe (and a sweep point's key) said twice
+    "views": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v) and not repeated(v),
+              'a list of the store\'s views, each once, e.g. ["flip", "erase"]'),
     "momentum": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
 }
 

@@ -239,6 +239,8 @@ def test_recipe_key_views_picks_which_cached_views_train(augmented, tmp_path):
         fit(str(augmented), "linear", out_dir=tmp_path / "bad", recipe={"views": ["rotate"]})
     with pytest.raises(ConfigError, match="recipe views='flip': a list of the store's views"):
         fit(str(augmented), "linear", out_dir=tmp_path / "bad", recipe={"views": "flip"})
+    with pytest.raises(ConfigError, match=r"recipe views=\['flip', 'flip'\]: a list of the store's views, each once"):
+        fit(str(augmented), "linear", out_dir=tmp_path / "bad", recipe={"views": ["flip", "flip"]})
     res = sweep(str(augmented), "linear", {"views": [["flip"], ["flip", "erase", "noise"]]}, tmp_path / "sw",
                 base_recipe={"epochs": 1})
     assert sorted(len(row["views"]) for row in res["rows"]) == [1, 3]
