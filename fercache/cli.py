@@ -318,7 +318,8 @@ def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
     """How the user spelled those of `names` they typed (not left at their defaults), e.g. ['--heads', 'RUNS']."""
     params = {p.name: p for p in ctx.command.params}
     # By the source's name: typer carries its own copy of click, whose ParameterSource is not click's.
-    typed = [n for n in names if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
+    typed = [n for n in names
+             if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
     return [params[n].opts[0] if params[n].param_type_name == "option" else n.upper() for n in typed]
 
 

@@ -199,7 +199,8 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
                                                                       "mirrored"], rows)),
               "hist_png": str(report.hist_png(
                   out_dir / "near-dups-hist.png", {s: nb.cos[fs.split[nb.query] == s] for s in ("val", "test")}, threshold,
-                  f"cosine to the nearest {where} {_unit(refs)}" + ("" if against else " (train; train + val for test)"),
+                  f"cosine to the nearest {where} {_unit(refs)}"
+                  + ("" if against else " (train; train + val for test)"),
                   f"{name}: {len(hits)} of {len(nb.query)} val/test {_unit(fs)}s at cosine ≥ {threshold}"))}
     if without_leaks_to:
         m = manifest_for(open_store(store), manifest)
@@ -224,8 +225,8 @@ def describe(result: dict) -> str:
              f"  {'cosine ≥':>9} {'val':>6} {'test':>6}"]
     lines += [f"  {t:>9} {c['val']:>6} {c['test']:>6}" + ("  <- threshold" if t == result["threshold"] else "")
               for t, c in result["counts"].items()]
-    lines.append(f"at {result['threshold']}: {len(result['units'])} val/test {unit}(s), {result['label_differs']} of the "
-                 f"pairs labelled differently -> {result['csv']}, {result['hist_png']}"
+    lines.append(f"at {result['threshold']}: {len(result['units'])} val/test {unit}(s), "
+                 f"{result['label_differs']} of the pairs labelled differently -> {result['csv']}, {result['hist_png']}"
                  + (f", {result['pairs_png']}" if "pairs_png" in result else ""))
     if "manifest" in result:
         lines.append(f"{result['manifest']}: the manifest with them unlabelled (the same store serves it)")

@@ -152,11 +152,13 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
     report.write_csv(base.with_suffix(".csv"), ["trained_on"] + [f"{c}_mean" for c in names_c] + [f"{c}_std" for c in names_c]
                      + [f"{c}_excluded" for c in names_c] + ["mean_unseen"], csv_rows)
     lower = metric in metrics.LOWER_IS_BETTER
-    title = f"{head}: {metric} (%{', lower is better' if lower else ''}) on the test split, {report.over_seeds(n_seeds)}"
+    title = (f"{head}: {metric} (%{', lower is better' if lower else ''}) on the test split, "
+             f"{report.over_seeds(n_seeds)}")
     md = f"### {title}\n\n" + report.markdown_table(header, md_rows) + \
         "\n\n[excl. N]: test samples whose label is not in the training label set (not scored).\n"
     base.with_suffix(".md").write_text(md)
-    report.heatmap_png(base.with_suffix(".png"), mean, std if n_seeds > 1 else None, names_r, names_c, title, lower_is_better=lower)
+    report.heatmap_png(base.with_suffix(".png"), mean, std if n_seeds > 1 else None, names_r, names_c, title,
+                       lower_is_better=lower)
     serial = {f"{store_name(r)} -> {store_name(c)}": v for (r, c), v in cells.items()}
     base.with_suffix(".json").write_text(json.dumps(serial, indent=2))
     return {"markdown": md, "csv": str(base.with_suffix(".csv")), "png": str(base.with_suffix(".png")), "cells": serial}

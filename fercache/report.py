@@ -120,8 +120,8 @@ def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray | None, rows: list
     ax.set_yticks(range(len(rows)), [f"train: {r}" for r in rows])
     for i in range(len(rows)):
         for j in range(len(cols)):
-            ax.text(j, i, f"{mean[i, j]:.1f}" + ("" if std is None else f"\n±{std[i, j]:.1f}"), ha="center", va="center",
-                    color="white" if good[i, j] < 60 else "black", fontsize=9)
+            text = f"{mean[i, j]:.1f}" + ("" if std is None else f"\n±{std[i, j]:.1f}")
+            ax.text(j, i, text, ha="center", va="center", color="white" if good[i, j] < 60 else "black", fontsize=9)
     ax.set_title(title, fontsize=9)
     return _save(fig, path, 120)
 

@@ -613,8 +613,8 @@ def test_the_console_shows_our_progress_lines_not_the_libraries_info_or_the_rand
     assert "root: Loaded" in verbose or "root: Instantiating" in verbose, verbose
 
 
-def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_makes_its_folder(tiny_store, tiny_dataset, tmp_path,
-                                                                                              caplog):
+def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_makes_its_folder(tiny_store, tiny_dataset,
+                                                                                              tmp_path, caplog):
     """--out p.txt was refused only after every image had been encoded; --out into a new folder was an OSError."""
     assert invoke("train-head", tiny_store, "--head", "linear", "--out", tmp_path / "runs", "--recipe", "epochs=2").exit_code == 0
     run, images = tmp_path / "runs" / "faces-linear" / "seed0", tiny_dataset / "faces" / "test"
@@ -668,7 +668,8 @@ def test_a_sweep_axis_also_fixed_by_recipe_or_hp_is_refused(tiny_store, tmp_path
     from fercache.errors import ConfigError
     from fercache.sweep import sweep
 
-    with pytest.raises(ConfigError, match=r"^lr: both a sweep axis and a fixed --recipe/--hp value \(base_recipe/base_hp in a pipeline\); give it one way$"):
+    with pytest.raises(ConfigError, match=r"^lr: both a sweep axis and a fixed --recipe/--hp value "
+                                          r"\(base_recipe/base_hp in a pipeline\); give it one way$"):
         sweep(str(tiny_store), "linear", {"lr": [1e-2, 1e-1]}, tmp_path / "s", base_recipe={"lr": 1e-3})
     with pytest.raises(ConfigError, match=r"^n_drop: both a sweep axis"):
         sweep(str(tiny_store), "mask", {"n_drop": [1, 2]}, tmp_path / "s", base_hp={"n_drop": 4})
