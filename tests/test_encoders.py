@@ -159,6 +159,29 @@ def test_info_and_the_run_ledger_flag_a_0_1_0_convnet_store_and_its_runs_not_a_0
     assert "1 run(s) are STALE: re-extract their stores" in invoke("runs", tmp_path / "runs").stderr
 
 
+def test_another_encoder_is_not_blamed_on_the_batchnorm_revision(tiny_manifest, tiny_dataset, tiny_store, tmp_path):
+    """A convnet head scored on a ViT store was refused with '(... features of encoder revision 1 were computed with
+    BatchNorm statistics that fercache 0.1.0 shifted ...)': only the revisions were compared, never the encoders."""
+    import torchvision
+
+    from fercache import store as S
+    from fercache.errors import StoreError
+    from fercache.evaluate import evaluate_run
+    from fercache.extract import extract
+    from fercache.train import fit
+
+    torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "w.pth")
+    extract(tiny_manifest, "torchvision:mobilenet_v3_small", tmp_path / "cnn.zarr", pretrained=str(tmp_path / "w.pth"),
+            image_size=32, root=tiny_dataset, workers=0, progress=False)
+    run = fit(str(tmp_path / "cnn.zarr"), "linear", out_dir=tmp_path / "runs", recipe={"epochs": 1}).run_dir
+    with pytest.raises(StoreError, match=r"features are not comparable$") as e:
+        evaluate_run(run, str(tiny_store))
+    assert "revision 2" in str(e.value) and "BatchNorm" not in str(e.value)
+    cnn = S.open_store(tmp_path / "cnn.zarr").fingerprint["encoder"]
+    assert E.revision_note(cnn, S.open_store(tiny_store).fingerprint["encoder"]) is None
+    assert "revision 1 were computed with BatchNorm" in E.revision_note({**cnn, "revision": None}, cnn)
+
+
 def test_a_convnet_store_from_before_the_batchnorm_fix_is_refused_with_the_reason(tiny_manifest, tiny_dataset,
                                                                                    tmp_path):
     """Its features no longer match what the encoder computes: resuming it, or encoding new images for its runs
