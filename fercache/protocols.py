@@ -14,7 +14,7 @@ from .errors import ConfigError, ManifestError, check_out_dir, repeated
 from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters, describe as describe_head
 from .store import canonical, store_name
-from .train import check_recipe, check_seeds, choose_aus, fit_seeds
+from .train import check_owner, check_recipe, check_seeds, choose_aus, fit_seeds
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +178,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the folds' table and runs")
     check_seeds(seeds)
+    check_owner(out_dir, store, None, "folds protocol")
     check_distinct(manifests, "fold manifest")
     if any(head_of(h) == "au" for h in heads):
         raise ConfigError("`folds` reports expression metrics (UAR/WAR); for AU detection use `fercache au-cv`")
@@ -235,6 +236,7 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the AU table and its runs")
     check_seeds(seeds)
+    check_owner(out_dir, store, None, "AU cross-validation")
     base = manifest_for(open_store(store), None)
     subjects = np.array(base.column("subject"))
     if not 2 <= folds <= len(set(subjects)):  # 1 fold has no training data; more folds than subjects, empty tests

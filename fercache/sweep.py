@@ -16,7 +16,7 @@ from .data import features_memo
 from .errors import ConfigError, check_out_dir, did_you_mean, repeated
 from .store import store_name
 from .heads import check_hyperparameters, describe as describe_head
-from .train import check_recipe, check_seeds, drop_numbered, fit_seeds, recipe_keys
+from .train import check_owner, check_recipe, check_seeds, drop_numbered, fit_seeds, recipe_keys
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +150,7 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
     check_out_dir(out_dir, "the sweep's runs and tables")
     check_seeds(seeds)
     plan = _plan(head, grid, base_recipe or {}, base_hp or {})
+    check_owner(out_dir, store, head, "sweep")
     n_runs = len(plan) * len(seeds)
     if not retrain:
         _line_up(out_dir, [_point_key(head, recipe, hp) for _, recipe, hp in plan])

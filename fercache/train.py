@@ -661,6 +661,26 @@ def fit_seeds(store: str, head: str, seeds=(0,), own: bool = False, **kw) -> lis
     return runs
 
 
+def check_owner(folder: Path, store: str, head: str | None, what: str) -> None:
+    """Refuse to train into a folder a sweep or protocol owns while runs of another store (or, for a sweep, of
+    another head) lie there: the owner replaces and removes the runs it does not make, so a sweep of mask into
+    the default runs/sweep deleted an earlier sweep of linear without a word. A store moved or re-extracted
+    is the same store: its path or its fingerprint matches."""
+    key, others = open_store(store).fingerprint["key"], set()
+    for path in folder.glob("**/config.json"):
+        try:
+            cfg = json.loads(path.read_text())
+            theirs, their_key, their_head = cfg["store"], cfg["store_fingerprint"]["key"], cfg["head"]
+        except (OSError, ValueError, KeyError, TypeError):
+            continue  # not a run's config
+        if (canonical(theirs) != canonical(store) and their_key != key) or (head and their_head != head):
+            others.add(f"{their_head} on {store_name(theirs)}")
+    if others:
+        raise ConfigError(f"{folder} holds runs of {', '.join(sorted(others))}, which this {what} of "
+                          f"{head + ' on ' if head else ''}{store_name(store)} would replace or remove; pass another "
+                          f"--out, or remove {folder} first")
+
+
 def drop_numbered(parent: Path, prefix: str, keep, what: str) -> list[Path]:
     """Remove the `<prefix><N>` folders under `parent` (seed3, point017) whose N is not in `keep`: what an
     earlier call of a protocol or sweep that owns `parent` left there and this one no longer makes."""

@@ -548,6 +548,36 @@ def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_
     assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}, retrain=True)["reused"] == 0
 
 
+def test_a_sweep_or_protocol_of_another_head_or_store_never_replaces_the_runs_in_its_folder(tiny_store, tiny_manifest,
+                                                                                            tiny_dataset, tmp_path):
+    """`fercache sweep A -H linear ...` then `fercache sweep A -H mask ...` (both into the default runs/sweep): the
+    second trained mask over point000 and deleted point001 of the first, said only at INFO. Refused now, before
+    any training; the same sweep again reuses its runs, and its store moved elsewhere is no other store."""
+    import shutil
+
+    from fercache.extract import extract
+    from fercache.protocols import manifest_folds
+    from fercache.sweep import sweep
+
+    grid, base, out = {"lr": [1e-3, 1e-2]}, {"batch_size": 8, "epochs": 1}, tmp_path / "sweep"
+    sweep(str(tiny_store), "linear", grid, out, base_recipe=base)
+    heads = {p: p.read_bytes() for p in out.glob("point*/seed0/head.pt")}
+    other = tmp_path / "other.zarr"
+    extract(tiny_manifest, "null:", other, root=tiny_dataset, image_size=16, workers=0, progress=False)
+    for args, says in [(("mask", tiny_store), "runs of linear on faces, which this sweep of mask on faces would"),
+                       (("linear", other), "runs of linear on faces, which this sweep of linear on other would")]:
+        with pytest.raises(ConfigError, match=f"^{out} holds {says} replace or remove; pass another --out, or remove"):
+            sweep(str(args[1]), args[0], {"lr": [1e-3]}, out, base_recipe=base)
+    assert {p: p.read_bytes() for p in out.glob("point*/seed0/head.pt")} == heads  # both points, untouched
+    moved = tmp_path / "moved" / "faces.zarr"
+    shutil.copytree(tiny_store, moved)  # the same store elsewhere: its fingerprint matches
+    assert sweep(str(tiny_store), "linear", grid, out, base_recipe=base)["reused"] == 2
+    assert len(sweep(str(moved), "linear", grid, out, base_recipe=base)["rows"]) == 2  # not refused
+    manifest_folds(str(tiny_store), [str(tiny_manifest)], ["linear"], tmp_path / "f", recipe={"linear": base})
+    with pytest.raises(ConfigError, match="holds runs of linear on faces, which this folds protocol of other would"):
+        manifest_folds(str(other), [str(tiny_manifest)], ["linear"], tmp_path / "f", recipe={"linear": base})
+
+
 def test_a_value_added_inside_a_sweep_grid_renumbers_the_finished_points_instead_of_training_them_again(tiny_store,
                                                                                                        tmp_path, caplog):
     """The points after an inserted value changed number, so each was compared with another point's settings and
@@ -578,10 +608,10 @@ def test_a_value_added_inside_a_sweep_grid_renumbers_the_finished_points_instead
     assert again["reused"] == 3 and now2 == after and not list(tmp_path.glob(".moving-*"))
     assert sorted(p.name for p in tmp_path.glob("point*")) == ["point000", "point001", "point002"]
     assert run([1e-1, 1e-2, 1e-3], retrain=True)[0]["reused"] == 0
-    caplog.clear()
-    with caplog.at_level(logging.INFO, logger="fercache"):  # another head's points are not this sweep's to move
-        assert sweep(str(tiny_store), "mask", {"lr": [1e-3, 1e-1]}, tmp_path, base_recipe=base)["reused"] == 0
-    assert "renumbered" not in caplog.text
+    # another head's sweep is refused before anything is moved or trained (it trained over these points)
+    with pytest.raises(ConfigError, match="holds runs of linear on faces, which this sweep of mask on faces"):
+        sweep(str(tiny_store), "mask", {"lr": [1e-3, 1e-1]}, tmp_path, base_recipe=base)
+    assert sorted(p.name for p in tmp_path.glob("point*")) == ["point000", "point001", "point002"]
 
 
 def test_protocols_reuse_finished_runs_only_for_the_same_code(tiny_store, tmp_path, monkeypatch):
