@@ -32,7 +32,7 @@ from .errors import ConfigError, check_out_dir, did_you_mean, repeated
 from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
-from .store import canonical, library_versions, open_store, store_name
+from .store import canonical, library_versions, open_store, same_location, store_name
 
 log = logging.getLogger(__name__)
 
@@ -673,7 +673,7 @@ def check_owner(folder: Path, store: str, head: str | None, what: str) -> None:
             theirs, their_key, their_head = cfg["store"], cfg["store_fingerprint"]["key"], cfg["head"]
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a run's config
-        if (canonical(theirs) != canonical(store) and their_key != key) or (head and their_head != head):
+        if (not same_location(theirs, store) and their_key != key) or (head and their_head != head):
             others.add(f"{their_head} on {store_name(theirs)}")
     if others:
         raise ConfigError(f"{folder} holds runs of {', '.join(sorted(others))}, which this {what} of "
