@@ -314,6 +314,7 @@ def check_options(batch_size: int, workers: int | None, chunk_rows: int, precisi
     twice, which crashed the first chunk's write after the store was created)."""
     for v in views:
         VIEWS.lookup(v)  # an unknown view, named with the known ones
+    twice = repeated(list(views))
     wrong = [f"--{name} {value}: {what}" for name, value, ok, what in [
         ("batch-size", batch_size, batch_size >= 1, "at least 1 image per forward pass"),
         ("workers", workers, workers is None or workers >= 0, "0 (decode in this process) or more worker processes"),
@@ -321,8 +322,7 @@ def check_options(batch_size: int, workers: int | None, chunk_rows: int, precisi
         ("precision", precision, precision in PRECISIONS, ", ".join(PRECISIONS)),
         ("image-size", image_size, image_size is None or image_size >= 1, "leave it out for the model's own size, "
                                                                           "or give pixels >= 1"),
-        ("views", ",".join(views), not repeated(list(views)), f"{', '.join(repeated(list(views)))} given twice; "
-                                                              "each view is cached once"),
+        ("views", ",".join(views), not twice, f"{', '.join(twice)} given twice; each view is cached once"),
     ] if not ok]
     if wrong:
         raise ConfigError("; ".join(wrong))
