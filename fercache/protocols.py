@@ -195,13 +195,15 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
 
 
 def _folds_table(out_dir: Path, store: str, results: dict, n_folds: int, n_seeds: int) -> dict:
-    stat = lambda rs, k: f"{100 * np.mean([r[k] for r in rs]):.2f} ± {100 * np.std([r[k] for r in rs]):.2f}"  # noqa: E731
-    header = ["head", "UAR (%)", "WAR (%)", "macro-F1 (%)", "test samples / fold", "excluded / fold"]
+    n = n_folds * n_seeds  # one fold and one seed have no spread: `± 0.00` read as a perfectly stable result
+    stat = lambda rs, k: report.mean_std(100 * np.mean([r[k] for r in rs]), 100 * np.std([r[k] for r in rs]), n)  # noqa: E731
+    unit = "clips" if any(r.get("level") == "clip" for rs in results.values() for r in rs) else "samples"
+    header = ["head", "UAR (%)", "WAR (%)", "macro-F1 (%)", f"test {unit} / fold", "excluded / fold"]
     rows = [[head, stat(rs, "uar"), stat(rs, "accuracy"), stat(rs, "macro_f1"),
              f"{np.mean([r['n'] for r in rs]):.0f}", f"{np.mean([r['excluded']['n'] for r in rs]):.0f}"]
             for head, rs in results.items()]
-    unit = "clips" if any(r.get("level") == "clip" for rs in results.values() for r in rs) else "samples"
-    md = (f"### {store_name(store)}: {n_folds} fold(s) x {n_seeds} seed(s), test split of each fold (mean ± std)\n\n"
+    how = "mean ± std over folds x seeds" if n > 1 else "no ± std"
+    md = (f"### {store_name(store)}: {n_folds} fold(s) x {n_seeds} seed(s), test split of each fold ({how})\n\n"
           + report.markdown_table(header, rows)
           + f"\n\nUAR: mean per-class recall; WAR: accuracy. Test units: {unit}. The epoch is chosen on each fold's "
             "validation split, never its test split.\n")

@@ -218,7 +218,7 @@ def test_dfew_folds_share_one_store_and_report_uar_war(tiny_encoder_spec, tmp_pa
     assert "| temporal |" in r["markdown"] and "| temporal@mean |" in r["markdown"] and "2 fold(s) x 2 seed(s)" in r["markdown"]
     variant = r["results"]["temporal@mean"][0]["run"]
     assert "temporal@mean/fold1/seed0" in variant and json.loads((Path(variant) / "config.json").read_text())["hp"]["pool"] == "mean"
-    assert (tmp_path / "folds" / "folds.csv").is_file()
+    assert (tmp_path / "folds" / "folds.csv").read_text().splitlines()[0].endswith(",test clips / fold,excluded / fold")
 
 
 def test_cli_folds_and_train_head_on_clips(video_store, tmp_path):

@@ -294,6 +294,21 @@ def test_a_one_store_matrix_has_no_unseen_mean_and_repeated_seeds_are_refused(ti
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
+def test_one_fold_manifest_and_one_seed_print_no_spread(tiny_store, tiny_manifest, tmp_path):
+    """The folds table printed `70.00 ± 0.00` for one fold and one seed, read as a perfectly stable result."""
+    from fercache.protocols import manifest_folds
+
+    md = manifest_folds(str(tiny_store), [str(tiny_manifest)], ["linear"], tmp_path / "f",
+                        recipe={"linear": QUICK})["markdown"]
+    row = next(line for line in md.splitlines() if line.startswith("| linear |"))
+    assert "±" not in row and "1 fold(s) x 1 seed(s), test split of each fold (no ± std)" in md
+    assert (tmp_path / "f" / "folds.md").read_text() == md
+    md = manifest_folds(str(tiny_store), [str(tiny_manifest)], ["linear"], tmp_path / "f2", seeds=(0, 1),
+                        recipe={"linear": QUICK})["markdown"]
+    row = next(line for line in md.splitlines() if line.startswith("| linear |"))
+    assert row.count("±") == 3 and "(mean ± std over folds x seeds)" in md
+
+
 def test_a_store_or_fold_manifest_named_twice_is_refused_before_training(tiny_store, tiny_manifest, tmp_path, monkeypatch):
     """Two identical matrix rows; a 2-fold mean over one fold counted twice."""
     import fercache.train as T
