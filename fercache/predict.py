@@ -101,17 +101,20 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     run's predicted class is the same either way.
     """
     heads = load_heads(run, device, calibrated)
+    clips = heads[0].model.level == "clip"
+    # The inputs are found before the encoder is built (seconds; a typo was said only after it)
+    paths = [_clip_folder(Path(p), heads[0]) for p in inputs] if clips else collect_images(inputs)
     cfg = heads[0].cfg
     enc = encoder_of({"fingerprint": cfg["store_fingerprint"], "encoder_args": cfg.get("encoder_args")})
     enc.model.to(device)
     cropper = FaceCropper(device) if detect else None
     from tqdm.auto import tqdm
 
-    if heads[0].model.level == "clip":
-        results = [_predict_clip(Path(p), enc, heads, cropper, device, batch_size)
-                   for p in tqdm(inputs, desc="predict", unit="clip", disable=not progress)]
+    if clips:
+        results = [_predict_clip(p, enc, heads, cropper, device, batch_size)
+                   for p in tqdm(paths, desc="predict", unit="clip", disable=not progress)]
         return _said_failures(results, "clip folder(s) had a frame that could be decoded")
-    paths, results = collect_images(inputs), []
+    results = []
     with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
         for start in range(0, len(paths), batch_size):
             results += _predict_batch(paths[start:start + batch_size], enc, heads, cropper, device)
@@ -131,11 +134,15 @@ def _said_failures(results: list[dict], could: str) -> list[dict]:
     return results
 
 
+def _clip_folder(folder: Path, head: Head) -> Path:
+    if not folder.is_dir():
+        raise ConfigError(f"a clip-level run ({head.cfg['head']}) predicts one clip per folder of frames; "
+                          f"{folder} is not a folder{'' if folder.exists() else near_path(folder, Path.is_dir)}")
+    return folder
+
+
 def _predict_clip(folder: Path, enc, heads: list[Head], cropper, device, batch_size: int) -> dict:
     """One prediction for a folder of a clip's frames (sorted by name); frames that fail to decode are skipped."""
-    if not folder.is_dir():
-        raise ConfigError(f"a clip-level run ({heads[0].cfg['head']}) predicts one clip per folder of frames; "
-                          f"{folder} is not a folder")
     frames, errors = [], 0
     for p in collect_images([folder]):
         try:

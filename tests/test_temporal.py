@@ -131,7 +131,7 @@ def test_prompt_too_long_for_the_context_is_refused(tiny_clip77):
         PromptText(model, tok, ["a face " * 40], n_ctx=8)
 
 
-def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_path):
+def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_path, monkeypatch):
     from fercache.evaluate import evaluate_run
     from fercache.predict import predict
     from fercache.train import fit, load_run
@@ -156,6 +156,10 @@ def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_pat
     assert all(o["frames"] >= 3 and abs(sum(o["probabilities"].values()) - 1) < 1e-5 for o in out)
     with pytest.raises(ConfigError, match="one clip per folder"):
         predict(r.run_dir, [next((root / "clips" / "test_sad_1").iterdir())])
+    with monkeypatch.context() as m:  # a mistyped clip folder, said before the encoder is built
+        m.setattr("fercache.predict.encoder_of", lambda *a: pytest.fail("encoder built before the inputs"))
+        with pytest.raises(ConfigError, match=r"test_sad_9 is not a folder \(did you mean '.*/test_sad_\d'\?\)$"):
+            predict(r.run_dir, [root / "clips" / "test_happy_0", root / "clips" / "test_sad_9"])
     empty = tmp_path / "empty_clip"  # a folder without a decodable frame: was a row of errors and exit 0
     (empty / "a.jpg").parent.mkdir()
     (empty / "a.jpg").write_text("not a frame")

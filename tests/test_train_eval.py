@@ -403,7 +403,7 @@ def test_predict_collects_images_of_folders_and_names_the_near_path_of_a_typo(tm
         collect_images([tmp_path / "hapy"])
 
 
-def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path):
+def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path, monkeypatch):
     from fercache.predict import predict, write_predictions
 
     r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 30, "batch_size": 8})
@@ -427,6 +427,10 @@ def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path):
     assert "prediction" in mixed[0] and mixed[1]["error"].startswith("UnidentifiedImageError")
     with pytest.raises(ConfigError, match="none of the 1 file"):
         predict(r.run_dir, [tmp_path / "notes.txt"])
+    # a mistyped folder is said before the encoder is built (the real encoders take seconds), not after
+    monkeypatch.setattr("fercache.predict.encoder_of", lambda *a: pytest.fail("encoder built before the inputs"))
+    with pytest.raises(ConfigError, match=r"hapy is neither an image file nor a folder \(did you mean '.*/happy'"):
+        predict(r.run_dir, [folder, folder.parent / "hapy"])
 
 
 def test_predict_on_a_folder_of_seeds_averages_their_probabilities(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
