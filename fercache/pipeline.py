@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import inspect
 import os
+import string
 import tomllib
 from pathlib import Path
 from typing import Any, Callable
@@ -156,15 +157,30 @@ def _substitute(value: Any, variables: dict[str, Any]) -> Any:
     if isinstance(value, str) and value.startswith("{") and value.endswith("}") and value[1:-1] in variables:
         return variables[value[1:-1]]  # a whole-value reference keeps the variable's type
     if isinstance(value, str):
-        try:
-            return value.format(**variables)
-        except KeyError as e:
-            raise ConfigError(f"unknown variable {{{e.args[0]}}} in {value!r}; define it under [vars]") from None
+        return _substitute_text(value, variables)
     if isinstance(value, dict):
         return {k: _substitute(v, variables) for k, v in value.items()}
     if isinstance(value, list):
         return [_substitute(v, variables) for v in value]
     return value
+
+
+def _substitute_text(value: str, variables: dict[str, Any]) -> str:
+    """`{name}` is the variable's value and `{{` / `}}` a literal brace, as in str.format; its other fields were a
+    traceback (`{}`, `{0}`, a lone brace, `{data.x}`) or silently took a piece of a value (`{data[0]}`)."""
+    how = (f"variables are written {{name}} ([vars] here: {', '.join(variables) or 'none'}), "
+           "a literal brace {{ or }}")
+    try:
+        fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
+    except ValueError as e:  # a lone brace
+        raise ConfigError(f"{value!r}: {e}; {how}") from None
+    for f in fields:
+        if f.isidentifier() and f not in variables:
+            hint = did_you_mean(f, variables)
+            raise ConfigError(f"unknown variable {{{f}}} in {value!r}; define it under [vars]{hint}")
+        if f not in variables:
+            raise ConfigError(f"{{{f}}} in {value!r} is not a variable; {how}")
+    return value.format(**variables)
 
 
 TABLES = ("vars", "step")  # the top level of a pipeline file
@@ -214,7 +230,14 @@ def load_pipeline(path: str | Path) -> list[dict]:
                                   f"key ({old!r} is its old name); keep {new!r}")
             if old in step:
                 step[new] = step.pop(old)
-    return [_substitute(s, variables) for s in steps]
+    return [_substituted(path, i, s, variables) for i, s in enumerate(steps)]
+
+
+def _substituted(path: Path, i: int, step: dict, variables: dict[str, Any]) -> dict:
+    try:
+        return _substitute(step, variables)
+    except ConfigError as e:  # named, as every other error of a step is
+        raise ConfigError(f"{path}: step {i + 1} ({step['run']}): {e}") from None
 
 
 #: Where each step's extra keyword arguments go (fercache module, function), so that a pipeline's arguments are

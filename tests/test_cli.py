@@ -187,6 +187,27 @@ def test_a_pipeline_file_with_misnamed_tables_or_a_folder_is_refused(tmp_path):
         in " ".join(r.output.split()), r.output
 
 
+def test_a_brace_in_a_pipeline_value_is_a_variable_an_escaped_brace_or_an_error(tmp_path):
+    """`{}`, `{0}`, a lone brace or `{data.x}` in a value were a Python traceback (str.format's IndexError,
+    ValueError, AttributeError); `{data[0]}` silently took the variable's first character."""
+    step = '[vars]\ndata = "d"\n[[step]]\nrun = "manifest"\nformat = "ckplus"\nsrc = "{data}/ck"\nout = "%s"\n'
+    said = "is not a variable; variables are written {name} ([vars] here: data), a literal brace {{ or }}"
+    cases = {"{}/m.csv": "{} in '{}/m.csv' " + said, "{0}/m.csv": "{0} in '{0}/m.csv' " + said,
+             "{data[0]}/m.csv": "{data[0]} in '{data[0]}/m.csv' " + said,
+             "{data.x}/m.csv": "{data.x} in '{data.x}/m.csv' " + said,
+             "a}b/m.csv": "'a}b/m.csv': Single '}' encountered in format string; variables are written",
+             "{dta}/m.csv": "unknown variable {dta} in '{dta}/m.csv'; define it under [vars] (did you mean 'data'?)"}
+    for i, (value, message) in enumerate(cases.items()):
+        (tmp_path / f"p{i}.toml").write_text(step % value)
+        r = invoke("run", tmp_path / f"p{i}.toml", "--check")
+        assert r.exit_code == 2 and f"p{i}.toml: step 1 (manifest): {message}" in " ".join(r.output.split()), r.output
+    from fercache.pipeline import load_pipeline
+
+    (tmp_path / "ok.toml").write_text(step % "{{{data}}}/m.csv")
+    (loaded,) = load_pipeline(tmp_path / "ok.toml")
+    assert loaded["out"] == "{d}/m.csv" and loaded["src"] == "d/ck"
+
+
 def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch):
     """Typos in pipelines/ (a step argument, a head, an hp/recipe value, a dataset format) fail here, not hours
     into a GPU run. The GPU pipelines name `device = "cuda"`: checked as cpu on a machine without one."""
