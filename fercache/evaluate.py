@@ -230,12 +230,20 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
         raise ConfigError("--errors shows expression mistakes; for AU runs read predictions.csv (truth, decision, p per AU)")
     result = with_intervals(result, scored)
     if write:
-        out = _write_eval(Path(run), result, scored)
+        gallery = _error_images(result, scored, errors, root)  # before anything is written: a wrong data root left
+        out = _write_eval(Path(run), result, scored)           # one seed's evaluation behind and the rest unscored
         if errors:
-            surest = confident_errors(scored, errors)
-            result["errors_png"] = str(error_gallery(out / "errors.png", result, scored, surest, root))
-            result["errors_shown"] = len(surest)
+            result["errors_png"] = str(error_gallery(out / "errors.png", result, scored, *gallery))
+            result["errors_shown"] = len(gallery[0])
     return result
+
+
+def _error_images(result: dict, s: Scored, k: int, root: str | Path | None) -> tuple[list, list[np.ndarray]]:
+    """The k surest mistakes (`confident_errors`) and their images, read under data root `root`."""
+    from .data import unit_images
+
+    surest = confident_errors(s, k) if k else []
+    return surest, unit_images(result["store"], [e[0] for e in surest], root) if surest else []
 
 
 def confident_errors(s: Scored, k: int) -> list[tuple[str, str, str, float]]:
@@ -247,12 +255,9 @@ def confident_errors(s: Scored, k: int) -> list[tuple[str, str, str, float]]:
 
 
 def error_gallery(path: Path, result: dict, s: Scored, errors: list[tuple[str, str, str, float]],
-                  root: str | Path | None) -> Path:
-    """errors.png: `errors` (from `confident_errors`) as images captioned `true -> predicted p`: label noise and
+                  images: list[np.ndarray]) -> Path:
+    """errors.png: `errors` (from `confident_errors`) as `images` captioned `true -> predicted p`: label noise and
     systematic confusions show at a glance (FER2013 has many of the first)."""
-    from .data import unit_images
-
-    images = unit_images(result["store"], [e[0] for e in errors], root)
     captions = [f"{t} → {p} {prob:.2f}\n{sid.rsplit('/', 1)[-1][-20:]}" for sid, t, p, prob in errors]
     wrong = int((s.decisions()["pred"] != s.y).sum())
     title = f"{result['head']} on {store_name(result['store'])}:{result['split']}: the {len(errors)} surest of {wrong} mistakes"

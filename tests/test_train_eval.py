@@ -18,7 +18,7 @@ from fercache.evaluate import evaluate, evaluate_run
 from fercache.heads.mask import group_widths
 from fercache.manifests import read_manifest, write_manifest
 from fercache.protocols import cross_matrix
-from fercache.train import fit, load_run
+from fercache.train import fit, fit_seeds, load_run
 
 QUICK = {"epochs": 4, "batch_size": 16}
 
@@ -135,6 +135,13 @@ def test_evaluate_draws_the_surest_mistakes(tiny_store, tiny_dataset, tmp_path):
     assert res["errors_shown"] == min(4, round(res["n"] * (1 - res["accuracy"]))) > 0
     with pytest.raises(ConfigError, match="does not exist; pass --data-root"):
         evaluate_run(r.run_dir, errors=4, root=tmp_path)
+    # Two seeds under a wrong data root: seed0's evaluation was written, then the error, seed1 never scored
+    from fercache.evaluate import evaluate
+
+    fit_seeds(str(tiny_store), "linear", seeds=(0, 1), out_dir=tmp_path / "two", recipe={"epochs": 2, "batch_size": 8})
+    with pytest.raises(ConfigError, match="does not exist; pass --data-root"):
+        evaluate(tmp_path / "two" / "faces-linear", errors=4, root=tmp_path)
+    assert not list((tmp_path / "two").rglob("eval-*"))
     # the manifest's paths start with faces/: a root one folder too low is answered with the right one
     with pytest.raises(ConfigError, match=f"does not exist; it is under {tiny_dataset}: pass --data-root {tiny_dataset}$"):
         evaluate_run(r.run_dir, errors=4, root=tiny_dataset / "faces")
