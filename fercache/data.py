@@ -199,8 +199,12 @@ def subset_train(fs: FeatureSet, shots: int | None = None, fraction: float | Non
         keep.extend(members[:shots] if shots is not None else members[:max(1, int(np.ceil(fraction * len(members))))])
     kept = ~train | np.isin(unit, keep)
     note = f"shots={shots}" if shots is not None else f"fraction={fraction}"
-    log.info("training on a subset (%s, seed %d): %d of %d training %s", note, seed, len(keep), len(units),
-             "clips" if fs.clip_id is not None else "rows")
+    what = "clips" if fs.clip_id is not None else "rows"
+    log.info("training on a subset (%s, seed %d): %d of %d training %s", note, seed, len(keep), len(units), what)
+    short = {s: int((strata == s).sum()) for s in sorted(set(strata))} if shots is not None else {}
+    if short := {s: n for s, n in short.items() if n < shots}:  # a data-efficiency curve's point is not what it says
+        log.warning("shots=%d: %d of %d classes have fewer training %s (%s): those train on all they have, not %d",
+                    shots, len(short), len(set(strata)), what, ", ".join(f"{s} {n}" for s, n in short.items()), shots)
     return fs.take(kept)
 
 

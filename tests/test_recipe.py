@@ -90,6 +90,24 @@ def test_shots_and_fraction_subsample_training_units_per_class(tiny_store, tmp_p
     assert r.metrics["n_train"] == 4 and r.metrics["n_val"] == (fs.split == "val").sum()
 
 
+def test_more_shots_than_a_class_holds_is_said(tiny_store, caplog):
+    """shots=64 on a class of 13 trained on its 13 without a word (INFO only): a data-efficiency curve's point
+    read as 64 per class."""
+    from fercache.data import load_features, subset_train
+
+    fs = load_features(str(tiny_store))  # 6 training images per class
+    fs = fs.take(~((fs.split == "train") & (fs.label == "anger") & (np.arange(len(fs.label)) % 2 == 0)))
+    with caplog.at_level("WARNING", logger="fercache.data"):
+        few = subset_train(fs, shots=4, seed=0)
+    assert caplog.messages == ["shots=4: 1 of 4 classes have fewer training rows (anger 3): those train on all "
+                               "they have, not 4"]
+    assert np.unique(few.label[few.split == "train"], return_counts=True)[1].tolist() == [3, 4, 4, 4]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fercache.data"):
+        subset_train(fs, shots=3, seed=0)
+    assert not caplog.messages
+
+
 def test_subsets_of_video_keep_whole_clips(video_store):
     from fercache.data import load_features, subset_train
 
