@@ -645,7 +645,8 @@ def run_cmd(
     pipeline: Path = typer.Argument(..., help="A pipeline TOML file, e.g. pipelines/quickstart.toml."),
     only: list[str] = typer.Option([], "--only", help="Run only steps with this name or kind."),
     check: bool = typer.Option(False, "--check", help="Check every step's arguments against the library "
-                                                      "(names, heads, hp/recipe values, device) and stop."),
+                                                      "(names, heads, hp/recipe values, device) and that every file or "
+                                                      "folder a step reads exists or an earlier step writes it; stop."),
     retrain: bool = typer.Option(False, "--retrain", help="Train every run again, also those already finished with "
                                  "the same settings, data and code (by default those are reused)."),
 ) -> None:

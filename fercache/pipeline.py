@@ -375,11 +375,69 @@ def _selected(steps: list[dict], only: list[str] | None) -> list[tuple[int, dict
     return [(i, s) for i, s in enumerate(steps) if not only or s.get("name", s["run"]) in only or s["run"] in only]
 
 
+#: The arguments of each kind of step that name files or folders it reads, and those naming what it writes.
+READS = {"manifest": ("src", "data_root"), "audit": ("manifest", "data_root"), "extract": ("manifest", "data_root"),
+         "near_dups": ("store", "manifest", "against", "data_root"), "train": ("store", "manifest", "mask_source"),
+         "sweep": ("store", "manifest", "mask_source"), "cross": ("stores", "test_stores", "labels"),
+         "folds": ("store", "manifests"), "au_cv": ("store",), "evaluate": ("runs", "store", "manifest"),
+         "compare": ("a", "b", "store", "manifest"), "runs": ("root",)}
+WRITES = {"manifest": ("out",), "audit": ("without_leaks",), "extract": ("out",), "sweep": ("out",), "folds": ("out",),
+          "near_dups": ("out", "without_leaks_to"), "au_cv": ("out",), "compare": ("out",), "runs": ("csv",),
+          "evaluate": ()}
+
+
+def _paths(value: Any) -> list[str]:
+    """The paths an argument names: one, a list, or a table's values (cross's `labels`: store -> manifest)."""
+    values = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    return [str(v) for v in values if v is not None]
+
+
+def check_inputs(steps: list[tuple[int, dict]]) -> None:
+    """Every file or folder a step reads exists, or an earlier step writes it (or something under it, for the
+    ledger's root): a mistyped store in step 9 failed when step 9 was reached, after the hour of extraction."""
+    written: list[Path] = []
+    for i, step in steps:
+        kind = step["run"]
+        for key in READS.get(kind, ()):
+            for p in _paths(step.get(key)):
+                there = Path(os.path.abspath(p))
+                if "://" in p or there.exists() or _written_before(there, written, key):
+                    continue
+                hint = near_path(p, Path.exists) or did_you_mean(there, written)
+                where = "" if Path(p).is_absolute() else f"; relative paths are read from {Path.cwd()}"
+                raise ConfigError(f"step {i + 1} ({step.get('name', kind)}): {key} {p} does not exist, and no earlier "
+                                  f"step writes it{hint}{where}")
+        written += _writes(kind, step)
+
+
+def _written_before(there: Path, written: list[Path], key: str) -> bool:
+    """An earlier step writes `there` or a folder above it; for the ledger's root, something under it."""
+    if key == "root":
+        return any(w.is_relative_to(there) for w in written)
+    return any(there.is_relative_to(w) for w in written)
+
+
+def _writes(kind: str, step: dict) -> list[Path]:
+    """What a step writes; the run folders of a cross or train step exactly (`<store>-<head>`), so that a misspelt
+    run folder under their `out` is not taken for one of them."""
+    from .store import store_name
+
+    out = step.get("out", describe_step(kind)["optional"].get("out"))
+    if kind == "cross":
+        paths = [f"{out}/runs/{store_name(s)}-{h}" for s in step["stores"] for h in step["heads"]]
+    elif kind == "train":
+        paths = [f"{out}/{store_name(step['store'])}-{step['head']}"]
+    else:
+        paths = [p for key in WRITES[kind] for p in _paths(step.get(key, out if key == "out" else None))]
+    return [Path(os.path.abspath(p)) for p in paths]
+
+
 def check_pipeline(path: str | Path, only: list[str] | None = None) -> int:
     """Check every (selected) step of a pipeline file without running any; returns how many were checked."""
     steps = _selected(load_pipeline(path), only)
     for i, step in steps:
         check_step(i, step)
+    check_inputs(steps)
     return len(steps)
 
 
@@ -394,6 +452,7 @@ def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | N
     results, steps = [], _selected(load_pipeline(path), only)
     for i, step in steps:
         check_step(i, step)
+    check_inputs(steps)
     for i, step in steps:
         kind = step.pop("run")
         if not progress and "progress" in _takes(kind):

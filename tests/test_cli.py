@@ -155,15 +155,23 @@ def test_a_pipeline_file_that_is_not_toml_text_is_an_error_not_a_traceback(tmp_p
     assert r.exit_code == 2 and "p.toml: Invalid value (at line 3, column 12)" in r.output
 
 
-def test_only_a_step_that_does_not_exist_is_an_error_not_a_run_of_nothing():
+def test_only_a_step_that_does_not_exist_is_an_error_not_a_run_of_nothing(tmp_path, monkeypatch):
     from pathlib import Path
 
     quickstart = Path(__file__).parents[1] / "pipelines" / "quickstart.toml"
     for args in (["--check"], []):  # it printed "0 step(s)" and exited 0
         r = invoke("run", quickstart, "--only", "extract-fer2014", *args)
         assert r.exit_code == 2 and "step name or kind 'extract-fer2014' (did you mean 'extract-fer2013'?)" in r.output
-    r = invoke("run", quickstart, "--only", "extract", "--only", "ledger", "--check")  # a kind, and a name
-    assert r.exit_code == 0 and "3 step(s) checked" in r.output
+    for dataset in ("fer2013", "ckplus48"):
+        (tmp_path / "data" / dataset).mkdir(parents=True)
+    monkeypatch.setenv("FERCACHE_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("FERCACHE_OUT", str(tmp_path / "out"))
+    r = invoke("run", quickstart, "--only", "manifest", "--only", "ledger", "--check")  # a kind, and a name
+    assert r.exit_code == 0 and "3 step(s) checked" in r.output, r.output
+    # extract alone reads the manifests that the steps left out would have written
+    r = invoke("run", quickstart, "--only", "extract", "--check")
+    assert r.exit_code == 2 and (f"step 5 (extract-fer2013): manifest {tmp_path}/out/manifests/fer2013.csv.gz does not "
+                                 "exist, and no earlier step writes it") in " ".join(r.output.split()), r.output
     r = invoke("run", quickstart, "--only", "extrct", "--check")  # kinds are suggested too, and listed
     assert r.exit_code == 2 and "'extrct' (did you mean 'extract'?)" in r.output and " near_dups, " in r.output
     r = invoke("run", quickstart.with_name("quickstrat.toml"), "--check")
@@ -208,7 +216,7 @@ def test_a_brace_in_a_pipeline_value_is_a_variable_an_escaped_brace_or_an_error(
     assert loaded["out"] == "{d}/m.csv" and loaded["src"] == "d/ck"
 
 
-def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch):
+def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch, tmp_path):
     """Typos in pipelines/ (a step argument, a head, an hp/recipe value, a dataset format) fail here, not hours
     into a GPU run. The GPU pipelines name `device = "cuda"`: checked as cpu on a machine without one."""
     from pathlib import Path
@@ -218,8 +226,19 @@ def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch):
 
     real = devices.torch_device
     monkeypatch.setattr(devices, "torch_device", lambda d: real("cpu" if str(d).startswith("cuda") else d))
-    files = sorted((Path(__file__).parents[1] / "pipelines").glob("*.toml"))
+    repo = Path(__file__).parents[1]
+    files = sorted((repo / "pipelines").glob("*.toml"))
     assert {f.name for f in files} >= {"quickstart.toml", "dfew_temporal.toml", "clip_cross.toml"}
+    monkeypatch.chdir(repo)  # their paths are relative to the repository root (data_manifests/)
+    from fercache.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^step 1 \(manifest-fold1\): src /data/DFEW does not exist, and no earlier "
+                                          r"step writes it$"):  # the DFEW folder is the user's to give
+        check_pipeline(repo / "pipelines" / "dfew_temporal.toml")
+    for dataset in ("fer2013", "ckplus48"):  # the datasets' folders, wherever they are (../shared/data is not needed)
+        (tmp_path / dataset).mkdir()
+    monkeypatch.setenv("FERCACHE_DATA", str(tmp_path))
+    monkeypatch.setenv("FERCACHE_DFEW", str(tmp_path))
     for f in files:
         assert check_pipeline(f) == len(load_pipeline(f)) > 3, f.name
 
@@ -294,12 +313,19 @@ def test_a_pipeline_is_checked_whole_before_its_first_step_runs(tiny_dataset, tm
         (f'run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "{tiny_dataset}"\noverwrite = true',
          "is not a feature store"),
         ('run = "audit"\nmanifest = "m.csv"\nwithout_leaks = "./m.csv"', "is the manifest it is derived from"),
+        # a file no step writes: was found when step 3 was reached, after the steps before it (an extraction) ran
+        (f'run = "train"\nstore = "{tmp_path}/s.zarr"\nhead = "linear"',
+         f"step 3 (train): store {tmp_path}/s.zarr does not exist, and no earlier step writes it"),
+        (f'run = "audit"\nmanifest = "{tmp_path}/n.csv"',
+         f"manifest {tmp_path}/n.csv does not exist, and no earlier step writes it (did you mean '{tmp_path}/m.csv'?)"),
+        ('run = "runs"\nroot = "x"', "step 3 (runs): root x does not exist, and no earlier step writes it; relative "
+                                     "paths are read from "),
     ]
     for third, says in cases:
         r = invoke("run", _pipeline(tmp_path, tiny_dataset, third))
         assert r.exit_code == 2 and says in r.output, (third, r.output)
         assert not (tmp_path / "m.csv").exists()  # step 1 never ran
-    p = _pipeline(tmp_path, tiny_dataset, 'run = "runs"\nroot = "x"')
+    p = _pipeline(tmp_path, tiny_dataset, f'run = "audit"\nmanifest = "{tmp_path}/m.csv"')  # written by step 1
     r = invoke("run", p, "--check")
     assert r.exit_code == 0 and "3 step(s) checked, nothing run" in r.output and not (tmp_path / "m.csv").exists()
 
