@@ -660,12 +660,19 @@ def run_cmd(
         typer.echo(f"{pipeline}: {check_pipeline(pipeline, only or None)} step(s) checked, nothing run")
         return
 
-    def show(i: int, step: dict, result) -> None:
+    import time
+
+    from .report import duration
+
+    start = time.perf_counter()
+
+    def show(i: int, step: dict, result) -> None:  # each step's time: where a pipeline's hour went
         text = str(result)
         sep = "" if text.startswith("\n") else " "  # a multi-line report starts on a line of its own
-        typer.echo(f"[{i + 1}] {step['name']}:{sep}{text}")
+        typer.echo(f"[{i + 1}] {step['name']} ({duration(step['seconds'])}):{sep}{text}")
 
-    run_pipeline(pipeline, on_step=show, only=only or None, progress=_progress["bars"], retrain=retrain)
+    done = run_pipeline(pipeline, on_step=show, only=only or None, progress=_progress["bars"], retrain=retrain)
+    typer.echo(f"{pipeline}: {len(done)} step(s) in {duration(time.perf_counter() - start)}")
 
 
 @app.command("steps")

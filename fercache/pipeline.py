@@ -17,6 +17,7 @@ import importlib
 import inspect
 import os
 import string
+import time
 import tomllib
 from pathlib import Path
 from typing import Any, Callable
@@ -443,7 +444,8 @@ def check_pipeline(path: str | Path, only: list[str] | None = None) -> int:
 
 def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | None = None,
                  only: list[str] | None = None, progress: bool = True, retrain: bool = False) -> list[Any]:
-    """Check every step first (`check_pipeline`), then run each in order; `on_step(i, step, result)` after each.
+    """Check every step first (`check_pipeline`), then run each in order; `on_step(i, step, result)` after each
+    (`step["seconds"]`: how long it ran).
 
     Run again (after a failed step, or to redo a report), the steps that train reuse every run already finished
     in their folders with the same settings, data and code (`train.finished_run`), as extraction resumes its
@@ -461,7 +463,7 @@ def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | N
             step.setdefault("reuse", not retrain)
         elif "retrain" in _takes(kind):
             step.setdefault("retrain", retrain)
-        name = step.pop("name", kind)
+        name, started = step.pop("name", kind), time.perf_counter()
         try:
             result = STEPS[kind](**step)
         except TypeError as e:
@@ -471,5 +473,5 @@ def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | N
             raise
         results.append(result)
         if on_step:
-            on_step(i, {"run": kind, "name": name, **step}, result)
+            on_step(i, {"run": kind, "name": name, **step, "seconds": time.perf_counter() - started}, result)
     return results

@@ -42,6 +42,18 @@ def over_seeds(n: int) -> str:
     return f"mean ± std over {n} seeds" if n > 1 else "one seed (no ± std)"
 
 
+def duration(seconds: float) -> str:
+    """`0.4 s`, `12 s`, `3 min 12 s`, `1 h 02 min`: how long a step took, at the precision anyone reads it."""
+    if seconds < 10:
+        return f"{seconds:.1f} s"
+    s = int(round(seconds))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {s % 3600 // 60:02d} min"
+
+
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -108,8 +109,9 @@ data_root = "{{data}}"
 """)
     r = invoke("run", p)
     assert r.exit_code == 0, r.output
-    assert "[2] extract: " in r.output and "72 ok" in r.output
-    assert "\n[4] audit:\nsubjects in more than one split: " in r.output  # a report of lines starts on its own
+    assert re.search(r"^\[2\] extract \(\d+\.\d s\): ", r.output, re.M) and "72 ok" in r.output  # each step timed
+    assert re.search(r"\n\[4\] audit \(\d+\.\d s\):\nsubjects in more than one split: ", r.output)  # a report of
+    assert re.search(rf"\n{re.escape(str(p))}: 4 step\(s\) in \d+(\.\d)? s\n", r.output)  # lines on its own
     assert (tmp_path / "out/runs/s-linear/seed0/head.pt").is_file()  # `out` as in every step and the CLI
     head = tmp_path / "out/runs/s-linear/seed0/head.pt"
     stamp = head.stat().st_mtime_ns

@@ -52,3 +52,10 @@ def test_the_reliability_diagram_keeps_legend_and_reading_note_under_both_panels
     labels = _legend_under_every_axes(drawn[0])
     assert labels[0].startswith("raw softmax: ECE ") and labels[1] == "T = 1.50 (fit on val): ECE 5.0%"
     assert "over-confident" in drawn[0].axes[1].get_legend().get_title().get_text()
+
+
+def test_durations_read_at_the_precision_anyone_reads_them():
+    from fercache.report import duration
+
+    assert [duration(x) for x in (0.04, 9.94, 12.4, 59.6, 192.4, 3599.4, 3725)] == [
+        "0.0 s", "9.9 s", "12 s", "1 min 00 s", "3 min 12 s", "59 min 59 s", "1 h 02 min"]
