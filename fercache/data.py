@@ -201,8 +201,9 @@ def subset_train(fs: FeatureSet, shots: int | None = None, fraction: float | Non
     note = f"shots={shots}" if shots is not None else f"fraction={fraction}"
     what = "clips" if fs.clip_id is not None else "rows"
     log.info("training on a subset (%s, seed %d): %d of %d training %s", note, seed, len(keep), len(units), what)
-    short = {s: int((strata == s).sum()) for s in sorted(set(strata))} if shots is not None else {}
-    if short := {s: n for s, n in short.items() if n < shots}:  # a data-efficiency curve's point is not what it says
+    counts = {s: int((strata == s).sum()) for s in sorted(set(strata))}
+    short = {s: n for s, n in counts.items() if shots is not None and n < shots}
+    if short:  # a data-efficiency curve's point would read as `shots` per class without it
         log.warning("shots=%d: %d of %d classes have fewer training %s (%s): those train on all they have, not %d",
                     shots, len(short), len(set(strata)), what, ", ".join(f"{s} {n}" for s, n in short.items()), shots)
     return fs.take(kept)

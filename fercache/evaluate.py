@@ -230,8 +230,9 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
         raise ConfigError("--errors shows expression mistakes; for AU runs read predictions.csv (truth, decision, p per AU)")
     result = with_intervals(result, scored)
     if write:
-        gallery = _error_images(result, scored, errors, root)  # before anything is written: a wrong data root left
-        out = _write_eval(Path(run), result, scored)           # one seed's evaluation behind and the rest unscored
+        # the mistakes' images before anything is written: a wrong data root left one seed's evaluation written
+        gallery = _error_images(result, scored, errors, root)  # and the other seeds unscored
+        out = _write_eval(Path(run), result, scored)
         if errors:
             result["errors_png"] = str(error_gallery(out / "errors.png", result, scored, *gallery))
             result["errors_shown"] = len(gallery[0])
