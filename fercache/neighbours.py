@@ -23,10 +23,10 @@ from . import report
 from .audit import ORDER, without_leaks
 from .data import FeatureSet, clip_means, load_features, manifest_for, store_views, unit_images
 from .devices import torch_device
-from .errors import ConfigError, StoreError, check_out_dir
+from .errors import ConfigError, check_out_dir
 from .manifests import check_derived_path, write_manifest
 from .preprocess import tta_views
-from .store import encoder_key, encoder_label, open_store, store_name
+from .store import check_same_encoder, open_store, store_name
 
 log = logging.getLogger(__name__)
 
@@ -163,13 +163,6 @@ def _unit(fs: FeatureSet) -> str:
     return "clip" if fs.clip_id is not None else "image"
 
 
-def _same_encoder(a: str, b: str) -> None:
-    ea, eb = (open_store(s).fingerprint["encoder"] for s in (a, b))
-    if encoder_key(ea) != encoder_key(eb):
-        raise StoreError(f"{a} ({encoder_label(ea)}) and {b} ({encoder_label(eb)}) were extracted differently; their "
-                         "features are not comparable")
-
-
 def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None = None, output: str | None = None,
                     threshold: float = 0.95, without_leaks_to: str | Path | None = None, pairs: int = 0,
                     root: str | Path | None = None, device: str = "cpu", against: str | None = None) -> dict:
@@ -179,13 +172,11 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
     out_dir, device = Path(out_dir), torch_device(device)
     check_out_dir(out_dir, "near-dups.csv and the plots")
     check_derived_path(without_leaks_to, manifest or open_store(store).meta.get("manifest"))
+    if against:
+        check_same_encoder([store, against])  # before any folder is made or feature read
     out_dir.mkdir(parents=True, exist_ok=True)
     fs = _units_of(store, manifest, output, views=not against)  # queries are compared as they are, never mirrored
-    if against:
-        _same_encoder(store, against)
-        nb = nearest_in(fs, _units_of(against, None, output), device=device)
-    else:
-        nb = nearest_earlier(fs, device=device)
+    nb = nearest_in(fs, _units_of(against, None, output), device=device) if against else nearest_earlier(fs, device=device)
     refs, hits = nb.refs, nb.above(threshold)
     where = f"{store_name(against)} train/val" if against else "earlier-split"
     unit, ref_unit = _unit(fs), _unit(refs)

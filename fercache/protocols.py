@@ -13,7 +13,7 @@ from .data import features_memo
 from .errors import ConfigError, ManifestError, check_out_dir, repeated
 from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters, describe as describe_head
-from .store import canonical, store_name
+from .store import canonical, check_same_encoder, store_name
 from .train import check_owner, check_recipe, check_seeds, choose_aus, fit_seeds
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     check_seeds(seeds)
     check_distinct(stores, "training store")
     check_distinct(test_stores, "test store")
+    check_same_encoder(list(dict.fromkeys([*stores, *test_stores])))  # before the first row trains, not after it
     tables = {}
     for head in heads:
         cells: dict[str, dict] = {m: {} for m in names}

@@ -81,6 +81,18 @@ def encoder_key(encoder: dict) -> dict:
     return {k: encoder.get(k) for k in ("name", "weights_sha256", "preprocess", "revision")}
 
 
+def check_same_encoder(stores: list[str]) -> None:
+    """Refuse stores whose features are not comparable (their `encoder_key`s differ): a head trained on one cannot
+    read another, and nearest neighbours across them mean nothing."""
+    first = open_store(stores[0]).fingerprint["encoder"]
+    for other in stores[1:]:
+        here = open_store(other).fingerprint["encoder"]
+        if encoder_key(here) != encoder_key(first):
+            raise StoreError(f"{stores[0]} ({encoder_label(first)}) and {other} ({encoder_label(here)}) were extracted "
+                             "differently; their features are not comparable (extract both with one --encoder, "
+                             "--pretrained and --image-size)")
+
+
 def encoder_label(encoder: dict) -> str:
     """An encoder identity in one line, for errors that compare two."""
     revision = f", revision {encoder['revision']}" if encoder.get("revision") else ""

@@ -163,3 +163,4 @@ def test_near_dups_against_another_store(tiny_store, tiny_manifest, tiny_dataset
     extract(tiny_manifest, "null:", tmp_path / "null.zarr", root=tiny_dataset, image_size=16, workers=0, progress=False)
     with pytest.raises(StoreError, match="extracted differently"):
         near_duplicates(str(tiny_store), tmp_path / "nd2", against=str(tmp_path / "null.zarr"))
+    assert not (tmp_path / "nd2").exists()  # refused before its folder was made

@@ -316,6 +316,23 @@ def test_one_fold_manifest_and_one_seed_print_no_spread(tiny_store, tiny_manifes
     assert row.count("±") == 3 and "(mean ± std over folds x seeds)" in md
 
 
+def test_a_cross_matrix_of_stores_from_two_encoders_is_refused_before_training(tiny_store, tiny_manifest, tiny_dataset,
+                                                                                tmp_path, monkeypatch):
+    """A ViT store beside a MobileNetV2 one trained the first row's heads, then failed scoring them on the other."""
+    import fercache.train as T
+    from fercache.extract import extract
+    from fercache.store import StoreError
+
+    other = tmp_path / "null.zarr"
+    extract(tiny_manifest, "null:", other, root=tiny_dataset, image_size=16, workers=0, progress=False)
+    monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the encoder check"))
+    message = rf"^{tiny_store} \(.+\) and {other} \(null: \(none, .+\)\) were extracted differently; their features"
+    for kw in ({"stores": [str(tiny_store), str(other)]}, {"stores": [str(tiny_store)], "test_stores": [str(other)]}):
+        with pytest.raises(StoreError, match=message):
+            cross_matrix(heads=["linear"], out_dir=tmp_path / "c", **kw)
+    assert not (tmp_path / "c").exists()
+
+
 def test_a_store_or_fold_manifest_named_twice_is_refused_before_training(tiny_store, tiny_manifest, tmp_path, monkeypatch):
     """Two identical matrix rows; a 2-fold mean over one fold counted twice."""
     import fercache.train as T
