@@ -169,19 +169,21 @@ def _substitute(value: Any, variables: dict[str, Any]) -> Any:
 def _substitute_text(value: str, variables: dict[str, Any]) -> str:
     """`{name}` is the variable's value and `{{` / `}}` a literal brace, as in str.format; its other fields were a
     traceback (`{}`, `{0}`, a lone brace, `{data.x}`) or silently took a piece of a value (`{data[0]}`)."""
-    how = (f"variables are written {{name}} ([vars] here: {', '.join(variables) or 'none'}), "
-           "a literal brace {{ or }}")
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
     except ValueError as e:  # a lone brace
-        raise ConfigError(f"{value!r}: {e}; {how}") from None
+        raise ConfigError(f"{value!r}: {e}; {_how_braces(variables)}") from None
     for f in fields:
         if f.isidentifier() and f not in variables:
             hint = did_you_mean(f, variables)
             raise ConfigError(f"unknown variable {{{f}}} in {value!r}; define it under [vars]{hint}")
         if f not in variables:
-            raise ConfigError(f"{{{f}}} in {value!r} is not a variable; {how}")
+            raise ConfigError(f"{{{f}}} in {value!r} is not a variable; {_how_braces(variables)}")
     return value.format(**variables)
+
+
+def _how_braces(variables: dict[str, Any]) -> str:
+    return f"variables are written {{name}} ([vars] here: {', '.join(variables) or 'none'}), a literal brace {{{{ or }}}}"
 
 
 TABLES = ("vars", "step")  # the top level of a pipeline file
