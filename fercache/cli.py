@@ -185,6 +185,8 @@ def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", he
         typer.echo(f"OUTDATED   {d['outdated']}: re-extract it (`fercache extract ... --overwrite`) and retrain its runs")
     typer.echo(f"preprocess {json.dumps(enc['preprocess'])}")
     typer.echo(f"manifest   {d['manifest']} sha256={fp['manifest_sha256'][:16]}")
+    if d["data_root"]:  # stores before 0.2.2 do not record it
+        typer.echo(f"data root  {d['data_root']}" + ("" if Path(d["data_root"]).is_dir() else " (not there now)"))
     typer.echo(f"key        {fp['key']}")
     for sid, why in list(d["failures"].items())[:20]:
         typer.echo(f"failed     {sid}: {why}")
@@ -346,7 +348,7 @@ def evaluate(
                                  "in --out with the same settings, data and code (by default those are reused)."),
     errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of (errors.png)."),
     data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
-                                             "(default: $FERCACHE_DATA, else .)."),
+                                             "(default: $FERCACHE_DATA, else the one the store was extracted from)."),
     device: str = Device,
 ) -> None:
     """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
@@ -400,9 +402,10 @@ def near_dups(
     out: Path = typer.Option(Path("near-dups"), "--out", "-o", help="Folder for near-dups.csv and the plots."),
     manifest: Optional[Path] = typer.Option(None, help="Labels and splits from this manifest (default: the store's own)."),
     output: Optional[str] = typer.Option(None, help="Store output to compare (default: the store's default)."),
-    pairs: int = typer.Option(16, min=0, help="Draw the N least similar pairs above the threshold (needs the images "
-                              "under --data-root; without them the figure is skipped with a warning, the rest is written)."),
-    data_root: Optional[Path] = DataRoot,
+    pairs: int = typer.Option(16, min=0, help="Draw the N least similar pairs above the threshold (needs the images; "
+                              "without them the figure is skipped with a warning, the rest is written)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="--pairs: folder the manifest paths are relative "
+                                             "to (default: $FERCACHE_DATA, else the one each store was extracted from)."),
     without_leaks: Optional[Path] = typer.Option(None, "--without-leaks", help="Write the manifest with those val/test "
                                                  "images (clips) unlabelled; the same store serves it."),
     against: Optional[str] = typer.Option(None, help="Compare with this other store's train and val images instead "

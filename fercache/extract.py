@@ -151,7 +151,7 @@ def _amp_dtype(device: torch.device, precision: str) -> torch.dtype:
 
 def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: int, overwrite: bool,
                    rank: int = 0, world: int = 1, manifest_path: str = "", encoder_args: dict | None = None,
-                   read_chunk_rows: int | None = None) -> S.FeatureStore:
+                   read_chunk_rows: int | None = None, data_root: str = "") -> S.FeatureStore:
     """The store to fill: a new one, or an existing one with the same fingerprint (resume / no-op)."""
     fp = S.make_fingerprint(encoder.identity(), content_sha256(manifest), len(manifest), chunk_rows, read_chunk_rows)
     if rank == 0:
@@ -163,7 +163,8 @@ def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: i
             if "frame_idx" in video:
                 video["frame_idx"] = [int(v or -1) for v in video["frame_idx"]]
             store = S.create(out, fp, manifest.column("sample_id"), encoder.default_output,
-                             manifest_name=manifest_path, video=video, overwrite=overwrite, encoder_args=encoder_args)
+                             manifest_name=manifest_path, video=video, overwrite=overwrite, encoder_args=encoder_args,
+                             data_root=data_root)
     _barrier(world)
     return store if rank == 0 else S.open_store(out, mode="r+")
 
@@ -360,12 +361,13 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
         if rank == 0:
             S.check_location(str(out), overwrite)  # before the encoder loads: never create a store over someone's files
         manifest = read_manifest(manifest_path)
-        paths, bboxes = packed(resolve_paths(manifest, data_root(root))), packed(manifest.column("bbox"))
+        base = data_root(root)
+        paths, bboxes = packed(resolve_paths(manifest, base)), packed(manifest.column("bbox"))
         enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev)
         store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world,
                                manifest_path=str(Path(manifest_path).resolve()),
                                encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size},
-                               read_chunk_rows=read_chunk_rows)
+                               read_chunk_rows=read_chunk_rows, data_root=str(base))
         del manifest  # its rows (~0.6 KB each as dicts) are not needed past the fingerprint and the store's ids
         if store.complete:
             log.info("%s is complete and matches; nothing to do", out)

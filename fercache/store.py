@@ -263,7 +263,7 @@ class FeatureStore:
             "complete": self.complete, "rows": self.n_rows, "chunks_done": self.n_chunks - len(pending),
             "chunks_total": self.n_chunks, "outputs": self.outputs, "default_output": self.default_output,
             "n_ok": meta.get("n_ok"), "n_failed": meta.get("n_failed"), "failures": self.errors() if self.complete else {},
-            "fingerprint": self.fingerprint, "manifest": meta.get("manifest"),
+            "fingerprint": self.fingerprint, "manifest": meta.get("manifest"), "data_root": meta.get("data_root"),
             "outdated": outdated(self.fingerprint, (meta.get("encoder_args") or {}).get("spec")),
             "writer": None if self.complete else writer(self.location),
             "clips": int(len(np.unique(_strings(self.read("clip_id"))))) if "clip_id" in self.group else None,
@@ -451,7 +451,7 @@ def _lock(location: str):
 
 def create(location: str | Path, fingerprint: dict, sample_ids: list[str], default_output: str,
            manifest_name: str = "", video: dict[str, list] | None = None, overwrite: bool = False,
-           encoder_args: dict | None = None) -> FeatureStore:
+           encoder_args: dict | None = None, data_root: str = "") -> FeatureStore:
     """Pre-allocate a store for all rows; refuses to replace an existing one unless `overwrite`."""
     zarr = _zarr()
     location = _plain(location)
@@ -480,6 +480,9 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
         "default_output": default_output, "manifest": manifest_name,
         # How to rebuild the encoder (text tower, predict): the arguments as given (a config path, a weights file).
         "encoder_args": encoder_args or {},
+        # Where the images were read (not fingerprinted: a moved dataset is the same data), so drawing a store's
+        # images later (evaluate --errors, near-dups' pairs) needs no --data-root from another folder.
+        "data_root": data_root,
     }
     return FeatureStore(location, g)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -137,7 +138,7 @@ def test_nearest_in_another_dataset_searches_only_its_train_and_val():
     assert nb.refs is b and len(nb.query) == 5
 
 
-def test_near_dups_against_another_store(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
+def test_near_dups_against_another_store(tiny_store, tiny_manifest, tiny_dataset, tmp_path, monkeypatch):
     from fercache.errors import StoreError
     from fercache.extract import extract
     from fercache.manifests import read_manifest, write_manifest
@@ -150,9 +151,12 @@ def test_near_dups_against_another_store(tiny_store, tiny_manifest, tiny_dataset
     b_manifest = write_manifest(type(m)(rows=[dict(r, sample_id="b/" + r["sample_id"]) for r in m.rows], source="b"),
                                 tmp_path / "b.csv")
     spec = open_store(tiny_store).meta["encoder_args"]["spec"]
-    extract(b_manifest, spec, tmp_path / "b.zarr", root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
+    shutil.copytree(tiny_dataset, tmp_path / "b_data")  # each dataset under its own data root, as FER2013 and CK+48
+    extract(b_manifest, spec, tmp_path / "b.zarr", root=tmp_path / "b_data", chunk_rows=16, workers=0, progress=False)
+    monkeypatch.delenv("FERCACHE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # no --data-root: the pairs' images are found under the root each store records
     r = invoke("near-dups", tiny_store, "--against", tmp_path / "b.zarr", "--threshold", "0.999", "--pairs", "2",
-               "--data-root", tiny_dataset, "--out", tmp_path / "nd")
+               "--out", tmp_path / "nd")
     assert r.exit_code == 0, r.output
     assert "against every b train/val image" in r.output
     rows = list(csv.DictReader(open(tmp_path / "nd" / "near-dups.csv")))

@@ -6,6 +6,7 @@ import csv
 import json
 import logging
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,6 +146,36 @@ def test_evaluate_draws_the_surest_mistakes(tiny_store, tiny_dataset, tmp_path):
     # the manifest's paths start with faces/: a root one folder too low is answered with the right one
     with pytest.raises(ConfigError, match=f"does not exist; it is under {tiny_dataset}: pass --data-root {tiny_dataset}$"):
         evaluate_run(r.run_dir, errors=4, root=tiny_dataset / "faces")
+
+
+def test_a_store_remembers_its_data_root_so_its_images_are_found_from_any_folder(tiny_store, tiny_dataset, tmp_path,
+                                                                                  monkeypatch):
+    """`evaluate --errors` from another folder needed `--data-root` again, though `extract` had been told it."""
+    from fercache.data import unit_images
+    from tests.test_cli import invoke
+
+    monkeypatch.delenv("FERCACHE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert S.open_store(tiny_store).meta["data_root"] == str(tiny_dataset.resolve())
+    assert f"data root  {tiny_dataset.resolve()}\n" in invoke("info", tiny_store).output
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 2, "batch_size": 8})
+    res = evaluate_run(r.run_dir, errors=4)
+    assert res["errors_shown"] > 0 and Path(res["errors_png"]).stat().st_size > 5000
+    # $FERCACHE_DATA (like --data-root) still comes first: a wrong one is said, not overridden
+    monkeypatch.setenv("FERCACHE_DATA", str(tmp_path))
+    with pytest.raises(ConfigError, match=f"cannot draw the images: {tmp_path}/faces/.* does not exist; pass"):
+        evaluate_run(r.run_dir, errors=4)
+    monkeypatch.delenv("FERCACHE_DATA")
+    # the data moved away since: the current folder, as for a store that records none, and the error says how
+    moved = tmp_path / "moved.zarr"
+    shutil.copytree(tiny_store, moved)
+    st = S.open_store(moved, mode="r+")
+    st.group.attrs["fercache"] = {**st.meta, "data_root": str(tmp_path / "gone")}
+    assert f"data root  {tmp_path / 'gone'} (not there now)\n" in invoke("info", moved).output
+    with pytest.raises(ConfigError, match=f"cannot draw the images: {tmp_path}/faces/.* does not exist; pass --data-root"):
+        unit_images(str(moved), [str(st.sample_ids()[0])], None)
+    monkeypatch.chdir(tiny_dataset)
+    assert unit_images(str(moved), [str(st.sample_ids()[0])], None)[0].ndim == 3
 
 
 def test_a_run_appears_only_once_saved_whole_and_a_retrained_one_drops_the_old_evaluations(tiny_store, tmp_path,
