@@ -384,7 +384,7 @@ READS = {"manifest": ("src", "data_root"), "audit": ("manifest", "data_root"), "
          "sweep": ("store", "manifest", "mask_source"), "cross": ("stores", "test_stores", "labels"),
          "folds": ("store", "manifests"), "au_cv": ("store",), "evaluate": ("runs", "store", "manifest"),
          "compare": ("a", "b", "store", "manifest"), "runs": ("root",)}
-WRITES = {"manifest": ("out",), "audit": ("without_leaks",), "extract": ("out",), "sweep": ("out",), "folds": ("out",),
+WRITES = {"manifest": ("out",), "audit": ("without_leaks",), "extract": ("out",), "folds": ("out",),
           "near_dups": ("out", "without_leaks_to"), "au_cv": ("out",), "compare": ("out",), "runs": ("csv",),
           "evaluate": ()}
 
@@ -421,15 +421,19 @@ def _written_before(there: Path, written: list[Path], key: str) -> bool:
 
 
 def _writes(kind: str, step: dict) -> list[Path]:
-    """What a step writes; the run folders of a cross or train step exactly (`<store>-<head>`), so that a misspelt
-    run folder under their `out` is not taken for one of them."""
+    """What a step writes; the run folders of a cross or train step (`<store>-<head>`) and a sweep's points
+    (`pointNNN`, one per combination of its grid) exactly, so that a misspelt run folder under their `out` is not
+    taken for one of them."""
     from .store import store_name
+    from .sweep import grid_points
 
     out = step.get("out", describe_step(kind)["optional"].get("out"))
     if kind == "cross":
         paths = [f"{out}/runs/{store_name(s)}-{h}" for s in step["stores"] for h in step["heads"]]
     elif kind == "train":
         paths = [f"{out}/{store_name(step['store'])}-{step['head']}"]
+    elif kind == "sweep":
+        paths = [f"{out}/point{i:03d}" for i in range(len(grid_points(step["grid"])))]
     else:
         paths = [p for key in WRITES[kind] for p in _paths(step.get(key, out if key == "out" else None))]
     return [Path(os.path.abspath(p)) for p in paths]

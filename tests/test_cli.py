@@ -332,6 +332,24 @@ def test_a_pipeline_is_checked_whole_before_its_first_step_runs(tiny_dataset, tm
     assert r.exit_code == 0 and "3 step(s) checked, nothing run" in r.output and not (tmp_path / "m.csv").exists()
 
 
+def test_a_step_reading_a_sweeps_point_is_checked_against_the_points_its_grid_makes(tiny_store, tmp_path):
+    """A sweep's `out` was taken as written whole: a misspelt point under it passed the pre-flight check."""
+    sweep = (f'[[step]]\nrun = "sweep"\nstore = "{tiny_store}"\nhead = "linear"\nout = "{tmp_path}/sw"\n'
+             'grid = { lr = [0.001, 0.01] }\n')
+
+    def check(a: str, b: str, then: str = ""):
+        p = tmp_path / "p.toml"
+        p.write_text(sweep + f'[[step]]\nrun = "compare"\na = "{tmp_path}/sw/{a}"\nb = "{tmp_path}/sw/{b}"\n{then}')
+        return invoke("run", p, "--check")
+
+    r = check("point000", "point001/seed0", f'[[step]]\nrun = "runs"\nroot = "{tmp_path}/sw"\n')
+    assert r.exit_code == 0 and "3 step(s) checked, nothing run" in r.output, r.output
+    r = check("point000", "point002")  # two values of lr: two points
+    assert r.exit_code == 2 and (f"step 2 (compare): b {tmp_path}/sw/point002 does not exist, and no earlier step "
+                                 "writes it (did you mean") in " ".join(r.output.split()), r.output
+    assert not (tmp_path / "sw").exists()
+
+
 def test_sweep_axes_take_json_lists_for_list_valued_points(tiny_store, tmp_path):
     from fercache.report import cell
 
