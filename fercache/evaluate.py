@@ -239,6 +239,13 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
     return result
 
 
+def check_errors(errors) -> None:
+    """`errors` (how many mistakes to draw) is a whole number >= 0: a pipeline's `errors = -1` or `"12"` is said
+    before its first step, not taken for none or drawn as a slice."""
+    if isinstance(errors, bool) or not isinstance(errors, int) or errors < 0:
+        raise ConfigError(f"errors={errors!r}: how many of the surest mistakes to draw, a whole number >= 0")
+
+
 def _error_images(result: dict, s: Scored, k: int, root: str | Path | None) -> tuple[list, list[np.ndarray]]:
     """The k surest mistakes (`confident_errors`) and their images, read under data root `root`."""
     from .data import unit_images
@@ -330,5 +337,6 @@ def format_summary(summary: dict) -> str:
 def evaluate(run: str | Path, store: str | None = None, manifest=None, split: str = "test", device: str = "cpu",
              errors: int = 0, root: str | Path | None = None) -> dict:
     """Evaluate a run (or every seed under it); returns per-seed results and mean/std."""
+    check_errors(errors)
     results = [evaluate_run(r, store, manifest, split, device=device, errors=errors, root=root) for r in run_dirs(run)]
     return {"runs": results, "summary": summarize(results)}

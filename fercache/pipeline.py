@@ -88,16 +88,17 @@ def _near_dups_step(store: str, out: str, data_root: str | None = None, **kw):
 
 @register_step("evaluate")
 def _evaluate_step(runs: list[str], store: str | None = None, manifest: str | None = None, split: str = "test",
-                   device: str = "cpu"):
-    """Score runs on a split; files beside each run (`fercache evaluate`)."""
+                   device: str = "cpu", errors: int = 0, data_root: str | None = None):
+    """Score runs on a split, files beside each run; `errors = N` draws their N surest mistakes (`fercache evaluate`)."""
     from .evaluate import eval_name, evaluate, format_summary
 
     lines = []
     for run in runs:
-        res = evaluate(run, store, manifest, split, device)
+        res = evaluate(run, store, manifest, split, device, errors=errors, root=data_root)
         first = res["runs"][0]
         lines.append(f"{run} on {eval_name(first)}: n={first['n']}, {format_summary(res['summary'])} "
                      f"({len(res['runs'])} seed(s))")
+        lines += [f"  surest mistakes -> {r['errors_png']}" for r in res["runs"] if "errors_png" in r]
     return "\n" + "\n".join(lines)
 
 
@@ -316,6 +317,7 @@ def _check_values(kind: str, args: dict) -> None:
     from .adapters import check_adapter_options
     from .devices import torch_device
     from .encoders import check_encoder_name, missing_weights
+    from .evaluate import check_errors
     from .extract import check_options
     from .manifests import check_derived_path
     from .protocols import _cross_metrics, check_distinct, check_tables
@@ -352,6 +354,8 @@ def _check_values(kind: str, args: dict) -> None:
         check_tables([head], {head: args.get("hp") or {}}, {head: args.get("recipe") or {}})
     if kind == "sweep":
         _plan(args["head"], args["grid"], args.get("base_recipe") or {}, args.get("base_hp") or {})
+    if kind == "evaluate":
+        check_errors(args.get("errors", 0))
 
 
 def check_step(i: int, step: dict) -> None:
@@ -382,7 +386,8 @@ def _selected(steps: list[dict], only: list[str] | None) -> list[tuple[int, dict
 READS = {"manifest": ("src", "data_root"), "audit": ("manifest", "data_root"), "extract": ("manifest", "data_root"),
          "near_dups": ("store", "manifest", "against", "data_root"), "train": ("store", "manifest", "mask_source"),
          "sweep": ("store", "manifest", "mask_source"), "cross": ("stores", "test_stores", "labels"),
-         "folds": ("store", "manifests"), "au_cv": ("store",), "evaluate": ("runs", "store", "manifest"),
+         "folds": ("store", "manifests"), "au_cv": ("store",),
+         "evaluate": ("runs", "store", "manifest", "data_root"),
          "compare": ("a", "b", "store", "manifest"), "runs": ("root",)}
 WRITES = {"manifest": ("out",), "audit": ("without_leaks",), "extract": ("out",), "folds": ("out",),
           "near_dups": ("out", "without_leaks_to"), "au_cv": ("out",), "compare": ("out",), "runs": ("csv",),

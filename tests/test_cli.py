@@ -124,6 +124,28 @@ data_root = "{{data}}"
     assert r.exit_code == 2 and "step 2 (extract)" in r.output and "--overwrite" in r.output
 
 
+def test_a_pipeline_evaluate_step_draws_the_surest_mistakes_as_the_command_does(tiny_store, tmp_path, monkeypatch):
+    """`errors` was the command's alone: a pipeline could not draw errors.png."""
+    monkeypatch.delenv("FERCACHE_DATA", raising=False)
+    monkeypatch.chdir(tmp_path)  # the images are found under the data root the store records
+
+    def pipeline(errors: str):
+        p = tmp_path / "p.toml"
+        p.write_text(f'[[step]]\nrun = "train"\nstore = "{tiny_store}"\nhead = "linear"\nout = "{tmp_path}/runs"\n'
+                     f'recipe = {{ epochs = 2 }}\n[[step]]\nrun = "evaluate"\nruns = ["{tmp_path}/runs/faces-linear"]\n'
+                     f'errors = {errors}\n')
+        return invoke("run", p)
+
+    for bad, said in (("-1", "-1"), ('"4"', "'4'"), ("true", "True")):
+        r = pipeline(bad)
+        assert r.exit_code == 2 and f"step 2 (evaluate): errors={said}: how many of the surest" in r.output, r.output
+        assert not (tmp_path / "runs").exists()  # refused before the first step
+    r = pipeline("4")
+    png = tmp_path / "runs/faces-linear/seed0/eval-faces-test/errors.png"
+    assert r.exit_code == 0 and f"  surest mistakes -> {png}\n" in r.output, r.output
+    assert png.stat().st_size > 5000
+
+
 def test_pipeline_unknown_step(tmp_path):
     p = tmp_path / "p.toml"
     p.write_text('[[step]]\nrun = "teleport"\n')
