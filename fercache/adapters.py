@@ -105,6 +105,36 @@ def _row(sample_id: str, path: Path, label: str, split: str, subject: str, **ext
     return {"sample_id": sample_id, "path": str(path), "label": label, "split": split, "subject": subject, **extra}
 
 
+def _fraction(value, name: str = "test_fraction") -> float:
+    """An --option fraction in [0, 1); it arrives as text from the command line ('abc' was a ValueError traceback,
+    1.5 put every subject in test)."""
+    try:
+        f = float(value)
+    except (TypeError, ValueError):
+        f = float("nan")
+    if not 0 <= f < 1:
+        raise ManifestError(f"--option {name}={value}: a fraction of the subjects in [0, 1), e.g. 0.2")
+    return f
+
+
+def _count(value, name: str, least: int) -> int:
+    """An --option count >= `least` (text from the command line, a number from a pipeline)."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not text.isdigit() or int(text) < least:
+        raise ManifestError(f"--option {name}={value}: a whole number >= {least}")
+    return int(text)
+
+
+def _flag(value, name: str) -> bool:
+    """An --option true/false (text from the command line, a boolean from a pipeline)."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text not in ("true", "false", "1", "0", "yes", "no"):
+        raise ManifestError(f"--option {name}={value}: true or false")
+    return text in ("true", "1", "yes")
+
+
 def _subject_split(subject: str, test_fraction: float) -> str:
     """Stable subject-level split, so near-duplicate frames never straddle train and test."""
     bucket = int(hashlib.sha1(subject.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
@@ -157,7 +187,7 @@ def _ckplus_aus(seq_row: dict, all_aus: list[int]) -> dict[str, str]:
 @register_adapter("ckplus")
 def ckplus(src: Path, facs: str = "ckplus_facs.csv", images: str = "CK+48", test_fraction: float = 0.2) -> list[dict]:
     """CK+48 `SRC/CK+48/<class>/Sxxx_yyy_zzzzzzzz.png` plus `ckplus_facs.csv` AU codes; split by subject."""
-    sequences = _ckplus_facs(src / facs)
+    sequences, test_fraction = _ckplus_facs(src / facs), _fraction(test_fraction)
     all_aus = sorted(set().union(*(_au_codes(r["AU.combination"])[0] for r in sequences.values())))
     au_of = {video: _ckplus_aus(r, all_aus) for video, r in sequences.items()}
     rows = []
@@ -172,9 +202,112 @@ def ckplus(src: Path, facs: str = "ckplus_facs.csv", images: str = "CK+48", test
             if video not in au_of:
                 raise ManifestError(f"{src / facs}: no row for sequence {video} (image {img})")
             aus = au_of[video]
-            split = _subject_split(subject, float(test_fraction))
+            split = _subject_split(subject, test_fraction)
             rows.append(_row(img.stem, img, label, split, subject, clip_id=video, frame_idx=str(int(frame)), **aus))
     return rows
+
+
+def _ckplus_number(path: Path, line: str, what: str) -> float:
+    """A number of a CK+ label file, written as `   3.0000000e+00`."""
+    try:
+        return float(line)
+    except ValueError:
+        raise ManifestError(f"{path}: expected {what} written as a number (e.g. 3.0000000e+00), got {line.strip()!r}") from None
+
+
+def _ckplus_label_file(folder: Path, suffix: str) -> Path | None:
+    """The one `*_<suffix>.txt` of a sequence's label folder (named after its peak frame), or None."""
+    found = sorted(folder.glob(f"*_{suffix}.txt")) if folder.is_dir() else []
+    if len(found) > 1:
+        raise ManifestError(f"{folder} holds {len(found)} {suffix} files; a CK+ sequence has one")
+    return found[0] if found else None
+
+
+def _ckplus_emotion(file: Path) -> str:
+    """The canonical label of a CK+ `*_emotion.txt` (one code, 0-7: METHODS.md §6 and labels.NATIVE['ckplus'])."""
+    values = file.read_text().split()
+    if len(values) != 1 or not _ckplus_number(file, values[0], "an emotion code").is_integer():
+        raise ManifestError(f"{file}: expected one emotion code 0-7 (e.g. 3.0000000e+00), got {' '.join(values)[:40]!r}")
+    return L.from_native("ckplus", int(float(values[0])), f"{file}: ")
+
+
+def _ckplus_facs_file(file: Path | None, all_aus: list[int]) -> dict[str, str]:
+    """AU columns from a CK+ `*_facs.txt` (rows `AU intensity`; intensity 0 means present, intensity not coded):
+    listed AUs 1, the others 0; without a file (sequence not FACS-coded) every AU -1."""
+    if file is None:
+        return {f"AU{a}": "-1" for a in all_aus}
+    active = {int(au) for au, _ in _ckplus_facs_rows(file)}
+    return {f"AU{a}": "1" if a in active else "0" for a in all_aus}
+
+
+def _ckplus_facs_rows(file: Path) -> list[tuple[float, float]]:
+    rows = []
+    for n, line in enumerate(file.read_text().splitlines(), 1):
+        values = line.split()
+        if not values:
+            continue
+        if len(values) != 2:
+            raise ManifestError(f"{file}:{n}: expected `AU intensity` (two numbers), got {line.strip()!r}")
+        au, intensity = (_ckplus_number(file, v, "an AU and its intensity") for v in values)
+        if not au.is_integer():
+            raise ManifestError(f"{file}:{n}: AU {values[0]} is not a whole AU number")
+        rows.append((au, intensity))
+    return rows
+
+
+def _ckplus_frames(seq: Path) -> list[tuple[int, Path]]:
+    """A sequence folder's frames, (frame number, image) in order."""
+    frames = []
+    for img in _images(seq):
+        parts = img.stem.split("_")
+        if len(parts) < 3 or not parts[2].isdigit():
+            raise ManifestError(f"{img}: expected a CK+ name like S005_001_00000011.png (subject_sequence_frame)")
+        frames.append((int(parts[2]), img))
+    return sorted(frames)
+
+
+@register_adapter("ckplus_release")
+def ckplus_release(src: Path, images: str = "cohn-kanade-images", emotion: str = "Emotion", facs: str = "FACS",
+                   peak_frames: int = 3, neutral_frames: int = 0, unlabelled: bool = False,
+                   test_fraction: float = 0.2) -> list[dict]:
+    """CK+ as released: `cohn-kanade-images/S005/001/*.png`, `Emotion/` codes 0-7, `FACS/` AUs; split by subject.
+
+    A sequence runs from a neutral face to its peak, the last frame, which alone is labelled and FACS-coded: the
+    last `peak_frames` frames take the sequence's emotion and AUs (3, as CK+48), and `neutral_frames=N` adds its
+    first N frames labelled neutral (the 8-class protocol), their AUs -1 (not coded). The 327 sequences with an
+    emotion file are kept; `unlabelled=true` keeps the other FACS-coded ones too, unlabelled (AU work).
+    """
+    fmt = "ckplus_release"
+    img_root = _annotation(src, images, fmt, "images=PATH", "folder")
+    emo_root, facs_root = (_annotation(src, rel, fmt, f"{key}=PATH", "folder")
+                           for key, rel in (("emotion", emotion), ("facs", facs)))
+    peak, first = _count(peak_frames, "peak_frames", 1), _count(neutral_frames, "neutral_frames", 0)
+    keep_unlabelled, test_fraction = _flag(unlabelled, "unlabelled"), _fraction(test_fraction)
+    sequences = sorted(d.relative_to(img_root) for d in img_root.glob("*/*") if d.is_dir())  # S005/001
+    coded = {seq: _ckplus_label_file(facs_root / seq, "facs") for seq in sequences}
+    all_aus = sorted({int(au) for f in coded.values() if f for au, _ in _ckplus_facs_rows(f)})
+    _say_orphans(emo_root, set(sequences))
+    rows = []
+    for seq in sequences:
+        emo_file = _ckplus_label_file(emo_root / seq, "emotion")
+        if emo_file is None and not (keep_unlabelled and coded[seq]):
+            continue
+        label, aus = _ckplus_emotion(emo_file) if emo_file else "", _ckplus_facs_file(coded[seq], all_aus)
+        subject, video, frames = seq.parts[0], "_".join(seq.parts), _ckplus_frames(img_root / seq)
+        split = _subject_split(subject, test_fraction)
+        for n, img in frames[:min(first, max(len(frames) - peak, 0))]:  # never one of the peak frames
+            rows.append(_row(img.stem, img, "neutral", split, subject, clip_id=f"{video}_neutral", frame_idx=str(n),
+                             **dict.fromkeys(aus, "-1")))
+        for n, img in frames[-peak:]:
+            rows.append(_row(img.stem, img, label, split, subject, clip_id=video, frame_idx=str(n), **aus))
+    return rows
+
+
+def _say_orphans(emo_root: Path, sequences: set[Path]) -> None:
+    """Emotion files whose sequence has no image folder: said, not silently dropped (a partly unzipped release)."""
+    orphans = sorted({f.parent.relative_to(emo_root) for f in emo_root.glob("*/*/*_emotion.txt")} - sequences)
+    if orphans:
+        log.warning("%d sequence(s) have an emotion file but no images (e.g. %s): left out", len(orphans), orphans[0])
 
 
 @register_adapter("jaffe")
@@ -341,7 +474,7 @@ def affectnet(src: Path, train: str = "training.csv", test: str = "validation.cs
 def expw(src: Path, label_file: str = "label/label.lst", images: str = "image/origin",
          test_fraction: float = 0.2) -> list[dict]:
     """ExpW `label.lst`: `name face_id top left right bottom confidence label`; the face box becomes `bbox`."""
-    rows, path = [], _annotation(src, label_file, "expw", "label_file=PATH")
+    rows, path, test_fraction = [], _annotation(src, label_file, "expw", "label_file=PATH"), _fraction(test_fraction)
     with open(path) as f:
         for i, line in enumerate(f):
             parts = line.split()
@@ -352,7 +485,7 @@ def expw(src: Path, label_file: str = "label/label.lst", images: str = "image/or
             name, face, top, left, right, bottom, _conf, code = parts
             label = L.from_native("expw", _integer(code, f"{path}:{i + 1}: "), f"{path}:{i + 1}: ")
             stem = Path(name).stem
-            rows.append(_row(f"{stem}_{face}", src / images / name, label, _subject_split(stem, float(test_fraction)),
+            rows.append(_row(f"{stem}_{face}", src / images / name, label, _subject_split(stem, test_fraction),
                              subject=stem, bbox=f"{left} {top} {right} {bottom}"))
     return rows
 

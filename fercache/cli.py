@@ -80,8 +80,9 @@ def manifest_formats() -> None:
     """List the dataset layouts `manifest build --format` understands."""
     from .adapters import ADAPTERS
 
+    width = max(len(name) for name in ADAPTERS)
     for name, fn in sorted(ADAPTERS.items()):
-        typer.echo(f"{name:12s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+        typer.echo(f"{name:{width}s} {(fn.__doc__ or '').strip().splitlines()[0]}")
 
 
 @manifest_app.command("check")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import re
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +78,72 @@ def test_ckplus_aus_subject_and_clip(tmp_path):
     # An unreadable code ("1.4") means unlisted AUs are unknown, not absent.
     assert con["label"] == "contempt" and con["AU12"] == "1" and con["AU1"] == "-1"
     assert m.au_columns == ["AU1", "AU4", "AU12", "AU15"]
+
+
+def _ckplus_release_fixture(root: Path) -> Path:
+    """The CK+ release's three folders: S005/001 disgust (code 3) and S010/002 surprise (7), both FACS-coded;
+    S011/001 FACS-coded without an emotion; S012/003 neither."""
+    for seq, n in (("S005/001", 5), ("S010/002", 4), ("S011/001", 3), ("S012/003", 4)):
+        for i in range(1, n + 1):
+            _img(root / "cohn-kanade-images" / seq / f"{seq.replace('/', '_')}_{i:08d}.png")
+    for seq, last, code in (("S005/001", 5, "   3.0000000e+00\n"), ("S010/002", 4, "   7.0000000e+00\n")):
+        (root / "Emotion" / seq).mkdir(parents=True)
+        (root / "Emotion" / seq / f"{seq.replace('/', '_')}_{last:08d}_emotion.txt").write_text(code)
+    for seq, last, aus in (("S005/001", 5, [(9, 0), (17, 2)]), ("S010/002", 4, [(1, 3), (2, 3), (5, 1), (27, 4)]),
+                           ("S011/001", 3, [(12, 0)])):
+        (root / "FACS" / seq).mkdir(parents=True)
+        lines = "".join(f"   {au:.7e}   {i:.7e}\n" for au, i in aus)
+        (root / "FACS" / seq / f"{seq.replace('/', '_')}_{last:08d}_facs.txt").write_text(lines)
+    return root
+
+
+def test_ckplus_release_labels_the_peak_frames_from_its_emotion_codes_and_facs_files(tmp_path):
+    src = _ckplus_release_fixture(tmp_path)
+    m = build("ckplus_release", src)
+    rows = _by_id(m)
+    # the last 3 frames of each sequence with an emotion file, its native code mapped explicitly (3 disgust, 7 surprise)
+    assert sorted(rows) == ["S005_001_00000003", "S005_001_00000004", "S005_001_00000005",
+                            "S010_002_00000002", "S010_002_00000003", "S010_002_00000004"]
+    peak = rows["S005_001_00000005"]
+    assert (peak["label"], peak["subject"], peak["clip_id"], peak["frame_idx"]) == ("disgust", "S005", "S005_001", "5")
+    assert peak["path"] == "cohn-kanade-images/S005/001/S005_001_00000005.png"
+    assert {rows[f"S010_002_0000000{i}"]["label"] for i in (2, 3, 4)} == {"surprise"}
+    assert m.au_columns == ["AU1", "AU2", "AU5", "AU9", "AU12", "AU17", "AU27"]  # every coded AU, S011's 12 too
+    assert [peak[a] for a in m.au_columns] == ["0", "0", "0", "1", "0", "1", "0"]  # intensity 0: present, uncoded
+    # the 8-class protocol: the first frame of each sequence neutral, its AUs not coded; never a peak frame
+    rows = _by_id(build("ckplus_release", src, neutral_frames="2", peak_frames="2"))
+    first = rows["S005_001_00000001"]
+    assert (first["label"], first["clip_id"], first["AU9"]) == ("neutral", "S005_001_neutral", "-1")
+    assert sorted(i for i in rows if i.startswith("S010")) == [f"S010_002_0000000{i}" for i in (1, 2, 3, 4)]
+    assert [rows[f"S010_002_0000000{i}"]["label"] for i in (1, 2, 3, 4)] == ["neutral", "neutral", "surprise", "surprise"]
+    # AU work: the FACS-coded sequence without an emotion too, unlabelled; S012 (neither) never
+    rows = _by_id(build("ckplus_release", src, unlabelled="true"))
+    assert rows["S011_001_00000003"]["label"] == "" and rows["S011_001_00000003"]["AU12"] == "1"
+    assert not any(i.startswith("S012") for i in rows) and len(rows) == 9
+
+
+def test_ckplus_release_refuses_what_it_cannot_read(tmp_path):
+    src = _ckplus_release_fixture(tmp_path)
+    for options, says in (({"peak_frames": "0"}, "--option peak_frames=0: a whole number >= 1"),
+                          ({"neutral_frames": "x"}, "--option neutral_frames=x: a whole number >= 0"),
+                          ({"unlabelled": "maybe"}, "--option unlabelled=maybe: true or false"),
+                          ({"test_fraction": "abc"}, "--option test_fraction=abc: a fraction of the subjects in [0, 1)"),
+                          ({"emotion": "Emotions"}, "ckplus_release annotation folder ")):
+        with pytest.raises(ManifestError, match=re.escape(says)):
+            build("ckplus_release", src, **options)
+    (src / "Emotion/S005/001/S005_001_00000005_emotion.txt").write_text("   9.0000000e+00\n")
+    with pytest.raises(ManifestError, match=r"S005_001_00000005_emotion.txt: label 9 is not a ckplus code"):
+        build("ckplus_release", src)
+    (src / "Emotion/S005/001/S005_001_00000005_emotion.txt").write_text("   3.5000000e+00\n")
+    with pytest.raises(ManifestError, match=r"expected one emotion code 0-7"):
+        build("ckplus_release", src)
+
+
+def test_a_test_fraction_that_is_no_fraction_is_said_not_a_traceback(tmp_path):
+    """`--option test_fraction=abc` was a ValueError traceback; 1.5 put every subject in test."""
+    for bad in ("abc", "1.5", "-0.1"):
+        with pytest.raises(ManifestError, match=re.escape(f"--option test_fraction={bad}: a fraction")):
+            build("ckplus", _ckplus_fixture(tmp_path), test_fraction=bad)
 
 
 def test_jaffe_codes(tmp_path):
