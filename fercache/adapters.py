@@ -266,6 +266,20 @@ def _ckplus_frames(seq: Path) -> list[tuple[int, Path]]:
     return sorted(frames)
 
 
+def _ckplus_up_to_peak(seq: Path, label_file: Path) -> list[tuple[int, Path]]:
+    """A sequence's frames up to its peak, the frame its label file is named after (S005_001_00000011_emotion.txt:
+    11), which the release makes the last; counted from that frame, so no frame after it is ever labelled."""
+    parts = label_file.stem.split("_")
+    if len(parts) < 4 or not parts[2].isdigit():
+        raise ManifestError(f"{label_file}: expected a CK+ label file named after its frame, like "
+                            "S005_001_00000011_emotion.txt")
+    peak = int(parts[2])
+    frames = [f for f in _ckplus_frames(seq) if f[0] <= peak]
+    if not frames or frames[-1][0] != peak:
+        raise ManifestError(f"{label_file} labels frame {peak}, but {seq} has no image of that frame")
+    return frames
+
+
 @register_adapter("ckplus_release")
 def ckplus_release(src: Path, images: str = "cohn-kanade-images", emotion: str = "Emotion", facs: str = "FACS",
                    peak_frames: int = 3, neutral_frames: int = 0, unlabelled: bool = False,
@@ -284,16 +298,17 @@ def ckplus_release(src: Path, images: str = "cohn-kanade-images", emotion: str =
     peak, first = _count(peak_frames, "peak_frames", 1), _count(neutral_frames, "neutral_frames", 0)
     keep_unlabelled, test_fraction = _flag(unlabelled, "unlabelled"), _fraction(test_fraction)
     sequences = sorted(d.relative_to(img_root) for d in img_root.glob("*/*") if d.is_dir())  # S005/001
-    coded = {seq: _ckplus_label_file(facs_root / seq, "facs") for seq in sequences}
-    all_aus = sorted({int(au) for f in coded.values() if f for au, _ in _ckplus_facs_rows(f)})
+    facs_files = {seq: _ckplus_label_file(facs_root / seq, "facs") for seq in sequences}
+    all_aus = sorted({int(au) for f in facs_files.values() if f for au, _ in _ckplus_facs_rows(f)})
     _say_orphans(emo_root, set(sequences))
     rows = []
     for seq in sequences:
         emo_file = _ckplus_label_file(emo_root / seq, "emotion")
-        if emo_file is None and not (keep_unlabelled and coded[seq]):
+        if emo_file is None and not (keep_unlabelled and facs_files[seq]):
             continue
-        label, aus = _ckplus_emotion(emo_file) if emo_file else "", _ckplus_facs_file(coded[seq], all_aus)
-        subject, video, frames = seq.parts[0], "_".join(seq.parts), _ckplus_frames(img_root / seq)
+        label, aus = _ckplus_emotion(emo_file) if emo_file else "", _ckplus_facs_file(facs_files[seq], all_aus)
+        subject, video = seq.parts[0], "_".join(seq.parts)
+        frames = _ckplus_up_to_peak(img_root / seq, emo_file or facs_files[seq])
         split = _subject_split(subject, test_fraction)
         for n, img in frames[:min(first, max(len(frames) - peak, 0))]:  # never one of the peak frames
             rows.append(_row(img.stem, img, "neutral", split, subject, clip_id=f"{video}_neutral", frame_idx=str(n),

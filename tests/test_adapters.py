@@ -81,9 +81,9 @@ def test_ckplus_aus_subject_and_clip(tmp_path):
 
 
 def _ckplus_release_fixture(root: Path) -> Path:
-    """The CK+ release's three folders: S005/001 disgust (code 3) and S010/002 surprise (7), both FACS-coded;
-    S011/001 FACS-coded without an emotion; S012/003 neither."""
-    for seq, n in (("S005/001", 5), ("S010/002", 4), ("S011/001", 3), ("S012/003", 4)):
+    """The CK+ release's three folders: S005/001 disgust (code 3) and S010/002 surprise (7), both FACS-coded,
+    S010's label files naming its 4th of 5 frames; S011/001 FACS-coded without an emotion; S012/003 neither."""
+    for seq, n in (("S005/001", 5), ("S010/002", 5), ("S011/001", 3), ("S012/003", 4)):  # S010's 5th: past its peak
         for i in range(1, n + 1):
             _img(root / "cohn-kanade-images" / seq / f"{seq.replace('/', '_')}_{i:08d}.png")
     for seq, last, code in (("S005/001", 5, "   3.0000000e+00\n"), ("S010/002", 4, "   7.0000000e+00\n")):
@@ -136,6 +136,11 @@ def test_ckplus_release_refuses_what_it_cannot_read(tmp_path):
         build("ckplus_release", src)
     (src / "Emotion/S005/001/S005_001_00000005_emotion.txt").write_text("   3.5000000e+00\n")
     with pytest.raises(ManifestError, match=r"expected one emotion code 0-7"):
+        build("ckplus_release", src)
+    (src / "Emotion/S005/001/S005_001_00000005_emotion.txt").unlink()
+    (src / "Emotion/S005/001/S005_001_00000009_emotion.txt").write_text("   3.0000000e+00\n")
+    with pytest.raises(ManifestError, match=r"S005_001_00000009_emotion.txt labels frame 9, but .*cohn-kanade-images/"
+                                            r"S005/001 has no image of that frame"):
         build("ckplus_release", src)
 
 
