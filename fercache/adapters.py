@@ -266,6 +266,21 @@ def _ckplus_frames(seq: Path) -> list[tuple[int, Path]]:
     return sorted(frames)
 
 
+def _ckplus_face_box(file: Path, margin: float) -> str:
+    """A square face box ("x0 y0 x1 y1") around one frame's 68 landmarks (a line `x y` each): their extent, grown
+    by `margin` of it on every side (the brows are the top landmarks: the margin keeps the forehead), cut at the
+    image's top and left; PIL pads past the right and bottom."""
+    try:
+        points = np.array([[float(v) for v in line.split()] for line in file.read_text().splitlines() if line.strip()])
+    except ValueError:
+        points = np.empty((0,))
+    if points.ndim != 2 or points.shape[1] != 2 or len(points) < 2:
+        raise ManifestError(f"{file}: expected CK+ landmarks, a line `x y` per point (68 lines)")
+    (x0, y0), (x1, y1) = points.min(0), points.max(0)
+    cx, cy, half = (x0 + x1) / 2, (y0 + y1) / 2, max(x1 - x0, y1 - y0) * (0.5 + margin)
+    return f"{max(cx - half, 0):.0f} {max(cy - half, 0):.0f} {cx + half:.0f} {cy + half:.0f}"
+
+
 def _ckplus_up_to_peak(seq: Path, label_file: Path) -> list[tuple[int, Path]]:
     """A sequence's frames up to its peak, the frame its label file is named after (S005_001_00000011_emotion.txt:
     11), which the release makes the last; counted from that frame, so no frame after it is ever labelled."""
@@ -282,14 +297,16 @@ def _ckplus_up_to_peak(seq: Path, label_file: Path) -> list[tuple[int, Path]]:
 
 @register_adapter("ckplus_release")
 def ckplus_release(src: Path, images: str = "cohn-kanade-images", emotion: str = "Emotion", facs: str = "FACS",
-                   peak_frames: int = 3, neutral_frames: int = 0, unlabelled: bool = False,
-                   test_fraction: float = 0.2) -> list[dict]:
+                   landmarks: str | None = None, peak_frames: int = 3, neutral_frames: int = 0,
+                   unlabelled: bool = False, face_margin: float = 0.15, test_fraction: float = 0.2) -> list[dict]:
     """CK+ as released: `cohn-kanade-images/S005/001/*.png`, `Emotion/` codes 0-7, `FACS/` AUs; split by subject.
 
     A sequence runs from a neutral face to its peak, the last frame, which alone is labelled and FACS-coded: the
-    last `peak_frames` frames take the sequence's emotion and AUs (3, as CK+48), and `neutral_frames=N` adds its
+    `peak_frames` frames ending at it take the sequence's emotion and AUs (3, as CK+48), and `neutral_frames=N` adds its
     first N frames labelled neutral (the 8-class protocol), their AUs -1 (not coded). The 327 sequences with an
-    emotion file are kept; `unlabelled=true` keeps the other FACS-coded ones too, unlabelled (AU work).
+    emotion file are kept; `unlabelled=true` keeps the other FACS-coded ones too, unlabelled (AU work). Each
+    frame's face box (`bbox`) comes from its 68 points in `Landmarks/` (`landmarks=PATH` elsewhere, `none`: whole
+    frames), grown by `face_margin` of its side on every side.
     """
     fmt = "ckplus_release"
     img_root = _annotation(src, images, fmt, "images=PATH", "folder")
@@ -297,6 +314,7 @@ def ckplus_release(src: Path, images: str = "cohn-kanade-images", emotion: str =
                            for key, rel in (("emotion", emotion), ("facs", facs)))
     peak, first = _count(peak_frames, "peak_frames", 1), _count(neutral_frames, "neutral_frames", 0)
     keep_unlabelled, test_fraction = _flag(unlabelled, "unlabelled"), _fraction(test_fraction)
+    box = _CkplusBoxes(src, landmarks, _fraction(face_margin, "face_margin"))
     sequences = sorted(d.relative_to(img_root) for d in img_root.glob("*/*") if d.is_dir())  # S005/001
     facs_files = {seq: _ckplus_label_file(facs_root / seq, "facs") for seq in sequences}
     all_aus = sorted({int(au) for f in facs_files.values() if f for au, _ in _ckplus_facs_rows(f)})
@@ -312,10 +330,42 @@ def ckplus_release(src: Path, images: str = "cohn-kanade-images", emotion: str =
         split = _subject_split(subject, test_fraction)
         for n, img in frames[:min(first, max(len(frames) - peak, 0))]:  # never one of the peak frames
             rows.append(_row(img.stem, img, "neutral", split, subject, clip_id=f"{video}_neutral", frame_idx=str(n),
-                             **dict.fromkeys(aus, "-1")))
+                             **box(seq, img), **dict.fromkeys(aus, "-1")))
         for n, img in frames[-peak:]:
-            rows.append(_row(img.stem, img, label, split, subject, clip_id=video, frame_idx=str(n), **aus))
+            rows.append(_row(img.stem, img, label, split, subject, clip_id=video, frame_idx=str(n), **box(seq, img), **aus))
+    box.say_missing()
     return rows
+
+
+class _CkplusBoxes:
+    """seq, img -> {"bbox": face box from the frame's landmarks file}, or {} where there is none; the frames
+    without one are counted and said once (they are encoded whole, the face a small part of a 640x490 frame)."""
+
+    def __init__(self, src: Path, landmarks: str | None, margin: float):
+        self.margin, self.missing, self.root = margin, [], None
+        if landmarks is not None and str(landmarks).lower() == "none":  # said, not None: the default looks
+            return
+        if landmarks:
+            self.root = _annotation(src, landmarks, "ckplus_release", "landmarks=PATH", "folder")
+        elif (src / "Landmarks").is_dir():
+            self.root = src / "Landmarks"
+        else:
+            log.warning("%s has no Landmarks/ folder: whole frames are encoded, the face a small part of each; unzip "
+                        "the release's Landmarks beside Emotion/, or pass --option landmarks=PATH (none: whole frames, "
+                        "unsaid)", src)
+
+    def __call__(self, seq: Path, img: Path) -> dict:
+        if self.root is None:
+            return {}
+        file = self.root / seq / f"{img.stem}_landmarks.txt"
+        if not file.is_file():
+            self.missing.append(file)
+            return {"bbox": ""}
+        return {"bbox": _ckplus_face_box(file, self.margin)}
+
+    def say_missing(self) -> None:
+        if self.missing:
+            log.warning("%d frame(s) have no landmarks file (e.g. %s): encoded whole", len(self.missing), self.missing[0])
 
 
 def _say_orphans(emo_root: Path, sequences: set[Path]) -> None:

@@ -144,6 +144,38 @@ def test_ckplus_release_refuses_what_it_cannot_read(tmp_path):
         build("ckplus_release", src)
 
 
+def test_ckplus_release_crops_each_frame_to_the_face_its_landmarks_outline(tmp_path, caplog):
+    """The release's frames are 640x490 with the face a small part: encoded whole, CLIP sees mostly background."""
+    from fercache.preprocess import decode_image
+
+    src = _ckplus_release_fixture(tmp_path)
+    with caplog.at_level("WARNING", logger="fercache.adapters"):
+        m = build("ckplus_release", src)
+    assert "bbox" not in m.columns and "has no Landmarks/ folder: whole frames are encoded" in caplog.text
+    # 68 points spanning x 100-200, y 150-230: a square of the larger extent (100) grown by 15% on every side
+    points = "".join(f"   {100 + (i % 2) * 100:.7e}   {150 + (i % 3 == 0) * 80:.7e}\n" for i in range(68))
+    for seq, frames in (("S005/001", range(1, 6)), ("S010/002", range(1, 4))):  # S010's 4th (its peak) has none
+        for i in frames:
+            file = src / "Landmarks" / seq / f"{seq.replace('/', '_')}_{i:08d}_landmarks.txt"
+            file.parent.mkdir(parents=True, exist_ok=True)
+            file.write_text(points)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="fercache.adapters"):
+        rows = _by_id(build("ckplus_release", src))
+    assert rows["S005_001_00000005"]["bbox"] == "85 125 215 255" and rows["S010_002_00000003"]["bbox"] == "85 125 215 255"
+    assert rows["S010_002_00000004"]["bbox"] == ""  # encoded whole, and said
+    assert caplog.messages == [f"1 frame(s) have no landmarks file (e.g. {src}/Landmarks/S010/002/"
+                               "S010_002_00000004_landmarks.txt): encoded whole"]
+    assert decode_image(src / rows["S005_001_00000005"]["path"], rows["S005_001_00000005"]["bbox"]).shape == (130, 130, 3)
+    assert _by_id(build("ckplus_release", src, face_margin="0"))["S005_001_00000005"]["bbox"] == "100 140 200 240"
+    assert "bbox" not in build("ckplus_release", src, landmarks="none").columns
+    with pytest.raises(ManifestError, match="ckplus_release annotation folder .*/LM not found"):
+        build("ckplus_release", src, landmarks="LM")
+    (src / "Landmarks/S005/001/S005_001_00000005_landmarks.txt").write_text("   1.0e+02   x\n")
+    with pytest.raises(ManifestError, match=r"S005_001_00000005_landmarks.txt: expected CK\+ landmarks"):
+        build("ckplus_release", src)
+
+
 def test_a_test_fraction_that_is_no_fraction_is_said_not_a_traceback(tmp_path):
     """`--option test_fraction=abc` was a ValueError traceback; 1.5 put every subject in test."""
     for bad in ("abc", "1.5", "-0.1"):
