@@ -35,12 +35,20 @@ register_adapter = ADAPTERS.register  # `--format name`
 
 def check_adapter_options(fmt: str, options: dict) -> None:
     """Refuse an --option the format does not read (it was a TypeError traceback), naming the near one."""
-    params = list(inspect.signature(ADAPTERS.lookup(fmt)).parameters.values())[1:]  # after src
-    known = {p.name: p.default for p in params}
+    known = describe_format(fmt)["options"]
     for key in options:
         if key not in known:
             takes = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
             raise ManifestError(f"format {fmt!r} has no option {key!r}{did_you_mean(key, known)}; it takes: {takes}")
+
+
+def describe_format(fmt: str) -> dict:
+    """A format's name, layout (its docstring's first line), whole description and --option keys with defaults."""
+    fn = ADAPTERS.lookup(fmt)
+    doc = inspect.cleandoc(fn.__doc__ or "")
+    params = list(inspect.signature(fn).parameters.values())[1:]  # after src
+    return {"name": fmt, "layout": doc.splitlines()[0] if doc else "", "description": doc,
+            "options": {p.name: p.default for p in params}}
 
 
 def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **options) -> Manifest:
@@ -297,7 +305,7 @@ def _ckplus_up_to_peak(seq: Path, label_file: Path) -> list[tuple[int, Path]]:
 
 @register_adapter("ckplus_release")
 def ckplus_release(src: Path, images: str = "cohn-kanade-images", emotion: str = "Emotion", facs: str = "FACS",
-                   landmarks: str | None = None, peak_frames: int = 3, neutral_frames: int = 0,
+                   landmarks: str = "Landmarks", peak_frames: int = 3, neutral_frames: int = 0,
                    unlabelled: bool = False, face_margin: float = 0.15, test_fraction: float = 0.2) -> list[dict]:
     """CK+ as released: `cohn-kanade-images/S005/001/*.png`, `Emotion/` codes 0-7, `FACS/` AUs; split by subject.
 
@@ -341,14 +349,12 @@ class _CkplusBoxes:
     """seq, img -> {"bbox": face box from the frame's landmarks file}, or {} where there is none; the frames
     without one are counted and said once (they are encoded whole, the face a small part of a 640x490 frame)."""
 
-    def __init__(self, src: Path, landmarks: str | None, margin: float):
+    def __init__(self, src: Path, landmarks: str, margin: float):
         self.margin, self.missing, self.root = margin, [], None
-        if landmarks is not None and str(landmarks).lower() == "none":  # said, not None: the default looks
+        if str(landmarks).lower() == "none":
             return
-        if landmarks:
+        if landmarks != "Landmarks" or (src / landmarks).is_dir():  # a folder named elsewhere must be there
             self.root = _annotation(src, landmarks, "ckplus_release", "landmarks=PATH", "folder")
-        elif (src / "Landmarks").is_dir():
-            self.root = src / "Landmarks"
         else:
             log.warning("%s has no Landmarks/ folder: whole frames are encoded, the face a small part of each; unzip "
                         "the release's Landmarks beside Emotion/, or pass --option landmarks=PATH (none: whole frames, "

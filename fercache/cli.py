@@ -76,13 +76,17 @@ def manifest_build(
 
 
 @manifest_app.command("formats")
-def manifest_formats() -> None:
-    """List the dataset layouts `manifest build --format` understands."""
-    from .adapters import ADAPTERS
+def manifest_formats(name: Optional[str] = typer.Argument(None, help="One format, described whole (default: all).")) -> None:
+    """The dataset layouts `manifest build --format` reads, and the --option keys each takes with their defaults."""
+    from .adapters import ADAPTERS, describe_format
 
-    width = max(len(name) for name in ADAPTERS)
-    for name, fn in sorted(ADAPTERS.items()):
-        typer.echo(f"{name:{width}s} {(fn.__doc__ or '').strip().splitlines()[0]}")
+    rows = [describe_format(n) for n in ([name] if name else sorted(ADAPTERS))]
+    width = max(len(d["name"]) for d in rows)
+    shown = lambda v: "(auto)" if v is None else str(v).lower() if isinstance(v, bool) else v  # noqa: E731
+    for d in rows:
+        options = " ".join(f"{k}={shown(v)}" for k, v in d["options"].items()) or "(none)"
+        typer.echo(f"{d['description']}\n\n--option {options}" if name else
+                   f"{d['name']:{width}s} {d['layout']}\n{'':{width}s} --option {options}")
 
 
 @manifest_app.command("check")

@@ -49,6 +49,25 @@ def test_manifest_build_extract_info_export(tiny_dataset, tiny_encoder_spec, tmp
     assert r.exit_code == 0 and (tmp_path / "s.h5").is_file()
 
 
+def test_manifest_formats_lists_each_layout_with_the_options_it_takes(tmp_path):
+    """The --option keys were found only by reading the source (or by a wrong one's error)."""
+    from fercache.adapters import ADAPTERS
+
+    r = invoke("manifest", "formats")
+    lines = r.output.splitlines()
+    assert r.exit_code == 0 and len(lines) == 2 * len(ADAPTERS)
+    at = lines.index(next(line for line in lines if line.startswith("ckplus_release ")))
+    assert lines[at + 1].split() == ["--option", "images=cohn-kanade-images", "emotion=Emotion", "facs=FACS",
+                                     "landmarks=Landmarks", "peak_frames=3", "neutral_frames=0", "unlabelled=false",
+                                     "face_margin=0.15", "test_fraction=0.2"]
+    assert "--option csv_file=fer2013.csv images=(auto)" in r.output and "--option (none)" in r.output  # jaffe
+    r = invoke("manifest", "formats", "ckplus_release")
+    assert r.exit_code == 0 and r.output.startswith("CK+ as released: ") and "(the 8-class protocol)" in r.output
+    assert r.output.splitlines()[-1].startswith("--option images=cohn-kanade-images ")
+    r = invoke("manifest", "formats", "ckplus_relase")
+    assert r.exit_code == 2 and "did you mean 'ckplus_release'?" in r.output
+
+
 def test_errors_exit_2_with_message(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr("sys.argv", ["fercache", "info", str(tmp_path / "missing.zarr")])
