@@ -65,7 +65,8 @@ def manifest_build(
     fmt: str = typer.Option(..., "--format", "-f", help="Dataset layout; see `fercache manifest formats`."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest CSV to write (.csv or .csv.gz)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Make paths relative to this folder (default: SRC)."),
-    option: list[str] = typer.Option([], "--option", help="Adapter option key=value (repeatable), e.g. facs=ckplus_facs.csv."),
+    option: list[str] = typer.Option([], "--option", help="Adapter option key=value (repeatable), e.g. facs=ckplus_facs.csv; "
+                                "`fercache manifest formats F` lists F's."),
 ) -> None:
     """Build a manifest (canonical labels, splits, subjects, AUs) from a dataset's native layout."""
     from .adapters import build
