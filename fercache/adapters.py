@@ -215,12 +215,12 @@ def ckplus(src: Path, facs: str = "ckplus_facs.csv", images: str = "CK+48", test
     return rows
 
 
-def _ckplus_number(path: Path, line: str, what: str) -> float:
+def _ckplus_number(path: Path, text: str, what: str) -> float:
     """A number of a CK+ label file, written as `   3.0000000e+00`."""
     try:
-        return float(line)
+        return float(text)
     except ValueError:
-        raise ManifestError(f"{path}: expected {what} written as a number (e.g. 3.0000000e+00), got {line.strip()!r}") from None
+        raise ManifestError(f"{path}: expected {what} written as a number (e.g. 3.0000000e+00), got {text.strip()!r}") from None
 
 
 def _ckplus_label_file(folder: Path, suffix: str) -> Path | None:
@@ -239,28 +239,28 @@ def _ckplus_emotion(file: Path) -> str:
     return L.from_native("ckplus", int(float(values[0])), f"{file}: ")
 
 
-def _ckplus_facs_file(file: Path | None, all_aus: list[int]) -> dict[str, str]:
-    """AU columns from a CK+ `*_facs.txt` (rows `AU intensity`; intensity 0 means present, intensity not coded):
-    listed AUs 1, the others 0; without a file (sequence not FACS-coded) every AU -1."""
-    if file is None:
+def _ckplus_aus_of(active: set[int] | None, all_aus: list[int]) -> dict[str, str]:
+    """AU columns of a sequence: its FACS-coded AUs 1, the others 0; not FACS-coded (None), every AU -1."""
+    if active is None:
         return {f"AU{a}": "-1" for a in all_aus}
-    active = {int(au) for au, _ in _ckplus_facs_rows(file)}
     return {f"AU{a}": "1" if a in active else "0" for a in all_aus}
 
 
-def _ckplus_facs_rows(file: Path) -> list[tuple[float, float]]:
-    rows = []
+def _ckplus_active_aus(file: Path) -> set[int]:
+    """The AUs a CK+ `*_facs.txt` lists (a line `AU intensity` each; intensity 0 means present, intensity not
+    coded): all of them are active at the peak frame."""
+    active = set()
     for n, line in enumerate(file.read_text().splitlines(), 1):
         values = line.split()
         if not values:
             continue
         if len(values) != 2:
             raise ManifestError(f"{file}:{n}: expected `AU intensity` (two numbers), got {line.strip()!r}")
-        au, intensity = (_ckplus_number(file, v, "an AU and its intensity") for v in values)
+        au, _intensity = (_ckplus_number(file, v, "an AU and its intensity") for v in values)
         if not au.is_integer():
             raise ManifestError(f"{file}:{n}: AU {values[0]} is not a whole AU number")
-        rows.append((au, intensity))
-    return rows
+        active.add(int(au))
+    return active
 
 
 def _ckplus_frames(seq: Path) -> list[tuple[int, Path]]:
@@ -325,14 +325,15 @@ def ckplus_release(src: Path, images: str = "cohn-kanade-images", emotion: str =
     box = _CkplusBoxes(src, landmarks, _fraction(face_margin, "face_margin"))
     sequences = sorted(d.relative_to(img_root) for d in img_root.glob("*/*") if d.is_dir())  # S005/001
     facs_files = {seq: _ckplus_label_file(facs_root / seq, "facs") for seq in sequences}
-    all_aus = sorted({int(au) for f in facs_files.values() if f for au, _ in _ckplus_facs_rows(f)})
+    active = {seq: _ckplus_active_aus(f) for seq, f in facs_files.items() if f}  # each file read once
+    all_aus = sorted(set().union(*active.values()))
     _say_orphans(emo_root, set(sequences))
     rows = []
     for seq in sequences:
         emo_file = _ckplus_label_file(emo_root / seq, "emotion")
         if emo_file is None and not (keep_unlabelled and facs_files[seq]):
             continue
-        label, aus = _ckplus_emotion(emo_file) if emo_file else "", _ckplus_facs_file(facs_files[seq], all_aus)
+        label, aus = _ckplus_emotion(emo_file) if emo_file else "", _ckplus_aus_of(active.get(seq), all_aus)
         subject, video = seq.parts[0], "_".join(seq.parts)
         frames = _ckplus_up_to_peak(img_root / seq, emo_file or facs_files[seq])
         split = _subject_split(subject, test_fraction)

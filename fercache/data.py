@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -217,24 +216,14 @@ def require_clips(fs: FeatureSet) -> None:
                           "a manifest of video frames (e.g. the dfew, ferv39k, mafw or ckplus adapters)")
 
 
-def images_root(store: FeatureStore, root: str | Path | None) -> Path:
-    """Where a store's images are read: `root`, else $FERCACHE_DATA, else the data root it was extracted from (while
-    that folder exists; stores before 0.2.2 do not record it), else the current folder."""
-    from .manifests import data_root
-
-    recorded = store.meta.get("data_root")
-    if root or os.environ.get("FERCACHE_DATA") or not recorded or not Path(recorded).is_dir():
-        return data_root(root)
-    return Path(recorded)
-
-
 def unit_images(store: str, units: list[str], root: str | Path | None, manifest: str | Path | None = None) -> list[np.ndarray]:
-    """The images of scored units (sample ids, or clip ids: their middle frame), read under `images_root`."""
-    from .manifests import root_holding
+    """The images of scored units (sample ids, or clip ids: their middle frame), read under data root `root`, else
+    the one the store records (stores before 0.2.2 record none)."""
+    from .manifests import data_root, root_holding
     from .preprocess import decode_image
 
     fs = open_store(store)
-    rows, base = image_rows(manifest_for(fs, manifest)), images_root(fs, root)
+    rows, base = image_rows(manifest_for(fs, manifest)), data_root(root, fs.meta.get("data_root"))
     images = []
     for unit in units:
         file = base / rows[unit]["path"]

@@ -227,9 +227,11 @@ def content_sha256(manifest: Manifest) -> str:
     return h.hexdigest()
 
 
-def data_root(explicit: str | Path | None) -> Path:
-    """The data root: the explicit argument, else $FERCACHE_DATA, else the current directory."""
-    root = explicit or os.environ.get("FERCACHE_DATA") or "."
+def data_root(explicit: str | Path | None, recorded: str | None = None) -> Path:
+    """The data root: the explicit argument, else $FERCACHE_DATA, else `recorded` (the one a store was extracted
+    from) while that folder exists, else the current directory."""
+    kept = recorded if recorded and Path(recorded).is_dir() else None
+    root = explicit or os.environ.get("FERCACHE_DATA") or kept or "."
     return Path(root).expanduser().resolve()
 
 
