@@ -120,6 +120,9 @@ def test_ckplus_release_labels_the_peak_frames_from_its_emotion_codes_and_facs_f
     rows = _by_id(build("ckplus_release", src, unlabelled="true"))
     assert rows["S011_001_00000003"]["label"] == "" and rows["S011_001_00000003"]["AU12"] == "1"
     assert not any(i.startswith("S012") for i in rows) and len(rows) == 9
+    # a pipeline's [step] gives the options as TOML numbers and booleans, not text
+    assert _by_id(build("ckplus_release", src, unlabelled=True, peak_frames=1, test_fraction=0.0)).keys() == {
+        "S005_001_00000005", "S010_002_00000004", "S011_001_00000003"}
 
 
 def test_ckplus_release_refuses_what_it_cannot_read(tmp_path):
