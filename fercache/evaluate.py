@@ -223,8 +223,10 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
                  write: bool = True, device: str = "cpu", errors: int = 0, root: str | Path | None = None) -> dict:
     """Metrics of one run on `split` of `store`, with 95% intervals; written beside the run (eval-<store>-<split>/).
 
-    `errors`: also draw the run's `errors` most confident mistakes (images read under data root `root`).
+    `errors`: also draw the run's `errors` most confident mistakes (images read under data root `root`, else the
+    one the store records).
     """
+    check_errors(errors)
     result, scored = score_run(run, store, manifest, split, device)
     if errors and scored.task != "expr":
         raise ConfigError("--errors shows expression mistakes; for AU runs read predictions.csv (truth, decision, p per AU)")
@@ -247,7 +249,7 @@ def check_errors(errors) -> None:
 
 
 def _error_images(result: dict, s: Scored, k: int, root: str | Path | None) -> tuple[list, list[np.ndarray]]:
-    """The k surest mistakes (`confident_errors`) and their images, read under data root `root`."""
+    """The k surest mistakes (`confident_errors`) and their images (`unit_images`: under `root`, else the store's)."""
     from .data import unit_images
 
     surest = confident_errors(s, k) if k else []
@@ -337,6 +339,5 @@ def format_summary(summary: dict) -> str:
 def evaluate(run: str | Path, store: str | None = None, manifest=None, split: str = "test", device: str = "cpu",
              errors: int = 0, root: str | Path | None = None) -> dict:
     """Evaluate a run (or every seed under it); returns per-seed results and mean/std."""
-    check_errors(errors)
     results = [evaluate_run(r, store, manifest, split, device=device, errors=errors, root=root) for r in run_dirs(run)]
     return {"runs": results, "summary": summarize(results)}
