@@ -34,12 +34,15 @@ register_adapter = ADAPTERS.register  # `--format name`
 
 
 def check_adapter_options(fmt: str, options: dict) -> None:
-    """Refuse an --option the format does not read (it was a TypeError traceback), naming the near one."""
+    """Refuse an --option the format does not read (it was a TypeError traceback), naming the near one, and a
+    value its parser refuses, so a pipeline finds `test_fraction = 1.5` before its first step, not at it."""
     known = describe_format(fmt)["options"]
-    for key in options:
+    for key, value in options.items():
         if key not in known:
             takes = ", ".join(f"{k}={v!r}" for k, v in known.items()) or "none"
             raise ManifestError(f"format {fmt!r} has no option {key!r}{did_you_mean(key, known)}; it takes: {takes}")
+        if key in OPTION_VALUES:
+            OPTION_VALUES[key](value)
 
 
 def describe_format(fmt: str) -> dict:
@@ -141,6 +144,32 @@ def _flag(value, name: str) -> bool:
     if text not in ("true", "false", "1", "0", "yes", "no"):
         raise ManifestError(f"--option {name}={value}: true or false")
     return text in ("true", "1", "yes")
+
+
+def _fold(value) -> int:
+    """DFEW's and MAFW's official fold, 1-5 (fold=6 was found only as a missing annotation file)."""
+    if str(value).strip() not in ("1", "2", "3", "4", "5") or isinstance(value, bool):
+        raise ManifestError(f"--option fold={value}: one of the official folds 1-5")
+    return int(value)
+
+
+def _task(value) -> str:
+    if value not in ("expr", "au"):
+        raise ManifestError(f"--option task={value}: 'expr' or 'au'")
+    return value
+
+
+# One meaning per option name across formats: each adapter parses its options with these, and
+# check_adapter_options runs the same parsers before any file is read.
+OPTION_VALUES = {
+    "test_fraction": _fraction,
+    "face_margin": lambda v: _fraction(v, "face_margin"),
+    "peak_frames": lambda v: _count(v, "peak_frames", 1),
+    "neutral_frames": lambda v: _count(v, "neutral_frames", 0),
+    "unlabelled": lambda v: _flag(v, "unlabelled"),
+    "fold": _fold,
+    "task": _task,
+}
 
 
 def _subject_split(subject: str, test_fraction: float) -> str:
@@ -575,8 +604,7 @@ def affwild2(src: Path, task: str = "expr", annotations: str | None = None, fram
 
     Train_Set -> train; Validation_Set -> test (ABAW's test labels are not public; val is carved from train by video).
     """
-    if task not in ("expr", "au"):
-        raise ManifestError(f"affwild2 task must be 'expr' or 'au', got {task!r}")
+    task = _task(task)
     default = "EXPR_Classification_Challenge" if task == "expr" else "AU_Detection_Challenge"
     ann_root = annotations or f"annotations/{default}"
     _annotation(src, ann_root, "affwild2", "annotations=PATH", kind="folder")  # holds Train_Set/, Validation_Set/
@@ -652,6 +680,7 @@ def _video_rows(src: Path, dataset: str, lists: dict[str, str], frames: str, pad
 @register_adapter("dfew")
 def dfew(src: Path, fold: int = 1, frames: str = "clip_224x224") -> list[dict]:
     """DFEW: `annotation/set_<fold>/{train,test}.csv` (`video_name,label`, 1-7) + frame folders `<frames>/<00001>/`."""
+    fold = _fold(fold)
     lists = {s: f"annotation/set_{fold}/{s}.csv" for s in ("train", "test")}
     return _video_rows(src, "dfew", lists, frames, pad=5, option=f"this is fold {fold} of 1-5 (--option fold=N)")
 
@@ -666,5 +695,6 @@ def ferv39k(src: Path, train: str = "train_All.txt", test: str = "test_All.txt",
 @register_adapter("mafw")
 def mafw(src: Path, fold: int = 1, frames: str = "frames") -> list[dict]:
     """MAFW single-label: `single/set_<fold>/{train,test}.txt` (`<clip> <label 1-11>`) + frame folders."""
+    fold = _fold(fold)
     lists = {s: f"single/set_{fold}/{s}.txt" for s in ("train", "test")}
     return _video_rows(src, "mafw", lists, frames, option=f"this is fold {fold} of 1-5 (--option fold=N)")

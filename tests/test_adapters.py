@@ -493,6 +493,29 @@ def test_an_option_the_format_does_not_read_is_named_before_reading(tmp_path):
         check_pipeline(p)
 
 
+def test_an_option_value_the_format_refuses_is_found_before_a_pipeline_starts(tmp_path):
+    """`test_fraction = 1.5` or `fold = 6` in a pipeline passed --check and failed when its step was reached
+    (after an hour of extraction, were it a later step); dfew's fold 6 was a missing annotation file."""
+    from fercache.pipeline import check_pipeline
+
+    for fmt, options, says in (("ckplus", "test_fraction = 1.5", "test_fraction=1.5: a fraction of the subjects"),
+                               ("ckplus_release", "peak_frames = 0", "peak_frames=0: a whole number >= 1"),
+                               ("ckplus_release", "unlabelled = 'maybe'", "unlabelled=maybe: true or false"),
+                               ("dfew", "fold = 6", "fold=6: one of the official folds 1-5"),
+                               ("mafw", "fold = true", "fold=True: one of the official folds 1-5"),
+                               ("affwild2", "task = 'va'", "task=va: 'expr' or 'au'")):
+        p = tmp_path / "p.toml"
+        p.write_text(f'[[step]]\nrun = "manifest"\nformat = "{fmt}"\nsrc = "{tmp_path}"\nout = "m.csv"\n'
+                     f'[step.options]\n{options}\n')
+        with pytest.raises(ManifestError, match=rf"^step 1 \(manifest\): --option {re.escape(says)}"):
+            check_pipeline(p)
+    with pytest.raises(ManifestError, match=r"--option fold=0: one of the official folds 1-5"):
+        build("dfew", tmp_path, fold="0")
+    p.write_text(f'[[step]]\nrun = "manifest"\nformat = "dfew"\nsrc = "{tmp_path}"\nout = "m.csv"\n'
+                 '[step.options]\nfold = 5\n')
+    assert check_pipeline(p) == 1  # a good value passes
+
+
 def test_imagefolder_one_level_too_high_names_the_dataset_folder(tmp_path):
     """ckplus48/ holds CK+48/<class>/: read as one class named 'CK+48' ("unknown expression label")."""
     write_imagefolder(tmp_path / "ckplus48" / "CK+48", per_class=1)
