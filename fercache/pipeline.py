@@ -312,50 +312,90 @@ def _check_arguments(kind: str, args: dict) -> None:
         raise ConfigError(f"{kind} needs {', '.join(missing)}")
 
 
+def _check_manifest(args: dict) -> None:
+    from .adapters import check_adapter_options
+
+    check_adapter_options(args["format"], args.get("options") or {})
+
+
+def _check_derived(key: str, base: str) -> Callable[[dict], None]:
+    """audit's `without_leaks`, near_dups' `without_leaks_to`: a new manifest that must not overwrite its source."""
+    def check(args: dict) -> None:
+        from .manifests import check_derived_path
+
+        check_derived_path(args.get(key), args.get(base))
+    return check
+
+
+def _check_extract(args: dict) -> None:
+    from .encoders import check_encoder_name, missing_weights
+    from .extract import check_options
+    from .store import check_location
+
+    check_encoder_name(args["encoder"])
+    if why := missing_weights(args["encoder"], args.get("pretrained")):
+        raise EncoderError(why)
+    o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
+    check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"], o["views"])
+    check_location(str(args["out"]), bool(o["overwrite"]))
+
+
+def _check_protocol(args: dict) -> None:
+    """cross and folds: heads with their hp/recipe tables, and no store or fold manifest given twice."""
+    from .protocols import check_distinct, check_tables
+
+    check_tables(args["heads"], args.get("hp"), args.get("recipe"))
+    for key, what in (("stores", "training store"), ("test_stores", "test store"), ("manifests", "fold manifest")):
+        if isinstance(args.get(key), list):
+            check_distinct(args[key], what)
+
+
+def _check_cross(args: dict) -> None:
+    from .protocols import _cross_metrics
+
+    _check_protocol(args)
+    _cross_metrics(args.get("metric", "accuracy"))
+
+
+def _check_head(args: dict) -> None:
+    from .protocols import check_tables
+
+    head = args.get("head", "au")  # au_cv's head is the AU detector
+    check_tables([head], {head: args.get("hp") or {}}, {head: args.get("recipe") or {}})
+
+
+def _check_sweep(args: dict) -> None:
+    from .sweep import _plan
+
+    _plan(args["head"], args["grid"], args.get("base_recipe") or {}, args.get("base_hp") or {})
+
+
+def _check_evaluate(args: dict) -> None:
+    from .evaluate import check_errors
+
+    check_errors(args.get("errors", 0))
+
+
+# What the library would refuse only when the step is reached, by kind of step.
+_VALUE_CHECKS: dict[str, Callable[[dict], None]] = {
+    "manifest": _check_manifest, "audit": _check_derived("without_leaks", "manifest"),
+    "near_dups": _check_derived("without_leaks_to", "manifest"), "extract": _check_extract,
+    "cross": _check_cross, "folds": _check_protocol, "train": _check_head, "au_cv": _check_head,
+    "sweep": _check_sweep, "evaluate": _check_evaluate,
+}
+
+
 def _check_values(kind: str, args: dict) -> None:
     """What the library would refuse only when the step is reached: names, devices, head settings, options."""
-    from .adapters import check_adapter_options
     from .devices import torch_device
-    from .encoders import check_encoder_name, missing_weights
-    from .evaluate import check_errors
-    from .extract import check_options
-    from .manifests import check_derived_path
-    from .protocols import _cross_metrics, check_distinct, check_tables
-    from .store import check_location
-    from .sweep import _plan
     from .train import check_seeds
 
     if "device" in args:
         torch_device(args["device"])
     if "seeds" in args:
         check_seeds(args["seeds"])
-    if kind == "manifest":
-        check_adapter_options(args["format"], args.get("options") or {})
-    if kind == "audit":
-        check_derived_path(args.get("without_leaks"), args["manifest"])
-    if kind == "near_dups":
-        check_derived_path(args.get("without_leaks_to"), args.get("manifest"))
-    if kind == "extract":
-        check_encoder_name(args["encoder"])
-        if why := missing_weights(args["encoder"], args.get("pretrained")):
-            raise EncoderError(why)
-        o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
-        check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"], o["views"])
-        check_location(str(args["out"]), bool(o["overwrite"]))
-    if kind in ("cross", "folds"):
-        check_tables(args["heads"], args.get("hp"), args.get("recipe"))
-        for key, what in (("stores", "training store"), ("test_stores", "test store"), ("manifests", "fold manifest")):
-            if isinstance(args.get(key), list):
-                check_distinct(args[key], what)
-    if kind == "cross":
-        _cross_metrics(args.get("metric", "accuracy"))
-    if kind in ("train", "au_cv"):
-        head = args.get("head", "au")
-        check_tables([head], {head: args.get("hp") or {}}, {head: args.get("recipe") or {}})
-    if kind == "sweep":
-        _plan(args["head"], args["grid"], args.get("base_recipe") or {}, args.get("base_hp") or {})
-    if kind == "evaluate":
-        check_errors(args.get("errors", 0))
+    if kind in _VALUE_CHECKS:
+        _VALUE_CHECKS[kind](args)
 
 
 def check_step(i: int, step: dict) -> None:
