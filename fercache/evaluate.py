@@ -72,10 +72,16 @@ def _check_not_stale(run, cfg: dict, store: str, manifest) -> None:
                             + ("" if manifest else ", or pass --manifest to score it on other labels on purpose"))
 
 
-def _runs_hint(run: Path) -> str:
-    """Where the runs might be: a folder of a near name, or runs deeper under `run` (a protocol's output)."""
+def runs_hint(run: Path) -> str:
+    """Where the runs might be: a folder of a near name, or runs deeper under `run` (a protocol's output); or
+    what `run` is instead (a store or a manifest: the step before training, passed where a run goes)."""
     if not run.exists():
         return near_path(run, Path.is_dir)
+    if exists(run):
+        return (f": {run.name} is a feature store; `fercache train-head {run} --head linear` trains a run on it, "
+                "and the run folder that prints is what this reads")
+    if run.is_file() and run.name.endswith((".csv", ".csv.gz")):
+        return f": {run.name} is a manifest; extract it into a store (`fercache extract {run} ...`) and train a head on that"
     # a few levels down, not the whole tree: `run` may be a home folder (a protocol's runs sit 3-4 levels deep)
     deeper = next((p for depth in range(2, 6) for p in sorted(run.glob("*/" * depth + "head.pt"))), None)
     if deeper is None:
@@ -91,7 +97,7 @@ def run_dirs(run: str | Path) -> list[Path]:
         return [run]
     found = sorted(p.parent for p in run.glob("*/head.pt"))
     if not found:
-        raise ConfigError(f"no trained run (head.pt) in {run} or its subfolders{_runs_hint(run)}")
+        raise ConfigError(f"no trained run (head.pt) in {run} or its subfolders{runs_hint(run)}")
     return found
 
 

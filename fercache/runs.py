@@ -14,8 +14,8 @@ from pathlib import Path
 import numpy as np
 
 from . import report
-from .errors import ConfigError, FercacheError, near_path
-from .evaluate import eval_name, staleness
+from .errors import ConfigError, FercacheError
+from .evaluate import eval_name, runs_hint, staleness
 from .store import canonical, exists, outdated, store_name
 
 
@@ -24,8 +24,7 @@ def find_runs(root: str | Path) -> list[Path]:
     root = Path(root)
     runs = sorted(p.parent for p in root.rglob("head.pt"))
     if not runs:
-        hint = "" if root.exists() else near_path(root, Path.is_dir)
-        raise ConfigError(f"no trained run (head.pt) under {root}{hint}")
+        raise ConfigError(f"no trained run (head.pt) under {root}{runs_hint(root)}")
     return runs
 
 

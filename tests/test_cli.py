@@ -481,6 +481,18 @@ def test_evaluate_cross_from_the_cli_writes_the_matrix(tiny_store, tmp_path):
     assert r.exit_code == 2 and "--cross needs --train" in r.output
 
 
+def test_a_store_or_manifest_passed_where_a_run_goes_is_named_with_the_step_between(tiny_store, tiny_manifest,
+                                                                                     tmp_path):
+    """`fercache evaluate S.zarr` said only "no trained run (head.pt) in S.zarr or its subfolders"."""
+    for args in (("evaluate", tiny_store), ("compare", tiny_store, tiny_store), ("runs", tiny_store),
+                 ("predict", tiny_store, tmp_path)):
+        r = invoke(*args)
+        assert r.exit_code == 2 and f": {tiny_store.name} is a feature store; `fercache train-head {tiny_store} " \
+                                    "--head linear` trains a run on it" in r.output, (args, r.output)
+    r = invoke("evaluate", tiny_manifest)
+    assert r.exit_code == 2 and f": {tiny_manifest.name} is a manifest; extract it into a store" in r.output, r.output
+
+
 def test_evaluate_refuses_options_of_its_other_mode(tiny_store, tmp_path):
     """`evaluate RUN --heads mask --seeds 1` scored RUN alone and said nothing of the two options; `--cross ... RUN
     --split val` ignored RUN and the split. Each is refused, naming the options, before anything is read or trained."""
