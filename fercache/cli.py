@@ -440,14 +440,15 @@ def predict(
     device: str = Device,
 ) -> None:
     """Class probabilities for new images, using the run's encoder and preprocessing."""
-    from .predict import check_out, predict as run_predict, write_predictions
+    from .predict import check_out, predict as run_predict, tally, write_predictions
 
     check_out(out)
     rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"])
     if out:
         failed = sum("error" in r for r in rows)
         typer.echo(f"{write_predictions(rows, out)}: {len(rows) - failed} predicted"
-                   + (f", {failed} failed (see the error column)" if failed else ""))
+                   + (f", {failed} failed (see the error column)" if failed else "")
+                   + (f" ({counts})" if (counts := tally(rows)) else ""))
     else:
         typer.echo(json.dumps(rows, indent=2))
 

@@ -214,6 +214,15 @@ def _fill(rows: list[dict], prob: np.ndarray, heads: list[Head]) -> None:
         r["prediction"] = classes[int(p.argmax())]
 
 
+def tally(rows: list[dict]) -> str:
+    """How often each class was predicted (each AU found active), most often first: a folder of one expression
+    shows at a glance what the run makes of it, without opening the file."""
+    from collections import Counter
+
+    counts = Counter(c for r in rows for c in ([r["prediction"]] if "prediction" in r else r.get("active", [])))
+    return ", ".join(f"{c} {n}" for c, n in counts.most_common())
+
+
 def check_out(out: Path | None) -> None:
     """Refuse an --out that write_predictions could not write, before any image is read (it was found after them all)."""
     if out is not None and out.suffix not in (".json", ".csv"):

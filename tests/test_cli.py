@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import collections
+import csv
 import json
 import re
 from pathlib import Path
@@ -744,6 +746,12 @@ def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_make
     r = invoke("predict", run, images, "-o", tmp_path / "new" / "sub" / "p.json")
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "new" / "sub" / "p.json").read_text())) == 24
+    # the summary line tallies the predictions the file holds, most frequent first
+    r = invoke("predict", run, images, "-o", tmp_path / "p.csv")
+    with open(tmp_path / "p.csv") as f:
+        counts = collections.Counter(row["prediction"] for row in csv.DictReader(f)).most_common()
+    assert sum(n for _, n in counts) == 24 and len(counts) >= 2, counts
+    assert f"p.csv: 24 predicted ({', '.join(f'{c} {n}' for c, n in counts)})\n" in r.stdout, r.stdout
     # a file that fails is said, on the summary line and in a warning, not only in the output's error column
     (tmp_path / "broken.jpg").write_bytes(b"xx")
     r = runner.invoke(cli.app, ["predict", str(run), str(images / "happy" / "test_happy_000.jpg"),

@@ -563,6 +563,15 @@ def test_evaluate_refuses_a_run_whose_store_was_re_extracted(tiny_manifest, tiny
         evaluate_run(r.run_dir)
 
 
+def test_predict_tallies_classes_and_active_aus_most_frequent_first():
+    from fercache.predict import tally
+
+    assert tally([{"prediction": "sad"}, {"prediction": "happy"}, {"prediction": "happy"}, {"error": "x"}]) == \
+        "happy 2, sad 1"
+    assert tally([{"active": ["AU1", "AU12"]}, {"active": ["AU12"]}, {"active": []}]) == "AU12 2, AU1 1"
+    assert tally([{"error": "x"}]) == ""
+
+
 def test_predict_with_face_detection_keeps_images_without_faces(tiny_store, tiny_dataset, tmp_path):
     pytest.importorskip("facenet_pytorch")
     from fercache.predict import predict
