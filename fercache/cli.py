@@ -125,6 +125,28 @@ def manifest_check(
 
 
 @app.command()
+def frames(
+    src: Path = typer.Argument(..., help="A video file, or a folder searched recursively for .mp4, .avi, .mov, .mkv, "
+                               ".webm, ... files."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the frame folders: SRC/<rel>/<clip>.mp4 becomes "
+                             "OUT/<rel>/<clip>/00001.jpg, ..."),
+    every: int = typer.Option(1, help="Keep every N-th frame (files keep the frame's index in the video)."),
+    short_side: Optional[int] = typer.Option(None, help="Resize each frame's shorter side to this many pixels "
+                                             "(default: as decoded)."),
+    workers: Optional[int] = typer.Option(None, help="Clips decoded side by side (default min(4, CPUs); 0: in this "
+                                          "process)."),
+) -> None:
+    """Decode video files into folders of JPEG frames, the layout `manifest build` reads for video datasets
+    (DFEW, FERV39k, MAFW, Aff-Wild2: pass OUT as their `frames` option). Resumable: a clip is written under
+    <clip>.partial/ and renamed when whole, so clips already decoded are skipped when run again. Needs PyAV
+    (pip install av: fercache's `video` extra)."""
+    from .video import describe, videos_to_frames
+
+    typer.echo(describe(videos_to_frames(src, out, every=every, short_side=short_side, workers=workers,
+                                         progress=_progress["bars"])))
+
+
+@app.command()
 def extract(
     manifest: Path = typer.Argument(..., help="Manifest CSV."),
     encoder: str = typer.Option("torchvision:mobilenet_v2", "--encoder", "-e",

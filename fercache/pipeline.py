@@ -48,6 +48,15 @@ def _audit_step(manifest: str, data_root: str | None = None, without_leaks: str 
     return "\n" + describe(m, found) + (f"\n-> {written}" if written else "")
 
 
+@register_step("frames")
+def _frames_step(src: str, out: str, every: int = 1, short_side: int | None = None, workers: int | None = None,
+                 progress: bool = True):
+    """Video files -> folders of JPEG frames for the video adapters' `frames` option (`fercache frames`)."""
+    from .video import describe, videos_to_frames
+
+    return describe(videos_to_frames(src, out, every=every, short_side=short_side, workers=workers, progress=progress))
+
+
 @register_step("extract")
 def _extract_step(manifest: str, encoder: str, out: str, data_root: str | None = None, **kw):
     """Encode every manifest row once into a store at `out` (`fercache extract`)."""
@@ -370,6 +379,12 @@ def _check_sweep(args: dict) -> None:
     _plan(args["head"], args["grid"], args.get("base_recipe") or {}, args.get("base_hp") or {})
 
 
+def _check_frames(args: dict) -> None:
+    from .video import check_frames_options
+
+    check_frames_options(args.get("every", 1), args.get("short_side"), args.get("workers"))
+
+
 def _check_evaluate(args: dict) -> None:
     from .evaluate import check_errors
 
@@ -381,7 +396,7 @@ _VALUE_CHECKS: dict[str, Callable[[dict], None]] = {
     "manifest": _check_manifest, "audit": _check_derived("without_leaks", "manifest"),
     "near_dups": _check_derived("without_leaks_to", "manifest"), "extract": _check_extract,
     "cross": _check_cross, "folds": _check_protocol, "train": _check_head, "au_cv": _check_head,
-    "sweep": _check_sweep, "evaluate": _check_evaluate,
+    "sweep": _check_sweep, "evaluate": _check_evaluate, "frames": _check_frames,
 }
 
 
@@ -423,13 +438,13 @@ def _selected(steps: list[dict], only: list[str] | None) -> list[tuple[int, dict
 
 
 #: The arguments of each kind of step that name files or folders it reads, and those naming what it writes.
-READS = {"manifest": ("src", "data_root"), "audit": ("manifest", "data_root"), "extract": ("manifest", "data_root"),
+READS = {"frames": ("src",), "manifest": ("src", "data_root"), "audit": ("manifest", "data_root"), "extract": ("manifest", "data_root"),
          "near_dups": ("store", "manifest", "against", "data_root"), "train": ("store", "manifest", "mask_source"),
          "sweep": ("store", "manifest", "mask_source"), "cross": ("stores", "test_stores", "labels"),
          "folds": ("store", "manifests"), "au_cv": ("store",),
          "evaluate": ("runs", "store", "manifest", "data_root"),
          "compare": ("a", "b", "store", "manifest"), "runs": ("root",)}
-WRITES = {"manifest": ("out",), "audit": ("without_leaks",), "extract": ("out",), "folds": ("out",),
+WRITES = {"frames": ("out",), "manifest": ("out",), "audit": ("without_leaks",), "extract": ("out",), "folds": ("out",),
           "near_dups": ("out", "without_leaks_to"), "au_cv": ("out",), "compare": ("out",), "runs": ("csv",),
           "evaluate": ()}
 

@@ -1,0 +1,174 @@
+"""Video files -> folders of frames, the layout the video adapters (dfew, ferv39k, mafw, affwild2) read.
+
+Each video `SRC/<rel>/<clip>.mp4` becomes `OUT/<rel>/<clip>/00001.jpg, 00002.jpg, ...`, numbered by the frame's
+1-based index in the video (kept with `every > 1` too, so per-frame annotations such as Aff-Wild2's line up).
+A clip is decoded into `<clip>.partial/` and renamed when whole: a folder without that suffix is complete, so an
+interrupted run resumes by skipping those, and never leaves a half-decoded clip that looks done.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ConfigError, FercacheError, check_out_dir, near_path
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v", ".flv", ".wmv"}
+PARTIAL = ".partial"
+
+
+@dataclass
+class FramesResult:
+    out: str
+    clips: int  # videos found
+    decoded: int  # decoded by this call
+    frames: int  # frames written by this call
+    already: int  # complete before this call
+    failed: list[tuple[str, str]] = field(default_factory=list)  # (video, why)
+
+
+def _av():
+    try:
+        import av
+    except ImportError:
+        raise ConfigError("decoding videos needs PyAV: pip install 'fercache[video]' (or pip install av)") from None
+    return av
+
+
+def find_videos(src: Path) -> list[Path]:
+    """The video files under `src` (or `src` itself), sorted; none is an error that names the endings looked for."""
+    if not src.exists():
+        raise FercacheError(f"{src} does not exist{near_path(src, Path.exists)}")
+    if src.is_file():
+        if src.suffix.lower() not in VIDEO_EXTS:
+            raise FercacheError(f"{src} is not a video file (endings read: {', '.join(sorted(VIDEO_EXTS))})")
+        return [src]
+    videos = sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+    if not videos:
+        raise FercacheError(f"no video files under {src} (endings read: {', '.join(sorted(VIDEO_EXTS))}); "
+                            "folders of frames need no decoding: point the adapter's `frames` option at them")
+    return videos
+
+
+def clip_folder(video: Path, src: Path, out: Path) -> Path:
+    """Where a video's frames go: its path under `src`, without the ending, under `out`."""
+    rel = video.relative_to(src) if src.is_dir() else Path(video.name)
+    return out / rel.with_suffix("")
+
+
+def _clip_folders(videos: list[Path], src: Path, out: Path) -> dict[Path, Path]:
+    """Each video's frame folder; two videos that differ only in their ending (a.mp4, a.avi) would share one."""
+    owner: dict[Path, Path] = {}
+    for v in videos:
+        f = clip_folder(v, src, out)
+        if f in owner:
+            raise FercacheError(f"{owner[f]} and {v} would both be decoded into {f}: keep one of them")
+        owner[f] = v
+    return {v: f for f, v in owner.items()}
+
+
+def _resized(image, short_side: int | None):
+    if not short_side or min(image.size) == short_side:
+        return image
+    w, h = image.size
+    scale = short_side / min(w, h)
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=3)  # bicubic
+
+
+def decode_clip(video: Path, folder: Path, every: int = 1, short_side: int | None = None, quality: int = 95) -> int:
+    """Write every `every`-th frame of `video` as `folder/<index:05d>.jpg`; returns how many. Writes into
+    `<folder>.partial` and renames it when whole, so `folder` existing means complete."""
+    av, partial = _av(), folder.with_name(folder.name + PARTIAL)
+    shutil.rmtree(partial, ignore_errors=True)  # a clip interrupted last time starts again
+    partial.mkdir(parents=True)
+    n = 0
+    try:
+        with av.open(str(video)) as container:
+            stream = container.streams.video[0]
+            stream.thread_type = "AUTO"  # ffmpeg's own threads: decoding is the slow part
+            for i, frame in enumerate(container.decode(stream), start=1):
+                if (i - 1) % every == 0:
+                    _resized(frame.to_image(), short_side).save(partial / f"{i:05d}.jpg", quality=quality)
+                    n += 1
+        if n == 0:
+            raise FercacheError("no frames decoded")
+        partial.rename(folder)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
+    return n
+
+
+def _decode_one(args: tuple) -> tuple[str, int, str | None]:
+    """Worker: one clip, its error as text (a corrupt file must not stop the others)."""
+    video, folder, every, short_side = args
+    try:
+        return str(video), decode_clip(video, folder, every, short_side), None
+    except FercacheError as e:
+        return str(video), 0, str(e)
+    except Exception as e:  # PyAV's InvalidDataError and kin: whatever ffmpeg makes of a broken file
+        return str(video), 0, f"{type(e).__name__}: {e}"
+
+
+def check_frames_options(every: int, short_side: int | None, workers: int | None) -> None:
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"--every must be a whole number >= 1 (1 keeps every frame), got {every!r}")
+    if short_side is not None and (isinstance(short_side, bool) or not isinstance(short_side, int) or short_side < 8):
+        raise ConfigError(f"--short-side must be a whole number of pixels >= 8, got {short_side!r}")
+    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
+        raise ConfigError(f"--workers must be a whole number >= 0 (0: decode in this process), got {workers!r}")
+
+
+def videos_to_frames(src: str | Path, out: str | Path, every: int = 1, short_side: int | None = None,
+                     workers: int | None = None, progress: bool = True) -> FramesResult:
+    """Decode every video under `src` into frame folders under `out` (module docstring); clips already complete
+    are skipped. `workers` processes decode clips side by side (default: up to 4)."""
+    from tqdm.auto import tqdm
+
+    check_frames_options(every, short_side, workers)
+    _av()  # before walking a large tree: missing PyAV is said first
+    src, out = Path(src).resolve(), Path(out).resolve()
+    check_out_dir(out, "the frame folders")
+    videos = find_videos(src)
+    folders = _clip_folders(videos, src, out)
+    todo = [(v, f, every, short_side) for v, f in folders.items() if not f.is_dir()]
+    result = FramesResult(str(out), len(videos), 0, 0, len(videos) - len(todo))
+    n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
+    with tqdm(total=len(todo), unit="clip", desc="frames", disable=not progress) as bar:
+        if n_workers <= 1 or len(todo) <= 1:
+            _collect(map(_decode_one, todo), result, bar)
+        else:
+            with ProcessPoolExecutor(n_workers) as pool:
+                _collect(pool.map(_decode_one, todo), result, bar)
+    if result.failed:
+        video, why = result.failed[0]
+        log.warning("%d of %d video(s) could not be decoded (e.g. %s: %s); the others are written",
+                    len(result.failed), len(todo), video, why)
+    if todo and len(result.failed) == len(todo):
+        raise FercacheError(f"no video under {src} could be decoded, e.g. {video}: {why}")
+    return result
+
+
+def _collect(done, result: FramesResult, bar) -> None:
+    for video, n, why in done:
+        if why is None:
+            result.decoded, result.frames = result.decoded + 1, result.frames + n
+        else:
+            result.failed.append((video, why))
+        bar.update(1)
+
+
+def describe(r: FramesResult) -> str:
+    """The one line `fercache frames` and the pipeline step print."""
+    line = f"{r.out}: {r.clips} video(s); {r.decoded} decoded into {r.frames:,} frames"
+    if r.already:
+        line += f", {r.already} already there"
+    if r.failed:
+        line += f", {len(r.failed)} failed (e.g. {r.failed[0][0]}: {r.failed[0][1]})"
+    return line

@@ -1,0 +1,151 @@
+"""fercache frames: video files -> the frame folders the video adapters read."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from fercache import cli
+from fercache.errors import ConfigError, FercacheError
+
+av = pytest.importorskip("av")
+
+from fercache.video import videos_to_frames  # noqa: E402
+
+N_FRAMES = 30
+
+
+def write_video(path, n=N_FRAMES, size=(64, 48), rate=25):
+    """n grey frames of level 8 * index (0-based): a decoded frame says which one it is."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=rate)
+        s.width, s.height, s.pix_fmt = size[0], size[1], "yuv420p"
+        s.bit_rate = 20_000_000  # near-lossless: each frame keeps its own grey level
+        for i in range(n):
+            a = np.full((size[1], size[0], 3), 8 * i, np.uint8)
+            for packet in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path
+
+
+def _level(path) -> float:
+    return float(np.asarray(Image.open(path)).mean())
+
+
+@pytest.fixture
+def videos(tmp_path):
+    src = tmp_path / "videos"
+    write_video(src / "00001.mp4")
+    write_video(src / "sub" / "clip b.avi", n=12)
+    (src / "notes.txt").write_text("not a video")
+    return src
+
+
+def test_every_frame_of_every_video_lands_in_its_clip_folder_in_order(videos, tmp_path):
+    r = videos_to_frames(videos, tmp_path / "frames", workers=0, progress=False)
+    assert (r.clips, r.decoded, r.frames, r.already, r.failed) == (2, 2, N_FRAMES + 12, 0, [])
+    a, b = tmp_path / "frames" / "00001", tmp_path / "frames" / "sub" / "clip b"
+    assert sorted(p.name for p in a.iterdir()) == [f"{i:05d}.jpg" for i in range(1, N_FRAMES + 1)]
+    assert len(list(b.iterdir())) == 12
+    # frame k of the file is frame k of the video: grey level 8 * (k - 1), through mpeg4 and JPEG
+    assert [round(_level(a / f"{k:05d}.jpg") / 8) for k in (1, 2, 15, 30)] == [0, 1, 14, 29]
+    assert Image.open(a / "00001.jpg").size == (64, 48)
+
+
+def test_every_nth_frame_keeps_its_index_and_short_side_resizes(videos, tmp_path):
+    r = videos_to_frames(videos / "00001.mp4", tmp_path / "f", every=7, short_side=24, workers=0, progress=False)
+    kept = sorted(p.name for p in (tmp_path / "f" / "00001").iterdir())
+    assert r.frames == 5 and kept == ["00001.jpg", "00008.jpg", "00015.jpg", "00022.jpg", "00029.jpg"]
+    assert round(_level(tmp_path / "f" / "00001" / "00015.jpg") / 8) == 14
+    assert Image.open(tmp_path / "f" / "00001" / "00008.jpg").size == (32, 24)
+
+
+def test_run_again_it_skips_complete_clips_and_redoes_an_interrupted_one(videos, tmp_path):
+    out = tmp_path / "frames"
+    videos_to_frames(videos, out, workers=0, progress=False)
+    kept = (out / "00001" / "00001.jpg").stat().st_mtime_ns
+    # an interrupted clip: its .partial folder, never the clip's own name
+    (out / "sub" / "clip b").rename(out / "sub" / "clip b.partial")
+    (out / "sub" / "clip b.partial" / "00003.jpg").unlink()
+    r = videos_to_frames(videos, out, workers=0, progress=False)
+    assert (r.decoded, r.already, r.frames) == (1, 1, 12)
+    assert (out / "00001" / "00001.jpg").stat().st_mtime_ns == kept
+    assert len(list((out / "sub" / "clip b").iterdir())) == 12 and not (out / "sub" / "clip b.partial").exists()
+
+
+def test_a_broken_video_is_said_and_the_others_are_written(videos, tmp_path, caplog):
+    (videos / "broken.mp4").write_bytes(b"\x00\x00\x00 ftypisom" + b"x" * 500)
+    with caplog.at_level(logging.WARNING, logger="fercache.video"):
+        r = videos_to_frames(videos, tmp_path / "frames", workers=2, progress=False)
+    assert r.decoded == 2 and [v for v, _ in r.failed] == [str(videos / "broken.mp4")]
+    assert "1 of 3 video(s) could not be decoded (e.g. " in caplog.text
+    assert not (tmp_path / "frames" / "broken").exists() and not (tmp_path / "frames" / "broken.partial").exists()
+    # decoded in two processes: the same frames as in this one
+    one = videos_to_frames(videos / "00001.mp4", tmp_path / "one", workers=0, progress=False)
+    assert one.frames == N_FRAMES and all(
+        np.array_equal(np.asarray(Image.open(tmp_path / "one" / "00001" / f.name)), np.asarray(Image.open(f)))
+        for f in (tmp_path / "frames" / "00001").iterdir())
+    with pytest.raises(FercacheError, match=r"no video under .* could be decoded, e.g. .*broken.mp4"):
+        videos_to_frames(videos / "broken.mp4", tmp_path / "none", workers=0, progress=False)
+
+
+def test_what_it_cannot_do_is_said_before_decoding(videos, tmp_path, monkeypatch):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FercacheError, match=r"no video files under .*frames need no decoding"):
+        videos_to_frames(tmp_path / "empty", tmp_path / "o")
+    with pytest.raises(FercacheError, match=r"videos/notes.txt is not a video file \(endings read: .avi, "):
+        videos_to_frames(videos / "notes.txt", tmp_path / "o")
+    with pytest.raises(FercacheError, match=r"vidoes does not exist \(did you mean '\S+/videos'\?\)"):
+        videos_to_frames(tmp_path / "vidoes", tmp_path / "o")
+    write_video(videos / "00001.mkv", n=2)
+    with pytest.raises(FercacheError, match=r"00001.mkv and \S+/00001.mp4 would both be decoded into \S+/o/00001"):
+        videos_to_frames(videos, tmp_path / "o")
+    for kw, says in (({"every": 0}, "--every must be a whole number >= 1"), ({"short_side": 2}, "--short-side must be"),
+                     ({"workers": -1}, "--workers must be a whole number >= 0")):
+        with pytest.raises(ConfigError, match=says):
+            videos_to_frames(videos, tmp_path / "o", **kw)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match=r"--out \S+/file/o: \S+/file is a file"):
+        videos_to_frames(videos, tmp_path / "file" / "o")
+    monkeypatch.setitem(__import__("sys").modules, "av", None)  # PyAV not installed
+    with pytest.raises(ConfigError, match=r"decoding videos needs PyAV: pip install 'fercache\[video\]'"):
+        videos_to_frames(videos, tmp_path / "o")
+    assert not (tmp_path / "o").exists()
+
+
+def test_frames_command_and_a_dfew_pipeline_from_its_videos(videos, tmp_path, monkeypatch):
+    """DFEW ships its clips as videos too: frames, then the dfew adapter with `frames` pointing at them."""
+    from fercache.manifests import read_manifest
+    from fercache.pipeline import check_pipeline, run_pipeline
+
+    r = CliRunner().invoke(cli.app, ["-q", "frames", str(videos / "sub"), "-o", str(tmp_path / "f"), "--every", "2"])
+    assert r.exit_code == 0, r.output
+    assert r.stdout.strip() == f"{tmp_path / 'f'}: 1 video(s); 1 decoded into 6 frames"
+    dfew = tmp_path / "DFEW"
+    write_video(dfew / "Clip" / "original" / "00001.mp4", n=5)
+    write_video(dfew / "Clip" / "original" / "00002.mp4", n=4)
+    for split, line in (("train", "00001,1"), ("test", "00002,7")):
+        (dfew / "annotation" / "set_1").mkdir(parents=True, exist_ok=True)
+        (dfew / "annotation" / "set_1" / f"{split}.csv").write_text(f"video_name,label\n{line}\n")
+    p = tmp_path / "p.toml"
+    p.write_text(f'[vars]\ndfew = "{dfew}"\n'
+                 '[[step]]\nrun = "frames"\nsrc = "{dfew}/Clip/original"\nout = "{dfew}/frames"\n'
+                 '[[step]]\nrun = "manifest"\nformat = "dfew"\nsrc = "{dfew}"\nout = "{dfew}/set_1.csv"\n'
+                 '[step.options]\nframes = "frames"\n')
+    assert check_pipeline(p) == 2
+    run_pipeline(p, progress=False)
+    m = read_manifest(dfew / "set_1.csv")
+    assert len(m) == 9 and {(r["clip_id"], r["label"], r["split"]) for r in m.rows} == {
+        ("00001", "happy", "train"), ("00002", "fear", "test")}
+    assert [r["path"] for r in m.rows][:2] == ["frames/00001/00001.jpg", "frames/00001/00002.jpg"]
+    bad = p.read_text().replace('run = "frames"\n', 'run = "frames"\nevery = 0\n')
+    p.write_text(bad)
+    with pytest.raises(ConfigError, match=r"step 1 \(frames\): --every must be a whole number >= 1"):
+        check_pipeline(p)
