@@ -454,18 +454,22 @@ def near_dups(
 def predict(
     run: Path = typer.Argument(..., help="A trained run directory, or a folder of seed runs (seed0, seed1, ...): "
                                "their probabilities are averaged."),
-    images: list[Path] = typer.Argument(..., help="Image files or folders."),
+    images: list[Path] = typer.Argument(..., help="Image or video files, or folders of them (for a clip-level run: "
+                                        "folders of one clip's frames, or video files)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write .json or .csv (default: JSON to stdout)."),
+    every: int = typer.Option(1, help="Videos: every N-th frame (a frame-level run gives one row per frame, with "
+                              "its index in the video)."),
     detect: bool = typer.Option(False, help="Crop the most confident face with MTCNN (facenet-pytorch) first."),
     calibrated: bool = typer.Option(True, help="Expression probabilities scaled by the temperature the run fitted on "
                                     "its validation split (--no-calibrated: raw softmax; the prediction is the same)."),
     device: str = Device,
 ) -> None:
-    """Class probabilities for new images, using the run's encoder and preprocessing."""
+    """Class probabilities for new images or videos, using the run's encoder and preprocessing."""
     from .predict import check_out, predict as run_predict, tally, write_predictions
 
     check_out(out)
-    rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"])
+    rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"],
+                       every=every)
     if out:
         failed = sum("error" in r for r in rows)
         typer.echo(f"{write_predictions(rows, out)}: {len(rows) - failed} predicted"

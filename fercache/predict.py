@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Iterable, Iterator
 
 import numpy as np
 import torch
@@ -16,23 +17,56 @@ from .evaluate import run_dirs
 from .preprocess import decode_image, to_model_input, tta_views, with_views
 from .store import encoder_key
 from .train import Fitted, load_run
+from .video import is_video, iter_frames
 
 log = logging.getLogger(__name__)
 
 
-def collect_images(inputs: list[str | Path]) -> list[Path]:
-    """Image files among `inputs`, folders searched recursively."""
+def collect_images(inputs: list[str | Path], videos: bool = False) -> list[Path]:
+    """Image files (and, `videos`, video files) among `inputs`, folders searched recursively."""
     out = []
     for p in map(Path, inputs):
         if p.is_dir():
-            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS)
+            out += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_EXTS or videos and is_video(f))
         elif p.is_file():
             out.append(p)
         else:
             raise ConfigError(f"{p} is neither an image file nor a folder{near_path(p, Path.exists)}")
     if not out:
-        raise ConfigError(f"no images found in {', '.join(map(str, inputs))}")
+        raise ConfigError(f"no images{' or videos' if videos else ''} found in {', '.join(map(str, inputs))}")
     return out
+
+
+def _error(e: Exception) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _frames(paths: list[Path], every: int) -> Iterator[tuple[dict, np.ndarray | str]]:
+    """(row, RGB image) for each image and each `every`-th frame of each video, decoded as needed; (row, error
+    text) for a file that cannot be read, so one bad file never loses the others' predictions."""
+    for p in paths:
+        if not is_video(p):
+            try:
+                yield {"path": str(p)}, decode_image(p)
+            except Exception as e:
+                yield {"path": str(p)}, _error(e)
+            continue
+        try:
+            for i, image in iter_frames(p, every):
+                yield {"path": str(p), "frame": i}, np.asarray(image.convert("RGB"))
+        except Exception as e:  # unreadable, or its tail: the frames read before keep their predictions
+            yield {"path": str(p), "frame": None}, _error(e)
+
+
+def _batched(items: Iterable, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
 
 
 class FaceCropper:
@@ -92,18 +126,21 @@ def _shared(cfg: dict) -> dict:
 
 
 def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, device: str = "cpu",
-            batch_size: int = 64, calibrated: bool = True, progress: bool = False) -> list[dict]:
+            batch_size: int = 64, calibrated: bool = True, progress: bool = False, every: int = 1) -> list[dict]:
     """Per-image class probabilities (or AU probabilities and decisions) from a trained run, or the average over
-    the seed runs under a folder (AU decisions then at the runs' mean threshold).
+    the seed runs under a folder (AU decisions then at the runs' mean threshold). A video file gives one row per
+    `every`-th frame (with its `frame` index) for a frame-level run, one row for a clip-level run.
 
     `calibrated`: expression probabilities are softmax(logits / T) with the temperature each run fitted on its
     validation split (so 0.8 means right about 80% of the time there); False gives the raw softmax. A single
     run's predicted class is the same either way.
     """
+    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
+        raise ConfigError(f"--every must be a whole number >= 1 (1: every frame of a video), got {every!r}")
     heads = load_heads(run, device, calibrated)
     clips = heads[0].model.level == "clip"
     # The inputs are found before the encoder is built (seconds; a typo was said only after it)
-    paths = [_clip_folder(Path(p), heads[0]) for p in inputs] if clips else collect_images(inputs)
+    paths = [_clip_source(Path(p), heads[0]) for p in inputs] if clips else collect_images(inputs, videos=True)
     cfg = heads[0].cfg
     enc = encoder_of({"fingerprint": cfg["store_fingerprint"], "encoder_args": cfg.get("encoder_args")})
     enc.model.to(device)
@@ -111,15 +148,17 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     from tqdm.auto import tqdm
 
     if clips:
-        results = [_predict_clip(p, enc, heads, cropper, device, batch_size)
+        results = [_predict_clip(p, enc, heads, cropper, device, batch_size, every)
                    for p in tqdm(paths, desc="predict", unit="clip", disable=not progress)]
-        return _said_failures(results, "clip folder(s) had a frame that could be decoded")
+        return _said_failures(results, "clip(s) had a frame that could be decoded")
     results = []
-    with tqdm(total=len(paths), desc="predict", unit="img", disable=not progress) as bar:
-        for start in range(0, len(paths), batch_size):
-            results += _predict_batch(paths[start:start + batch_size], enc, heads, cropper, device)
-            bar.update(len(paths[start:start + batch_size]))
-    return _said_failures(results, "file(s) could be read as an image")
+    # a video's frame count is known only once decoded: then the bar counts without a total
+    total = None if any(map(is_video, paths)) else len(paths)
+    with tqdm(total=total, desc="predict", unit="img", disable=not progress) as bar:
+        for batch in _batched(_frames(paths, every), batch_size):
+            results += _predict_batch(batch, enc, heads, cropper, device)
+            bar.update(len(batch))
+    return _said_failures(results, "file(s) could be read as an image or video")
 
 
 def _said_failures(results: list[dict], could: str) -> list[dict]:
@@ -134,47 +173,70 @@ def _said_failures(results: list[dict], could: str) -> list[dict]:
     return results
 
 
-def _clip_folder(folder: Path, head: Head) -> Path:
-    if not folder.is_dir():
-        raise ConfigError(f"a clip-level run ({head.cfg['head']}) predicts one clip per folder of frames; "
-                          f"{folder} is not a folder{'' if folder.exists() else near_path(folder, Path.is_dir)}")
-    return folder
+def _clip_source(source: Path, head: Head) -> Path:
+    if not (source.is_dir() or source.is_file() and is_video(source)):
+        raise ConfigError(f"a clip-level run ({head.cfg['head']}) predicts one clip per folder of frames or video "
+                          f"file; {source} is neither{'' if source.exists() else near_path(source, Path.exists)}")
+    return source
 
 
-def _predict_clip(folder: Path, enc, heads: list[Head], cropper, device, batch_size: int) -> dict:
-    """One prediction for a folder of a clip's frames (sorted by name); frames that fail to decode are skipped."""
-    frames, errors = [], 0
-    for p in collect_images([folder]):
+def _clip_frames(source: Path, every: int) -> Iterator[np.ndarray | None]:
+    """A clip's frames: a folder's images sorted by name, or a video's every `every`-th frame; None for one that
+    fails to decode (a video stops there)."""
+    if is_video(source):
         try:
-            img = decode_image(p)
-            frames.append(cropper(img)[0] if cropper else img)
+            for _, image in iter_frames(source, every):
+                yield np.asarray(image.convert("RGB"))
         except Exception:
-            errors += 1
-    row = {"path": str(folder), "frames": len(frames), "frames_failed": errors}
-    if not frames:
+            yield None
+        return
+    for p in collect_images([source]):
+        try:
+            yield decode_image(p)
+        except Exception:
+            yield None
+
+
+def _predict_clip(source: Path, enc, heads: list[Head], cropper, device, batch_size: int, every: int = 1) -> dict:
+    """One prediction for a clip, its frames encoded a batch at a time (a long video never sits in memory);
+    frames that fail to decode are skipped and counted."""
+    row, feats = {"path": str(source), "frames": 0, "frames_failed": 0}, []
+    for batch in _batched(_decoded(_clip_frames(source, every), row), batch_size):
+        feats.append(_encode(enc, [cropper(f)[0] if cropper else f for f in batch], heads[0].cfg["output"], device))
+        row["frames"] += len(batch)
+    if not feats:
         return {**row, "error": "no frame of the clip could be decoded"}
-    output = heads[0].cfg["output"]
     with torch.inference_mode():
-        feats = torch.cat([enc.model(to_model_input(frames[i:i + batch_size], enc.preprocess, device))[output].float()
-                           for i in range(0, len(frames), batch_size)])
-        prob = np.mean([_probabilities(h, h.model(feats[None])) for h in heads], axis=0)  # one clip: [1, frames, D]
+        prob = np.mean([_probabilities(h, h.model(torch.cat(feats)[None])) for h in heads], axis=0)  # [1, frames, D]
     _fill([row], prob, heads)
     return row
 
 
-def _predict_batch(paths, enc, heads: list[Head], cropper, device) -> list[dict]:
+def _decoded(frames: Iterable[np.ndarray | None], row: dict) -> Iterator[np.ndarray]:
+    """The frames that decoded; the others counted in `row`."""
+    for f in frames:
+        if f is None:
+            row["frames_failed"] += 1
+        else:
+            yield f
+
+
+def _encode(enc, images: list[np.ndarray], output: str, device) -> torch.Tensor:
+    with torch.inference_mode():
+        return enc.model(to_model_input(images, enc.preprocess, device))[output].float()
+
+
+def _predict_batch(items: list[tuple[dict, np.ndarray | str]], enc, heads: list[Head], cropper, device) -> list[dict]:
     images, rows = [], []
-    for p in paths:
-        try:
-            img = decode_image(p)
-        except Exception as e:  # one bad file must not lose the others' predictions
-            rows.append({"path": str(p), "error": f"{type(e).__name__}: {e}"})
+    for row, img in items:
+        if isinstance(img, str):  # its decoding error
+            rows.append({**row, "error": img})
             continue
         face = True
         if cropper:
             img, face = cropper(img)
         images.append(img)
-        rows.append({"path": str(p), "face_detected": face if cropper else None})
+        rows.append({**row, "face_detected": face if cropper else None})
     good = [r for r in rows if "error" not in r]
     if not good:
         return rows
@@ -243,7 +305,9 @@ def write_predictions(rows: list[dict], out: Path) -> Path:
         out.write_text(json.dumps(rows, indent=2))
         return out
     classes = next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
-    header = ["path", "prediction", "face_detected", "error"] + classes
-    return write_csv(out, header, [[r["path"], r.get("prediction", ";".join(r.get("active", []))), r.get("face_detected"),
+    frame = ["frame"] if any("frame" in r for r in rows) else []  # a video's frame index, 1-based
+    header = ["path", *frame, "prediction", "face_detected", "error"] + classes
+    return write_csv(out, header, [[r["path"], *[r.get("frame") for _ in frame],
+                                    r.get("prediction", ";".join(r.get("active", []))), r.get("face_detected"),
                                     r.get("error", "")] + [f"{r.get('probabilities', {}).get(c, float('nan')):.4f}" for c in classes]
                                    for r in rows])

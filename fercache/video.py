@@ -46,10 +46,10 @@ def find_videos(src: Path) -> list[Path]:
     if not src.exists():
         raise FercacheError(f"{src} does not exist{near_path(src, Path.exists)}")
     if src.is_file():
-        if src.suffix.lower() not in VIDEO_EXTS:
+        if not is_video(src):
             raise FercacheError(f"{src} is not a video file (endings read: {', '.join(sorted(VIDEO_EXTS))})")
         return [src]
-    videos = sorted(p for p in src.rglob("*") if p.suffix.lower() in VIDEO_EXTS and p.is_file())
+    videos = sorted(p for p in src.rglob("*") if is_video(p) and p.is_file())
     if not videos:
         raise FercacheError(f"no video files under {src} (endings read: {', '.join(sorted(VIDEO_EXTS))}); "
                             "folders of frames need no decoding: point the adapter's `frames` option at them")
@@ -81,21 +81,35 @@ def _resized(image, short_side: int | None):
     return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=3)  # bicubic
 
 
+def is_video(path: Path) -> bool:
+    return path.suffix.lower() in VIDEO_EXTS
+
+
+def iter_frames(video: Path, every: int = 1):
+    """(1-based index in the video, PIL RGB image) of every `every`-th frame, decoded as they are read: a long
+    video never sits in memory whole."""
+    av = _av()
+    with av.open(str(video)) as container:
+        if not container.streams.video:
+            raise FercacheError(f"{video} has no video stream")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # ffmpeg's own threads: decoding is the slow part
+        for i, frame in enumerate(container.decode(stream), start=1):
+            if (i - 1) % every == 0:
+                yield i, frame.to_image()
+
+
 def decode_clip(video: Path, folder: Path, every: int = 1, short_side: int | None = None, quality: int = 95) -> int:
     """Write every `every`-th frame of `video` as `folder/<index:05d>.jpg`; returns how many. Writes into
     `<folder>.partial` and renames it when whole, so `folder` existing means complete."""
-    av, partial = _av(), folder.with_name(folder.name + PARTIAL)
+    partial = folder.with_name(folder.name + PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)  # a clip interrupted last time starts again
     partial.mkdir(parents=True)
     n = 0
     try:
-        with av.open(str(video)) as container:
-            stream = container.streams.video[0]
-            stream.thread_type = "AUTO"  # ffmpeg's own threads: decoding is the slow part
-            for i, frame in enumerate(container.decode(stream), start=1):
-                if (i - 1) % every == 0:
-                    _resized(frame.to_image(), short_side).save(partial / f"{i:05d}.jpg", quality=quality)
-                    n += 1
+        for i, image in iter_frames(video, every):
+            _resized(image, short_side).save(partial / f"{i:05d}.jpg", quality=quality)
+            n += 1
         if n == 0:
             raise FercacheError("no frames decoded")
         partial.rename(folder)

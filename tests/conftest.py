@@ -23,6 +23,21 @@ TINY_CLIP_77 = {**TINY_VIT, "text_cfg": {**TINY_VIT["text_cfg"], "context_length
 CLASSES = ("angry", "happy", "neutral", "sad")
 
 
+def write_lossless_video(path: Path, frames: list[np.ndarray], rate: int = 10) -> Path:
+    """A video of these RGB frames, exactly (FFV1 in Matroska): its decoded frames equal the arrays."""
+    av = pytest.importorskip("av")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("ffv1", rate=rate)
+        s.width, s.height, s.pix_fmt = frames[0].shape[1], frames[0].shape[0], "bgr0"
+        for a in frames:
+            for packet in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    return path
+
+
 def needs_shared_data():
     """Skip unless ../shared/data (the real FER2013 and CK+48 copies) is present."""
     return pytest.mark.skipif(not (SHARED_DATA / "fer2013").is_dir(), reason=f"real data not found at {SHARED_DATA}")

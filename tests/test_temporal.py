@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 from fercache.data import FeatureSet, clip_level
 from fercache.errors import ConfigError, EncoderError
@@ -16,7 +17,7 @@ from fercache.heads.temporal import PromptText, class_descriptions, segment_indi
 from fercache.labels import CANONICAL
 from fercache.train import _optimizer, _scheduler, train_loop
 
-from .conftest import class_image
+from .conftest import class_image, write_lossless_video
 
 
 def test_eval_sampling_takes_segment_middles():
@@ -154,16 +155,24 @@ def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_pat
     out = predict(r.run_dir, [root / "clips" / "test_happy_0", root / "clips" / "test_sad_1"])
     assert [o["path"].rsplit("/", 1)[-1] for o in out] == ["test_happy_0", "test_sad_1"]
     assert all(o["frames"] >= 3 and abs(sum(o["probabilities"].values()) - 1) < 1e-5 for o in out)
-    with pytest.raises(ConfigError, match="one clip per folder"):
+    with pytest.raises(ConfigError, match="one clip per folder of frames or video file"):
         predict(r.run_dir, [next((root / "clips" / "test_sad_1").iterdir())])
+    # the same clip as a video file: the same prediction, its frames decoded and encoded a batch at a time
+    frames = [np.asarray(Image.open(f).convert("RGB")) for f in sorted((root / "clips" / "test_sad_1").iterdir())]
+    video = write_lossless_video(tmp_path / "test_sad_1.mkv", frames)
+    (v,) = predict(r.run_dir, [video], batch_size=2)
+    assert v["frames"] == len(frames) == out[1]["frames"] and v["frames_failed"] == 0
+    assert np.allclose(list(v["probabilities"].values()), list(out[1]["probabilities"].values()), atol=1e-5)
+    (half,) = predict(r.run_dir, [video], every=2)
+    assert half["frames"] == (len(frames) + 1) // 2
     with monkeypatch.context() as m:  # a mistyped clip folder, said before the encoder is built
         m.setattr("fercache.predict.encoder_of", lambda *a: pytest.fail("encoder built before the inputs"))
-        with pytest.raises(ConfigError, match=r"test_sad_9 is not a folder \(did you mean '.*/test_sad_\d'\?\)$"):
+        with pytest.raises(ConfigError, match=r"test_sad_9 is neither \(did you mean '.*/test_sad_\d'\?\)$"):
             predict(r.run_dir, [root / "clips" / "test_happy_0", root / "clips" / "test_sad_9"])
     empty = tmp_path / "empty_clip"  # a folder without a decodable frame: was a row of errors and exit 0
     (empty / "a.jpg").parent.mkdir()
     (empty / "a.jpg").write_text("not a frame")
-    with pytest.raises(ConfigError, match=r"^none of the 1 clip folder\(s\) had a frame that could be decoded, e\.g\. "):
+    with pytest.raises(ConfigError, match=r"^none of the 1 clip\(s\) had a frame that could be decoded, e\.g\. "):
         predict(r.run_dir, [empty])
 
 

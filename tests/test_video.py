@@ -149,3 +149,36 @@ def test_frames_command_and_a_dfew_pipeline_from_its_videos(videos, tmp_path, mo
     p.write_text(bad)
     with pytest.raises(ConfigError, match=r"step 1 \(frames\): --every must be a whole number >= 1"):
         check_pipeline(p)
+
+
+def test_predict_reads_a_video_frame_by_frame_as_it_reads_images(tiny_store, tiny_dataset, tmp_path):
+    """`fercache predict RUN clip.mp4` with a frame-level run: one row per frame, as the frames' own images give."""
+    from fercache.predict import predict
+    from fercache.train import fit
+
+    from .conftest import write_lossless_video
+
+    run = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 2}).run_dir
+    images = sorted((tiny_dataset / "faces" / "test" / "happy").iterdir())[:3] + \
+        sorted((tiny_dataset / "faces" / "test" / "sad").iterdir())[:2]
+    video = write_lossless_video(tmp_path / "clips" / "mine.mkv", [np.asarray(Image.open(p).convert("RGB"))
+                                                                    for p in images])
+    (tmp_path / "clips" / "broken.mp4").write_bytes(b"\x00\x00\x00 ftypisom" + b"x" * 500)
+    by_image = predict(run, images)
+    rows = predict(run, [tmp_path / "clips"], batch_size=2)  # a folder: its videos too
+    frames = [r for r in rows if r["path"] == str(video)]
+    assert [r["frame"] for r in frames] == [1, 2, 3, 4, 5]
+    for f, i in zip(frames, by_image):
+        assert f["prediction"] == i["prediction"]
+        assert np.allclose(list(f["probabilities"].values()), list(i["probabilities"].values()), atol=1e-5)
+    (broken,) = [r for r in rows if r["path"].endswith("broken.mp4")]
+    assert broken["frame"] is None and "InvalidDataError" in broken["error"] and "prediction" not in broken
+    assert [r["frame"] for r in predict(run, [video], every=2)] == [1, 3, 5]
+    r = CliRunner().invoke(cli.app, ["-q", "predict", str(run), str(video), str(images[0]), "--every", "2",
+                                     "-o", str(tmp_path / "p.csv")])
+    assert r.exit_code == 0, r.output
+    lines = (tmp_path / "p.csv").read_text().splitlines()
+    assert lines[0].startswith("path,frame,prediction,") and len(lines) == 5
+    assert [line.split(",")[1] for line in lines[1:]] == ["1", "3", "5", ""]  # the image has no frame index
+    with pytest.raises(ConfigError, match="--every must be a whole number >= 1"):
+        predict(run, [video], every=0)
