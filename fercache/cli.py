@@ -465,7 +465,7 @@ def predict(
     device: str = Device,
 ) -> None:
     """Class probabilities for new images or videos, using the run's encoder and preprocessing."""
-    from .predict import check_out, predict as run_predict, tally, write_predictions
+    from .predict import check_out, predict as run_predict, tally, timelines, write_predictions
 
     check_out(out)
     rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"],
@@ -475,6 +475,8 @@ def predict(
         typer.echo(f"{write_predictions(rows, out)}: {len(rows) - failed} predicted"
                    + (f", {failed} failed (see the error column)" if failed else "")
                    + (f" ({counts})" if (counts := tally(rows)) else ""))
+        for png in timelines(rows, out):
+            typer.echo(f"  over time -> {png}")
     else:
         typer.echo(json.dumps(rows, indent=2))
 

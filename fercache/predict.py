@@ -52,8 +52,8 @@ def _frames(paths: list[Path], every: int) -> Iterator[tuple[dict, np.ndarray | 
                 yield {"path": str(p)}, _error(e)
             continue
         try:
-            for i, image in iter_frames(p, every):
-                yield {"path": str(p), "frame": i}, np.asarray(image.convert("RGB"))
+            for i, t, image in iter_frames(p, every):
+                yield {"path": str(p), "frame": i, "time": round(t, 3)}, np.asarray(image.convert("RGB"))
         except Exception as e:  # unreadable, or its tail: the frames read before keep their predictions
             yield {"path": str(p), "frame": None}, _error(e)
 
@@ -185,7 +185,7 @@ def _clip_frames(source: Path, every: int) -> Iterator[np.ndarray | None]:
     fails to decode (a video stops there)."""
     if is_video(source):
         try:
-            for _, image in iter_frames(source, every):
+            for _, _, image in iter_frames(source, every):
                 yield np.asarray(image.convert("RGB"))
         except Exception:
             yield None
@@ -285,6 +285,23 @@ def tally(rows: list[dict]) -> str:
     return ", ".join(f"{c} {n}" for c, n in counts.most_common())
 
 
+def timelines(rows: list[dict], out: Path) -> list[Path]:
+    """One PNG per video among the rows, beside `out` (`<out stem>-<video stem>.png`): its class probabilities
+    (AU probabilities) over time, what one would rather look at than 1,800 rows of a CSV."""
+    from .report import timeline_png
+
+    pngs, videos = [], dict.fromkeys(r["path"] for r in rows if r.get("frame") and "probabilities" in r)
+    for video in videos:
+        frames = [r for r in rows if r["path"] == video and "probabilities" in r]
+        classes = list(frames[0]["probabilities"])
+        prob = np.array([[r["probabilities"][c] for c in classes] for r in frames])
+        au = "active" in frames[0]
+        pngs.append(timeline_png(out.with_name(f"{out.stem}-{Path(video).stem}.png"), np.array([r["time"] for r in frames]),
+                                 prob, classes, f"{Path(video).name}: {'AU' if au else 'class'} probabilities per frame "
+                                 f"({len(frames)} frames)", stacked=not au))
+    return pngs
+
+
 def check_out(out: Path | None) -> None:
     """Refuse an --out that write_predictions could not write, before any image is read (it was found after them all)."""
     if out is not None and out.suffix not in (".json", ".csv"):
@@ -305,9 +322,9 @@ def write_predictions(rows: list[dict], out: Path) -> Path:
         out.write_text(json.dumps(rows, indent=2))
         return out
     classes = next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
-    frame = ["frame"] if any("frame" in r for r in rows) else []  # a video's frame index, 1-based
+    frame = ["frame", "time"] if any("frame" in r for r in rows) else []  # a video's frame: 1-based index, seconds
     header = ["path", *frame, "prediction", "face_detected", "error"] + classes
-    return write_csv(out, header, [[r["path"], *[r.get("frame") for _ in frame],
+    return write_csv(out, header, [[r["path"], *[r.get(k) for k in frame],
                                     r.get("prediction", ";".join(r.get("active", []))), r.get("face_detected"),
                                     r.get("error", "")] + [f"{r.get('probabilities', {}).get(c, float('nan')):.4f}" for c in classes]
                                    for r in rows])

@@ -248,3 +248,24 @@ def au_png(path: Path, aus: list[str], series: dict[str, list[float]], title: st
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.14 - 0.3 / n), ncol=k, frameon=False)
     ax.set_title(title, fontsize=9)
     return _save(fig, path, 110)
+
+
+def timeline_png(path: Path, seconds: np.ndarray, prob: np.ndarray, classes: list[str], title: str,
+                 stacked: bool = True) -> Path:
+    """Class probabilities over a video's time: stacked (they sum to 1: an expression run) or as lines (AUs, each
+    its own probability); the argmax class of each moment is the widest band."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 3.4))
+    colors = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20").colors
+    if stacked:
+        ax.stackplot(seconds, 100 * prob.T, labels=classes, colors=colors[:len(classes)], alpha=0.85)
+    else:
+        for k, c in enumerate(classes):
+            ax.plot(seconds, 100 * prob[:, k], label=c, color=colors[k % len(colors)], linewidth=1)
+    ax.set_xlim(seconds[0], seconds[-1] if len(seconds) > 1 else seconds[0] + 1)
+    ax.set_ylim(0, 100)
+    ax.set_xlabel("time (s)")
+    ax.set_ylabel("probability (%)")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path, 110)

@@ -86,8 +86,9 @@ def is_video(path: Path) -> bool:
 
 
 def iter_frames(video: Path, every: int = 1):
-    """(1-based index in the video, PIL RGB image) of every `every`-th frame, decoded as they are read: a long
-    video never sits in memory whole."""
+    """(1-based index in the video, its time in seconds, PIL RGB image) of every `every`-th frame, decoded as they
+    are read: a long video never sits in memory whole. The time is the frame's presentation time (index / 25 when
+    the container gives none)."""
     av = _av()
     with av.open(str(video)) as container:
         if not container.streams.video:
@@ -96,7 +97,7 @@ def iter_frames(video: Path, every: int = 1):
         stream.thread_type = "AUTO"  # ffmpeg's own threads: decoding is the slow part
         for i, frame in enumerate(container.decode(stream), start=1):
             if (i - 1) % every == 0:
-                yield i, frame.to_image()
+                yield i, (float(frame.time) if frame.time is not None else (i - 1) / 25), frame.to_image()
 
 
 def decode_clip(video: Path, folder: Path, every: int = 1, short_side: int | None = None, quality: int = 95) -> int:
@@ -107,7 +108,7 @@ def decode_clip(video: Path, folder: Path, every: int = 1, short_side: int | Non
     partial.mkdir(parents=True)
     n = 0
     try:
-        for i, image in iter_frames(video, every):
+        for i, _, image in iter_frames(video, every):
             _resized(image, short_side).save(partial / f"{i:05d}.jpg", quality=quality)
             n += 1
         if n == 0:

@@ -178,7 +178,22 @@ def test_predict_reads_a_video_frame_by_frame_as_it_reads_images(tiny_store, tin
                                      "-o", str(tmp_path / "p.csv")])
     assert r.exit_code == 0, r.output
     lines = (tmp_path / "p.csv").read_text().splitlines()
-    assert lines[0].startswith("path,frame,prediction,") and len(lines) == 5
-    assert [line.split(",")[1] for line in lines[1:]] == ["1", "3", "5", ""]  # the image has no frame index
+    assert lines[0].startswith("path,frame,time,prediction,") and len(lines) == 5
+    # the image has no frame index; the video was written at 10 frames/s
+    assert [line.split(",")[1:3] for line in lines[1:]] == [["1", "0.0"], ["3", "0.2"], ["5", "0.4"], ["", ""]]
+    # and a plot of its class probabilities over time, beside the CSV
+    png = tmp_path / "p-mine.png"
+    assert f"  over time -> {png}\n" in r.stdout and Image.open(png).size[0] > 600
     with pytest.raises(ConfigError, match="--every must be a whole number >= 1"):
         predict(run, [video], every=0)
+
+
+def test_timelines_draw_one_plot_per_video_stacked_for_classes_lines_for_aus(tmp_path):
+    from fercache.predict import timelines
+
+    rows = [{"path": "a.mp4", "frame": i + 1, "time": i / 30, "probabilities": {"AU1": 0.1 * i, "AU12": 0.9},
+             "active": ["AU12"]} for i in range(5)]
+    rows += [{"path": "b.mp4", "frame": None, "error": "broken"}, {"path": "x.jpg", "probabilities": {"AU1": 1.0}}]
+    (png,) = timelines(rows, tmp_path / "out.json")
+    assert png == tmp_path / "out-a.png" and png.stat().st_size > 5000
+    assert timelines(rows[5:], tmp_path / "o.csv") == []  # no video frame predicted: no plot
