@@ -187,7 +187,8 @@ def _clip_frames(source: Path, every: int) -> Iterator[np.ndarray | None]:
         try:
             for _, _, image in iter_frames(source, every):
                 yield np.asarray(image.convert("RGB"))
-        except Exception:
+        except Exception as e:
+            log.warning("%s: decoding stopped (%s)", source, _error(e))
             yield None
         return
     for p in collect_images([source]):
@@ -290,15 +291,19 @@ def timelines(rows: list[dict], out: Path) -> list[Path]:
     (AU probabilities) over time, what one would rather look at than 1,800 rows of a CSV."""
     from .report import timeline_png
 
-    pngs, videos = [], dict.fromkeys(r["path"] for r in rows if r.get("frame") and "probabilities" in r)
-    for video in videos:
-        frames = [r for r in rows if r["path"] == video and "probabilities" in r]
-        classes = list(frames[0]["probabilities"])
+    videos: dict[str, list[dict]] = {}
+    for r in rows:
+        if r.get("frame") and "probabilities" in r:
+            videos.setdefault(r["path"], []).append(r)
+    pngs: list[Path] = []
+    for video, frames in videos.items():
+        classes, au = list(frames[0]["probabilities"]), "active" in frames[0]
         prob = np.array([[r["probabilities"][c] for c in classes] for r in frames])
-        au = "active" in frames[0]
-        pngs.append(timeline_png(out.with_name(f"{out.stem}-{Path(video).stem}.png"), np.array([r["time"] for r in frames]),
-                                 prob, classes, f"{Path(video).name}: {'AU' if au else 'class'} probabilities per frame "
-                                 f"({len(frames)} frames)", stacked=not au))
+        name = f"{out.stem}-{Path(video).stem}"
+        png = out.with_name(f"{name}.png" if out.with_name(f"{name}.png") not in pngs else f"{name}-{len(pngs)}.png")
+        pngs.append(timeline_png(png, np.array([r["time"] for r in frames]), prob, classes,
+                                 f"{video}: {'AU' if au else 'class'} probabilities per frame ({len(frames)} frames)",
+                                 stacked=not au))
     return pngs
 
 

@@ -194,6 +194,7 @@ def test_timelines_draw_one_plot_per_video_stacked_for_classes_lines_for_aus(tmp
     rows = [{"path": "a.mp4", "frame": i + 1, "time": i / 30, "probabilities": {"AU1": 0.1 * i, "AU12": 0.9},
              "active": ["AU12"]} for i in range(5)]
     rows += [{"path": "b.mp4", "frame": None, "error": "broken"}, {"path": "x.jpg", "probabilities": {"AU1": 1.0}}]
-    (png,) = timelines(rows, tmp_path / "out.json")
-    assert png == tmp_path / "out-a.png" and png.stat().st_size > 5000
-    assert timelines(rows[5:], tmp_path / "o.csv") == []  # no video frame predicted: no plot
+    rows += [{**r, "path": "other/a.mp4"} for r in rows[:3]]  # the same name in another folder: its own plot
+    pngs = timelines(rows, tmp_path / "out.json")
+    assert pngs == [tmp_path / "out-a.png", tmp_path / "out-a-1.png"] and all(p.stat().st_size > 5000 for p in pngs)
+    assert timelines(rows[5:7], tmp_path / "o.csv") == []  # no video frame predicted: no plot
