@@ -3,11 +3,13 @@
 Each video `SRC/<rel>/<clip>.mp4` becomes `OUT/<rel>/<clip>/00001.jpg, 00002.jpg, ...`, numbered by the frame's
 1-based index in the video (kept with `every > 1` too, so per-frame annotations such as Aff-Wild2's line up).
 A clip is decoded into `<clip>.partial/` and renamed when whole: a folder without that suffix is complete, so an
-interrupted run resumes by skipping those, and never leaves a half-decoded clip that looks done.
+interrupted run resumes by skipping those, and never leaves a half-decoded clip that looks done. OUT records the
+`every` and `short_side` its frames were decoded with; a run with others is refused rather than mixed in.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -21,6 +23,7 @@ log = logging.getLogger(__name__)
 
 VIDEO_EXTS = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".mpg", ".mpeg", ".m4v", ".flv", ".wmv"}
 PARTIAL = ".partial"
+SETTINGS = ".fercache-frames.json"  # in OUT: the settings its frames were decoded with
 
 
 @dataclass
@@ -152,6 +155,7 @@ def videos_to_frames(src: str | Path, out: str | Path, every: int = 1, short_sid
     check_out_dir(out, "the frame folders")
     videos = find_videos(src)
     folders = _clip_folders(videos, src, out)
+    _same_settings(out, {"every": every, "short_side": short_side})
     todo = [(v, f, every, short_side) for v, f in folders.items() if not f.is_dir()]
     result = FramesResult(str(out), len(videos), 0, 0, len(videos) - len(todo))
     n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
@@ -168,6 +172,21 @@ def videos_to_frames(src: str | Path, out: str | Path, every: int = 1, short_sid
     if todo and len(result.failed) == len(todo):
         raise FercacheError(f"no video under {src} could be decoded, e.g. {video}: {why}")
     return result
+
+
+def _same_settings(out: Path, settings: dict) -> None:
+    """Clips decoded with one `every`/`short_side` and others with another would mix unseen (a complete clip is
+    skipped): the settings are recorded in OUT/SETTINGS and a run with others is refused."""
+    record = out / SETTINGS
+    if record.is_file():
+        before = json.loads(record.read_text())
+        if before != settings:
+            said = ", ".join(f"{k}={v}" for k, v in before.items())
+            raise ConfigError(f"{out} holds frames decoded with {said}; pass those, or another --out for "
+                              f"{', '.join(f'{k}={v}' for k, v in settings.items())}")
+        return
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(settings) + "\n")
 
 
 def _collect(done, result: FramesResult, bar) -> None:

@@ -78,6 +78,10 @@ def test_run_again_it_skips_complete_clips_and_redoes_an_interrupted_one(videos,
     assert (r.decoded, r.already, r.frames) == (1, 1, 12)
     assert (out / "00001" / "00001.jpg").stat().st_mtime_ns == kept
     assert len(list((out / "sub" / "clip b").iterdir())) == 12 and not (out / "sub" / "clip b.partial").exists()
+    # other settings would mix clips of every frame with clips of every other frame: refused
+    with pytest.raises(ConfigError, match=r"frames holds frames decoded with every=1, short_side=None; pass those, "
+                                          r"or another --out for every=2, short_side=None"):
+        videos_to_frames(videos, out, every=2, workers=0, progress=False)
 
 
 def test_a_broken_video_is_said_and_the_others_are_written(videos, tmp_path, caplog):
