@@ -147,18 +147,7 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
         raise StoreError(f"run {run} was trained on {cfg['store']}, which is gone (moved or deleted); if it moved, "
                          "pass --store NEW_LOCATION (the encoder is checked against the run's)")
     store = store or cfg["store"]
-    _check_same_encoder(cfg, store)
-    _check_not_stale(run, cfg, store, manifest)
-    own_store = same_location(store, cfg["store"])
-    if cfg["mask_source"] and not own_store:
-        raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
-    labels_from = manifest or (cfg["manifest"] if own_store else None)  # else the store's own manifest
-    # Test-time augmentation over the cached views the head trained with, where this store has them too.
-    views = [v for v in tta_views(cfg.get("views", [])) if v in store_views(store)]
-    fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views)
-    if split == "val" and own_store and labels_from == cfg["manifest"]:
-        fs = _val_as_trained(fs, run, cfg)
-    fs = _rows_to_score(fs, split, store, model.level, cfg)
+    fs, views = _features_to_score(run, cfg, model.level, store, manifest, split)
     y = targets(fs, cfg["task"], cfg["classes"])
     result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.level,
               "tta_views": views}
@@ -180,6 +169,24 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     else:
         result.update(metrics.au(y, prob, cfg["classes"], fitted.thresholds))
     return result, out
+
+
+def _features_to_score(run, cfg: dict, level: str, store: str, manifest, split: str) -> tuple[FeatureSet, list[str]]:
+    """The `split` rows of `store` the run is scored on, labelled by `manifest` (default: the run's own on its own
+    store, else the store's), and the cached views averaged in at test time; refused when the store's encoder is
+    not the run's, the run is stale, or a mask-source head meets another store."""
+    _check_same_encoder(cfg, store)
+    _check_not_stale(run, cfg, store, manifest)
+    own_store = same_location(store, cfg["store"])
+    if cfg["mask_source"] and not own_store:
+        raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
+    labels_from = manifest or (cfg["manifest"] if own_store else None)  # else the store's own manifest
+    # Test-time augmentation over the cached views the head trained with, where this store has them too.
+    views = [v for v in tta_views(cfg.get("views", [])) if v in store_views(store)]
+    fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views)
+    if split == "val" and own_store and labels_from == cfg["manifest"]:
+        fs = _val_as_trained(fs, run, cfg)
+    return _rows_to_score(fs, split, store, level, cfg), views
 
 
 def _val_as_trained(fs: FeatureSet, run, cfg: dict) -> FeatureSet:

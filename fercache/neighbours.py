@@ -163,6 +163,9 @@ def _unit(fs: FeatureSet) -> str:
     return "clip" if fs.clip_id is not None else "image"
 
 
+PAIRS_HEADER = ["sample_id", "split", "label", "neighbour", "neighbour_split", "neighbour_label", "cosine", "mirrored"]
+
+
 def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None = None, output: str | None = None,
                     threshold: float = 0.95, without_leaks_to: str | Path | None = None, pairs: int = 0,
                     root: str | Path | None = None, device: str = "cpu", against: str | None = None) -> dict:
@@ -183,17 +186,14 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
     name = store_name(store) + (f" vs {store_name(against)}" if against else "")
     rows = [[fs.sample_id[nb.query[i]], fs.split[nb.query[i]], fs.label[nb.query[i]], refs.sample_id[nb.ref[i]],
              refs.split[nb.ref[i]], refs.label[nb.ref[i]], f"{nb.cos[i]:.4f}", int(nb.mirrored[i])] for i in hits]
+    hist = report.hist_png(out_dir / "near-dups-hist.png", {s: nb.cos[fs.split[nb.query] == s] for s in ("val", "test")},
+                           threshold, f"cosine to the nearest {where} {ref_unit}"
+                           + ("" if against else " (train; train + val for test)"),
+                           f"{name}: {len(hits)} of {len(nb.query)} val/test {unit}s at cosine ≥ {threshold}")
     result = {"store": store, "against": against, "where": where, "threshold": threshold, "queries": int(len(nb.query)),
-              "unit": unit, "ref_unit": ref_unit,
-              "counts": counts(nb), "units": nb.units(threshold), "label_differs": int(sum(r[2] != r[5] for r in rows)),
-              "csv": str(report.write_csv(out_dir / "near-dups.csv", ["sample_id", "split", "label", "neighbour",
-                                                                      "neighbour_split", "neighbour_label", "cosine",
-                                                                      "mirrored"], rows)),
-              "hist_png": str(report.hist_png(
-                  out_dir / "near-dups-hist.png", {s: nb.cos[fs.split[nb.query] == s] for s in ("val", "test")}, threshold,
-                  f"cosine to the nearest {where} {ref_unit}"
-                  + ("" if against else " (train; train + val for test)"),
-                  f"{name}: {len(hits)} of {len(nb.query)} val/test {unit}s at cosine ≥ {threshold}"))}
+              "unit": unit, "ref_unit": ref_unit, "counts": counts(nb), "units": nb.units(threshold),
+              "label_differs": int(sum(r[2] != r[5] for r in rows)),
+              "csv": str(report.write_csv(out_dir / "near-dups.csv", PAIRS_HEADER, rows)), "hist_png": str(hist)}
     if without_leaks_to:
         m = manifest_for(open_store(store), manifest)
         result["manifest"] = str(write_manifest(without_leaks(m, result["units"]), without_leaks_to))
