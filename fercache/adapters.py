@@ -11,6 +11,7 @@ import csv
 import hashlib
 import inspect
 import logging
+import re
 from pathlib import Path
 from typing import Iterable
 
@@ -159,6 +160,13 @@ def _task(value) -> str:
     return value
 
 
+def _val_as(value) -> str:
+    if value not in ("val", "test"):
+        raise ManifestError(f"--option val={value}: 'val' (the val folder selects epochs) or 'test' (it is the "
+                            "split reported, as AFEW's Val)")
+    return value
+
+
 # One meaning per option name across formats: each adapter parses its options with these, and
 # check_adapter_options runs the same parsers before any file is read.
 OPTION_VALUES = {
@@ -169,6 +177,7 @@ OPTION_VALUES = {
     "unlabelled": lambda v: _flag(v, "unlabelled"),
     "fold": _fold,
     "task": _task,
+    "val": _val_as,
 }
 
 
@@ -195,6 +204,46 @@ def imagefolder(src: Path, split: str = "train") -> list[dict]:
             for img in _images(class_dir):
                 sid = img.relative_to(src).with_suffix("").as_posix()
                 rows.append(_row(sid, img, label, split_name, subject=sid))
+    return rows
+
+
+def _split_folder(name: str) -> str | None:
+    """The split a folder's name says, whole (`PublicTest`) or by its first word (`Train_AFEW`, `val-set`)."""
+    for key in (name, re.split(r"[_\-\s]", name)[0]):
+        key = key.lower().replace("_", "").replace("-", "")
+        if key in SPLIT_NAMES:
+            return SPLIT_NAMES[key]
+    return None
+
+
+@register_adapter("clipfolder")
+def clipfolder(src: Path, split: str = "train", val: str = "val", test_fraction: float = 0.0) -> list[dict]:
+    """`SRC/[<split>/]<class>/<clip>/*.jpg`, a folder of frames per clip (AFEW, own videos); class = folder name.
+
+    `fercache frames` writes this layout from videos in class folders (`<class>/<clip>.mp4`).
+    Split folders are read by name or first word (`Train_AFEW`, `Val_AFEW`); `val=test` makes the val folder the
+    test split (AFEW reports on Val: its test labels are not public). Without split folders every clip is in
+    `split`, or, with `test_fraction`, a stable hash of its clip name puts that fraction in test. The clip is the
+    subject: a person filmed in two clips may land in both splits (fercache cannot know who is in a clip).
+    """
+    val_split, test_fraction = _val_as(val), _fraction(test_fraction)
+    dirs = sorted(d for d in src.iterdir() if d.is_dir())
+    has_splits = bool(dirs) and all(_split_folder(d.name) for d in dirs)
+    groups = [(_split_folder(d.name), d) for d in dirs] if has_splits else [(split, src)]
+    rows = []
+    for split_name, split_dir in groups:
+        for class_dir in sorted(d for d in split_dir.iterdir() if d.is_dir()):
+            label = L.canonical_name(class_dir.name, f"{class_dir}: ")
+            if _images(class_dir):
+                raise ManifestError(f"{class_dir} holds images, not clip folders: for one image per sample use "
+                                    "--format imagefolder")
+            for clip_dir in sorted(d for d in class_dir.iterdir() if d.is_dir()):
+                clip = clip_dir.relative_to(src).as_posix()
+                where = val_split if split_name == "val" else split_name
+                if not has_splits and test_fraction:
+                    where = _subject_split(clip, test_fraction)
+                rows += [_row(f"{clip}/{img.stem}", img, label, where, clip, clip_id=clip, frame_idx=str(i))
+                         for i, img in enumerate(_images(clip_dir))]
     return rows
 
 

@@ -202,3 +202,67 @@ def test_timelines_draw_one_plot_per_video_stacked_for_classes_lines_for_aus(tmp
     pngs = timelines(rows, tmp_path / "out.json")
     assert pngs == [tmp_path / "out-a.png", tmp_path / "out-a-1.png"] and all(p.stat().st_size > 5000 for p in pngs)
     assert timelines(rows[5:7], tmp_path / "o.csv") == []  # no video frame predicted: no plot
+
+
+def _afew_like(tmp_path, frames_per_clip=6):
+    """AFEW's layout: <split>_AFEW/<Class>/<clip>.avi."""
+    src = tmp_path / "AFEW"
+    for rel in ("Train_AFEW/Angry/001.avi", "Train_AFEW/Angry/002.avi", "Train_AFEW/Happy/003.avi",
+                "Val_AFEW/Angry/004.avi", "Val_AFEW/Happy/005.avi"):
+        write_video(src / rel, n=frames_per_clip)
+    return src
+
+
+def test_clipfolder_reads_the_frames_of_class_folders_of_videos(tmp_path, tiny_encoder_spec):
+    """`fercache frames` of <class>/<clip>.mp4 gives <class>/<clip>/NNNNN.jpg, which no adapter read as clips."""
+    from fercache.adapters import build
+    from fercache.extract import extract
+    from fercache.manifests import write_manifest
+    from fercache.store import open_store
+
+    frames = tmp_path / "frames"
+    videos_to_frames(_afew_like(tmp_path), frames, every=2, workers=0, progress=False)
+    m = build("clipfolder", frames, val="test")
+    clips = {r["clip_id"]: (r["label"], r["split"], r["subject"]) for r in m.rows}
+    assert clips == {"Train_AFEW/Angry/001": ("anger", "train", "Train_AFEW/Angry/001"),
+                     "Train_AFEW/Angry/002": ("anger", "train", "Train_AFEW/Angry/002"),
+                     "Train_AFEW/Happy/003": ("happy", "train", "Train_AFEW/Happy/003"),
+                     "Val_AFEW/Angry/004": ("anger", "test", "Val_AFEW/Angry/004"),
+                     "Val_AFEW/Happy/005": ("happy", "test", "Val_AFEW/Happy/005")}
+    first = [r for r in m.rows if r["clip_id"] == "Train_AFEW/Angry/001"]
+    assert [(r["sample_id"], r["frame_idx"]) for r in first] == [
+        ("Train_AFEW/Angry/001/00001", "0"), ("Train_AFEW/Angry/001/00003", "1"), ("Train_AFEW/Angry/001/00005", "2")]
+    assert {r["split"] for r in build("clipfolder", frames).rows} == {"train", "val"}  # val stays val by default
+    store = tmp_path / "afew.zarr"
+    extract(write_manifest(m, tmp_path / "afew.csv"), tiny_encoder_spec, store, root=frames, progress=False)
+    assert open_store(store).info()["clips"] == 5 and open_store(store).n_rows == 15
+
+
+def test_clipfolder_without_split_folders_puts_whole_clips_in_test_and_says_what_it_cannot_read(tmp_path):
+    from fercache.adapters import build
+    from fercache.pipeline import check_pipeline
+
+    src = tmp_path / "mine"
+    for label in ("happy", "sad"):
+        for k in range(8):
+            clip = src / label / f"take{k}"
+            clip.mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (8, 8), (10 * k, i, 0)).save(clip / f"{i:05d}.jpg")
+    rows = build("clipfolder", src, test_fraction=0.5).rows
+    split_of = {}
+    for r in rows:
+        assert split_of.setdefault(r["clip_id"], r["split"]) == r["split"]  # a clip never straddles splits
+    assert set(split_of.values()) == {"train", "test"} and len(split_of) == 16 and len(rows) == 48
+    assert {r["split"] for r in build("clipfolder", src).rows} == {"train"}
+    with pytest.raises(FercacheError, match=r"--option val=train: 'val' \(the val folder selects epochs\) or 'test'"):
+        build("clipfolder", src, val="train")
+    Image.new("RGB", (8, 8)).save(src / "sad" / "loose.jpg")
+    with pytest.raises(FercacheError, match=r"mine/sad holds images, not clip folders: for one image per sample use "
+                                            r"--format imagefolder"):
+        build("clipfolder", src)
+    p = tmp_path / "p.toml"
+    p.write_text(f'[[step]]\nrun = "manifest"\nformat = "clipfolder"\nsrc = "{src}"\nout = "m.csv"\n'
+                 '[step.options]\nval = "tset"\n')
+    with pytest.raises(FercacheError, match=r"^step 1 \(manifest\): --option val=tset"):
+        check_pipeline(p)
