@@ -178,6 +178,7 @@ OPTION_VALUES = {
     "fold": _fold,
     "task": _task,
     "val": _val_as,
+    "subject": lambda v: _subject_pattern(v),
 }
 
 
@@ -217,16 +218,18 @@ def _split_folder(name: str) -> str | None:
 
 
 @register_adapter("clipfolder")
-def clipfolder(src: Path, split: str = "train", val: str = "val", test_fraction: float = 0.0) -> list[dict]:
+def clipfolder(src: Path, split: str = "train", val: str = "val", test_fraction: float = 0.0,
+               subject: str | None = None) -> list[dict]:
     """`SRC/[<split>/]<class>/<clip>/*.jpg`, a folder of frames per clip (AFEW, own videos); class = folder name.
 
     `fercache frames` writes this layout from videos in class folders (`<class>/<clip>.mp4`).
     Split folders are read by name or first word (`Train_AFEW`, `Val_AFEW`); `val=test` makes the val folder the
     test split (AFEW reports on Val: its test labels are not public). Without split folders every clip is in
-    `split`, or, with `test_fraction`, a stable hash of its clip name puts that fraction in test. The clip is the
-    subject: a person filmed in two clips may land in both splits (fercache cannot know who is in a clip).
+    `split`, or, with `test_fraction`, a stable hash of its subject puts that fraction in test. The subject is the
+    clip unless `subject` is a regular expression that finds it in the clip's folder name (its first group, else
+    the match: `subject=^(S\\d+)_` for `S005_001`), so a person's clips stay in one split and one fold.
     """
-    val_split, test_fraction = _val_as(val), _fraction(test_fraction)
+    val_split, test_fraction, who = _val_as(val), _fraction(test_fraction), _subject_pattern(subject)
     dirs = sorted(d for d in src.iterdir() if d.is_dir())
     has_splits = bool(dirs) and all(_split_folder(d.name) for d in dirs)
     groups = [(_split_folder(d.name), d) for d in dirs] if has_splits else [(split, src)]
@@ -239,12 +242,29 @@ def clipfolder(src: Path, split: str = "train", val: str = "val", test_fraction:
                                     "--format imagefolder")
             for clip_dir in sorted(d for d in class_dir.iterdir() if d.is_dir()):
                 clip = clip_dir.relative_to(src).as_posix()
+                person = who(clip_dir) or clip
                 where = val_split if split_name == "val" else split_name
                 if not has_splits and test_fraction:
-                    where = _subject_split(clip, test_fraction)
-                rows += [_row(f"{clip}/{img.stem}", img, label, where, clip, clip_id=clip, frame_idx=str(i))
+                    where = _subject_split(person, test_fraction)
+                rows += [_row(f"{clip}/{img.stem}", img, label, where, person, clip_id=clip, frame_idx=str(i))
                          for i, img in enumerate(_images(clip_dir))]
     return rows
+
+
+def _subject_pattern(pattern: str | None):
+    """clip folder -> what `pattern` finds in its name (None without a pattern: the clip is its own subject)."""
+    if pattern is None:
+        return lambda clip_dir: None
+    try:
+        rx = re.compile(str(pattern))
+    except re.error as e:
+        raise ManifestError(f"--option subject={pattern}: not a regular expression ({e})") from None
+
+    def subject(clip_dir: Path) -> str:
+        if not (m := rx.search(clip_dir.name)):
+            raise ManifestError(f"{clip_dir}: --option subject={pattern} finds no subject in {clip_dir.name!r}")
+        return m.group(1) if rx.groups else m.group(0)
+    return subject
 
 
 def _ckplus_facs(csv_path: Path) -> dict[str, dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -255,6 +256,16 @@ def test_clipfolder_without_split_folders_puts_whole_clips_in_test_and_says_what
         assert split_of.setdefault(r["clip_id"], r["split"]) == r["split"]  # a clip never straddles splits
     assert set(split_of.values()) == {"train", "test"} and len(split_of) == 16 and len(rows) == 48
     assert {r["split"] for r in build("clipfolder", src).rows} == {"train"}
+    # take<k> of happy and of sad are one person's: with a subject pattern they share a subject and a split
+    rows = build("clipfolder", src, test_fraction=0.5, subject=r"^take(\d+)$").rows
+    split_of = {}
+    for r in rows:
+        assert split_of.setdefault(r["subject"], r["split"]) == r["split"]
+    assert sorted(split_of) == [str(k) for k in range(8)] and set(split_of.values()) == {"train", "test"}
+    with pytest.raises(FercacheError, match=r"--option subject=\(: not a regular expression"):
+        build("clipfolder", src, subject="(")
+    with pytest.raises(FercacheError, match=re.escape("happy/take0: --option subject=^S\\d+ finds no subject in 'take0'")):
+        build("clipfolder", src, subject=r"^S\d+")
     with pytest.raises(FercacheError, match=r"--option val=train: 'val' \(the val folder selects epochs\) or 'test'"):
         build("clipfolder", src, val="train")
     Image.new("RGB", (8, 8)).save(src / "sad" / "loose.jpg")
