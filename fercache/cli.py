@@ -135,6 +135,8 @@ def frames(
                                              "(default: as decoded)."),
     workers: Optional[int] = typer.Option(None, help="Clips decoded side by side (default min(4, CPUs); 0: in this "
                                           "process)."),
+    detect: bool = typer.Option(False, help="Crop each frame to its face (MTCNN, the crop predict --detect makes); "
+                                "frames without a face are left out. Needs facenet-pytorch."),
 ) -> None:
     """Decode video files into folders of JPEG frames, the layout `manifest build` reads for video datasets
     (DFEW, FERV39k, MAFW, Aff-Wild2: pass OUT as their `frames` option). Resumable: a clip is written under
@@ -143,7 +145,7 @@ def frames(
     from .video import describe, videos_to_frames
 
     typer.echo(describe(videos_to_frames(src, out, every=every, short_side=short_side, workers=workers,
-                                         progress=_progress["bars"])))
+                                         progress=_progress["bars"], detect=detect)))
 
 
 @app.command()

@@ -50,11 +50,12 @@ def _audit_step(manifest: str, data_root: str | None = None, without_leaks: str 
 
 @register_step("frames")
 def _frames_step(src: str, out: str, every: int = 1, short_side: int | None = None, workers: int | None = None,
-                 progress: bool = True):
+                 detect: bool = False, progress: bool = True):
     """Video files -> folders of JPEG frames for the video adapters' `frames` option (`fercache frames`)."""
     from .video import describe, videos_to_frames
 
-    return describe(videos_to_frames(src, out, every=every, short_side=short_side, workers=workers, progress=progress))
+    return describe(videos_to_frames(src, out, every=every, short_side=short_side, workers=workers, progress=progress,
+                                     detect=detect))
 
 
 @register_step("extract")

@@ -14,6 +14,7 @@ from .adapters import IMAGE_EXTS
 from .encoders import encoder_of
 from .errors import ConfigError, FercacheError, check_out_file, near_path
 from .evaluate import run_dirs
+from .faces import FaceCropper
 from .preprocess import decode_image, to_model_input, tta_views, with_views
 from .store import encoder_key
 from .train import Fitted, load_run
@@ -67,27 +68,6 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
             batch = []
     if batch:
         yield batch
-
-
-class FaceCropper:
-    """MTCNN face detection (facenet-pytorch; its weights ship in the wheel): crop the most confident face."""
-
-    def __init__(self, device: str = "cpu"):
-        try:
-            from facenet_pytorch import MTCNN
-        except ImportError:
-            raise ConfigError("--detect needs facenet-pytorch: pip install 'fercache[detect]'") from None
-        self.mtcnn = MTCNN(keep_all=False, device=device)
-
-    def __call__(self, image: np.ndarray) -> tuple[np.ndarray, bool]:
-        from PIL import Image
-
-        boxes, _ = self.mtcnn.detect(Image.fromarray(image))
-        if boxes is None:
-            return image, False
-        x0, y0, x1, y1 = (int(round(v)) for v in boxes[0])
-        h, w = image.shape[:2]
-        return image[max(0, y0):min(h, y1), max(0, x0):min(w, x1)], True
 
 
 @dataclass

@@ -17,6 +17,8 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from .errors import ConfigError, FercacheError, check_out_dir, near_path
 
 log = logging.getLogger(__name__)
@@ -34,6 +36,7 @@ class FramesResult:
     frames: int  # frames written by this call
     already: int  # complete before this call
     failed: list[tuple[str, str]] = field(default_factory=list)  # (video, why)
+    no_face: int = 0  # frames skipped by --detect: no face found in them
 
 
 def _av():
@@ -103,35 +106,55 @@ def iter_frames(video: Path, every: int = 1):
                 yield i, (float(frame.time) if frame.time is not None else (i - 1) / 25), frame.to_image()
 
 
-def decode_clip(video: Path, folder: Path, every: int = 1, short_side: int | None = None, quality: int = 95) -> int:
-    """Write every `every`-th frame of `video` as `folder/<index:05d>.jpg`; returns how many. Writes into
-    `<folder>.partial` and renames it when whole, so `folder` existing means complete."""
+_CROPPER: list = []  # one face detector per process, built on first use (workers each build their own)
+
+
+def _face(image):
+    """The image cropped to its most confident face (the crop `predict --detect` makes), or None without one."""
+    from PIL import Image
+
+    from .faces import FaceCropper
+
+    if not _CROPPER:
+        _CROPPER.append(FaceCropper("cpu"))
+    crop, found = _CROPPER[0](np.asarray(image))
+    return Image.fromarray(crop) if found else None
+
+
+def decode_clip(video: Path, folder: Path, every: int = 1, short_side: int | None = None, quality: int = 95,
+                detect: bool = False) -> tuple[int, int]:
+    """Write every `every`-th frame of `video` as `folder/<index:05d>.jpg` (with `detect`, its face, and nothing
+    for a frame without one); returns (frames written, frames without a face). Writes into `<folder>.partial`
+    and renames it when whole, so `folder` existing means complete."""
     partial = folder.with_name(folder.name + PARTIAL)
     shutil.rmtree(partial, ignore_errors=True)  # a clip interrupted last time starts again
     partial.mkdir(parents=True)
-    n = 0
+    n = no_face = 0
     try:
         for i, _, image in iter_frames(video, every):
+            if detect and (image := _face(image)) is None:
+                no_face += 1
+                continue
             _resized(image, short_side).save(partial / f"{i:05d}.jpg", quality=quality)
             n += 1
         if n == 0:
-            raise FercacheError("no frames decoded")
+            raise FercacheError(f"no face found in any of its {no_face} frames" if no_face else "no frames decoded")
         partial.rename(folder)
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    return n
+    return n, no_face
 
 
-def _decode_one(args: tuple) -> tuple[str, int, str | None]:
+def _decode_one(args: tuple) -> tuple[str, tuple[int, int], str | None]:
     """Worker: one clip, its error as text (a corrupt file must not stop the others)."""
-    video, folder, every, short_side = args
+    video, folder, every, short_side, detect = args
     try:
-        return str(video), decode_clip(video, folder, every, short_side), None
+        return str(video), decode_clip(video, folder, every, short_side, detect=detect), None
     except FercacheError as e:
-        return str(video), 0, str(e)
+        return str(video), (0, 0), str(e)
     except Exception as e:  # PyAV's InvalidDataError and kin: whatever ffmpeg makes of a broken file
-        return str(video), 0, f"{type(e).__name__}: {e}"
+        return str(video), (0, 0), f"{type(e).__name__}: {e}"
 
 
 def check_frames_options(every: int, short_side: int | None, workers: int | None) -> None:
@@ -144,19 +167,22 @@ def check_frames_options(every: int, short_side: int | None, workers: int | None
 
 
 def videos_to_frames(src: str | Path, out: str | Path, every: int = 1, short_side: int | None = None,
-                     workers: int | None = None, progress: bool = True) -> FramesResult:
+                     workers: int | None = None, progress: bool = True, detect: bool = False) -> FramesResult:
     """Decode every video under `src` into frame folders under `out` (module docstring); clips already complete
-    are skipped. `workers` processes decode clips side by side (default: up to 4)."""
+    are skipped. `workers` processes decode clips side by side (default: up to 4). `detect`: each frame is cropped
+    to its face (MTCNN, as `predict --detect`), and a frame without one is left out."""
     from tqdm.auto import tqdm
 
     check_frames_options(every, short_side, workers)
     _av()  # before walking a large tree: missing PyAV is said first
+    if detect:
+        _face_detector_importable()
     src, out = Path(src).resolve(), Path(out).resolve()
     check_out_dir(out, "the frame folders")
     videos = find_videos(src)
     folders = _clip_folders(videos, src, out)
-    _same_settings(out, {"every": every, "short_side": short_side})
-    todo = [(v, f, every, short_side) for v, f in folders.items() if not f.is_dir()]
+    _same_settings(out, {"every": every, "short_side": short_side, "detect": detect})
+    todo = [(v, f, every, short_side, detect) for v, f in folders.items() if not f.is_dir()]
     result = FramesResult(str(out), len(videos), 0, 0, len(videos) - len(todo))
     n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
     with tqdm(total=len(todo), unit="clip", desc="frames", disable=not progress) as bar:
@@ -167,11 +193,18 @@ def videos_to_frames(src: str | Path, out: str | Path, every: int = 1, short_sid
                 _collect(pool.map(_decode_one, todo), result, bar)
     if result.failed:
         video, why = result.failed[0]
-        log.warning("%d of %d video(s) could not be decoded (e.g. %s: %s); the others are written",
+        log.warning("%d of %d video(s) gave no frames (e.g. %s: %s); the others are written",
                     len(result.failed), len(todo), video, why)
     if todo and len(result.failed) == len(todo):
-        raise FercacheError(f"no video under {src} could be decoded, e.g. {video}: {why}")
+        raise FercacheError(f"no video under {src} gave frames, e.g. {video}: {why}")
     return result
+
+
+def _face_detector_importable() -> None:
+    try:
+        import facenet_pytorch  # noqa: F401
+    except ImportError:
+        raise ConfigError("--detect needs facenet-pytorch: pip install 'fercache[detect]'") from None
 
 
 def _same_settings(out: Path, settings: dict) -> None:
@@ -180,6 +213,7 @@ def _same_settings(out: Path, settings: dict) -> None:
     record = out / SETTINGS
     if record.is_file():
         before = json.loads(record.read_text())
+        before.setdefault("detect", False)  # recorded before --detect existed
         if before != settings:
             said = ", ".join(f"{k}={v}" for k, v in before.items())
             raise ConfigError(f"{out} holds frames decoded with {said}; pass those, or another --out for "
@@ -190,9 +224,9 @@ def _same_settings(out: Path, settings: dict) -> None:
 
 
 def _collect(done, result: FramesResult, bar) -> None:
-    for video, n, why in done:
+    for video, (n, no_face), why in done:
         if why is None:
-            result.decoded, result.frames = result.decoded + 1, result.frames + n
+            result.decoded, result.frames, result.no_face = result.decoded + 1, result.frames + n, result.no_face + no_face
         else:
             result.failed.append((video, why))
         bar.update(1)
@@ -201,6 +235,8 @@ def _collect(done, result: FramesResult, bar) -> None:
 def describe(r: FramesResult) -> str:
     """The one line `fercache frames` and the pipeline step print."""
     line = f"{r.out}: {r.clips} video(s); {r.decoded} decoded into {r.frames:,} frames"
+    if r.no_face:
+        line += f" ({r.no_face:,} frames without a face left out)"
     if r.already:
         line += f", {r.already} already there"
     if r.failed:

@@ -15,7 +15,7 @@ ROOT = Path(fercache.__file__).parent
 # Each module may import its own layer's modules (without a cycle) and those of the layers before it.
 LAYERS = [
     {"fercache", "errors", "registry", "labels", "metrics", "report", "devices"},
-    {"manifests", "adapters", "audit", "preprocess", "video"},
+    {"manifests", "adapters", "audit", "preprocess", "faces", "video"},
     {"encoders"},
     {"store", "extract", "data"},
     {"heads"},

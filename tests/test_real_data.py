@@ -135,3 +135,34 @@ def test_ck_sequences_as_videos_through_frames_and_clipfolder(tmp_path):
     res = evaluate_run(fit(str(store), "temporal", out_dir=tmp_path, recipe={"epochs": 15}).run_dir)
     assert res["n"] == len({x["clip_id"] for x in ck if x["split"] == "test"})
     assert res["accuracy"] > 0.4, res["accuracy"]  # 7 classes; the majority class is about 25%
+
+
+def test_frames_detect_crops_each_frame_to_its_face_as_predict_does(tmp_path):
+    """A face moving over a 300x200 frame: `frames --detect` writes the face (the crop `predict --detect` makes of
+    the same frame) and leaves out the frame without one."""
+    pytest.importorskip("av")
+    pytest.importorskip("facenet_pytorch")
+    from PIL import Image
+
+    from fercache.faces import FaceCropper
+    from fercache.video import describe, videos_to_frames
+
+    from .conftest import write_lossless_video
+
+    face = np.asarray(Image.open(SHARED_DATA / "ckplus48/CK+48/happy/S010_006_00000013.png").convert("RGB")
+                      .resize((96, 96)))
+    frames = []
+    for k in range(5):
+        frame = np.zeros((200, 300, 3), np.uint8)
+        if k != 2:  # the third frame has no face
+            frame[40 + 10 * k:136 + 10 * k, 30 + 40 * k:126 + 40 * k] = face
+        frames.append(frame)
+    write_lossless_video(tmp_path / "v" / "walk.mkv", frames)
+    r = videos_to_frames(tmp_path / "v", tmp_path / "f", detect=True, workers=0, progress=False)
+    assert (r.frames, r.no_face) == (4, 1) and "(1 frames without a face left out)" in describe(r)
+    written = sorted(p.name for p in (tmp_path / "f" / "walk").iterdir())
+    assert written == ["00001.jpg", "00002.jpg", "00004.jpg", "00005.jpg"]
+    crop, found = FaceCropper()(frames[3])
+    mine = np.asarray(Image.open(tmp_path / "f" / "walk" / "00004.jpg"))
+    assert found and mine.shape == crop.shape and 70 <= mine.shape[1] <= 110 and 80 <= mine.shape[0] <= 115
+    assert np.abs(mine.astype(int) - crop).mean() < 3  # the same crop, through JPEG

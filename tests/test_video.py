@@ -80,8 +80,8 @@ def test_run_again_it_skips_complete_clips_and_redoes_an_interrupted_one(videos,
     assert (out / "00001" / "00001.jpg").stat().st_mtime_ns == kept
     assert len(list((out / "sub" / "clip b").iterdir())) == 12 and not (out / "sub" / "clip b.partial").exists()
     # other settings would mix clips of every frame with clips of every other frame: refused
-    with pytest.raises(ConfigError, match=r"frames holds frames decoded with every=1, short_side=None; pass those, "
-                                          r"or another --out for every=2, short_side=None"):
+    with pytest.raises(ConfigError, match=r"frames holds frames decoded with every=1, short_side=None, detect=False; "
+                                          r"pass those, or another --out for every=2, short_side=None, detect=False"):
         videos_to_frames(videos, out, every=2, workers=0, progress=False)
 
 
@@ -90,15 +90,23 @@ def test_a_broken_video_is_said_and_the_others_are_written(videos, tmp_path, cap
     with caplog.at_level(logging.WARNING, logger="fercache.video"):
         r = videos_to_frames(videos, tmp_path / "frames", workers=2, progress=False)
     assert r.decoded == 2 and [v for v, _ in r.failed] == [str(videos / "broken.mp4")]
-    assert "1 of 3 video(s) could not be decoded (e.g. " in caplog.text
+    assert "1 of 3 video(s) gave no frames (e.g. " in caplog.text
     assert not (tmp_path / "frames" / "broken").exists() and not (tmp_path / "frames" / "broken.partial").exists()
     # decoded in two processes: the same frames as in this one
     one = videos_to_frames(videos / "00001.mp4", tmp_path / "one", workers=0, progress=False)
     assert one.frames == N_FRAMES and all(
         np.array_equal(np.asarray(Image.open(tmp_path / "one" / "00001" / f.name)), np.asarray(Image.open(f)))
         for f in (tmp_path / "frames" / "00001").iterdir())
-    with pytest.raises(FercacheError, match=r"no video under .* could be decoded, e.g. .*broken.mp4"):
+    with pytest.raises(FercacheError, match=r"no video under .* gave frames, e.g. .*broken.mp4"):
         videos_to_frames(videos / "broken.mp4", tmp_path / "none", workers=0, progress=False)
+
+
+def test_detect_leaves_out_frames_without_a_face_and_a_clip_with_none_is_said(videos, tmp_path):
+    pytest.importorskip("facenet_pytorch")
+    with pytest.raises(FercacheError, match=r"no video under \S+ gave frames, e.g. \S+: no face found in any of its "
+                                            r"(30|12) frames"):
+        videos_to_frames(videos, tmp_path / "faces", detect=True, workers=0, progress=False)  # grey frames: no face
+    assert not any((tmp_path / "faces").rglob("*.jpg"))
 
 
 def test_what_it_cannot_do_is_said_before_decoding(videos, tmp_path, monkeypatch):
