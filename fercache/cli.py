@@ -139,7 +139,8 @@ def frames(
                                 "frames without a face are left out. Needs facenet-pytorch."),
 ) -> None:
     """Decode video files into folders of JPEG frames, the layout `manifest build` reads for video datasets
-    (DFEW, FERV39k, MAFW, Aff-Wild2: pass OUT as their `frames` option). Resumable: a clip is written under
+    (DFEW, FERV39k, MAFW, Aff-Wild2: pass OUT as their `frames` option; videos in class folders, as AFEW's or
+    your own: --format clipfolder on OUT). Resumable: a clip is written under
     <clip>.partial/ and renamed when whole, so clips already decoded are skipped when run again. Needs PyAV
     (pip install av: fercache's `video` extra)."""
     from .video import describe, videos_to_frames

@@ -8,15 +8,20 @@ import numpy as np
 from .errors import ConfigError
 
 
+def mtcnn_class():
+    """facenet-pytorch's MTCNN, or the ConfigError that says how to install it (checked before any work)."""
+    try:
+        from facenet_pytorch import MTCNN
+    except ImportError:
+        raise ConfigError("--detect needs facenet-pytorch: pip install 'fercache[detect]'") from None
+    return MTCNN
+
+
 class FaceCropper:
     """MTCNN face detection (facenet-pytorch; its weights ship in the wheel): crop the most confident face."""
 
     def __init__(self, device: str = "cpu"):
-        try:
-            from facenet_pytorch import MTCNN
-        except ImportError:
-            raise ConfigError("--detect needs facenet-pytorch: pip install 'fercache[detect]'") from None
-        self.mtcnn = MTCNN(keep_all=False, device=device)
+        self.mtcnn = mtcnn_class()(keep_all=False, device=device)
 
     def __call__(self, image: np.ndarray) -> tuple[np.ndarray, bool]:
         from PIL import Image

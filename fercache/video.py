@@ -4,11 +4,12 @@ Each video `SRC/<rel>/<clip>.mp4` becomes `OUT/<rel>/<clip>/00001.jpg, 00002.jpg
 1-based index in the video (kept with `every > 1` too, so per-frame annotations such as Aff-Wild2's line up).
 A clip is decoded into `<clip>.partial/` and renamed when whole: a folder without that suffix is complete, so an
 interrupted run resumes by skipping those, and never leaves a half-decoded clip that looks done. OUT records the
-`every` and `short_side` its frames were decoded with; a run with others is refused rather than mixed in.
+`every`, `short_side` and `detect` its frames were decoded with; a run with others is refused rather than mixed in.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -18,8 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from .errors import ConfigError, FercacheError, check_out_dir, near_path
+from .faces import FaceCropper, mtcnn_class
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +87,7 @@ def _resized(image, short_side: int | None):
         return image
     w, h = image.size
     scale = short_side / min(w, h)
-    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=3)  # bicubic
+    return image.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample=Image.BICUBIC)
 
 
 def is_video(path: Path) -> bool:
@@ -106,18 +109,15 @@ def iter_frames(video: Path, every: int = 1):
                 yield i, (float(frame.time) if frame.time is not None else (i - 1) / 25), frame.to_image()
 
 
-_CROPPER: list = []  # one face detector per process, built on first use (workers each build their own)
+@functools.lru_cache(maxsize=1)
+def _cropper() -> FaceCropper:
+    """One face detector per process, built on first use (each worker builds its own)."""
+    return FaceCropper("cpu")
 
 
-def _face(image):
+def _face(image: Image.Image) -> Image.Image | None:
     """The image cropped to its most confident face (the crop `predict --detect` makes), or None without one."""
-    from PIL import Image
-
-    from .faces import FaceCropper
-
-    if not _CROPPER:
-        _CROPPER.append(FaceCropper("cpu"))
-    crop, found = _CROPPER[0](np.asarray(image))
+    crop, found = _cropper()(np.asarray(image))
     return Image.fromarray(crop) if found else None
 
 
@@ -176,7 +176,7 @@ def videos_to_frames(src: str | Path, out: str | Path, every: int = 1, short_sid
     check_frames_options(every, short_side, workers)
     _av()  # before walking a large tree: missing PyAV is said first
     if detect:
-        _face_detector_importable()
+        mtcnn_class()  # missing facenet-pytorch is said before any video is read
     src, out = Path(src).resolve(), Path(out).resolve()
     check_out_dir(out, "the frame folders")
     videos = find_videos(src)
@@ -200,20 +200,12 @@ def videos_to_frames(src: str | Path, out: str | Path, every: int = 1, short_sid
     return result
 
 
-def _face_detector_importable() -> None:
-    try:
-        import facenet_pytorch  # noqa: F401
-    except ImportError:
-        raise ConfigError("--detect needs facenet-pytorch: pip install 'fercache[detect]'") from None
-
-
 def _same_settings(out: Path, settings: dict) -> None:
-    """Clips decoded with one `every`/`short_side` and others with another would mix unseen (a complete clip is
-    skipped): the settings are recorded in OUT/SETTINGS and a run with others is refused."""
+    """Clips decoded with one `every`/`short_side`/`detect` and others with another would mix unseen (a complete
+    clip is skipped): the settings are recorded in OUT/SETTINGS and a run with others is refused."""
     record = out / SETTINGS
     if record.is_file():
         before = json.loads(record.read_text())
-        before.setdefault("detect", False)  # recorded before --detect existed
         if before != settings:
             said = ", ".join(f"{k}={v}" for k, v in before.items())
             raise ConfigError(f"{out} holds frames decoded with {said}; pass those, or another --out for "
