@@ -462,6 +462,10 @@ def predict(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write .json or .csv (default: JSON to stdout)."),
     every: int = typer.Option(1, help="Videos: every N-th frame (a frame-level run gives one row per frame, with "
                               "its index in the video)."),
+    window: Optional[int] = typer.Option(None, help="Clip-level runs: one prediction per window of N frames of each "
+                                         "video or clip folder, instead of one for all of it."),
+    stride: Optional[int] = typer.Option(None, help="With --window: frames from one window's start to the next "
+                                         "(default: half a window)."),
     detect: bool = typer.Option(False, help="Crop the most confident face with MTCNN (facenet-pytorch) first."),
     calibrated: bool = typer.Option(True, help="Expression probabilities scaled by the temperature the run fitted on "
                                     "its validation split (--no-calibrated: raw softmax; the prediction is the same)."),
@@ -472,7 +476,7 @@ def predict(
 
     check_out(out)
     rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"],
-                       every=every)
+                       every=every, window=window, stride=stride)
     if out:
         failed = sum("error" in r for r in rows)
         typer.echo(f"{write_predictions(rows, out)}: {len(rows) - failed} predicted"

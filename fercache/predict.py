@@ -106,19 +106,24 @@ def _shared(cfg: dict) -> dict:
 
 
 def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, device: str = "cpu",
-            batch_size: int = 64, calibrated: bool = True, progress: bool = False, every: int = 1) -> list[dict]:
+            batch_size: int = 64, calibrated: bool = True, progress: bool = False, every: int = 1,
+            window: int | None = None, stride: int | None = None) -> list[dict]:
     """Per-image class probabilities (or AU probabilities and decisions) from a trained run, or the average over
     the seed runs under a folder (AU decisions then at the runs' mean threshold). A video file gives one row per
-    `every`-th frame (with its `frame` index) for a frame-level run, one row for a clip-level run.
+    `every`-th frame (with its `frame` index) for a frame-level run, one row for a clip-level run, or with
+    `window` one row per window of that many frames, every `stride` (default window // 2) frames: a long video
+    is no one expression.
 
     `calibrated`: expression probabilities are softmax(logits / T) with the temperature each run fitted on its
     validation split (so 0.8 means right about 80% of the time there); False gives the raw softmax. A single
     run's predicted class is the same either way.
     """
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ConfigError(f"--every must be a whole number >= 1 (1: every frame of a video), got {every!r}")
+    _check_counts(every=every, window=window, stride=stride)
     heads = load_heads(run, device, calibrated)
     clips = heads[0].model.level == "clip"
+    if window is None and stride is not None or window is not None and not clips:
+        raise ConfigError("--window and --stride are for clip-level (temporal) runs, --stride with --window; a "
+                          "frame-level run predicts every frame already")
     # The inputs are found before the encoder is built (seconds; a typo was said only after it)
     paths = [_clip_source(Path(p), heads[0]) for p in inputs] if clips else collect_images(inputs, videos=True)
     cfg = heads[0].cfg
@@ -128,8 +133,9 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     from tqdm.auto import tqdm
 
     if clips:
-        results = [_predict_clip(p, enc, heads, cropper, device, batch_size, every)
-                   for p in tqdm(paths, desc="predict", unit="clip", disable=not progress)]
+        windows = (window, stride or max(1, window // 2)) if window else None
+        results = [row for p in tqdm(paths, desc="predict", unit="clip", disable=not progress)
+                   for row in _predict_clip(p, enc, heads, cropper, device, batch_size, every, windows)]
         return _said_failures(results, "clip(s) had a frame that could be decoded")
     results = []
     # a video's frame count is known only once decoded: then the bar counts without a total
@@ -139,6 +145,12 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
             results += _predict_batch(batch, enc, heads, cropper, device)
             bar.update(len(batch))
     return _said_failures(results, "file(s) could be read as an image or video")
+
+
+def _check_counts(**counts) -> None:
+    for name, n in counts.items():
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ConfigError(f"--{name} must be a whole number >= 1, got {n!r}")
 
 
 def _said_failures(results: list[dict], could: str) -> list[dict]:
@@ -160,43 +172,60 @@ def _clip_source(source: Path, head: Head) -> Path:
     return source
 
 
-def _clip_frames(source: Path, every: int) -> Iterator[np.ndarray | None]:
-    """A clip's frames: a folder's images sorted by name, or a video's every `every`-th frame; None for one that
-    fails to decode (a video stops there)."""
+def _clip_frames(source: Path, every: int) -> Iterator[tuple[int, float | None, np.ndarray | None]]:
+    """(index, time in seconds, image) of a clip's frames: a folder's images sorted by name (no time), or a video's
+    every `every`-th frame; image None for one that fails to decode (a video stops there)."""
     if is_video(source):
         try:
-            for _, _, image in iter_frames(source, every):
-                yield np.asarray(image.convert("RGB"))
+            for i, t, image in iter_frames(source, every):
+                yield i, round(t, 3), np.asarray(image.convert("RGB"))
         except Exception as e:
             log.warning("%s: decoding stopped (%s)", source, _error(e))
-            yield None
+            yield 0, None, None
         return
-    for p in collect_images([source]):
+    for i, p in enumerate(collect_images([source]), start=1):
         try:
-            yield decode_image(p)
+            yield i, None, decode_image(p)
         except Exception:
-            yield None
+            yield i, None, None
 
 
-def _predict_clip(source: Path, enc, heads: list[Head], cropper, device, batch_size: int, every: int = 1) -> dict:
-    """One prediction for a clip, its frames encoded a batch at a time (a long video never sits in memory);
-    frames that fail to decode are skipped and counted."""
-    row, feats = {"path": str(source), "frames": 0, "frames_failed": 0}, []
+def _predict_clip(source: Path, enc, heads: list[Head], cropper, device, batch_size: int, every: int = 1,
+                  windows: tuple[int, int] | None = None) -> list[dict]:
+    """One prediction for a clip (or one per window of `windows` = (frames, stride)), its frames encoded a batch
+    at a time (a long video never sits in memory); frames that fail to decode are skipped and counted."""
+    row, feats, marks = {"path": str(source), "frames": 0, "frames_failed": 0}, [], []
     for batch in _batched(_decoded(_clip_frames(source, every), row), batch_size):
-        feats.append(_encode(enc, [cropper(f)[0] if cropper else f for f in batch], heads[0].cfg["output"], device))
+        images = [cropper(f)[0] if cropper else f for _, _, f in batch]
+        feats.append(_encode(enc, images, heads[0].cfg["output"], device))
+        marks += [(i, t) for i, t, _ in batch]
         row["frames"] += len(batch)
     if not feats:
-        return {**row, "error": "no frame of the clip could be decoded"}
-    with torch.inference_mode():
-        prob = np.mean([_probabilities(h, h.model(torch.cat(feats)[None])) for h in heads], axis=0)  # [1, frames, D]
-    _fill([row], prob, heads)
-    return row
+        return [{**row, "error": "no frame of the clip could be decoded"}]
+    feats = torch.cat(feats)
+    spans = _spans(len(feats), *windows) if windows else [(0, len(feats))]
+    rows = [row] if not windows else [{**row, "frame": marks[a][0], "time": marks[a][1], "frames": b - a}
+                                      for a, b in spans]
+    with torch.inference_mode():  # each span is one clip: [1, frames, D]
+        prob = np.concatenate([np.mean([_probabilities(h, h.model(feats[a:b][None])) for h in heads], axis=0)
+                               for a, b in spans])
+    _fill(rows, prob, heads)
+    return rows
 
 
-def _decoded(frames: Iterable[np.ndarray | None], row: dict) -> Iterator[np.ndarray]:
+def _spans(n: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """[start, end) of windows of `window` frames every `stride`, the last one ending at the clip's end; a clip
+    shorter than a window is one span."""
+    starts = list(range(0, max(n - window, 0) + 1, stride))
+    if starts[-1] + window < n:
+        starts.append(n - window)
+    return [(a, min(a + window, n)) for a in starts]
+
+
+def _decoded(frames: Iterable[tuple[int, float | None, np.ndarray | None]], row: dict) -> Iterator[tuple]:
     """The frames that decoded; the others counted in `row`."""
     for f in frames:
-        if f is None:
+        if f[2] is None:
             row["frames_failed"] += 1
         else:
             yield f
@@ -279,11 +308,13 @@ def timelines(rows: list[dict], out: Path) -> list[Path]:
     for video, frames in videos.items():
         classes, au = list(frames[0]["probabilities"]), "active" in frames[0]
         prob = np.array([[r["probabilities"][c] for c in classes] for r in frames])
+        timed = all(r.get("time") is not None for r in frames)  # a folder of frames has no times: their index
+        x = np.array([r["time"] if timed else r["frame"] for r in frames])
+        per = f"window of {frames[0]['frames']} frames" if "frames" in frames[0] else "frame"
         name = f"{out.stem}-{Path(video).stem}"
         png = out.with_name(f"{name}.png" if out.with_name(f"{name}.png") not in pngs else f"{name}-{len(pngs)}.png")
-        pngs.append(timeline_png(png, np.array([r["time"] for r in frames]), prob, classes,
-                                 f"{video}: {'AU' if au else 'class'} probabilities per frame ({len(frames)} frames)",
-                                 stacked=not au))
+        pngs.append(timeline_png(png, x, prob, classes, f"{video}: {'AU' if au else 'class'} probabilities per "
+                                 f"{per} ({len(frames)})", stacked=not au, xlabel="time (s)" if timed else "frame"))
     return pngs
 
 

@@ -251,7 +251,7 @@ def au_png(path: Path, aus: list[str], series: dict[str, list[float]], title: st
 
 
 def timeline_png(path: Path, seconds: np.ndarray, prob: np.ndarray, classes: list[str], title: str,
-                 stacked: bool = True) -> Path:
+                 stacked: bool = True, xlabel: str = "time (s)") -> Path:
     """Class probabilities over a video's time: stacked (they sum to 1: an expression run) or as lines (AUs, each
     its own probability); the argmax class of each moment is the widest band."""
     plt = _plt()
@@ -264,7 +264,7 @@ def timeline_png(path: Path, seconds: np.ndarray, prob: np.ndarray, classes: lis
             ax.plot(seconds, 100 * prob[:, k], label=c, color=colors[k % len(colors)], linewidth=1)
     ax.set_xlim(seconds[0], seconds[-1] if len(seconds) > 1 else seconds[0] + 1)
     ax.set_ylim(0, 100)
-    ax.set_xlabel("time (s)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("probability (%)")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title(title, fontsize=9)

@@ -165,6 +165,22 @@ def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_pat
     assert np.allclose(list(v["probabilities"].values()), list(out[1]["probabilities"].values()), atol=1e-5)
     (half,) = predict(r.run_dir, [video], every=2)
     assert half["frames"] == (len(frames) + 1) // 2
+    # --window: one prediction per window of frames, each as that window alone would be predicted
+    n = len(frames)
+    first, last = predict(r.run_dir, [video], window=n - 1, stride=1)
+    assert (first["frame"], first["time"], first["frames"]) == (1, 0.0, n - 1) and last["frame"] == 2
+    (alone,) = predict(r.run_dir, [write_lossless_video(tmp_path / "head.mkv", frames[:n - 1])])
+    assert np.allclose(list(first["probabilities"].values()), list(alone["probabilities"].values()), atol=1e-5)
+    (whole,) = predict(r.run_dir, [video], window=n + 5)  # longer than the clip: the clip
+    assert whole["frames"] == n and np.allclose(list(whole["probabilities"].values()),
+                                                list(v["probabilities"].values()), atol=1e-5)
+    folder = predict(r.run_dir, [root / "clips" / "test_sad_1"], window=2, stride=2)  # a folder: frame indices
+    starts = [w["frame"] for w in folder]
+    assert starts[0] == 1 and starts[-1] + 1 == n and all(0 < b - a <= 2 for a, b in zip(starts, starts[1:]))
+    assert all(w["frames"] == 2 and w["time"] is None for w in folder)
+    for kw in ({"window": 0}, {"stride": 2}):
+        with pytest.raises(ConfigError, match=r"--window must be a whole number >= 1|--stride with --window"):
+            predict(r.run_dir, [video], **kw)
     with monkeypatch.context() as m:  # a mistyped clip folder, said before the encoder is built
         m.setattr("fercache.predict.encoder_of", lambda *a: pytest.fail("encoder built before the inputs"))
         with pytest.raises(ConfigError, match=r"test_sad_9 is neither \(did you mean '.*/test_sad_\d'\?\)$"):

@@ -211,6 +211,11 @@ def test_timelines_draw_one_plot_per_video_stacked_for_classes_lines_for_aus(tmp
     pngs = timelines(rows, tmp_path / "out.json")
     assert pngs == [tmp_path / "out-a.png", tmp_path / "out-a-1.png"] and all(p.stat().st_size > 5000 for p in pngs)
     assert timelines(rows[5:7], tmp_path / "o.csv") == []  # no video frame predicted: no plot
+    # windows of a folder of frames: no times, so the plot runs over frame indices
+    windows = [{"path": "clipdir", "frame": 1 + 2 * k, "time": None, "frames": 4,
+                "probabilities": {"happy": 0.2 * k, "sad": 1 - 0.2 * k}, "prediction": "sad"} for k in range(4)]
+    (png,) = timelines(windows, tmp_path / "w.csv")
+    assert png == tmp_path / "w-clipdir.png" and png.stat().st_size > 5000
 
 
 def _afew_like(tmp_path, frames_per_clip=6):
