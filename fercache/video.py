@@ -97,7 +97,8 @@ def is_video(path: Path) -> bool:
 def iter_frames(video: Path, every: int = 1):
     """(1-based index in the video, its time in seconds, PIL RGB image) of every `every`-th frame, decoded as they
     are read: a long video never sits in memory whole. The time is the frame's presentation time (index / 25 when
-    the container gives none)."""
+    the container gives none). A frame is turned upright by the rotation its container records (a phone filming
+    in portrait stores sideways frames and a display rotation; a face on its side is no expression to a head)."""
     av = _av()
     with av.open(str(video)) as container:
         if not container.streams.video:
@@ -106,7 +107,13 @@ def iter_frames(video: Path, every: int = 1):
         stream.thread_type = "AUTO"  # ffmpeg's own threads: decoding is the slow part
         for i, frame in enumerate(container.decode(stream), start=1):
             if (i - 1) % every == 0:
-                yield i, (float(frame.time) if frame.time is not None else (i - 1) / 25), frame.to_image()
+                yield i, (float(frame.time) if frame.time is not None else (i - 1) / 25), _upright(frame)
+
+
+def _upright(frame) -> Image.Image:
+    """The frame as displayed: PyAV's `rotation` is counter-clockwise, as PIL's `rotate`."""
+    image = frame.to_image()
+    return image.rotate(frame.rotation, expand=True) if frame.rotation else image
 
 
 @functools.lru_cache(maxsize=1)

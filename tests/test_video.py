@@ -68,6 +68,30 @@ def test_every_nth_frame_keeps_its_index_and_short_side_resizes(videos, tmp_path
     assert Image.open(tmp_path / "f" / "00001" / "00008.jpg").size == (32, 24)
 
 
+def test_a_video_filmed_in_portrait_is_turned_upright(tmp_path):
+    """A phone stores portrait video as sideways frames plus a display rotation: frames were written sideways."""
+    from fercache.video import iter_frames
+
+    path = tmp_path / "phone.mp4"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("mpeg4", rate=10)
+        s.width, s.height, s.pix_fmt, s.bit_rate = 64, 48, "yuv420p", 20_000_000
+        s.set_display_rotation(90)  # shown turned 90 degrees counter-clockwise
+        for _ in range(2):
+            a = np.zeros((48, 64, 3), np.uint8)
+            a[:, :16] = 255  # a white band on the left of the stored frame
+            for packet in s.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+                c.mux(packet)
+        for packet in s.encode():
+            c.mux(packet)
+    (_, _, image), _ = iter_frames(path)
+    shown = np.asarray(image.convert("L"))
+    assert shown.shape == (64, 48)  # upright: taller than wide
+    assert shown[-16:].mean() > 200 and shown[:40].mean() < 30  # left turned counter-clockwise is the bottom
+    r = videos_to_frames(path, tmp_path / "f", workers=0, progress=False)
+    assert r.frames == 2 and Image.open(tmp_path / "f" / "phone" / "00001.jpg").size == (48, 64)
+
+
 def test_run_again_it_skips_complete_clips_and_redoes_an_interrupted_one(videos, tmp_path):
     out = tmp_path / "frames"
     videos_to_frames(videos, out, workers=0, progress=False)
