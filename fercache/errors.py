@@ -56,6 +56,15 @@ class ConfigError(FercacheError):
     """A pipeline file or head configuration is invalid."""
 
 
+def check_whole(flag: str, value, least: int, hint: str = "", optional: bool = False) -> None:
+    """An option that must be a whole number >= `least` (or, `optional`, None: left out): a pipeline's
+    `every = 0`, `"2"` or `true` is refused before the work, naming the option."""
+    if value is None and optional:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise ConfigError(f"--{flag} must be a whole number >= {least}{f' ({hint})' if hint else ''}, got {value!r}")
+
+
 def file_in_the_way(folder: str | Path) -> Path | None:
     """The file at `folder` or above it, if any, that stops the folder being made: the nearest existing path,
     when it is no folder (everything above an existing folder is one)."""

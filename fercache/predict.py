@@ -12,7 +12,7 @@ import torch
 
 from .adapters import IMAGE_EXTS
 from .encoders import encoder_of
-from .errors import ConfigError, FercacheError, check_out_file, near_path
+from .errors import ConfigError, FercacheError, check_out_file, check_whole, near_path
 from .evaluate import run_dirs
 from .faces import FaceCropper
 from .preprocess import decode_image, to_model_input, tta_views, with_views
@@ -118,7 +118,9 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     validation split (so 0.8 means right about 80% of the time there); False gives the raw softmax. A single
     run's predicted class is the same either way.
     """
-    _check_counts(every=every, window=window, stride=stride)
+    check_whole("every", every, 1)
+    check_whole("window", window, 1, optional=True)
+    check_whole("stride", stride, 1, optional=True)
     heads = load_heads(run, device, calibrated)
     clips = heads[0].model.level == "clip"
     if window is None and stride is not None or window is not None and not clips:
@@ -145,12 +147,6 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
             results += _predict_batch(batch, enc, heads, cropper, device)
             bar.update(len(batch))
     return _said_failures(results, "file(s) could be read as an image or video")
-
-
-def _check_counts(**counts) -> None:
-    for name, n in counts.items():
-        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
-            raise ConfigError(f"--{name} must be a whole number >= 1, got {n!r}")
 
 
 def _said_failures(results: list[dict], could: str) -> list[dict]:
@@ -312,7 +308,9 @@ def timelines(rows: list[dict], out: Path) -> list[Path]:
         x = np.array([r["time"] if timed else r["frame"] for r in frames])
         per = f"window of {frames[0]['frames']} frames" if "frames" in frames[0] else "frame"
         name = f"{out.stem}-{Path(video).stem}"
-        png = out.with_name(f"{name}.png" if out.with_name(f"{name}.png") not in pngs else f"{name}-{len(pngs)}.png")
+        png = out.with_name(f"{name}.png")
+        if png in pngs:  # a video of the same name in another folder
+            png = out.with_name(f"{name}-{len(pngs)}.png")
         pngs.append(timeline_png(png, x, prob, classes, f"{video}: {'AU' if au else 'class'} probabilities per "
                                  f"{per} ({len(frames)})", stacked=not au, xlabel="time (s)" if timed else "frame"))
     return pngs

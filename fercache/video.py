@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .errors import ConfigError, FercacheError, check_out_dir, near_path
+from .errors import ConfigError, FercacheError, check_out_dir, check_whole, near_path
 from .faces import FaceCropper, mtcnn_class
 
 log = logging.getLogger(__name__)
@@ -165,12 +165,9 @@ def _decode_one(args: tuple) -> tuple[str, tuple[int, int], str | None]:
 
 
 def check_frames_options(every: int, short_side: int | None, workers: int | None) -> None:
-    if isinstance(every, bool) or not isinstance(every, int) or every < 1:
-        raise ConfigError(f"--every must be a whole number >= 1 (1 keeps every frame), got {every!r}")
-    if short_side is not None and (isinstance(short_side, bool) or not isinstance(short_side, int) or short_side < 8):
-        raise ConfigError(f"--short-side must be a whole number of pixels >= 8, got {short_side!r}")
-    if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 0):
-        raise ConfigError(f"--workers must be a whole number >= 0 (0: decode in this process), got {workers!r}")
+    check_whole("every", every, 1, "1 keeps every frame")
+    check_whole("short-side", short_side, 8, "pixels", optional=True)
+    check_whole("workers", workers, 0, "0: decode in this process", optional=True)
 
 
 def videos_to_frames(src: str | Path, out: str | Path, every: int = 1, short_side: int | None = None,
