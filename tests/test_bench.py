@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import math
 import re
+import resource
+import time
 
-from fercache.bench import bench_extract, bench_head
+import numpy as np
+import torch
+
+from fercache.bench import PeakMemory, bench_extract, bench_head
 from tests.test_cli import invoke
 
 
@@ -21,6 +26,22 @@ def test_bench_extract_reports_a_to_f_on_a_subset(tiny_manifest, tiny_dataset, t
     assert r["c_ratio_b_over_a"] == r["b_end_to_end_img_s"] / r["a_model_only_img_s"]
     assert r["ratio_b_over_d"] == r["b_end_to_end_img_s"] / r["d_baseline_img_s"]
     assert r["f_peak_host_rss_mib"] > 100 and r["f_peak_device_mib"] is None
+    assert r["f_baseline_peak_host_rss_mib"] > 100 and r["f_baseline_peak_device_mib"] is None
+
+
+def test_peak_memory_is_the_peak_of_its_own_phase_not_of_the_process():
+    """(f) is measured per phase: the baseline loop's float32 batches (8.6 GB on an H200 run) must not be charged
+    to fercache's extract, as the process-lifetime peak (ru_maxrss) would."""
+    cpu = torch.device("cpu")
+    with PeakMemory(cpu) as big:
+        x = np.ones(400 * 2**20 // 8)  # 400 MiB, touched, then freed before the phase ends
+        time.sleep(0.1)
+        del x
+    with PeakMemory(cpu) as after:
+        time.sleep(0.1)
+    assert big.host_mib - after.host_mib > 300 and after.host_mib > 50
+    assert after.host_mib < resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - 300
+    assert big.device_mib is None
 
 
 def test_bench_memory_cli_repeats_the_manifest_to_reach_each_size(tiny_manifest, tiny_dataset):

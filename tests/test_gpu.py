@@ -48,7 +48,7 @@ def test_bench_extract_on_cuda(tiny_manifest, tiny_dataset, tiny_encoder_spec):
 
     r = bench_extract(tiny_manifest, tiny_encoder_spec, root=tiny_dataset, device="cuda", batch_size=16, workers=2,
                       model_seconds=1.0)
-    assert r["a_model_only_img_s"] > 0 and r["f_peak_device_mib"] > 0
+    assert r["a_model_only_img_s"] > 0 and r["f_peak_device_mib"] > 0 and r["f_baseline_peak_device_mib"] > 0
 
 
 @pytest.mark.parametrize("classifier", ["prompts", "linear"])

@@ -31,7 +31,9 @@ command -v nvidia-smi >/dev/null && { nvidia-smi dmon -s um -d 1 > "$OUT/dmon.tx
 step bench-extract-vitb16 300 $PY -m fercache bench extract $M --data-root "$DATA" --encoder open_clip:ViT-B-16 \
   --device "$DEVICE" --n-images "$N" --workers "$WORKERS" --batch-size "$BS"
 [ -n "${DMON:-}" ] && kill "$DMON"
-step bench-memory-vitb16 150 $PY -m fercache bench memory $M --data-root "$DATA" --encoder open_clip:ViT-B-16 \
+step bench-memory-vitb16 200 $PY -m fercache bench memory $M --data-root "$DATA" --encoder open_clip:ViT-B-16 \
   --device "$DEVICE" --sizes "$MEM_SIZES" --workers "$WORKERS" --batch-size "$BS"
 step bench-head-vitb16 80 $PY -m fercache bench head $M --data-root "$DATA" --encoder open_clip:ViT-B-16 \
   --device "$DEVICE" --n-images "$HEAD_N" --batch-size 32
+# Exploration: what autocast costs against bf16 weights (and torch.compile), model-only; last, as it matters least.
+step model-speed 100 $PY tools/model_speed.py open_clip:ViT-B-16 "$DEVICE"
