@@ -121,6 +121,21 @@ def test_workers_do_not_change_features(tiny_store, tiny_manifest, tiny_dataset,
     _assert_same_store(tiny_store, tmp_path / "w2.zarr")
 
 
+def test_workers_started_by_forkserver_give_the_same_store(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec,
+                                                             tmp_path):
+    """Python 3.14 starts processes with forkserver on Linux (fork before): everything a decode worker gets must
+    pickle, and the workers must not rely on inheriting the parent's memory."""
+    script = ("import multiprocessing, sys; multiprocessing.set_start_method('forkserver', force=True); "
+              "from fercache.extract import extract; "
+              "extract(sys.argv[1], sys.argv[2], sys.argv[3], root=sys.argv[4], chunk_rows=16, batch_size=8, "
+              "workers=2, progress=False)")
+    out = tmp_path / "fs.zarr"
+    proc = subprocess.run([sys.executable, "-c", script, str(tiny_manifest), tiny_encoder_spec, str(out),
+                           str(tiny_dataset)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _assert_same_store(tiny_store, out)
+
+
 def min_cosine(a, b, output: str = "embedding") -> float:
     """The lowest per-row cosine between two stores' features (float32 maths on the float16 features)."""
     x, y = (S.open_store(s).features(output).astype(np.float32) for s in (a, b))
