@@ -178,7 +178,7 @@ OPTION_VALUES = {
     "fold": _fold,
     "task": _task,
     "val": _val_as,
-    "subject": lambda v: _subject_pattern(v),
+    "subject": lambda v: _subject_pattern(v),  # a lambda: _subject_pattern is defined below, beside clipfolder
 }
 
 

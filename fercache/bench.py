@@ -87,16 +87,21 @@ def model_only(enc: Encoder, device: torch.device, batch_size: int, dtype: torch
     if enc.channels_last or device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
     ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    return forward_img_s(enc.model, x, ctx, seconds)
+
+
+def forward_img_s(model: torch.nn.Module, x: torch.Tensor, ctx, seconds: float) -> float:
+    """Images/s of `model(x)` repeated for `seconds` (at least twice) inside `ctx`, after two warm-up calls."""
     with torch.inference_mode(), ctx:
-        enc.model(x)  # warm-up (kernel selection, allocator)
-        enc.model(x)
-        _sync(device)
+        model(x)  # warm-up (kernel selection, allocator)
+        model(x)
+        _sync(x.device)
         n, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds or n < 2:
-            enc.model(x)
+            model(x)
             n += 1
-        _sync(device)
-    return n * batch_size / (time.perf_counter() - t0)
+        _sync(x.device)
+    return n * len(x) / (time.perf_counter() - t0)
 
 
 class _PILFolder(torch.utils.data.Dataset):

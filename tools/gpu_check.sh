@@ -3,8 +3,8 @@
 # the CUDA tests and the benchmarks of issue 4. Everything is also written to $OUT for the closing note.
 #   N=150000 WORKERS=14 BS=512 bash tools/gpu_check.sh
 # A dry run on CPU here: SKIP_WHEELS=1 PY=.venv/bin/python DATA=../shared/data DEVICE=cpu N=256 WORKERS=2 BS=64 HEAD_N=32 bash tools/gpu_check.sh
-# Each step has its own time limit (seconds, the first argument of `step`) so that one slow or hung step cannot cost the others their
-# figures: a device lease is short and every minute of it counts.
+# Each step has its own time limit (seconds, the first argument of `step`) so that one slow or hung step
+# cannot cost the others their figures: a device lease is short and every minute of it counts.
 set -uo pipefail
 OUT=${OUT:-/tmp/fercache-gpu}; mkdir -p "$OUT"
 PY=${PY:-python3}

@@ -11,25 +11,18 @@ from __future__ import annotations
 
 import sys
 import time
+from contextlib import nullcontext
 
 import torch
 
-from fercache.bench import _sync, model_only, speed_weights
+from fercache.bench import forward_img_s, model_only, speed_weights
 from fercache.encoders import load_encoder
 
 
 def cast_weights(enc, dev: torch.device, x_dtype: torch.dtype, batch_size: int, seconds: float) -> float:
     """Images/s with the weights themselves in x_dtype, no autocast."""
     x = torch.randn(batch_size, 3, enc.preprocess.size, enc.preprocess.size, device=dev, dtype=x_dtype)
-    with torch.inference_mode():
-        enc.model(x), enc.model(x)
-        _sync(dev)
-        n, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
-            enc.model(x)
-            n += 1
-        _sync(dev)
-    return n * batch_size / (time.perf_counter() - t0)
+    return forward_img_s(enc.model, x, nullcontext(), seconds)
 
 
 def main() -> None:
