@@ -181,6 +181,22 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
     }
 
 
+def verdict(r: dict, enough: float = 0.9) -> str:
+    """What `bench extract`'s figures say, in one line: how close extraction comes to the model's own speed and,
+    short of `enough` of it, which side holds it back (the input pipeline's capacity against the model's speed)."""
+    a, b, cap = r["a_model_only_img_s"], r["b_end_to_end_img_s"], r["e_null_total_img_s"]
+    line = f"end-to-end extract runs at {b / a:.0%} of the model alone and {r['ratio_b_over_d']:.2f}x the PIL + DataLoader baseline"
+    if b / a >= enough:
+        line += f"; the input pipeline alone does {cap:,.0f} img/s, {cap / a:.1f}x what the model needs"
+    elif cap < 1.1 * a:
+        line += (f"; the input pipeline is the bottleneck: alone it does {cap:,.0f} img/s against the model's "
+                 f"{a:,.0f} (with {r['workers']} workers): more --workers, if there are cores for them")
+    else:
+        line += (f"; the input pipeline alone does {cap:,.0f} img/s, so what holds extraction back is elsewhere "
+                 "(store writes, host-device copies, the main process): profile `fercache extract`")
+    return line + f". Peak host RSS {r['f_peak_host_rss_mib']:,.0f} MiB while extracting."
+
+
 # The peak alone misleads: RSS climbs for the first ~20k images (allocator pools, shared-memory batches in
 # flight) and then holds, so a 10k run ends before the plateau a 100k run sits on. RSS is also sampled every
 # 0.2 s, and the median over the second half of the run (steady state) is reported beside the peak.

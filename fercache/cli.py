@@ -637,10 +637,12 @@ def bench_extract_cmd(
     precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
 ) -> None:
     """(a) model-only, (b) end-to-end extract, (c) b/a, (d) PIL+DataLoader baseline, (e) input pipeline alone, (f) memory."""
-    from .bench import bench_extract
+    from .bench import bench_extract, verdict
 
-    _print_figures(bench_extract(manifest, encoder, pretrained=pretrained, image_size=image_size, root=data_root,
-                                 device=device, batch_size=batch_size, workers=workers, n_images=n_images, precision=precision))
+    r = bench_extract(manifest, encoder, pretrained=pretrained, image_size=image_size, root=data_root, device=device,
+                      batch_size=batch_size, workers=workers, n_images=n_images, precision=precision)
+    _print_figures(r)
+    typer.echo(verdict(r))
 
 
 @bench_app.command("memory")

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import torch
 
-from fercache.bench import PeakMemory, bench_extract, bench_head
+from fercache.bench import PeakMemory, bench_extract, bench_head, verdict
 from tests.test_cli import invoke
 
 
@@ -27,6 +27,35 @@ def test_bench_extract_reports_a_to_f_on_a_subset(tiny_manifest, tiny_dataset, t
     assert r["ratio_b_over_d"] == r["b_end_to_end_img_s"] / r["d_baseline_img_s"]
     assert r["f_peak_host_rss_mib"] > 100 and r["f_peak_device_mib"] is None
     assert r["f_baseline_peak_host_rss_mib"] > 100 and r["f_baseline_peak_device_mib"] is None
+
+
+def _figures(a, b, d, cap, workers=14, rss=2307.5):
+    return {"a_model_only_img_s": a, "b_end_to_end_img_s": b, "ratio_b_over_d": b / d, "e_null_total_img_s": cap,
+            "workers": workers, "f_peak_host_rss_mib": rss}
+
+
+def test_verdict_says_how_close_extraction_comes_and_what_holds_it_back():
+    h200 = verdict(_figures(7241.36, 6792.91, 4488.53, 69321.60))  # the H200 run of 2026-11-30
+    assert h200 == ("end-to-end extract runs at 94% of the model alone and 1.51x the PIL + DataLoader baseline; "
+                    "the input pipeline alone does 69,322 img/s, 9.6x what the model needs. "
+                    "Peak host RSS 2,308 MiB while extracting.")
+    starved = verdict(_figures(10000, 3000, 2000, 3200, workers=2))
+    assert "at 30% of the model" in starved
+    assert "the input pipeline is the bottleneck: alone it does 3,200 img/s against the model's 10,000 (with 2 " \
+           "workers): more --workers" in starved
+    stalled = verdict(_figures(10000, 6000, 2000, 50000))
+    assert "at 60% of the model" in stalled and "50,000 img/s, so what holds extraction back is elsewhere" in stalled
+
+
+def test_bench_extract_cli_prints_the_figures_and_the_verdict(tiny_manifest, tiny_dataset, tiny_encoder_spec):
+    r = invoke("bench", "extract", tiny_manifest, "--data-root", tiny_dataset, "--encoder", tiny_encoder_spec,
+               "--n-images", "24", "--workers", "1", "--batch-size", "8")
+    assert r.exit_code == 0, r.output
+    lines = r.output.strip().splitlines()
+    figures = dict(ln.split(None, 1) for ln in lines[:-1] if ln.split(None, 1)[0].startswith(("a_", "b_", "c_")))
+    pct = re.match(r"end-to-end extract runs at (\d+)% of the model alone", lines[-1])
+    assert pct and abs(int(pct.group(1)) - 100 * float(figures["c_ratio_b_over_a"])) <= 1  # c, printed to 2 places
+    assert lines[-1].endswith("MiB while extracting.")
 
 
 def test_peak_memory_is_the_peak_of_its_own_phase_not_of_the_process():
