@@ -23,7 +23,7 @@ import torch
 from .devices import torch_device
 from .encoders import Encoder, check_encoder_name, load_encoder
 from .errors import FercacheError
-from .extract import _amp_dtype, check_options, extract
+from .extract import _amp_dtype, _ready, check_options, compute_in, extract, weights_dtype
 from .manifests import Manifest, data_root, read_manifest, resolve_paths, write_manifest
 
 
@@ -86,8 +86,7 @@ def model_only(enc: Encoder, device: torch.device, batch_size: int, dtype: torch
     x = torch.randn(batch_size, 3, enc.preprocess.size, enc.preprocess.size, device=device, dtype=dtype)
     if enc.channels_last or device.type == "cuda":
         x = x.contiguous(memory_format=torch.channels_last)
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
-    return forward_img_s(enc.model, x, ctx, seconds)
+    return forward_img_s(enc.model, x, compute_in(enc.model, device, dtype), seconds)
 
 
 def forward_img_s(model: torch.nn.Module, x: torch.Tensor, ctx, seconds: float) -> float:
@@ -127,11 +126,11 @@ def baseline_loop(enc: Encoder, paths: list[Path], device: torch.device, batch_s
 
     loader = torch.utils.data.DataLoader(_PILFolder(paths, reference_transform(enc.preprocess)), batch_size=batch_size,
                                          num_workers=workers, pin_memory=device.type == "cuda")
-    ctx = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else torch.autocast(device.type, enabled=False)
+    weights = weights_dtype(enc.model)  # the PIL transforms give fp32: bf16 weights need bf16 inputs
     feats, t0 = [], time.perf_counter()
-    with torch.inference_mode(), ctx:
+    with torch.inference_mode(), compute_in(enc.model, device, dtype):
         for x in loader:
-            feats.append(enc.model(x.to(device, non_blocking=True))[enc.default_output].float().cpu())
+            feats.append(enc.model(x.to(device, weights, non_blocking=True))[enc.default_output].float().cpu())
     return len(paths) / (time.perf_counter() - t0)
 
 
@@ -147,10 +146,8 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
     dev = torch_device(device)
     check_options(batch_size, workers, 1, precision, image_size)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    enc = load_encoder(encoder, pretrained=speed_weights(encoder, pretrained), image_size=image_size)
-    enc.model.to(dev)
-    if enc.channels_last or dev.type == "cuda":
-        enc.model.to(memory_format=torch.channels_last)
+    enc = _ready(load_encoder(encoder, pretrained=speed_weights(encoder, pretrained), image_size=image_size), (), dev,
+                 precision)  # as extract readies it: every path below measures the same model
     dtype = _amp_dtype(dev, precision)
     with tempfile.TemporaryDirectory() as tmp:
         m = _subset(manifest, n_images, Path(tmp) / "subset.csv")
@@ -170,7 +167,7 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
     return {
         "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
         "encoder": enc.name, "weights": enc.pretrained, "image_size": enc.preprocess.size,
-        "dtype": str(dtype).replace("torch.", ""),
+        "precision": precision, "dtype": str(dtype).replace("torch.", ""),
         "batch_size": batch_size, "workers": workers, "images": n,
         "a_model_only_img_s": a, "b_end_to_end_img_s": e2e.images_per_s, "c_ratio_b_over_a": e2e.images_per_s / a,
         "d_baseline_img_s": d, "ratio_b_over_d": e2e.images_per_s / d,

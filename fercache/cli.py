@@ -25,6 +25,9 @@ app.add_typer(bench_app, name="bench")
 
 DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative to (default: $FERCACHE_DATA, else .).")
 Device = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps; checked before any data is read.")
+PRECISION_HELP = ("auto (bf16 on CUDA, fp32 on CPU), fp32, fp16, bf16 (autocast: fp32 weights, matrix products in "
+                  "half precision) or bf16-weights (the weights themselves in bf16, every op in bf16: faster, "
+                  "features about as close to fp32's as bf16's; see the README's benchmarks).")
 StoreArg = typer.Argument(..., help="A feature store: STORE.zarr, or any fsspec URL zarr supports.")
 ManifestArg = typer.Argument(..., help="Manifest CSV (.csv or .csv.gz).")
 Seeds = typer.Option("0", help="Comma-separated seeds; one run per seed.")
@@ -168,7 +171,7 @@ def extract(
         None, help="Shard the store: each --chunk-rows chunk becomes one zarr v3 shard of inner chunks of this many rows "
                    "(must divide --chunk-rows). Use with a large --chunk-rows to keep the object count low on big datasets; "
                    "decoding and encoding work in inner chunks, so memory stays small."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing store built from other inputs."),
     views: str = typer.Option("", help="Augmented views to cache too, comma-separated: flip (mirror; evaluation "
                                        "averages it in), erase (random erasing) and noise (Gaussian pixel noise), "
@@ -634,7 +637,7 @@ def bench_extract_cmd(
     workers: Optional[int] = typer.Option(None, help="Decode worker processes (default min(4, CPUs))."),
     n_images: Optional[int] = typer.Option(None, min=1, help="Use the first N rows (repeating the manifest if N is "
                                            "larger; default: every row)."),
-    precision: str = typer.Option("auto", help="auto (bf16 on CUDA, fp32 on CPU), fp32, fp16 or bf16."),
+    precision: str = typer.Option("auto", help=PRECISION_HELP),
 ) -> None:
     """(a) model-only, (b) end-to-end extract, (c) b/a, (d) PIL+DataLoader baseline, (e) input pipeline alone, (f) memory."""
     from .bench import bench_extract, verdict

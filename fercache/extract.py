@@ -144,9 +144,23 @@ def _resolve_device(device: str, rank: int, world: int) -> torch.device:
 
 
 def _amp_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype the encoder computes in: bf16 on CUDA unless told otherwise, fp32 on CPU."""
     if precision == "auto":
         precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "bf16-weights": torch.bfloat16}[precision]
+
+
+def weights_dtype(model: torch.nn.Module) -> torch.dtype:
+    return next((p.dtype for p in model.parameters()), torch.float32)  # the null encoder has none
+
+
+def compute_in(model: torch.nn.Module, device: torch.device, dtype: torch.dtype):
+    """The context a forward pass runs in: autocast to `dtype` for fp32 weights (`bf16`, `fp16`: matrix products
+    in half precision, layer norms and softmax kept in fp32), nothing when the weights are in `dtype` already
+    (`fp32`, or `bf16-weights`: every op in bf16, 1.45x autocast's speed for ViT-B/16 on an H200)."""
+    if dtype == torch.float32 or weights_dtype(model) == dtype:
+        return nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
 
 
 def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: int, overwrite: bool,
@@ -180,7 +194,7 @@ def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size:
     ok, images = item["ok"], item["images"]
     good = np.flatnonzero(ok)
     rows = torch.as_tensor(item["rows"][good])  # manifest rows: what the random views are seeded by
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+    autocast = compute_in(encoder.model, device, dtype)
     channels_last = encoder.channels_last or device.type == "cuda"
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in encoder.stored_outputs()}
     with torch.inference_mode():
@@ -296,16 +310,17 @@ def _join(parts: list[tuple[dict, np.ndarray, list[str]]]) -> tuple[dict, np.nda
     return feats, np.concatenate([p[1] for p in parts]), [e for p in parts for e in p[2]]
 
 
-def _ready(enc: Encoder, views, dev: torch.device) -> Encoder:
-    """The encoder on `dev` (channels-last on CUDA or where the encoder asks for it), with `views` to extract."""
+def _ready(enc: Encoder, views, dev: torch.device, precision: str = "auto") -> Encoder:
+    """The encoder on `dev` (channels-last on CUDA or where the encoder asks for it; its weights in bf16 for
+    `bf16-weights`), with `views` to extract."""
     enc.views = tuple(views)
-    enc.model.to(dev)
+    enc.model.to(dev, torch.bfloat16 if precision == "bf16-weights" else None)
     if enc.channels_last or dev.type == "cuda":
         enc.model.to(memory_format=torch.channels_last)
     return enc
 
 
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "bf16-weights")
 
 
 def check_options(batch_size: int, workers: int | None, chunk_rows: int, precision: str, image_size: int | None,
@@ -363,7 +378,8 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
         manifest = read_manifest(manifest_path)
         base = data_root(root)
         paths, bboxes = packed(resolve_paths(manifest, base)), packed(manifest.column("bbox"))
-        enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev)
+        enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev,
+                     precision)
         store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world,
                                manifest_path=str(Path(manifest_path).resolve()),
                                encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size},

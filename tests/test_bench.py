@@ -29,6 +29,15 @@ def test_bench_extract_reports_a_to_f_on_a_subset(tiny_manifest, tiny_dataset, t
     assert r["f_baseline_peak_host_rss_mib"] > 100 and r["f_baseline_peak_device_mib"] is None
 
 
+def test_bench_extract_measures_bf16_weights_in_every_path(tiny_manifest, tiny_dataset, tiny_encoder_spec):
+    """(a), (b) and (d) all run the bf16 weights: the baseline's PIL transforms give fp32 images, which bf16 weights
+    refuse unless cast."""
+    r = bench_extract(tiny_manifest, tiny_encoder_spec, root=tiny_dataset, batch_size=16, workers=0, n_images=24,
+                      model_seconds=0.2, precision="bf16-weights")
+    assert r["precision"] == "bf16-weights" and r["dtype"] == "bfloat16"
+    assert all(r[k] > 0 for k in ("a_model_only_img_s", "b_end_to_end_img_s", "d_baseline_img_s"))
+
+
 def _figures(a, b, d, cap, workers=14, rss=2307.5):
     return {"a_model_only_img_s": a, "b_end_to_end_img_s": b, "ratio_b_over_d": b / d, "e_null_total_img_s": cap,
             "workers": workers, "f_peak_host_rss_mib": rss}

@@ -121,6 +121,31 @@ def test_workers_do_not_change_features(tiny_store, tiny_manifest, tiny_dataset,
     _assert_same_store(tiny_store, tmp_path / "w2.zarr")
 
 
+def test_bf16_weights_run_every_op_in_bf16_and_autocast_only_fp32_weights(tiny_manifest, tiny_dataset,
+                                                                          tiny_encoder_spec, tmp_path):
+    """bf16-weights is no relabelled autocast: its weights are bf16 (no autocast then), its store differs from
+    bf16's, and both stay close to fp32's."""
+    import torch
+
+    from fercache.encoders import load_encoder
+    from fercache.extract import _ready, compute_in
+
+    cpu = torch.device("cpu")
+    enc = _ready(load_encoder(tiny_encoder_spec), (), cpu, "bf16-weights")
+    assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}
+    assert compute_in(enc.model, cpu, torch.bfloat16).__class__.__name__ == "nullcontext"
+    fp32 = _ready(load_encoder(tiny_encoder_spec), (), cpu, "bf16")
+    assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
+    assert isinstance(compute_in(fp32.model, cpu, torch.bfloat16), torch.autocast)
+    stores = {}
+    for precision in ("bf16", "bf16-weights"):
+        stores[precision] = tmp_path / f"{precision}.zarr"
+        extract(tiny_manifest, tiny_encoder_spec, stores[precision], root=tiny_dataset, chunk_rows=16, batch_size=8,
+                workers=0, precision=precision, progress=False)
+    a, b = (S.open_store(stores[p]).features("embedding") for p in stores)
+    assert not np.array_equal(a, b)
+
+
 def test_workers_started_by_forkserver_give_the_same_store(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec,
                                                              tmp_path):
     """Python 3.14 starts processes with forkserver on Linux (fork before): everything a decode worker gets must
@@ -142,11 +167,12 @@ def min_cosine(a, b, output: str = "embedding") -> float:
     return float(((x * y).sum(1) / np.linalg.norm(x, axis=1) / np.linalg.norm(y, axis=1)).min())
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["bf16", "fp16", "bf16-weights"])
 def test_half_precision_extract_matches_fp32(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path,
                                              precision):
     """bf16 is the CUDA default; under bf16 autocast, joining a piece's float16 outputs raised
-    'Unexpected floating ScalarType in at::autocast::prioritize' (the same autocast rule on CPU and CUDA)."""
+    'Unexpected floating ScalarType in at::autocast::prioritize' (the same autocast rule on CPU and CUDA).
+    bf16-weights casts the weights instead of autocasting."""
     r = extract(tiny_manifest, tiny_encoder_spec, tmp_path / "half.zarr", root=tiny_dataset, chunk_rows=16,
                 batch_size=8, workers=0, precision=precision, progress=False)
     assert r.n_ok == 72

@@ -23,7 +23,7 @@ def test_device_preprocessing_matches_cpu():
     assert (cpu - gpu).abs().max().item() < 0.02
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16", "bf16-weights"])
 def test_cuda_extract_matches_cpu(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, precision):
     from fercache.extract import extract
 
