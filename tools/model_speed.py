@@ -2,8 +2,8 @@
 
     python tools/model_speed.py [ENCODER] [DEVICE]      (default open_clip:ViT-B-16 cuda)
 
-Exploration for a later change, not a fercache feature: `fercache extract` runs the fp32 weights under autocast
-(the same weights serve fp32, fp16 and bf16); casting the weights instead skips autocast's per-op casts.
+It measured, on an H200, what became `--precision bf16-weights`: `--precision bf16` runs the fp32 weights under
+autocast (layer norms and softmax in fp32); casting the weights runs every op in bf16.
 Each line is measured on device-resident random batches, as `fercache bench extract`'s (a).
 """
 
@@ -11,18 +11,11 @@ from __future__ import annotations
 
 import sys
 import time
-from contextlib import nullcontext
 
 import torch
 
-from fercache.bench import forward_img_s, model_only, speed_weights
+from fercache.bench import model_only, speed_weights
 from fercache.encoders import load_encoder
-
-
-def cast_weights(enc, dev: torch.device, x_dtype: torch.dtype, batch_size: int, seconds: float) -> float:
-    """Images/s with the weights themselves in x_dtype, no autocast."""
-    x = torch.randn(batch_size, 3, enc.preprocess.size, enc.preprocess.size, device=dev, dtype=x_dtype)
-    return forward_img_s(enc.model, x, nullcontext(), seconds)
 
 
 def main() -> None:
@@ -34,14 +27,14 @@ def main() -> None:
         print(f"autocast bf16, channels-last, batch {bs}: {model_only(enc, dev, bs, torch.bfloat16, 3.0):,.0f} img/s")
     enc.model.to(memory_format=torch.contiguous_format)
     print(f"autocast bf16, contiguous, batch 512: {model_only(enc, dev, 512, torch.bfloat16, 3.0):,.0f} img/s")
-    enc.model.to(torch.bfloat16)
+    enc.model.to(torch.bfloat16)  # as --precision bf16-weights: model_only then runs it without autocast
     for bs in (512, 1024):
-        print(f"bf16 weights, no autocast, batch {bs}: {cast_weights(enc, dev, torch.bfloat16, bs, 3.0):,.0f} img/s")
+        print(f"bf16 weights, no autocast, batch {bs}: {model_only(enc, dev, bs, torch.bfloat16, 3.0):,.0f} img/s")
     t = time.perf_counter()
     enc.model = torch.compile(enc.model)
-    cast_weights(enc, dev, torch.bfloat16, 512, 0.1)
+    model_only(enc, dev, 512, torch.bfloat16, 0.1)
     print(f"torch.compile: {time.perf_counter() - t:.0f} s to compile")
-    print(f"bf16 weights, compiled, batch 512: {cast_weights(enc, dev, torch.bfloat16, 512, 3.0):,.0f} img/s")
+    print(f"bf16 weights, compiled, batch 512: {model_only(enc, dev, 512, torch.bfloat16, 3.0):,.0f} img/s")
 
 
 if __name__ == "__main__":
