@@ -221,6 +221,9 @@ def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", he
     typer.echo(f"manifest   {d['manifest']} sha256={fp['manifest_sha256'][:16]}")
     if d["data_root"]:  # stores before 0.2.2 do not record it
         typer.echo(f"data root  {d['data_root']}" + ("" if Path(d["data_root"]).is_dir() else " (not there now)"))
+    if d["precisions"]:  # stores before 0.3.1 do not record it
+        typer.echo(f"precision  {' then '.join(d['precisions'])}"
+                   + (" (a resume mixed them)" if len(d["precisions"]) > 1 else ""))
     typer.echo(f"key        {fp['key']}")
     for sid, why in list(d["failures"].items())[:20]:
         typer.echo(f"failed     {sid}: {why}")

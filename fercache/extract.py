@@ -143,11 +143,17 @@ def _resolve_device(device: str, rank: int, world: int) -> torch.device:
     return torch_device(device)
 
 
-def _amp_dtype(device: torch.device, precision: str) -> torch.dtype:
-    """The dtype the encoder computes in: bf16 on CUDA unless told otherwise, fp32 on CPU."""
+def resolved_precision(device: torch.device, precision: str) -> str:
+    """`auto` made definite: bf16 on CUDA, fp32 elsewhere."""
     if precision == "auto":
-        precision = "bf16" if device.type == "cuda" else "fp32"
-    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "bf16-weights": torch.bfloat16}[precision]
+        return "bf16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def _amp_dtype(device: torch.device, precision: str) -> torch.dtype:
+    """The dtype the encoder computes in."""
+    return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
+            "bf16-weights": torch.bfloat16}[resolved_precision(device, precision)]
 
 
 def weights_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -310,6 +316,16 @@ def _join(parts: list[tuple[dict, np.ndarray, list[str]]]) -> tuple[dict, np.nda
     return feats, np.concatenate([p[1] for p in parts]), [e for p in parts for e in p[2]]
 
 
+def _note_precision(store: S.FeatureStore, precision: str, out) -> None:
+    """Record the precision in the store; a resume in another one is said (e.g. begun on a CPU, where `auto` is
+    fp32, and resumed on a GPU, where it is bf16), since its chunks then mix the two."""
+    had = store.note_precision(precision)
+    if had and precision not in had:
+        log.warning("%s was extracted in %s so far and is continued in %s: its features mix the two (within "
+                    "tolerance of each other); `--precision %s` keeps one, `--overwrite` starts again",
+                    out, " and ".join(had), precision, had[-1])
+
+
 def _ready(enc: Encoder, views, dev: torch.device, precision: str = "auto") -> Encoder:
     """The encoder on `dev` (channels-last on CUDA or where the encoder asks for it; its weights in bf16 for
     `bf16-weights`), with `views` to extract."""
@@ -389,6 +405,8 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
             log.info("%s is complete and matches; nothing to do", out)
             return ExtractResult(str(out), store.n_rows, 0, store.meta.get("n_ok"), store.meta.get("n_failed"),
                                  time.perf_counter() - t0, 0.0, already_complete=True)
+        if rank == 0:  # rank 0 owns the metadata
+            _note_precision(store, resolved_precision(dev, precision), out)
         mine = [c for c in store.pending_chunks() if c % world == rank]
         n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
         t1 = time.perf_counter()

@@ -12,6 +12,9 @@ Layout, schema version 1 (documented in the README):
       done        [n_chunks]    per-chunk completion flags, one object each, written after the chunk
       clip_id, frame_idx [N]    only for manifests of video frames
 
+attrs["fercache"]["precisions"] lists the precisions its chunks were computed in (fp32, bf16, fp16, bf16-weights;
+from 0.3.1; optional, not fingerprinted): two entries mean a resume in another precision mixed them.
+
 ``complete`` is set last, after every ``done`` flag is true, so a half-written
 store never looks finished.
 """
@@ -209,6 +212,16 @@ class FeatureStore:
         self.group["error"][rows] = np.asarray(error, dtype=str)
         self.group["done"][i] = True
 
+    def note_precision(self, precision: str) -> list[str]:
+        """Record that chunks are now computed in `precision` ("fp32", "bf16", ...); returns those recorded before.
+        Not fingerprinted (fp32 and bf16 features agree within tolerance), but a store resumed in another precision
+        mixes the two, and `info` says so. A store from before 0.3.1 with chunks done recorded none: "not recorded"."""
+        computed = len(self.pending_chunks()) < self.n_chunks  # with none yet, an earlier record is moot
+        had = (list(self.meta.get("precisions") or []) or ["not recorded"]) if computed else []
+        if precision not in had:
+            self.group.attrs["fercache"] = {**self.meta, "precisions": had + [precision]}
+        return had
+
     def mark_complete(self, n_ok: int) -> None:
         """Set `complete` once every chunk is done."""
         pending = self.pending_chunks()
@@ -264,6 +277,7 @@ class FeatureStore:
             "chunks_total": self.n_chunks, "outputs": self.outputs, "default_output": self.default_output,
             "n_ok": meta.get("n_ok"), "n_failed": meta.get("n_failed"), "failures": self.errors() if self.complete else {},
             "fingerprint": self.fingerprint, "manifest": meta.get("manifest"), "data_root": meta.get("data_root"),
+            "precisions": meta.get("precisions"),
             "outdated": outdated(self.fingerprint, (meta.get("encoder_args") or {}).get("spec")),
             "writer": None if self.complete else writer(self.location),
             "clips": int(len(np.unique(_strings(self.read("clip_id"))))) if "clip_id" in self.group else None,

@@ -146,6 +146,46 @@ def test_bf16_weights_run_every_op_in_bf16_and_autocast_only_fp32_weights(tiny_m
     assert not np.array_equal(a, b)
 
 
+def _reopen_chunk(location, chunk: int, drop_precisions: bool = False) -> None:
+    """As if the run that wrote `location` had died before writing `chunk`."""
+    st = S.open_store(location, mode="r+")
+    st.group["done"][chunk] = False
+    meta = {k: v for k, v in st.meta.items() if not (drop_precisions and k == "precisions")}
+    st.group.attrs["fercache"] = {**meta, "complete": False}
+
+
+def test_store_records_its_precision_and_a_resume_in_another_says_so(tiny_manifest, tiny_dataset, tiny_encoder_spec,
+                                                                     tmp_path, caplog):
+    from tests.test_cli import invoke
+
+    out = tmp_path / "p.zarr"
+    kw = dict(root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0, progress=False)
+    extract(tiny_manifest, tiny_encoder_spec, out, **kw)  # auto on CPU: fp32
+    assert S.open_store(out).meta["precisions"] == ["fp32"]
+    extract(tiny_manifest, tiny_encoder_spec, out, precision="bf16", **kw)  # complete: nothing computed, nothing noted
+    assert S.open_store(out).meta["precisions"] == ["fp32"]
+    _reopen_chunk(out, 2)
+    with caplog.at_level("WARNING", logger="fercache.extract"):
+        r = extract(tiny_manifest, tiny_encoder_spec, out, precision="bf16", **kw)
+    assert r.chunks_computed == 1 and S.open_store(out).meta["precisions"] == ["fp32", "bf16"]
+    assert "was extracted in fp32 so far and is continued in bf16" in caplog.text and "--precision fp32" in caplog.text
+    shown = invoke("info", out)
+    assert shown.exit_code == 0 and "precision  fp32 then bf16 (a resume mixed them)" in shown.output
+
+
+def test_precision_of_a_store_from_before_it_was_recorded(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    out = tmp_path / "old.zarr"
+    kw = dict(root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0, progress=False)
+    extract(tiny_manifest, tiny_encoder_spec, out, **kw)
+    _reopen_chunk(out, 0, drop_precisions=True)
+    extract(tiny_manifest, tiny_encoder_spec, out, **kw)
+    assert S.open_store(out).meta["precisions"] == ["not recorded", "fp32"]
+    for chunk in range(S.open_store(out).n_chunks):  # a run that died before its first chunk: its record is moot
+        _reopen_chunk(out, chunk)
+    extract(tiny_manifest, tiny_encoder_spec, out, precision="bf16", **kw)
+    assert S.open_store(out).meta["precisions"] == ["bf16"]
+
+
 def test_workers_started_by_forkserver_give_the_same_store(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec,
                                                              tmp_path):
     """Python 3.14 starts processes with forkserver on Linux (fork before): everything a decode worker gets must
