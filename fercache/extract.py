@@ -319,11 +319,11 @@ def _join(parts: list[tuple[dict, np.ndarray, list[str]]]) -> tuple[dict, np.nda
 def _note_precision(store: S.FeatureStore, precision: str, out) -> None:
     """Record the precision in the store; a resume in another one is said (e.g. begun on a CPU, where `auto` is
     fp32, and resumed on a GPU, where it is bf16), since its chunks then mix the two."""
-    had = store.note_precision(precision)
-    if had and precision not in had:
+    known = [p for p in store.note_precision(precision) if p != "not recorded"]  # an older store's: unknown
+    if known and precision not in known:
         log.warning("%s was extracted in %s so far and is continued in %s: its features mix the two (within "
                     "tolerance of each other); `--precision %s` keeps one, `--overwrite` starts again",
-                    out, " and ".join(had), precision, had[-1])
+                    out, " and ".join(known), precision, known[-1])
 
 
 def _ready(enc: Encoder, views, dev: torch.device, precision: str = "auto") -> Encoder:
