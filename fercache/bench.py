@@ -151,8 +151,8 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
     dtype = _amp_dtype(dev, precision)
     with tempfile.TemporaryDirectory() as tmp:
         m = _subset(manifest, n_images, Path(tmp) / "subset.csv")
-        n = len(read_manifest(m))
-        paths = resolve_paths(read_manifest(m), data_root(root))
+        paths = resolve_paths(read_manifest(m), data_root(root))  # one per row
+        n = len(paths)
         a = model_only(enc, dev, batch_size, dtype, model_seconds)
         with PeakMemory(dev) as mem_b:
             e2e = extract(m, encoder, Path(tmp) / "e2e.zarr", root=root, device=device, batch_size=batch_size,
