@@ -97,6 +97,17 @@ def _joined_features(store: FeatureStore, source: str, output: str | None) -> np
     return other.features(output)
 
 
+def _refuse_non_finite(store: FeatureStore, x: np.ndarray, ok: np.ndarray, output: str) -> None:
+    """Rows marked ok must hold finite features: extraction fails NaN/Inf rows, so any here were damaged or
+    written by something else, and would poison every loss and metric."""
+    bad = np.flatnonzero(ok & ~np.isfinite(x).all(axis=1))
+    if len(bad):
+        raise StoreError(f"{store.location}: {len(bad)} row(s) marked ok hold NaN or Inf in {output!r} (e.g. "
+                         f"{store.sample_ids()[bad[0]]!r}, chunk {bad[0] // store.chunk_rows}); the store is damaged: "
+                         f"`fercache verify {store.location}` names its chunks, and `fercache extract ... --overwrite` "
+                         "rebuilds it")
+
+
 def store_views(store_path: str) -> list[str]:
     """The augmented views a store holds (`extract --views`), in extraction order."""
     return list(open_store(store_path).fingerprint["encoder"].get("views", []))
@@ -145,6 +156,7 @@ def _load_features(store_path: str, manifest: str | Path | None, output: str | N
     xv = np.stack([store.features(f"{name}.{v}") for v in views], axis=1) if views else None
     z = _joined_features(store, mask_source, None) if mask_source else None
     ok = store.ok()
+    _refuse_non_finite(store, x, ok, name)
     if z is not None:
         ok &= np.isfinite(z).all(1)
     col = lambda c: np.array(m.column(c), dtype=object)  # noqa: E731

@@ -15,6 +15,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +29,15 @@ SPLITS = ("train", "val", "test")
 #: Columns that change what the encoder sees; only these enter the store fingerprint,
 #: so relabelling a manifest never forces re-extraction.
 CONTENT_COLUMNS = ("sample_id", "path", "bbox")
+#: An action-unit column: AU and a FACS number (AU1, AU12). AUTHOR or AU_note are ordinary columns.
+AU_COLUMN = re.compile(r"AU[0-9]+")
+#: Control characters (NUL, newlines, escapes) make an id that prints, compares and joins unlike what it shows.
+CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def is_au(column: str) -> bool:
+    """Whether `column` holds an action unit's labels."""
+    return AU_COLUMN.fullmatch(column) is not None
 
 
 @dataclass
@@ -48,7 +58,7 @@ class Manifest:
     @property
     def au_columns(self) -> list[str]:
         """AU columns in numeric order (AU1, AU2, AU4, ...)."""
-        return sorted((c for c in self.columns if c.startswith("AU")), key=lambda c: int(c[2:]))
+        return sorted((c for c in self.columns if is_au(c)), key=lambda c: int(c[2:]))
 
     def column(self, name: str) -> list[str]:
         """One column as a list (empty strings where a row lacks it)."""
@@ -65,7 +75,7 @@ def _columns_of(rows: list[dict[str, str]]) -> list[str]:
         for key in row:
             seen.setdefault(key)
     extra = [c for c in seen if c not in REQUIRED]
-    aus = sorted((c for c in extra if c.startswith("AU")), key=lambda c: int(c[2:]))
+    aus = sorted((c for c in extra if is_au(c)), key=lambda c: int(c[2:]))
     return list(REQUIRED) + [c for c in OPTIONAL if c in seen] + [c for c in extra if c not in OPTIONAL and c not in aus] + aus
 
 
@@ -89,6 +99,7 @@ def read_manifest(path: str | Path) -> Manifest:
     try:
         with _open_text(path, "r") as f:
             reader = csv.DictReader(f)
+            _check_header(path, reader.fieldnames or [])
             missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
             if missing:
                 raise ManifestError(f"{path}:1: missing required column(s) {missing}; a manifest needs {list(REQUIRED)}")
@@ -101,6 +112,14 @@ def read_manifest(path: str | Path) -> Manifest:
     _check_field_counts(manifest)
     validate(manifest)
     return manifest
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    """A column named twice is refused: csv.DictReader keeps the last one's values under the name, so a second
+    `label` column silently relabelled every row."""
+    if twice := sorted({c for c in header if header.count(c) > 1}):
+        raise ManifestError(f"{path}:1: column(s) {', '.join(map(repr, twice))} appear more than once in the header; "
+                            "each column must be named once (rename or remove the copy)")
 
 
 def _check_field_counts(manifest: Manifest) -> None:
@@ -125,6 +144,9 @@ def validate(manifest: Manifest) -> None:
         sid = row["sample_id"]
         if not sid:
             raise ManifestError(f"{where}empty sample_id")
+        if CONTROL.search(sid):
+            raise ManifestError(f"{where}sample_id {sid!r} holds a control character (NUL, tab, newline, ...); "
+                                "ids must be printable text")
         if sid in seen:
             raise ManifestError(f"{where}duplicate sample_id {sid!r} (first on line {seen[sid] + 2})")
         seen[sid] = i
@@ -250,7 +272,20 @@ def resolve_paths(manifest: Manifest, root: Path, check_exists: bool = True) -> 
                    "Pass --data-root (or set FERCACHE_DATA) to the folder the paths are relative to")
             raise ManifestError(f"{len(missing)} file(s) listed in the manifest do not exist under data root {root}: "
                                 f"{shown}{f' and {len(missing) - 5} more' if len(missing) > 5 else ''}. {fix}.")
+        _check_confined(manifest, paths, root)
     return paths
+
+
+def _check_confined(manifest: Manifest, paths: list[Path], root: Path) -> None:
+    """Refuse rows whose file is really outside the data root (a symlink in it leading elsewhere): a manifest's
+    relative paths are confined to the root, and a link would let one read any file the user can."""
+    real_root = Path(os.path.realpath(root))
+    outside = [i for i, p in enumerate(paths) if not Path(os.path.realpath(p)).is_relative_to(real_root)]
+    if outside:
+        i = outside[0]
+        raise ManifestError(f"{manifest.where(i)}{paths[i]} is a link to {os.path.realpath(paths[i])}, outside the data "
+                            f"root {real_root} ({len(outside)} such row(s)); paths must stay inside the data root: pass "
+                            "--data-root to a folder that holds the files themselves")
 
 
 def root_holding(rels: list[str], root: Path) -> Path | None:

@@ -7,7 +7,13 @@ from sklearn.metrics import confusion_matrix, f1_score, recall_score
 
 
 def classification(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict:
-    """Accuracy (WAR), UAR (mean recall over classes present), macro-F1, per-class recall, confusion matrix."""
+    """Accuracy (WAR), UAR (mean recall over the classes present in `y_true`), macro-F1, per-class recall,
+    confusion matrix.
+
+    Macro-F1 is scikit-learn's `f1_score(average="macro")`: the mean over every class in the true or the predicted
+    labels. A class the test set lacks but the head predicts (neutral on CK+48) scores F1 0 and counts: leaving
+    it out would forgive exactly the mistakes a cross-dataset cell is there to show.
+    """
     labels = np.arange(len(class_names))
     present = np.unique(y_true)
     recall = recall_score(y_true, y_pred, labels=labels, average=None, zero_division=0)
@@ -15,7 +21,8 @@ def classification(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str
         "n": int(len(y_true)),
         "accuracy": float((y_true == y_pred).mean()) if len(y_true) else float("nan"),
         "uar": float(recall[present].mean()) if len(present) else float("nan"),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=present, average="macro", zero_division=0)),
+        "macro_f1": float(f1_score(y_true, y_pred, labels=np.union1d(y_true, y_pred), average="macro",
+                                   zero_division=0)),
         "per_class_recall": {class_names[i]: float(recall[i]) for i in present},
         "confusion": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
         "classes": list(class_names),
@@ -76,18 +83,19 @@ def bootstrap_weights(groups: np.ndarray, n_boot: int = N_BOOT, seed: int = 0, b
 def weighted_classification(w: np.ndarray, y_true: np.ndarray, y_pred: np.ndarray, k: int) -> dict[str, np.ndarray]:
     """accuracy, UAR and macro-F1 of each row of weights `w` [b, n], as `classification` computes them.
 
-    UAR and macro-F1 average over the classes present in that resample, as `classification` does for its sample.
+    UAR averages over the classes present in that resample's true labels, macro-F1 over those in its true or
+    predicted labels, as `classification` does for its sample.
     """
     onehot = np.zeros((len(y_true), k * k))
     onehot[np.arange(len(y_true)), y_true * k + y_pred] = 1
     conf = (w @ onehot).reshape(-1, k, k)  # [b, true, predicted]
     hit, true_n, pred_n = np.diagonal(conf, axis1=1, axis2=2), conf.sum(2), conf.sum(1)
-    present = true_n > 0
+    present, seen = true_n > 0, (true_n + pred_n) > 0
     with np.errstate(invalid="ignore", divide="ignore"):
         recall = np.where(present, hit / true_n, 0.0)
-        f1 = np.where(present, 2 * hit / (true_n + pred_n), 0.0)
+        f1 = np.where(seen, 2 * hit / (true_n + pred_n), 0.0)
         return {"accuracy": hit.sum(1) / true_n.sum(1), "uar": recall.sum(1) / present.sum(1),
-                "macro_f1": f1.sum(1) / present.sum(1)}
+                "macro_f1": f1.sum(1) / seen.sum(1)}
 
 
 def weighted_au_f1(w: np.ndarray, y: np.ndarray, pred: np.ndarray) -> np.ndarray:

@@ -5,24 +5,35 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
+from .errors import ConfigError
 
-def _plt():
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    return plt
+def _subplots(*args, figsize, **kw):
+    """(figure, axes) on a plain matplotlib Figure: pyplot would pick (or be switched to) a process-wide backend,
+    replacing a notebook's inline one, and keep every figure alive until closed."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)  # this figure's own canvas; the process-wide backend is left as it is
+    return fig, fig.subplots(*args, **kw)
 
 
 def _save(fig, path: Path, dpi: int) -> Path:
-    """Lay out, write and close a figure (closing matters: pyplot keeps every open figure alive)."""
+    """Lay out and write a figure."""
     fig.tight_layout()
     fig.savefig(path, dpi=dpi)
-    _plt().close(fig)
     return path
+
+
+def _colormap(name: str):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
 
 
 def cell(value) -> str:
@@ -54,13 +65,51 @@ def duration(seconds: float) -> str:
     return f"{s // 3600} h {s % 3600 // 60:02d} min"
 
 
+#: A spreadsheet runs a cell that starts with one of these as a formula (`=HYPERLINK(...)` in a file name).
+FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def safe_cell(value):
+    """`value` as a CSV cell a spreadsheet shows as text: a string starting a formula gets a leading quote. Numbers,
+    and strings that are plain numbers (`-0.91`), are kept as they are."""
+    if not isinstance(value, str) or not value.startswith(FORMULA_START):
+        return value
+    try:
+        float(value)
+        return value
+    except ValueError:
+        return "'" + value
+
+
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
+    """A CSV for people (tables, predictions, ledgers), every text cell made safe to open in a spreadsheet."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+        w.writerow([safe_cell(h) for h in header])
+        w.writerows([safe_cell(v) for v in row] for row in rows)
     return path
+
+
+def check_replaceable(path: Path, header: list[str] | Callable[[list[str]], bool], flag: str) -> None:
+    """Refuse to write over a file fercache did not write: an existing CSV is replaced only when its header is the
+    one this output writes (or one `header` accepts: an earlier run of the same command), a JSON only when it is a
+    list of objects with a `path`, as predict writes. `-o` or `--csv` naming a manifest or a dataset's label file would destroy it."""
+    if not path.is_file():
+        return
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            if path.suffix == ".json":
+                data = json.load(f)
+                ours = isinstance(data, list) and all(isinstance(r, dict) and "path" in r for r in data)
+            else:
+                first = next(csv.reader(f), [])
+                ours = header(first) if callable(header) else first == [safe_cell(h) for h in header]
+    except (OSError, UnicodeDecodeError, ValueError, csv.Error):
+        ours = False
+    if not ours:
+        raise ConfigError(f"{flag} {path} exists and is not a file this command wrote; writing there would "
+                              "destroy it: choose another name, or remove the file first")
 
 
 def markdown_table(header: list[str], rows: list[list]) -> str:
@@ -72,10 +121,9 @@ def markdown_table(header: list[str], rows: list[list]) -> str:
 
 def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], title: str) -> Path:
     """Row-normalised confusion matrix with counts; each true class is labelled with its recall and size."""
-    plt = _plt()
     cm = np.asarray(confusion, dtype=float)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    fig, ax = plt.subplots(figsize=(2.5 + 0.8 * len(classes), 1 + 0.7 * len(classes)))
+    fig, ax = _subplots(figsize=(2.5 + 0.8 * len(classes), 1 + 0.7 * len(classes)))
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     # Recall per class beside its name: the number FER papers report, and what UAR averages.
@@ -91,9 +139,8 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], ti
 
 def gallery_png(path: Path, images: list[np.ndarray], captions: list[str], title: str, cols: int = 8) -> Path:
     """Images in a grid, each with its caption below (grayscale-looking faces stay as they are: RGB, no colormap)."""
-    plt = _plt()
     rows = max(1, -(-len(images) // cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.6 * cols, 1.95 * rows + 0.4), squeeze=False)
+    fig, axes = _subplots(rows, cols, figsize=(1.6 * cols, 1.95 * rows + 0.4), squeeze=False)
     for ax in axes.ravel():
         ax.axis("off")
     for ax, img, cap in zip(axes.ravel(), images, captions):
@@ -105,8 +152,7 @@ def gallery_png(path: Path, images: list[np.ndarray], captions: list[str], title
 
 def hist_png(path: Path, groups: dict[str, np.ndarray], threshold: float, xlabel: str, title: str) -> Path:
     """Overlaid histograms (log counts) of a score per group, with a threshold marked."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 3.2))
+    fig, ax = _subplots(figsize=(7, 3.2))
     lowest = min([0.5] + [float(v.min()) for v in groups.values() if len(v)])
     for name, values in groups.items():
         ax.hist(values, bins=np.linspace(lowest, 1, 101), alpha=0.6, label=name)
@@ -124,8 +170,7 @@ def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray | None, rows: list
     """Cross-dataset matrix (rows trained on, columns tested on) as a heatmap of mean +- std (%; std None: one
     seed, the mean alone); bright is good either way (the colour scale turns over for a lower-is-better metric
     such as ECE)."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(cols), 1.2 + 0.8 * len(rows)))
+    fig, ax = _subplots(figsize=(1.5 + 1.6 * len(cols), 1.2 + 0.8 * len(rows)))
     ax.imshow(mean, cmap="viridis_r" if lower_is_better else "viridis", vmin=0, vmax=100)
     good = 100 - mean if lower_is_better else mean
     ax.set_xticks(range(len(cols)), [f"test: {c}" for c in cols])
@@ -140,9 +185,8 @@ def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray | None, rows: list
 
 def training_png(path: Path, history: list[dict], metric: str, best_epoch: int, title: str) -> Path:
     """Training loss and the validation metric per epoch, with the epoch that selection kept."""
-    plt = _plt()
     epochs = [h["epoch"] for h in history]
-    fig, ax = plt.subplots(figsize=(6, 3.5))
+    fig, ax = _subplots(figsize=(6, 3.5))
     ax.plot(epochs, [h["loss"] for h in history], color="tab:gray", label="train loss")
     ax.set_xlabel("epoch")
     ax.set_ylabel("train loss")
@@ -162,9 +206,8 @@ def training_png(path: Path, history: list[dict], metric: str, best_epoch: int, 
 def ranking_png(path: Path, labels: list[str], mean: list[float], std: list[float], xlabel: str, title: str) -> Path:
     """A dot per point with its seed spread, best at the top: a sweep at a glance. Dots, not bars, because the
     axis is zoomed to the points' range, where a bar's length would mean nothing."""
-    plt = _plt()
     n = len(labels)
-    fig, ax = plt.subplots(figsize=(6.5, 1.0 + 0.32 * n))
+    fig, ax = _subplots(figsize=(6.5, 1.0 + 0.32 * n))
     pos = np.arange(n)[::-1]
     ax.errorbar(mean, pos, xerr=std, fmt="o", color="tab:gray", ecolor="tab:gray", capsize=3)
     ax.errorbar(mean[:1], pos[:1], xerr=std[:1], fmt="o", color="tab:blue", ecolor="tab:blue", capsize=3)
@@ -182,11 +225,10 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
     """Reliability diagram: accuracy against confidence per bin (on the diagonal = calibrated; below it =
     over-confident), raw softmax and, where the run fitted one on validation, after its temperature; beneath,
     how many predictions fall in each bin, so a far-off but empty bin is not mistaken for a problem."""
-    plt = _plt()
     curves = [("raw softmax", result["reliability"], result["ece"], "tab:blue")]
     if "reliability_ts" in result:
         curves.append((f"T = {result['temperature']:.2f} (fit on val)", result["reliability_ts"], result["ece_ts"], "tab:orange"))
-    fig, (ax, axn) = plt.subplots(2, 1, figsize=(5, 6.3), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
+    fig, (ax, axn) = _subplots(2, 1, figsize=(5, 6.3), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="gray", lw=1, linestyle="--")
     edges = np.asarray(curves[0][1]["edges"])
     width = np.diff(edges)
@@ -210,10 +252,9 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
 def curve_png(path: Path, x: list[float], mean: list[float], std: list[float], xlabel: str, ylabel: str, title: str) -> Path:
     """A metric against one numeric setting (shots, a learning rate), seed spread shaded; the x axis is
     logarithmic when the values span a factor of 10 or more, as shot counts and learning rates do."""
-    plt = _plt()
     order = np.argsort(x)
     x, mean, std = (np.asarray(v, dtype=float)[order] for v in (x, mean, std))
-    fig, ax = plt.subplots(figsize=(6, 3.4))
+    fig, ax = _subplots(figsize=(6, 3.4))
     ax.plot(x, mean, marker="o", color="tab:blue")
     ax.fill_between(x, mean - std, mean + std, color="tab:blue", alpha=0.2, linewidth=0)
     if x.min() > 0 and x.max() / x.min() >= 10:
@@ -231,9 +272,8 @@ def curve_png(path: Path, x: list[float], mean: list[float], std: list[float], x
 
 def au_png(path: Path, aus: list[str], series: dict[str, list[float]], title: str) -> Path:
     """Per-AU F1 (%) of each series side by side, the baseline last: which AUs a detector gets, at a glance."""
-    plt = _plt()
     n, k = len(aus), len(series)
-    fig, ax = plt.subplots(figsize=(6.5, 1.2 + 0.45 * n))
+    fig, ax = _subplots(figsize=(6.5, 1.2 + 0.45 * n))
     height = 0.8 / k
     colors = ["tab:blue", "tab:green", "tab:gray"] + ["tab:orange"] * k
     for j, (name, values) in enumerate(series.items()):
@@ -254,9 +294,8 @@ def timeline_png(path: Path, seconds: np.ndarray, prob: np.ndarray, classes: lis
                  stacked: bool = True, xlabel: str = "time (s)") -> Path:
     """Class probabilities over a video's time: stacked (they sum to 1: an expression run) or as lines (AUs, each
     its own probability); the argmax class of each moment is the widest band."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(9, 3.4))
-    colors = plt.get_cmap("tab10" if len(classes) <= 10 else "tab20").colors
+    fig, ax = _subplots(figsize=(9, 3.4))
+    colors = _colormap("tab10" if len(classes) <= 10 else "tab20").colors
     if stacked:
         ax.stackplot(seconds, 100 * prob.T, labels=classes, colors=colors[:len(classes)], alpha=0.85)
     else:
