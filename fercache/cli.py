@@ -162,6 +162,11 @@ def extract(
                                              "(random init, never a silent default: open_clip models, and torchvision/timm "
                                              "ones other than mobilenet_v2, need it)."),
     image_size: Optional[int] = typer.Option(None, help="Encoder input size (default: the model's)."),
+    preprocess_tag: Optional[str] = typer.Option(None, help="With --pretrained FILE of an open_clip model: the "
+                                                 "pretrained tag the file is a copy of, whose preprocessing (mean, std, "
+                                                 "interpolation, resize mode) it needs."),
+    normalize: str = typer.Option("checkpoint", help="Pixel statistics: checkpoint (the weights' own), clip (OpenAI "
+                                  "CLIP's) or imagenet (as the feature-mask recipe feeds CLIP). Fingerprinted."),
     data_root: Optional[Path] = DataRoot,
     device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (under torchrun: cuda picks LOCAL_RANK)."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
@@ -184,20 +189,57 @@ def extract(
     r = run(manifest, encoder, out, pretrained=pretrained, image_size=image_size, root=data_root, device=device,
             batch_size=batch_size, workers=workers, chunk_rows=chunk_rows, precision=precision, overwrite=overwrite,
             read_chunk_rows=read_chunk_rows, views=[v.strip() for v in views.split(",") if v.strip()],
-            progress=_progress["bars"])
+            preprocess_tag=preprocess_tag, normalize=normalize, progress=_progress["bars"])
     if r.n_ok is None:
         return  # non-zero torchrun ranks: rank 0 reports
     state = "already complete, nothing to do" if r.already_complete else f"{r.chunks_computed} chunks at {r.images_per_s:.0f} img/s"
     typer.echo(f"{r.store}: {r.rows} rows, {r.n_ok} ok, {r.n_failed} failed ({state})")
 
 
+@app.command("verify")
+def verify_cmd(
+    store: str = StoreArg,
+    repair: bool = typer.Option(False, "--repair", help="Mark the damaged chunks not done, so the same `fercache "
+                                "extract` command encodes exactly those rows again."),
+) -> None:
+    """Check every chunk of a store against the checksums written with it: deleted, edited or swapped chunk files.
+    Names the damaged chunks and their rows; exit 1 when any is damaged (after --repair too, until re-extracted)."""
+    from .store import open_store
+
+    st = open_store(store, mode="r+" if repair else "r")
+    v = st.verify()
+    for i, arrays in v.bad.items():
+        a, b = v.rows[i]
+        typer.echo(f"chunk {i} (rows {a}-{b - 1}): {', '.join(arrays)} damaged")
+    if v.unchecked:
+        typer.echo(f"{len(v.unchecked)} of {v.n_chunks} chunk(s) have no checksums (extracted before fercache 0.4): "
+                   "not checked", err=True)
+    if v.ok:
+        typer.echo(f"{store}: {v.n_chunks - len(v.unchecked)} chunk(s) checked, none damaged")
+        return
+    if repair:
+        st.repair(list(v.bad))
+        typer.echo(f"{len(v.bad)} chunk(s) marked for re-extraction: run the same `fercache extract` command "
+                   "(the store's own manifest, encoder and --data-root) to encode them again")
+    else:
+        typer.echo(f"{len(v.bad)} damaged chunk(s): `fercache verify {store} --repair`, then the same extract command, "
+                   "re-encodes exactly those rows", err=True)
+    raise typer.Exit(1)
+
+
 @app.command()
-def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON.")) -> None:
+def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", help="Print the whole record as JSON."),
+         verify: bool = typer.Option(False, "--verify", help="Also check every chunk against its checksums (as "
+                                     "`fercache verify`); exit 1 when one fails.")) -> None:
     """Shape, outputs, completeness, failures and fingerprint of a store."""
     from .store import open_store
 
     d = open_store(store).info()
     if as_json:
+        if verify:
+            from dataclasses import asdict
+
+            d["verification"] = asdict(open_store(store).verify())
         typer.echo(json.dumps(d, indent=2))
         return
     fp = d["fingerprint"]
@@ -227,6 +269,8 @@ def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", he
     typer.echo(f"key        {fp['key']}")
     for sid, why in list(d["failures"].items())[:20]:
         typer.echo(f"failed     {sid}: {why}")
+    if verify:
+        verify_cmd(store, repair=False)
 
 
 @app.command()
@@ -586,6 +630,9 @@ def runs_cmd(
     if result["unchecked"]:
         typer.echo(f"{len(result['unchecked'])} run(s) could not be checked: their training store or manifest is "
                    "missing (moved or deleted); `fercache evaluate RUN --store NEW` scores a run on a moved store", err=True)
+    if result["copies"]:
+        typer.echo(f"{len(result['copies'])} run(s) repeat another's settings and seed, counted once: "
+                   f"{'; '.join(result['copies'][:5])}", err=True)
     if result["incomplete"]:
         typer.echo(f"{len(result['incomplete'])} folder(s) hold head.pt but not a whole run, left out (retrain them): "
                    f"{'; '.join(result['incomplete'])}", err=True)

@@ -13,10 +13,13 @@ import contextlib
 import functools
 import hashlib
 import importlib.util
+import inspect
 import logging
+import json
 import os
+import pickle
 import socket
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -24,7 +27,7 @@ import torch
 from torch import nn
 
 from .errors import EncoderError, FercacheError, UnknownNameError
-from .preprocess import Preprocess
+from .preprocess import NORMALIZE, Preprocess
 from .registry import Registry
 
 log = logging.getLogger(__name__)
@@ -110,6 +113,8 @@ def missing_weights(spec: str, pretrained: str | None) -> str | None:
     if pretrained is not None:
         return None
     family, _, arch = spec.partition(":")
+    if family == "open_clip" and arch.startswith(SCHEMES):
+        return None  # an hf-hub: or local-dir: model brings its weights
     if family == "open_clip" and not arch.endswith(".json"):
         import open_clip  # only on this path: for the tags
 
@@ -155,7 +160,14 @@ def check_encoder_name(spec: str) -> None:
     pipeline checks its extract steps with it before its first step runs, not when the extract step is reached."""
     family, _, arch = spec.partition(":")
     ENCODERS.lookup(family)
-    if family == "open_clip" and not arch.endswith(".json"):
+    if family == "open_clip" and arch.startswith("local-dir:"):
+        folder = Path(arch.removeprefix("local-dir:")).expanduser()
+        if not (folder / "open_clip_config.json").is_file():
+            raise EncoderError(f"{spec}: {folder} holds no open_clip_config.json (a local-dir: model is a folder with "
+                               "its config and weights, as open_clip saves them)")
+    elif family == "open_clip" and arch.startswith("hf-hub:"):
+        pass  # a repository: its config is fetched (or found in the cache) when the model is built
+    elif family == "open_clip" and not arch.endswith(".json"):
         import open_clip
 
         if arch not in open_clip.list_models():
@@ -170,10 +182,19 @@ def check_encoder_name(spec: str) -> None:
         raise UnknownNameError("timm model", arch, timm.list_models())
 
 
-def load_encoder(spec: str, pretrained: str | None = None, image_size: int | None = None) -> Encoder:
-    """Build a frozen, eval-mode encoder from `family:arch` (e.g. `open_clip:ViT-B-16`)."""
+def load_encoder(spec: str, pretrained: str | None = None, image_size: int | None = None,
+                 preprocess_tag: str | None = None, normalize: str = "checkpoint") -> Encoder:
+    """Build a frozen, eval-mode encoder from `family:arch` (e.g. `open_clip:ViT-B-16`). `normalize`: the
+    checkpoint's own pixel statistics, or `clip`/`imagenet` ones instead (preprocess.NORMALIZE)."""
     family, _, arch = spec.partition(":")
-    enc = ENCODERS.lookup(family)(arch, pretrained=pretrained, image_size=image_size)
+    factory = ENCODERS.lookup(family)
+    if normalize not in NORMALIZE:
+        raise EncoderError(f"--normalize {normalize!r}: one of {', '.join(NORMALIZE)}")
+    if preprocess_tag and "preprocess_tag" not in inspect.signature(factory).parameters:
+        raise EncoderError(f"--preprocess-tag names an open_clip pretrained tag; {family} encoders have none")
+    enc = factory(arch, pretrained=pretrained, image_size=image_size,
+                  **({"preprocess_tag": preprocess_tag} if preprocess_tag else {}))
+    enc.preprocess = enc.preprocess.normalized(normalize)
     enc.model.eval().requires_grad_(False)
     return enc
 
@@ -184,7 +205,8 @@ def encoder_of(store_meta: dict) -> Encoder:
     args = store_meta.get("encoder_args") or {"spec": fp["name"]}
     # A random-init store made before --pretrained was required recorded none as None: it asked for random init
     pretrained = args.get("pretrained") or ("none" if fp.get("pretrained") == "none" else None)
-    enc = load_encoder(args["spec"], pretrained=pretrained, image_size=args.get("image_size"))
+    enc = load_encoder(args["spec"], pretrained=pretrained, image_size=args.get("image_size"),
+                       preprocess_tag=args.get("preprocess_tag"), normalize=args.get("normalize") or "checkpoint")
     if why := revision_note(fp, enc.identity()):
         raise EncoderError(f"{why}; new images would not be encoded as the cached ones were. Re-extract the store "
                            f"with `fercache extract ... --overwrite` and retrain its runs")
@@ -227,7 +249,10 @@ def _local_weights(path: str) -> dict:
     if p.suffix == ".safetensors":
         from safetensors.torch import load_file
         return load_file(str(p))
-    state = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise EncoderError(unsafe_pickle(p, e)) from None
     for key in ("state_dict", "model", "module"):
         if isinstance(state, dict) and key in state and isinstance(state[key], dict):
             state = state[key]
@@ -244,11 +269,19 @@ def _is_path(pretrained: str | None) -> bool:
 class ClipImage(nn.Module):
     """open_clip visual tower returning the pooled pre-projection feature and the projected embedding."""
 
+    POOLED_PATH = ("_embeds", "_pool", "proj", "transformer")
+
     def __init__(self, visual: nn.Module):
         super().__init__()
+        from open_clip.transformer import VisionTransformer
+
         self.visual = visual
         # ViTs expose the pre-projection pooled token; other towers (ResNet, timm) give the embedding only.
-        self.has_pooled = all(hasattr(visual, a) for a in ("_embeds", "_pool", "proj", "transformer"))
+        self.has_pooled = isinstance(visual, VisionTransformer)
+        lacking = [a for a in self.POOLED_PATH if not hasattr(visual, a)]
+        if self.has_pooled and lacking:  # an open_clip whose ViT is built otherwise: never a store without `pooled`
+            raise EncoderError(f"this open_clip's VisionTransformer has no {', '.join(lacking)}, which fercache reads "
+                               "for the pooled output: install the open_clip_torch version pyproject.toml names")
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         if not self.has_pooled:
@@ -259,8 +292,12 @@ class ClipImage(nn.Module):
         return {"pooled": pooled, "embedding": emb}
 
 
+SCHEMES = ("hf-hub:", "local-dir:")  # open_clip's own: a model whose config and weights come together
+
+
 def _open_clip_arch(arch: str) -> str:
-    """`arch` may be a registered model name or a path to an open_clip JSON model config."""
+    """`arch` may be a registered model name, a path to an open_clip JSON model config, or `hf-hub:ORG/REPO` /
+    `local-dir:FOLDER` (open_clip_config.json beside the weights)."""
     import open_clip
 
     check_encoder_name(f"open_clip:{arch}")
@@ -269,6 +306,113 @@ def _open_clip_arch(arch: str) -> str:
         open_clip.add_model_config(path)
         return path.stem
     return arch
+
+
+def _scheme_config(arch: str) -> dict:
+    """open_clip_config.json of an `hf-hub:` or `local-dir:` model: its model_cfg and preprocess_cfg."""
+    if arch.startswith("local-dir:"):
+        path = Path(arch.removeprefix("local-dir:")).expanduser() / "open_clip_config.json"
+    else:
+        path = _hub_file(arch.removeprefix("hf-hub:"), "open_clip_config.json")
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise EncoderError(f"{path} is not a readable open_clip config ({type(e).__name__}: {e})") from None
+
+
+def _hub_file(repo: str, filename: str) -> Path:
+    """A file of a Hugging Face repo: the local cache, else a download when online."""
+    from huggingface_hub import hf_hub_download, try_to_load_from_cache
+
+    hit = try_to_load_from_cache(repo, filename)
+    if isinstance(hit, str):
+        return Path(hit)
+    if hub_offline():
+        raise EncoderError(f"HF_HUB_OFFLINE is set and {filename} of hf-hub:{repo} is not in the local cache. {OFFLINE_HELP}")
+    if not _hub_reachable():
+        raise EncoderError(f"the model hub is unreachable and hf-hub:{repo} is not in the local cache. {OFFLINE_HELP}")
+    try:
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:  # the hub client raises many types for network, auth and missing files
+        raise EncoderError(f"downloading {filename} of hf-hub:{repo} failed: {e}. {OFFLINE_HELP}") from None
+
+
+def _scheme_weights(arch: str) -> Path:
+    """The weights file open_clip loads for an `hf-hub:` or `local-dir:` model (its sha256 is the store's)."""
+    from open_clip.factory import _find_checkpoint_in_dir
+
+    if arch.startswith("local-dir:"):
+        folder = Path(arch.removeprefix("local-dir:")).expanduser()
+        found = _find_checkpoint_in_dir(folder)
+        if not found:
+            raise EncoderError(f"{folder} holds no weights (*.safetensors, *.bin, *.pth) beside open_clip_config.json")
+        return Path(found)
+    repo = arch.removeprefix("hf-hub:")
+    for name in ("open_clip_model.safetensors", "open_clip_pytorch_model.bin"):
+        try:
+            return _hub_file(repo, name)
+        except EncoderError as e:
+            last = e
+    raise last
+
+
+def open_clip_preprocess(arch: str, pretrained: str | None = None, image_size: int | None = None,
+                         preprocess_tag: str | None = None) -> Preprocess:
+    """The preprocessing open_clip's create_model_and_transforms builds for this model and weights, resolved from
+    open_clip's configs alone (no weights, no model): its defaults, then the `hf-hub:`/`local-dir:` config's
+    preprocess_cfg, then the pretrained tag's (or, for a local weights file, `preprocess_tag`'s) mean, std,
+    interpolation, resize mode and fill; the size is the vision tower's."""
+    import open_clip
+    from open_clip.factory import merge_preprocess_dict
+    from open_clip.transform import PreprocessCfg
+
+    cfg = asdict(PreprocessCfg())
+    if arch.startswith(SCHEMES):
+        config = _scheme_config(arch)
+        model_cfg = config.get("model_cfg") or {}
+        cfg = merge_preprocess_dict(cfg, config.get("preprocess_cfg") or {})
+    else:
+        model_cfg = open_clip.get_model_config(arch) or {}
+        tag = preprocess_tag if _is_path(pretrained) or pretrained in (None, "none") else pretrained
+        if tag:
+            tag_cfg = open_clip.get_pretrained_cfg(arch, tag)
+            if not tag_cfg:
+                raise EncoderError(f"{arch} has no pretrained tag {tag!r}; known tags: "
+                                   f"{open_clip.list_pretrained_tags_by_model(arch) or 'none'}")
+            cfg = merge_preprocess_dict(cfg, tag_cfg)
+    size = image_size or model_cfg.get("vision_cfg", {}).get("image_size", 224)
+    side = set(size) if isinstance(size, (tuple, list)) else {size}
+    if len(side) != 1:
+        raise EncoderError(f"open_clip {arch} takes {size[0]}x{size[1]} images; fercache encodes square images only")
+    return Preprocess(size=int(side.pop()), mean=_three(cfg["mean"]), std=_three(cfg["std"]),
+                      interpolation=cfg["interpolation"], resize_mode=cfg["resize_mode"], fill=int(cfg["fill_color"]))
+
+
+def _three(v) -> tuple[float, float, float]:
+    return tuple(float(x) for x in v) if isinstance(v, (tuple, list)) else (float(v),) * 3
+
+
+def _differing_tags(arch: str) -> list[str]:
+    """The pretrained tags of `arch` whose preprocessing differs from the model's default: a local copy of one of
+    them needs --preprocess-tag."""
+    import open_clip
+
+    if arch.startswith(SCHEMES) or arch not in open_clip.list_models():
+        return []
+    plain = open_clip_preprocess(arch)
+    return [t for t in open_clip.list_pretrained_tags_by_model(arch) if open_clip_preprocess(arch, t) != plain]
+
+
+def hub_offline() -> bool:
+    """HF_HUB_OFFLINE as huggingface_hub itself reads it (1, ON, YES, TRUE in any case), so fercache and the hub
+    client never disagree about being offline."""
+    try:
+        from huggingface_hub import is_offline_mode
+    except ImportError:  # older huggingface_hub: its constant, parsed by the same rule
+        from huggingface_hub.constants import HF_HUB_OFFLINE
+
+        return bool(HF_HUB_OFFLINE)
+    return bool(is_offline_mode())
 
 
 def _hub_reachable(timeout: float = 3.0) -> bool:
@@ -309,7 +453,7 @@ def resolve_open_clip_weights(arch: str, tag: str) -> Path:
     cached = _cached_open_clip_file(cfg)
     if cached is not None:
         return cached
-    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+    if hub_offline():
         raise EncoderError(f"HF_HUB_OFFLINE is set and open_clip {arch}/{tag} is not in the local cache. {OFFLINE_HELP}")
     if not _hub_reachable():
         # Fail in seconds instead of letting the hub client retry for a minute.
@@ -337,35 +481,62 @@ def _without_random_init_warning():
 
 
 @register_encoder("open_clip")
-def open_clip_encoder(arch: str, pretrained: str | None = None, image_size: int | None = None) -> Encoder:
-    """open_clip model by name (or JSON config path); `pretrained` is a hub tag, a local file, or none (random init)."""
-    import open_clip
-
+def open_clip_encoder(arch: str, pretrained: str | None = None, image_size: int | None = None,
+                      preprocess_tag: str | None = None) -> Encoder:
+    """open_clip model by name (or JSON config path, or `hf-hub:`/`local-dir:`); `pretrained` is a hub tag, a local
+    file (`preprocess_tag`: the tag it is a copy of, for its preprocessing), or none (random init)."""
     name = _open_clip_arch(arch)
     if why := missing_weights(f"open_clip:{arch}", pretrained):
         raise EncoderError(why)
-    kw = {"force_image_size": image_size} if image_size else {}
-    if not pretrained or pretrained == "none":
-        torch.manual_seed(0)  # random init must be reproducible: its hash is the weights identity
-        with _without_random_init_warning():
-            model, sha, label = open_clip.create_model(name, pretrained=None, **kw), None, "none"
-    else:
-        path = Path(pretrained).expanduser() if _is_path(pretrained) else resolve_open_clip_weights(name, pretrained)
-        if not path.is_file():
-            raise EncoderError(f"weights file {path} does not exist. {OFFLINE_HELP}")
-        model = open_clip.create_model(name, pretrained=str(path), weights_only=True, **kw)
-        sha, label = sha256_file(path), pretrained
+    if preprocess_tag and not _is_path(pretrained):
+        raise EncoderError(f"--preprocess-tag is for a local weights file; --pretrained {pretrained} "
+                           f"{'is a tag, whose own preprocessing is used' if pretrained else 'names none'}")
+    spec = open_clip_preprocess(name, pretrained, image_size, preprocess_tag)
+    if _is_path(pretrained) and not preprocess_tag and (tags := _differing_tags(name)):
+        log.warning("%s's pretrained tags %s preprocess differently from its default (used now): if %s is a copy of "
+                    "one of them, pass --preprocess-tag TAG", name, ", ".join(tags), pretrained)
+    model, sha, label = _open_clip_model(name, pretrained, image_size)
     model.eval().requires_grad_(False)  # the text tower too: zero-shot and prompt heads run it, frozen
-    cfg = model.visual.preprocess_cfg
-    spec = Preprocess(size=int(model.visual.image_size[0]) if isinstance(model.visual.image_size, (tuple, list))
-                      else int(model.visual.image_size),
-                      mean=tuple(cfg["mean"]), std=tuple(cfg["std"]), interpolation=cfg.get("interpolation", "bicubic"))
+    built = model.visual.image_size
+    if (built[0] if isinstance(built, (tuple, list)) else built) != spec.size:
+        raise EncoderError(f"open_clip built {name} for {built} px images, its config says {spec.size}")
     image = ClipImage(model.visual)
     return Encoder(
         name=f"open_clip:{name}", pretrained=label, weights_sha256=sha or sha256_state(model),
         model=image, preprocess=spec, outputs=_out_dims(image, spec.size), default_output="embedding",
         extra={"clip_model": model},  # the text tower, for zero-shot heads
     )
+
+
+def _open_clip_model(name: str, pretrained: str | None, image_size: int | None):
+    """(model, weights sha256 or None for random init, weights label)."""
+    import open_clip
+
+    kw = {"force_image_size": image_size} if image_size else {}
+    if name.startswith(SCHEMES):
+        path = _scheme_weights(name)
+        return open_clip.create_model(name, weights_only=True, **kw), sha256_file(path), name
+    if not pretrained or pretrained == "none":
+        torch.manual_seed(0)  # random init must be reproducible: its hash is the weights identity
+        with _without_random_init_warning():
+            return open_clip.create_model(name, pretrained=None, **kw), None, "none"
+    path = Path(pretrained).expanduser() if _is_path(pretrained) else resolve_open_clip_weights(name, pretrained)
+    if not path.is_file():
+        raise EncoderError(f"weights file {path} does not exist. {OFFLINE_HELP}")
+    try:
+        model = open_clip.create_model(name, pretrained=str(path), weights_only=True, **kw)
+    except pickle.UnpicklingError as e:
+        raise EncoderError(unsafe_pickle(path, e)) from None
+    return model, sha256_file(path), pretrained
+
+
+def unsafe_pickle(path, e: Exception) -> str:
+    """What to say of a weights file torch refuses to unpickle safely (weights_only): it holds code, not only
+    tensors. fercache never runs it."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    return (f"{path} is not a plain weights file: torch refused to load it safely ({first[:160]}); it may run code "
+            "when loaded. Re-save its state_dict (torch.save(model.state_dict(), PATH) or safetensors) from a source "
+            "you trust")
 
 
 # --- torchvision / timm ----------------------------------------------------------------------------

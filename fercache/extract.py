@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from . import store as S
 from .devices import torch_device
 from .encoders import Encoder, check_encoder_name, load_encoder, missing_weights
-from .errors import ConfigError, EncoderError, repeated
+from .errors import ConfigError, EncoderError, StoreError, repeated
 from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
-from .preprocess import VIEWS, decode_image, to_model_input, with_views
+from .preprocess import NORMALIZE, VIEWS, decode_image, to_model_input, with_views
 
 log = logging.getLogger(__name__)
 
@@ -107,11 +107,13 @@ def _as_is(item):
     return item
 
 
-def _ignore_sigint(_worker_id: int) -> None:
-    """Decode workers leave Ctrl-C to the main process. Ctrl-C reaches the whole process group; a worker that
-    stopped on it left its queue's feeder thread blocked on a pipe nobody read, and the DataLoader waited 5 s per
-    worker before killing it. Left running, the workers see the loader's shutdown and exit at once."""
+def _start_worker(_worker_id: int) -> None:
+    """A decode worker leaves Ctrl-C to the main process: Ctrl-C reaches the whole process group, and a worker that
+    stopped on it left its queue's feeder thread blocked on a pipe nobody read (the DataLoader waited 5 s per worker
+    before killing it); left running, workers see the loader's shutdown and exit at once. It also closes its copy
+    of the store's lock file, so workers outliving a killed extract do not keep the store locked."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    S.close_inherited_locks()
 
 
 def _dist() -> tuple[int, int]:
@@ -227,9 +229,23 @@ def encode_chunk(item: dict, encoder: Encoder, device: torch.device, batch_size:
             if staged[k] is not None:
                 out[good] = staged[k].numpy()
             feats[k] = out
+        fail_non_finite(feats, ok, item["error"])
         return feats
 
     return finish
+
+
+def fail_non_finite(feats: dict[str, np.ndarray], ok: np.ndarray, error: list[str]) -> None:
+    """Mark rows whose features hold NaN or Inf as failed, in place: a model that overflowed (float16's largest
+    value is 65504) or a broken input gives numbers no head can learn from, and stored `ok` they poisoned training."""
+    bad = np.zeros(len(ok), dtype=bool)
+    for name, f in feats.items():
+        bad_here = ok & ~bad & ~np.isfinite(f).all(axis=1)
+        for i in np.flatnonzero(bad_here):
+            error[i] = (f"non-finite features (NaN or Inf) in output {name!r}: the encoder overflowed on this image "
+                        "(in fp16/bf16, try --precision fp32)")
+        bad |= bad_here
+    ok &= ~bad
 
 
 def _to_host(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -284,7 +300,7 @@ def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: np.ndarray, bboxe
                          encoder.preprocess.size)
     loader = DataLoader(reader, batch_size=None, shuffle=False, num_workers=workers, collate_fn=_as_is,
                         pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-                        persistent_workers=False, worker_init_fn=_ignore_sigint if workers else None)
+                        persistent_workers=False, worker_init_fn=_start_worker if workers else None)
     total = sum(store.chunk_slice(c).stop - store.chunk_slice(c).start for c in chunks)
     writer = _Writer(store)
     writer.start()
@@ -316,6 +332,23 @@ def _join(parts: list[tuple[dict, np.ndarray, list[str]]]) -> tuple[dict, np.nda
     return feats, np.concatenate([p[1] for p in parts]), [e for p in parts for e in p[2]]
 
 
+def _check_root(store: S.FeatureStore, base: Path, out) -> None:
+    """A resume reads images under the root the written chunks were read from. Another root that exists would
+    mix two folders' images in one store (a FER2013 subset beside the full set, say), so it is refused; one that
+    is gone is a dataset moved, taken with a warning, and recorded beside the first."""
+    roots = store.meta.get("data_roots") or [r for r in [store.meta.get("data_root")] if r]
+    done = store.n_chunks - len(store.pending_chunks())
+    if not done or not roots or str(base) == roots[-1]:
+        return
+    if Path(roots[-1]).is_dir():
+        raise StoreError(f"{out}: its {done} written chunk(s) were read under --data-root {roots[-1]}; resuming under "
+                         f"{base} would mix images of two folders in one store. Pass --data-root {roots[-1]}, or "
+                         "--overwrite to start again under the new root")
+    log.warning("%s: its %d written chunk(s) were read under %s, which is gone; the rest are read under %s (a moved "
+                "dataset must hold the same files)", out, done, roots[-1], base)
+    store.group.attrs["fercache"] = {**store.meta, "data_root": str(base), "data_roots": [*roots, str(base)]}
+
+
 def _note_precision(store: S.FeatureStore, precision: str, out) -> None:
     """Record the precision in the store; a resume in another one is said (e.g. begun on a CPU, where `auto` is
     fp32, and resumed on a GPU, where it is bf16), since its chunks then mix the two."""
@@ -340,7 +373,7 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16", "bf16-weights")
 
 
 def check_options(batch_size: int, workers: int | None, chunk_rows: int, precision: str, image_size: int | None,
-                  views=()) -> None:
+                  views=(), normalize: str = "checkpoint") -> None:
     """Refuse, before anything is read or created, what would otherwise fail mid-run inside range(), the
     DataLoader or a dict lookup (and image_size=0, which used to mean the model's default silently; a view given
     twice, which crashed the first chunk's write after the store was created)."""
@@ -355,6 +388,7 @@ def check_options(batch_size: int, workers: int | None, chunk_rows: int, precisi
         ("image-size", image_size, image_size is None or image_size >= 1, "leave it out for the model's own size, "
                                                                           "or give pixels >= 1"),
         ("views", ",".join(views), not twice, f"{', '.join(twice)} given twice; each view is cached once"),
+        ("normalize", normalize, normalize in NORMALIZE, ", ".join(NORMALIZE)),
     ] if not ok]
     if wrong:
         raise ConfigError("; ".join(wrong))
@@ -375,13 +409,16 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
             image_size: int | None = None, root: str | Path | None = None, device: str = "cpu",
             batch_size: int = 256, workers: int | None = None, chunk_rows: int = 1024, precision: str = "auto",
             overwrite: bool = False, progress: bool = True, encoder_obj: Encoder | None = None,
-            read_chunk_rows: int | None = None, views: list[str] | tuple[str, ...] = ()) -> ExtractResult:
+            read_chunk_rows: int | None = None, views: list[str] | tuple[str, ...] = (),
+            preprocess_tag: str | None = None, normalize: str = "checkpoint") -> ExtractResult:
     """Encode every manifest row once into a fingerprinted store at `out`; resumes an interrupted one.
 
     `views` (e.g. ["flip"]) also stores each output of each augmented view, as "<output>.<view>".
+    `preprocess_tag`: for a local open_clip weights file, the pretrained tag whose preprocessing it needs.
+    `normalize`: the checkpoint's own pixel statistics, or `clip`/`imagenet` ones (a published recipe's choice).
     """
     t0 = time.perf_counter()
-    check_options(batch_size, workers, chunk_rows, precision, image_size, views)
+    check_options(batch_size, workers, chunk_rows, precision, image_size, views, normalize)
     rank, world = _dist()
     dev = _resolve_device(device, rank, world)  # before any reading: a wrong --device fails in a second
     if encoder_obj is None:  # likewise: a misspelt model or missing weights, before a 10M-row manifest is read
@@ -394,11 +431,14 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
         manifest = read_manifest(manifest_path)
         base = data_root(root)
         paths, bboxes = packed(resolve_paths(manifest, base)), packed(manifest.column("bbox"))
-        enc = _ready(encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size), views, dev,
-                     precision)
+        built = encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size,
+                                            preprocess_tag=preprocess_tag, normalize=normalize)
+        enc = _ready(built, views, dev, precision)
+        args = {"spec": encoder, "pretrained": pretrained, "image_size": image_size}
+        args |= {k: v for k, v in (("preprocess_tag", preprocess_tag), ("normalize", normalize))
+                 if v not in (None, "checkpoint")}  # rebuilt by encoders.encoder_of
         store = open_or_create(str(out), enc, manifest, chunk_rows, overwrite, rank, world,
-                               manifest_path=str(Path(manifest_path).resolve()),
-                               encoder_args={"spec": encoder, "pretrained": pretrained, "image_size": image_size},
+                               manifest_path=str(Path(manifest_path).resolve()), encoder_args=args,
                                read_chunk_rows=read_chunk_rows, data_root=str(base))
         del manifest  # its rows (~0.6 KB each as dicts) are not needed past the fingerprint and the store's ids
         if store.complete:
@@ -406,6 +446,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
             return ExtractResult(str(out), store.n_rows, 0, store.meta.get("n_ok"), store.meta.get("n_failed"),
                                  time.perf_counter() - t0, 0.0, already_complete=True)
         if rank == 0:  # rank 0 owns the metadata
+            _check_root(store, base, out)
             _note_precision(store, resolved_precision(dev, precision), out)
         mine = [c for c in store.pending_chunks() if c % world == rank]
         n_workers = min(4, os.cpu_count() or 1) if workers is None else workers

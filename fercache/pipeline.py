@@ -346,7 +346,8 @@ def _check_extract(args: dict) -> None:
     if why := missing_weights(args["encoder"], args.get("pretrained")):
         raise EncoderError(why)
     o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
-    check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"], o["views"])
+    check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"], o["views"],
+                  o["normalize"])
     check_location(str(args["out"]), bool(o["overwrite"]))
 
 

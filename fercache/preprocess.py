@@ -7,7 +7,7 @@ is the per-image PIL pipeline it must match (see tests/test_preprocess.py).
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -21,49 +21,172 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+PREPROCESS_REVISION = 2
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP's training statistics
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+#: --normalize: which statistics scale the pixels. `checkpoint` keeps the ones the weights were trained with; the
+#: others replace them, as a published recipe may (the feature-mask recipe feeds CLIP ImageNet-normalised input).
+NORMALIZE = {"checkpoint": None, "clip": (CLIP_MEAN, CLIP_STD), "imagenet": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
 @dataclass(frozen=True)
 class Preprocess:
-    """Resize the shorter side to `size`, centre-crop `size` x `size`, scale to [0, 1], normalise."""
+    """Resize to `size` as `resize_mode` says, scale to [0, 1], normalise. The modes are open_clip's:
+    `shortest` resizes the shorter side to `size` and centre-crops a square; `squash` resizes to a square,
+    ignoring the aspect ratio; `longest` resizes the longer side to `size` and pads the rest with `fill`."""
 
     size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     interpolation: str = "bicubic"
+    resize_mode: str = "shortest"
+    fill: int = 0
+
+    def __post_init__(self):
+        RESIZES.lookup(self.resize_mode)
 
     def to_dict(self) -> dict:
-        """JSON-friendly form, part of the store fingerprint."""
-        d = asdict(self)
-        d.update(mean=list(self.mean), std=list(self.std), resize="shorter-side", crop="center")
-        return d
+        """JSON-friendly form, part of the store fingerprint. `revision` 2: resizing matches PIL's (the long side
+        and crop offset as torchvision computes them, bicubic in two clipped passes); revision 1 (no key) was up to
+        7/255 per pixel off when upscaling, so its stores read as other inputs."""
+        d = {"size": self.size, "mean": list(self.mean), "std": list(self.std), "interpolation": self.interpolation,
+             "revision": PREPROCESS_REVISION}
+        if self.resize_mode == "shortest":
+            return {**d, "resize": "shorter-side", "crop": "center"}
+        if self.resize_mode == "squash":
+            return {**d, "resize": "squash", "crop": "none"}
+        return {**d, "resize": "longer-side", "crop": "pad", "fill": self.fill}
+
+    def normalized(self, how: str) -> "Preprocess":
+        """The same resizing with other normalisation statistics (`NORMALIZE`)."""
+        if how not in NORMALIZE:
+            raise ValueError(f"--normalize {how!r}: one of {', '.join(NORMALIZE)}")
+        stats = NORMALIZE[how]
+        return self if stats is None else replace(self, mean=stats[0], std=stats[1])
+
+
+#: The most pixels one image may decode to (after a JPEG's reduced decode): 2^25, 33.5 MP, above any camera photo
+#: a face is cut from. A file's header can claim any size (a 32 KB PNG of 12000x12000 1-bit pixels), and
+#: decoding, converting and resizing it would cost gigabytes; past the limit the row fails, named, and nothing
+#: is decoded. With it, one image costs at most 100 MB as uint8 RGB.
+MAX_PIXELS = 1 << 25
+#: The longest side may be at most this many times the shortest: resizing the shortest side to the model's size
+#: scales the other by as much (a 1x60000 strip at 64 px is 64x3.8M pixels).
+MAX_ASPECT = 16
+#: 16-bit modes: scaled to 8 bits by 255/65535, as an image viewer shows them (PIL's convert saturates them).
+WIDE_MODES = ("I;16", "I;16B", "I;16L", "I;16N")
+ORIENTATION = 0x0112  # the EXIF tag a camera records how it was held in
+
+
+def parse_box(bbox: str, width: int, height: int) -> tuple[int, int, int, int]:
+    """`x0 y0 x1 y1` in pixels, clipped to the image. A box that is not four numbers, or has no area inside the
+    image, raises ValueError: its row fails, and the rest of the chunk is encoded."""
+    try:
+        x0, y0, x1, y1 = (float(v) for v in bbox.split())
+    except ValueError:
+        raise ValueError(f"bbox {bbox!r} is not four numbers x0 y0 x1 y1") from None
+    box = (max(0, int(x0)), max(0, int(y0)), min(width, int(x1)), min(height, int(y1)))
+    if box[2] <= box[0] or box[3] <= box[1]:
+        raise ValueError(f"bbox {bbox!r} has no area inside the {width}x{height} image")
+    return box
+
+
+def _check_extent(width: int, height: int) -> None:
+    """Refuse an image whose size would cost memory out of proportion to a face (see MAX_PIXELS, MAX_ASPECT)."""
+    if width * height > MAX_PIXELS:
+        raise ValueError(f"{width}x{height} pixels is over the limit of {MAX_PIXELS:,} per image; crop or shrink it "
+                         "(or give a bbox)")
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        raise ValueError(f"{width}x{height} is longer than {MAX_ASPECT}:1; crop the face out (give a bbox)")
+
+
+def _to_rgb(img: Image.Image) -> np.ndarray:
+    """uint8 RGB pixels. 16-bit grey is scaled to 8 bits; 32-bit integer and float pixels have no range an 8-bit
+    encoder could assume (0-1? 0-255? 0-65535?), so they are refused rather than saturated or turned black."""
+    if img.mode in WIDE_MODES:
+        grey = np.asarray(img, dtype=np.uint32)
+        return np.repeat(((grey * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, axis=2)
+    if img.mode in ("I", "F"):
+        what = "32-bit integer" if img.mode == "I" else "floating-point"
+        raise ValueError(f"{what} pixels (mode {img.mode}) have no defined 8-bit range; convert the image to 8 or "
+                         "16 bits per channel")
+    return np.asarray(img.convert("RGB"), dtype=np.uint8)
 
 
 def decode_image(path, bbox: str = "", size: int | None = None) -> np.ndarray:
-    """Decode to uint8 RGB HxWx3, cropping `bbox` ("x0 y0 x1 y1"); large JPEGs are decoded at reduced scale."""
+    """Decode to uint8 RGB HxWx3, upright as its EXIF orientation says, cropped to `bbox` ("x0 y0 x1 y1", in
+    the upright image's pixels, clipped to it). Large JPEGs are decoded at reduced scale; images past MAX_PIXELS
+    or MAX_ASPECT raise ValueError before their pixels are decoded."""
+    from PIL import ImageOps
+
     with Image.open(path) as img:
         if size and img.format == "JPEG" and not bbox:
             img.draft("RGB", (2 * size, 2 * size))  # DCT-domain downscale: never below 2x the target side
-        img = img.convert("RGB")
+        _check_extent(*img.size)
+        if img.getexif().get(ORIENTATION, 1) != 1:  # exif_transpose copies even an upright image: only when turned
+            img = ImageOps.exif_transpose(img)
         if bbox:
-            x0, y0, x1, y1 = (int(float(v)) for v in bbox.split())
-            img = img.crop((x0, y0, x1, y1))
-        return np.asarray(img, dtype=np.uint8)
+            img = img.crop(parse_box(bbox, *img.size))
+        _check_extent(*img.size)
+        return _to_rgb(img)
 
 
 def _resize_shorter(x: torch.Tensor, size: int, mode: str) -> torch.Tensor:
+    """torchvision's Resize(size): the shorter side to `size`, the longer one to int(size * long / short)."""
     h, w = x.shape[-2:]
-    scale = size / min(h, w)
-    new_h, new_w = max(size, round(h * scale)), max(size, round(w * scale))
-    if (new_h, new_w) == (h, w):
-        return x
-    x = F.interpolate(x, size=(new_h, new_w), mode=mode, antialias=True, align_corners=False)
-    # PIL works in uint8: clamp and round so the device path matches it to within float error.
-    return x.clamp_(0, 255).round_()
+    if h <= w:
+        return _resize_to(x, size, max(size, int(size * w / h)), mode)
+    return _resize_to(x, max(size, int(size * h / w)), size, mode)
 
 
 def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """torchvision's CenterCrop: the offset rounded (half to even), not floored."""
     h, w = x.shape[-2:]
-    top, left = (h - size) // 2, (w - size) // 2
+    top, left = int(round((h - size) / 2.0)), int(round((w - size) / 2.0))
     return x[..., top:top + size, left:left + size]
+
+
+def _resize_to(x: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
+    """Resize as PIL does. Bicubic: the width first, then the height, each pass rounded and clipped to uint8 values,
+    since PIL clips the first pass's overshoot before the second (one 2-D pass was 4-7/255 off when upscaling).
+    Bilinear cannot overshoot: one pass, rounded once, is closer to PIL's fixed-point result."""
+    if (h, w) == tuple(x.shape[-2:]):
+        return x
+    if mode != "bicubic":
+        return F.interpolate(x, size=(h, w), mode=mode, antialias=True, align_corners=False).clamp_(0, 255).round_()
+    if w != x.shape[-1]:
+        x = F.interpolate(x, size=(x.shape[-2], w), mode=mode, antialias=True, align_corners=False).clamp_(0, 255).round_()
+    if h != x.shape[-2]:
+        x = F.interpolate(x, size=(h, w), mode=mode, antialias=True, align_corners=False).clamp_(0, 255).round_()
+    return x
+
+
+#: How each resize mode makes a [B, 3, S, S] batch from uint8-valued float images of one size.
+RESIZES = Registry("resize mode")
+
+
+@RESIZES.register("shortest")
+def _shortest(x: torch.Tensor, spec: "Preprocess") -> torch.Tensor:
+    return _center_crop(_resize_shorter(x, spec.size, spec.interpolation), spec.size)
+
+
+@RESIZES.register("squash")
+def _squash(x: torch.Tensor, spec: "Preprocess") -> torch.Tensor:
+    return _resize_to(x, spec.size, spec.size, spec.interpolation)
+
+
+@RESIZES.register("longest")
+def _longest(x: torch.Tensor, spec: "Preprocess") -> torch.Tensor:
+    """open_clip's ResizeKeepRatio(longest=1) then CenterCropOrPad: the whole image, padded to a square."""
+    h, w = x.shape[-2:]
+    ratio = max(h / spec.size, w / spec.size)
+    x = _resize_to(x, round(h / ratio), round(w / ratio), spec.interpolation)
+    h, w = x.shape[-2:]
+    pad_w, pad_h = max(spec.size - w, 0), max(spec.size - h, 0)
+    x = F.pad(x, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2), value=float(spec.fill))
+    h, w = x.shape[-2:]
+    top, left = int(round((h - spec.size) / 2.0)), int(round((w - spec.size) / 2.0))
+    return x[..., top:top + spec.size, left:left + spec.size]
 
 
 def to_model_input(images: torch.Tensor | list, spec: Preprocess, device="cpu",
@@ -83,7 +206,7 @@ def to_model_input(images: torch.Tensor | list, spec: Preprocess, device="cpu",
 
 def _batch_to_input(batch: torch.Tensor, spec: Preprocess, device, dtype, channels_last: bool) -> torch.Tensor:
     x = batch.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    x = _center_crop(_resize_shorter(x, spec.size, spec.interpolation), spec.size)
+    x = RESIZES[spec.resize_mode](x, spec)
     mean = torch.tensor(spec.mean, device=x.device).view(1, 3, 1, 1) * 255
     std = torch.tensor(spec.std, device=x.device).view(1, 3, 1, 1) * 255
     x = (x - mean).div_(std).to(dtype)  # in place on the new tensor: one batch-sized allocation fewer, same values
@@ -91,14 +214,12 @@ def _batch_to_input(batch: torch.Tensor, spec: Preprocess, device, dtype, channe
 
 
 def reference_transform(spec: Preprocess):
-    """The per-image PIL/torchvision pipeline that published FER repositories use (for tests and the baseline)."""
-    from torchvision import transforms as T
+    """The per-image PIL pipeline open_clip builds for this preprocessing (for `shortest`, the torchvision
+    Resize + CenterCrop that published FER repositories use): what the batched device path must match."""
+    from open_clip.transform import image_transform
 
-    mode = {"bicubic": T.InterpolationMode.BICUBIC, "bilinear": T.InterpolationMode.BILINEAR}[spec.interpolation]
-    return T.Compose([
-        T.Resize(spec.size, interpolation=mode), T.CenterCrop(spec.size), T.ToTensor(),
-        T.Normalize(spec.mean, spec.std),
-    ])
+    return image_transform(spec.size, is_train=False, mean=spec.mean, std=spec.std, resize_mode=spec.resize_mode,
+                           interpolation=spec.interpolation, fill_color=spec.fill)
 
 
 @dataclass(frozen=True)

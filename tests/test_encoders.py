@@ -273,8 +273,9 @@ def test_a_pipeline_names_a_misspelt_encoder_before_its_first_step(tmp_path):
 
 
 def test_hub_tag_offline_fails_fast_with_options(monkeypatch):
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setenv("HF_HOME", "/nonexistent-cache")
+    # huggingface_hub reads HF_HUB_OFFLINE once, at import (test_open_clip_preprocess sets it in a new process)
+    monkeypatch.setattr(E, "hub_offline", lambda: True)
+    monkeypatch.setattr(E, "_cached_open_clip_file", lambda cfg: None)
     t = time.perf_counter()
     with pytest.raises(EncoderError, match=r"HF_HUB_OFFLINE .*--pretrained /path/to/weights.*torchvision:mobilenet_v2"):
         E.resolve_open_clip_weights("ViT-B-32", "openai")
@@ -294,11 +295,14 @@ def test_unknown_tag_lists_known_tags():
         E.resolve_open_clip_weights("ViT-B-32", "no-such-tag")
 
 
-@pytest.mark.parametrize("size,interp", [(48, "bicubic"), (112, "bilinear"), (32, "bicubic")])
-def test_device_preprocessing_matches_pil_reference(tmp_path, size, interp):
-    """Batched torch resize/crop/normalise equals the per-image PIL pipeline to within 1.5/255 per pixel."""
+@pytest.mark.parametrize("size,interp,mode", [(48, "bicubic", "shortest"), (112, "bilinear", "shortest"),
+                                              (32, "bicubic", "shortest"), (48, "bicubic", "squash"),
+                                              (40, "bilinear", "longest"), (112, "bicubic", "longest")])
+def test_device_preprocessing_matches_pil_reference(tmp_path, size, interp, mode):
+    """Batched torch resize/crop/normalise equals open_clip's per-image PIL pipeline to within 1.5/255 per pixel,
+    for each of its resize modes (longest pads with the fill colour)."""
     rng = np.random.default_rng(0)
-    spec = Preprocess(size=size, interpolation=interp)
+    spec = Preprocess(size=size, interpolation=interp, resize_mode=mode, fill=0 if mode != "longest" else 128)
     ref = reference_transform(spec)
     arrays = []
     for k, shape in enumerate([(48, 48), (48, 48), (60, 40), (37, 81)]):
