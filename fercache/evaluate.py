@@ -18,7 +18,7 @@ from .encoders import revision_note
 from .errors import ConfigError, StaleRunError, StoreError, near_path
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
-from .store import encoder_key, encoder_label, exists, open_store, same_location, store_name
+from .store import encoder_key, encoder_label, exists, open_store, outdated, same_location, store_name
 from .train import _to_device, load_run, predict_logits, targets
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,9 @@ def staleness(cfg: dict, store: str | None = None, manifest=None) -> tuple[str, 
     training images into the test split without any other error. Another store, or an explicit manifest, is
     not checked: that is scoring on purpose."""
     store = store or cfg["store"]
+    if source := _mask_source_changed(cfg):
+        return "mask source re-extracted", (
+            f"its mask-source store {source} was re-extracted since it was trained, so the mask reads other features")
     if not same_location(store, cfg["store"]):
         return None
     then, now = cfg["store_fingerprint"], open_store(store).fingerprint
@@ -57,12 +60,30 @@ def staleness(cfg: dict, store: str | None = None, manifest=None) -> tuple[str, 
         return "store re-extracted", (
             f"{store} was re-extracted from other images since it was trained ({then['n_rows']} rows, manifest sha "
             f"{then['manifest_sha256'][:12]} then; {now['n_rows']} rows, {now['manifest_sha256'][:12]} now)")
+    if then["key"] != now["key"] and not outdated(then):  # a 0.1.0 BatchNorm store: the ledger says "re-extract"
+        return "store re-extracted", (
+            f"{store} was re-extracted with another encoder or preprocessing since it was trained ({_why(then, now)})")
     if manifest is None and cfg.get("manifest_rows_sha256"):
         if _rows_sha256(cfg["manifest"]) != cfg["manifest_rows_sha256"]:
             return "manifest changed", (
                 f"{cfg['manifest']} changed since it was trained (its labels, splits or subjects differ), so its "
                 "test split may now hold images the head trained or selected on")
     return None
+
+
+def _mask_source_changed(cfg: dict) -> str | None:
+    """The mask-source store of a run, when its features are no longer those the run trained on."""
+    source, then = cfg.get("mask_source"), cfg.get("mask_source_fingerprint")
+    if not source or not then:  # no mask source, or a run from before 0.4 (not recorded)
+        return None
+    return None if open_store(source).fingerprint["key"] == then else source
+
+
+def _why(then: dict, now: dict) -> str:
+    a, b = then["encoder"], now["encoder"]
+    if encoder_label(a) != encoder_label(b):
+        return f"{encoder_label(a)} then, {encoder_label(b)} now"
+    return "its preprocessing or outputs differ"
 
 
 def _check_not_stale(run, cfg: dict, store: str, manifest) -> None:

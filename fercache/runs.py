@@ -51,8 +51,11 @@ def run_record(run: Path) -> dict:
     metric = met["selection"]["metric"]
     evals = {}
     for f in sorted(run.glob("eval-*/metrics.json")):
-        r = json.loads(f.read_text())
-        if metric in r:
+        try:
+            r = json.loads(f.read_text())
+        except (OSError, ValueError):  # an evaluation cut short: the run itself is whole, and listed without it
+            continue
+        if isinstance(r, dict) and metric in r:
             evals[eval_name(r)] = r[metric]
     return {"run": run, "head": cfg["head"], "hp": cfg.get("hp") or {}, "recipe": cfg.get("recipe") or {},
             "store": canonical(cfg["store"]), "manifest": cfg.get("manifest"), "output": cfg.get("output"),
@@ -66,6 +69,21 @@ def _setting(rec: dict) -> str:
     keys = ("head", "hp", "recipe", "store", "output", "views")
     manifest = rec["manifest"] if rec["fold"] is None else "(folds)"
     return json.dumps({**{k: rec[k] for k in keys}, "manifest": manifest}, sort_keys=True, default=str)
+
+
+def _one_per_seed(records: list[dict]) -> tuple[list[dict], list[str]]:
+    """The records with one run per (setting, seed, fold), and `run (same as other)` for each copy left out: a
+    train step and a sweep point of the same settings train the same run twice into two folders, and counted
+    as two seeds they would narrow the spread with a copy of one run."""
+    kept: dict[tuple, dict] = {}
+    copies = []
+    for rec in records:  # sorted by folder: the first folder of a setting and seed keeps it
+        key = (_setting(rec), rec["seed"], rec["fold"])
+        if key in kept:
+            copies.append(f"{rec['run']} (same settings and seed as {kept[key]['run']})")
+        else:
+            kept[key] = rec
+    return list(kept.values()), copies
 
 
 def _count(g: list[dict]) -> str:
@@ -111,6 +129,7 @@ def ledger(root: str | Path) -> dict:
     that validation metric."""
     root = Path(root)
     records, incomplete = _records(root, find_runs(root))
+    records, copies = _one_per_seed(records)
     by_setting: dict[str, list[dict]] = {}
     for rec in records:
         by_setting.setdefault(_setting(rec), []).append(rec)
@@ -122,7 +141,7 @@ def ledger(root: str | Path) -> dict:
         groups.sort(key=lambda g: -float(np.mean([r["val"] for r in g])))
         tables[store_task] = _table(root, groups)
     md = "\n\n".join(t["markdown"] for t in tables.values()) + "\n"
-    return {"records": records, "tables": tables, "markdown": md, "incomplete": incomplete,
+    return {"records": records, "tables": tables, "markdown": md, "incomplete": incomplete, "copies": copies,
             "stale": [str(r["run"]) for r in records if r["status"].startswith("STALE")],
             "unchecked": [str(r["run"]) for r in records if r["status"] != "ok" and not r["status"].startswith("STALE")]}
 
@@ -145,13 +164,16 @@ def _table(root: Path, groups: list[list[dict]]) -> dict:
             "markdown": title + "\n\n" + report.markdown_table(header, rows)}
 
 
+LEDGER_HEADER = ["table", "rank", "head", "settings", "seeds (x folds)", "val metric", "val (%)", "evaluations (%)",
+                 "status", "runs"]
+
+
 def write_ledger(result: dict, out: str | Path) -> Path:
     """Every table as rows of one CSV with fixed columns; evaluations as `target=mean ± std` pairs."""
-    header = ["table", "rank", "head", "settings", "seeds (x folds)", "val metric", "val (%)", "evaluations (%)",
-              "status", "runs"]
+    report.check_replaceable(Path(out), LEDGER_HEADER, "--csv")
     rows = []
     for (store, task, metric), t in result["tables"].items():
         for row in t["rows"]:
             evals = "; ".join(f"{e}={v}" for e, v in zip(t["evals"], row[5:-2]) if v)
             rows.append([f"{store_name(store)} ({task})", *row[:4], metric, row[4], evals, *row[-2:]])
-    return report.write_csv(Path(out), header, rows)
+    return report.write_csv(Path(out), LEDGER_HEADER, rows)

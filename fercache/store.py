@@ -139,6 +139,11 @@ def _diff(old: dict, new: dict) -> str:
     parts, a, b = [], old["encoder"], new["encoder"]
     if why := revision_note(a, b):
         parts.append(why)
+    elif encoder_key(a) != encoder_key(b) and _without(a, "preprocess") == _without(b, "preprocess"):
+        pa, pb = a["preprocess"], b["preprocess"]
+        keys = [k for k in {**pa, **pb} if pa.get(k) != pb.get(k)]
+        parts.append("preprocessing " + ", ".join(f"{k} {pa.get(k)} vs {pb.get(k)}" for k in keys)
+                     + (" (fercache 0.4 resizes exactly as PIL does)" if "revision" in keys else ""))
     elif encoder_key(a) != encoder_key(b):
         parts.append(f"encoder {encoder_label(a)} vs {encoder_label(b)}")
     if a.get("views") != b.get("views"):  # same model, other cached views (and so other outputs): say which
@@ -149,6 +154,10 @@ def _diff(old: dict, new: dict) -> str:
         if old.get(k) != new.get(k):
             parts.append(f"{k} {old.get(k)} vs {new.get(k)}")
     return "; ".join(parts) or "fingerprint key differs"
+
+
+def _without(encoder: dict, key: str) -> dict:
+    return {k: v for k, v in encoder_key(encoder).items() if k != key}
 
 
 @dataclass
@@ -204,12 +213,16 @@ class FeatureStore:
         return [int(i) for i in np.flatnonzero(~self.read("done"))]
 
     def write_chunk(self, i: int, features: dict[str, np.ndarray], ok: np.ndarray, error: list[str]) -> None:
-        """Write one whole chunk; its `done` flag goes last so an interrupted write is redone on resume."""
+        """Write one whole chunk, then its checksums, then its `done` flag: an interrupted write is redone on
+        resume, and a chunk damaged or swapped later no longer matches its checksums."""
         rows = self.chunk_slice(i)
-        for name, arr in features.items():
-            self.group[f"features/{name}"][rows] = arr.astype(np.float16, copy=False)
-        self.group["ok"][rows] = ok
-        self.group["error"][rows] = np.asarray(error, dtype=str)
+        written = {f"features/{name}": arr.astype(np.float16, copy=False) for name, arr in features.items()}
+        written |= {"ok": np.asarray(ok, dtype=bool), "error": np.asarray(error, dtype=str)}
+        for key, arr in written.items():
+            self.group[key][rows] = arr
+        if CHECKSUMS in self.group:  # stores from before 0.4 have none; their chunks stay unchecked
+            written["sample_id"] = self.group["sample_id"][rows]
+            self.group[CHECKSUMS][i] = json.dumps({k: chunk_digest(k, i, a) for k, a in sorted(written.items())})
         self.group["done"][i] = True
 
     def note_precision(self, precision: str) -> list[str]:
@@ -239,14 +252,60 @@ class FeatureStore:
                              "`fercache extract` command to finish it")
         return self
 
-    def read(self, key: str) -> np.ndarray:
-        """One whole array. A chunk that cannot be decoded (a file cut short by a full disk, a bad copy) is a
-        StoreError naming the array, not a reshape error from deep inside zarr."""
+    def read(self, key: str, verify: bool = True) -> np.ndarray:
+        """One whole array, its chunks checked against their checksums (`verify`). A chunk that cannot be decoded
+        (a file cut short by a full disk, a bad copy), or that was deleted, edited or swapped (zarr reads a deleted
+        chunk as its fill value: NaN features, ok False), is a StoreError naming the chunks, not wrong numbers."""
         try:
-            return self.group[key][:]
+            arr = self.group[key][:]
         except Exception as e:  # zarr's codecs raise ValueError, RuntimeError, ... depending on the damage
             raise StoreError(f"{self.location}: its array {key!r} cannot be read ({type(e).__name__}: {e}); if the "
-                             "store is damaged (a file cut short, a bad copy), extract it again with --overwrite") from None
+                             "store is damaged (a file cut short, a bad copy), extract it again with --overwrite, or "
+                             f"`fercache verify {self.location} --repair` to redo only its damaged chunks") from None
+        if verify and (bad := self._mismatched(key, arr)):
+            raise StoreError(f"{self.location}: {key!r} of chunk(s) {_listed(bad)} does not match its checksum (a "
+                             f"chunk file deleted, edited or swapped); `fercache verify {self.location} --repair` "
+                             "marks them for the same extract command to redo")
+        return arr
+
+    def checksums(self) -> list[dict]:
+        """Per chunk: {array: digest} as written with the chunk ({} where none: not done, or made before 0.4)."""
+        if CHECKSUMS not in self.group:
+            return [{} for _ in range(self.n_chunks)]
+        return [json.loads(v) if v else {} for v in self.group[CHECKSUMS][:].tolist()]
+
+    def _mismatched(self, key: str, arr: np.ndarray, sums: list[dict] | None = None) -> list[int]:
+        """Chunks of array `key` (read whole as `arr`) whose digest differs from the one written with them."""
+        if key not in CHECKED and not key.startswith("features/"):
+            return []
+        sums = self.checksums() if sums is None else sums
+        return [i for i, d in enumerate(sums) if key in d and chunk_digest(key, i, arr[self.chunk_slice(i)]) != d[key]]
+
+    def verify(self) -> "Verification":
+        """Every array's every chunk against its checksums: what `fercache verify` reports."""
+        sums = self.checksums()
+        bad: dict[int, list[str]] = {}
+        for i, digests in enumerate(sums):  # chunk by chunk: a file that cannot be decoded is named, not its array
+            for key in digests:
+                try:
+                    ok = chunk_digest(key, i, self.group[key][self.chunk_slice(i)]) == digests[key]
+                except Exception:  # zarr's codecs raise ValueError, RuntimeError, ... depending on the damage
+                    ok, key = False, f"{key} (unreadable)"
+                if not ok:
+                    bad.setdefault(i, []).append(key)
+        done = self.read("done", verify=False)
+        unchecked = [i for i, d in enumerate(sums) if done[i] and not d]
+        return Verification(self.location, self.n_chunks, dict(sorted(bad.items())), unchecked,
+                            {i: (self.chunk_slice(i).start, self.chunk_slice(i).stop) for i in bad})
+
+    def repair(self, chunks: list[int]) -> None:
+        """Mark `chunks` not done (and the store incomplete), so the same extract command encodes them again."""
+        for i in chunks:
+            self.group["done"][i] = False
+            if CHECKSUMS in self.group:
+                self.group[CHECKSUMS][i] = ""
+        if chunks:
+            self.group.attrs["fercache"] = {**self.meta, "complete": False}
 
     def features(self, output: str | None = None) -> np.ndarray:
         """All rows of one output as float32 [N, D]."""
@@ -271,11 +330,15 @@ class FeatureStore:
         """Summary for `fercache info`."""
         meta = self.meta
         pending = self.pending_chunks()
+        try:
+            failures = self.errors() if self.complete else {}
+        except StoreError as e:  # info describes a damaged store rather than refusing it
+            failures = {"(store damaged)": str(e)}
         return {
             "location": self.location, "format": meta.get("format"), "schema_version": meta.get("schema_version"),
             "complete": self.complete, "rows": self.n_rows, "chunks_done": self.n_chunks - len(pending),
             "chunks_total": self.n_chunks, "outputs": self.outputs, "default_output": self.default_output,
-            "n_ok": meta.get("n_ok"), "n_failed": meta.get("n_failed"), "failures": self.errors() if self.complete else {},
+            "n_ok": meta.get("n_ok"), "n_failed": meta.get("n_failed"), "failures": failures,
             "fingerprint": self.fingerprint, "manifest": meta.get("manifest"), "data_root": meta.get("data_root"),
             "precisions": meta.get("precisions"),
             "outdated": outdated(self.fingerprint, (meta.get("encoder_args") or {}).get("spec")),
@@ -284,6 +347,42 @@ class FeatureStore:
             "layout": {"chunk_rows": self.chunk_rows, "read_chunk_rows": self.read_chunk_rows,
                        "sharded": self.read_chunk_rows != self.chunk_rows},
         }
+
+
+#: Optional array (from 0.4; schema 1 unchanged): per chunk, JSON {array: digest} written with the chunk.
+CHECKSUMS = "checksums"
+#: Arrays whose chunks are checksummed besides every features/<output>.
+CHECKED = ("sample_id", "ok", "error")
+
+
+def chunk_digest(key: str, chunk: int, arr: np.ndarray) -> str:
+    """blake2b of one chunk of one array, salted with the array's name and the chunk's index (a chunk file moved
+    to another index, or to another array, does not match there)."""
+    h = hashlib.blake2b(f"{key}\0{chunk}\0".encode(), digest_size=16)
+    if arr.dtype.kind in "OUT":  # strings: their text, NUL-separated (ids cannot hold NUL)
+        h.update("\0".join(map(str, arr.tolist())).encode("utf-8", "surrogatepass"))
+    else:
+        h.update(np.ascontiguousarray(arr).tobytes())
+    return h.hexdigest()
+
+
+def _listed(chunks: list[int]) -> str:
+    return ", ".join(map(str, chunks[:10])) + (f" and {len(chunks) - 10} more" if len(chunks) > 10 else "")
+
+
+@dataclass
+class Verification:
+    """What `fercache verify` found: damaged chunks with their arrays and rows, and chunks without checksums."""
+
+    location: str
+    n_chunks: int
+    bad: dict[int, list[str]]
+    unchecked: list[int]
+    rows: dict[int, tuple[int, int]]
+
+    @property
+    def ok(self) -> bool:
+        return not self.bad
 
 
 def _strings(arr: np.ndarray) -> np.ndarray:
@@ -341,7 +440,30 @@ def open_store(location: str | Path, mode: str = "r") -> FeatureStore:
     if meta.get("schema_version") != SCHEMA_VERSION:
         raise StoreError(f"{location} has store schema {meta.get('schema_version')}, this fercache reads {SCHEMA_VERSION}; "
                          "re-extract with `fercache extract ... --overwrite`")
+    _check_fingerprint(location, meta)
     return FeatureStore(str(location), g)
+
+
+FINGERPRINT_KEYS = ("schema_version", "encoder", "manifest_sha256", "n_rows", "chunk_rows", "dtype", "key")
+ENCODER_KEYS = ("name", "pretrained", "weights_sha256", "preprocess", "outputs")
+
+
+def _check_fingerprint(location, meta: dict) -> None:
+    """A fingerprint with a key missing, or edited so that its `key` no longer hashes what it says, describes
+    no store fercache wrote: refused here, not a KeyError later or a store taken for another."""
+    fp = meta.get("fingerprint")
+    missing = [k for k in FINGERPRINT_KEYS if not isinstance(fp, dict) or k not in fp]
+    missing += [f"encoder.{k}" for k in ENCODER_KEYS if not missing and not (
+        isinstance(fp["encoder"], dict) and k in fp["encoder"])]
+    if not missing and "default_output" not in meta:
+        missing = ["default_output"]
+    if missing:
+        raise StoreError(f"{location}: its metadata lacks {', '.join(missing)}; it is damaged or was not written by "
+                         "fercache: extract it again with --overwrite")
+    ident = {k: v for k, v in fp.items() if k not in ("key", "versions")}
+    if hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest() != fp["key"]:
+        raise StoreError(f"{location}: its fingerprint was edited (its key no longer matches its contents), so what "
+                         "the features were made from cannot be trusted: extract it again with --overwrite")
 
 
 def _without_weights_name(fp: dict) -> dict:
@@ -373,13 +495,26 @@ def _entries(location: str) -> list[str]:
     return [c.name for c in path.iterdir()] if path.is_dir() else [path.name] if path.exists() else []
 
 
+#: What `create` makes before it writes the metadata (last): a group holding only these, without metadata, is a
+#: creation that was killed, and creating again replaces it without --overwrite (nothing but empty arrays is lost).
+STORE_ARRAYS = {"sample_id", "features", "ok", "error", "done", CHECKSUMS, "clip_id", "frame_idx"}
+
+
+def _creation_cut_short(location: str) -> bool:
+    try:
+        g = _zarr().open_group(_plain(location), mode="r")
+        return not dict(g.attrs) and set(g.keys()) <= STORE_ARRAYS
+    except Exception:  # not a zarr group at all
+        return False
+
+
 def check_location(location: str, overwrite: bool) -> None:
     """A store is created by emptying its location (zarr mode "w"): refuse when that would delete anything but a
     fercache store; another zarr group (or a store whose creation died before its metadata) only with --overwrite."""
     if "://" not in location:
         check_out_file(location, folder_ok=True)
     entries = _entries(location)
-    if not entries or exists(location) or ("zarr.json" in entries and overwrite):
+    if not entries or exists(location) or ("zarr.json" in entries and overwrite) or _creation_cut_short(location):
         return
     if "zarr.json" in entries:
         raise StoreError(f"{location} is a zarr group but not a fercache store; pass --overwrite to replace it")
@@ -388,22 +523,40 @@ def check_location(location: str, overwrite: bool) -> None:
                      "--out (a new folder, e.g. STORE.zarr)")
 
 
+STORE_BUSY = ("{location} is being written by another extract ({holder}); wait for it (the same command then finds "
+              "the store complete), or stop it (its chunks are kept, and the same command resumes them)")
+
+
 @contextlib.contextmanager
-def writing(location: str | Path):
-    """Hold a lock while this process writes the local store at `location`, so a second `extract` of it fails at
-    once instead of wiping the store it is creating (zarr mode "w") or encoding the same chunks twice. The lock is
-    `.NAME.lock` beside the store, released by the OS when the process ends, however it ends; the file stays
-    (deleting it could let two processes lock two files)."""
-    lock = _lock(_plain(location))
+def writing(location: str | Path, busy: str = STORE_BUSY):
+    """Hold a lock while this process writes the local store (or run folder) at `location`, so a second `extract`
+    of it fails at once instead of wiping the store it is creating (zarr mode "w") or encoding the same chunks
+    twice. The lock is `.NAME.lock` beside it, on its real path (a symlinked spelling shares it), released by the
+    OS when the process ends, however it ends; the file stays (deleting it could let two processes lock two
+    files). `busy`: the error, formatted with {location} and {holder}."""
+    lock = _lock(_plain(location), busy)
     try:
         yield
     finally:
         if lock is not None:
+            _HELD.remove(lock)
             lock.close()
 
 
+#: Lock files this process holds. A forked child (a decode worker) closes its copies at start: a flock belongs to
+#: the open file, so orphaned workers of a killed extract would otherwise keep the store locked.
+_HELD: list = []
+
+
+def close_inherited_locks() -> None:
+    """In a forked child: close the copies of the parent's lock files (the parent's locks stay held)."""
+    for f in _HELD:
+        f.close()
+    _HELD.clear()
+
+
 def _lock_path(location: str) -> Path:
-    path = Path(location)
+    path = Path(os.path.realpath(location))
     return path.parent / f".{path.name}.lock"
 
 
@@ -429,7 +582,7 @@ def writer(location: str | Path) -> str | None:
     return lock.read_text().strip() or "unknown process"
 
 
-def _lock(location: str):
+def _lock(location: str, busy: str = STORE_BUSY):
     """The open, locked lock file of a local store, or None where no lock can be had: fsspec URLs, platforms
     without flock, a read-only folder of finished stores, filesystems without locks (some NFS mounts)."""
     try:
@@ -450,9 +603,7 @@ def _lock(location: str):
         f.seek(0)
         holder = f.read().strip() or "unknown process"
         f.close()
-        raise StoreError(f"{location} is being written by another extract ({holder}); wait for it (the same command "
-                         "then finds the store complete), or stop it (its chunks are kept, and the same command "
-                         "resumes them)") from None
+        raise StoreError(busy.format(location=location, holder=holder)) from None
     except OSError:
         f.close()
         return None
@@ -460,6 +611,7 @@ def _lock(location: str):
     f.truncate()
     f.write(f"pid {os.getpid()} on {socket.gethostname()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
     f.flush()
+    _HELD.append(f)
     return f
 
 
@@ -486,6 +638,7 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
     g.create_array("ok", shape=(n,), dtype=bool, chunks=(rows,), fill_value=False)
     g.create_array("error", shape=(n,), dtype=str, chunks=(rows,))
     g.create_array("done", shape=(-(-n // rows),), dtype=bool, chunks=(1,), fill_value=False)
+    g.create_array(CHECKSUMS, shape=(-(-n // rows),), dtype=str, chunks=(1,))
     for name, values in (video or {}).items():
         dtype = "int64" if name == "frame_idx" else str
         g.create_array(name, shape=(n,), dtype=dtype, chunks=(rows,))[:] = np.asarray(values, dtype=dtype)

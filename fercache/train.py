@@ -32,7 +32,7 @@ from .errors import ConfigError, check_out_dir, did_you_mean, repeated
 from .heads import HEADS, HeadContext, build_head, describe as describe_head
 from .heads.zeroshot import require_text_tower
 from .labels import sorted_labels
-from .store import canonical, library_versions, open_store, same_location, store_name
+from .store import canonical, library_versions, open_store, same_location, store_name, writing
 
 log = logging.getLogger(__name__)
 
@@ -393,7 +393,28 @@ def prepare(store: str, head: str, manifest=None, output=None, mask_source=None,
         fs = fs.take(fs.label != "")
     fs = carve_val(fs.take(fs.split != "test"), seed=seed)  # test rows never reach training or selection
     classes = select_aus(fs, aus) if task == "au" else sorted_labels(fs.label[fs.split == "train"])
+    check_splits(fs, task, classes)
     return fs, task, classes, output
+
+
+def check_splits(fs: FeatureSet, task: str, classes: list[str]) -> None:
+    """Refuse data no score can mean anything on: no training rows, one class (every prediction right: 100%
+    accuracy, UAR and F1), or no validation row the head could be selected on."""
+    where = fs.notes.get("manifest") or fs.notes.get("store")
+    n_train = int((fs.split == "train").sum())
+    if not n_train:
+        raise ConfigError(f"{where}: no training rows{' with a label' if task == 'expr' else ''}; a head needs the "
+                          "train split (check the manifest's split column)")
+    if task == "expr" and len(classes) < 2:
+        raise ConfigError(f"{where}: the training rows hold {len(classes)} class ({', '.join(classes) or 'none'}); "
+                          "a classifier needs at least 2, or every prediction is right by construction")
+    val = fs.split == "val"
+    usable = val & np.isin(fs.label, classes) if task == "expr" else val
+    if not usable.any():
+        what = "no validation rows" if not val.any() else "no validation row of a class seen in training"
+        raise ConfigError(f"{where}: {what} ({int(val.sum())} in val; training classes {', '.join(classes)}); the "
+                          "epoch and any threshold are chosen on validation, never on test: give the manifest a val "
+                          "split, or leave it out and a subject-grouped one is carved from train")
 
 
 @dataclass
@@ -527,13 +548,20 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         _refuse_other_run(run_dir, settings)
     config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
               **_provenance(fs, st, ctx)}
-    if reuse and (done := finished_run(run_dir, config)):
-        log.debug("%s: trained before with the same settings and code; reused", run_dir)
-        return done
-    result, fitted = _train_on(model, fs, r, task, classes, seed, progress, dev)
-    result = {**result, "seed": seed, "config": config}
-    save_run(run_dir, model, config, result, fitted)
+    if mask_source:  # a re-extracted mask source makes the run stale (evaluate.staleness) and not reusable
+        config["mask_source_fingerprint"] = open_store(mask_source).fingerprint["key"]
+    with writing(run_dir, RUN_BUSY):
+        if reuse and (done := finished_run(run_dir, config)):
+            log.debug("%s: trained before with the same settings and code; reused", run_dir)
+            return done
+        result, fitted = _train_on(model, fs, r, task, classes, seed, progress, dev)
+        result = {**result, "seed": seed, "config": config}
+        save_run(run_dir, model, config, result, fitted)
     return RunResult(run_dir, result)
+
+
+RUN_BUSY = ("the run folder {location} is being trained into by another process ({holder}); wait for it, or pass "
+            "another --out (or --name)")
 
 
 def _train_on(model: nn.Module, fs: FeatureSet, r: dict, task: str, classes: list[str], seed: int,
@@ -626,17 +654,24 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict,
         raise ConfigError(f"{run_dir} is not a run directory (no head.pt); train one with `fercache train-head`")
     try:
         saved = torch.load(path, map_location=device, weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:  # a file cut short, or not one torch wrote
-        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {str(e).splitlines()[0].split('. ')[0]}); the run's weights "
-                          "are damaged: train it again") from None
+        model, cfg, fitted = _rebuilt(saved)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, KeyError, TypeError, ValueError, AttributeError) as e:
+        # a file cut short or empty, not one torch wrote, or one without what a run saves
+        first = (str(e).splitlines() or [""])[0].split(". ")[0]
+        raise ConfigError(f"{path} cannot be read ({type(e).__name__}: {first}); the run's weights are damaged: "
+                          "train it again (a sweep or pipeline re-run retrains it by itself)") from None
+    return model.to(device).eval(), cfg, fitted
+
+
+def _rebuilt(saved: dict) -> tuple[nn.Module, dict, Fitted]:
+    """The head a head.pt describes, with its weights and what was fitted on validation."""
     cfg = saved["config"]
     ctx = HeadContext(in_dim=cfg["in_dim"], out_dim=len(cfg["classes"]), class_names=cfg["classes"],
                       z_dim=cfg["z_dim"], restore=True)
     model = build_head(cfg["head"], ctx, **cfg["hp"])
     model.load_state_dict(saved["state_dict"])
     thr = saved.get("thresholds")  # runs saved before temperatures existed have none: raw softmax
-    fitted = Fitted(None if thr is None else thr.cpu().numpy(), saved.get("temperature"))
-    return model.to(device).eval(), cfg, fitted
+    return model, cfg, Fitted(None if thr is None else thr.cpu().numpy(), saved.get("temperature"))
 
 
 def check_seeds(seeds) -> None:
