@@ -27,7 +27,7 @@ DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are
 Device = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps; checked before any data is read.")
 PRECISION_HELP = ("auto (bf16 on CUDA, fp32 on CPU), fp32, fp16, bf16 (autocast: fp32 weights, matrix products in "
                   "half precision) or bf16-weights (the weights themselves in bf16, every op in bf16: faster, "
-                  "features about as close to fp32's as bf16's; see the README's benchmarks).")
+                  "features about as close to fp32's as bf16's; see docs/benchmarks.md).")
 StoreArg = typer.Argument(..., help="A feature store: STORE.zarr, or any fsspec URL zarr supports.")
 ManifestArg = typer.Argument(..., help="Manifest CSV (.csv or .csv.gz).")
 Seeds = typer.Option("0", help="Comma-separated seeds; one run per seed.")

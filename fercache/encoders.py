@@ -14,8 +14,8 @@ import functools
 import hashlib
 import importlib.util
 import inspect
-import logging
 import json
+import logging
 import os
 import pickle
 import socket

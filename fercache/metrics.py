@@ -7,8 +7,8 @@ from sklearn.metrics import confusion_matrix, f1_score, recall_score
 
 
 def classification(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str]) -> dict:
-    """Accuracy (WAR), UAR (mean recall over the classes present in `y_true`), macro-F1, per-class recall,
-    confusion matrix.
+    """Accuracy (WAR), UAR (mean recall over the classes present in `y_true`: scikit-learn's balanced accuracy),
+    macro-F1, per-class recall, confusion matrix.
 
     Macro-F1 is scikit-learn's `f1_score(average="macro")`: the mean over every class in the true or the predicted
     labels. A class the test set lacks but the head predicts (neutral on CK+48) scores F1 0 and counts: leaving

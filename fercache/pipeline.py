@@ -22,7 +22,8 @@ import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import ConfigError, EncoderError, FercacheError, UnknownNameError, did_you_mean, near_path
+from .errors import (ConfigError, EncoderError, FercacheError, UnknownNameError, did_you_mean, file_in_the_way,
+                     near_path)
 from .registry import Registry
 
 STEPS = Registry("pipeline step")
@@ -156,13 +157,62 @@ def _runs_step(root: str, csv: str | None = None):
     return "\n" + result["markdown"] + stale
 
 
-def _typed(text: str) -> Any:
-    for cast in (int, float):
+def _typed(name: str, text: str, default: Any) -> Any:
+    """The value of FERCACHE_<NAME>=text, of the type of the variable's value in the file: a whole number stays one
+    (`64.0` or `abc` for a batch size failed mid-run, or silently became a float), a string stays the text as given."""
+    env = f"FERCACHE_{name.upper()}={text}"
+    if isinstance(default, bool):
+        if text.lower() not in ("true", "false", "1", "0"):
+            raise ConfigError(f"{env}: [vars] {name} is true or false in the file; give true or false")
+        return text.lower() in ("true", "1")
+    for kind, cast, what in ((int, int, "a whole number"), (float, float, "a number")):
+        if isinstance(default, kind):
+            try:
+                return cast(text)
+            except ValueError:
+                raise ConfigError(f"{env}: [vars] {name} is {what} in the file ({default!r}); give {what}") from None
+    return text
+
+
+def _variables(doc: dict) -> dict[str, Any]:
+    """[vars] with their FERCACHE_<NAME> overrides and references to each other expanded (`manifest =
+    "{out}/m.csv"`), so a step never receives a variable's text with `{out}` still in it."""
+    raw = doc.get("vars", {})
+    given = {k: _typed(k, os.environ[f"FERCACHE_{k.upper()}"], v) if f"FERCACHE_{k.upper()}" in os.environ else v
+             for k, v in raw.items()}
+    done: dict[str, Any] = {}
+
+    def expand(name: str, seen: tuple[str, ...]) -> Any:
+        if name in seen:
+            raise ConfigError(f"[vars] {' -> '.join((*seen, name))}: variables refer to each other in a circle")
+        if name not in done:
+            refs = _references(given[name], given)
+            for ref in refs:
+                expand(ref, (*seen, name))
+            try:
+                done[name] = _substitute(given[name], {k: done[k] for k in refs})
+            except ConfigError as e:
+                raise ConfigError(f"[vars] {name}: {e}") from None
+        return done[name]
+
+    for name in given:
+        expand(name, ())
+    return done
+
+
+def _references(value: Any, variables: dict[str, Any]) -> list[str]:
+    """The variables a value's text names ({name}), in order; none for numbers, tables of them, or bad braces
+    (substitution then says what is wrong)."""
+    texts = [value] if isinstance(value, str) else [v for v in (value.values() if isinstance(value, dict) else
+                                                               value if isinstance(value, list) else [])
+                                                    if isinstance(v, str)]
+    out = []
+    for text in texts:
         try:
-            return cast(text)
+            out += [f for _, f, _, _ in string.Formatter().parse(text) if f in variables and f not in out]
         except ValueError:
             pass
-    return text
+    return out
 
 
 def _substitute(value: Any, variables: dict[str, Any]) -> Any:
@@ -230,8 +280,10 @@ def load_pipeline(path: str | Path) -> list[dict]:
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: {e}") from None
     _check_tables(path, doc)
-    variables = {k: _typed(os.environ[f"FERCACHE_{k.upper()}"]) if f"FERCACHE_{k.upper()}" in os.environ else v
-                 for k, v in doc.get("vars", {}).items()}
+    try:
+        variables = _variables(doc)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
     steps = doc.get("step", [])
     if not steps:
         raise ConfigError(f"{path}: no [[step]] tables")
@@ -473,6 +525,41 @@ def check_inputs(steps: list[tuple[int, dict]]) -> None:
                 raise ConfigError(f"step {i + 1} ({step.get('name', kind)}): {key} {p} does not exist, and no earlier "
                                   f"step writes it{hint}{where}")
         written += _writes(kind, step)
+    check_outputs(steps)
+
+
+#: Outputs that are files (replaced by a later run, each with its own guard); every other output is a folder.
+FILE_OUTPUTS = {("manifest", "out"), ("audit", "without_leaks"), ("near_dups", "without_leaks_to"), ("runs", "csv"),
+                ("compare", "out")}
+
+
+def check_outputs(steps: list[tuple[int, dict]]) -> None:
+    """No folder a step writes is blocked by a file, and no two extract steps write one store from different
+    inputs (the second was refused as "built from other inputs" after the first had run for an hour)."""
+    stores: dict[str, tuple[int, dict]] = {}
+    for i, step in steps:
+        kind, name = step["run"], step.get("name", step["run"])
+        files = {os.path.abspath(p) for key in WRITES.get(kind, ()) if (kind, key) in FILE_OUTPUTS
+                 for p in _paths(step.get(key))}
+        for path in _writes(kind, step):
+            if str(path) not in files and (there := file_in_the_way(path)):
+                raise ConfigError(f"step {i + 1} ({name}): it writes the folder {path}, but {there} is a file; "
+                                  "choose another out")
+        if kind == "runs" and step.get("csv"):  # a ledger replaces only an earlier ledger
+            from .report import check_replaceable
+            from .runs import LEDGER_HEADER
+
+            try:
+                check_replaceable(Path(step["csv"]), LEDGER_HEADER, "csv")
+            except ConfigError as e:
+                raise ConfigError(f"step {i + 1} ({name}): {e}") from None
+        if kind == "extract" and "://" not in str(step["out"]):
+            inputs = {k: v for k, v in step.items() if k not in ("name", "run", "progress")}
+            first = stores.setdefault(os.path.abspath(step["out"]), (i, inputs))
+            if first[1] != inputs:
+                differ = sorted(k for k in {**first[1], **inputs} if first[1].get(k) != inputs.get(k))
+                raise ConfigError(f"steps {first[0] + 1} and {i + 1} both write the store {step['out']} from different "
+                                  f"inputs ({', '.join(differ)} differ); give each its own out")
 
 
 def _written_before(there: Path, written: list[Path], key: str) -> bool:

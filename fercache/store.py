@@ -1,6 +1,6 @@
 """FeatureStore: the versioned Zarr layout that holds one (manifest, encoder) pair's features.
 
-Layout, schema version 1 (documented in the README):
+Layout, schema version 1 (specified in docs/store-format.md):
 
     STORE.zarr/                 group; attrs["fercache"] holds the metadata below
       sample_id   [N] str       manifest order; labels stay in the manifest, joined by sample_id
@@ -10,6 +10,7 @@ Layout, schema version 1 (documented in the README):
       ok          [N] bool      the image decoded and was encoded
       error       [N] str       failure reason ("" where ok)
       done        [n_chunks]    per-chunk completion flags, one object each, written after the chunk
+      checksums   [n_chunks]    per chunk, JSON {array: digest}, written with it (from 0.4; optional)
       clip_id, frame_idx [N]    only for manifests of video frames
 
 attrs["fercache"]["precisions"] lists the precisions its chunks were computed in (fp32, bf16, fp16, bf16-weights;
@@ -528,18 +529,22 @@ STORE_BUSY = ("{location} is being written by another extract ({holder}); wait f
 
 
 @contextlib.contextmanager
-def writing(location: str | Path, busy: str = STORE_BUSY):
+def writing(location: str | Path, busy: str = STORE_BUSY, lock_file: Path | None = None, transient: bool = False):
     """Hold a lock while this process writes the local store (or run folder) at `location`, so a second `extract`
     of it fails at once instead of wiping the store it is creating (zarr mode "w") or encoding the same chunks
     twice. The lock is `.NAME.lock` beside it, on its real path (a symlinked spelling shares it), released by the
     OS when the process ends, however it ends; the file stays (deleting it could let two processes lock two
-    files). `busy`: the error, formatted with {location} and {holder}."""
-    lock = _lock(_plain(location), busy)
+    files). `busy`: the error, formatted with {location} and {holder}; `lock_file`: another lock file (a run
+    folder's own `.lock`); `transient`: remove it before releasing it, so a finished run folder holds only the
+    run (a process opening it in the instant between the two could lock the removed file)."""
+    lock = _lock(_plain(location), busy, lock_file)
     try:
         yield
     finally:
         if lock is not None:
             _HELD.remove(lock)
+            if transient:
+                Path(lock.name).unlink(missing_ok=True)
             lock.close()
 
 
@@ -582,7 +587,7 @@ def writer(location: str | Path) -> str | None:
     return lock.read_text().strip() or "unknown process"
 
 
-def _lock(location: str, busy: str = STORE_BUSY):
+def _lock(location: str, busy: str = STORE_BUSY, lock_file: Path | None = None):
     """The open, locked lock file of a local store, or None where no lock can be had: fsspec URLs, platforms
     without flock, a read-only folder of finished stores, filesystems without locks (some NFS mounts)."""
     try:
@@ -591,7 +596,7 @@ def _lock(location: str, busy: str = STORE_BUSY):
         return None
     if "://" in location:
         return None
-    path = _lock_path(location)
+    path = lock_file or _lock_path(location)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         f = open(path, "a+")
@@ -629,6 +634,9 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
     g = zarr.open_group(location, mode="w")  # empties the location: check_location made sure it holds no one's files
     n, rows = fingerprint["n_rows"], fingerprint["chunk_rows"]
     inner = fingerprint.get("read_chunk_rows")
+    # A zarr chunk never spans more rows than the store has: zarr allocates and writes whole chunks, so --chunk-rows
+    # 10M over 72 rows cost gigabytes of fill values. The fingerprint keeps chunk_rows, so chunks are numbered as ever.
+    rows = min(rows, n) if not inner else min(rows, -(-n // inner) * inner)
     g.create_array("sample_id", shape=(n,), dtype=str, chunks=(rows,))[:] = np.asarray(sample_ids, dtype=str)
     for name, dim in fingerprint["encoder"]["outputs"].items():
         # float16 features barely compress; skipping the codec keeps reads and writes cheap. A sharded
@@ -637,8 +645,9 @@ def create(location: str | Path, fingerprint: dict, sample_ids: list[str], defau
         g.create_array(f"features/{name}", shape=(n, dim), dtype="float16", fill_value=np.nan, compressors=None, **layout)
     g.create_array("ok", shape=(n,), dtype=bool, chunks=(rows,), fill_value=False)
     g.create_array("error", shape=(n,), dtype=str, chunks=(rows,))
-    g.create_array("done", shape=(-(-n // rows),), dtype=bool, chunks=(1,), fill_value=False)
-    g.create_array(CHECKSUMS, shape=(-(-n // rows),), dtype=str, chunks=(1,))
+    n_chunks = -(-n // fingerprint["chunk_rows"])
+    g.create_array("done", shape=(n_chunks,), dtype=bool, chunks=(1,), fill_value=False)
+    g.create_array(CHECKSUMS, shape=(n_chunks,), dtype=str, chunks=(1,))
     for name, values in (video or {}).items():
         dtype = "int64" if name == "frame_idx" else str
         g.create_array(name, shape=(n,), dtype=dtype, chunks=(rows,))[:] = np.asarray(values, dtype=dtype)

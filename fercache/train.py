@@ -550,7 +550,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
               **_provenance(fs, st, ctx)}
     if mask_source:  # a re-extracted mask source makes the run stale (evaluate.staleness) and not reusable
         config["mask_source_fingerprint"] = open_store(mask_source).fingerprint["key"]
-    with writing(run_dir, RUN_BUSY):
+    with run_lock(run_dir):
         if reuse and (done := finished_run(run_dir, config)):
             log.debug("%s: trained before with the same settings and code; reused", run_dir)
             return done
@@ -562,6 +562,12 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
 
 RUN_BUSY = ("the run folder {location} is being trained into by another process ({holder}); wait for it, or pass "
             "another --out (or --name)")
+
+
+def run_lock(run_dir: Path):
+    """Held while a run is trained into `run_dir` (its `.lock`): a second train-head into the same folder fails at
+    once instead of both exiting 0 and the second replacing the first."""
+    return writing(run_dir, RUN_BUSY, lock_file=Path(run_dir).resolve() / ".lock", transient=True)
 
 
 def _train_on(model: nn.Module, fs: FeatureSet, r: dict, task: str, classes: list[str], seed: int,
@@ -674,12 +680,18 @@ def _rebuilt(saved: dict) -> tuple[nn.Module, dict, Fitted]:
     return model, cfg, Fitted(None if thr is None else thr.cpu().numpy(), saved.get("temperature"))
 
 
+#: torch seeds its generators with an unsigned 64-bit number, and JSON readers keep 2**63 - 1 exactly.
+MAX_SEED = 2**63 - 1
+
+
 def check_seeds(seeds) -> None:
     """Seeds are distinct whole numbers >= 0. A repeated seed trained into its own folder (seed<N>/) again and
     counted twice in the mean, its std shrunk by a copy of itself: '2 seeds' that were one run."""
     seeds = list(seeds)
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
         raise ConfigError(f"seeds {seeds}: give one or more whole numbers >= 0")
+    if big := [s for s in seeds if s > MAX_SEED]:
+        raise ConfigError(f"seed {big[0]} is over {MAX_SEED} (2**63 - 1), the largest seed fercache records")
     if twice := repeated(seeds):
         raise ConfigError(f"seeds {seeds} repeat {', '.join(map(str, twice))}: each seed is one run, in its own "
                           "folder seed<N>/; give distinct seeds")

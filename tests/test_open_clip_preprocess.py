@@ -59,7 +59,7 @@ def test_every_pretrained_tag_is_preprocessed_as_open_clip_builds_it(monkeypatch
             checked += 1
     finally:
         logging.disable(logging.NOTSET)
-    assert checked == len(open_clip.list_pretrained()) >= 190
+    assert checked == len(open_clip.list_pretrained()) >= 150
     assert len(by_config) <= 12, by_config  # the multilingual text towers only
     assert differ >= 50  # the tags the old code preprocessed as OpenAI's defaults
 
@@ -190,3 +190,33 @@ def test_an_unsafe_pickle_as_weights_is_a_clear_error(tmp_path, tiny_vit_config)
         E.load_encoder("torchvision:mobilenet_v2", pretrained=str(bad))
     with pytest.raises(EncoderError, match="evil.pt is not a plain weights file"):
         E.load_encoder(f"open_clip:{tiny_vit_config}", pretrained=str(bad))
+
+
+def test_hf_hub_models_load_offline_from_the_cache_with_their_configs_preprocessing(tiny_vit_config, tiny_manifest,
+                                                                                    tiny_dataset, tmp_path):
+    """`open_clip:hf-hub:ORG/REPO` with HF_HUB_OFFLINE=1 and the repo in the Hugging Face cache, as a machine that
+    downloaded it once has it: open_clip's own loader reads config and weights; the store takes the config's
+    preprocessing and the weights file's sha256."""
+    snapshot = tmp_path / "hub" / "models--fercache-test--tiny" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("a" * 40)
+    config = {"model_cfg": json.loads(tiny_vit_config.read_text()),
+              "preprocess_cfg": {"mean": [0.5] * 3, "std": [0.5] * 3, "interpolation": "bilinear",
+                                 "resize_mode": "squash"}}
+    (snapshot / "open_clip_config.json").write_text(json.dumps(config))
+    open_clip.add_model_config(tiny_vit_config)
+    torch.manual_seed(3)
+    torch.save(open_clip.create_model(tiny_vit_config.stem).state_dict(), snapshot / "open_clip_pytorch_model.bin")
+    code = ("import sys, json; from fercache.extract import extract; from fercache.store import open_store\n"
+            "extract(sys.argv[1], 'open_clip:hf-hub:fercache-test/tiny', sys.argv[2], root=sys.argv[3], workers=0,"
+            " progress=False)\n"
+            "print(json.dumps(open_store(sys.argv[2]).fingerprint['encoder']))")
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
+           "HF_HOME": str(tmp_path / "home")}
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_manifest), str(tmp_path / "hub.zarr"), str(tiny_dataset)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    enc = json.loads(done.stdout.splitlines()[-1])
+    assert (enc["preprocess"]["resize"], enc["preprocess"]["mean"]) == ("squash", [0.5] * 3)
+    assert enc["weights_sha256"] == E.sha256_file(snapshot / "open_clip_pytorch_model.bin")

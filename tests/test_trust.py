@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import csv
-import os
-import resource
 import subprocess
 import sys
 
@@ -94,7 +92,8 @@ def test_runs_csv_and_predict_out_never_replace_a_manifest(tmp_path, tiny_manife
         write_predictions([{"path": "a.jpg", "prediction": "happy", "probabilities": {"happy": 1.0}}], manifest)
     assert manifest.read_bytes() == tiny_manifest.read_bytes()
     # its own earlier output is replaced
-    ours = write_predictions([{"path": "a.jpg", "prediction": "happy", "probabilities": {"happy": 1.0}}], tmp_path / "p.csv")
+    row = {"path": "a.jpg", "prediction": "happy", "probabilities": {"happy": 1.0}}
+    ours = write_predictions([row], tmp_path / "p.csv")
     write_predictions([{"path": "b.jpg", "prediction": "sad", "probabilities": {"sad": 1.0}}], ours)
     assert "b.jpg" in ours.read_text()
     ledger = write_ledger({"tables": {}}, tmp_path / "l.csv")
@@ -126,7 +125,8 @@ def test_images_past_the_pixel_or_aspect_limit_fail_before_their_pixels_are_deco
             "print(peak() - before)")
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "bomb.png"), str(tmp_path / "strip.png")],
                          capture_output=True, text=True, check=True).stdout.splitlines()
-    assert out[0] == f"12000x12000 pixels is over the limit of {MAX_PIXELS:,} per image; crop or shrink it (or give a bbox)"
+    assert out[0] == (f"12000x12000 pixels is over the limit of {MAX_PIXELS:,} per image; crop or shrink it "
+                      "(or give a bbox)")
     assert out[1].startswith("1x60000 is longer than 16:1")
     assert int(out[2]) < 20_000, f"peak RSS grew {int(out[2]) / 1024:.0f} MiB: the pixels were decoded"
 
@@ -358,11 +358,10 @@ def test_a_fingerprint_missing_a_key_or_edited_is_a_clear_error(store_copy):
 
 
 def test_two_trainings_into_one_run_folder_cannot_run_at_once(tiny_store, tmp_path):
-    from fercache.store import writing
-    from fercache.train import RUN_BUSY, fit
+    from fercache.train import fit, run_lock
 
     run_dir = tmp_path / "runs" / "mine"
-    with writing(run_dir, RUN_BUSY):  # another train-head holds it
+    with run_lock(run_dir):  # another train-head holds it
         with pytest.raises(StoreError, match=r"the run folder .*mine is being trained into by another process \(pid"):
             fit(str(tiny_store), "linear", out_dir=tmp_path / "runs", name="mine", recipe={"epochs": 1})
     assert not (run_dir / "head.pt").exists()
@@ -553,3 +552,111 @@ def test_a_train_step_and_a_sweep_point_of_one_setting_count_once_in_the_ledger(
     result = ledger(tmp_path)
     row = next(iter(result["tables"].values()))["rows"][0]
     assert row[3] == "1" and len(result["copies"]) == 1 and "same settings and seed" in result["copies"][0]
+
+
+def test_a_seed_too_large_for_torch_is_a_clear_error(tiny_store, tmp_path):
+    from tests.test_cli import invoke
+
+    r = invoke("train-head", tiny_store, "--seeds", "99999999999999999999", "--out", tmp_path)
+    assert r.exit_code == 2 and "error: seed 99999999999999999999 is over 9223372036854775807" in r.output
+
+
+def test_chunk_rows_past_the_manifest_allocate_only_the_rows_there_are(tiny_manifest, tiny_dataset,
+                                                                      tiny_encoder_spec, tiny_store, tmp_path):
+    from fercache.extract import extract
+    from fercache.store import open_store
+
+    out = tmp_path / "big-chunks.zarr"
+    extract(tiny_manifest, tiny_encoder_spec, out, pretrained="none", root=tiny_dataset, chunk_rows=10_000_000,
+            workers=0, progress=False)
+    s = open_store(out)
+    assert s.n_chunks == 1 and s.chunk_rows == 10_000_000
+    assert s.group[f"features/{s.default_output}"].chunks[0] == 72 and s.group["ok"].chunks == (72,)
+    file = next(p for p in (out / f"features/{s.default_output}" / "c").rglob("*") if p.is_file())
+    assert file.stat().st_size == 72 * s.outputs[s.default_output] * 2  # float16, uncompressed: 72 rows only
+    np.testing.assert_allclose(s.features(), open_store(tiny_store).features(), atol=1e-3)
+
+
+# --- pipelines ----------------------------------------------------------------------------------------------
+
+
+def _pipeline(tmp_path, text):
+    p = tmp_path / "p.toml"
+    p.write_text(text)
+    return p
+
+
+def test_a_variable_referring_to_another_is_expanded_and_a_circle_refused(tmp_path):
+    from fercache.pipeline import load_pipeline
+
+    steps = load_pipeline(_pipeline(tmp_path, '[vars]\nout = "o"\nruns = "{out}/runs"\n[[step]]\nrun = "runs"\n'
+                                               'root = "{runs}"\n'))
+    assert steps[0]["root"] == "o/runs"
+    with pytest.raises(ConfigError, match=r"\[vars\] a -> b -> a: variables refer to each other in a circle"):
+        load_pipeline(_pipeline(tmp_path, '[vars]\na = "{b}"\nb = "{a}"\n[[step]]\nrun = "runs"\nroot = "{a}"\n'))
+
+
+@pytest.mark.parametrize("value", ["abc", "64.0"])
+def test_an_environment_override_of_another_type_is_refused_in_check(tmp_path, monkeypatch, value):
+    from fercache.pipeline import check_pipeline
+
+    monkeypatch.setenv("FERCACHE_BATCH", value)
+    p = _pipeline(tmp_path, '[vars]\nbatch = 64\n[[step]]\nrun = "runs"\nroot = "."\n')
+    with pytest.raises(ConfigError, match=rf"FERCACHE_BATCH={value}: \[vars\] batch is a whole number in the file "
+                                          r"\(64\); give a whole number"):
+        check_pipeline(p)
+    monkeypatch.setenv("FERCACHE_BATCH", "32")
+    assert check_pipeline(p) == 1
+
+
+def test_check_refuses_an_out_that_is_a_file_and_two_steps_writing_one_store(tmp_path, tiny_manifest,
+                                                                             tiny_encoder_spec):
+    from fercache.pipeline import check_pipeline
+
+    (tmp_path / "taken").write_text("mine")
+    m2 = tmp_path / "m2.csv"
+    m2.write_bytes(tiny_manifest.read_bytes())
+    extract = f'[[step]]\nrun = "extract"\nmanifest = "{{m}}"\nencoder = "{tiny_encoder_spec}"\npretrained = "none"\n'
+    train = f'[[step]]\nrun = "train"\nstore = "{tmp_path}/s.zarr"\nhead = "linear"\nout = "{tmp_path}/taken"\n'
+    with pytest.raises(ConfigError, match=r"step 2 \(train\): it writes the folder .*taken/s-linear, but .*taken is a "
+                                          r"file; choose another out"):
+        check_pipeline(_pipeline(tmp_path, f'[vars]\nm = "{tiny_manifest}"\n' + extract + f'out = "{tmp_path}/s.zarr"\n'
+                                 + train))
+    two = (f'[vars]\nm = "{tiny_manifest}"\n' + extract + f'out = "{tmp_path}/s.zarr"\n'
+           + extract.replace("{m}", str(m2)) + f'out = "{tmp_path}/s.zarr"\n')
+    with pytest.raises(ConfigError, match=r"steps 1 and 2 both write the store .*s.zarr from different inputs "
+                                          r"\(manifest differ\)"):
+        check_pipeline(_pipeline(tmp_path, two))
+    runs = f'[[step]]\nrun = "runs"\nroot = "{tmp_path}"\ncsv = "{m2}"\n'
+    with pytest.raises(ConfigError, match=r"step 1 \(runs\): csv .*m2.csv exists and is not a file this command wrote"):
+        check_pipeline(_pipeline(tmp_path, runs))
+
+
+def test_every_classification_and_au_metric_against_scikit_learn_and_torchmetrics():
+    """Random cases, including cells where the head predicts classes the test set lacks. UAR is the mean recall
+    over the classes in the true labels (scikit-learn's balanced accuracy); torchmetrics' macro recall would count
+    a predicted-only class as 0, which is not UAR."""
+    import torch
+    from sklearn.metrics import balanced_accuracy_score, f1_score
+    from torchmetrics.classification import BinaryF1Score, MulticlassAccuracy, MulticlassF1Score
+
+    from fercache import metrics
+
+    rng = np.random.default_rng(1)
+    for _ in range(100):
+        k = int(rng.integers(2, 9))
+        y = rng.integers(0, max(2, k - int(rng.integers(0, 3))), int(rng.integers(5, 60)))
+        pred = rng.integers(0, k, len(y))
+        got = metrics.classification(y, pred, [str(i) for i in range(k)])
+        t, p = torch.as_tensor(y), torch.as_tensor(pred)
+        assert got["macro_f1"] == pytest.approx(MulticlassF1Score(k, average="macro")(p, t).item(), abs=1e-6)
+        assert got["macro_f1"] == pytest.approx(f1_score(y, pred, average="macro"))
+        assert got["accuracy"] == pytest.approx(MulticlassAccuracy(k, average="micro")(p, t).item(), abs=1e-6)
+        assert got["uar"] == pytest.approx(balanced_accuracy_score(y, pred))
+    for _ in range(30):  # AU F1 per AU, -1 (not annotated) ignored
+        y = rng.integers(-1, 2, (80, 4))
+        prob = rng.random((80, 4))
+        got = metrics.au(y, prob, list("abcd"))["per_au_f1_at_0.5"]
+        for a, name in enumerate("abcd"):
+            want = BinaryF1Score(ignore_index=-1)(torch.as_tensor(prob[:, a]), torch.as_tensor(y[:, a])).item()
+            assert got[name] == pytest.approx(want, abs=1e-6)
