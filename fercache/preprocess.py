@@ -58,9 +58,7 @@ class Preprocess:
         return {**d, "resize": "longer-side", "crop": "pad", "fill": self.fill}
 
     def normalized(self, how: str) -> "Preprocess":
-        """The same resizing with other normalisation statistics (`NORMALIZE`)."""
-        if how not in NORMALIZE:
-            raise ValueError(f"--normalize {how!r}: one of {', '.join(NORMALIZE)}")
+        """The same resizing with other normalisation statistics (`how`: a key of NORMALIZE)."""
         stats = NORMALIZE[how]
         return self if stats is None else replace(self, mean=stats[0], std=stats[1])
 

@@ -289,11 +289,10 @@ class FeatureStore:
         for i, digests in enumerate(sums):  # chunk by chunk: a file that cannot be decoded is named, not its array
             for key in digests:
                 try:
-                    ok = chunk_digest(key, i, self.group[key][self.chunk_slice(i)]) == digests[key]
+                    if chunk_digest(key, i, self.group[key][self.chunk_slice(i)]) != digests[key]:
+                        bad.setdefault(i, []).append(key)
                 except Exception:  # zarr's codecs raise ValueError, RuntimeError, ... depending on the damage
-                    ok, key = False, f"{key} (unreadable)"
-                if not ok:
-                    bad.setdefault(i, []).append(key)
+                    bad.setdefault(i, []).append(f"{key} (unreadable)")
         done = self.read("done", verify=False)
         unchecked = [i for i, d in enumerate(sums) if done[i] and not d]
         return Verification(self.location, self.n_chunks, dict(sorted(bad.items())), unchecked,
@@ -454,8 +453,9 @@ def _check_fingerprint(location, meta: dict) -> None:
     no store fercache wrote: refused here, not a KeyError later or a store taken for another."""
     fp = meta.get("fingerprint")
     missing = [k for k in FINGERPRINT_KEYS if not isinstance(fp, dict) or k not in fp]
-    missing += [f"encoder.{k}" for k in ENCODER_KEYS if not missing and not (
-        isinstance(fp["encoder"], dict) and k in fp["encoder"])]
+    if not missing:
+        enc = fp["encoder"]
+        missing = [f"encoder.{k}" for k in ENCODER_KEYS if not isinstance(enc, dict) or k not in enc]
     if not missing and "default_output" not in meta:
         missing = ["default_output"]
     if missing:
