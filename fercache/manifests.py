@@ -20,7 +20,7 @@ import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import ManifestError, file_in_the_way, near_path
+from .errors import ManifestError, file_in_the_way, near_path, repeated
 from .labels import CANONICAL
 
 REQUIRED = ("sample_id", "path", "label", "split", "subject")
@@ -117,7 +117,7 @@ def read_manifest(path: str | Path) -> Manifest:
 def _check_header(path: Path, header: list[str]) -> None:
     """A column named twice is refused: csv.DictReader keeps the last one's values under the name, so a second
     `label` column silently relabelled every row."""
-    if twice := sorted({c for c in header if header.count(c) > 1}):
+    if twice := repeated(header):
         raise ManifestError(f"{path}:1: column(s) {', '.join(map(repr, twice))} appear more than once in the header; "
                             "each column must be named once (rename or remove the copy)")
 

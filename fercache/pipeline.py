@@ -200,14 +200,19 @@ def _variables(doc: dict) -> dict[str, Any]:
     return done
 
 
+def _texts(value: Any) -> list[str]:
+    """Every string in a value, tables and lists included."""
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [text for item in items for text in _texts(item)]
+
+
 def _references(value: Any, variables: dict[str, Any]) -> list[str]:
     """The variables a value's text names ({name}), in order; none for numbers, tables of them, or bad braces
     (substitution then says what is wrong)."""
-    texts = [value] if isinstance(value, str) else [v for v in (value.values() if isinstance(value, dict) else
-                                                               value if isinstance(value, list) else [])
-                                                    if isinstance(v, str)]
     out = []
-    for text in texts:
+    for text in _texts(value):
         try:
             out += [f for _, f, _, _ in string.Formatter().parse(text) if f in variables and f not in out]
         except ValueError:
@@ -446,11 +451,20 @@ def _check_evaluate(args: dict) -> None:
 
 
 # What the library would refuse only when the step is reached, by kind of step.
+def _check_runs(args: dict) -> None:
+    """A ledger's csv replaces only an earlier ledger, never a manifest or another file."""
+    from .report import check_replaceable
+    from .runs import LEDGER_HEADER
+
+    if args.get("csv"):
+        check_replaceable(Path(args["csv"]), LEDGER_HEADER, "csv")
+
+
 _VALUE_CHECKS: dict[str, Callable[[dict], None]] = {
     "manifest": _check_manifest, "audit": _check_derived("without_leaks", "manifest"),
     "near_dups": _check_derived("without_leaks_to", "manifest"), "extract": _check_extract,
     "cross": _check_cross, "folds": _check_protocol, "train": _check_head, "au_cv": _check_head,
-    "sweep": _check_sweep, "evaluate": _check_evaluate, "frames": _check_frames,
+    "sweep": _check_sweep, "evaluate": _check_evaluate, "frames": _check_frames, "runs": _check_runs,
 }
 
 
@@ -545,14 +559,6 @@ def check_outputs(steps: list[tuple[int, dict]]) -> None:
             if str(path) not in files and (there := file_in_the_way(path)):
                 raise ConfigError(f"step {i + 1} ({name}): it writes the folder {path}, but {there} is a file; "
                                   "choose another out")
-        if kind == "runs" and step.get("csv"):  # a ledger replaces only an earlier ledger
-            from .report import check_replaceable
-            from .runs import LEDGER_HEADER
-
-            try:
-                check_replaceable(Path(step["csv"]), LEDGER_HEADER, "csv")
-            except ConfigError as e:
-                raise ConfigError(f"step {i + 1} ({name}): {e}") from None
         if kind == "extract" and "://" not in str(step["out"]):
             inputs = {k: v for k, v in step.items() if k not in ("name", "run", "progress")}
             first = stores.setdefault(os.path.abspath(step["out"]), (i, inputs))

@@ -336,17 +336,16 @@ def write_predictions(rows: list[dict], out: Path) -> Path:
     """JSON (a list) or CSV (one column per class) by the file suffix; its folder is created."""
     import json
 
-    from .report import check_replaceable, write_csv
+    from .report import write_csv
 
     check_out(out)
-    classes = next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
-    frame = ["frame", "time"] if any("frame" in r for r in rows) else []  # a video's frame: 1-based index, seconds
-    header = ["path", *frame, "prediction", "face_detected", "error"] + classes
-    check_replaceable(out, _is_predictions, "--out")
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix == ".json":
         out.write_text(json.dumps(rows, indent=2))
         return out
+    classes = next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
+    frame = ["frame", "time"] if any("frame" in r for r in rows) else []  # a video's frame: 1-based index, seconds
+    header = ["path", *frame, "prediction", "face_detected", "error"] + classes
     return write_csv(out, header, [[r["path"], *[r.get(k) for k in frame],
                                     r.get("prediction", ";".join(r.get("active", []))), r.get("face_detected"),
                                     r.get("error", "")] + [f"{r.get('probabilities', {}).get(c, float('nan')):.4f}" for c in classes]

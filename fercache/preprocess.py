@@ -151,12 +151,15 @@ def _resize_to(x: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
     if (h, w) == tuple(x.shape[-2:]):
         return x
     if mode != "bicubic":
-        return F.interpolate(x, size=(h, w), mode=mode, antialias=True, align_corners=False).clamp_(0, 255).round_()
+        return _interpolate(x, h, w, mode)
     if w != x.shape[-1]:
-        x = F.interpolate(x, size=(x.shape[-2], w), mode=mode, antialias=True, align_corners=False).clamp_(0, 255).round_()
-    if h != x.shape[-2]:
-        x = F.interpolate(x, size=(h, w), mode=mode, antialias=True, align_corners=False).clamp_(0, 255).round_()
-    return x
+        x = _interpolate(x, x.shape[-2], w, mode)
+    return _interpolate(x, h, w, mode) if h != x.shape[-2] else x
+
+
+def _interpolate(x: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
+    """One antialiased resize, rounded and clipped to uint8 values as PIL stores them."""
+    return F.interpolate(x, size=(h, w), mode=mode, antialias=True, align_corners=False).clamp_(0, 255).round_()
 
 
 #: How each resize mode makes a [B, 3, S, S] batch from uint8-valued float images of one size.
@@ -182,9 +185,7 @@ def _longest(x: torch.Tensor, spec: "Preprocess") -> torch.Tensor:
     h, w = x.shape[-2:]
     pad_w, pad_h = max(spec.size - w, 0), max(spec.size - h, 0)
     x = F.pad(x, (pad_w // 2, (pad_w + 1) // 2, pad_h // 2, (pad_h + 1) // 2), value=float(spec.fill))
-    h, w = x.shape[-2:]
-    top, left = int(round((h - spec.size) / 2.0)), int(round((w - spec.size) / 2.0))
-    return x[..., top:top + spec.size, left:left + spec.size]
+    return _center_crop(x, spec.size)
 
 
 def to_model_input(images: torch.Tensor | list, spec: Preprocess, device="cpu",

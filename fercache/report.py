@@ -94,7 +94,8 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
 def check_replaceable(path: Path, header: list[str] | Callable[[list[str]], bool], flag: str) -> None:
     """Refuse to write over a file fercache did not write: an existing CSV is replaced only when its header is the
     one this output writes (or one `header` accepts: an earlier run of the same command), a JSON only when it is a
-    list of objects with a `path`, as predict writes. `-o` or `--csv` naming a manifest or a dataset's label file would destroy it."""
+    list of objects with a `path`, as predict writes. `-o` or `--csv` naming a manifest or a dataset's label file
+    would destroy it."""
     if not path.is_file():
         return
     try:
