@@ -25,6 +25,7 @@ app.add_typer(bench_app, name="bench")
 
 DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative to (default: $FERCACHE_DATA, else .).")
 Device = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps; checked before any data is read.")
+Aus = typer.Option(None, "--aus", help="AU heads: 'top8', or AU numbers like 1,2,4 (default: AUs with >=20 train positives).")
 PRECISION_HELP = ("auto (bf16 on CUDA, fp32 on CPU), fp32, fp16, bf16 (autocast: fp32 weights, matrix products in "
                   "half precision) or bf16-weights (the weights themselves in bf16, every op in bf16: faster, "
                   "features about as close to fp32's as bf16's; see docs/benchmarks.md).")
@@ -314,8 +315,8 @@ def _ints(text: str, option: str = "--seeds", least: int = 0) -> list[int]:
 @app.command("train-head")
 def train_head(
     store: str = typer.Argument(..., help="A complete feature store."),
-    head: str = typer.Option("linear", "--head", "-H", help="linear, zeroshot, mask, cvar_mlp, au (images), or temporal (video "
-                                                             "clips); `fercache heads` lists each one's --hp keys and recipe."),
+    head: str = typer.Option("linear", "--head", "-H", help="A registered head; `fercache heads` lists each one's task, "
+                                                             "level (images or video clips), --hp keys and recipe."),
     seeds: str = Seeds,
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs are written to OUT/<store>-<head>/seed<k>/."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
@@ -323,7 +324,7 @@ def train_head(
     mask_source: Optional[str] = typer.Option(None, help="mask head: a second store of the same manifest for the mask MLP."),
     hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value (repeatable), e.g. --hp hidden=512."),
     recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value, e.g. --recipe epochs=10 --recipe lr=1e-3."),
-    aus: Optional[str] = typer.Option(None, help="au head: 'top8', or AU numbers like 1,2,4 (default: AUs with >=20 train positives)."),
+    aus: Optional[str] = Aus,
     device: str = Device,
     views: bool = typer.Option(True, help="Train on the store's cached augmented views (extract --views) and "
                                           "evaluate on the average with its mirror (flip); --no-views uses the plain "
@@ -349,9 +350,8 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
               as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """The registered heads: task, level, --hp keys with their defaults, and the published --recipe each one trains with."""
     from .heads import HEADS
-    from .heads._registry import describe
 
-    rows = [describe(n) for n in ([name] if name else sorted(HEADS))]
+    rows = [HEADS.lookup(n).to_dict() for n in ([name] if name else sorted(HEADS))]
     if as_json:
         typer.echo(json.dumps(rows, indent=2))
         return
@@ -654,6 +654,8 @@ def sweep(
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs, sweep.md/.csv/.json and plots."),
     retrain: bool = Retrain,
     device: str = Device,
+    manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
+    aus: Optional[str] = Aus,
 ) -> None:
     """Grid sweep of a head on cached features, ranked on the validation split (seconds per point on CPU).
 
@@ -666,7 +668,7 @@ def sweep(
         raise typer.BadParameter(f"--axis {twice[0]} is given twice; put all its values in one --axis name=v1,v2,...")
     grid = dict(axes)
     r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe, "--recipe"),
-                  base_hp=_kv(hp, "--hp"), progress=_progress["bars"], retrain=retrain)
+                  base_hp=_kv(hp, "--hp"), progress=_progress["bars"], retrain=retrain, manifest=manifest, aus=aus)
     typer.echo(describe(r))
 
 

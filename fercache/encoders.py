@@ -19,8 +19,9 @@ import logging
 import os
 import pickle
 import socket
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import torch
@@ -41,6 +42,14 @@ OFFLINE_HELP = (
 
 
 @dataclass
+class TextTower:
+    """A CLIP model's text side, for heads that compare images with prompts (zero-shot, learnable prompts)."""
+
+    model: nn.Module  # the whole CLIP model, frozen: encode_text, token_embedding, transformer
+    tokenizer: Callable[[], Callable]  # builds its tokenizer when first needed (extraction never needs one)
+
+
+@dataclass
 class Encoder:
     """A frozen image encoder ready to run: `model(x)` maps [B,3,S,S] to {output name: [B, dim]}."""
 
@@ -51,7 +60,7 @@ class Encoder:
     preprocess: Preprocess
     outputs: dict[str, int]
     default_output: str
-    extra: dict = field(default_factory=dict)
+    text: TextTower | None = None  # only for families registered with text_tower=True
     #: Convolutional nets run ~1.7x faster channels-last on CPU (measured on MobileNetV2); ViTs don't care.
     channels_last: bool = False
     #: Augmented views extracted beside the plain image (names in preprocess.VIEWS).
@@ -101,7 +110,7 @@ def arch_has_batchnorm(spec: str) -> bool:
     if family == "null":
         return False
     try:
-        return has_batchnorm(ENCODERS.lookup(family)(arch, pretrained="none").model)
+        return has_batchnorm(ENCODERS.lookup(family).build(arch, pretrained="none").model)
     except FercacheError:  # an architecture this install cannot build (a model config file gone): cannot tell
         return False
 
@@ -151,8 +160,42 @@ def _known(family: str, arch: str) -> bool:
     return timm.is_model(arch)
 
 
-ENCODERS = Registry("encoder family")
-register_encoder = ENCODERS.register  # `family:<arch>` specs
+@dataclass(frozen=True)
+class EncoderFamily:
+    """A family of `family:<arch>` specs, as registered: how to build one, and what its encoders carry besides
+    the image model."""
+
+    name: str
+    build: Callable[..., Encoder]  # fn(arch, pretrained=None, image_size=None[, preprocess_tag=None])
+    text_tower: bool = False  # its encoders carry a TextTower (zero-shot and prompt heads need one)
+
+
+ENCODERS = Registry("encoder family", entry=EncoderFamily)
+register_encoder = ENCODERS.register  # `@register_encoder("family", text_tower=...)`
+
+
+def has_text_tower(store_meta: dict) -> bool:
+    """Whether the encoder a store was extracted with has a text tower, told by its family's registration
+    (without building it). An empty meta (a head built for no store) has none."""
+    if not store_meta:
+        return False
+    family = store_meta["fingerprint"]["encoder"]["name"].partition(":")[0]
+    return family in ENCODERS and ENCODERS[family].text_tower
+
+
+def check_text_tower(store_meta: dict, who: str) -> None:
+    """EncoderError naming `who` (a head) unless the store's encoder has a text tower."""
+    if not has_text_tower(store_meta):
+        name = store_meta["fingerprint"]["encoder"]["name"] if store_meta else "no store"
+        raise EncoderError(f"{who} needs a CLIP text tower; this store was built with {name}. "
+                           "Use a store extracted with --encoder open_clip:<model>.")
+
+
+def text_tower(store_meta: dict, who: str = "this head") -> tuple[nn.Module, Callable]:
+    """(CLIP model, tokenizer) of the encoder a store was extracted with; EncoderError when it has none."""
+    check_text_tower(store_meta, who)
+    text = encoder_of(store_meta).text
+    return text.model, text.tokenizer()
 
 
 def check_encoder_name(spec: str) -> None:
@@ -187,7 +230,7 @@ def load_encoder(spec: str, pretrained: str | None = None, image_size: int | Non
     """Build a frozen, eval-mode encoder from `family:arch` (e.g. `open_clip:ViT-B-16`). `normalize`: the
     checkpoint's own pixel statistics, or `clip`/`imagenet` ones instead (preprocess.NORMALIZE)."""
     family, _, arch = spec.partition(":")
-    factory = ENCODERS.lookup(family)
+    factory = ENCODERS.lookup(family).build
     if normalize not in NORMALIZE:
         raise EncoderError(f"--normalize {normalize!r}: one of {', '.join(NORMALIZE)}")
     if preprocess_tag and "preprocess_tag" not in inspect.signature(factory).parameters:
@@ -480,7 +523,7 @@ def _without_random_init_warning():
         root.removeFilter(keep)
 
 
-@register_encoder("open_clip")
+@register_encoder("open_clip", text_tower=True)
 def open_clip_encoder(arch: str, pretrained: str | None = None, image_size: int | None = None,
                       preprocess_tag: str | None = None) -> Encoder:
     """open_clip model by name (or JSON config path, or `hf-hub:`/`local-dir:`); `pretrained` is a hub tag, a local
@@ -504,8 +547,14 @@ def open_clip_encoder(arch: str, pretrained: str | None = None, image_size: int 
     return Encoder(
         name=f"open_clip:{name}", pretrained=label, weights_sha256=sha or sha256_state(model),
         model=image, preprocess=spec, outputs=_out_dims(image, spec.size), default_output="embedding",
-        extra={"clip_model": model},  # the text tower, for zero-shot heads
+        text=TextTower(model, functools.partial(_open_clip_tokenizer, name)),
     )
+
+
+def _open_clip_tokenizer(name: str) -> Callable:
+    import open_clip
+
+    return open_clip.get_tokenizer(name)
 
 
 def _open_clip_model(name: str, pretrained: str | None, image_size: int | None):

@@ -168,9 +168,9 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
         raise StoreError(f"run {run} was trained on {cfg['store']}, which is gone (moved or deleted); if it moved, "
                          "pass --store NEW_LOCATION (the encoder is checked against the run's)")
     store = store or cfg["store"]
-    fs, views = _features_to_score(run, cfg, model.level, store, manifest, split)
+    fs, views = _features_to_score(run, cfg, model.spec.level, store, manifest, split)
     y = targets(fs, cfg["task"], cfg["classes"])
-    result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.level,
+    result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.spec.level,
               "tta_views": views}
     if manifest is not None and Path(manifest).resolve() != Path(cfg["manifest"]).resolve():
         result["labels"] = str(manifest)  # other labels for the same images: written apart (eval-...@<name>)

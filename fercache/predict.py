@@ -122,7 +122,7 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     check_whole("window", window, 1, optional=True)
     check_whole("stride", stride, 1, optional=True)
     heads = load_heads(run, device, calibrated)
-    clips = heads[0].model.level == "clip"
+    clips = heads[0].model.spec.level == "clip"
     if window is None and stride is not None or window is not None and not clips:
         raise ConfigError("--window and --stride are for clip-level (temporal) runs, --stride with --window; a "
                           "frame-level run predicts every frame already")

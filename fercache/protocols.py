@@ -12,7 +12,7 @@ from . import metrics, report
 from .data import features_memo
 from .errors import ConfigError, ManifestError, check_out_dir, repeated
 from .evaluate import evaluate_run
-from .heads import HEADS, check_hyperparameters, describe as describe_head
+from .heads import HEADS, check_hyperparameters
 from .store import canonical, check_same_encoder, store_name
 from .train import check_owner, check_recipe, check_seeds, choose_aus, fit_seeds
 
@@ -41,9 +41,9 @@ def check_tables(heads: list[str], hp: dict | None, recipe: dict | None) -> None
             raise ConfigError(f"{table} has entries for {', '.join(map(repr, stray))}, which is none of the heads "
                               f"({', '.join(heads)}); {table} is keyed by head label, e.g. {{ {heads[0]} = {{ ... }} }}")
     for label in heads:
-        d = describe_head(head_of(label))
-        check_recipe(d["name"], {**d["recipe"], **(recipe or {}).get(label, {})}, d["task"])
-        check_hyperparameters(d["name"], (hp or {}).get(label) or {})
+        spec = HEADS.lookup(head_of(label))
+        check_recipe(spec.name, {**spec.recipe, **(recipe or {}).get(label, {})}, spec.task)
+        check_hyperparameters(spec.name, (hp or {}).get(label) or {})
 
 
 def check_distinct(items: list, what: str) -> None:
@@ -181,9 +181,10 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     check_seeds(seeds)
     check_owner(out_dir, store, None, "folds protocol")
     check_distinct(manifests, "fold manifest")
-    if any(head_of(h) == "au" for h in heads):
-        raise ConfigError("`folds` reports expression metrics (UAR/WAR); for AU detection use `fercache au-cv`")
     check_tables(heads, hp, recipe)
+    if au := [h for h in heads if HEADS[head_of(h)].task != "expr"]:
+        raise ConfigError(f"`folds` reports expression metrics (UAR/WAR); {', '.join(au)} detect AUs: use "
+                          "`fercache au-cv`")
     results = {}
     for head in heads:
         results[head] = []
@@ -229,9 +230,13 @@ def subject_folds(subjects: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
 
 @features_memo()
 def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top8", seeds=(0,), hp: dict | None = None,
-                recipe: dict | None = None, device: str = "cpu", progress: bool = False, reuse: bool = False) -> dict:
-    """Subject-grouped k-fold AU detection over all rows of a store; per-AU F1 pooled over test folds."""
-    check_tables(["au"], {"au": hp or {}}, {"au": recipe or {}})
+                recipe: dict | None = None, device: str = "cpu", progress: bool = False, reuse: bool = False,
+                head: str = "au") -> dict:
+    """Subject-grouped k-fold AU detection over all rows of a store with an AU head; per-AU F1 pooled over test
+    folds."""
+    check_tables([head], {head: hp or {}}, {head: recipe or {}})
+    if HEADS[head].task != "au":
+        raise ConfigError(f"au-cv trains an AU head; {head!r} is a {HEADS[head].task} head")
     from .manifests import Manifest, write_manifest
     from .data import manifest_for
     from .store import open_store
@@ -251,7 +256,7 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
     for f in range(folds):
         rows = [{**r, "split": "test" if fold[i] == f else "train"} for i, r in enumerate(base.rows)]
         m = write_manifest(Manifest(rows=rows, source=f"fold{f}", columns=base.columns), out_dir / f"fold{f}.csv")
-        runs = fit_seeds(store, "au", seeds=seeds, manifest=m, aus=au_list, out_dir=out_dir / "runs", device=device,
+        runs = fit_seeds(store, head, seeds=seeds, manifest=m, aus=au_list, out_dir=out_dir / "runs", device=device,
                          hp=hp, recipe=recipe, progress=progress, name=f"fold{f}/seed{{seed}}", fold=f, reuse=reuse,
                          own=True)
         results += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f} for r in runs]

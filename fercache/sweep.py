@@ -15,7 +15,7 @@ from . import report
 from .data import features_memo
 from .errors import ConfigError, check_out_dir, did_you_mean, repeated
 from .store import store_name
-from .heads import check_hyperparameters, describe as describe_head
+from .heads import HEADS, check_hyperparameters
 from .train import check_owner, check_recipe, check_seeds, drop_numbered, fit_seeds, recipe_keys
 
 log = logging.getLogger(__name__)
@@ -48,8 +48,8 @@ def _check_axes(head: str, grid: dict[str, list], in_recipe: set[str], in_hp: se
 def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) -> list[tuple[dict, dict, dict]]:
     """(point, recipe, hp) for every grid point, each checked before the first is trained: a bad value at point
     17 fails now, not after 16 points of work."""
-    in_recipe, d = recipe_keys(head), describe_head(head)  # an axis is a recipe key, or else a hyperparameter
-    _check_axes(head, grid, in_recipe, set(d["hp"]))
+    in_recipe, spec = recipe_keys(head), HEADS.lookup(head)  # an axis is a recipe key, or else a hyperparameter
+    _check_axes(head, grid, in_recipe, set(spec.hyperparameters))
     if both := sorted(set(grid) & (set(base_recipe) | set(base_hp))):  # the axis won, and the fixed value was lost
         raise ConfigError(f"{', '.join(both)}: both a sweep axis and a fixed --recipe/--hp value (base_recipe/base_hp "
                           "in a pipeline); give it one way")
@@ -57,7 +57,7 @@ def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) ->
     for point in grid_points(grid):
         recipe = {**base_recipe, **{k: v for k, v in point.items() if k in in_recipe}}
         hp = {**base_hp, **{k: v for k, v in point.items() if k not in in_recipe}}
-        check_recipe(head, {**d["recipe"], **recipe}, d["task"])
+        check_recipe(head, {**spec.recipe, **recipe}, spec.task)
         check_hyperparameters(head, hp)
         plan.append((point, recipe, hp))
     return plan

@@ -29,8 +29,8 @@ from .data import (FeatureSet, carve_val, clip_level, features_memo, load_featur
                    subset_train)
 from .devices import torch_device
 from .errors import ConfigError, check_out_dir, did_you_mean, repeated
-from .heads import HEADS, HeadContext, build_head, describe as describe_head
-from .heads.zeroshot import require_text_tower
+from .encoders import check_text_tower
+from .heads import HEADS, HeadContext, build_head
 from .labels import sorted_labels
 from .store import canonical, library_versions, open_store, same_location, store_name, writing
 
@@ -93,7 +93,7 @@ def _like_default(default) -> tuple:
 
 
 def _check_values(head: str, r: dict) -> None:
-    published = describe_head(head)["recipe"]
+    published = HEADS.lookup(head).recipe
     for key, value in r.items():
         ok, what = RECIPE_VALUES.get(key) or _like_default(published.get(key))
         if not ok(value):
@@ -104,7 +104,7 @@ def _check_values(head: str, r: dict) -> None:
 
 def recipe_keys(head: str) -> frozenset[str]:
     """Every recipe key `head` trains with: the trainer's and its own."""
-    return TRAINER_KEYS | set(describe_head(head)["recipe"])
+    return TRAINER_KEYS | set(HEADS.lookup(head).recipe)
 
 
 def check_recipe(head: str, r: dict, task: str) -> None:
@@ -221,8 +221,7 @@ def random_view(batch: dict, gen: torch.Generator) -> dict:
 
 
 def _optimizer(head: nn.Module, r: dict) -> torch.optim.Optimizer:
-    # A head with several learning rates (the temporal head's prompts) says so through param_groups().
-    params = head.param_groups(r) if hasattr(head, "param_groups") else head.parameters()
+    params = head.param_groups(r)  # several learning rates: the temporal head's prompts
     if r["optimizer"] == "sgd":
         return torch.optim.SGD(params, lr=r["lr"], momentum=r.get("momentum", 0.0), weight_decay=r["weight_decay"])
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[r["optimizer"]]
@@ -380,11 +379,11 @@ def _train_views(store: str, views: bool | list[str] | None) -> list[str]:
 def prepare(store: str, head: str, manifest=None, output=None, mask_source=None, aus=None, seed: int = 0,
             views: bool | list[str] | None = True):
     """Load features (and the store's cached views), carve val if needed, drop test rows, fix the label set."""
-    clip = getattr(HEADS.lookup(head), "level", "frame") == "clip"
-    task = "au" if head == "au" else "expr"
-    if head == "zeroshot":
-        require_text_tower(open_store(store).meta)  # before reading features: fail on the real cause
-        output = output or "embedding"
+    spec = HEADS.lookup(head)
+    clip, task = spec.level == "clip", spec.task
+    if spec.text_tower:
+        check_text_tower(open_store(store).meta, head)  # before reading features: fail on the real cause
+    output = output or spec.feature_output
     # Views augment frame-level heads; a clip-level head resamples frames instead.
     fs = load_features(store, manifest, output, mask_source, views=_train_views(store, views) if not clip else ())
     if clip:
@@ -527,9 +526,9 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     """
     dev = torch_device(device)  # before any reading
     check_out_dir(out_dir)
-    d = describe_head(head)
-    r = {**d["recipe"], **(recipe or {})}  # the head's published recipe, with the overrides
-    check_recipe(head, r, d["task"])  # before any work
+    spec = HEADS.lookup(head)
+    r = {**spec.recipe, **(recipe or {})}  # the head's published recipe, with the overrides
+    check_recipe(head, r, spec.task)  # before any work
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed,
                                         r["views"] if views and "views" in r else views)
     fs = subset_train(fs, r.get("shots"), r.get("fraction"), seed, stratify=task == "expr")
@@ -539,14 +538,14 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
                       class_counts=_train_counts(fs, task, classes))
     torch.manual_seed(seed)
     model = build_head(head, ctx, **(hp or {}))
-    hp = {**(hp or {}), **getattr(model, "resolved_hp", {})}  # e.g. an "auto" choice, so load_run rebuilds this head
+    hp = {**(hp or {}), **model.resolved_hp}  # e.g. an "auto" choice, so load_run rebuilds this head
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     settings = _located({"head": head, "hp": hp, "recipe": r, "store": store, "output": output or st.default_output,
                          "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views,
                          "classes": classes})
     if not replace:
         _refuse_other_run(run_dir, settings)
-    config = {**settings, "level": model.level, "seed": seed, "fold": fold, "task": task, "device": device,
+    config = {**settings, "level": spec.level, "seed": seed, "fold": fold, "task": task, "device": device,
               **_provenance(fs, st, ctx)}
     if mask_source:  # a re-extracted mask source makes the run stale (evaluate.staleness) and not reusable
         config["mask_source_fingerprint"] = open_store(mask_source).fingerprint["key"]
@@ -574,12 +573,11 @@ def _train_on(model: nn.Module, fs: FeatureSet, r: dict, task: str, classes: lis
               progress: bool, dev: torch.device) -> tuple[dict, Fitted]:
     """Train `model` on fs's train split, the epoch chosen on its val split; what metrics.json reports of it
     (selection, val scores, history, sizes) and what was fitted on val beside the weights (the temperature)."""
-    if model.level == "clip":
+    if model.spec.level == "clip":
         fs = clip_level(fs, r["max_frames"])
     model.to(dev)
     train, val, ytr, yval = _train_val(fs, targets(fs, task, classes), task, dev)
-    if hasattr(model, "fit_stats"):
-        model.fit_stats(train)
+    model.fit_stats(train)
     t0 = time.perf_counter()
     select = r.get("select", SELECT_METRIC[task])
     solver, history, best_epoch = _fit_model(model, train, val, r, task, classes, seed, progress, select)
@@ -588,7 +586,7 @@ def _train_on(model: nn.Module, fs: FeatureSet, r: dict, task: str, classes: lis
         "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": select,
                       "best_epoch": best_epoch, "test_split_used": False, **({"solver": solver} if solver else {})},
         "val": val_metrics, "history": history, "train_seconds": time.perf_counter() - t0,
-        "n_train": int(len(ytr)), "n_val": int(len(yval)), "unit": "clips" if model.level == "clip" else "images",
+        "n_train": int(len(ytr)), "n_val": int(len(yval)), "unit": "clips" if model.spec.level == "clip" else "images",
     }, fitted
 
 
@@ -617,9 +615,10 @@ def finished_run(run_dir: Path, config: dict) -> RunResult | None:
 def _fit_model(model: nn.Module, train, val, r: dict, task: str, classes: list[str], seed: int, progress: bool,
                select: str) -> tuple[dict | None, list[dict], int]:
     """Fit `model` in place, choosing on validation only: (solver report, epoch history, best epoch)."""
-    if hasattr(model, "solve"):  # closed form or full batch (logreg)
-        return model.solve(train, lambda m: score(m, val, task, classes)[select], r), [], 0
-    if model.trainable and r["epochs"] > 0:
+    solver = model.solve(train, lambda m: score(m, val, task, classes)[select], r)  # closed form, full batch
+    if solver is not None:
+        return solver, [], 0
+    if model.spec.trainable and r["epochs"] > 0:
         state, history, best_epoch = train_loop(model, train, val, r, task, classes, seed, progress)
         model.load_state_dict(state)
         return None, history, best_epoch

@@ -436,7 +436,7 @@ def test_heads_lists_every_head_with_its_hyperparameters_and_recipe():
     rows = {d["name"]: d for d in json.loads(r.output)}
     assert sorted(rows) == sorted(HEADS)
     for name, d in rows.items():  # the keys are the factory's keyword-only parameters, with their defaults
-        params = inspect.signature(HEADS[name]).parameters.values()
+        params = inspect.signature(HEADS[name].build).parameters.values()
         assert d["hp"] == {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
     assert rows["mask"]["recipe"]["epochs"] == 60 and rows["mask"]["hp"]["n_drop"] is None
     assert rows["temporal"]["level"] == "clip" and rows["au"]["task"] == "au"

@@ -94,7 +94,7 @@ def test_encoders_without_batchnorm_keep_the_fingerprint_they_had(tiny_encoder_s
 
 
 def test_the_whole_clip_model_is_frozen_in_eval_mode_text_tower_included(tiny_encoder_spec):
-    clip = E.load_encoder(tiny_encoder_spec).extra["clip_model"]
+    clip = E.load_encoder(tiny_encoder_spec).text.model
     assert not any(m.training for m in clip.modules()) and not any(p.requires_grad for p in clip.parameters())
 
 

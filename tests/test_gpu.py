@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from fercache import store as S
+from fercache.heads import HEADS
 
 from .test_extract import min_cosine
 
@@ -33,7 +34,7 @@ def test_cuda_extract_matches_cpu(tiny_store, tiny_manifest, tiny_dataset, tiny_
     assert min_cosine(tiny_store, tmp_path / "g.zarr") > (0.999 if precision == "fp32" else 0.99)
 
 
-@pytest.mark.parametrize("head", ["linear", "logreg", "mask", "cvar_mlp"])
+@pytest.mark.parametrize("head", sorted(n for n, s in HEADS.items() if s.task == "expr" and s.level == "frame"))
 def test_heads_train_on_cuda(tiny_store, tmp_path, head):
     from fercache.evaluate import evaluate_run
     from fercache.train import fit

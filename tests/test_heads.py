@@ -42,7 +42,7 @@ def as_clips(batch, frames=5, seed=0):
 
 
 def shaped(head, batch, seed=0):
-    return as_clips(batch, seed=seed) if head.level == "clip" else batch
+    return as_clips(batch, seed=seed) if head.spec.level == "clip" else batch
 
 
 def make(name, d=24, c=3, **hp):
@@ -54,10 +54,10 @@ def make(name, d=24, c=3, **hp):
 @pytest.mark.parametrize("name", sorted(HEADS))
 def test_every_head_shapes_and_finite_loss(name):
     head = make(name)
-    batch = shaped(head, toy(au=HEADS[name] is HEADS.get("au")))
+    batch = shaped(head, toy(au=HEADS[name].task == "au"))
     out = head.logits(batch)
     assert out.shape == (96, 3) and torch.isfinite(out).all()
-    if head.trainable:
+    if head.spec.trainable:
         loss = head.loss(batch)
         assert loss.ndim == 0 and torch.isfinite(loss)
 
@@ -72,7 +72,7 @@ def test_every_trainable_head_learns_separable_data(name):
     if hasattr(head, "fit_stats"):
         head.fit_stats(train)
     before = head.loss(train).item()
-    recipe = {**head.recipe, "epochs": 20, "batch_size": 16, "lr": 3e-3}
+    recipe = {**head.spec.recipe, "epochs": 20, "batch_size": 16, "lr": 3e-3}
     state, history, best = train_loop(head, train, val, recipe, "au" if is_au else "expr", CLASSES, seed=0)
     head.load_state_dict(state)
     head.eval()
@@ -201,7 +201,7 @@ def test_mask_variants_learn_separable_data(hp):
     torch.manual_seed(0)
     head = make("mask", **hp)
     train, val = toy(), toy(seed=1)
-    recipe = {**head.recipe, "epochs": 20, "batch_size": 16, "lr": 3e-3}
+    recipe = {**head.spec.recipe, "epochs": 20, "batch_size": 16, "lr": 3e-3}
     _, history, _ = train_loop(head, train, val, recipe, "expr", CLASSES, seed=0)
     assert max(h["val_accuracy"] for h in history) > 0.9, history[-1]
 
@@ -326,9 +326,8 @@ def test_logreg_chooses_the_regularisation_on_validation():
 
 
 @pytest.mark.parametrize("name", sorted(HEADS))
-def test_described_recipe_is_the_one_the_head_trains_with(name):
-    from fercache.heads import describe
-
-    # fit() reads the recipe from describe() before building the head: a factory without its return
-    # annotation would silently train with the base recipe
-    assert describe(name)["recipe"] == make(name).recipe
+def test_a_built_head_carries_the_spec_it_was_registered_with(name):
+    # fit() reads the recipe from the registration before building the head, and the head built is that one
+    head = make(name)
+    assert head.spec is HEADS[name] and head.name == name
+    assert HEADS[name].to_dict()["recipe"] == head.spec.recipe and HEADS[name].to_dict()["task"] == head.spec.task

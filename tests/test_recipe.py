@@ -160,7 +160,7 @@ def test_a_numeric_sweep_axis_draws_a_curve(tiny_store, tmp_path):
 ])
 def test_recipe_values_of_the_wrong_kind_or_range_are_refused(recipe, message):
     with pytest.raises(ConfigError, match=message):
-        T.check_recipe("linear", {**T.describe_head("linear")["recipe"], **recipe}, "expr")
+        T.check_recipe("linear", {**T.HEADS["linear"].recipe, **recipe}, "expr")
 
 
 def test_a_heads_own_recipe_keys_take_values_like_their_published_default():
@@ -179,8 +179,8 @@ def test_every_heads_published_recipe_and_defaults_pass_its_own_checks(head):
     from fercache.heads import check_hyperparameters
     from fercache.heads._registry import hyperparameters
 
-    d = T.describe_head(head)
-    T.check_recipe(head, d["recipe"], d["task"])
+    spec = T.HEADS[head]
+    T.check_recipe(head, spec.recipe, spec.task)
     check_hyperparameters(head, hyperparameters(head))
 
 

@@ -82,7 +82,7 @@ def test_transformer_sees_frame_order_that_mean_pooling_cannot(pool, solves):
     assert head.resolved_hp["classifier"] == "linear"  # no store with a text tower: auto -> linear
     train, val = _order_task(), _order_task(seed=1)
     head.fit_stats(train)
-    recipe = {**head.recipe, "epochs": 25, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "scheduler": None}
+    recipe = {**head.spec.recipe, "epochs": 25, "batch_size": 32, "optimizer": "adamw", "lr": 3e-3, "scheduler": None}
     _, history, _ = train_loop(head, train, val, recipe, "expr", ["happy", "sad"], seed=0)
     best = max(h["val_accuracy"] for h in history)
     assert best > 0.95 if solves else best < 0.7, best
@@ -92,11 +92,11 @@ def test_recipe_uses_two_learning_rates_and_multistep():
     head = build_head("temporal", HeadContext(16, 2, ["happy", "sad"], restore=True), classifier="prompts", width=32,
                       heads=4, mlp=64)
     head.prompt.ctx = torch.nn.Parameter(torch.zeros(2, 8, 32))
-    opt = _optimizer(head, head.recipe)
+    opt = _optimizer(head, head.spec.recipe)
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-3]
     assert opt.param_groups[1]["params"][0] is head.prompt.ctx
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-4
-    sched = _scheduler(opt, head.recipe)
+    sched = _scheduler(opt, head.spec.recipe)
     lrs = []
     for _ in range(45):
         lrs.append(opt.param_groups[0]["lr"])

@@ -1,4 +1,4 @@
 """Heads trained on cached features. Importing this package registers every head module."""
 
-from ._registry import HEADS, Head, HeadContext, build_head, check_hyperparameters, describe, register_head  # noqa: F401
+from ._registry import HEADS, Head, HeadContext, HeadSpec, build_head, check_hyperparameters, register_head  # noqa: F401
 from . import au, cvar_mlp, linear, logreg, mask, temporal, zeroshot  # noqa: F401  (registration side effect)

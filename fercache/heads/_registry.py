@@ -7,6 +7,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -14,20 +15,30 @@ from torch import nn
 from ..errors import ConfigError, did_you_mean
 from ..registry import Registry
 
+#: The training recipe a head declares nothing else for.
+BASE_RECIPE = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "epochs": 30, "batch_size": 256,
+               "scheduler": None, "sam_rho": 0.0}
+
+TASKS = ("expr", "au")  # expression: one class per row; au: multi-label, one binary output per AU
+LEVELS = ("frame", "clip")  # clip: x is [B, frames, D] with batch["lengths"] (see data.clip_level)
+
 
 class Head(nn.Module):
     """A head maps a batch of cached features to logits.
 
     `forward(x, z=None)` returns logits [B, C] (z: optional mask-source features);
     `loss(batch)` returns the training loss for a batch dict with `x`, `y` (and `z`).
-    `recipe` holds the published training recipe, which the trainer uses unless overridden.
+    The optional hooks below have defaults that do nothing special; a head overrides the ones it needs.
+    What the rest of fercache knows of a head (task, level, recipe, ...) is its `HeadSpec`, set by `build_head`.
     """
 
-    task = "expr"  # or "au" (multi-label)
-    level = "frame"  # or "clip": x is [B, frames, D] with batch["lengths"] (see data.clip_level)
-    recipe: dict = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "epochs": 30, "batch_size": 256,
-                    "scheduler": None, "sam_rho": 0.0}
-    trainable = True
+    spec: HeadSpec
+
+    def __init__(self):
+        super().__init__()
+        #: Hyperparameters the factory chose from the data ("auto" settings), saved with the run so that
+        #: a restore rebuilds this same head.
+        self.resolved_hp: dict = {}
 
     def logits(self, batch: dict) -> torch.Tensor:
         """Logits for a batch dict (clip-level heads also read `lengths`)."""
@@ -36,12 +47,24 @@ class Head(nn.Module):
     def loss(self, batch: dict) -> torch.Tensor:
         return nn.functional.cross_entropy(self.logits(batch), batch["y"])
 
+    def fit_stats(self, batch: dict) -> None:
+        """Called once with the whole training split before training: frozen statistics (a standardiser)."""
+
+    def solve(self, train: dict, val_score: Callable[[nn.Module], float], recipe: dict) -> dict | None:
+        """Fit without the epoch loop (closed form, full batch), choosing on `val_score`; return a report of the
+        choice. None: the head is trained by epochs."""
+        return None
+
+    def param_groups(self, recipe: dict) -> list[dict]:
+        """The optimiser's parameter groups: one at the recipe's lr unless a head trains parts at other rates."""
+        return [{"params": list(self.parameters())}]
+
 
 def feature_scale(x: torch.Tensor) -> torch.Tensor:
     """Per-feature std of training features [N, D] for a frozen standardiser, floored at 1% of the median std.
-    A feature (almost) constant in training, such as a ReLU channel dead on every training image, was divided by
-    ~1e-6, so its first non-zero value at test time became a logit of thousands (MobileNetV2 at 64 px on CK+48:
-    validation NLL 324 instead of 1.2, accuracy -4 points). The floor bounds any feature at 100x a typical one."""
+    A feature constant in training (a ReLU channel dead on every training image) would otherwise be divided by
+    ~1e-6, and its first non-zero value at test time become a logit of thousands. The floor bounds any feature
+    at 100x a typical one."""
     sd = x.std(0)
     return sd.clamp_min(max(0.01 * float(sd.median()), 1e-6))
 
@@ -59,23 +82,47 @@ class HeadContext:
     restore: bool = False  # True when loading a saved head: weights come from head.pt, not from a build step
 
 
-HEADS = Registry("head")
-#: Register a head factory `fn(ctx, *, **hyperparameters)`: keyword-only, so a sweep can pass a dict.
+@dataclass(frozen=True)
+class HeadSpec:
+    """Everything fercache knows of a head, declared where it is registered (`register_head`)."""
+
+    name: str
+    build: Callable[..., Head]  # factory(ctx, *, **hyperparameters), keyword-only so a sweep can pass a dict
+    task: str = "expr"
+    level: str = "frame"
+    recipe: dict = field(default_factory=lambda: dict(BASE_RECIPE))  # the published recipe, trained unless overridden
+    feature_output: str | None = None  # the store output it reads unless told; None: the store's default
+    text_tower: bool = False  # needs the store's text tower: checked before any feature is read
+    trainable: bool = True  # False: nothing is trained by epochs (zero-shot; a head that `solve`s)
+
+    def __post_init__(self):
+        if self.task not in TASKS or self.level not in LEVELS:
+            raise ValueError(f"head {self.name!r}: task is one of {TASKS}, level one of {LEVELS}")
+
+    @property
+    def summary(self) -> str:
+        return (self.build.__doc__ or "").strip().splitlines()[0]
+
+    @property
+    def hyperparameters(self) -> dict[str, Any]:
+        """The head's hyperparameters and their defaults: its factory's keyword-only parameters."""
+        params = inspect.signature(self.build).parameters.values()
+        return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
+
+    def to_dict(self) -> dict:
+        """What `fercache heads` prints: summary, task, level, hyperparameters and published recipe."""
+        return {"name": self.name, "summary": self.summary, "task": self.task, "level": self.level,
+                "hp": self.hyperparameters, "recipe": dict(self.recipe)}
+
+
+HEADS = Registry("head", entry=HeadSpec)
+#: `@register_head(name, task=..., level=..., recipe=..., ...)` over a factory `fn(ctx, *, **hyperparameters)`.
 register_head = HEADS.register
 
 
 def hyperparameters(name: str) -> dict:
-    """A head's hyperparameters and their defaults, read from its factory's keyword-only parameters."""
-    params = inspect.signature(HEADS.lookup(name)).parameters.values()
-    return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
-
-
-def describe(name: str) -> dict:
-    """What `fercache heads` prints: the head's summary, task, level, hyperparameters and published recipe."""
-    factory = HEADS.lookup(name)
-    cls = typing.get_type_hints(factory).get("return", Head)  # each factory is annotated with its Head class
-    return {"name": name, "summary": (factory.__doc__ or cls.__doc__ or "").strip().splitlines()[0],
-            "task": cls.task, "level": cls.level, "hp": hyperparameters(name), "recipe": dict(cls.recipe)}
+    """A head's hyperparameters and their defaults."""
+    return HEADS.lookup(name).hyperparameters
 
 
 def _matches(value, hint) -> bool:
@@ -111,14 +158,15 @@ def _hint_name(hint) -> str:
 
 def check_hyperparameters(name: str, hp: dict) -> None:
     """Refuse, before any work, a name the head does not take or a value its factory's annotation rules out
-    (use_sigmoid="yes" would otherwise be truthy, hidden="wide" fail inside torch)."""
-    known = hyperparameters(name)
+    (use_sigmoid="yes" would be truthy, hidden="wide" fail inside torch)."""
+    spec = HEADS.lookup(name)
+    known = spec.hyperparameters
     unknown = sorted(set(hp) - set(known))
     if unknown:
         hints = [f"{k!r}{did_you_mean(k, known)}" for k in unknown]
         raise ConfigError(f"head {name!r} has no hyperparameter {', '.join(hints)}; "
                           f"it takes: {', '.join(f'{k}={v!r}' for k, v in known.items())}")
-    hints = typing.get_type_hints(HEADS.lookup(name))
+    hints = typing.get_type_hints(spec.build)
     for key, value in hp.items():
         if key in hints and not _matches(value, hints[key]):
             raise ConfigError(f"head {name!r}: {key}={value!r}; give {_hint_name(hints[key])} (default {known[key]!r})")
@@ -126,11 +174,11 @@ def check_hyperparameters(name: str, hp: dict) -> None:
 
 def build_head(name: str, ctx: HeadContext, **hp) -> Head:
     """Instantiate a registered head; unknown hyperparameters are an error, not silently ignored."""
-    factory = HEADS.lookup(name)
+    spec = HEADS.lookup(name)
     check_hyperparameters(name, hp)
     try:
-        head = factory(ctx, **hp)
+        head = spec.build(ctx, **hp)
     except (TypeError, ValueError) as e:  # a value of the wrong type or range, e.g. --hp hidden=wide
         raise ConfigError(f"head {name!r} with {hp}: {e}") from None
-    head.name = name
+    head.name, head.spec = name, spec
     return head

@@ -1,4 +1,5 @@
-"""Multi-label AU detector (METHODS.md §2): per-AU BCE under CVaR, optional AUC-margin term; -1 labels ignored."""
+"""Multi-label AU detector: per-AU BCE under CVaR (the worst alpha of each batch), an optional AUC-margin term;
+-1 labels (AU not annotated) are ignored."""
 
 from __future__ import annotations
 
@@ -28,9 +29,6 @@ def auc_margin(logits: torch.Tensor, y: torch.Tensor, margin: float = 0.6, p: in
 
 
 class AUDetector(Head):
-    task = "au"
-    recipe = CVAR_RECIPE
-
     def __init__(self, in_dim: int, n_aus: int, hidden: int, alpha: float, dropout: float, auc_weight: float):
         super().__init__()
         self.alpha, self.auc_weight = alpha, auc_weight
@@ -47,7 +45,7 @@ class AUDetector(Head):
         return loss
 
 
-@register_head("au")
+@register_head("au", task="au", recipe=CVAR_RECIPE)
 def au(ctx: HeadContext, *, hidden: int | None = None, alpha: float = 0.5, dropout: float = 0.6,
        auc_weight: float = 0.0) -> AUDetector:
     """AU detector; `auc_weight=0.2` gives the published 0.8 CVaR + 0.2 AUC-margin loss."""

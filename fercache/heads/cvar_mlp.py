@@ -1,4 +1,4 @@
-"""CVaR MLP (METHODS.md §2): 3 x [Linear, BatchNorm, ReLU, Dropout 0.6] + Linear, trained on CVaR_alpha with SAM."""
+"""CVaR MLP (the ABAW expression head): 3 x [Linear, BatchNorm, ReLU, Dropout 0.6] + Linear, trained on CVaR_alpha with SAM."""
 
 from __future__ import annotations
 
@@ -41,8 +41,6 @@ CVAR_RECIPE = {"optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "epochs":
 
 
 class CVaRMLP(Head):
-    recipe = CVAR_RECIPE
-
     def __init__(self, in_dim: int, out_dim: int, hidden: int, alpha: float, dropout: float):
         super().__init__()
         self.alpha = alpha
@@ -55,7 +53,7 @@ class CVaRMLP(Head):
         return cvar(F.cross_entropy(self(batch["x"]), batch["y"], reduction="none"), self.alpha)
 
 
-@register_head("cvar_mlp")
+@register_head("cvar_mlp", recipe=CVAR_RECIPE)
 def cvar_mlp(ctx: HeadContext, *, hidden: int | None = None, alpha: float = 0.5, dropout: float = 0.6) -> CVaRMLP:
     """MLP trained on the CVaR of per-sample losses (top alpha fraction); width = feature dim by default."""
     check_fractions(alpha=alpha, dropout=dropout)

@@ -1,17 +1,18 @@
-"""Linear probe (METHODS.md §4), on raw or L2-normalised features."""
+"""Linear probe on raw (standardised) or L2-normalised features: the standard frozen-feature baseline."""
 
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from ._registry import Head, HeadContext, feature_scale, register_head
+from ._registry import BASE_RECIPE, Head, HeadContext, feature_scale, register_head
+
+
+LINEAR_RECIPE = {**BASE_RECIPE, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 30, "batch_size": 256,
+                 "scheduler": "cosine"}
 
 
 class LinearProbe(Head):
-    recipe = {**Head.recipe, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 30, "batch_size": 256,
-              "scheduler": "cosine"}
-
     def __init__(self, in_dim: int, out_dim: int, normalize: bool):
         super().__init__()
         self.normalize = normalize
@@ -32,7 +33,7 @@ class LinearProbe(Head):
         return self.fc(x)
 
 
-@register_head("linear")
+@register_head("linear", recipe=LINEAR_RECIPE)
 def linear(ctx: HeadContext, *, normalize: bool = False) -> LinearProbe:
     """Linear probe; `normalize=True` L2-normalises inputs (else standardises with train statistics)."""
     return LinearProbe(ctx.in_dim, ctx.out_dim, normalize)

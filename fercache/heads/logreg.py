@@ -15,16 +15,13 @@ import copy
 import torch
 from torch import nn
 
-from ._registry import Head, HeadContext, register_head
+from ._registry import BASE_RECIPE, HeadContext, register_head
 from .linear import LinearProbe
 
 L2_GRID = [10.0 ** k for k in range(1, -7, -1)]  # 10 .. 1e-6, strong to weak
 
 
 class LogRegProbe(LinearProbe):
-    trainable = False  # not trained by the epoch loop: `solve` fits it
-    recipe = {**Head.recipe, "epochs": 0, "max_iter": 200}
-
     def __init__(self, in_dim: int, out_dim: int, normalize: bool, l2: list[float]):
         super().__init__(in_dim, out_dim, normalize)
         self.l2 = sorted(l2, reverse=True)
@@ -66,7 +63,8 @@ class LogRegProbe(LinearProbe):
         return {"method": "L-BFGS, l2 chosen on validation", "path": path, "l2": best[0]["l2"]}
 
 
-@register_head("logreg")
+# not trained by the epoch loop: `solve` fits it
+@register_head("logreg", recipe={**BASE_RECIPE, "epochs": 0, "max_iter": 200}, trainable=False)
 def logreg(ctx: HeadContext, *, normalize: bool = False, l2: list[float] | None = None) -> LogRegProbe:
     """Logistic-regression probe (CLIP paper protocol): L-BFGS to convergence, L2 strength chosen on validation."""
     return LogRegProbe(ctx.in_dim, ctx.out_dim, normalize, list(l2) if l2 is not None else L2_GRID)

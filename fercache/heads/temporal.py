@@ -1,4 +1,4 @@
-"""Temporal model with learnable text prompts (METHODS.md §3, "DFER-CLIP"), on cached per-frame features.
+"""Temporal model with learnable text prompts (DFER-CLIP), on cached per-frame features.
 
 Documented variant: the image encoder stays frozen (the paper fine-tunes it at lr 1e-5), and frames
 come from the cache, so every epoch resamples T segment frames from each clip's cached frames.
@@ -27,8 +27,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError, EncoderError
-from ._registry import Head, HeadContext, feature_scale, register_head
-from .zeroshot import has_text_tower, text_classifier
+from ..encoders import has_text_tower, text_tower
+from ._registry import BASE_RECIPE, Head, HeadContext, feature_scale, register_head
+from .zeroshot import text_classifier
 
 log = logging.getLogger(__name__)
 
@@ -116,13 +117,15 @@ def _token_embedding(clip_model) -> nn.Embedding:
     return emb
 
 
+#: The published two-rate recipe; `max_frames` caps the cached frames a clip is resampled from.
+TEMPORAL_RECIPE = {**BASE_RECIPE, "optimizer": "sgd", "momentum": 0.9, "lr": 1e-2, "prompt_lr": 1e-3,
+                   "weight_decay": 1e-4, "epochs": 50, "scheduler": "multistep", "milestones": [30, 40], "gamma": 0.1,
+                   "batch_size": 48, "max_frames": 64}
+
+
 class TemporalHead(Head):
     """Clip-level head: x is [B, F, D] cached frame features with `lengths` valid frames per clip."""
 
-    level = "clip"
-    recipe = {**Head.recipe, "optimizer": "sgd", "momentum": 0.9, "lr": 1e-2, "prompt_lr": 1e-3, "weight_decay": 1e-4,
-              "epochs": 50, "scheduler": "multistep", "milestones": [30, 40], "gamma": 0.1, "batch_size": 48,
-              "max_frames": 64}
 
     def __init__(self, in_dim: int, out_dim: int, *, segments: int, width: int, heads: int, mlp: int, pool: str,
                  classifier: str, prompt: PromptText | None, text: torch.Tensor | None, scale: float, standardize: bool):
@@ -197,17 +200,11 @@ class TemporalHead(Head):
 
 
 def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None) -> PromptText:
-    import open_clip
-
-    from ..encoders import encoder_of
-
     table = class_descriptions(descriptions)
     missing = [c for c in ctx.class_names if c not in table]
     if missing:
         raise ConfigError(f"no description for class(es) {missing} in {descriptions or 'the bundled descriptions'}")
-    enc = encoder_of(ctx.store_meta)
-    model = enc.extra["clip_model"]
-    tokenizer = open_clip.get_tokenizer(enc.name.split(":", 1)[1])
+    model, tokenizer = text_tower(ctx.store_meta)
     with torch.no_grad():
         text_dim = model.encode_text(tokenizer(["a face"])).shape[-1]
     if text_dim != ctx.in_dim:
@@ -216,11 +213,11 @@ def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None) -> Prom
     return PromptText(model, tokenizer, [table[c] for c in ctx.class_names], n_ctx)
 
 
-@register_head("temporal")
+@register_head("temporal", level="clip", recipe=TEMPORAL_RECIPE)
 def temporal(ctx: HeadContext, *, classifier: str = "auto", pool: str = "transformer", segments: int = 16,
              width: int = 512, heads: int = 8, mlp: int = 1024, n_ctx: int = 8, scale: float = 100.0,
              descriptions: str | None = None, standardize: bool | None = None) -> TemporalHead:
-    """Clip-level temporal model (METHODS.md §3).
+    """Clip-level temporal model with learnable prompts (DFER-CLIP, frozen encoder).
 
     classifier: `prompts` (learnable context + descriptions; needs a CLIP store), `handwritten` (fixed
     "a photo of a <class> face." prompts: the paper's ablation), `linear`, or `auto` (prompts when the
@@ -249,5 +246,3 @@ def temporal(ctx: HeadContext, *, classifier: str = "auto", pool: str = "transfo
     head.resolved_hp = {"classifier": classifier, "standardize": standardize}  # saved with the run, so a restore rebuilds the same head
     return head
 
-
-temporal.level = TemporalHead.level  # lets the trainer check for clips before building (and loading a text tower)

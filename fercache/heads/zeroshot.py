@@ -1,12 +1,12 @@
-"""Zero-shot CLIP (METHODS.md §4): cosine between the image embedding and prompt-averaged class text embeddings."""
+"""Zero-shot CLIP: cosine between the image embedding and each class's text embedding, averaged over prompts."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from ..errors import EncoderError
-from ._registry import Head, HeadContext, register_head
+from ..encoders import text_tower
+from ._registry import BASE_RECIPE, Head, HeadContext, register_head
 
 TEMPLATES = (
     "a photo of a {} face.",
@@ -22,29 +22,9 @@ CLASS_WORDS = {
 }
 
 
-def has_text_tower(store_meta: dict) -> bool:
-    """True when the store came from an open_clip model (which has a text tower)."""
-    return bool(store_meta) and store_meta["fingerprint"]["encoder"]["name"].startswith("open_clip:")
-
-
-def require_text_tower(store_meta: dict) -> None:
-    """Raise unless the store came from an open_clip model (which has a text tower)."""
-    name = store_meta["fingerprint"]["encoder"]["name"]
-    if not has_text_tower(store_meta):
-        raise EncoderError(f"zeroshot needs a CLIP text tower; this store was built with {name}. "
-                           "Use a store extracted with --encoder open_clip:<model>.")
-
-
 def text_classifier(store_meta: dict, class_names: list[str], templates=TEMPLATES) -> torch.Tensor:
     """[C, E] unit text embeddings of the store's own CLIP model, averaged over templates."""
-    import open_clip
-
-    from ..encoders import encoder_of
-
-    require_text_tower(store_meta)
-    enc = encoder_of(store_meta)
-    model = enc.extra["clip_model"]
-    tokenizer = open_clip.get_tokenizer(enc.name.split(":", 1)[1])
+    model, tokenizer = text_tower(store_meta)
     rows = []
     with torch.no_grad():
         for name in class_names:
@@ -54,10 +34,6 @@ def text_classifier(store_meta: dict, class_names: list[str], templates=TEMPLATE
 
 
 class ZeroShot(Head):
-    trainable = False
-    feature_output = "embedding"
-    recipe = {**Head.recipe, "epochs": 0}
-
     def __init__(self, text: torch.Tensor, scale: float):
         super().__init__()
         self.register_buffer("text", text)
@@ -67,7 +43,9 @@ class ZeroShot(Head):
         return self.scale * F.normalize(x, dim=-1) @ self.text.T
 
 
-@register_head("zeroshot")
+# compares the image embedding with text embeddings: the store's `embedding` output and its text tower
+@register_head("zeroshot", recipe={**BASE_RECIPE, "epochs": 0}, feature_output="embedding", text_tower=True,
+               trainable=False)
 def zeroshot(ctx: HeadContext, *, scale: float = 100.0) -> ZeroShot:
     """CLIP zero-shot classifier from prompt templates; refused for encoders without a text tower."""
     if ctx.restore:
