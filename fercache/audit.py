@@ -129,7 +129,7 @@ def _examples(m: Manifest, groups: list[list[int]], k: int = 3) -> str:
     return "".join(f"\n    {' = '.join(_name(m, i) for i in g[:3])}{' ...' if len(g) > 3 else ''}" for g in ranked)
 
 
-def describe(m: Manifest, a: Audit | None) -> str:
+def summarize(m: Manifest, a: Audit | None) -> str:
     """The leakage findings in words, with a few examples of each."""
     shared = f"subjects in more than one split: {len(a.subjects_across_splits) if a else 0}"
     if a is None:

@@ -23,7 +23,7 @@ import torch
 from .devices import torch_device
 from .encoders import Encoder, check_encoder_name, load_encoder
 from .errors import FercacheError
-from .extract import _amp_dtype, _ready, check_options, compute_in, extract, weights_dtype
+from .extract import amp_dtype, check_options, compute_in, extract, ready, weights_dtype
 from .manifests import Manifest, data_root, read_manifest, resolve_paths, write_manifest
 
 
@@ -146,9 +146,9 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
     dev = torch_device(device)
     check_options(batch_size, workers, 1, precision, image_size)
     workers = min(4, os.cpu_count() or 1) if workers is None else workers
-    enc = _ready(load_encoder(encoder, pretrained=speed_weights(encoder, pretrained), image_size=image_size), (), dev,
+    enc = ready(load_encoder(encoder, pretrained=speed_weights(encoder, pretrained), image_size=image_size), (), dev,
                  precision)  # as extract readies it: every path below measures the same model
-    dtype = _amp_dtype(dev, precision)
+    dtype = amp_dtype(dev, precision)
     with tempfile.TemporaryDirectory() as tmp:
         m = _subset(manifest, n_images, Path(tmp) / "subset.csv")
         paths = resolve_paths(read_manifest(m), data_root(root))  # one per row

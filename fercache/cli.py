@@ -109,7 +109,7 @@ def manifest_check(
     Leakage: subjects in more than one split, and byte-identical images (same face box) in more than one split
     or with different labels. Published splits have them (FER2013: a test image that is a training image).
     """
-    from .audit import check, describe, label_table
+    from .audit import check, label_table, summarize
     from .manifests import summary
 
     m, found, written = check(manifest, data_root, hash_images, without_leaks, progress=not as_json and _progress["bars"])
@@ -121,7 +121,7 @@ def manifest_check(
         s = summary(m)
         typer.echo(f"{manifest}: {s['rows']} rows, {s['subjects']} subjects, every file present"
                    + (f", AU columns {', '.join(s['au_columns'])}" if s["au_columns"] else "") + "\n" + label_table(m)
-                   + "\n" + describe(m, found))
+                   + "\n" + summarize(m, found))
     if written:
         typer.echo(f"{written}: {len(found.leaking)} {found.unit}(s) unlabelled")
     if strict and (found is None or not found.clean):
@@ -147,9 +147,9 @@ def frames(
     your own: --format clipfolder on OUT). Resumable: a clip is written under
     <clip>.partial/ and renamed when whole, so clips already decoded are skipped when run again. Needs PyAV
     (pip install av: fercache's `video` extra)."""
-    from .video import describe, videos_to_frames
+    from .video import summarize, videos_to_frames
 
-    typer.echo(describe(videos_to_frames(src, out, every=every, short_side=short_side, workers=workers,
+    typer.echo(summarize(videos_to_frames(src, out, every=every, short_side=short_side, workers=workers,
                                          progress=_progress["bars"], detect=detect)))
 
 
@@ -333,16 +333,13 @@ def train_head(
                                               "(without it such a run is kept and this one refused)."),
 ) -> None:
     """Train a head on cached features; the epoch is chosen on the validation split, never on test."""
-    from .train import fit_seeds
+    from .train import fit_seeds, summarize
 
     runs = fit_seeds(store, head, seeds=_ints(seeds), out_dir=out, manifest=manifest, output=output,
                      mask_source=mask_source, hp=_kv(hp, "--hp"), recipe=_kv(recipe, "--recipe"), aus=aus,
-                     device=device, progress=_progress["bars"], views=views, replace=overwrite)
+                     device=device, progress=_progress["bars"], views=views, overwrite=overwrite)
     for r in runs:
-        sel, val = r.metrics["selection"], r.metrics["val"]
-        score = val.get("accuracy", val.get("macro_f1_at_0.5"))
-        chosen = f"l2 {sel['solver']['l2']:g}" if "solver" in sel else f"epoch {sel['best_epoch']}"
-        typer.echo(f"{r.run_dir}: val {sel['metric']} {100 * score:.2f}% ({chosen}; val: {sel['val_source']})")
+        typer.echo(summarize(r))
 
 
 @app.command("heads")
@@ -376,20 +373,6 @@ def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Pa
                           device=device, progress=_progress["bars"], labels=labels, metric=metric, reuse=not retrain)
     for t in tables.values():
         typer.echo(t["markdown"])
-
-
-def _score_line(r: dict, split: str) -> str:
-    """One evaluated run: its headline scores with their 95% intervals, and where the full report went."""
-    names = {"accuracy": "acc", "uar": "UAR", "macro_f1": "macro-F1"} if "accuracy" in r \
-        else {"macro_f1_at_0.5": "AU macro-F1 @0.5", "macro_f1_tuned": "tuned"}
-    ci = r.get("ci95", {})
-    scores = "  ".join(f"{name} {100 * r[k]:.2f}" + (f" [{100 * ci[k][0]:.1f}, {100 * ci[k][1]:.1f}]" if k in ci else "")
-                       for k, name in names.items())
-    if "ece" in r:  # calibration: raw, and after the temperature the run fitted on its validation split
-        scores += f"  ECE {100 * r['ece']:.1f}" + (f" [{100 * ci['ece'][0]:.1f}, {100 * ci['ece'][1]:.1f}]" if "ece" in ci else "")
-        scores += f" (T={r['temperature']:.2f}: {100 * r['ece_ts']:.1f})" if "ece_ts" in r else ""
-    excl = f"  (excluded {r['excluded']['n']})" if r.get("excluded", {}).get("n") else ""
-    return f"{r['run']} on {r['store']}:{split}  n={r['n']}  {scores}{excl}  -> {r['out']}"
 
 
 #: evaluate's options that only one of its two modes reads: given to the other, they were dropped unsaid.
@@ -441,16 +424,12 @@ def evaluate(
     if cross:
         return _evaluate_cross(train, test, _names(heads), out, _ints(seeds), _kv(recipe, "--recipe"), device,
                                _options(labels, "--labels"), [m for m in metric.split(",") if m], retrain)
-    from .evaluate import evaluate as run_eval, format_summary
+    from .evaluate import evaluate as run_eval, summarize
 
     if not runs:
         raise typer.BadParameter("give a run directory, or use --cross")
     for run in runs:
-        res = run_eval(run, store, manifest, split, device, errors=errors, root=data_root)
-        for r in res["runs"]:
-            typer.echo(_score_line(r, split) + (f"\n  surest mistakes -> {r['errors_png']}" if "errors_png" in r else ""))
-        if len(res["runs"]) > 1:
-            typer.echo("mean ± std: " + format_summary(res["summary"]))
+        typer.echo(summarize(run_eval(run, store, manifest, split, device, errors=errors, root=data_root)))
 
 
 @app.command()
@@ -469,9 +448,9 @@ def compare(
     Subjects are resampled whole (several frames of one person are not independent evidence), and both runs
     score every resample, so the interval is that of the difference, not of either run alone.
     """
-    from .compare import compare as run_compare, describe
+    from .compare import compare as run_compare, summarize
 
-    typer.echo(describe(run_compare(a, b, store, manifest, split, device, n_boot=n_boot, out=out)))
+    typer.echo(summarize(run_compare(a, b, store, manifest, split, device, n_boot=n_boot, out=out)))
     if out:
         typer.echo(f"-> {out}")
 
@@ -497,9 +476,9 @@ def near_dups(
     image is at least --threshold similar, mirrored views included. Finds the re-cropped and re-encoded copies
     that `manifest check` (byte-identical files) cannot. With --against B.zarr, across datasets: the images a
     train-on-B / test-on-STORE cell of the cross matrix would score from memory."""
-    from .neighbours import describe, near_duplicates
+    from .neighbours import near_duplicates, summarize
 
-    typer.echo(describe(near_duplicates(store, out, manifest, output, threshold, without_leaks, pairs, data_root, device,
+    typer.echo(summarize(near_duplicates(store, out, manifest, output, threshold, without_leaks, pairs, data_root, device,
                                         against)))
 
 
@@ -544,17 +523,18 @@ def au_cv(
     folds: int = typer.Option(5, help="Subject-grouped folds."),
     aus: str = typer.Option("top8", help="'topK' or AU numbers like 1,2,4."),
     seeds: str = Seeds,
-    hp: list[str] = typer.Option([], "--hp", help="au head hyperparameter key=value (repeatable)."),
+    hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value (repeatable)."),
     recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value (repeatable), e.g. epochs=30."),
     out: Path = typer.Option(Path("runs/au-cv"), "--out", "-o", help="Folder for the runs and the AU table."),
     retrain: bool = Retrain,
     device: str = Device,
+    head: str = typer.Option("au", "--head", "-H", help="An AU head (see `fercache heads`)."),
 ) -> None:
     """Subject-grouped k-fold AU detection: per-AU F1 at 0.5, tuned thresholds, and the always-positive baseline."""
     from .protocols import au_crossval
 
     r = au_crossval(store, out, folds=folds, aus=aus, seeds=_ints(seeds), hp=_kv(hp, "--hp"),
-                    recipe=_kv(recipe, "--recipe"), device=device, reuse=not retrain)
+                    recipe=_kv(recipe, "--recipe"), device=device, reuse=not retrain, head=head)
     typer.echo(r["markdown"] + f"\n-> {r['png']}")
 
 
@@ -615,7 +595,7 @@ def runs_cmd(
 ) -> None:
     """The run ledger: every run under ROOT, seeds grouped, ranked on validation, with the evaluations saved
     beside each run (eval-*/) and a status that flags STALE runs (store re-extracted or manifest edited since)."""
-    from .runs import ledger, write_ledger
+    from .runs import ledger, warnings, write_ledger
 
     if csv:
         check_out_file(csv, "--csv")
@@ -623,19 +603,8 @@ def runs_cmd(
     typer.echo(result["markdown"])
     if csv:
         typer.echo(f"wrote {write_ledger(result, csv)}")
-    if result["stale"]:
-        first = "re-extract their stores (see `fercache info STORE`), then " if any(
-            "re-extract" in r["status"] for r in result["records"]) else ""
-        typer.echo(f"{len(result['stale'])} run(s) are STALE: {first}retrain them before trusting their numbers", err=True)
-    if result["unchecked"]:
-        typer.echo(f"{len(result['unchecked'])} run(s) could not be checked: their training store or manifest is "
-                   "missing (moved or deleted); `fercache evaluate RUN --store NEW` scores a run on a moved store", err=True)
-    if result["copies"]:
-        typer.echo(f"{len(result['copies'])} run(s) repeat another's settings and seed, counted once: "
-                   f"{'; '.join(result['copies'][:5])}", err=True)
-    if result["incomplete"]:
-        typer.echo(f"{len(result['incomplete'])} folder(s) hold head.pt but not a whole run, left out (retrain them): "
-                   f"{'; '.join(result['incomplete'])}", err=True)
+    for line in warnings(result):
+        typer.echo(line, err=True)
     if strict and (result["stale"] or result["unchecked"] or result["incomplete"]):
         raise typer.Exit(1)
 
@@ -661,15 +630,15 @@ def sweep(
 
     Run again after an interruption, it goes on where it stopped: runs already finished in --out with the same
     settings, data and fercache code are read back instead of trained again."""
-    from .sweep import describe, sweep as run_sweep
+    from .sweep import summarize, sweep as run_sweep
 
     axes = [_axis(a) for a in axis]
     if twice := repeated([name for name, _ in axes]):  # dict() would keep the later --axis of a name, unsaid
         raise typer.BadParameter(f"--axis {twice[0]} is given twice; put all its values in one --axis name=v1,v2,...")
     grid = dict(axes)
     r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe, "--recipe"),
-                  base_hp=_kv(hp, "--hp"), progress=_progress["bars"], retrain=retrain, manifest=manifest, aus=aus)
-    typer.echo(describe(r))
+                  base_hp=_kv(hp, "--hp"), progress=_progress["bars"], reuse=not retrain, manifest=manifest, aus=aus)
+    typer.echo(summarize(r))
 
 
 def _print_figures(d: dict) -> None:

@@ -97,7 +97,7 @@ def compare(a: str | Path, b: str | Path, store: str | None = None, manifest=Non
     return result
 
 
-def describe(result: dict) -> str:
+def summarize(result: dict) -> str:
     """The comparison as a small table, one metric a row, in percentage points."""
     n, k = result["n"], result["clusters"]
     unit = f"{n} samples from {k} subjects" if k < n else f"{n} samples, each its own subject"

@@ -19,7 +19,7 @@ from .errors import ConfigError, StaleRunError, StoreError, near_path
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
 from .store import encoder_key, encoder_label, exists, open_store, outdated, same_location, store_name
-from .train import _to_device, load_run, predict_logits, targets
+from .train import load_run, to_device, predict_logits, targets
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +179,7 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     if not len(y):
         raise ConfigError(f"the {split} split of {store_name(store)} has no labelled sample of the run's classes "
                           f"({', '.join(cfg['classes'])}) to score")
-    logits = predict_logits(model, _to_device(fs, y, device))
+    logits = predict_logits(model, to_device(fs, y, device))
     prob = (torch.softmax(logits, 1) if cfg["task"] == "expr" else torch.sigmoid(logits)).cpu().numpy()
     out = Scored(fs.sample_id, fs.subject, fs.label, y, prob, list(cfg["classes"]), cfg["task"], fitted.thresholds)
     if cfg["task"] == "expr":
@@ -355,7 +355,7 @@ def _write_predictions(path: Path, s: Scored) -> Path:
     return report.write_csv(path, header, rows)
 
 
-def summarize(results: list[dict], keys=("accuracy", "uar", "macro_f1", "ece", "macro_f1_at_0.5", "macro_f1_tuned")) -> dict:
+def over_seeds(results: list[dict], keys=("accuracy", "uar", "macro_f1", "ece", "macro_f1_at_0.5", "macro_f1_tuned")) -> dict:
     """mean and std over seeds of each headline metric present."""
     out = {}
     for k in keys:
@@ -374,4 +374,28 @@ def evaluate(run: str | Path, store: str | None = None, manifest=None, split: st
              errors: int = 0, root: str | Path | None = None) -> dict:
     """Evaluate a run (or every seed under it); returns per-seed results and mean/std."""
     results = [evaluate_run(r, store, manifest, split, device=device, errors=errors, root=root) for r in run_dirs(run)]
-    return {"runs": results, "summary": summarize(results)}
+    return {"runs": results, "summary": over_seeds(results)}
+
+
+def score_line(r: dict) -> str:
+    """One evaluated run: its headline scores with their 95% intervals, and where the full report went."""
+    names = {"accuracy": "acc", "uar": "UAR", "macro_f1": "macro-F1"} if "accuracy" in r \
+        else {"macro_f1_at_0.5": "AU macro-F1 @0.5", "macro_f1_tuned": "tuned"}
+    ci = r.get("ci95", {})
+    interval = lambda k: f" [{100 * ci[k][0]:.1f}, {100 * ci[k][1]:.1f}]" if k in ci else ""  # noqa: E731
+    scores = "  ".join(f"{name} {100 * r[k]:.2f}{interval(k)}" for k, name in names.items())
+    if "ece" in r:  # calibration: raw, and after the temperature the run fitted on its validation split
+        scores += f"  ECE {100 * r['ece']:.1f}{interval('ece')}"
+        scores += f" (T={r['temperature']:.2f}: {100 * r['ece_ts']:.1f})" if "ece_ts" in r else ""
+    excl = f"  (excluded {r['excluded']['n']})" if r.get("excluded", {}).get("n") else ""
+    return f"{r['run']} on {r['store']}:{r['split']}  n={r['n']}  {scores}{excl}  -> {r['out']}"
+
+
+def summarize(result: dict) -> str:
+    """What `evaluate` prints, on the command line and in a pipeline: a score line per seed run (with where its
+    surest mistakes were drawn), and the mean ± std over seeds."""
+    lines = [score_line(r) + (f"\n  surest mistakes -> {r['errors_png']}" if "errors_png" in r else "")
+             for r in result["runs"]]
+    if len(result["runs"]) > 1:
+        lines.append("mean ± std: " + format_summary(result["summary"]))
+    return "\n".join(lines)

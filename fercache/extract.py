@@ -152,7 +152,7 @@ def resolved_precision(device: torch.device, precision: str) -> str:
     return precision
 
 
-def _amp_dtype(device: torch.device, precision: str) -> torch.dtype:
+def amp_dtype(device: torch.device, precision: str) -> torch.dtype:
     """The dtype the encoder computes in."""
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,
             "bf16-weights": torch.bfloat16}[resolved_precision(device, precision)]
@@ -359,7 +359,7 @@ def _note_precision(store: S.FeatureStore, precision: str, out) -> None:
                     out, " and ".join(known), precision, known[-1])
 
 
-def _ready(enc: Encoder, views, dev: torch.device, precision: str = "auto") -> Encoder:
+def ready(enc: Encoder, views, dev: torch.device, precision: str = "auto") -> Encoder:
     """The encoder on `dev` (channels-last on CUDA or where the encoder asks for it; its weights in bf16 for
     `bf16-weights`), with `views` to extract."""
     enc.views = tuple(views)
@@ -433,7 +433,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
         paths, bboxes = packed(resolve_paths(manifest, base)), packed(manifest.column("bbox"))
         built = encoder_obj or load_encoder(encoder, pretrained=pretrained, image_size=image_size,
                                             preprocess_tag=preprocess_tag, normalize=normalize)
-        enc = _ready(built, views, dev, precision)
+        enc = ready(built, views, dev, precision)
         args = {"spec": encoder, "pretrained": pretrained, "image_size": image_size}
         args |= {k: v for k, v in (("preprocess_tag", preprocess_tag), ("normalize", normalize))
                  if v not in (None, "checkpoint")}  # rebuilt by encoders.encoder_of
@@ -453,7 +453,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
         t1 = time.perf_counter()
         try:
             done, worker_s = run_chunks(store, enc, paths, bboxes, mine, dev, batch_size, n_workers,
-                                        _amp_dtype(dev, precision), progress and rank == 0)
+                                        amp_dtype(dev, precision), progress and rank == 0)
         except KeyboardInterrupt:
             saved = store.n_chunks - len(store.pending_chunks())
             log.warning("interrupted: %d of %d chunks of %s are written and kept; the same command resumes from there",

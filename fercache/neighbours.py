@@ -208,7 +208,7 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
     return result
 
 
-def describe(result: dict) -> str:
+def summarize(result: dict) -> str:
     """Counts at each threshold, what was found at the chosen one, and where the outputs went."""
     unit, ref_unit = result["unit"], result["ref_unit"]
     lines = [f"{result['store']}: {result['queries']} labelled val/test {unit}s against every {result['where']} "

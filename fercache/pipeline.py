@@ -19,6 +19,7 @@ import os
 import string
 import time
 import tomllib
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,11 +27,74 @@ from .errors import (ConfigError, EncoderError, FercacheError, UnknownNameError,
                      near_path)
 from .registry import Registry
 
-STEPS = Registry("pipeline step")
+@dataclass(frozen=True)
+class Step:
+    """A kind of `[[step]]`, as registered: everything `--check` and the runner need to know of it, declared
+    with its function (`@register_step(kind, forwards=..., reads=..., ...)`)."""
+
+    kind: str
+    run: Callable[..., Any]  # the step: its own arguments, the rest (**kw) forwarded
+    #: (fercache module, function) its extra keyword arguments go to, and where that one's own **kwargs go in
+    #: turn (a sweep hands them to every point's `fit`): a pipeline's arguments are checked against the library
+    #: before step 1 runs, not when step 9 is reached after an hour of extraction.
+    forwards: tuple[str, str] | None = None
+    onward: tuple[str, str] | None = None
+    #: The target's arguments the step fills in itself (every step names its output `out`, as the CLI's `--out`),
+    #: or that TOML cannot hold: a pipeline naming one would pass the check and fail when the step is reached.
+    supplied: frozenset[str] = frozenset()
+    reads: tuple[str, ...] = ()  # arguments naming files or folders it reads
+    writes: tuple[str, ...] = ()  # ... and those naming what it writes (folders, unless in `files`)
+    files: tuple[str, ...] = ()  # outputs that are files (replaced by a later run, each with its own guard)
+    #: What it writes exactly, when more precise than `writes` (the run folders of a train step), so that a
+    #: misspelt run folder under its `out` is not taken for one of them: fn(step args, out) -> paths.
+    outputs: Callable[[dict, str], list[str]] | None = None
+    check: Callable[[dict], None] | None = None  # what the library would refuse only when the step is reached
+    one_writer: bool = False  # `out` is a store: two steps writing it must give the same inputs
+    renamed: tuple[tuple[str, str], ...] = ()  # (old, new): keys it took under another name before, still read
+
+    @property
+    def target(self) -> Callable | None:
+        return _function(*self.forwards) if self.forwards else None
+
+    def params(self) -> list[inspect.Parameter]:
+        """The step function's own arguments."""
+        return [p for p in inspect.signature(self.run).parameters.values() if p.kind is not p.VAR_KEYWORD]
+
+    def functions(self) -> list[Callable]:
+        """The step, and the library functions its arguments reach."""
+        return [self.run] + [_function(*t) for t in (self.forwards, self.onward) if t]
+
+    def takes(self) -> set[str]:
+        """The argument names it accepts: its own and those of the library functions it forwards to."""
+        names = {p.name for fn in self.functions() for p in inspect.signature(fn).parameters.values()
+                 if p.kind is not p.VAR_KEYWORD}
+        return names - self.supplied
+
+
+def _function(module: str, fn: str) -> Callable:
+    return getattr(importlib.import_module(f"fercache.{module}"), fn)
+
+
+STEPS = Registry("pipeline step", entry=Step)
 register_step = STEPS.register
 
 
-@register_step("manifest")
+def _check_manifest(args: dict) -> None:
+    from .adapters import check_adapter_options
+
+    check_adapter_options(args["format"], args.get("options") or {})
+
+
+def _check_derived(key: str, base: str) -> Callable[[dict], None]:
+    """audit's `without_leaks`, near_dups' `without_leaks_to`: a new manifest that must not overwrite its source."""
+    def check(args: dict) -> None:
+        from .manifests import check_derived_path
+
+        check_derived_path(args.get(key), args.get(base))
+    return check
+
+
+@register_step("manifest", reads=("src", "data_root"), writes=("out",), files=("out",), check=_check_manifest)
 def _manifest_step(format: str, src: str, out: str, data_root: str | None = None, options: dict | None = None):
     """A manifest from a dataset's native layout (`fercache manifest build`); `options` are the format's."""
     from .adapters import build
@@ -40,26 +104,51 @@ def _manifest_step(format: str, src: str, out: str, data_root: str | None = None
     return f"{write_manifest(manifest, out)} ({len(manifest)} rows)"
 
 
-@register_step("audit")
+@register_step("audit", reads=("manifest", "data_root"), writes=("without_leaks",), files=("without_leaks",),
+               check=_check_derived("without_leaks", "manifest"))
 def _audit_step(manifest: str, data_root: str | None = None, without_leaks: str | None = None):
     """Subjects and identical images shared by splits, optionally a leak-free copy (`fercache manifest check`)."""
-    from .audit import check, describe
+    from .audit import check, summarize
 
     m, found, written = check(manifest, data_root, without_leaks_to=without_leaks)
-    return "\n" + describe(m, found) + (f"\n-> {written}" if written else "")
+    return "\n" + summarize(m, found) + (f"\n-> {written}" if written else "")
 
 
-@register_step("frames")
+def _check_frames(args: dict) -> None:
+    from .video import check_frames_options
+
+    check_frames_options(args.get("every", 1), args.get("short_side"), args.get("workers"))
+
+
+@register_step("frames", reads=("src",), writes=("out",), check=_check_frames)
 def _frames_step(src: str, out: str, every: int = 1, short_side: int | None = None, workers: int | None = None,
                  detect: bool = False, progress: bool = True):
     """Video files -> folders of JPEG frames for the video adapters' `frames` option (`fercache frames`)."""
-    from .video import describe, videos_to_frames
+    from .video import summarize, videos_to_frames
 
-    return describe(videos_to_frames(src, out, every=every, short_side=short_side, workers=workers, progress=progress,
-                                     detect=detect))
+    return summarize(videos_to_frames(src, out, every=every, short_side=short_side, workers=workers, progress=progress,
+                                      detect=detect))
 
 
-@register_step("extract")
+def _check_extract(args: dict) -> None:
+    from .encoders import check_encoder_name, missing_weights
+    from .extract import check_options, extract
+    from .store import check_location
+
+    check_encoder_name(args["encoder"])
+    if why := missing_weights(args["encoder"], args.get("pretrained")):
+        raise EncoderError(why)
+    o = {p.name: p.default for p in inspect.signature(extract).parameters.values()} | args
+    check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"], o["views"],
+                  o["normalize"])
+    check_location(str(args["out"]), bool(o["overwrite"]))
+
+
+# The data folder is `data_root` in every step, as `--data-root` on the command line; extract and near_dups
+# steps called it `root` up to 0.2.0.
+@register_step("extract", forwards=("extract", "extract"), supplied=frozenset({"manifest_path", "encoder_obj", "root"}),
+               reads=("manifest", "data_root"), writes=("out",), check=_check_extract, one_writer=True,
+               renamed=(("root", "data_root"),))
 def _extract_step(manifest: str, encoder: str, out: str, data_root: str | None = None, **kw):
     """Encode every manifest row once into a store at `out` (`fercache extract`)."""
     from .extract import extract
@@ -69,51 +158,96 @@ def _extract_step(manifest: str, encoder: str, out: str, data_root: str | None =
     return f"{r.store}: {r.rows} rows, {r.n_ok} ok, {r.n_failed} failed ({state})"
 
 
-@register_step("train")
+def _check_head(args: dict) -> None:
+    from .protocols import check_tables
+
+    head = args["head"]
+    check_tables([head], {head: args.get("hp") or {}}, {head: args.get("recipe") or {}})
+
+
+def _run_folders(args: dict, out: str) -> list[str]:
+    from .store import store_name
+
+    return [f"{out}/{store_name(args['store'])}-{args['head']}"]
+
+
+@register_step("train", forwards=("train", "fit"), supplied=frozenset({"out_dir", "seed"}),
+               reads=("store", "manifest", "mask_source"), outputs=_run_folders, check=_check_head)
 def _train_step(store: str, head: str, out: str = "runs", seeds: list[int] = (0,), progress: bool = True, **kw):
     """Train a head on a store, one run per seed under `out` (`fercache train-head`)."""
-    from .train import fit_seeds
+    from .train import fit_seeds, summarize
 
-    runs = fit_seeds(store, head, seeds=seeds, out_dir=out, progress=progress, **kw)
-    return ", ".join(f"{r.run_dir} (val {r.metrics['selection']['metric']} "
-                     f"{100 * r.metrics['val'].get('accuracy', r.metrics['val'].get('macro_f1_at_0.5')):.1f}%"
-                     f"{'; reused' if r.reused else ''})" for r in runs)
+    return "\n".join(summarize(r) for r in fit_seeds(store, head, seeds=seeds, out_dir=out, progress=progress, **kw))
 
 
-@register_step("cross")
+def _check_protocol(args: dict) -> None:
+    """cross and folds: heads with their hp/recipe tables, and no store or fold manifest given twice."""
+    from .protocols import check_distinct, check_tables
+
+    check_tables(args["heads"], args.get("hp"), args.get("recipe"))
+    for key, what in (("stores", "training store"), ("test_stores", "test store"), ("manifests", "fold manifest")):
+        if isinstance(args.get(key), list):
+            check_distinct(args[key], what)
+
+
+def _check_cross(args: dict) -> None:
+    from .protocols import check_cross_metrics
+
+    _check_protocol(args)
+    check_cross_metrics(args.get("metric", "accuracy"))
+
+
+def _cross_folders(args: dict, out: str) -> list[str]:
+    from .store import store_name
+
+    return [f"{out}/runs/{store_name(s)}-{h}" for s in args["stores"] for h in args["heads"]]
+
+
+@register_step("cross", forwards=("protocols", "cross_matrix"), supplied=frozenset({"out_dir"}),
+               reads=("stores", "test_stores", "labels"), outputs=_cross_folders, check=_check_cross)
 def _cross_step(stores: list[str], heads: list[str], out: str, progress: bool = True, **kw):
-    """The train-on-A/test-on-B matrix of each head under `out` (`fercache evaluate --cross`)."""
+    """The train-on-A/test-on-B matrix of each head under `out` (`fercache cross`)."""
     from .protocols import cross_matrix
 
     tables = cross_matrix(stores, heads, out, progress=progress, **kw)  # minutes of training: per-epoch bars
     return "\n" + "\n".join(t["markdown"] for t in tables.values())
 
 
-@register_step("near_dups")
+@register_step("near_dups", forwards=("neighbours", "near_duplicates"), supplied=frozenset({"out_dir", "root"}),
+               reads=("store", "manifest", "against", "data_root"), writes=("out", "without_leaks_to"),
+               files=("without_leaks_to",), check=_check_derived("without_leaks_to", "manifest"),
+               renamed=(("root", "data_root"),))
 def _near_dups_step(store: str, out: str, data_root: str | None = None, **kw):
     """Near-duplicates across splits from the cached features, written to `out` (`fercache near-dups`)."""
-    from .neighbours import describe, near_duplicates
+    from .neighbours import near_duplicates, summarize
 
-    return "\n" + describe(near_duplicates(store, out, root=data_root, **kw))
+    return "\n" + summarize(near_duplicates(store, out, root=data_root, **kw))
 
 
-@register_step("evaluate")
+def _check_evaluate(args: dict) -> None:
+    from .evaluate import check_errors
+
+    check_errors(args.get("errors", 0))
+
+
+@register_step("evaluate", reads=("runs", "store", "manifest", "data_root"), check=_check_evaluate)
 def _evaluate_step(runs: list[str], store: str | None = None, manifest: str | None = None, split: str = "test",
                    device: str = "cpu", errors: int = 0, data_root: str | None = None):
     """Score runs on a split, files beside each run; `errors = N` draws their N surest mistakes (`fercache evaluate`)."""
-    from .evaluate import eval_name, evaluate, format_summary
+    from .evaluate import evaluate, summarize
 
-    lines = []
-    for run in runs:
-        res = evaluate(run, store, manifest, split, device, errors=errors, root=data_root)
-        first = res["runs"][0]
-        lines.append(f"{run} on {eval_name(first)}: n={first['n']}, {format_summary(res['summary'])} "
-                     f"({len(res['runs'])} seed(s))")
-        lines += [f"  surest mistakes -> {r['errors_png']}" for r in res["runs"] if "errors_png" in r]
-    return "\n" + "\n".join(lines)
+    results = [evaluate(run, store, manifest, split, device, errors=errors, root=data_root) for run in runs]
+    return "\n" + "\n".join(summarize(res) for res in results)
 
 
-@register_step("au_cv")
+def _check_au_head(args: dict) -> None:
+    from .protocols import au_crossval
+
+    _check_head({"head": inspect.signature(au_crossval).parameters["head"].default, **args})
+
+
+@register_step("au_cv", forwards=("protocols", "au_crossval"), supplied=frozenset({"out_dir"}), reads=("store",),
+               writes=("out",), check=_check_au_head)
 def _au_cv_step(store: str, out: str, progress: bool = True, **kw):
     """Subject-grouped k-fold AU detection under `out` (`fercache au-cv`)."""
     from .protocols import au_crossval
@@ -121,7 +255,8 @@ def _au_cv_step(store: str, out: str, progress: bool = True, **kw):
     return "\n" + au_crossval(store, out, progress=progress, **kw)["markdown"]
 
 
-@register_step("folds")
+@register_step("folds", forwards=("protocols", "manifest_folds"), supplied=frozenset({"out_dir"}),
+               reads=("store", "manifests"), writes=("out",), check=_check_protocol)
 def _folds_step(store: str, manifests: list[str], heads: list[str], out: str, progress: bool = True, **kw):
     """The video protocol: one store, one manifest per fold, tables under `out` (`fercache folds`)."""
     from .protocols import manifest_folds
@@ -129,32 +264,55 @@ def _folds_step(store: str, manifests: list[str], heads: list[str], out: str, pr
     return "\n" + manifest_folds(store, manifests, heads, out, progress=progress, **kw)["markdown"]
 
 
-@register_step("sweep")
+def _check_sweep(args: dict) -> None:
+    from .sweep import plan
+
+    plan(args["head"], args["grid"], args.get("base_recipe") or {}, args.get("base_hp") or {})
+
+
+def _sweep_points(args: dict, out: str) -> list[str]:
+    from .sweep import grid_points
+
+    return [f"{out}/point{i:03d}" for i in range(len(grid_points(args["grid"])))]
+
+
+@register_step("sweep", forwards=("sweep", "sweep"), onward=("train", "fit"),
+               supplied=frozenset({"out_dir", "seed", "name", "hp", "recipe"}),
+               reads=("store", "manifest", "mask_source"), outputs=_sweep_points, check=_check_sweep)
 def _sweep_step(store: str, head: str, grid: dict, out: str, progress: bool = True, **kw):
     """A grid of hyperparameters or recipe keys ranked on validation, under `out` (`fercache sweep`)."""
-    from .sweep import describe, sweep
+    from .sweep import summarize, sweep
 
-    return "\n" + describe(sweep(store, head, grid, out, progress=progress, **kw))
+    return "\n" + summarize(sweep(store, head, grid, out, progress=progress, **kw))
 
 
-@register_step("compare")
+@register_step("compare", forwards=("compare", "compare"), reads=("a", "b", "store", "manifest"), writes=("out",),
+               files=("out",))
 def _compare_step(a: str, b: str, out: str | None = None, **kw):
     """B - A on the same test samples with a paired bootstrap; JSON to `out` if given (`fercache compare`)."""
-    from .compare import compare, describe
+    from .compare import compare, summarize
 
-    return "\n" + describe(compare(a, b, out=out, **kw))
+    return "\n" + summarize(compare(a, b, out=out, **kw))
 
 
-@register_step("runs")
+def _check_runs(args: dict) -> None:
+    """A ledger's csv replaces only an earlier ledger, never a manifest or another file."""
+    from .report import check_replaceable
+    from .runs import LEDGER_HEADER
+
+    if args.get("csv"):
+        check_replaceable(Path(args["csv"]), LEDGER_HEADER, "csv")
+
+
+@register_step("runs", reads=("root",), writes=("csv",), files=("csv",), check=_check_runs)
 def _runs_step(root: str, csv: str | None = None):
     """The run ledger of every run under `root`, optionally as CSV (`fercache runs`)."""
-    from .runs import ledger, write_ledger
+    from .runs import ledger, summarize, write_ledger
 
     result = ledger(root)
     if csv:
         write_ledger(result, csv)
-    stale = f"\n{len(result['stale'])} STALE run(s): retrain them before trusting their numbers" if result["stale"] else ""
-    return "\n" + result["markdown"] + stale
+    return "\n" + summarize(result)
 
 
 def _typed(name: str, text: str, default: Any) -> Any:
@@ -295,7 +453,7 @@ def load_pipeline(path: str | Path) -> list[dict]:
     for i, step in enumerate(steps):
         if step.get("run") not in STEPS:
             raise ConfigError(f"{path}: step {i + 1} has run={step.get('run')!r}; known: {', '.join(sorted(STEPS))}")
-        for old, new in RENAMED.get(step["run"], []):
+        for old, new in STEPS[step["run"]].renamed:
             if old in step and new in step:
                 raise ConfigError(f"{path}: step {i + 1} ({step['run']}) has both {old!r} and {new!r}, which are one "
                                   f"key ({old!r} is its old name); keep {new!r}")
@@ -311,161 +469,29 @@ def _substituted(path: Path, i: int, step: dict, variables: dict[str, Any]) -> d
         raise ConfigError(f"{path}: step {i + 1} ({step['run']}): {e}") from None
 
 
-#: Where each step's extra keyword arguments go (fercache module, function), so that a pipeline's arguments are
-#: checked against the library before step 1 runs, not when step 9 is reached after an hour of extraction.
-FORWARDS = {"extract": ("extract", "extract"), "train": ("train", "fit"), "cross": ("protocols", "cross_matrix"),
-            "near_dups": ("neighbours", "near_duplicates"), "au_cv": ("protocols", "au_crossval"),
-            "folds": ("protocols", "manifest_folds"), "sweep": ("sweep", "sweep"), "compare": ("compare", "compare")}
-
-#: The target's arguments that the step fills in itself from its own (every step names its output `out`, as the
-#: CLI's `--out`; train's `seeds` become one `seed` per run), or that TOML cannot hold (extract's encoder object).
-#: A pipeline naming one would pass the check and fail only when the step is reached.
-SUPPLIED = {"extract": {"manifest_path", "encoder_obj", "root"}, "train": {"out_dir", "seed"}, "cross": {"out_dir"},
-            "near_dups": {"out_dir", "root"}, "au_cv": {"out_dir"}, "folds": {"out_dir"},
-            "sweep": {"out_dir", "seed", "name", "hp", "recipe", "reuse"}}  # a sweep's reuse is `retrain`
-
-#: Keys a kind of step took under another name before, still read: (old, new). The data folder is `data_root` in
-#: every step, as `--data-root` on the command line; extract and near_dups steps called it `root` up to 0.2.0.
-RENAMED = {"extract": [("root", "data_root")], "near_dups": [("root", "data_root")]}
-
-#: Where a target's own **kwargs go in turn: sweep hands them to every point's `fit` (manifest, views, ...).
-ONWARD = {"sweep": ("train", "fit")}
-
-
-def _function(module: str, fn: str) -> Callable:
-    return getattr(importlib.import_module(f"fercache.{module}"), fn)
-
-
-def _target(kind: str) -> Callable | None:
-    return _function(*FORWARDS[kind]) if kind in FORWARDS else None
-
-
-def _params(kind: str) -> list[inspect.Parameter]:
-    return [p for p in inspect.signature(STEPS[kind]).parameters.values() if p.kind is not p.VAR_KEYWORD]
-
-
-def _takes(kind: str) -> set[str]:
-    """The argument names a step accepts: its own and those of the library function it forwards to."""
-    names = {p.name for p in _params(kind)}
-    for target in (FORWARDS.get(kind), ONWARD.get(kind)):
-        if target:
-            names |= {p.name for p in inspect.signature(_function(*target)).parameters.values()
-                      if p.kind is not p.VAR_KEYWORD}
-    return names - SUPPLIED.get(kind, set())
-
-
 def describe_step(kind: str) -> dict:
     """What a `[[step]]` of this kind takes: the keys it needs, and every optional key with its default."""
-    STEPS.lookup(kind)
+    step = STEPS.lookup(kind)
     defaults: dict[str, Any] = {}
-    for fn in [STEPS[kind]] + [_function(*t) for t in (FORWARDS.get(kind), ONWARD.get(kind)) if t]:
+    for fn in step.functions():
         for p in inspect.signature(fn).parameters.values():
             defaults.setdefault(p.name, p.default)
-    takes, needs = _takes(kind), [p.name for p in _params(kind) if p.default is p.empty]
+    takes, needs = step.takes(), [p.name for p in step.params() if p.default is p.empty]
     if "reuse" in defaults:
         defaults["reuse"] = True  # what run_pipeline passes unless `fercache run --retrain`
-    return {"kind": kind, "summary": STEPS[kind].__doc__, "needs": needs,
+    return {"kind": kind, "summary": step.run.__doc__, "needs": needs,
             "optional": {k: list(v) if isinstance(v, tuple) else v for k, v in defaults.items()
                          if k in takes and k not in needs}}
 
 
 def _check_arguments(kind: str, args: dict) -> None:
-    params, takes = _params(kind), _takes(kind)
+    params, takes = STEPS[kind].params(), STEPS[kind].takes()
     for key in sorted(set(args) - takes):
         raise ConfigError(f"{kind} takes no argument {key!r}{did_you_mean(key, takes)}; it takes: "
                           f"{', '.join(sorted(takes))}")
     missing = [p.name for p in params if p.default is p.empty and p.name not in args]
     if missing:
         raise ConfigError(f"{kind} needs {', '.join(missing)}")
-
-
-def _check_manifest(args: dict) -> None:
-    from .adapters import check_adapter_options
-
-    check_adapter_options(args["format"], args.get("options") or {})
-
-
-def _check_derived(key: str, base: str) -> Callable[[dict], None]:
-    """audit's `without_leaks`, near_dups' `without_leaks_to`: a new manifest that must not overwrite its source."""
-    def check(args: dict) -> None:
-        from .manifests import check_derived_path
-
-        check_derived_path(args.get(key), args.get(base))
-    return check
-
-
-def _check_extract(args: dict) -> None:
-    from .encoders import check_encoder_name, missing_weights
-    from .extract import check_options
-    from .store import check_location
-
-    check_encoder_name(args["encoder"])
-    if why := missing_weights(args["encoder"], args.get("pretrained")):
-        raise EncoderError(why)
-    o = {p.name: p.default for p in inspect.signature(_target("extract")).parameters.values()} | args
-    check_options(o["batch_size"], o["workers"], o["chunk_rows"], o["precision"], o["image_size"], o["views"],
-                  o["normalize"])
-    check_location(str(args["out"]), bool(o["overwrite"]))
-
-
-def _check_protocol(args: dict) -> None:
-    """cross and folds: heads with their hp/recipe tables, and no store or fold manifest given twice."""
-    from .protocols import check_distinct, check_tables
-
-    check_tables(args["heads"], args.get("hp"), args.get("recipe"))
-    for key, what in (("stores", "training store"), ("test_stores", "test store"), ("manifests", "fold manifest")):
-        if isinstance(args.get(key), list):
-            check_distinct(args[key], what)
-
-
-def _check_cross(args: dict) -> None:
-    from .protocols import _cross_metrics
-
-    _check_protocol(args)
-    _cross_metrics(args.get("metric", "accuracy"))
-
-
-def _check_head(args: dict) -> None:
-    from .protocols import check_tables
-
-    head = args.get("head", "au")  # au_cv's head is the AU detector
-    check_tables([head], {head: args.get("hp") or {}}, {head: args.get("recipe") or {}})
-
-
-def _check_sweep(args: dict) -> None:
-    from .sweep import _plan
-
-    _plan(args["head"], args["grid"], args.get("base_recipe") or {}, args.get("base_hp") or {})
-
-
-def _check_frames(args: dict) -> None:
-    from .video import check_frames_options
-
-    check_frames_options(args.get("every", 1), args.get("short_side"), args.get("workers"))
-
-
-def _check_evaluate(args: dict) -> None:
-    from .evaluate import check_errors
-
-    check_errors(args.get("errors", 0))
-
-
-# What the library would refuse only when the step is reached, by kind of step.
-def _check_runs(args: dict) -> None:
-    """A ledger's csv replaces only an earlier ledger, never a manifest or another file."""
-    from .report import check_replaceable
-    from .runs import LEDGER_HEADER
-
-    if args.get("csv"):
-        check_replaceable(Path(args["csv"]), LEDGER_HEADER, "csv")
-
-
-_VALUE_CHECKS: dict[str, Callable[[dict], None]] = {
-    "manifest": _check_manifest, "audit": _check_derived("without_leaks", "manifest"),
-    "near_dups": _check_derived("without_leaks_to", "manifest"), "extract": _check_extract,
-    "cross": _check_cross, "folds": _check_protocol, "train": _check_head, "au_cv": _check_head,
-    "sweep": _check_sweep, "evaluate": _check_evaluate, "frames": _check_frames, "runs": _check_runs,
-}
 
 
 def _check_values(kind: str, args: dict) -> None:
@@ -477,8 +503,8 @@ def _check_values(kind: str, args: dict) -> None:
         torch_device(args["device"])
     if "seeds" in args:
         check_seeds(args["seeds"])
-    if kind in _VALUE_CHECKS:
-        _VALUE_CHECKS[kind](args)
+    if STEPS[kind].check:
+        STEPS[kind].check(args)
 
 
 def check_step(i: int, step: dict) -> None:
@@ -505,18 +531,6 @@ def _selected(steps: list[dict], only: list[str] | None) -> list[tuple[int, dict
     return [(i, s) for i, s in enumerate(steps) if not only or s.get("name", s["run"]) in only or s["run"] in only]
 
 
-#: The arguments of each kind of step that name files or folders it reads, and those naming what it writes.
-READS = {"frames": ("src",), "manifest": ("src", "data_root"), "audit": ("manifest", "data_root"), "extract": ("manifest", "data_root"),
-         "near_dups": ("store", "manifest", "against", "data_root"), "train": ("store", "manifest", "mask_source"),
-         "sweep": ("store", "manifest", "mask_source"), "cross": ("stores", "test_stores", "labels"),
-         "folds": ("store", "manifests"), "au_cv": ("store",),
-         "evaluate": ("runs", "store", "manifest", "data_root"),
-         "compare": ("a", "b", "store", "manifest"), "runs": ("root",)}
-WRITES = {"frames": ("out",), "manifest": ("out",), "audit": ("without_leaks",), "extract": ("out",), "folds": ("out",),
-          "near_dups": ("out", "without_leaks_to"), "au_cv": ("out",), "compare": ("out",), "runs": ("csv",),
-          "evaluate": ()}
-
-
 def _paths(value: Any) -> list[str]:
     """The paths an argument names: one, a list, or a table's values (cross's `labels`: store -> manifest)."""
     values = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
@@ -529,7 +543,7 @@ def check_inputs(steps: list[tuple[int, dict]]) -> None:
     written: list[Path] = []
     for i, step in steps:
         kind = step["run"]
-        for key in READS.get(kind, ()):
+        for key in STEPS[kind].reads:
             for p in _paths(step.get(key)):
                 there = Path(os.path.abspath(p))
                 if "://" in p or there.exists() or _written_before(there, written, key):
@@ -542,24 +556,18 @@ def check_inputs(steps: list[tuple[int, dict]]) -> None:
     check_outputs(steps)
 
 
-#: Outputs that are files (replaced by a later run, each with its own guard); every other output is a folder.
-FILE_OUTPUTS = {("manifest", "out"), ("audit", "without_leaks"), ("near_dups", "without_leaks_to"), ("runs", "csv"),
-                ("compare", "out")}
-
-
 def check_outputs(steps: list[tuple[int, dict]]) -> None:
-    """No folder a step writes is blocked by a file, and no two extract steps write one store from different
-    inputs (the second was refused as "built from other inputs" after the first had run for an hour)."""
+    """No folder a step writes is blocked by a file, and no two steps write one store from different inputs
+    (the second would be refused as "built from other inputs" after the first had run for an hour)."""
     stores: dict[str, tuple[int, dict]] = {}
     for i, step in steps:
         kind, name = step["run"], step.get("name", step["run"])
-        files = {os.path.abspath(p) for key in WRITES.get(kind, ()) if (kind, key) in FILE_OUTPUTS
-                 for p in _paths(step.get(key))}
+        files = {os.path.abspath(p) for key in STEPS[kind].files for p in _paths(step.get(key))}
         for path in _writes(kind, step):
             if str(path) not in files and (there := file_in_the_way(path)):
                 raise ConfigError(f"step {i + 1} ({name}): it writes the folder {path}, but {there} is a file; "
                                   "choose another out")
-        if kind == "extract" and "://" not in str(step["out"]):
+        if STEPS[kind].one_writer and "://" not in str(step["out"]):
             inputs = {k: v for k, v in step.items() if k not in ("name", "run", "progress")}
             first = stores.setdefault(os.path.abspath(step["out"]), (i, inputs))
             if first[1] != inputs:
@@ -576,21 +584,13 @@ def _written_before(there: Path, written: list[Path], key: str) -> bool:
 
 
 def _writes(kind: str, step: dict) -> list[Path]:
-    """What a step writes; the run folders of a cross or train step (`<store>-<head>`) and a sweep's points
-    (`pointNNN`, one per combination of its grid) exactly, so that a misspelt run folder under their `out` is not
-    taken for one of them."""
-    from .store import store_name
-    from .sweep import grid_points
-
+    """What a step writes: its declared `outputs` exactly, else the paths its `writes` arguments name."""
+    spec = STEPS[kind]
     out = step.get("out", describe_step(kind)["optional"].get("out"))
-    if kind == "cross":
-        paths = [f"{out}/runs/{store_name(s)}-{h}" for s in step["stores"] for h in step["heads"]]
-    elif kind == "train":
-        paths = [f"{out}/{store_name(step['store'])}-{step['head']}"]
-    elif kind == "sweep":
-        paths = [f"{out}/point{i:03d}" for i in range(len(grid_points(step["grid"])))]
+    if spec.outputs:
+        paths = spec.outputs(step, out)
     else:
-        paths = [p for key in WRITES[kind] for p in _paths(step.get(key, out if key == "out" else None))]
+        paths = [p for key in spec.writes for p in _paths(step.get(key, out if key == "out" else None))]
     return [Path(os.path.abspath(p)) for p in paths]
 
 
@@ -610,7 +610,7 @@ def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | N
 
     Run again (after a failed step, or to redo a report), the steps that train reuse every run already finished
     in their folders with the same settings, data and code (`train.finished_run`), as extraction resumes its
-    store; `retrain=True` (`fercache run --retrain`) trains them all. A step's own `reuse`/`retrain` key wins.
+    store; `retrain=True` (`fercache run --retrain`) trains them all. A step's own `reuse` key wins.
     `progress=False` turns off every step's progress bars (`fercache -q run`)."""
     results, steps = [], _selected(load_pipeline(path), only)
     for i, step in steps:
@@ -618,15 +618,14 @@ def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | N
     check_inputs(steps)
     for i, step in steps:
         kind = step.pop("run")
-        if not progress and "progress" in _takes(kind):
+        takes = STEPS[kind].takes()
+        if not progress and "progress" in takes:
             step["progress"] = False
-        if "reuse" in _takes(kind):
+        if "reuse" in takes:
             step.setdefault("reuse", not retrain)
-        elif "retrain" in _takes(kind):
-            step.setdefault("retrain", retrain)
         name, started = step.pop("name", kind), time.perf_counter()
         try:
-            result = STEPS[kind](**step)
+            result = STEPS[kind].run(**step)
         except TypeError as e:
             raise ConfigError(f"step {i + 1} ({name}): {e}") from None
         except FercacheError as e:

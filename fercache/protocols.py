@@ -88,7 +88,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     `reuse` (in this and the other protocols): a run already finished in its folder with the same configuration
     is scored as it is, not trained again (`train.finished_run`); pipelines run again pass it.
     """
-    names = _cross_metrics(metric)
+    names = check_cross_metrics(metric)
     check_tables(heads, hp, recipe)
     test_stores = test_stores or stores
     manifests = _labels_for(labels, list(dict.fromkeys(list(stores) + list(test_stores))))
@@ -121,7 +121,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
 CROSS_METRICS = ("accuracy", "uar", "macro_f1", "ece", "ece_ts")
 
 
-def _cross_metrics(metric: str | list[str]) -> list[str]:
+def check_cross_metrics(metric: str | list[str]) -> list[str]:
     names = [metric] if isinstance(metric, str) else list(metric)
     unknown = [m for m in names if m not in CROSS_METRICS]
     if unknown or not names:

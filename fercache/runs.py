@@ -177,3 +177,28 @@ def write_ledger(result: dict, out: str | Path) -> Path:
             evals = "; ".join(f"{e}={v}" for e, v in zip(t["evals"], row[5:-2]) if v)
             rows.append([f"{store_name(store)} ({task})", *row[:4], metric, row[4], evals, *row[-2:]])
     return report.write_csv(Path(out), LEDGER_HEADER, rows)
+
+
+def warnings(result: dict) -> list[str]:
+    """What a ledger's reader must know before trusting its numbers: stale, unchecked, repeated and incomplete
+    runs (the command prints these on stderr, a pipeline's runs step under its table)."""
+    out = []
+    if result["stale"]:
+        first = "re-extract their stores (see `fercache info STORE`), then " if any(
+            "re-extract" in r["status"] for r in result["records"]) else ""
+        out.append(f"{len(result['stale'])} run(s) are STALE: {first}retrain them before trusting their numbers")
+    if result["unchecked"]:
+        out.append(f"{len(result['unchecked'])} run(s) could not be checked: their training store or manifest is "
+                   "missing (moved or deleted); `fercache evaluate RUN --store NEW` scores a run on a moved store")
+    if result["copies"]:
+        out.append(f"{len(result['copies'])} run(s) repeat another's settings and seed, counted once: "
+                   f"{'; '.join(result['copies'][:5])}")
+    if result["incomplete"]:
+        out.append(f"{len(result['incomplete'])} folder(s) hold head.pt but not a whole run, left out (retrain them): "
+                   f"{'; '.join(result['incomplete'])}")
+    return out
+
+
+def summarize(result: dict) -> str:
+    """The ledger's table with its warnings under it."""
+    return "\n".join([result["markdown"], *warnings(result)])

@@ -45,7 +45,7 @@ def _check_axes(head: str, grid: dict[str, list], in_recipe: set[str], in_hp: se
                               f"({', '.join(sorted(in_recipe))})")
 
 
-def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) -> list[tuple[dict, dict, dict]]:
+def plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) -> list[tuple[dict, dict, dict]]:
     """(point, recipe, hp) for every grid point, each checked before the first is trained: a bad value at point
     17 fails now, not after 16 points of work."""
     in_recipe, spec = recipe_keys(head), HEADS.lookup(head)  # an axis is a recipe key, or else a hyperparameter
@@ -53,14 +53,14 @@ def _plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) ->
     if both := sorted(set(grid) & (set(base_recipe) | set(base_hp))):  # the axis won, and the fixed value was lost
         raise ConfigError(f"{', '.join(both)}: both a sweep axis and a fixed --recipe/--hp value (base_recipe/base_hp "
                           "in a pipeline); give it one way")
-    plan = []
+    out = []
     for point in grid_points(grid):
         recipe = {**base_recipe, **{k: v for k, v in point.items() if k in in_recipe}}
         hp = {**base_hp, **{k: v for k, v in point.items() if k not in in_recipe}}
         check_recipe(head, {**spec.recipe, **recipe}, spec.task)
         check_hyperparameters(head, hp)
-        plan.append((point, recipe, hp))
-    return plan
+        out.append((point, recipe, hp))
+    return out
 
 
 POINT_FILE = "point.json"  # in each pointNNN folder: the settings that point trains with
@@ -138,27 +138,27 @@ def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: l
 @features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
           base_recipe: dict | None = None, base_hp: dict | None = None, progress: bool = False,
-          retrain: bool = False, **fit_kw) -> dict:
+          reuse: bool = True, **fit_kw) -> dict:
     """Train every grid point (x seeds); rank by the validation metric. Test is never read here.
 
     A run already finished in `out_dir` with the same configuration (a sweep interrupted and run again) is
-    reused rather than trained again, unless `retrain`; `out["reused"]` counts them.
+    reused rather than trained again (`reuse=False` trains every run); `out["reused"]` counts them.
     `progress`: a bar over the points, with the best validation score so far."""
     from tqdm.auto import tqdm
 
     out_dir, rows, reused = Path(out_dir), [], 0
     check_out_dir(out_dir, "the sweep's runs and tables")
     check_seeds(seeds)
-    plan = _plan(head, grid, base_recipe or {}, base_hp or {})
+    points = plan(head, grid, base_recipe or {}, base_hp or {})
     check_owner(out_dir, store, head, "sweep")
-    n_runs = len(plan) * len(seeds)
-    if not retrain:
-        _line_up(out_dir, [_point_key(head, recipe, hp) for _, recipe, hp in plan])
-    bar = tqdm(plan, desc=f"sweep {head}", unit="point", disable=not progress)
+    n_runs = len(points) * len(seeds)
+    if reuse:
+        _line_up(out_dir, [_point_key(head, recipe, hp) for _, recipe, hp in points])
+    bar = tqdm(points, desc=f"sweep {head}", unit="point", disable=not progress)
     for i, (point, recipe, hp) in enumerate(bar):
         _mark_point(out_dir / f"point{i:03d}", head, point, recipe, hp)
         runs = fit_seeds(store, head, seeds=seeds, out_dir=out_dir, device=device, hp=hp, recipe=recipe,
-                         name=f"point{i:03d}/seed{{seed}}", reuse=not retrain, own=True, **fit_kw)
+                         name=f"point{i:03d}/seed{{seed}}", reuse=reuse, own=True, **fit_kw)
         reused += sum(r.reused for r in runs)
         metric = runs[0].metrics["selection"]["metric"]
         vals = [r.metrics["val"][metric] for r in runs]
@@ -166,7 +166,7 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
                      "runs": [str(r.run_dir) for r in runs]})
         bar.set_postfix({f"best val {metric}": f"{100 * max(r['mean'] for r in rows):.2f}"})
     # an earlier, larger sweep's points: sweep.json no longer lists them, `fercache runs` would rank them with these
-    drop_numbered(out_dir, "point", keep=range(len(plan)), what="points of an earlier, larger sweep")
+    drop_numbered(out_dir, "point", keep=range(len(points)), what="points of an earlier, larger sweep")
     if reused:
         log.info("%d of %d runs were found finished in %s with the same settings and were not trained again "
                  "(--retrain trains every run)", reused, n_runs, out_dir)
@@ -174,7 +174,7 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
     return {**out, "reused": reused, "runs": n_runs}
 
 
-def describe(result: dict) -> str:
+def summarize(result: dict) -> str:
     """The ranked table, the curve's path, and the best point on validation with the command that scores it on
     test: the sweep itself never reads the test split."""
     best = Path(result["best"]["runs"][0]).parent

@@ -201,7 +201,7 @@ def _train_counts(fs: FeatureSet, task: str, classes: list[str]) -> list[int] | 
     return np.bincount(y[y >= 0], minlength=len(classes)).tolist()
 
 
-def _to_device(fs: FeatureSet, y: np.ndarray, device) -> dict[str, torch.Tensor]:
+def to_device(fs: FeatureSet, y: np.ndarray, device) -> dict[str, torch.Tensor]:
     out = {"x": torch.as_tensor(fs.x, device=device), "y": torch.as_tensor(y, device=device)}
     if fs.z is not None:
         out["z"] = torch.as_tensor(fs.z, device=device)
@@ -449,7 +449,7 @@ def _train_val(fs: FeatureSet, y: np.ndarray, task: str, dev: torch.device):
     ytr, yval = y[fs.split == "train"], y[fs.split == "val"]
     if task == "expr":  # val rows with a class unseen in train cannot be predicted; keep them out of selection
         val_fs, yval = val_fs.take(yval >= 0), yval[yval >= 0]
-    return _to_device(train_fs, ytr, dev), _to_device(val_fs, yval, dev), ytr, yval
+    return to_device(train_fs, ytr, dev), to_device(val_fs, yval, dev), ytr, yval
 
 
 @functools.cache
@@ -514,12 +514,12 @@ def _refuse_other_run(run_dir: Path, settings: dict) -> None:
 def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
         device: str = "cpu", output: str | None = None, mask_source: str | None = None, hp: dict | None = None,
         recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False,
-        views: bool = True, replace: bool = True, fold: int | None = None, reuse: bool = False) -> RunResult:
+        views: bool = True, overwrite: bool = True, fold: int | None = None, reuse: bool = False) -> RunResult:
     """Train one head with one seed on a store; writes <out_dir>/<name>/{head.pt,config.json,metrics.json}.
 
     With `views` (default) and a store extracted with `--views`, each training image contributes a random
     one of its cached views per epoch, and validation scores the average of the views' logits.
-    `replace=False` refuses, before training, to overwrite a run trained with other settings.
+    `overwrite=False` refuses, before training, to replace a run trained with other settings.
     `fold` marks the run as one fold of a protocol (`folds`, `au-cv`), so the ledger pools folds like seeds.
     `reuse=True` returns the run already saved in its folder, untrained again, when it was trained with this
     same configuration (see `finished_run`): an interrupted sweep goes on where it stopped.
@@ -543,7 +543,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     settings = _located({"head": head, "hp": hp, "recipe": r, "store": store, "output": output or st.default_output,
                          "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views,
                          "classes": classes})
-    if not replace:
+    if not overwrite:
         _refuse_other_run(run_dir, settings)
     config = {**settings, "level": spec.level, "seed": seed, "fold": fold, "task": task, "device": device,
               **_provenance(fs, st, ctx)}
@@ -557,6 +557,16 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         result = {**result, "seed": seed, "config": config}
         save_run(run_dir, model, config, result, fitted)
     return RunResult(run_dir, result)
+
+
+def summarize(r: RunResult) -> str:
+    """A trained run in one line, as `train-head` and a pipeline's train step print it: its selected validation
+    score and what chose it."""
+    sel = r.metrics["selection"]
+    chosen = f"l2 {sel['solver']['l2']:g}" if "solver" in sel else f"epoch {sel['best_epoch']}"
+    reused = "; reused" if r.reused else ""
+    return (f"{r.run_dir}: val {sel['metric']} {100 * r.metrics['val'][sel['metric']]:.2f}% ({chosen}; val: "
+            f"{sel['val_source']}{reused})")
 
 
 RUN_BUSY = ("the run folder {location} is being trained into by another process ({holder}); wait for it, or pass "

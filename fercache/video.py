@@ -228,7 +228,7 @@ def _collect(done, result: FramesResult, bar) -> None:
         bar.update(1)
 
 
-def describe(r: FramesResult) -> str:
+def summarize(r: FramesResult) -> str:
     """The one line `fercache frames` and the pipeline step print."""
     line = f"{r.out}: {r.clips} video(s); {r.decoded} decoded into {r.frames:,} frames"
     if r.no_face:

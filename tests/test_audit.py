@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from fercache.audit import audit, describe, leaking_units, without_leaks
+from fercache.audit import audit, leaking_units, summarize, without_leaks
 from fercache.manifests import Manifest, content_sha256, read_manifest, resolve_paths, write_manifest
 
 from .conftest import REPO, SHARED_DATA, class_image, needs_shared_data
@@ -40,7 +40,7 @@ def test_audit_finds_shared_subjects_copies_and_label_conflicts(leaky):
     assert [sorted(g) for g in a.label_conflicts] == [[0, 4, 6]]
     assert a.leaking == ["s4", "s6"]  # val and test copies; train duplicates kept
     assert dict(a.pairs(m)) == {"test & val & train": 1} and not a.clean
-    text = describe(m, a)
+    text = summarize(m, a)
     assert "subjects in more than one split: 1" in text and "2 val/test images are copies" in text
     assert "s0 [train, happy] = s4 [val, sad] = s6 [test, sad]" in text
 

@@ -298,21 +298,23 @@ def test_every_argument_a_step_offers_reaches_the_library(monkeypatch):
     class Reached(Exception):
         pass
 
-    takes = {kind: pipeline._takes(kind) for kind in pipeline.FORWARDS}  # before any target is replaced
-    for kind, (module, fn) in pipeline.FORWARDS.items():
-        real = pipeline._target(kind)
+    forwarding = {kind: step for kind, step in pipeline.STEPS.items() if step.forwards}
+    takes = {kind: step.takes() for kind, step in forwarding.items()}  # before any target is replaced
+    for kind, step in forwarding.items():
+        module, fn = step.forwards
+        real = step.target
 
         def recorder(*a, _real=real, **k):
             raise Reached(inspect.signature(_real).bind(*a, **k).arguments)
 
         monkeypatch.setattr(f"fercache.{module}.{fn}", recorder)
-        own = {p.name: ["x"] for p in pipeline._params(kind) if p.default is p.empty}
+        own = {p.name: ["x"] for p in step.params() if p.default is p.empty}
         for name in sorted(takes[kind] - set(own)):
             with pytest.raises(Reached) as e:  # not TypeError: got multiple values for argument
-                pipeline.STEPS[kind](**own, **{name: [7]})
+                step.run(**own, **{name: [7]})
             bound = e.value.args[0]
             bound |= bound.pop("fit_kw", {})  # sweep's **fit_kw, handed on to fit
-            if name not in {p.name for p in pipeline._params(kind)}:  # not one the step uses itself: it arrived
+            if name not in {p.name for p in step.params()}:  # not one the step uses itself: it arrived
                 assert [7] in bound.values() or bound["seed"] == 7, (kind, name)
     assert "out_dir" not in takes["train"] and "out" in takes["train"]
     assert {"manifest", "views"} <= takes["sweep"] and "fit_kw" not in takes["sweep"]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fercache.data import FeatureSet
-from fercache.neighbours import counts, describe, nearest_earlier, near_duplicates
+from fercache.neighbours import counts, near_duplicates, nearest_earlier, summarize
 
 
 def _fs(x, split, label, xv=None, clip_id=None):
@@ -119,7 +119,7 @@ def test_a_video_store_is_compared_clip_by_clip(video_store, tmp_path):
     assert {x["clip_id"] for x in clean.rows if not x["label"]} == set(r["units"])  # whole clips, every frame
     assert (tmp_path / "nd" / "near-dups-pairs.png").stat().st_size > 5000  # a clip is drawn by its middle frame
     # said as clips: the 24 val/test clips (of 4 to 6 frames each) were printed as "24 labelled val/test images"
-    text = describe(r)
+    text = summarize(r)
     assert text.startswith(f"{store}: 24 labelled val/test clips against every earlier-split clip")
     assert "a clip is the mean of its frames' features" in text and "at -1.0: 24 val/test clip(s)" in text
 

@@ -145,7 +145,7 @@ def test_frames_detect_crops_each_frame_to_its_face_as_predict_does(tmp_path):
     from PIL import Image
 
     from fercache.faces import FaceCropper
-    from fercache.video import describe, videos_to_frames
+    from fercache.video import summarize, videos_to_frames
 
     from .conftest import write_lossless_video
 
@@ -159,7 +159,7 @@ def test_frames_detect_crops_each_frame_to_its_face_as_predict_does(tmp_path):
         frames.append(frame)
     write_lossless_video(tmp_path / "v" / "walk.mkv", frames)
     r = videos_to_frames(tmp_path / "v", tmp_path / "f", detect=True, workers=0, progress=False)
-    assert (r.frames, r.no_face) == (4, 1) and "(1 frames without a face left out)" in describe(r)
+    assert (r.frames, r.no_face) == (4, 1) and "(1 frames without a face left out)" in summarize(r)
     written = sorted(p.name for p in (tmp_path / "f" / "walk").iterdir())
     assert written == ["00001.jpg", "00002.jpg", "00004.jpg", "00005.jpg"]
     crop, found = FaceCropper()(frames[3])

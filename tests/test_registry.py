@@ -95,3 +95,29 @@ def test_test_only_heads_run_in_a_pipeline(plugin_heads, au_store, video_store, 
     assert check_pipeline(tmp_path / "p.toml") == 6
     results = run_pipeline(tmp_path / "p.toml", progress=False)
     assert len(results) == 6 and "macro_f1_at_0.5" in results[0] and "n=" in results[4]
+
+
+def test_a_step_is_one_declaration(tmp_path):
+    """A step registered with its function alone is checked and run like the package's own, and a step that
+    declares what it reads is refused a missing input before step 1 runs."""
+    from fercache.errors import ConfigError
+    from fercache.pipeline import STEPS, check_pipeline, register_step, run_pipeline
+
+    @register_step("test_echo", reads=("src",))
+    def echo(text: str, src: str | None = None, times: int = 1):
+        """Say `text` `times` times (tests only)."""
+        return text * times
+
+    try:
+        (tmp_path / "p.toml").write_text('[[step]]\nrun = "test_echo"\ntext = "hi"\ntimes = 2\n')
+        assert check_pipeline(tmp_path / "p.toml") == 1 and run_pipeline(tmp_path / "p.toml") == ["hihi"]
+        (tmp_path / "q.toml").write_text('[[step]]\nrun = "test_echo"\ntext = "hi"\ntiems = 2\n')
+        with pytest.raises(ConfigError, match="test_echo takes no argument 'tiems' \\(did you mean 'times'\\?\\)"):
+            check_pipeline(tmp_path / "q.toml")
+        (tmp_path / "r.toml").write_text(f'[[step]]\nrun = "test_echo"\ntext = "hi"\nsrc = "{tmp_path}/nowhere"\n')
+        with pytest.raises(ConfigError, match="step 1 \\(test_echo\\): src .*nowhere does not exist"):
+            check_pipeline(tmp_path / "r.toml")
+        r = invoke("steps", "test_echo")
+        assert r.exit_code == 0 and "times" in r.output
+    finally:
+        STEPS.pop("test_echo")

@@ -146,7 +146,7 @@ def test_runs_record_their_data_so_any_working_directory_and_any_spelling_finds_
     run = fit("faces.zarr", "linear", manifest="labels.csv", out_dir="runs", recipe=QUICK).run_dir
     cfg = json.loads((run / "config.json").read_text())
     assert (cfg["store"], cfg["manifest"]) == (str(tmp_path / "faces.zarr"), str(tmp_path / "labels.csv"))
-    fit("./faces.zarr/", "linear", manifest="./labels.csv", out_dir="runs", recipe=QUICK, replace=False)  # same run
+    fit("./faces.zarr/", "linear", manifest="./labels.csv", out_dir="runs", recipe=QUICK, overwrite=False)  # same run
 
     monkeypatch.chdir(tmp_path / "elsewhere")
     assert ledger(tmp_path / "runs")["records"][0]["status"] == "ok"

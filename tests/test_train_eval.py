@@ -635,7 +635,7 @@ def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_
     # other settings (a recipe key) or --retrain: nothing is taken from the folder
     assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2})["reused"] == 0
     assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2})["reused"] == 3
-    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}, retrain=True)["reused"] == 0
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}, reuse=False)["reused"] == 0
 
 
 def test_a_sweep_or_protocol_of_another_head_or_store_never_replaces_the_runs_in_its_folder(tiny_store, tiny_manifest,
@@ -697,7 +697,7 @@ def test_a_value_added_inside_a_sweep_grid_renumbers_the_finished_points_instead
     again, now2 = run([1e-1, 1e-2, 1e-3])
     assert again["reused"] == 3 and now2 == after and not list(tmp_path.glob(".moving-*"))
     assert sorted(p.name for p in tmp_path.glob("point*")) == ["point000", "point001", "point002"]
-    assert run([1e-1, 1e-2, 1e-3], retrain=True)[0]["reused"] == 0
+    assert run([1e-1, 1e-2, 1e-3], reuse=False)[0]["reused"] == 0
     # another head's sweep is refused before anything is moved or trained (it trained over these points)
     with pytest.raises(ConfigError, match="holds runs of linear on faces, which this sweep of mask on faces"):
         sweep(str(tiny_store), "mask", {"lr": [1e-3, 1e-1]}, tmp_path, base_recipe=base)

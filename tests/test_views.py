@@ -73,7 +73,7 @@ def test_random_view_draws_each_view_for_whole_rows():
 def test_heads_train_on_views_and_evaluate_on_their_average(mirrored, tmp_path):
     from fercache.evaluate import evaluate_run
     from fercache.predict import predict
-    from fercache.train import _to_device, fit, load_run, predict_logits, targets
+    from fercache.train import fit, load_run, predict_logits, targets, to_device
     from fercache.data import load_features
 
     manifest, root, out = mirrored
@@ -84,7 +84,7 @@ def test_heads_train_on_views_and_evaluate_on_their_average(mirrored, tmp_path):
     # the evaluation is the mean of the plain and the flipped logits
     model, cfg, _ = load_run(r.run_dir)
     fs = load_features(str(out), views=["flip"]).rows("test")
-    data = _to_device(fs, targets(fs, "expr", cfg["classes"]), "cpu")
+    data = to_device(fs, targets(fs, "expr", cfg["classes"]), "cpu")
     with torch.no_grad():
         expected = (model(data["x"]) + model(data["xv"][:, 0])) / 2
     torch.testing.assert_close(predict_logits(model, data), expected)
