@@ -363,53 +363,59 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
                "the store's cached views to train with; default all)")
 
 
-def _evaluate_cross(train: list[str], test: list[str], heads: list[str], out: Path, seeds: list[int], recipe: dict,
-                    device: str, labels: dict[str, str], metric: list[str], retrain: bool) -> None:
+def _per_head(pairs: list[str], flag: str, heads: list[str]) -> dict[str, dict]:
+    """`key=value` for every head, `HEAD:key=value` for that head alone (a label of `heads`; it wins over the
+    value for every head), as the pipeline's tables `{ HEAD = { key = value } }`: `--hp cvar_mlp:hidden=512`."""
+    given = _kv(pairs, flag)
+    tables = {h: {k: v for k, v in given.items() if ":" not in k} for h in heads}
+    for key, value in given.items():
+        label, sep, name = key.rpartition(":")
+        if sep and label not in tables:
+            raise typer.BadParameter(f"{flag} {key}={value!r}: {label!r} is none of the heads ({', '.join(heads)})")
+        if sep:
+            tables[label][name] = value
+    return tables
+
+
+@app.command()
+def cross(
+    stores: list[str] = typer.Argument(..., help="Stores to train on (each tested on too, unless --test is given)."),
+    heads: list[str] = typer.Option(["linear"], "--heads", "--head", help="Heads, comma-separated or repeated "
+                                    "(--heads linear,mask or --head linear --head mask); HEAD@NAME trains a head "
+                                    "again beside itself with its own HEAD@NAME:key=value settings."),
+    test: list[str] = typer.Option([], "--test", help="Stores to test on (repeatable; default: the training stores)."),
+    seeds: str = Seeds,
+    hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value for every head, or HEAD:key=value "
+                                 "for one (repeatable), e.g. --hp cvar_mlp:hidden=512."),
+    recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value for every head, or "
+                                     "HEAD:key=value for one, e.g. --recipe mask:epochs=15."),
+    out: Path = typer.Option(Path("runs/cross"), "--out", "-o", help="Folder for the runs and the matrices."),
+    labels: list[str] = typer.Option([], "--labels", help="STORE=MANIFEST (store path or name): train and test that "
+                                     "store on these labels of the same images, e.g. a --without-leaks manifest."),
+    metric: str = typer.Option("accuracy", help="Comma-separated metrics, one matrix each (accuracy, uar, macro_f1, "
+                               "ece, ece_ts: ECE after the temperature fitted on the training store's val split)."),
+    retrain: bool = Retrain,
+    device: str = Device,
+) -> None:
+    """The cross-dataset matrix: train each head on each store, test on each test store's test split (the
+    pipeline's `cross` step). Test samples whose label the training store lacks are excluded and counted."""
     from .protocols import cross_matrix
 
-    if not train:
-        raise typer.BadParameter("--cross needs --train STORE (repeatable)")
-    tables = cross_matrix(train, heads, out, seeds=seeds, test_stores=test or None, recipe={h: recipe for h in heads},
-                          device=device, progress=_progress["bars"], labels=labels, metric=metric, reuse=not retrain)
+    names = _names(heads)
+    tables = cross_matrix(stores, names, out, seeds=_ints(seeds), test_stores=test or None,
+                          hp=_per_head(hp, "--hp", names), recipe=_per_head(recipe, "--recipe", names), device=device,
+                          progress=_progress["bars"], labels=_options(labels, "--labels"),
+                          metric=[m for m in metric.split(",") if m], reuse=not retrain)
     for t in tables.values():
         typer.echo(t["markdown"])
 
 
-#: evaluate's options that only one of its two modes reads: given to the other, they were dropped unsaid.
-_CROSS_ONLY = ("train", "test", "heads", "seeds", "recipe", "out", "labels", "metric", "retrain")
-_RUNS_ONLY = ("runs", "store", "split", "manifest", "errors", "data_root")
-
-
-def _given(ctx: typer.Context, names: tuple[str, ...]) -> list[str]:
-    """How the user spelled those of `names` they typed (not left at their defaults), e.g. ['--heads', 'RUNS']."""
-    params = {p.name: p for p in ctx.command.params}
-    # By the source's name: typer carries its own copy of click, whose ParameterSource is not click's.
-    typed = [n for n in names
-             if getattr(ctx.get_parameter_source(n), "name", "DEFAULT") not in ("DEFAULT", "DEFAULT_MAP")]
-    return [params[n].opts[0] if params[n].param_type_name == "option" else n.upper() for n in typed]
-
-
 @app.command()
 def evaluate(
-    ctx: typer.Context,
-    runs: list[str] = typer.Argument(None, help="Run directories (or parents of seed runs); not with --cross."),
+    runs: list[str] = typer.Argument(..., help="Run directories (or parents of seed runs)."),
     store: Optional[str] = typer.Option(None, help="Store to evaluate on (default: the run's training store)."),
     split: str = typer.Option("test", help="Split to score."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
-    cross: bool = typer.Option(False, "--cross", help="Train on each --train store, test on each --test store."),
-    train: list[str] = typer.Option([], "--train", help="--cross: stores to train on (repeatable)."),
-    test: list[str] = typer.Option([], "--test", help="--cross: stores to test on (default: the --train stores)."),
-    heads: list[str] = typer.Option(["linear"], "--heads", "--head", help="--cross: heads, comma-separated or "
-                                    "repeated (--heads linear,mask or --head linear --head mask)."),
-    seeds: str = typer.Option("0", help="--cross: comma-separated seeds."),
-    recipe: list[str] = typer.Option([], "--recipe", help="--cross: training override key=value for every head."),
-    out: Path = typer.Option(Path("runs/cross"), "--out", "-o", help="--cross: output folder."),
-    labels: list[str] = typer.Option([], "--labels", help="--cross: STORE=MANIFEST (store path or name), train and test "
-                                     "that store on these labels of the same images, e.g. a --without-leaks manifest."),
-    metric: str = typer.Option("accuracy", help="--cross: comma-separated metrics, one matrix each (accuracy, uar, "
-                               "macro_f1, ece, ece_ts: ECE after the temperature fitted on the training store's val split)."),
-    retrain: bool = typer.Option(False, "--retrain", help="--cross: train every run again, also those already finished "
-                                 "in --out with the same settings, data and code (by default those are reused)."),
     errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of (errors.png)."),
     data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
                                              "(default: $FERCACHE_DATA, else the one the store was extracted from)."),
@@ -417,17 +423,9 @@ def evaluate(
 ) -> None:
     """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
     calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
-    per-AU F1), or the --cross matrix."""
-    if stray := _given(ctx, _RUNS_ONLY if cross else _CROSS_ONLY):  # e.g. `evaluate RUN --heads mask` scored RUN only
-        raise typer.BadParameter(f"{', '.join(stray)}: " + ("not read by --cross, which trains its own runs and scores "
-                                 "each --test store's test split" if cross else "read by --cross only"))
-    if cross:
-        return _evaluate_cross(train, test, _names(heads), out, _ints(seeds), _kv(recipe, "--recipe"), device,
-                               _options(labels, "--labels"), [m for m in metric.split(",") if m], retrain)
+    per-AU F1). The cross-dataset matrix is `fercache cross`."""
     from .evaluate import evaluate as run_eval, summarize
 
-    if not runs:
-        raise typer.BadParameter("give a run directory, or use --cross")
     for run in runs:
         typer.echo(summarize(run_eval(run, store, manifest, split, device, errors=errors, root=data_root)))
 
@@ -545,7 +543,7 @@ def folds(
                                         help="One manifest per fold (repeatable), e.g. DFEW's set_1..set_5 built with "
                                              "`fercache manifest build SRC --format dfew --option fold=K -o setK.csv`."),
     head: list[str] = typer.Option(["temporal"], "--head", "--heads", help="Head(s) to train on every fold, "
-                                   "comma-separated or repeated (as evaluate --cross takes them)."),
+                                   "comma-separated or repeated (as cross takes them)."),
     seeds: str = typer.Option("0,1,2", help="Seeds per fold; results are mean ± std over folds x seeds."),
     hp: list[str] = typer.Option([], "--hp", help="Hyperparameter key=value for every head."),
     recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value for every head, e.g. epochs=30."),

@@ -473,16 +473,21 @@ def test_au_cv_on_a_store_without_aus_fails_before_writing(tiny_store, tmp_path)
     assert not out.exists()
 
 
-def test_evaluate_cross_from_the_cli_writes_the_matrix(tiny_store, tmp_path):
+def test_cross_from_the_cli_writes_the_matrix_with_settings_per_head(tiny_store, tmp_path):
     out = tmp_path / "cross"
-    r = invoke("evaluate", "--cross", "--train", tiny_store, "--heads", "linear,mask", "--recipe", "epochs=2",
-               "--recipe", "batch_size=8", "--out", out)
+    r = invoke("cross", tiny_store, "--heads", "linear,mask", "--recipe", "epochs=2", "--recipe", "batch_size=8",
+               "--recipe", "mask:epochs=3", "--hp", "mask:hidden=16", "--out", out)
     assert r.exit_code == 0, r.output
     for head in ("linear", "mask"):  # one markdown table per head, printed and written, with the recipe override used
         assert (out / f"cross-{head}.md").read_text().strip() in r.output
-        assert json.loads((out / "runs" / f"faces-{head}" / "seed0" / "config.json").read_text())["recipe"]["epochs"] == 2
-    r = invoke("evaluate", "--cross", "--heads", "linear", "--out", out)
-    assert r.exit_code == 2 and "--cross needs --train" in r.output
+    config = {h: json.loads((out / "runs" / f"faces-{h}" / "seed0" / "config.json").read_text()) for h in ("linear", "mask")}
+    assert config["linear"]["recipe"]["epochs"] == 2 and config["mask"]["recipe"]["epochs"] == 3
+    assert config["mask"]["recipe"]["batch_size"] == 8 and config["mask"]["hp"]["hidden"] == 16
+    assert "hidden" not in config["linear"]["hp"]
+    r = invoke("cross", tiny_store, "--heads", "linear", "--hp", "mask:hidden=16", "--out", tmp_path / "x")
+    assert r.exit_code == 2 and "--hp mask:hidden=16: 'mask' is none of the heads (linear)" in r.output
+    r = invoke("cross", "--heads", "linear", "--out", out)
+    assert r.exit_code == 2 and "Missing argument" in r.output
 
 
 def test_a_store_or_manifest_passed_where_a_run_goes_is_named_with_the_step_between(tiny_store, tiny_manifest,
@@ -497,25 +502,25 @@ def test_a_store_or_manifest_passed_where_a_run_goes_is_named_with_the_step_betw
     assert r.exit_code == 2 and f": {tiny_manifest.name} is a manifest; extract it into a store" in r.output, r.output
 
 
-def test_evaluate_refuses_options_of_its_other_mode(tiny_store, tmp_path):
-    """`evaluate RUN --heads mask --seeds 1` scored RUN alone and said nothing of the two options; `--cross ... RUN
-    --split val` ignored RUN and the split. Each is refused, naming the options, before anything is read or trained."""
+def test_evaluate_and_cross_refuse_each_others_options(tiny_store, tmp_path):
+    """`evaluate RUN --heads mask --seeds 1` scored RUN alone and said nothing of the two options; the matrix took
+    --split and ignored it. Each is refused, naming the option, before anything is read or trained."""
     run = tmp_path / "runs"
     assert invoke("train-head", tiny_store, "--head", "linear", "--recipe", "epochs=1", "--out", run).exit_code == 0
     run = run / "faces-linear" / "seed0"
     r = invoke("evaluate", run, "--heads", "mask", "--seeds", "1")
-    assert r.exit_code == 2 and "--heads, --seeds: read by --cross only" in " ".join(r.output.split())
+    assert r.exit_code == 2 and "No such option: --heads" in " ".join(r.output.split())
     assert not list(run.glob("eval-*"))
-    r = invoke("evaluate", "--cross", "--train", tiny_store, run, "--split", "val", "-o", tmp_path / "x")
-    assert r.exit_code == 2 and "RUNS, --split: not read by --cross" in " ".join(r.output.split())
+    r = invoke("cross", tiny_store, "--split", "val", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "No such option: --split" in " ".join(r.output.split())
     assert not (tmp_path / "x").exists()
     assert invoke("evaluate", run, "--split", "val").exit_code == 0 and (run / "eval-faces-val").is_dir()
 
 
 def test_cross_and_folds_take_heads_comma_separated_or_repeated(tiny_store, tiny_manifest, tmp_path):
-    """evaluate --cross took `--heads a,b` and folds `--head a --head b`: each refused the other's spelling."""
+    """cross took `--heads a,b` and folds `--head a --head b`: each refused the other's spelling."""
     assert cli._names(["linear,mask", " au ", "temporal@mean,"]) == ["linear", "mask", "au", "temporal@mean"]
-    for args in (["evaluate", "--cross", "--train", tiny_store], ["folds", tiny_store, "-m", tiny_manifest]):
+    for args in (["cross", tiny_store], ["folds", tiny_store, "-m", tiny_manifest]):
         for heads in (["--head", "linear", "--head", "nope"], ["--heads", "linear,nope"]):
             r = invoke(*args, *heads, "--out", tmp_path / "x")
             assert r.exit_code == 2 and "unknown head 'nope'" in r.output, (args, heads, r.output)
@@ -538,7 +543,7 @@ def test_train_head_keeps_a_run_trained_with_other_settings(tiny_store, tmp_path
 
 
 def test_compare_two_heads_on_the_same_test_samples(tiny_store, tmp_path):
-    r = invoke("evaluate", "--cross", "--train", tiny_store, "--heads", "linear,mask", "--seeds", "0,1",
+    r = invoke("cross", tiny_store, "--heads", "linear,mask", "--seeds", "0,1",
                "--recipe", "epochs=3", "--recipe", "batch_size=8", "--out", tmp_path)
     assert r.exit_code == 0, r.output
     a, b = tmp_path / "runs" / "faces-linear", tmp_path / "runs" / "faces-mask"
@@ -590,7 +595,7 @@ def test_cross_matrix_on_other_labels_trains_and_tests_with_them(tiny_store, tin
     m = read_manifest(tiny_manifest)
     gone = [r["sample_id"] for r in m.rows if r["split"] in ("val", "test")][::4]  # 6 val, 6 test rows unlabelled
     clean = write_manifest(without_leaks(m, gone), tmp_path / "faces-clean.csv")
-    args = ("evaluate", "--cross", "--train", tiny_store, "--heads", "linear", "--recipe", "epochs=2", "--recipe",
+    args = ("cross", tiny_store, "--heads", "linear", "--recipe", "epochs=2", "--recipe",
             "batch_size=8", "--out", tmp_path / "x")
     r = invoke(*args, "--labels", f"faces={clean}")
     assert r.exit_code == 0, r.output
@@ -764,8 +769,8 @@ def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_make
 
 
 def test_protocol_commands_run_again_reuse_their_finished_runs_unless_retrain(tiny_store, tmp_path):
-    """An interrupted `evaluate --cross` (or folds, au-cv) trained every run again when re-run."""
-    cross = ("evaluate", "--cross", "--train", tiny_store, "--head", "linear", "--recipe", "epochs=2", "-o", tmp_path)
+    """An interrupted cross matrix (or folds, au-cv) trained every run again when re-run."""
+    cross = ("cross", tiny_store, "--head", "linear", "--recipe", "epochs=2", "-o", tmp_path)
     assert invoke(*cross).exit_code == 0
     head = tmp_path / "runs" / "faces-linear" / "seed0" / "head.pt"
     stamp = head.stat().st_mtime_ns
@@ -783,7 +788,7 @@ def test_bench_n_images_below_one_is_a_usage_error(tiny_manifest, command):
 @pytest.mark.parametrize("args,message", [
     (["train-head", "s.zarr", "--recipe", "epochs=1", "--recipe", "epochs=2"], "--recipe epochs is given twice (1, 2); give each key once"),
     (["au-cv", "s.zarr", "--hp", "hidden=8", "--hp", "hidden=16"], "--hp hidden is given twice (8, 16)"),
-    (["evaluate", "--cross", "--train", "s.zarr", "--labels", "s=a.csv", "--labels", "s=b.csv"], "--labels s is given twice"),
+    (["cross", "s.zarr", "--labels", "s=a.csv", "--labels", "s=b.csv"], "--labels s is given twice"),
     (["manifest", "build", ".", "-f", "ckplus", "-o", "m.csv", "--option", "facs=a", "--option", "facs=b"], "--option facs is given twice"),
     (["train-head", "s.zarr", "--hp", "hidden"], "--hp takes key=value, got 'hidden'"),
     (["sweep", "s.zarr", "--axis", "lr=1e-3", "--recipe", "epochs"], "--recipe takes key=value, got 'epochs'")])
