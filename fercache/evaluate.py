@@ -19,7 +19,9 @@ from .errors import ConfigError, StaleRunError, StoreError, near_path
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
 from .store import encoder_key, encoder_label, exists, open_store, outdated, same_location, store_name
-from .train import load_run, to_device, predict_logits, targets
+from .loop import predict_logits, to_device
+from .rundir import load_run
+from .train import targets
 
 log = logging.getLogger(__name__)
 

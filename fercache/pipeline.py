@@ -497,7 +497,7 @@ def _check_arguments(kind: str, args: dict) -> None:
 def _check_values(kind: str, args: dict) -> None:
     """What the library would refuse only when the step is reached: names, devices, head settings, options."""
     from .devices import torch_device
-    from .train import check_seeds
+    from .recipe import check_seeds
 
     if "device" in args:
         torch_device(args["device"])
@@ -609,7 +609,7 @@ def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | N
     (`step["seconds"]`: how long it ran).
 
     Run again (after a failed step, or to redo a report), the steps that train reuse every run already finished
-    in their folders with the same settings, data and code (`train.finished_run`), as extraction resumes its
+    in their folders with the same settings, data and code (`rundir.finished_run`), as extraction resumes its
     store; `retrain=True` (`fercache run --retrain`) trains them all. A step's own `reuse` key wins.
     `progress=False` turns off every step's progress bars (`fercache -q run`)."""
     results, steps = [], _selected(load_pipeline(path), only)

@@ -17,7 +17,7 @@ from .evaluate import run_dirs
 from .faces import FaceCropper
 from .preprocess import decode_image, to_model_input, tta_views, with_views
 from .store import encoder_key
-from .train import Fitted, load_run
+from .rundir import Fitted, load_run
 from .video import is_video, iter_frames
 
 log = logging.getLogger(__name__)

@@ -14,7 +14,10 @@ from .errors import ConfigError, ManifestError, check_out_dir, repeated
 from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters
 from .store import canonical, check_same_encoder, store_name
-from .train import check_owner, check_recipe, check_seeds, choose_aus, fit_seeds
+from .aus import choose_aus
+from .recipe import check_recipe, check_seeds
+from .rundir import check_owner
+from .train import fit_seeds
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +89,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     `labels` ({store or store name: manifest}) trains and tests that store on other labels of the same images,
     e.g. the manifest `manifest check --without-leaks` or `near-dups --without-leaks` wrote.
     `reuse` (in this and the other protocols): a run already finished in its folder with the same configuration
-    is scored as it is, not trained again (`train.finished_run`); pipelines run again pass it.
+    is scored as it is, not trained again (`rundir.finished_run`); pipelines run again pass it.
     """
     names = check_cross_metrics(metric)
     check_tables(heads, hp, recipe)

@@ -16,7 +16,9 @@ from .data import features_memo
 from .errors import ConfigError, check_out_dir, did_you_mean, repeated
 from .store import store_name
 from .heads import HEADS, check_hyperparameters
-from .train import check_owner, check_recipe, check_seeds, drop_numbered, fit_seeds, recipe_keys
+from .recipe import check_recipe, check_seeds, recipe_keys
+from .rundir import check_owner, drop_numbered
+from .train import fit_seeds
 
 log = logging.getLogger(__name__)
 

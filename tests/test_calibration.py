@@ -13,7 +13,8 @@ from fercache import metrics
 from fercache.errors import ConfigError
 from fercache.evaluate import evaluate_run
 from fercache.protocols import cross_matrix
-from fercache.train import fit, load_run
+from fercache.rundir import load_run
+from fercache.train import fit
 
 
 def _draw(n, k=5, t_true=1.0, scale=3.0, seed=0):

@@ -128,13 +128,13 @@ def test_bf16_weights_run_every_op_in_bf16_and_autocast_only_fp32_weights(tiny_m
     import torch
 
     from fercache.encoders import load_encoder
-    from fercache.extract import _ready, compute_in
+    from fercache.extract import compute_in, ready
 
     cpu = torch.device("cpu")
-    enc = _ready(load_encoder(tiny_encoder_spec), (), cpu, "bf16-weights")
+    enc = ready(load_encoder(tiny_encoder_spec), (), cpu, "bf16-weights")
     assert {p.dtype for p in enc.model.parameters()} == {torch.bfloat16}
     assert compute_in(enc.model, cpu, torch.bfloat16).__class__.__name__ == "nullcontext"
-    fp32 = _ready(load_encoder(tiny_encoder_spec), (), cpu, "bf16")
+    fp32 = ready(load_encoder(tiny_encoder_spec), (), cpu, "bf16")
     assert {p.dtype for p in fp32.model.parameters()} == {torch.float32}
     assert isinstance(compute_in(fp32.model, cpu, torch.bfloat16), torch.autocast)
     stores = {}

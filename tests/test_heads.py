@@ -15,7 +15,7 @@ from fercache.heads import HEADS, HeadContext, build_head
 from fercache.heads.au import auc_margin, masked_bce
 from fercache.heads.cvar_mlp import cvar
 from fercache.heads.mask import drop_pattern, group_max, group_size, group_widths, resolve_budgets
-from fercache.train import _FrozenBN, sam_step, train_loop
+from fercache.loop import _FrozenBN, sam_step, train_loop
 
 CLASSES = ["neutral", "happy", "sad"]
 

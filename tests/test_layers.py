@@ -19,7 +19,7 @@ LAYERS = [
     {"encoders"},
     {"store", "extract", "data"},
     {"heads"},
-    {"train"},
+    {"train", "recipe", "aus", "loop", "rundir"},
     {"evaluate", "neighbours", "compare", "runs", "predict"},
     {"protocols", "sweep", "bench"},
     {"pipeline"},

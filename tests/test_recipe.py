@@ -8,10 +8,13 @@ import numpy as np
 import pytest
 import torch
 
-from fercache import train as T
+from fercache import loop as L
+from fercache import recipe as R
 from fercache.errors import ConfigError
 from fercache.runs import ledger
-from fercache.train import epoch_batches, fit, recipe_keys, sampling_weights
+from fercache.loop import epoch_batches, sampling_weights
+from fercache.recipe import recipe_keys
+from fercache.train import fit
 
 QUICK = {"epochs": 3, "batch_size": 8}
 
@@ -33,8 +36,8 @@ def test_balanced_sampling_draws_each_class_equally_often():
 
 def test_balance_and_select_reach_training(tiny_store, tmp_path, monkeypatch):
     seen = []
-    real = T.epoch_batches
-    monkeypatch.setattr(T, "epoch_batches", lambda n, bs, gen, w=None: seen.append(w) or real(n, bs, gen, w))
+    real = L.epoch_batches
+    monkeypatch.setattr(L, "epoch_batches", lambda n, bs, gen, w=None: seen.append(w) or real(n, bs, gen, w))
     r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={**QUICK, "balance": "class", "select": "uar"})
     assert len(seen) == 3 and all(w is not None and len(w) == r.metrics["n_train"] for w in seen)
     assert r.metrics["selection"]["metric"] == "uar" and "val_uar" in r.metrics["history"][0]
@@ -67,10 +70,10 @@ def test_recipe_keys_include_the_heads_own():
 
 def test_au_heads_refuse_class_balance_and_expression_metrics():
     with pytest.raises(ConfigError, match="expression heads only"):
-        T.check_recipe("au", {"balance": "class"}, "au")
+        R.check_recipe("au", {"balance": "class"}, "au")
     with pytest.raises(ConfigError, match="an au head is selected on macro_f1_at_0.5"):
-        T.check_recipe("au", {"select": "uar"}, "au")
-    T.check_recipe("au", {"balance": "none", "select": "macro_f1_at_0.5", "epochs": 2}, "au")  # accepted
+        R.check_recipe("au", {"select": "uar"}, "au")
+    R.check_recipe("au", {"balance": "none", "select": "macro_f1_at_0.5", "epochs": 2}, "au")  # accepted
 
 
 def test_shots_and_fraction_subsample_training_units_per_class(tiny_store, tmp_path):
@@ -129,7 +132,7 @@ def test_subsets_of_video_keep_whole_clips(video_store):
 ])
 def test_bad_subsets_are_refused(recipe, message):
     with pytest.raises(ConfigError, match=message):
-        T.check_recipe("linear", recipe, "expr")
+        R.check_recipe("linear", recipe, "expr")
 
 
 def test_a_numeric_sweep_axis_draws_a_curve(tiny_store, tmp_path):
@@ -160,27 +163,27 @@ def test_a_numeric_sweep_axis_draws_a_curve(tiny_store, tmp_path):
 ])
 def test_recipe_values_of_the_wrong_kind_or_range_are_refused(recipe, message):
     with pytest.raises(ConfigError, match=message):
-        T.check_recipe("linear", {**T.HEADS["linear"].recipe, **recipe}, "expr")
+        R.check_recipe("linear", {**R.HEADS["linear"].recipe, **recipe}, "expr")
 
 
 def test_a_heads_own_recipe_keys_take_values_like_their_published_default():
     with pytest.raises(ConfigError, match=r"recipe max_frames=0: a whole number >= 1 \(published: 64\)"):
-        T.check_recipe("temporal", {"max_frames": 0}, "expr")
+        R.check_recipe("temporal", {"max_frames": 0}, "expr")
     with pytest.raises(ConfigError, match=r"recipe max_iter=1.5: a whole number >= 1 \(published: 200\)"):
-        T.check_recipe("logreg", {"max_iter": 1.5}, "expr")
+        R.check_recipe("logreg", {"max_iter": 1.5}, "expr")
     with pytest.raises(ConfigError, match="recipe prompt_lr='fast': a number > 0"):
-        T.check_recipe("temporal", {"prompt_lr": "fast"}, "expr")
-    T.check_recipe("logreg", {"epochs": 0, "max_iter": 50}, "expr")  # a solved head trains no epochs: fine
-    T.check_recipe("temporal", {"max_frames": 16, "prompt_lr": 1e-4, "scheduler": None}, "expr")
+        R.check_recipe("temporal", {"prompt_lr": "fast"}, "expr")
+    R.check_recipe("logreg", {"epochs": 0, "max_iter": 50}, "expr")  # a solved head trains no epochs: fine
+    R.check_recipe("temporal", {"max_frames": 16, "prompt_lr": 1e-4, "scheduler": None}, "expr")
 
 
-@pytest.mark.parametrize("head", sorted(T.HEADS))
+@pytest.mark.parametrize("head", sorted(R.HEADS))
 def test_every_heads_published_recipe_and_defaults_pass_its_own_checks(head):
     from fercache.heads import check_hyperparameters
     from fercache.heads._registry import hyperparameters
 
-    spec = T.HEADS[head]
-    T.check_recipe(head, spec.recipe, spec.task)
+    spec = R.HEADS[head]
+    R.check_recipe(head, spec.recipe, spec.task)
     check_hyperparameters(head, hyperparameters(head))
 
 

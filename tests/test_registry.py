@@ -55,7 +55,7 @@ def _train_evaluate_sweep_predict(store, head, inputs, tmp_path, extra=()):
     r = invoke("sweep", store, "--head", head, "--axis", "lr=0.01,0.1", "--out", tmp_path / "sweep", *extra)
     assert r.exit_code == 0, r.output
     assert len(json.loads((tmp_path / "sweep" / "sweep.json").read_text())) == 2
-    from fercache.train import load_run
+    from fercache.rundir import load_run
 
     model, saved, _ = load_run(run)
     assert model.spec is HEADS[head] and saved["head"] == head

@@ -15,7 +15,7 @@ from fercache.errors import ConfigError, EncoderError
 from fercache.heads import HeadContext, build_head
 from fercache.heads.temporal import PromptText, class_descriptions, segment_indices
 from fercache.labels import CANONICAL
-from fercache.train import _optimizer, _scheduler, train_loop
+from fercache.loop import _optimizer, _scheduler, train_loop
 
 from .conftest import class_image, write_lossless_video
 
@@ -135,7 +135,8 @@ def test_prompt_too_long_for_the_context_is_refused(tiny_clip77):
 def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_path, monkeypatch):
     from fercache.evaluate import evaluate_run
     from fercache.predict import predict
-    from fercache.train import fit, load_run
+    from fercache.rundir import load_run
+    from fercache.train import fit
 
     store, root = video_store
     from fercache.store import open_store
@@ -267,7 +268,8 @@ def test_handwritten_prompts_are_fixed_clip_text_features(video_store, tmp_path)
     """The paper's ablation: 'a photo of a <class> face.' through the store's text tower, never trained."""
     from fercache.heads.zeroshot import text_classifier
     from fercache.store import open_store
-    from fercache.train import fit, load_run
+    from fercache.rundir import load_run
+    from fercache.train import fit
 
     store, _ = video_store
     r = fit(store, "temporal", out_dir=tmp_path, recipe={"epochs": 2},

@@ -20,7 +20,8 @@ from fercache.heads import HEADS
 from fercache.heads.mask import group_widths
 from fercache.manifests import read_manifest, write_manifest
 from fercache.protocols import cross_matrix
-from fercache.train import fit, fit_seeds, load_run
+from fercache.rundir import load_run
+from fercache.train import fit, fit_seeds
 
 QUICK = {"epochs": 4, "batch_size": 16}
 #: Every registered expression head on images: a head added to the registry is tested here without a line changed.
@@ -260,7 +261,7 @@ def test_au_choices_that_would_train_a_wrong_head_are_refused_before_training(ti
 
 
 def test_aus_are_named_by_number_or_name_with_spaces_or_any_case(tiny_store, tiny_manifest, tmp_path):
-    from fercache.train import choose_aus
+    from fercache.aus import choose_aus
 
     have, pos = ["AU12", "AU15"], {"AU12": 5, "AU15": 9}
     assert choose_aus(" 15, au12 ", have, pos, "m") == ["AU15", "AU12"]
@@ -334,8 +335,10 @@ def test_a_one_store_matrix_has_no_unseen_mean_and_repeated_seeds_are_refused(ti
     p.write_text(f'[[step]]\nrun = "train"\nstore = "{tiny_store}"\nhead = "linear"\nseeds = [0, 2, 0]\n')
     with pytest.raises(ConfigError, match=r"seeds \[0, 2, 0\] repeat 0"):  # before step 1 runs
         check_pipeline(p)
+    from fercache import recipe as R
+
     with pytest.raises(ConfigError, match=r"^seeds \[\]: give one or more whole numbers >= 0$"):
-        T.check_seeds([])
+        R.check_seeds([])
     assert not (tmp_path / "c").exists() and not (tmp_path / "r").exists() and not (tmp_path / "s").exists()
 
 
@@ -714,7 +717,9 @@ def test_protocols_reuse_finished_runs_only_for_the_same_code(tiny_store, tmp_pa
     first = matrix()
     head = tmp_path / "runs" / "faces-linear" / "seed0" / "head.pt"
     saved = json.loads((head.parent / "config.json").read_text())["trained_with"]
-    assert saved["code_sha256"] == T.code_sha256() and len(saved["code_sha256"]) == 64
+    from fercache import rundir as D
+
+    assert saved["code_sha256"] == D.code_sha256() and len(saved["code_sha256"]) == 64
     stamp = head.stat().st_mtime_ns
     assert matrix()["linear"]["cells"] == first["linear"]["cells"] and head.stat().st_mtime_ns == stamp
     monkeypatch.setattr(T, "code_sha256", lambda: "0" * 64)

@@ -358,7 +358,8 @@ def test_a_fingerprint_missing_a_key_or_edited_is_a_clear_error(store_copy):
 
 
 def test_two_trainings_into_one_run_folder_cannot_run_at_once(tiny_store, tmp_path):
-    from fercache.train import fit, run_lock
+    from fercache.rundir import run_lock
+    from fercache.train import fit
 
     run_dir = tmp_path / "runs" / "mine"
     with run_lock(run_dir):  # another train-head holds it
@@ -494,7 +495,7 @@ def test_a_damaged_head_pt_is_not_a_finished_run(tiny_store, tmp_path, damage):
     import torch
 
     from fercache.sweep import sweep
-    from fercache.train import load_run
+    from fercache.rundir import load_run
 
     grid, base = {"lr": [1e-2]}, {"batch_size": 8, "epochs": 2}
     sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)

@@ -60,7 +60,7 @@ def test_views_change_the_fingerprint_and_unknown_views_fail_fast(tiny_store, ti
 
 
 def test_random_view_draws_each_view_for_whole_rows():
-    from fercache.train import random_view
+    from fercache.loop import random_view
 
     x = torch.arange(4000, dtype=torch.float32).reshape(1000, 4)
     batch = {"x": x, "xv": torch.stack([x + 1e5], dim=1), "y": torch.zeros(1000)}
@@ -73,7 +73,9 @@ def test_random_view_draws_each_view_for_whole_rows():
 def test_heads_train_on_views_and_evaluate_on_their_average(mirrored, tmp_path):
     from fercache.evaluate import evaluate_run
     from fercache.predict import predict
-    from fercache.train import fit, load_run, predict_logits, targets, to_device
+    from fercache.loop import predict_logits, to_device
+    from fercache.rundir import load_run
+    from fercache.train import fit, targets
     from fercache.data import load_features
 
     manifest, root, out = mirrored
@@ -206,11 +208,12 @@ def test_random_views_do_not_depend_on_batching(augmented, tiny_manifest, tiny_d
 
 
 def test_training_only_views_train_but_are_never_averaged_into_a_prediction(augmented, tiny_dataset, tmp_path, monkeypatch):
+    from fercache import loop
     from fercache import train as T
     from fercache.evaluate import evaluate_run
 
-    seen, real = [], T.random_view
-    monkeypatch.setattr(T, "random_view", lambda batch, gen: seen.append(batch["xv"].shape[1]) or real(batch, gen))
+    seen, real = [], loop.random_view
+    monkeypatch.setattr(loop, "random_view", lambda batch, gen: seen.append(batch["xv"].shape[1]) or real(batch, gen))
     r = T.fit(str(augmented), "linear", out_dir=tmp_path, recipe={"epochs": 2})
     assert r.metrics["config"]["views"] == ["flip", "erase", "noise"] and set(seen) == {3}  # trains on all three
     assert evaluate_run(r.run_dir, write=False)["tta_views"] == ["flip"]  # averages the mirror only
