@@ -16,6 +16,7 @@ import numpy as np
 from . import metrics
 from .errors import ConfigError, check_out_file
 from .evaluate import Scored, run_dirs, score_run
+from .rundir import RunConfig
 from .store import canonical, store_name
 
 
@@ -45,7 +46,8 @@ def _test_store(a, b, store: str | None) -> str:
     """The one store both runs are scored on: --store, else their common training store."""
     if store:
         return store
-    trained = {str(r): canonical(json.loads((r / "config.json").read_text())["store"]) for r in run_dirs(a) + run_dirs(b)}
+    trained = {str(r): canonical(RunConfig.from_dict(json.loads((r / "config.json").read_text())).store)
+               for r in run_dirs(a) + run_dirs(b)}
     if len(set(trained.values())) > 1:
         raise ConfigError("the runs were trained on different stores (" + ", ".join(sorted(set(trained.values())))
                           + "); pass --store to score both on the same test samples")

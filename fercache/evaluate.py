@@ -20,14 +20,14 @@ from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
 from .store import encoder_key, encoder_label, exists, open_store, outdated, same_location, store_name
 from .loop import predict_logits, to_device
-from .rundir import load_run
+from .rundir import RunConfig, load_run
 from .train import targets
 
 log = logging.getLogger(__name__)
 
 
-def _check_same_encoder(cfg: dict, store: str) -> None:
-    trained = cfg["store_fingerprint"]["encoder"]
+def _check_same_encoder(cfg: RunConfig, store: str) -> None:
+    trained = cfg.store_fingerprint["encoder"]
     here = open_store(store).fingerprint["encoder"]
     if encoder_key(trained) != encoder_key(here):
         why = revision_note(trained, here)
@@ -46,18 +46,18 @@ def _rows_sha256_of(path: str, size: int, mtime_ns: int) -> str:
     return rows_sha256(read_manifest(path))
 
 
-def staleness(cfg: dict, store: str | None = None, manifest=None) -> tuple[str, str] | None:
+def staleness(cfg: RunConfig, store: str | None = None, manifest=None) -> tuple[str, str] | None:
     """(short, long) reason why a run no longer matches its own data, or None when it does: its training store
     was re-extracted from other images, or its manifest's labels, splits or subjects changed. Either can move
     training images into the test split without any other error. Another store, or an explicit manifest, is
     not checked: that is scoring on purpose."""
-    store = store or cfg["store"]
+    store = store or cfg.store
     if source := _mask_source_changed(cfg):
         return "mask source re-extracted", (
             f"its mask-source store {source} was re-extracted since it was trained, so the mask reads other features")
-    if not same_location(store, cfg["store"]):
+    if not same_location(store, cfg.store):
         return None
-    then, now = cfg["store_fingerprint"], open_store(store).fingerprint
+    then, now = cfg.store_fingerprint, open_store(store).fingerprint
     if (then["manifest_sha256"], then["n_rows"]) != (now["manifest_sha256"], now["n_rows"]):
         return "store re-extracted", (
             f"{store} was re-extracted from other images since it was trained ({then['n_rows']} rows, manifest sha "
@@ -65,17 +65,17 @@ def staleness(cfg: dict, store: str | None = None, manifest=None) -> tuple[str, 
     if then["key"] != now["key"] and not outdated(then):  # a 0.1.0 BatchNorm store: the ledger says "re-extract"
         return "store re-extracted", (
             f"{store} was re-extracted with another encoder or preprocessing since it was trained ({_why(then, now)})")
-    if manifest is None and cfg.get("manifest_rows_sha256"):
-        if _rows_sha256(cfg["manifest"]) != cfg["manifest_rows_sha256"]:
+    if manifest is None and cfg.manifest_rows_sha256:
+        if _rows_sha256(cfg.manifest) != cfg.manifest_rows_sha256:
             return "manifest changed", (
-                f"{cfg['manifest']} changed since it was trained (its labels, splits or subjects differ), so its "
+                f"{cfg.manifest} changed since it was trained (its labels, splits or subjects differ), so its "
                 "test split may now hold images the head trained or selected on")
     return None
 
 
-def _mask_source_changed(cfg: dict) -> str | None:
+def _mask_source_changed(cfg: RunConfig) -> str | None:
     """The mask-source store of a run, when its features are no longer those the run trained on."""
-    source, then = cfg.get("mask_source"), cfg.get("mask_source_fingerprint")
+    source, then = cfg.mask_source, cfg.mask_source_fingerprint
     if not source or not then:  # no mask source, or a run from before 0.4 (not recorded)
         return None
     return None if open_store(source).fingerprint["key"] == then else source
@@ -88,7 +88,7 @@ def _why(then: dict, now: dict) -> str:
     return "its preprocessing or outputs differ"
 
 
-def _check_not_stale(run, cfg: dict, store: str, manifest) -> None:
+def _check_not_stale(run, cfg: RunConfig, store: str, manifest) -> None:
     stale = staleness(cfg, store, manifest)
     if stale:
         raise StaleRunError(f"run {run}: {stale[1]}. Retrain the head (seconds from the cache)"
@@ -166,75 +166,75 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
               device: str = "cpu") -> tuple[dict, Scored]:
     """Metrics of one run on `split` of `store` (default: the store it was trained on), and its row outputs."""
     model, cfg, fitted = load_run(run, device)
-    if store is None and not exists(cfg["store"]):
-        raise StoreError(f"run {run} was trained on {cfg['store']}, which is gone (moved or deleted); if it moved, "
+    if store is None and not exists(cfg.store):
+        raise StoreError(f"run {run} was trained on {cfg.store}, which is gone (moved or deleted); if it moved, "
                          "pass --store NEW_LOCATION (the encoder is checked against the run's)")
-    store = store or cfg["store"]
+    store = store or cfg.store
     fs, views = _features_to_score(run, cfg, model.spec.level, store, manifest, split)
-    y = targets(fs, cfg["task"], cfg["classes"])
-    result = {"run": str(run), "store": store, "split": split, "head": cfg["head"], "seed": cfg["seed"], "level": model.spec.level,
+    y = targets(fs, cfg.task, cfg.classes)
+    result = {"run": str(run), "store": store, "split": split, "head": cfg.head, "seed": cfg.seed, "level": model.spec.level,
               "tta_views": views}
-    if manifest is not None and Path(manifest).resolve() != Path(cfg["manifest"]).resolve():
+    if manifest is not None and Path(manifest).resolve() != Path(cfg.manifest).resolve():
         result["labels"] = str(manifest)  # other labels for the same images: written apart (eval-...@<name>)
-    if cfg["task"] == "expr":
+    if cfg.task == "expr":
         fs, y, result["excluded"] = _without_unknown_labels(fs, y)
     if not len(y):
         raise ConfigError(f"the {split} split of {store_name(store)} has no labelled sample of the run's classes "
-                          f"({', '.join(cfg['classes'])}) to score")
+                          f"({', '.join(cfg.classes)}) to score")
     logits = predict_logits(model, to_device(fs, y, device))
-    prob = (torch.softmax(logits, 1) if cfg["task"] == "expr" else torch.sigmoid(logits)).cpu().numpy()
-    out = Scored(fs.sample_id, fs.subject, fs.label, y, prob, list(cfg["classes"]), cfg["task"], fitted.thresholds)
-    if cfg["task"] == "expr":
-        result.update(metrics.classification(y, out.decisions()["pred"], cfg["classes"]))
+    prob = (torch.softmax(logits, 1) if cfg.task == "expr" else torch.sigmoid(logits)).cpu().numpy()
+    out = Scored(fs.sample_id, fs.subject, fs.label, y, prob, list(cfg.classes), cfg.task, fitted.thresholds)
+    if cfg.task == "expr":
+        result.update(metrics.classification(y, out.decisions()["pred"], cfg.classes))
         # ECE of the raw softmax, and after the temperature the run fitted on its own validation split: on
         # another dataset, whether that in-domain calibration still holds
         result.update(metrics.calibration(logits.cpu().numpy(), y, fitted.temperature))
     else:
-        result.update(metrics.au(y, prob, cfg["classes"], fitted.thresholds))
+        result.update(metrics.au(y, prob, cfg.classes, fitted.thresholds))
     return result, out
 
 
-def _features_to_score(run, cfg: dict, level: str, store: str, manifest, split: str) -> tuple[FeatureSet, list[str]]:
+def _features_to_score(run, cfg: RunConfig, level: str, store: str, manifest, split: str) -> tuple[FeatureSet, list[str]]:
     """The `split` rows of `store` the run is scored on, labelled by `manifest` (default: the run's own on its own
     store, else the store's), and the cached views averaged in at test time; refused when the store's encoder is
     not the run's, the run is stale, or a mask-source head meets another store."""
     _check_same_encoder(cfg, store)
     _check_not_stale(run, cfg, store, manifest)
-    own_store = same_location(store, cfg["store"])
-    if cfg["mask_source"] and not own_store:
+    own_store = same_location(store, cfg.store)
+    if cfg.mask_source and not own_store:
         raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
-    labels_from = manifest or (cfg["manifest"] if own_store else None)  # else the store's own manifest
+    labels_from = manifest or (cfg.manifest if own_store else None)  # else the store's own manifest
     # Test-time augmentation over the cached views the head trained with, where this store has them too.
-    views = [v for v in tta_views(cfg.get("views", [])) if v in store_views(store)]
-    fs = load_features(store, labels_from, cfg["output"], cfg["mask_source"], views=views)
-    if split == "val" and own_store and labels_from == cfg["manifest"]:
+    views = [v for v in tta_views(cfg.views) if v in store_views(store)]
+    fs = load_features(store, labels_from, cfg.output, cfg.mask_source, views=views)
+    if split == "val" and own_store and labels_from == cfg.manifest:
         fs = _val_as_trained(fs, run, cfg)
     return _rows_to_score(fs, split, store, level, cfg), views
 
 
-def _val_as_trained(fs: FeatureSet, run, cfg: dict) -> FeatureSet:
+def _val_as_trained(fs: FeatureSet, run, cfg: RunConfig) -> FeatureSet:
     """The rows as the run saw them: when its manifest has no val split, the one it carved from train (by subject,
     seeded by the run's seed), carved again the same way, so `--split val` scores what selection scored."""
     if (fs.split == "val").any():
         return fs
     trained = json.loads((Path(run) / "metrics.json").read_text())["selection"]["val_source"]
-    kept = fs.take(fs.label != "") if cfg["task"] == "expr" else fs  # as train.prepare does before carving
-    carved = carve_val(kept.take(kept.split != "test"), seed=cfg["seed"])
+    kept = fs.take(fs.label != "") if cfg.task == "expr" else fs  # as train.prepare does before carving
+    carved = carve_val(kept.take(kept.split != "test"), seed=cfg.seed)
     if carved.notes["val_source"] != trained:
         raise ConfigError(f"cannot carve the validation split of run {run} again ({trained!r} then, "
                           f"{carved.notes['val_source']!r} now)")
     return carved
 
 
-def _rows_to_score(fs: FeatureSet, split: str, store: str, level: str, cfg: dict) -> FeatureSet:
+def _rows_to_score(fs: FeatureSet, split: str, store: str, level: str, cfg: RunConfig) -> FeatureSet:
     """`split`'s rows (clips for a clip-level head); for expressions, only the labelled ones."""
     if not (fs.split == split).any():
         have = ", ".join(f"{s} ({n})" for s, n in zip(*np.unique(fs.split, return_counts=True)))
         raise ConfigError(f"{store_name(store)} has no {split!r} rows; its manifest's splits: {have}")
     fs = fs.rows(split)
     if level == "clip":
-        fs = clip_level(fs, cfg["recipe"]["max_frames"])
-    return fs.take(fs.label != "") if cfg["task"] == "expr" else fs
+        fs = clip_level(fs, cfg.recipe["max_frames"])
+    return fs.take(fs.label != "") if cfg.task == "expr" else fs
 
 
 def _without_unknown_labels(fs: FeatureSet, y: np.ndarray) -> tuple[FeatureSet, np.ndarray, dict]:

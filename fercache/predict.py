@@ -17,7 +17,7 @@ from .evaluate import run_dirs
 from .faces import FaceCropper
 from .preprocess import decode_image, to_model_input, tta_views, with_views
 from .store import encoder_key
-from .rundir import Fitted, load_run
+from .rundir import Fitted, RunConfig, load_run
 from .video import is_video, iter_frames
 
 log = logging.getLogger(__name__)
@@ -71,38 +71,38 @@ def _batched(items: Iterable, size: int) -> Iterator[list]:
 
 
 @dataclass
-class Head:
+class TrainedHead:
     """One trained run, ready to score encoder features."""
 
     model: torch.nn.Module
-    cfg: dict
+    cfg: RunConfig
     fitted: Fitted
 
 
-def load_heads(run: str | Path, device: str = "cpu", calibrated: bool = True) -> list[Head]:
+def load_heads(run: str | Path, device: str = "cpu", calibrated: bool = True) -> list[TrainedHead]:
     """The run at `run`, or every seed run under it (an ensemble): they must read the same encoder's features the
     same way and predict the same classes."""
     dirs = run_dirs(run)
     heads = []
     for d in dirs:
         model, cfg, fitted = load_run(d, device)
-        heads.append(Head(model, cfg, fitted if calibrated else replace(fitted, temperature=None)))
+        heads.append(TrainedHead(model, cfg, fitted if calibrated else replace(fitted, temperature=None)))
     first = _shared(heads[0].cfg)
     for d, h in zip(dirs[1:], heads[1:]):
         if differ := [k for k, v in _shared(h.cfg).items() if v != first[k]]:
             raise ConfigError(f"{d} and {dirs[0]} differ in {', '.join(differ)}: an ensemble's runs must share them; "
                               "pass one run directory")
-    if any(h.cfg["mask_source"] for h in heads):
+    if any(h.cfg.mask_source for h in heads):
         raise ConfigError("this run's mask reads a second store's features; predict supports single-encoder runs")
     if len(heads) > 1:
         log.info("ensemble of %d runs under %s: their probabilities are averaged", len(heads), run)
     return heads
 
 
-def _shared(cfg: dict) -> dict:
+def _shared(cfg: RunConfig) -> dict:
     """What the runs of an ensemble must share: the features they read and the classes they predict."""
-    return {"encoder": encoder_key(cfg["store_fingerprint"]["encoder"]),
-            **{k: cfg.get(k) for k in ("task", "classes", "output", "level")}}
+    return {"encoder": encoder_key(cfg.store_fingerprint["encoder"]),
+            **{k: getattr(cfg, k) for k in ("task", "classes", "output", "level")}}
 
 
 def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, device: str = "cpu",
@@ -129,7 +129,7 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     # The inputs are found before the encoder is built (seconds; a typo was said only after it)
     paths = [_clip_source(Path(p), heads[0]) for p in inputs] if clips else collect_images(inputs, videos=True)
     cfg = heads[0].cfg
-    enc = encoder_of({"fingerprint": cfg["store_fingerprint"], "encoder_args": cfg.get("encoder_args")})
+    enc = encoder_of({"fingerprint": cfg.store_fingerprint, "encoder_args": cfg.encoder_args})
     enc.model.to(device)
     cropper = FaceCropper(device) if detect else None
     from tqdm.auto import tqdm
@@ -161,9 +161,9 @@ def _said_failures(results: list[dict], could: str) -> list[dict]:
     return results
 
 
-def _clip_source(source: Path, head: Head) -> Path:
+def _clip_source(source: Path, head: TrainedHead) -> Path:
     if not (source.is_dir() or source.is_file() and is_video(source)):
-        raise ConfigError(f"a clip-level run ({head.cfg['head']}) predicts one clip per folder of frames or video "
+        raise ConfigError(f"a clip-level run ({head.cfg.head}) predicts one clip per folder of frames or video "
                           f"file; {source} is neither{'' if source.exists() else near_path(source, Path.exists)}")
     return source
 
@@ -186,14 +186,14 @@ def _clip_frames(source: Path, every: int) -> Iterator[tuple[int, float | None, 
             yield i, None, None
 
 
-def _predict_clip(source: Path, enc, heads: list[Head], cropper, device, batch_size: int, every: int = 1,
+def _predict_clip(source: Path, enc, heads: list[TrainedHead], cropper, device, batch_size: int, every: int = 1,
                   windows: tuple[int, int] | None = None) -> list[dict]:
     """One prediction for a clip (or one per window of `windows` = (frames, stride)), its frames encoded a batch
     at a time (a long video never sits in memory); frames that fail to decode are skipped and counted."""
     row, feats, marks = {"path": str(source), "frames": 0, "frames_failed": 0}, [], []
     for batch in _batched(_decoded(_clip_frames(source, every), row), batch_size):
         images = [cropper(f)[0] if cropper else f for _, _, f in batch]
-        feats.append(_encode(enc, images, heads[0].cfg["output"], device))
+        feats.append(_encode(enc, images, heads[0].cfg.output, device))
         marks += [(i, t) for i, t, _ in batch]
         row["frames"] += len(batch)
     if not feats:
@@ -232,7 +232,7 @@ def _encode(enc, images: list[np.ndarray], output: str, device) -> torch.Tensor:
         return enc.model(to_model_input(images, enc.preprocess, device))[output].float()
 
 
-def _predict_batch(items: list[tuple[dict, np.ndarray | str]], enc, heads: list[Head], cropper, device) -> list[dict]:
+def _predict_batch(items: list[tuple[dict, np.ndarray | str]], enc, heads: list[TrainedHead], cropper, device) -> list[dict]:
     images, rows = [], []
     for row, img in items:
         if isinstance(img, str):  # its decoding error
@@ -247,8 +247,8 @@ def _predict_batch(items: list[tuple[dict, np.ndarray | str]], enc, heads: list[
     if not good:
         return rows
     # Each head averages the views it trained with (the mirror: as evaluate does); each view is encoded once.
-    views = sorted({v for h in heads for v in tta_views(h.cfg.get("views", []))})
-    output = heads[0].cfg["output"]
+    views = sorted({v for h in heads for v in tta_views(h.cfg.views)})
+    output = heads[0].cfg.output
     with torch.inference_mode():
         x = to_model_input(images, enc.preprocess, device)
         feats = {name: enc.model(xi)[output].float() for name, xi in with_views(x, views, enc.preprocess)}
@@ -257,20 +257,20 @@ def _predict_batch(items: list[tuple[dict, np.ndarray | str]], enc, heads: list[
     return rows
 
 
-def _view_mean(head: Head, feats: dict[str, torch.Tensor]) -> torch.Tensor:
+def _view_mean(head: TrainedHead, feats: dict[str, torch.Tensor]) -> torch.Tensor:
     """The head's logits averaged over the plain image and the test-time views it trained with."""
-    return torch.stack([head.model(feats[v]) for v in ["", *tta_views(head.cfg.get("views", []))]]).mean(0)
+    return torch.stack([head.model(feats[v]) for v in ["", *tta_views(head.cfg.views)]]).mean(0)
 
 
-def _probabilities(head: Head, logits: torch.Tensor) -> np.ndarray:
-    if head.cfg["task"] == "au":
+def _probabilities(head: TrainedHead, logits: torch.Tensor) -> np.ndarray:
+    if head.cfg.task == "au":
         return torch.sigmoid(logits).cpu().numpy()
     return torch.softmax(logits / (head.fitted.temperature or 1.0), dim=1).cpu().numpy()
 
 
-def _fill(rows: list[dict], prob: np.ndarray, heads: list[Head]) -> None:
-    classes = heads[0].cfg["classes"]
-    if heads[0].cfg["task"] == "au":
+def _fill(rows: list[dict], prob: np.ndarray, heads: list[TrainedHead]) -> None:
+    classes = heads[0].cfg.classes
+    if heads[0].cfg.task == "au":
         thr = np.mean([h.fitted.thresholds if h.fitted.thresholds is not None else np.full(len(classes), 0.5)
                        for h in heads], axis=0)
         for r, p in zip(rows, prob):

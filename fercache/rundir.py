@@ -11,7 +11,7 @@ import json
 import logging
 import pickle
 import shutil
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +25,54 @@ from .heads import HeadContext, build_head
 from .store import canonical, library_versions, open_store, same_location, store_name, writing
 
 log = logging.getLogger(__name__)
+
+#: What a run's config.json says of how its features relate to the published methods.
+VARIANT = "cached features of a frozen encoder"
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What a run's config.json holds: everything that produced the run, read as attributes by evaluate, predict
+    and the ledger. Runs saved by older versions lack some keys, which read as their defaults here."""
+
+    head: str
+    store: str
+    classes: list[str]
+    hp: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)
+    output: str | None = None
+    mask_source: str | None = None
+    manifest: str | None = None
+    views: list[str] = field(default_factory=list)
+    level: str = "frame"
+    seed: int = 0
+    fold: int | None = None  # one fold of a protocol (folds, au-cv): the ledger pools folds like seeds
+    task: str = "expr"
+    device: str = "cpu"
+    manifest_rows_sha256: str | None = None  # evaluate refuses the run once its labels change
+    trained_with: dict = field(default_factory=dict)  # fercache version and source hash, torch version
+    in_dim: int = 0
+    z_dim: int | None = None
+    store_fingerprint: dict = field(default_factory=dict)  # evaluate refuses the run once its store changes
+    encoder_args: dict | None = None  # how to rebuild the encoder for `predict`
+    variant: str = VARIANT
+    mask_source_fingerprint: str | None = None  # with a mask source only
+
+    def to_dict(self) -> dict:
+        """config.json as written (and saved in head.pt and metrics.json)."""
+        out = asdict(self)
+        if out["mask_source_fingerprint"] is None:
+            del out["mask_source_fingerprint"]
+        return out
+
+    @classmethod
+    def from_dict(cls, saved: dict) -> RunConfig:
+        """A config.json read back; keys it no longer has are left out. TypeError when it is not a run's (no head,
+        store or classes)."""
+        if not isinstance(saved, dict):
+            raise TypeError(f"a run's config is a JSON object, not {type(saved).__name__}")
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in saved.items() if k in known})
 
 
 @dataclass
@@ -106,7 +154,7 @@ def _what_it_is(config: dict) -> str:
     return json.dumps({k: v for k, v in config.items() if k != "device"}, sort_keys=True)
 
 
-def finished_run(run_dir: Path, config: dict) -> RunResult | None:
+def finished_run(run_dir: Path, config: RunConfig) -> RunResult | None:
     """The run saved in `run_dir`, when it is whole (head.pt is written last, and loads) and was trained with
     `config` (settings, seed, fold, store fingerprint, manifest rows, fercache version and source, torch version;
     on any device). None otherwise: nothing there, a run cut short or damaged, or other settings."""
@@ -115,7 +163,7 @@ def finished_run(run_dir: Path, config: dict) -> RunResult | None:
     try:
         saved = located(json.loads((run_dir / "config.json").read_text()))
         result = json.loads((run_dir / "metrics.json").read_text())
-        if _what_it_is(saved) != _what_it_is(config):
+        if _what_it_is(saved) != _what_it_is(config.to_dict()):
             return None
         load_run(run_dir)  # what evaluate will do with it: damaged weights are trained again, not reused
     except (OSError, ValueError, ConfigError):
@@ -123,19 +171,19 @@ def finished_run(run_dir: Path, config: dict) -> RunResult | None:
     return RunResult(run_dir, result, reused=True)
 
 
-def save_run(run_dir: Path, model: nn.Module, config: dict, result: dict, fitted: Fitted) -> None:
+def save_run(run_dir: Path, model: nn.Module, config: RunConfig, result: dict, fitted: Fitted) -> None:
     """head.pt marks a run (evaluate and the ledger look for it), so it is written last and by rename: a save
     killed half-way leaves no half run behind. A run saved here before goes first, with its evaluations: they
     scored weights that no longer exist."""
     run_dir.mkdir(parents=True, exist_ok=True)
     _clear_run(run_dir)
-    (run_dir / "config.json").write_text(json.dumps(config, indent=2))
+    (run_dir / "config.json").write_text(json.dumps(config.to_dict(), indent=2))
     (run_dir / "metrics.json").write_text(json.dumps(result, indent=2))
     if result["history"]:
         sel = result["selection"]
         report.training_png(run_dir / "training.png", result["history"], sel["metric"], sel["best_epoch"],
-                            f"{config['head']} on {store_name(config['store'])}, seed {config['seed']}")
-    torch.save({"state_dict": model.state_dict(), "config": config,
+                            f"{config.head} on {store_name(config.store)}, seed {config.seed}")
+    torch.save({"state_dict": model.state_dict(), "config": config.to_dict(),
                 "thresholds": None if fitted.thresholds is None else torch.as_tensor(fitted.thresholds),
                 "temperature": fitted.temperature}, run_dir / "head.pt.partial")
     (run_dir / "head.pt.partial").replace(run_dir / "head.pt")
@@ -150,7 +198,7 @@ def _clear_run(run_dir: Path) -> None:
         log.info("%s: replaced the run there, and its %d evaluation(s)", run_dir, len(evaluations))
 
 
-def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict, Fitted]:
+def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, RunConfig, Fitted]:
     """Rebuild a trained head from its run directory: (model, config, what it fitted on validation)."""
     path, device = Path(run_dir) / "head.pt", torch_device(device)
     if not path.is_file():
@@ -166,12 +214,12 @@ def load_run(run_dir: str | Path, device: str = "cpu") -> tuple[nn.Module, dict,
     return model.to(device).eval(), cfg, fitted
 
 
-def _rebuilt(saved: dict) -> tuple[nn.Module, dict, Fitted]:
+def _rebuilt(saved: dict) -> tuple[nn.Module, RunConfig, Fitted]:
     """The head a head.pt describes, with its weights and what was fitted on validation."""
-    cfg = saved["config"]
-    ctx = HeadContext(in_dim=cfg["in_dim"], out_dim=len(cfg["classes"]), class_names=cfg["classes"],
-                      z_dim=cfg["z_dim"], restore=True)
-    model = build_head(cfg["head"], ctx, **cfg["hp"])
+    cfg = RunConfig.from_dict(saved["config"])
+    ctx = HeadContext(in_dim=cfg.in_dim, out_dim=len(cfg.classes), class_names=cfg.classes, z_dim=cfg.z_dim,
+                      restore=True)
+    model = build_head(cfg.head, ctx, **cfg.hp)
     model.load_state_dict(saved["state_dict"])
     thr = saved.get("thresholds")  # runs saved before temperatures existed have none: raw softmax
     return model, cfg, Fitted(None if thr is None else thr.cpu().numpy(), saved.get("temperature"))
@@ -185,8 +233,8 @@ def check_owner(folder: Path, store: str, head: str | None, what: str) -> None:
     key, others = open_store(store).fingerprint["key"], set()
     for path in folder.glob("**/config.json"):
         try:
-            cfg = json.loads(path.read_text())
-            theirs, their_key, their_head = cfg["store"], cfg["store_fingerprint"]["key"], cfg["head"]
+            cfg = RunConfig.from_dict(json.loads(path.read_text()))
+            theirs, their_key, their_head = cfg.store, cfg.store_fingerprint["key"], cfg.head
         except (OSError, ValueError, KeyError, TypeError):
             continue  # not a run's config
         if (not same_location(theirs, store) and their_key != key) or (head and their_head != head):

@@ -16,6 +16,7 @@ import numpy as np
 from . import report
 from .errors import ConfigError, FercacheError
 from .evaluate import eval_name, runs_hint, staleness
+from .rundir import RunConfig
 from .store import canonical, exists, outdated, store_name
 
 
@@ -28,25 +29,25 @@ def find_runs(root: str | Path) -> list[Path]:
     return runs
 
 
-def _status(cfg: dict) -> str:
+def _status(cfg: RunConfig) -> str:
     """ok, STALE: why (retrain; re-extract first when its store is a 0.1.0 BatchNorm store), or MISSING:
     store/manifest (moved or deleted: nothing to check against)."""
-    if not exists(cfg["store"]):
+    if not exists(cfg.store):
         return "MISSING: store"
-    if cfg.get("manifest") and not Path(cfg["manifest"]).is_file():
+    if cfg.manifest and not Path(cfg.manifest).is_file():
         return "MISSING: manifest"
     try:
         stale = staleness(cfg)
     except (FercacheError, OSError, KeyError) as e:
         return f"unreadable data ({type(e).__name__})"
-    if stale is None and outdated(cfg["store_fingerprint"], (cfg.get("encoder_args") or {}).get("spec")):
-        return f"STALE: encoder revision {cfg['store_fingerprint']['encoder'].get('revision') or 1} (re-extract)"
+    if stale is None and outdated(cfg.store_fingerprint, (cfg.encoder_args or {}).get("spec")):
+        return f"STALE: encoder revision {cfg.store_fingerprint['encoder'].get('revision') or 1} (re-extract)"
     return "ok" if stale is None else f"STALE: {stale[0]}"
 
 
 def run_record(run: Path) -> dict:
     """What one run saved: settings, its validation score, every evaluation written next to it, and its status."""
-    cfg = json.loads((run / "config.json").read_text())
+    cfg = RunConfig.from_dict(json.loads((run / "config.json").read_text()))
     met = json.loads((run / "metrics.json").read_text())
     metric = met["selection"]["metric"]
     evals = {}
@@ -57,9 +58,9 @@ def run_record(run: Path) -> dict:
             continue
         if isinstance(r, dict) and metric in r:
             evals[eval_name(r)] = r[metric]
-    return {"run": run, "head": cfg["head"], "hp": cfg.get("hp") or {}, "recipe": cfg.get("recipe") or {},
-            "store": canonical(cfg["store"]), "manifest": cfg.get("manifest"), "output": cfg.get("output"),
-            "views": cfg.get("views", []), "task": cfg["task"], "seed": cfg["seed"], "fold": cfg.get("fold"), "metric": metric,
+    return {"run": run, "head": cfg.head, "hp": cfg.hp or {}, "recipe": cfg.recipe or {},
+            "store": canonical(cfg.store), "manifest": cfg.manifest, "output": cfg.output,
+            "views": cfg.views, "task": cfg.task, "seed": cfg.seed, "fold": cfg.fold, "metric": metric,
             "val": met["val"][metric], "evals": evals, "status": _status(cfg)}
 
 
@@ -116,7 +117,7 @@ def _records(root: Path, runs: list[Path]) -> tuple[list[dict], list[str]]:
     for run in runs:
         try:
             records.append(run_record(run))
-        except (OSError, ValueError, KeyError) as e:
+        except (OSError, ValueError, KeyError, TypeError) as e:
             why = f"no {Path(e.filename).name}" if isinstance(e, FileNotFoundError) else f"{type(e).__name__}: {e}"
             incomplete.append(f"{run} ({why})")
     if not records:

@@ -24,7 +24,7 @@ from .heads import HEADS, HeadContext, build_head
 from .labels import sorted_labels
 from .loop import predict_logits, score, to_device, train_loop
 from .recipe import SELECT_METRIC, check_recipe, check_seeds
-from .rundir import (Fitted, RunResult, code_sha256, drop_numbered, fercache_version, finished_run, located,
+from .rundir import (Fitted, RunConfig, RunResult, code_sha256, drop_numbered, fercache_version, finished_run, located,
                      refuse_other_run, run_lock, save_run)
 from .store import open_store, store_name
 
@@ -140,8 +140,7 @@ def _provenance(fs: FeatureSet, st, ctx: HeadContext) -> dict:
             "trained_with": {"fercache": fercache_version(), "code_sha256": code_sha256(),
                              "torch": str(torch.__version__)},  # str: a TorchVersion does not load weights_only
             "in_dim": ctx.in_dim, "z_dim": ctx.z_dim, "store_fingerprint": st.fingerprint,
-            "encoder_args": st.meta.get("encoder_args"),
-            "variant": "cached features (frozen encoder; see METHODS.md)"}
+            "encoder_args": st.meta.get("encoder_args")}
 
 
 def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
@@ -178,16 +177,16 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
                          "classes": classes})
     if not overwrite:
         refuse_other_run(run_dir, settings)
-    config = {**settings, "level": spec.level, "seed": seed, "fold": fold, "task": task, "device": device,
-              **_provenance(fs, st, ctx)}
-    if mask_source:  # a re-extracted mask source makes the run stale (evaluate.staleness) and not reusable
-        config["mask_source_fingerprint"] = open_store(mask_source).fingerprint["key"]
+    # a re-extracted mask source makes the run stale (evaluate.staleness) and not reusable
+    source_key = open_store(mask_source).fingerprint["key"] if mask_source else None
+    config = RunConfig(**settings, level=spec.level, seed=seed, fold=fold, task=task, device=device,
+                       **_provenance(fs, st, ctx), mask_source_fingerprint=source_key)
     with run_lock(run_dir):
         if reuse and (done := finished_run(run_dir, config)):
             log.debug("%s: trained before with the same settings and code; reused", run_dir)
             return done
         result, fitted = _train_on(model, fs, r, task, classes, seed, progress, dev)
-        result = {**result, "seed": seed, "config": config}
+        result = {**result, "seed": seed, "config": config.to_dict()}
         save_run(run_dir, model, config, result, fitted)
     return RunResult(run_dir, result)
 

@@ -58,7 +58,7 @@ def _train_evaluate_sweep_predict(store, head, inputs, tmp_path, extra=()):
     from fercache.rundir import load_run
 
     model, saved, _ = load_run(run)
-    assert model.spec is HEADS[head] and saved["head"] == head
+    assert model.spec is HEADS[head] and saved.head == head and saved.task == HEADS[head].task
     r = invoke("predict", run, *inputs, "--out", tmp_path / "pred.json")
     assert r.exit_code == 0, r.output
     return run, json.loads((tmp_path / "pred.json").read_text())

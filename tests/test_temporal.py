@@ -275,7 +275,7 @@ def test_handwritten_prompts_are_fixed_clip_text_features(video_store, tmp_path)
     r = fit(store, "temporal", out_dir=tmp_path, recipe={"epochs": 2},
             hp={"classifier": "handwritten", "width": 32, "heads": 4, "mlp": 64})
     model, cfg, _ = load_run(r.run_dir)
-    expected = text_classifier(open_store(store).meta, cfg["classes"], templates=("a photo of a {} face.",))
+    expected = text_classifier(open_store(store).meta, cfg.classes, templates=("a photo of a {} face.",))
     torch.testing.assert_close(model.text, expected)
     assert model.prompt is None and not any(k.startswith("prompt") for k in model.state_dict())
 

@@ -40,7 +40,7 @@ def test_train_head_writes_run(tiny_store, head, tmp_path):
     assert m["config"]["classes"] == ["neutral", "happy", "sad", "anger"]  # canonical order, not folder order
     assert m["n_train"] == 24 and m["n_val"] == 24 and 0 <= m["val"]["accuracy"] <= 1
     model, cfg, _ = load_run(r.run_dir)
-    assert cfg["head"] == head and sum(p.numel() for p in model.state_dict().values()) > 0
+    assert cfg.head == head and sum(p.numel() for p in model.state_dict().values()) > 0
     if head == "logreg":  # no epochs: the l2 path, the kept point the best on val
         solver = m["selection"]["solver"]
         assert len(solver["path"]) == 8 and solver["l2"] == max(solver["path"], key=lambda p: p["val"])["l2"]
@@ -204,7 +204,7 @@ def test_a_run_appears_only_once_saved_whole_and_a_retrained_one_drops_the_old_e
     # Retrained whole: the evaluation of the weights it replaced is gone with them
     fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 3, "batch_size": 8}, name="run")
     assert sorted(p.name for p in r.run_dir.iterdir()) == ["config.json", "head.pt", "metrics.json", "training.png"]
-    assert load_run(r.run_dir)[1]["recipe"]["epochs"] == 3
+    assert load_run(r.run_dir)[1].recipe["epochs"] == 3
 
 
 def test_damaged_files_are_named_not_a_traceback(tiny_store, tmp_path):
@@ -482,8 +482,8 @@ def test_predict_uses_the_runs_encoder(tiny_store, tiny_dataset, tmp_path, monke
     st = S.open_store(tiny_store)
     ids = list(st.sample_ids())
     model, cfg, _ = load_run(r.run_dir)
-    feats = torch.as_tensor(st.features(cfg["output"])[[ids.index(f"test/happy/test_happy_{k:03d}") for k in range(6)]])
-    want = [cfg["classes"][i] for i in model(feats).argmax(1).tolist()]
+    feats = torch.as_tensor(st.features(cfg.output)[[ids.index(f"test/happy/test_happy_{k:03d}") for k in range(6)]])
+    want = [cfg.classes[i] for i in model(feats).argmax(1).tolist()]
     assert [row["prediction"] for row in rows] == want
     out = write_predictions(rows, tmp_path / "p.csv")
     assert out.read_text().splitlines()[0] == "path,prediction,face_detected,error,neutral,happy,sad,anger"
@@ -524,7 +524,7 @@ def test_mask_head_with_a_second_mask_source_store(tiny_store, tiny_manifest, ti
     extract(tiny_manifest, "null:", tmp_path / "null.zarr", root=tiny_dataset, image_size=16, workers=0, progress=False)
     r = fit(str(tiny_store), "mask", mask_source=str(tmp_path / "null.zarr"), out_dir=tmp_path, recipe=QUICK)
     model, cfg, _ = load_run(r.run_dir)
-    assert cfg["z_dim"] == 3 and model.mask_net[0].in_features == 3 and cfg["mask_source"].endswith("null.zarr")
+    assert cfg.z_dim == 3 and model.mask_net[0].in_features == 3 and cfg.mask_source.endswith("null.zarr")
     res = evaluate_run(r.run_dir)
     assert res["n"] == 24
 
@@ -539,9 +539,9 @@ def test_mask_budgets_from_class_counts_are_saved_and_restored(tiny_store, tiny_
     skewed = write_manifest(m, tmp_path / "skewed.csv")
     r = fit(str(tiny_store), "mask", manifest=skewed, out_dir=tmp_path, recipe=QUICK, hp={"budgets": "freq"})
     model, cfg, _ = load_run(r.run_dir)
-    counts = [sum(row["label"] == c for row in train) for c in cfg["classes"]]
-    assert sorted(counts) == [2, 6, 6, 10] and cfg["hp"]["budgets"] == counts
-    assert model.widths == group_widths(cfg["in_dim"], 4, counts) and len(set(model.widths)) == 3
+    counts = [sum(row["label"] == c for row in train) for c in cfg.classes]
+    assert sorted(counts) == [2, 6, 6, 10] and cfg.hp["budgets"] == counts
+    assert model.widths == group_widths(cfg.in_dim, 4, counts) and len(set(model.widths)) == 3
     torch.testing.assert_close(model.fc.weight, torch.load(r.run_dir / "head.pt")["state_dict"]["fc.weight"])
 
 

@@ -86,7 +86,7 @@ def test_heads_train_on_views_and_evaluate_on_their_average(mirrored, tmp_path):
     # the evaluation is the mean of the plain and the flipped logits
     model, cfg, _ = load_run(r.run_dir)
     fs = load_features(str(out), views=["flip"]).rows("test")
-    data = to_device(fs, targets(fs, "expr", cfg["classes"]), "cpu")
+    data = to_device(fs, targets(fs, "expr", cfg.classes), "cpu")
     with torch.no_grad():
         expected = (model(data["x"]) + model(data["xv"][:, 0])) / 2
     torch.testing.assert_close(predict_logits(model, data), expected)
