@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import math
 import time
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -13,7 +14,7 @@ from torch import nn
 
 from . import metrics
 from .data import FeatureSet
-from .recipe import BALANCE, SELECT_METRIC
+from .recipe import BALANCE, Recipe
 
 
 def sampling_weights(y: torch.Tensor, balance: str) -> torch.Tensor | None:
@@ -147,28 +148,29 @@ def epoch_batches(n: int, batch_size: int, gen: torch.Generator, weights: torch.
     return batches[:-1] if len(batches) > 1 and len(batches[-1]) < 2 else batches
 
 
-def train_loop(head: nn.Module, train: dict, val: dict, recipe: dict, task: str, classes: list[str],
+def train_loop(head: nn.Module, train: dict, val: dict, recipe: Mapping, task: str, classes: list[str],
                seed: int, progress: bool = False) -> tuple[dict, list[dict], int]:
-    """Train for recipe['epochs']; return the state of the epoch with the best validation metric."""
+    """Train for the recipe's epochs; return the state of the epoch with the best validation metric."""
     from tqdm.auto import tqdm
 
-    select = recipe.get("select", SELECT_METRIC[task])
+    recipe = Recipe.of(head.spec.name, recipe)
+    select = recipe.select
     gen = torch.Generator().manual_seed(seed)
-    weights = sampling_weights(train["y"].cpu(), recipe.get("balance", "none")) if task == "expr" else None
+    weights = sampling_weights(train["y"].cpu(), recipe.balance) if task == "expr" else None
     opt, history = _optimizer(head, recipe), []
     sched = _scheduler(opt, recipe)
     best, best_state, best_epoch = -math.inf, copy.deepcopy(head.state_dict()), 0
-    bar = tqdm(range(1, recipe["epochs"] + 1), desc=f"train {getattr(head, 'name', '')} seed {seed}",
+    bar = tqdm(range(1, recipe.epochs + 1), desc=f"train {getattr(head, 'name', '')} seed {seed}",
                unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         head.train()
         t0, losses = time.perf_counter(), []
-        for idx in epoch_batches(len(train["x"]), recipe["batch_size"], gen, weights):
+        for idx in epoch_batches(len(train["x"]), recipe.batch_size, gen, weights):
             idx = idx.to(train["x"].device)
             batch = {k: v[idx] for k, v in train.items()}
             if "xv" in batch:
                 batch = random_view(batch, gen)
-            step = sam_step(head, opt, batch, recipe["sam_rho"]) if recipe.get("sam_rho") else plain_step(head, opt, batch)
+            step = sam_step(head, opt, batch, recipe.sam_rho) if recipe.sam_rho else plain_step(head, opt, batch)
             losses.append(step)
         if sched:
             sched.step()

@@ -15,7 +15,7 @@ from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters
 from .store import canonical, check_same_encoder, store_name
 from .aus import choose_aus
-from .recipe import check_recipe, check_seeds
+from .recipe import Recipe, check_seeds
 from .rundir import check_owner
 from .train import fit_seeds
 
@@ -44,9 +44,8 @@ def check_tables(heads: list[str], hp: dict | None, recipe: dict | None) -> None
             raise ConfigError(f"{table} has entries for {', '.join(map(repr, stray))}, which is none of the heads "
                               f"({', '.join(heads)}); {table} is keyed by head label, e.g. {{ {heads[0]} = {{ ... }} }}")
     for label in heads:
-        spec = HEADS.lookup(head_of(label))
-        check_recipe(spec.name, {**spec.recipe, **(recipe or {}).get(label, {})}, spec.task)
-        check_hyperparameters(spec.name, (hp or {}).get(label) or {})
+        Recipe.of(head_of(label), (recipe or {}).get(label))
+        check_hyperparameters(head_of(label), (hp or {}).get(label) or {})
 
 
 def check_distinct(items: list, what: str) -> None:

@@ -7,6 +7,9 @@ may read keys of its own (the temporal head's `max_frames`), which take values o
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from .errors import ConfigError, did_you_mean, repeated
 from .heads import HEADS
@@ -127,3 +130,71 @@ def check_seeds(seeds) -> None:
     if twice := repeated(seeds):
         raise ConfigError(f"seeds {seeds} repeat {', '.join(map(str, twice))}: each seed is one run, in its own "
                           "folder seed<N>/; give distinct seeds")
+
+
+@dataclass(frozen=True, eq=False)
+class Recipe(Mapping):
+    """A head's published recipe with a user's overrides, validated once (`Recipe.of`). The trainer's keys read
+    as attributes; every key, a head's own ones included (the temporal head's `max_frames` and `prompt_lr`,
+    logreg's `max_iter`), reads as in the dict it is saved as (`recipe["max_frames"]`)."""
+
+    head: str
+    task: str
+    values: dict
+
+    @classmethod
+    def of(cls, head: str, overrides: Mapping | None = None) -> Recipe:
+        """`head`'s published recipe updated with `overrides`, checked (ConfigError) before any work."""
+        if isinstance(overrides, Recipe) and overrides.head == head:
+            return overrides
+        spec = HEADS.lookup(head)
+        values = {**spec.recipe, **(overrides or {})}
+        check_recipe(head, values, spec.task)
+        return cls(head, spec.task, values)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.values[key]
+
+    def __iter__(self):
+        return iter(self.values)
+
+    def __len__(self) -> int:
+        return len(self.values)
+
+    def to_dict(self) -> dict:
+        """As config.json saves it."""
+        return dict(self.values)
+
+    @property
+    def epochs(self) -> int:
+        return self.values["epochs"]
+
+    @property
+    def batch_size(self) -> int:
+        return self.values["batch_size"]
+
+    @property
+    def sam_rho(self) -> float:
+        return self.values.get("sam_rho") or 0.0
+
+    @property
+    def balance(self) -> str:
+        return self.values.get("balance", "none")
+
+    @property
+    def select(self) -> str:
+        """The validation metric that chooses the epoch (and logreg's l2)."""
+        return self.values.get("select", SELECT_METRIC[self.task])
+
+    @property
+    def views(self) -> list[str] | None:
+        """The store's cached views to train with; None: all it holds."""
+        return self.values.get("views")
+
+    @property
+    def shots(self) -> int | None:
+        return self.values.get("shots")
+
+    @property
+    def fraction(self) -> float | None:
+        return self.values.get("fraction")

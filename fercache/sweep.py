@@ -16,7 +16,7 @@ from .data import features_memo
 from .errors import ConfigError, check_out_dir, did_you_mean, repeated
 from .store import store_name
 from .heads import HEADS, check_hyperparameters
-from .recipe import check_recipe, check_seeds, recipe_keys
+from .recipe import Recipe, check_seeds, recipe_keys
 from .rundir import check_owner, drop_numbered
 from .train import fit_seeds
 
@@ -59,7 +59,7 @@ def plan(head: str, grid: dict[str, list], base_recipe: dict, base_hp: dict) -> 
     for point in grid_points(grid):
         recipe = {**base_recipe, **{k: v for k, v in point.items() if k in in_recipe}}
         hp = {**base_hp, **{k: v for k, v in point.items() if k not in in_recipe}}
-        check_recipe(head, {**spec.recipe, **recipe}, spec.task)
+        Recipe.of(head, recipe)
         check_hyperparameters(head, hp)
         out.append((point, recipe, hp))
     return out

@@ -23,7 +23,7 @@ from .errors import ConfigError, check_out_dir
 from .heads import HEADS, HeadContext, build_head
 from .labels import sorted_labels
 from .loop import predict_logits, score, to_device, train_loop
-from .recipe import SELECT_METRIC, check_recipe, check_seeds
+from .recipe import Recipe, check_seeds
 from .rundir import (Fitted, RunConfig, RunResult, code_sha256, drop_numbered, fercache_version, finished_run, located,
                      refuse_other_run, run_lock, save_run)
 from .store import open_store, store_name
@@ -158,12 +158,10 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     """
     dev = torch_device(device)  # before any reading
     check_out_dir(out_dir)
-    spec = HEADS.lookup(head)
-    r = {**spec.recipe, **(recipe or {})}  # the head's published recipe, with the overrides
-    check_recipe(head, r, spec.task)  # before any work
+    spec, r = HEADS.lookup(head), Recipe.of(head, recipe)  # checked before any work
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed,
-                                        r["views"] if views and "views" in r else views)
-    fs = subset_train(fs, r.get("shots"), r.get("fraction"), seed, stratify=task == "expr")
+                                        r.views if views and r.views is not None else views)
+    fs = subset_train(fs, r.shots, r.fraction, seed, stratify=task == "expr")
     st = open_store(store)
     ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
                       z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store},
@@ -172,7 +170,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     model = build_head(head, ctx, **(hp or {}))
     hp = {**(hp or {}), **model.resolved_hp}  # e.g. an "auto" choice, so load_run rebuilds this head
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
-    settings = located({"head": head, "hp": hp, "recipe": r, "store": store, "output": output or st.default_output,
+    settings = located({"head": head, "hp": hp, "recipe": r.to_dict(), "store": store, "output": output or st.default_output,
                          "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views,
                          "classes": classes})
     if not overwrite:
@@ -201,7 +199,7 @@ def summarize(r: RunResult) -> str:
             f"{sel['val_source']}{reused})")
 
 
-def _train_on(model: nn.Module, fs: FeatureSet, r: dict, task: str, classes: list[str], seed: int,
+def _train_on(model: nn.Module, fs: FeatureSet, r: Recipe, task: str, classes: list[str], seed: int,
               progress: bool, dev: torch.device) -> tuple[dict, Fitted]:
     """Train `model` on fs's train split, the epoch chosen on its val split; what metrics.json reports of it
     (selection, val scores, history, sizes) and what was fitted on val beside the weights (the temperature)."""
@@ -211,7 +209,7 @@ def _train_on(model: nn.Module, fs: FeatureSet, r: dict, task: str, classes: lis
     train, val, ytr, yval = _train_val(fs, targets(fs, task, classes), task, dev)
     model.fit_stats(train)
     t0 = time.perf_counter()
-    select = r.get("select", SELECT_METRIC[task])
+    select = r.select
     solver, history, best_epoch = _fit_model(model, train, val, r, task, classes, seed, progress, select)
     val_metrics, fitted = _val_scores(model, val, yval, task, classes)
     return {
@@ -222,13 +220,13 @@ def _train_on(model: nn.Module, fs: FeatureSet, r: dict, task: str, classes: lis
     }, fitted
 
 
-def _fit_model(model: nn.Module, train, val, r: dict, task: str, classes: list[str], seed: int, progress: bool,
+def _fit_model(model: nn.Module, train, val, r: Recipe, task: str, classes: list[str], seed: int, progress: bool,
                select: str) -> tuple[dict | None, list[dict], int]:
     """Fit `model` in place, choosing on validation only: (solver report, epoch history, best epoch)."""
     solver = model.solve(train, lambda m: score(m, val, task, classes)[select], r)  # closed form, full batch
     if solver is not None:
         return solver, [], 0
-    if model.spec.trainable and r["epochs"] > 0:
+    if model.spec.trainable and r.epochs > 0:
         state, history, best_epoch = train_loop(model, train, val, r, task, classes, seed, progress)
         model.load_state_dict(state)
         return None, history, best_epoch

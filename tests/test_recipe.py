@@ -249,3 +249,13 @@ def test_a_sweep_axis_without_values_or_with_a_value_twice_is_refused():
             grid_points(grid)
     r = CliRunner().invoke(cli.app, ["sweep", "s.zarr", "--head", "linear", "--axis", "lr=1e-3", "--axis", "lr=1e-2"])
     assert r.exit_code == 2 and "--axis lr is given twice" in " ".join(r.output.split())
+
+
+def test_a_recipe_is_the_published_one_with_the_overrides_checked_once():
+    r = R.Recipe.of("mask", {"epochs": 15, "select": "uar"})
+    assert r.epochs == 15 and r.batch_size == 32 and r.select == "uar" and r.balance == "none" and r.views is None
+    assert r.to_dict() == {**R.HEADS["mask"].recipe, "epochs": 15, "select": "uar"} and r["gamma"] == 0.9
+    assert R.Recipe.of("mask", r) is r  # already checked: not again
+    assert R.Recipe.of("au").select == "macro_f1_at_0.5" and R.Recipe.of("temporal")["max_frames"] == 64
+    with pytest.raises(ConfigError, match="has no recipe key 'epoch' \\(did you mean 'epochs'\\?\\)"):
+        R.Recipe.of("mask", {"epoch": 15})
