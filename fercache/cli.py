@@ -598,12 +598,12 @@ def runs_cmd(
     if csv:
         check_out_file(csv, "--csv")
     result = ledger(root)
-    typer.echo(result["markdown"])
+    typer.echo(result.markdown)
     if csv:
         typer.echo(f"wrote {write_ledger(result, csv)}")
     for line in warnings(result):
         typer.echo(line, err=True)
-    if strict and (result["stale"] or result["unchecked"] or result["incomplete"]):
+    if strict and (result.stale or result.unchecked or result.incomplete):
         raise typer.Exit(1)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -29,20 +31,38 @@ def find_runs(root: str | Path) -> list[Path]:
     return runs
 
 
-def _status(cfg: RunConfig) -> str:
-    """ok, STALE: why (retrain; re-extract first when its store is a 0.1.0 BatchNorm store), or MISSING:
-    store/manifest (moved or deleted: nothing to check against)."""
+class Status(Enum):
+    OK = "ok"
+    STALE = "STALE"  # its store was re-extracted or its manifest edited since it trained: retrain it
+    MISSING = "MISSING"  # its store or manifest is gone (moved or deleted): nothing to check it against
+    UNREADABLE = "unreadable data"
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    """A run's status in the ledger, and why: `STALE: manifest changed`, `MISSING: store`, `ok`."""
+
+    status: Status
+    why: str = ""
+
+    def __str__(self) -> str:
+        return f"{self.status.value}: {self.why}" if self.why else self.status.value
+
+
+def _status(cfg: RunConfig) -> RunStatus:
+    """ok, STALE (retrain; re-extract first when its store is a 0.1.0 BatchNorm store), or MISSING."""
     if not exists(cfg.store):
-        return "MISSING: store"
+        return RunStatus(Status.MISSING, "store")
     if cfg.manifest and not Path(cfg.manifest).is_file():
-        return "MISSING: manifest"
+        return RunStatus(Status.MISSING, "manifest")
     try:
         stale = staleness(cfg)
     except (FercacheError, OSError, KeyError) as e:
-        return f"unreadable data ({type(e).__name__})"
+        return RunStatus(Status.UNREADABLE, type(e).__name__)
     if stale is None and outdated(cfg.store_fingerprint, (cfg.encoder_args or {}).get("spec")):
-        return f"STALE: encoder revision {cfg.store_fingerprint['encoder'].get('revision') or 1} (re-extract)"
-    return "ok" if stale is None else f"STALE: {stale[0]}"
+        revision = cfg.store_fingerprint["encoder"].get("revision") or 1
+        return RunStatus(Status.STALE, f"encoder revision {revision} (re-extract)")
+    return RunStatus(Status.OK) if stale is None else RunStatus(Status.STALE, stale[0])
 
 
 def run_record(run: Path) -> dict:
@@ -125,7 +145,71 @@ def _records(root: Path, runs: list[Path]) -> tuple[list[dict], list[str]]:
     return records, incomplete
 
 
-def ledger(root: str | Path) -> dict:
+@dataclass(frozen=True)
+class LedgerRow:
+    """One setting of one table: its seed (and fold) runs pooled."""
+
+    rank: int
+    head: str
+    settings: str  # what differs from the other settings of this head, `k=v, ...`
+    count: str  # `3` seeds, or `3 x 5` seeds x folds
+    val: str  # mean ± std of the selecting validation metric, in %
+    evals: dict[str, str]  # evaluation (`<store> <split>`) -> mean ± std in %, "" when not evaluated
+    status: str
+    runs: str  # the folder holding its runs, relative to the ledger's root
+
+    def cells(self) -> list:
+        return [self.rank, self.head, self.settings, self.count, self.val, *self.evals.values(), self.status, self.runs]
+
+
+@dataclass(frozen=True)
+class LedgerTable:
+    """The runs trained on one store for one task, selected on one metric, ranked on it."""
+
+    store: str
+    task: str
+    metric: str
+    rows: list[LedgerRow]
+
+    @property
+    def evals(self) -> list[str]:
+        return list(self.rows[0].evals) if self.rows else []
+
+    @property
+    def header(self) -> list[str]:
+        return (["rank", "head", "settings", "seeds (x folds)", f"val {self.metric} (%)"]
+                + [f"{e} (%)" for e in self.evals] + ["status", "runs"])
+
+    @property
+    def markdown(self) -> str:
+        title = f"### runs trained on {store_name(self.store)} ({self.task}), ranked on validation {self.metric}"
+        return title + "\n\n" + report.markdown_table(self.header, [r.cells() for r in self.rows])
+
+
+@dataclass(frozen=True)
+class Ledger:
+    """Every run under a folder: each run's record, the ranked tables, and what was left out or counted once."""
+
+    records: list[dict]
+    tables: dict[tuple[str, str, str], LedgerTable] = field(default_factory=dict)
+    incomplete: list[str] = field(default_factory=list)  # `run (why)`: head.pt without a readable config/metrics
+    copies: list[str] = field(default_factory=list)  # `run (same as other)`: one setting and seed trained twice
+
+    @property
+    def markdown(self) -> str:
+        return "\n\n".join(t.markdown for t in self.tables.values()) + "\n"
+
+    @property
+    def stale(self) -> list[str]:
+        return [str(r["run"]) for r in self.records if r["status"].status is Status.STALE]
+
+    @property
+    def unchecked(self) -> list[str]:
+        """Runs whose data is gone or unreadable: neither ok nor known to be stale."""
+        return [str(r["run"]) for r in self.records if r["status"].status in (Status.MISSING, Status.UNREADABLE)]
+
+
+def ledger(root: str | Path) -> Ledger:
     """Runs under `root` grouped over seeds, one table per (training store, task, selection metric), ranked on
     that validation metric."""
     root = Path(root)
@@ -141,65 +225,56 @@ def ledger(root: str | Path) -> dict:
         groups = [g for g in by_setting.values() if key(g) == store_task]
         groups.sort(key=lambda g: -float(np.mean([r["val"] for r in g])))
         tables[store_task] = _table(root, groups)
-    md = "\n\n".join(t["markdown"] for t in tables.values()) + "\n"
-    return {"records": records, "tables": tables, "markdown": md, "incomplete": incomplete, "copies": copies,
-            "stale": [str(r["run"]) for r in records if r["status"].startswith("STALE")],
-            "unchecked": [str(r["run"]) for r in records if r["status"] != "ok" and not r["status"].startswith("STALE")]}
+    return Ledger(records, tables, incomplete, copies)
 
 
-def _table(root: Path, groups: list[list[dict]]) -> dict:
-    store, task, metric = groups[0][0]["store"], groups[0][0]["task"], groups[0][0]["metric"]
+def _table(root: Path, groups: list[list[dict]]) -> LedgerTable:
     settings = _settings(groups)
     evals = sorted({k for g in groups for r in g for k in r["evals"]})
-    header = ["rank", "head", "settings", "seeds (x folds)", f"val {metric} (%)"] + [f"{e} (%)" for e in evals] + ["status", "runs"]
     rows = []
     for i, g in enumerate(groups):
         where = g[0]["run"].relative_to(root)
         if len(g) > 1:  # the seed (and fold) runs of one setting share a parent folder
             where = Path(os.path.commonpath([r["run"].relative_to(root) for r in g]))
-        rows.append([i + 1, g[0]["head"], settings[id(g)], _count(g), _mean_std([r["val"] for r in g])]
-                    + [_mean_std([r["evals"][e] for r in g if e in r["evals"]]) for e in evals]
-                    + [", ".join(sorted({r["status"] for r in g})), str(where)])
-    title = f"### runs trained on {store_name(store)} ({task}), ranked on validation {metric}"
-    return {"header": header, "rows": rows, "evals": evals,
-            "markdown": title + "\n\n" + report.markdown_table(header, rows)}
+        rows.append(LedgerRow(i + 1, g[0]["head"], settings[id(g)], _count(g), _mean_std([r["val"] for r in g]),
+                              {e: _mean_std([r["evals"][e] for r in g if e in r["evals"]]) for e in evals},
+                              ", ".join(sorted({str(r["status"]) for r in g})), str(where)))
+    return LedgerTable(*(groups[0][0][k] for k in ("store", "task", "metric")), rows)
 
 
 LEDGER_HEADER = ["table", "rank", "head", "settings", "seeds (x folds)", "val metric", "val (%)", "evaluations (%)",
                  "status", "runs"]
 
 
-def write_ledger(result: dict, out: str | Path) -> Path:
+def write_ledger(result: Ledger, out: str | Path) -> Path:
     """Every table as rows of one CSV with fixed columns; evaluations as `target=mean ± std` pairs."""
     report.check_replaceable(Path(out), LEDGER_HEADER, "--csv")
-    rows = []
-    for (store, task, metric), t in result["tables"].items():
-        for row in t["rows"]:
-            evals = "; ".join(f"{e}={v}" for e, v in zip(t["evals"], row[5:-2]) if v)
-            rows.append([f"{store_name(store)} ({task})", *row[:4], metric, row[4], evals, *row[-2:]])
+    rows = [[f"{store_name(t.store)} ({t.task})", r.rank, r.head, r.settings, r.count, t.metric, r.val,
+             "; ".join(f"{e}={v}" for e, v in r.evals.items() if v), r.status, r.runs]
+            for t in result.tables.values() for r in t.rows]
     return report.write_csv(Path(out), LEDGER_HEADER, rows)
 
 
-def warnings(result: dict) -> list[str]:
+def warnings(result: Ledger) -> list[str]:
     """What a ledger's reader must know before trusting its numbers: stale, unchecked, repeated and incomplete
     runs (the command prints these on stderr, a pipeline's runs step under its table)."""
     out = []
-    if result["stale"]:
+    if result.stale:
         first = "re-extract their stores (see `fercache info STORE`), then " if any(
-            "re-extract" in r["status"] for r in result["records"]) else ""
-        out.append(f"{len(result['stale'])} run(s) are STALE: {first}retrain them before trusting their numbers")
-    if result["unchecked"]:
-        out.append(f"{len(result['unchecked'])} run(s) could not be checked: their training store or manifest is "
+            "re-extract" in r["status"].why for r in result.records) else ""
+        out.append(f"{len(result.stale)} run(s) are STALE: {first}retrain them before trusting their numbers")
+    if result.unchecked:
+        out.append(f"{len(result.unchecked)} run(s) could not be checked: their training store or manifest is "
                    "missing (moved or deleted); `fercache evaluate RUN --store NEW` scores a run on a moved store")
-    if result["copies"]:
-        out.append(f"{len(result['copies'])} run(s) repeat another's settings and seed, counted once: "
-                   f"{'; '.join(result['copies'][:5])}")
-    if result["incomplete"]:
-        out.append(f"{len(result['incomplete'])} folder(s) hold head.pt but not a whole run, left out (retrain them): "
-                   f"{'; '.join(result['incomplete'])}")
+    if result.copies:
+        out.append(f"{len(result.copies)} run(s) repeat another's settings and seed, counted once: "
+                   f"{'; '.join(result.copies[:5])}")
+    if result.incomplete:
+        out.append(f"{len(result.incomplete)} folder(s) hold head.pt but not a whole run, left out (retrain them): "
+                   f"{'; '.join(result.incomplete)}")
     return out
 
 
-def summarize(result: dict) -> str:
+def summarize(result: Ledger) -> str:
     """The ledger's table with its warnings under it."""
-    return "\n".join([result["markdown"], *warnings(result)])
+    return "\n".join([result.markdown, *warnings(result)])

@@ -154,7 +154,7 @@ def test_info_and_the_run_ledger_flag_a_0_1_0_convnet_store_and_its_runs_not_a_0
     res = invoke("info", tmp_path / "cnn.zarr")
     assert res.exit_code == 0 and "OUTDATED   torchvision:mobilenet_v3_small features of encoder revision 1" in res.output
     assert "OUTDATED" not in invoke("info", tmp_path / "vit.zarr").output  # LayerNorm only: its features hold
-    status = {r["store"].rsplit("/", 1)[-1]: r["status"] for r in ledger(tmp_path / "runs")["records"]}
+    status = {r["store"].rsplit("/", 1)[-1]: str(r["status"]) for r in ledger(tmp_path / "runs").records}
     assert status == {"cnn.zarr": "STALE: encoder revision 1 (re-extract)", "vit.zarr": "ok"}
     assert "1 run(s) are STALE: re-extract their stores" in invoke("runs", tmp_path / "runs").stderr
 

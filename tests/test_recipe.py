@@ -47,7 +47,7 @@ def test_balance_and_select_reach_training(tiny_store, tmp_path, monkeypatch):
     assert saved["balance"] == "class" and saved["select"] == "uar"
     # The ledger ranks runs selected on UAR in a table of their own, on val UAR.
     fit(str(tiny_store), "linear", out_dir=tmp_path, recipe=QUICK, name="plain/seed{seed}")
-    titles = [t["markdown"].splitlines()[0] for t in ledger(tmp_path)["tables"].values()]
+    titles = [t.markdown.splitlines()[0] for t in ledger(tmp_path).tables.values()]
     assert sorted(titles) == ["### runs trained on faces (expr), ranked on validation accuracy",
                               "### runs trained on faces (expr), ranked on validation uar"]
 

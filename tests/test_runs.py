@@ -11,7 +11,7 @@ import pytest
 from fercache.errors import ConfigError
 from fercache.evaluate import evaluate_run
 from fercache.manifests import read_manifest, write_manifest
-from fercache.runs import ledger
+from fercache.runs import Status, ledger
 from fercache.train import fit
 from tests.test_cli import invoke
 
@@ -35,19 +35,19 @@ def runs_dir(tiny_store, tiny_manifest, tmp_path):
 def test_ledger_groups_seeds_ranks_on_val_and_shows_what_varied(runs_dir):
     root, _ = runs_dir
     r = ledger(root)
-    (table,) = r["tables"].values()
-    assert len(r["records"]) == 5 and r["stale"] == []
+    (table,) = r.tables.values()
+    assert len(r.records) == 5 and r.stale == []
     vals = {}
-    for rec in r["records"]:
+    for rec in r.records:
         vals.setdefault((rec["head"], rec["recipe"]["lr"]), []).append(rec["val"])
     by_mean = sorted(vals, key=lambda k: -sum(vals[k]) / len(vals[k]))
-    assert [(row[1], row[3]) for row in table["rows"]] == [(h, "2" if h == "linear" else "1") for h, _ in by_mean]
-    settings = {row[-1]: row[2] for row in table["rows"]}
+    assert [(row.head, row.count) for row in table.rows] == [(h, "2" if h == "linear" else "1") for h, _ in by_mean]
+    settings = {row.runs: row.settings for row in table.rows}
     assert settings == {"linear-lr1e-06": "lr=1e-06", "linear-lr0.01": "lr=0.01", "mask/seed0": ""}
-    mask_row = next(row for row in table["rows"] if row[1] == "mask")
+    mask_row = next(row for row in table.rows if row.head == "mask")
     test_acc = json.loads((root / "mask" / "seed0" / "eval-faces-test" / "metrics.json").read_text())["accuracy"]
-    assert table["header"][5] == "faces test (%)" and mask_row[5] == f"{100 * test_acc:.2f}"  # one seed: no "± 0.00"
-    assert all(row[5] == "" for row in table["rows"] if row[1] == "linear")  # never evaluated: left blank
+    assert table.header[5] == "faces test (%)" and mask_row.evals["faces test"] == f"{100 * test_acc:.2f}"  # no "± 0.00"
+    assert all(row.evals["faces test"] == "" for row in table.rows if row.head == "linear")  # never evaluated: blank
 
 
 def test_ledger_flags_runs_whose_manifest_changed(runs_dir):
@@ -56,7 +56,7 @@ def test_ledger_flags_runs_whose_manifest_changed(runs_dir):
     next(row for row in m.rows if row["split"] == "train")["split"] = "test"
     write_manifest(m, labels)
     r = ledger(root)
-    assert len(r["stale"]) == 5 and {row[-2] for row in r["tables"][next(iter(r["tables"]))]["rows"]} == {
+    assert len(r.stale) == 5 and {row.status for row in next(iter(r.tables.values())).rows} == {
         "STALE: manifest changed"}
     res = invoke("runs", root, "--strict", "--csv", root / "ledger.csv")
     assert res.exit_code == 1 and "STALE: manifest changed" in res.output
@@ -72,8 +72,8 @@ def test_a_half_saved_run_is_left_out_of_the_ledger_and_named(runs_dir):
     (root / "linear-lr0.01" / "seed1" / "metrics.json").unlink()
     (root / "mask" / "seed0" / "config.json").write_text("{")
     r = ledger(root)
-    assert len(r["records"]) == 3 and r["stale"] == []
-    assert r["incomplete"] == [f"{root}/linear-lr0.01/seed1 (no metrics.json)",
+    assert len(r.records) == 3 and r.stale == []
+    assert r.incomplete == [f"{root}/linear-lr0.01/seed1 (no metrics.json)",
                                f"{root}/mask/seed0 (JSONDecodeError: Expecting property name enclosed in double quotes: "
                                "line 1 column 2 (char 1))"]
     res = invoke("runs", root, "--strict")
@@ -93,12 +93,12 @@ def test_ledger_pools_the_folds_of_a_protocol_like_seeds(tiny_store, tiny_manife
         folds.append(write_manifest(type(m)(rows=rows, source=f"fold{k}"), tmp_path / f"fold{k}.csv"))
     manifest_folds(str(tiny_store), folds, ["linear"], tmp_path / "folds", seeds=(0, 1), recipe={"linear": QUICK})
     r = ledger(tmp_path / "folds")
-    (table,) = r["tables"].values()
-    assert len(r["records"]) == 4 and {rec["fold"] for rec in r["records"]} == {1, 2}
-    (row,) = table["rows"]  # one setting: 2 seeds x 2 folds in one row, not four ranked against each other
-    assert row[3] == "2 x 2" and row[-1] == "runs/linear"
-    vals = [rec["val"] for rec in r["records"]]
-    assert row[4] == f"{100 * np.mean(vals):.2f} ± {100 * np.std(vals):.2f}"
+    (table,) = r.tables.values()
+    assert len(r.records) == 4 and {rec["fold"] for rec in r.records} == {1, 2}
+    (row,) = table.rows  # one setting: 2 seeds x 2 folds in one row, not four ranked against each other
+    assert row.count == "2 x 2" and row.runs == "runs/linear"
+    vals = [rec["val"] for rec in r.records]
+    assert row.val == f"{100 * np.mean(vals):.2f} ± {100 * np.std(vals):.2f}"
 
 
 def test_ledger_of_an_empty_folder_says_so(tmp_path):
@@ -120,10 +120,10 @@ def test_a_moved_store_is_reported_missing_not_stale_and_evaluate_says_how_to_sc
     store = tmp_path / "faces.zarr"
     shutil.copytree(tiny_store, store)
     run = fit(str(store), "linear", out_dir=tmp_path / "runs", recipe=QUICK).run_dir
-    assert ledger(tmp_path / "runs")["records"][0]["status"] == "ok"
+    assert ledger(tmp_path / "runs").records[0]["status"].status is Status.OK
     store.rename(tmp_path / "moved.zarr")
     r = ledger(tmp_path / "runs")
-    assert r["records"][0]["status"] == "MISSING: store" and r["stale"] == [] and r["unchecked"] == [str(run)]
+    assert str(r.records[0]["status"]) == "MISSING: store" and r.stale == [] and r.unchecked == [str(run)]
     res = invoke("runs", tmp_path / "runs", "--strict")
     assert res.exit_code == 1 and "could not be checked" in res.output and "STALE" not in res.output
     with pytest.raises(StoreError, match="which is gone .*--store NEW_LOCATION"):
@@ -149,7 +149,7 @@ def test_runs_record_their_data_so_any_working_directory_and_any_spelling_finds_
     fit("./faces.zarr/", "linear", manifest="./labels.csv", out_dir="runs", recipe=QUICK, overwrite=False)  # same run
 
     monkeypatch.chdir(tmp_path / "elsewhere")
-    assert ledger(tmp_path / "runs")["records"][0]["status"] == "ok"
+    assert ledger(tmp_path / "runs").records[0]["status"].status is Status.OK
     assert evaluate_run(tmp_path / "runs" / run.relative_to("runs"))["n"] == 24
     m = read_manifest(tmp_path / "labels.csv")
     next(row for row in m.rows if row["split"] == "train")["split"] = "test"

@@ -80,12 +80,12 @@ def test_csv_cells_that_would_run_as_formulas_are_neutralised_numbers_kept(tmp_p
 
 def test_runs_csv_and_predict_out_never_replace_a_manifest(tmp_path, tiny_manifest):
     from fercache.predict import check_out, write_predictions
-    from fercache.runs import write_ledger
+    from fercache.runs import Ledger, write_ledger
 
     manifest = tmp_path / "m.csv"
     manifest.write_bytes(tiny_manifest.read_bytes())
     with pytest.raises(ConfigError, match="m.csv exists and is not a file this command wrote"):
-        write_ledger({"tables": {}}, manifest)
+        write_ledger(Ledger([]), manifest)
     with pytest.raises(ConfigError, match="m.csv exists and is not a file this command wrote"):
         check_out(manifest)
     with pytest.raises(ConfigError, match="not a file this command wrote"):
@@ -96,8 +96,8 @@ def test_runs_csv_and_predict_out_never_replace_a_manifest(tmp_path, tiny_manife
     ours = write_predictions([row], tmp_path / "p.csv")
     write_predictions([{"path": "b.jpg", "prediction": "sad", "probabilities": {"sad": 1.0}}], ours)
     assert "b.jpg" in ours.read_text()
-    ledger = write_ledger({"tables": {}}, tmp_path / "l.csv")
-    write_ledger({"tables": {}}, ledger)
+    ledger = write_ledger(Ledger([]), tmp_path / "l.csv")
+    write_ledger(Ledger([]), ledger)
 
 
 # --- images -------------------------------------------------------------------------------------------------
@@ -520,7 +520,7 @@ def test_a_truncated_evaluation_does_not_hide_its_run_from_the_ledger(tiny_store
     metrics = next(run.glob("eval-*/metrics.json"))
     metrics.write_text(metrics.read_text()[:40])
     result = ledger(tmp_path)
-    assert [r["run"] for r in result["records"]] == [run] and not result["incomplete"]
+    assert [r["run"] for r in result.records] == [run] and not result.incomplete
 
 
 def test_a_run_whose_mask_source_was_re_extracted_is_stale_and_retrained(tiny_store, tiny_manifest, tiny_dataset,
@@ -536,10 +536,10 @@ def test_a_run_whose_mask_source_was_re_extracted_is_stale_and_retrained(tiny_st
     assert fit(str(tiny_store), "mask", **kw).reused
     extract(tiny_manifest, "null:", source, pretrained="none", image_size=40, root=tiny_dataset, workers=0,
             progress=False, overwrite=True)
-    assert ledger(tmp_path / "runs")["records"][0]["status"] == "STALE: mask source re-extracted"
+    assert str(ledger(tmp_path / "runs").records[0]["status"]) == "STALE: mask source re-extracted"
     again = fit(str(tiny_store), "mask", **kw)
     assert not again.reused and again.run_dir == first.run_dir
-    assert ledger(tmp_path / "runs")["records"][0]["status"] == "ok"
+    assert str(ledger(tmp_path / "runs").records[0]["status"]) == "ok"
 
 
 def test_a_train_step_and_a_sweep_point_of_one_setting_count_once_in_the_ledger(tiny_store, tmp_path):
@@ -551,8 +551,8 @@ def test_a_train_step_and_a_sweep_point_of_one_setting_count_once_in_the_ledger(
     fit(str(tiny_store), "linear", out_dir=tmp_path / "a", recipe=recipe)
     sweep(str(tiny_store), "linear", {"lr": [1e-2]}, tmp_path / "b", base_recipe={"batch_size": 8, "epochs": 2})
     result = ledger(tmp_path)
-    row = next(iter(result["tables"].values()))["rows"][0]
-    assert row[3] == "1" and len(result["copies"]) == 1 and "same settings and seed" in result["copies"][0]
+    row = next(iter(result.tables.values())).rows[0]
+    assert row.count == "1" and len(result.copies) == 1 and "same settings and seed" in result.copies[0]
 
 
 def test_a_seed_too_large_for_torch_is_a_clear_error(tiny_store, tmp_path):
