@@ -233,43 +233,16 @@ def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", he
          verify: bool = typer.Option(False, "--verify", help="Also check every chunk against its checksums (as "
                                      "`fercache verify`); exit 1 when one fails.")) -> None:
     """Shape, outputs, completeness, failures and fingerprint of a store."""
+    from dataclasses import asdict
+
     from .store import open_store
 
     d = open_store(store).info()
     if as_json:
-        if verify:
-            from dataclasses import asdict
-
-            d["verification"] = asdict(open_store(store).verify())
-        typer.echo(json.dumps(d, indent=2))
+        extra = {"verification": asdict(open_store(store).verify())} if verify else {}
+        typer.echo(json.dumps({**asdict(d), **extra}, indent=2))
         return
-    fp = d["fingerprint"]
-    enc = fp["encoder"]
-    typer.echo(f"store      {d['location']} (schema {d['schema_version']})")
-    typer.echo(f"complete   {d['complete']} ({d['chunks_done']}/{d['chunks_total']} chunks)")
-    if not d["complete"] and d["writer"] is not None:  # None: this platform cannot tell
-        typer.echo(f"writer     {d['writer']}: an extract is running" if d["writer"] else
-                   "writer     none on this machine: re-run the same extract command to resume from the written chunks")
-    typer.echo(f"rows       {d['rows']}  ok {d['n_ok']}  failed {d['n_failed']}"
-               + (f"  ({d['clips']} video clips)" if d["clips"] is not None else ""))
-    lay = d["layout"]
-    typer.echo(f"chunks     {lay['chunk_rows']} rows" + (f", sharded: inner chunks of {lay['read_chunk_rows']} rows"
-                                                      if lay["sharded"] else ""))
-    typer.echo("outputs    " + ", ".join(f"{k}[{v}]" for k, v in d["outputs"].items()) + f" (default {d['default_output']})")
-    typer.echo(f"encoder    {enc['name']} pretrained={enc['pretrained']} sha256={enc['weights_sha256'][:16]}"
-               + (f" revision={enc['revision']}" if enc.get("revision") else ""))
-    if d["outdated"]:
-        typer.echo(f"OUTDATED   {d['outdated']}: re-extract it (`fercache extract ... --overwrite`) and retrain its runs")
-    typer.echo(f"preprocess {json.dumps(enc['preprocess'])}")
-    typer.echo(f"manifest   {d['manifest']} sha256={fp['manifest_sha256'][:16]}")
-    if d["data_root"]:  # stores before 0.2.2 do not record it
-        typer.echo(f"data root  {d['data_root']}" + ("" if Path(d["data_root"]).is_dir() else " (not there now)"))
-    if d["precisions"]:  # stores before 0.3.1 do not record it
-        typer.echo(f"precision  {' then '.join(d['precisions'])}"
-                   + (" (a resume mixed them)" if len(d["precisions"]) > 1 else ""))
-    typer.echo(f"key        {fp['key']}")
-    for sid, why in list(d["failures"].items())[:20]:
-        typer.echo(f"failed     {sid}: {why}")
+    typer.echo("\n".join(d.lines()))
     if verify:
         verify_cmd(store, repair=False)
 
@@ -406,8 +379,7 @@ def cross(
                           hp=_per_head(hp, "--hp", names), recipe=_per_head(recipe, "--recipe", names), device=device,
                           progress=_progress["bars"], labels=_options(labels, "--labels"),
                           metric=[m for m in metric.split(",") if m], reuse=not retrain)
-    for t in tables.values():
-        typer.echo(t["markdown"])
+    typer.echo(tables.markdown)
 
 
 @app.command()

@@ -209,8 +209,7 @@ def _cross_step(stores: list[str], heads: list[str], out: str, progress: bool = 
     """The train-on-A/test-on-B matrix of each head under `out` (`fercache cross`)."""
     from .protocols import cross_matrix
 
-    tables = cross_matrix(stores, heads, out, progress=progress, **kw)  # minutes of training: per-epoch bars
-    return "\n" + "\n".join(t["markdown"] for t in tables.values())
+    return "\n" + cross_matrix(stores, heads, out, progress=progress, **kw).markdown  # minutes: per-epoch bars
 
 
 @register_step("near_dups", forwards=("neighbours", "near_duplicates"), supplied=frozenset({"out_dir", "root"}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 import logging
 from pathlib import Path
 
@@ -76,9 +77,32 @@ def _labels_for(labels: dict[str, str] | None, stores: list[str]) -> dict[str, s
 
 
 @features_memo()
+@dataclass(frozen=True)
+class CrossTable:
+    """One head's matrix of one metric: rows trained on, columns tested on, written as .md/.csv/.png/.json."""
+
+    head: str
+    metric: str
+    markdown: str
+    cells: dict[str, dict]  # "A -> B": mean and std over seeds (%), each seed's value, n, excluded samples
+    csv: str
+    png: str
+
+
+@dataclass(frozen=True)
+class CrossResult:
+    """Every matrix of a cross-dataset run, by `head` (the first metric) or `head-metric` (the others)."""
+
+    tables: dict[str, CrossTable]
+
+    @property
+    def markdown(self) -> str:
+        return "\n".join(t.markdown for t in self.tables.values())
+
+
 def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,), test_stores: list[str] | None = None,
                  hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str | list[str] = "accuracy",
-                 progress: bool = False, labels: dict[str, str] | None = None, reuse: bool = False) -> dict:
+                 progress: bool = False, labels: dict[str, str] | None = None, reuse: bool = False) -> CrossResult:
     """Train each head on each store, test on each test store's `test` split; rows trained-on, columns tested-on.
 
     Predictions are over the training label set; test samples whose true label is not in it are
@@ -116,7 +140,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
         for i, m in enumerate(names):
             key = head if i == 0 else f"{head}-{m}"
             tables[key] = _write_matrix(out_dir, key, head, stores, test_stores, cells[m], m, len(seeds))
-    return tables
+    return CrossResult(tables)
 
 
 #: What a cross-matrix cell can report (all in %); ECE is lower-is-better, the others higher.
@@ -134,7 +158,7 @@ def check_cross_metrics(metric: str | list[str]) -> list[str]:
 
 
 def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: list[str], cells: dict, metric: str,
-                  n_seeds: int) -> dict:
+                  n_seeds: int) -> CrossTable:
     names_r, names_c = [store_name(s) for s in rows], [store_name(s) for s in cols]
     mean = np.array([[cells[(r, c)]["mean"] for c in cols] for r in rows])
     std = np.array([[cells[(r, c)]["std"] for c in cols] for r in rows])
@@ -164,7 +188,7 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
                        lower_is_better=lower)
     serial = {f"{store_name(r)} -> {store_name(c)}": v for (r, c), v in cells.items()}
     base.with_suffix(".json").write_text(json.dumps(serial, indent=2))
-    return {"markdown": md, "csv": str(base.with_suffix(".csv")), "png": str(base.with_suffix(".png")), "cells": serial}
+    return CrossTable(head, metric, md, serial, str(base.with_suffix(".csv")), str(base.with_suffix(".png")))
 
 
 @features_memo()

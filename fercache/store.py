@@ -326,27 +326,79 @@ class FeatureStore:
         ids, errs = self.sample_ids(), _strings(self.read("error"))
         return {str(ids[i]): str(errs[i]) for i in bad}
 
-    def info(self) -> dict:
-        """Summary for `fercache info`."""
+    def info(self) -> StoreInfo:
+        """What `fercache info` shows."""
         meta = self.meta
-        pending = self.pending_chunks()
         try:
             failures = self.errors() if self.complete else {}
         except StoreError as e:  # info describes a damaged store rather than refusing it
             failures = {"(store damaged)": str(e)}
-        return {
-            "location": self.location, "format": meta.get("format"), "schema_version": meta.get("schema_version"),
-            "complete": self.complete, "rows": self.n_rows, "chunks_done": self.n_chunks - len(pending),
-            "chunks_total": self.n_chunks, "outputs": self.outputs, "default_output": self.default_output,
-            "n_ok": meta.get("n_ok"), "n_failed": meta.get("n_failed"), "failures": failures,
-            "fingerprint": self.fingerprint, "manifest": meta.get("manifest"), "data_root": meta.get("data_root"),
-            "precisions": meta.get("precisions"),
-            "outdated": outdated(self.fingerprint, (meta.get("encoder_args") or {}).get("spec")),
-            "writer": None if self.complete else writer(self.location),
-            "clips": int(len(np.unique(_strings(self.read("clip_id"))))) if "clip_id" in self.group else None,
-            "layout": {"chunk_rows": self.chunk_rows, "read_chunk_rows": self.read_chunk_rows,
-                       "sharded": self.read_chunk_rows != self.chunk_rows},
-        }
+        return StoreInfo(
+            location=self.location, format=meta.get("format"), schema_version=meta.get("schema_version"),
+            complete=self.complete, rows=self.n_rows, chunks_done=self.n_chunks - len(self.pending_chunks()),
+            chunks_total=self.n_chunks, outputs=self.outputs, default_output=self.default_output,
+            n_ok=meta.get("n_ok"), n_failed=meta.get("n_failed"), failures=failures, fingerprint=self.fingerprint,
+            manifest=meta.get("manifest"), data_root=meta.get("data_root"), precisions=meta.get("precisions"),
+            outdated=outdated(self.fingerprint, (meta.get("encoder_args") or {}).get("spec")),
+            writer=None if self.complete else writer(self.location),
+            clips=int(len(np.unique(_strings(self.read("clip_id"))))) if "clip_id" in self.group else None,
+            layout={"chunk_rows": self.chunk_rows, "read_chunk_rows": self.read_chunk_rows,
+                    "sharded": self.read_chunk_rows != self.chunk_rows})
+
+
+@dataclass(frozen=True)
+class StoreInfo:
+    """A store described: shape, completeness, outputs, failures, fingerprint and where it came from."""
+
+    location: str
+    format: str | None
+    schema_version: int | None
+    complete: bool
+    rows: int
+    chunks_done: int
+    chunks_total: int
+    outputs: dict[str, int]
+    default_output: str
+    n_ok: int | None
+    n_failed: int | None
+    failures: dict[str, str]  # sample_id -> why
+    fingerprint: dict
+    manifest: str | None
+    data_root: str | None  # stores before 0.2.2 do not record it
+    precisions: list[str] | None  # stores before 0.3.1 do not record it
+    outdated: str | None  # why the store must be re-extracted, if it must
+    writer: str | None  # an unfinished store: who writes it now ("" nobody; None this platform cannot tell)
+    clips: int | None  # video stores: how many clips
+    layout: dict
+
+    def lines(self) -> list[str]:
+        """As `fercache info` prints it."""
+        fp, lay = self.fingerprint, self.layout
+        enc = fp["encoder"]
+        out = [f"store      {self.location} (schema {self.schema_version})",
+               f"complete   {self.complete} ({self.chunks_done}/{self.chunks_total} chunks)"]
+        if not self.complete and self.writer is not None:
+            out.append(f"writer     {self.writer}: an extract is running" if self.writer else
+                       "writer     none on this machine: re-run the same extract command to resume from the written chunks")
+        out.append(f"rows       {self.rows}  ok {self.n_ok}  failed {self.n_failed}"
+                   + (f"  ({self.clips} video clips)" if self.clips is not None else ""))
+        out.append(f"chunks     {lay['chunk_rows']} rows" + (f", sharded: inner chunks of {lay['read_chunk_rows']} rows"
+                                                         if lay["sharded"] else ""))
+        out.append("outputs    " + ", ".join(f"{k}[{v}]" for k, v in self.outputs.items())
+                   + f" (default {self.default_output})")
+        out.append(f"encoder    {enc['name']} pretrained={enc['pretrained']} sha256={enc['weights_sha256'][:16]}"
+                   + (f" revision={enc['revision']}" if enc.get("revision") else ""))
+        if self.outdated:
+            out.append(f"OUTDATED   {self.outdated}: re-extract it (`fercache extract ... --overwrite`) and retrain its runs")
+        out.append(f"preprocess {json.dumps(enc['preprocess'])}")
+        out.append(f"manifest   {self.manifest} sha256={fp['manifest_sha256'][:16]}")
+        if self.data_root:
+            out.append(f"data root  {self.data_root}" + ("" if Path(self.data_root).is_dir() else " (not there now)"))
+        if self.precisions:
+            out.append(f"precision  {' then '.join(self.precisions)}"
+                       + (" (a resume mixed them)" if len(self.precisions) > 1 else ""))
+        out.append(f"key        {fp['key']}")
+        return out + [f"failed     {sid}: {why}" for sid, why in list(self.failures.items())[:20]]
 
 
 #: Optional array (from 0.4; schema 1 unchanged): per chunk, JSON {array: digest} written with the chunk.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+from dataclasses import dataclass
 import logging
 import shutil
 from pathlib import Path
@@ -114,6 +115,24 @@ def _mark_point(folder: Path, head: str, point: dict, recipe: dict, hp: dict) ->
     (folder / POINT_FILE).write_text(json.dumps(saved, indent=2, default=str))
 
 
+@dataclass(frozen=True)
+class SweepResult:
+    """A sweep's points ranked on validation (`rows`, as sweep.json holds them: the point's values, `mean` and
+    `std` of the validation metric over seeds, its `runs`), its table and plots, and how many runs were reused."""
+
+    head: str
+    axes: list[str]
+    rows: list[dict]
+    markdown: str
+    runs: int = 0
+    reused: int = 0
+    curve_png: str | None = None  # one numeric axis: the metric as a curve of it
+
+    @property
+    def best(self) -> dict:
+        return self.rows[0]
+
+
 def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: list[dict], n_seeds: int) -> dict:
     """sweep.md/.csv/.json and sweep.png, points ranked on validation; with one numeric axis (shots, fraction,
     lr), sweep-curve.png: the metric as a curve of it, e.g. a data-efficiency curve."""
@@ -129,7 +148,7 @@ def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: l
     report.ranking_png(out_dir / "sweep.png", [", ".join(f"{a}={report.cell(r[a])}" for a in grid) for r in rows],
                        means, stds, f"{metric}, {report.over_seeds(n_seeds)}", f"sweep of {head} on {name}")
     (out_dir / "sweep.json").write_text(json.dumps(rows, indent=2))
-    out = {"markdown": md, "best": rows[0], "rows": rows, "axes": list(grid)}
+    out = {"head": head, "markdown": md, "rows": rows, "axes": list(grid)}
     (axis,) = grid if len(grid) == 1 else (None,)
     if axis and all(isinstance(r[axis], (int, float)) and not isinstance(r[axis], bool) for r in rows):
         out["curve_png"] = str(report.curve_png(out_dir / "sweep-curve.png", [r[axis] for r in rows], means, stds, axis,
@@ -140,11 +159,11 @@ def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: l
 @features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
           base_recipe: dict | None = None, base_hp: dict | None = None, progress: bool = False,
-          reuse: bool = True, **fit_kw) -> dict:
+          reuse: bool = True, **fit_kw) -> SweepResult:
     """Train every grid point (x seeds); rank by the validation metric. Test is never read here.
 
     A run already finished in `out_dir` with the same configuration (a sweep interrupted and run again) is
-    reused rather than trained again (`reuse=False` trains every run); `out["reused"]` counts them.
+    reused rather than trained again (`reuse=False` trains every run); `reused` counts them.
     `progress`: a bar over the points, with the best validation score so far."""
     from tqdm.auto import tqdm
 
@@ -172,14 +191,13 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
     if reused:
         log.info("%d of %d runs were found finished in %s with the same settings and were not trained again "
                  "(--retrain trains every run)", reused, n_runs, out_dir)
-    out = _report(out_dir, store, head, grid, rows, len(seeds))
-    return {**out, "reused": reused, "runs": n_runs}
+    return SweepResult(**_report(out_dir, store, head, grid, rows, len(seeds)), runs=n_runs, reused=reused)
 
 
-def summarize(result: dict) -> str:
+def summarize(result: SweepResult) -> str:
     """The ranked table, the curve's path, and the best point on validation with the command that scores it on
     test: the sweep itself never reads the test split."""
-    best = Path(result["best"]["runs"][0]).parent
-    setting = ", ".join(f"{a}={report.cell(result['best'][a])}" for a in result["axes"])  # as the table writes them
-    return (result["markdown"] + (f"\ncurve -> {result['curve_png']}" if "curve_png" in result else "")
+    best = Path(result.best["runs"][0]).parent
+    setting = ", ".join(f"{a}={report.cell(result.best[a])}" for a in result.axes)  # as the table writes them
+    return (result.markdown + (f"\ncurve -> {result.curve_png}" if result.curve_png else "")
             + f"\nbest on validation: {best} ({setting}); its test score: `fercache evaluate {best}`")

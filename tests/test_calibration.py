@@ -115,11 +115,11 @@ def test_runs_carry_a_validation_temperature_that_evaluate_and_predict_use(tiny_
 def test_cross_matrix_reports_calibration_per_metric(tiny_store, tmp_path):
     tables = cross_matrix([str(tiny_store)], ["linear"], tmp_path / "cross", recipe={"linear": {"epochs": 4, "batch_size": 16}},
                           metric=["accuracy", "ece_ts"])
-    assert set(tables) == {"linear", "linear-ece_ts"}
-    assert "ece_ts (%, lower is better)" in tables["linear-ece_ts"]["markdown"]
+    assert set(tables.tables) == {"linear", "linear-ece_ts"}
+    assert "ece_ts (%, lower is better)" in tables.tables["linear-ece_ts"].markdown
     run = tmp_path / "cross" / "runs" / "faces-linear" / "seed0"
     res = json.loads((run / "eval-faces-test" / "metrics.json").read_text())
-    assert tables["linear-ece_ts"]["cells"]["faces -> faces"]["mean"] == pytest.approx(100 * res["ece_ts"])
+    assert tables.tables["linear-ece_ts"].cells["faces -> faces"]["mean"] == pytest.approx(100 * res["ece_ts"])
     assert (tmp_path / "cross" / "cross-linear-ece_ts.png").stat().st_size > 1000
     with pytest.raises(ConfigError, match="choose from accuracy"):
         cross_matrix([str(tiny_store)], ["linear"], tmp_path / "c2", metric="nll")

@@ -256,7 +256,7 @@ def test_resume_after_sigkill_equals_clean_run(tiny_store, tiny_manifest, tiny_d
     assert proc.returncode == -9, proc.stderr
     st = S.open_store(out)
     assert not st.complete and 0 < len(st.pending_chunks()) < st.n_chunks
-    assert st.info()["writer"] == ""  # the killed writer's lock died with it: `fercache info` says resume
+    assert st.info().writer == ""  # the killed writer's lock died with it: `fercache info` says resume
     with pytest.raises(StoreError, match="incomplete .* re-run"):
         st.require_complete()
     r = extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0,
@@ -345,7 +345,7 @@ def test_a_second_extract_of_a_store_being_written_fails_at_once_and_touches_not
             with pytest.raises(StoreError, match=rf"s.zarr is being written by another extract \(pid {first.pid} "):
                 extract(tiny_manifest, "null:", out, root=tiny_dataset, image_size=8, chunk_rows=16, workers=0,
                         progress=False, overwrite=overwrite)
-        assert S.open_store(out).info()["writer"].startswith(f"pid {first.pid} on ")  # `fercache info` says who
+        assert S.open_store(out).info().writer.startswith(f"pid {first.pid} on ")  # `fercache info` says who
     finally:
         go.write_text("")
         assert first.wait(120) == 0, first.stderr.read()
@@ -423,7 +423,7 @@ def test_sharded_store_writes_one_object_per_shard_and_equals_unsharded(tiny_sto
     st = S.open_store(out)
     arr = st.group["features/embedding"]
     assert arr.shards == (32, 32) and arr.chunks == (8, 32) and st.fingerprint["read_chunk_rows"] == 8
-    assert st.info()["layout"] == {"chunk_rows": 32, "read_chunk_rows": 8, "sharded": True}
+    assert st.info().layout == {"chunk_rows": 32, "read_chunk_rows": 8, "sharded": True}
     objects = [p for p in (out / "features" / "embedding" / "c").rglob("*") if p.is_file()]
     assert len(objects) == 3  # 72 rows in 32-row shards: 3 objects, not 9 inner chunks
     a, b = S.open_store(tiny_store), st

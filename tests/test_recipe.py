@@ -143,8 +143,8 @@ def test_a_numeric_sweep_axis_draws_a_curve(tiny_store, tmp_path):
     r = sweep(str(tiny_store), "linear", {"shots": [1, 2, 4]}, tmp_path, base_recipe=QUICK)
     assert [json.loads((tmp_path / f"point{i:03d}" / "seed0" / "metrics.json").read_text())["n_train"] for i in range(3)] == [4, 8, 16]
     png = tmp_path / "sweep-curve.png"
-    assert r["curve_png"] == str(png) and Image.open(png).size[0] > 500
-    assert "curve_png" not in sweep(str(tiny_store), "linear", {"balance": ["none", "class"]}, tmp_path / "b", base_recipe=QUICK)
+    assert r.curve_png == str(png) and Image.open(png).size[0] > 500
+    assert sweep(str(tiny_store), "linear", {"balance": ["none", "class"]}, tmp_path / "b", base_recipe=QUICK).curve_png is None
 
 
 @pytest.mark.parametrize("recipe, message", [

@@ -141,7 +141,7 @@ def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_pat
     store, root = video_store
     from fercache.store import open_store
 
-    assert open_store(store).info()["clips"] == 48
+    assert open_store(store).info().clips == 48
     r = fit(store, "temporal", out_dir=tmp_path, recipe={"epochs": 3}, hp={"width": 32, "heads": 4, "mlp": 64})
     cfg = json.loads((r.run_dir / "config.json").read_text())
     assert cfg["hp"]["classifier"] == "prompts" and cfg["level"] == "clip" and cfg["output"] == "embedding"

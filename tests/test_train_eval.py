@@ -303,11 +303,11 @@ def test_cross_matrix_counts_excluded_labels(tiny_store, tiny_manifest, tiny_dat
     extract(m2, tiny_encoder_spec, tmp_path / "b.zarr", root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
     tables = cross_matrix([str(tiny_store), str(tmp_path / "b.zarr")], ["linear"], tmp_path / "cross", seeds=(0, 1),
                           recipe={"linear": QUICK})
-    cells = tables["linear"]["cells"]
+    cells = tables.tables["linear"].cells
     assert cells["faces -> b"]["excluded"] == {"n": 6, "by_label": {"contempt": 6}}
     assert cells["b -> faces"]["excluded"] == {"n": 6, "by_label": {"anger": 6}}
     assert cells["faces -> faces"]["excluded"]["n"] == 0 and len(cells["faces -> faces"]["seeds"]) == 2
-    assert "mean unseen" in tables["linear"]["markdown"] and "[excl. 6]" in tables["linear"]["markdown"]
+    assert "mean unseen" in tables.markdown and "[excl. 6]" in tables.tables["linear"].markdown
     assert (tmp_path / "cross" / "cross-linear.png").stat().st_size > 1000
     assert (tmp_path / "cross" / "cross-linear.csv").read_text().startswith("trained_on,faces_mean,b_mean")
 
@@ -319,10 +319,10 @@ def test_a_one_store_matrix_has_no_unseen_mean_and_repeated_seeds_are_refused(ti
     from fercache.pipeline import check_pipeline
     from fercache.sweep import sweep
 
-    table = cross_matrix([str(tiny_store)], ["linear"], tmp_path / "one", recipe={"linear": QUICK})["linear"]
-    assert "nan" not in table["markdown"] and table["markdown"].split("\n")[4].endswith("| - |")
+    table = cross_matrix([str(tiny_store)], ["linear"], tmp_path / "one", recipe={"linear": QUICK}).tables["linear"]
+    assert "nan" not in table.markdown and table.markdown.split("\n")[4].endswith("| - |")
     # one seed has no spread: the cell was "70.0 ± 0.0 (in-domain)" under "mean ± std over 1 seed(s)"
-    assert "on the test split, one seed (no ± std)" in table["markdown"] and "±" not in table["markdown"].split("\n")[4]
+    assert "on the test split, one seed (no ± std)" in table.markdown and "±" not in table.markdown.split("\n")[4]
     assert (tmp_path / "one" / "cross-linear.csv").read_text().splitlines()[1].endswith(",0,")
     monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the seeds check"))
     message = r"^seeds \[0, 2, 0\] repeat 0: each seed is one run, in its own folder seed<N>/; give distinct seeds$"
@@ -597,14 +597,14 @@ def test_sweep_ranks_on_validation(tiny_store, tmp_path):
 
     r = sweep(str(tiny_store), "linear", {"normalize": [False, True], "lr": [1e-6, 1e-2]}, tmp_path,
               base_recipe={"batch_size": 8, "epochs": 20})
-    assert len(r["rows"]) == 4
-    means = [row["mean"] for row in r["rows"]]
-    assert means == sorted(means, reverse=True) and r["best"]["lr"] == 1e-2 and means[0] > means[-1]
+    assert len(r.rows) == 4
+    means = [row["mean"] for row in r.rows]
+    assert means == sorted(means, reverse=True) and r.best["lr"] == 1e-2 and means[0] > means[-1]
     saved = json.loads((tmp_path / "point000" / "seed0" / "config.json").read_text())
     assert saved["hp"] == {"normalize": False} and saved["recipe"]["lr"] == 1e-6 and saved["recipe"]["batch_size"] == 8
     assert (tmp_path / "sweep.md").read_text().count("\n|") == 6  # header, rule, 4 points
-    best = r["markdown"].split("\n")[4]  # one seed: the mean alone, where it was "x ± 0.00"
-    assert best.endswith(f"| {100 * means[0]:.2f} |") and "±" not in r["markdown"]
+    best = r.markdown.split("\n")[4]  # one seed: the mean alone, where it was "x ± 0.00"
+    assert best.endswith(f"| {100 * means[0]:.2f} |") and "±" not in r.markdown
     # the plots: the sweep ranking with its best point in blue, and each run's training curves
     blue = (31, 119, 180)  # matplotlib tab:blue
     for png in (tmp_path / "sweep.png", tmp_path / "point000" / "seed0" / "training.png"):
@@ -617,7 +617,7 @@ def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_
 
     grid, base = {"lr": [1e-3, 1e-2, 1e-1]}, {"batch_size": 8, "epochs": 3}
     first = sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)
-    assert first["reused"] == 0 and first["runs"] == 3
+    assert first.reused == 0 and first.runs == 3
     runs = [tmp_path / f"point{i:03d}" / "seed0" for i in range(3)]
     (runs[2] / "head.pt").unlink()  # interrupted while saving its last point: head.pt is written last
     cfg = json.loads((runs[1] / "config.json").read_text())
@@ -627,18 +627,18 @@ def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_
     stamps = [(r / "head.pt").stat().st_mtime_ns for r in runs[:2]]
     with caplog.at_level(logging.INFO, logger="fercache"):
         again = sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)
-    assert again["reused"] == 1 and "1 of 3 runs were found finished" in caplog.text
+    assert again.reused == 1 and "1 of 3 runs were found finished" in caplog.text
     assert (runs[0] / "head.pt").stat().st_mtime_ns == stamps[0] and (runs[1] / "head.pt").stat().st_mtime_ns != stamps[1]
     assert (runs[2] / "head.pt").is_file()
     assert json.loads((runs[1] / "config.json").read_text())["trained_with"]["fercache"] != "0.0.1"
-    assert [r["mean"] for r in again["rows"]] == [r["mean"] for r in first["rows"]]  # same seeds, same scores
+    assert [r["mean"] for r in again.rows] == [r["mean"] for r in first.rows]  # same seeds, same scores
     (runs[0] / "head.pt").write_bytes((runs[0] / "head.pt").read_bytes()[:100])  # damaged: trained again, not reused
-    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)["reused"] == 2
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base).reused == 2
     load_run(runs[0])
     # other settings (a recipe key) or --retrain: nothing is taken from the folder
-    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2})["reused"] == 0
-    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2})["reused"] == 3
-    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}, reuse=False)["reused"] == 0
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}).reused == 0
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}).reused == 3
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe={**base, "epochs": 2}, reuse=False).reused == 0
 
 
 def test_a_sweep_or_protocol_of_another_head_or_store_never_replaces_the_runs_in_its_folder(tiny_store, tiny_manifest,
@@ -664,8 +664,8 @@ def test_a_sweep_or_protocol_of_another_head_or_store_never_replaces_the_runs_in
     assert {p: p.read_bytes() for p in out.glob("point*/seed0/head.pt")} == heads  # both points, untouched
     moved = tmp_path / "moved" / "faces.zarr"
     shutil.copytree(tiny_store, moved)  # the same store elsewhere: its fingerprint matches
-    assert sweep(str(tiny_store), "linear", grid, out, base_recipe=base)["reused"] == 2
-    assert len(sweep(str(moved), "linear", grid, out, base_recipe=base)["rows"]) == 2  # not refused
+    assert sweep(str(tiny_store), "linear", grid, out, base_recipe=base).reused == 2
+    assert len(sweep(str(moved), "linear", grid, out, base_recipe=base).rows) == 2  # not refused
     manifest_folds(str(tiny_store), [str(tiny_manifest)], ["linear"], tmp_path / "f", recipe={"linear": base})
     with pytest.raises(ConfigError, match="holds runs of linear on faces, which this folds protocol of other would"):
         manifest_folds(str(other), [str(tiny_manifest)], ["linear"], tmp_path / "f", recipe={"linear": base})
@@ -687,20 +687,20 @@ def test_a_value_added_inside_a_sweep_grid_renumbers_the_finished_points_instead
     first, stamps = run([1e-3, 1e-1])
     with caplog.at_level(logging.INFO, logger="fercache"):
         wider, after = run([1e-3, 1e-2, 1e-1])
-    assert wider["reused"] == 2 and "1 point folder(s) renumbered" in caplog.text
+    assert wider.reused == 2 and "1 point folder(s) renumbered" in caplog.text
     assert after[1e-3] == stamps[1e-3] and after[1e-1] == stamps[1e-1] and after[1e-2] not in stamps.values()
     assert json.loads((tmp_path / "point002" / "seed0" / "config.json").read_text())["recipe"]["lr"] == 1e-1
-    assert {r["lr"]: r["mean"] for r in wider["rows"]}[1e-1] == {r["lr"]: r["mean"] for r in first["rows"]}[1e-1]
+    assert {r["lr"]: r["mean"] for r in wider.rows}[1e-1] == {r["lr"]: r["mean"] for r in first.rows}[1e-1]
     reordered, now = run([1e-1, 1e-2, 1e-3])  # the two ends swap numbers
-    assert reordered["reused"] == 3 and now == after
+    assert reordered.reused == 3 and now == after
     # cut short between setting folders aside and putting them in place: found again by their settings
     (tmp_path / "point000").rename(tmp_path / ".moving-0123")
     shutil.copytree(tmp_path / "point001", tmp_path / ".moving-4567")  # a copy of a point's folder: one is kept
     (tmp_path / ".moving-89ab").mkdir()  # no settings: nothing of this plan, removed
     again, now2 = run([1e-1, 1e-2, 1e-3])
-    assert again["reused"] == 3 and now2 == after and not list(tmp_path.glob(".moving-*"))
+    assert again.reused == 3 and now2 == after and not list(tmp_path.glob(".moving-*"))
     assert sorted(p.name for p in tmp_path.glob("point*")) == ["point000", "point001", "point002"]
-    assert run([1e-1, 1e-2, 1e-3], reuse=False)[0]["reused"] == 0
+    assert run([1e-1, 1e-2, 1e-3], reuse=False)[0].reused == 0
     # another head's sweep is refused before anything is moved or trained (it trained over these points)
     with pytest.raises(ConfigError, match="holds runs of linear on faces, which this sweep of mask on faces"):
         sweep(str(tiny_store), "mask", {"lr": [1e-3, 1e-1]}, tmp_path, base_recipe=base)
@@ -721,7 +721,7 @@ def test_protocols_reuse_finished_runs_only_for_the_same_code(tiny_store, tmp_pa
 
     assert saved["code_sha256"] == D.code_sha256() and len(saved["code_sha256"]) == 64
     stamp = head.stat().st_mtime_ns
-    assert matrix()["linear"]["cells"] == first["linear"]["cells"] and head.stat().st_mtime_ns == stamp
+    assert matrix().tables["linear"].cells == first.tables["linear"].cells and head.stat().st_mtime_ns == stamp
     monkeypatch.setattr(T, "code_sha256", lambda: "0" * 64)
     matrix()
     assert head.stat().st_mtime_ns != stamp

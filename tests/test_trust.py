@@ -506,7 +506,7 @@ def test_a_damaged_head_pt_is_not_a_finished_run(tiny_store, tmp_path, damage):
         head.write_bytes(damage)
     with pytest.raises(ConfigError, match=r"head.pt cannot be read .*the run's weights are damaged: train it again"):
         load_run(head.parent)
-    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)["reused"] == 0  # trained again
+    assert sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base).reused == 0  # trained again
     load_run(head.parent)
 
 

@@ -273,7 +273,7 @@ def test_clipfolder_reads_the_frames_of_class_folders_of_videos(tmp_path, tiny_e
     assert {r["split"] for r in build("clipfolder", frames).rows} == {"train", "val"}  # val stays val by default
     store = tmp_path / "afew.zarr"
     extract(write_manifest(m, tmp_path / "afew.csv"), tiny_encoder_spec, store, root=frames, progress=False)
-    assert open_store(store).info()["clips"] == 5 and open_store(store).n_rows == 15
+    assert open_store(store).info().clips == 5 and open_store(store).n_rows == 15
 
 
 def test_clipfolder_without_split_folders_puts_whole_clips_in_test_and_says_what_it_cannot_read(tmp_path):

@@ -246,7 +246,7 @@ def test_recipe_key_views_picks_which_cached_views_train(augmented, tmp_path):
         fit(str(augmented), "linear", out_dir=tmp_path / "bad", recipe={"views": ["flip", "flip"]})
     res = sweep(str(augmented), "linear", {"views": [["flip"], ["flip", "erase", "noise"]]}, tmp_path / "sw",
                 base_recipe={"epochs": 1})
-    assert sorted(len(row["views"]) for row in res["rows"]) == [1, 3]
+    assert sorted(len(row["views"]) for row in res.rows) == [1, 3]
 
 
 def test_a_view_output_passed_as_the_output_is_named_as_a_view(augmented, tmp_path):
