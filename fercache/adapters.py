@@ -35,7 +35,7 @@ register_adapter = ADAPTERS.register  # `--format name`
 
 
 def check_adapter_options(fmt: str, options: dict) -> None:
-    """Refuse an --option the format does not read (it was a TypeError traceback), naming the near one, and a
+    """Refuse an --option the format does not read, naming the near one, and a
     value its parser refuses, so a pipeline finds `test_fraction = 1.5` before its first step, not at it."""
     known = describe_format(fmt)["options"]
     for key, value in options.items():
@@ -79,7 +79,7 @@ def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **opti
 def _annotation(src: Path, rel: str, fmt: str, option: str, kind: str = "file") -> Path:
     """The annotation file `rel` of a dataset folder; when it is missing, a ManifestError naming the format's
     layout, the file's near namesake or the folder one level off that holds it, and the --option KEY=VALUE that
-    points elsewhere (it was an OSError naming the path alone). `option`: 'KEY=PATH', or how to pick a fold."""
+    points elsewhere. `option`: 'KEY=PATH', or how to pick a fold."""
     path, there = src / rel, Path.is_file if kind == "file" else Path.is_dir
     if there(path):
         return path
@@ -118,8 +118,8 @@ def _row(sample_id: str, path: Path, label: str, split: str, subject: str, **ext
 
 
 def _fraction(value, name: str = "test_fraction") -> float:
-    """An --option fraction in [0, 1); it arrives as text from the command line ('abc' was a ValueError traceback,
-    1.5 put every subject in test)."""
+    """An --option fraction in [0, 1); it arrives as text from the command line (1.5 would put every subject in
+    test)."""
     try:
         f = float(value)
     except (TypeError, ValueError):
@@ -148,7 +148,7 @@ def _flag(value, name: str) -> bool:
 
 
 def _fold(value) -> int:
-    """DFEW's and MAFW's official fold, 1-5 (fold=6 was found only as a missing annotation file)."""
+    """DFEW's and MAFW's official fold, 1-5, checked before any annotation file is looked for."""
     if str(value).strip() not in ("1", "2", "3", "4", "5") or isinstance(value, bool):
         raise ManifestError(f"--option fold={value}: one of the official folds 1-5")
     return int(value)
@@ -330,7 +330,7 @@ def _ckplus_label_file(folder: Path, suffix: str) -> Path | None:
 
 
 def _ckplus_emotion(file: Path) -> str:
-    """The canonical label of a CK+ `*_emotion.txt` (one code, 0-7: METHODS.md §6 and labels.NATIVE['ckplus'])."""
+    """The canonical label of a CK+ `*_emotion.txt` (one code, 0-7: labels.NATIVE['ckplus'])."""
     values = file.read_text().split()
     if len(values) != 1 or not _ckplus_number(file, values[0], "an emotion code").is_integer():
         raise ManifestError(f"{file}: expected one emotion code 0-7 (e.g. 3.0000000e+00), got {' '.join(values)[:40]!r}")

@@ -9,7 +9,7 @@ from .errors import ConfigError, repeated
 def choose_aus(aus: str | list[str], have: list[str], positives: dict[str, int], source) -> list[str]:
     """The AUs `aus` names among the manifest's columns `have`: `topK`, the K with most positives (`positives`,
     AU name -> count), in AU order; or AU numbers or names, comma-separated ("1,2,4", "AU1, AU2") or a list.
-    Each AU once: one named twice was two outputs of one AU, counted twice in every macro-F1. `train-head` and
+    Each AU once: one named twice would be two outputs of one AU, counted twice in every macro-F1. `train-head` and
     `au-cv` both choose here."""
     if isinstance(aus, str) and aus.strip().startswith("top"):
         k = aus.strip()[3:]

@@ -50,8 +50,8 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lo
 
 
 def _options(pairs: list[str], flag: str) -> dict:
-    """key=value pairs of a repeatable option. A key given twice is refused: the later silently replaced the
-    earlier (--recipe epochs=1 --recipe epochs=2 trained 2 epochs, unsaid)."""
+    """key=value pairs of a repeatable option. A key given twice is refused: a dict would keep the later value and
+    drop the earlier without a word."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

@@ -1,7 +1,7 @@
 """Which torch device a command runs on: checked once, up front, with a message that says what this machine has.
 
 Without this, `--device cuda` on a machine without a driver fails deep inside torch's lazy CUDA init (after
-the manifest and store were read), and a typo such as `--device gpu` surfaces as torch's list of twenty
+the manifest and store are read), and a typo such as `--device gpu` surfaces as torch's list of twenty
 backend names.
 """
 

@@ -93,7 +93,7 @@ def has_batchnorm(model: nn.Module) -> bool:
 
 def revision_note(stored: dict, current: dict) -> str | None:
     """Why features of a store with encoder identity `stored` differ from what `current` computes, when the revision
-    is all that differs; else None (a null: store against a MobileNetV2 head was blamed on the BatchNorm fix).
+    is all that differs; else None (other encoders differ for another reason than the BatchNorm revision).
     The keys are store.encoder_key's, which is not imported here: store stays free of torch."""
     if stored.get("revision") == current.get("revision") or any(
             stored.get(k) != current.get(k) for k in ("name", "weights_sha256", "preprocess")):

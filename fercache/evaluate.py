@@ -1,4 +1,6 @@
-"""Evaluate trained runs on a store's split; the cross-dataset matrix; subject-grouped AU cross-validation."""
+"""Score trained runs on a store's split: metrics with intervals, calibration, confusion, predictions, surest
+mistakes; refused when a run no longer matches its data (stale). The protocols that train and score many runs
+(the cross matrix, folds, AU cross-validation) are in protocols.py."""
 
 from __future__ import annotations
 

@@ -375,8 +375,8 @@ PRECISIONS = ("auto", "fp32", "fp16", "bf16", "bf16-weights")
 def check_options(batch_size: int, workers: int | None, chunk_rows: int, precision: str, image_size: int | None,
                   views=(), normalize: str = "checkpoint") -> None:
     """Refuse, before anything is read or created, what would otherwise fail mid-run inside range(), the
-    DataLoader or a dict lookup (and image_size=0, which used to mean the model's default silently; a view given
-    twice, which crashed the first chunk's write after the store was created)."""
+    DataLoader or a dict lookup, or mean something else than asked (image_size=0 read as the model's default; a view
+    given twice fails the first chunk's write after the store exists)."""
     for v in views:
         VIEWS.lookup(v)  # an unknown view, named with the known ones
     twice = repeated(list(views))

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from .errors import ManifestError
 
-#: Canonical order (METHODS.md §6), then "other" and MAFW's compound classes.
+#: Canonical order (docs/manifests.md), then "other" and MAFW's compound classes.
 CANONICAL: tuple[str, ...] = (
     "neutral", "happy", "sad", "surprise", "fear", "disgust", "anger", "contempt",
     "other", "anxiety", "helplessness", "disappointment",

@@ -116,7 +116,7 @@ def read_manifest(path: str | Path) -> Manifest:
 
 def _check_header(path: Path, header: list[str]) -> None:
     """A column named twice is refused: csv.DictReader keeps the last one's values under the name, so a second
-    `label` column silently relabelled every row."""
+    `label` column would relabel every row."""
     if twice := repeated(header):
         raise ManifestError(f"{path}:1: column(s) {', '.join(map(repr, twice))} appear more than once in the header; "
                             "each column must be named once (rename or remove the copy)")

@@ -1,4 +1,4 @@
-"""Classification and AU metrics (METHODS.md §5): WAR, UAR, macro-F1, per-class recall, confusion; per-AU F1."""
+"""Classification and AU metrics: WAR, UAR, macro-F1, per-class recall, confusion; per-AU F1 (docs/heads.md)."""
 
 from __future__ import annotations
 

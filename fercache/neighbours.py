@@ -159,7 +159,7 @@ def _units_of(store: str, manifest, output: str | None, views: bool = True) -> F
 
 
 def _unit(fs: FeatureSet) -> str:
-    """What one compared row is: a video store's rows are clips (59 CK+48 test clips were "59 images")."""
+    """What one compared row is: a video store's rows are clips, counted as such."""
     return "clip" if fs.clip_id is not None else "image"
 
 

@@ -316,7 +316,7 @@ def _runs_step(root: str, csv: str | None = None):
 
 def _typed(name: str, text: str, default: Any) -> Any:
     """The value of FERCACHE_<NAME>=text, of the type of the variable's value in the file: a whole number stays one
-    (`64.0` or `abc` for a batch size failed mid-run, or silently became a float), a string stays the text as given."""
+    (`64.0` or `abc` for a batch size would fail mid-run, or become a float), a string stays the text as given."""
     env = f"FERCACHE_{name.upper()}={text}"
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
@@ -390,8 +390,8 @@ def _substitute(value: Any, variables: dict[str, Any]) -> Any:
 
 
 def _substitute_text(value: str, variables: dict[str, Any]) -> str:
-    """`{name}` is the variable's value and `{{` / `}}` a literal brace, as in str.format; its other fields were a
-    traceback (`{}`, `{0}`, a lone brace, `{data.x}`) or silently took a piece of a value (`{data[0]}`)."""
+    """`{name}` is the variable's value and `{{` / `}}` a literal brace, as in str.format; its other fields
+    (`{}`, `{0}`, a lone brace, `{data.x}`, `{data[0]}`, which takes a piece of a value) are refused."""
     try:
         fields = [f for _, f, _, _ in string.Formatter().parse(value) if f is not None]
     except ValueError as e:  # a lone brace
@@ -414,7 +414,7 @@ TABLES = ("vars", "step")  # the top level of a pipeline file
 
 def _check_tables(path: Path, doc: dict) -> None:
     """A pipeline file holds [vars] and [[step]] tables only: anything else ([[steps]], a variable written above
-    [vars]) was ignored, so its steps never ran or its value was never used, without a word."""
+    [vars]) would be ignored: its steps never run, its value never used, without a word."""
     for key, value in doc.items():
         if key not in TABLES:
             where = "" if isinstance(value, (dict, list)) else " (a variable? put it under [vars])"
@@ -538,7 +538,7 @@ def _paths(value: Any) -> list[str]:
 
 def check_inputs(steps: list[tuple[int, dict]]) -> None:
     """Every file or folder a step reads exists, or an earlier step writes it (or something under it, for the
-    ledger's root): a mistyped store in step 9 failed when step 9 was reached, after the hour of extraction."""
+    ledger's root), so a mistyped store in step 9 fails before the hour of extraction in step 1."""
     written: list[Path] = []
     for i, step in steps:
         kind = step["run"]

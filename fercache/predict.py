@@ -126,7 +126,7 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     if window is None and stride is not None or window is not None and not clips:
         raise ConfigError("--window and --stride are for clip-level (temporal) runs, --stride with --window; a "
                           "frame-level run predicts every frame already")
-    # The inputs are found before the encoder is built (seconds; a typo was said only after it)
+    # The inputs are found before the encoder is built (seconds), so a typo is said at once
     paths = [_clip_source(Path(p), heads[0]) for p in inputs] if clips else collect_images(inputs, videos=True)
     cfg = heads[0].cfg
     enc = encoder_of({"fingerprint": cfg.store_fingerprint, "encoder_args": cfg.encoder_args})
@@ -150,7 +150,7 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
 
 
 def _said_failures(results: list[dict], could: str) -> list[dict]:
-    """Rows that failed keep their place (with an `error`), and are said: one unreadable file among 10,000 was
+    """Rows that failed keep their place (with an `error`), and are said: one unreadable file among 10,000 is
     otherwise found only by reading the output's error column. All failed: an error, not an exit 0."""
     failed = [r for r in results if "error" in r]
     if failed and len(failed) == len(results):
@@ -322,7 +322,7 @@ def _is_predictions(header: list[str]) -> bool:
 
 
 def check_out(out: Path | None) -> None:
-    """Refuse an --out that write_predictions could not write, before any image is read (it was found after them all)."""
+    """Refuse an --out that write_predictions could not write, before any image is read."""
     if out is not None and out.suffix not in (".json", ".csv"):
         raise FercacheError(f"--out must end in .json or .csv, got {out.name}")
     if out is not None:

@@ -2,7 +2,7 @@
 
 Workers ship small uint8 images; the device does the float work in batches.
 The same torch code runs on CPU, so it is tested here; :func:`reference_transform`
-is the per-image PIL pipeline it must match (see tests/test_preprocess.py).
+is the per-image PIL pipeline it must match (tests/test_encoders.py, tests/test_open_clip_preprocess.py).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ def _center_crop(x: torch.Tensor, size: int) -> torch.Tensor:
 
 def _resize_to(x: torch.Tensor, h: int, w: int, mode: str) -> torch.Tensor:
     """Resize as PIL does. Bicubic: the width first, then the height, each pass rounded and clipped to uint8 values,
-    since PIL clips the first pass's overshoot before the second (one 2-D pass was 4-7/255 off when upscaling).
+    since PIL clips the first pass's overshoot before the second (one 2-D pass is 4-7/255 off when upscaling).
     Bilinear cannot overshoot: one pass, rounded once, is closer to PIL's fixed-point result."""
     if (h, w) == tuple(x.shape[-2:]):
         return x
@@ -256,7 +256,7 @@ def _hflip(x: torch.Tensor, rows: torch.Tensor, spec: Preprocess) -> torch.Tenso
 #: 0.3-3.3, value 0 after normalisation: the dataset's mean colour), always applied: the plain image is the
 #: other draw.
 ERASE_SCALE, ERASE_RATIO, ERASE_SEED = (0.02, 0.25), (0.3, 3.3), 0xE7A5E
-#: Gaussian noise, std in [0, 1] pixel units (METHODS.md names no value; ours), added before normalisation.
+#: Gaussian noise, std in [0, 1] pixel units (no published value; this one is ours), added before normalisation.
 NOISE_STD, NOISE_SEED, NOISE_BANK = 0.1, 0x6015E, 97
 
 

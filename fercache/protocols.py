@@ -1,4 +1,5 @@
-"""Multi-run protocols: the cross-dataset matrix (METHODS.md §1) and subject-grouped AU cross-validation."""
+"""Multi-run protocols: the cross-dataset matrix, manifest folds (the video protocol) and subject-grouped AU
+cross-validation."""
 
 from __future__ import annotations
 
@@ -31,9 +32,8 @@ def head_of(label: str) -> str:
 
 def check_tables(heads: list[str], hp: dict | None, recipe: dict | None) -> None:
     """Before any training: every label names a registered head, every hp/recipe entry names one of the labels
-    (an entry for "linaer" used to be ignored without a word), and each entry's values pass the head's checks.
-    A label given twice trained its runs twice into one folder (with --retrain, the second replacing the first)
-    and wrote its table twice over."""
+    (an entry for "linaer" is refused, not ignored), and each entry's values pass the head's checks. A label given
+    twice would train its runs twice into one folder and write its table twice over."""
     if twice := repeated(list(heads)):
         raise ConfigError(f"head {', '.join(map(repr, twice))} is given twice; each head once (HEAD@NAME, with "
                           "its own hp/recipe entry, trains the same head with other settings beside it)")
@@ -50,8 +50,8 @@ def check_tables(heads: list[str], hp: dict | None, recipe: dict | None) -> None
 
 
 def check_distinct(items: list, what: str) -> None:
-    """A store or fold manifest named twice (spelt alike or not) made a matrix with two identical rows, or a mean
-    over 'folds' that were one fold counted twice: refused before any training."""
+    """A store or fold manifest named twice (spelt alike or not) would make a matrix with two identical rows, or a
+    mean over 'folds' that are one fold counted twice: refused before any training."""
     seen: dict[str, str] = {}
     for item in items:
         key = canonical(str(item))

@@ -42,7 +42,7 @@ def _whole(v) -> bool:
 
 
 #: What each trainer key accepts. A value outside it would crash mid-run (lr="abc" in the optimiser) or, worse,
-#: train something else than asked without a word (scheduler="cos" used to mean no schedule at all).
+#: train something else than asked without a word (an unknown scheduler name would be no schedule at all).
 RECIPE_VALUES = {
     "optimizer": (lambda v: v in OPTIMIZERS, "adam, adamw or sgd"),
     "lr": (lambda v: _number(v) and v > 0, "a number > 0"),
@@ -120,8 +120,8 @@ MAX_SEED = 2**63 - 1
 
 
 def check_seeds(seeds) -> None:
-    """Seeds are distinct whole numbers >= 0. A repeated seed trained into its own folder (seed<N>/) again and
-    counted twice in the mean, its std shrunk by a copy of itself: '2 seeds' that were one run."""
+    """Seeds are distinct whole numbers >= 0. A repeated seed would train into its own folder (seed<N>/) again and
+    count twice in the mean, its std shrunk by a copy of itself: '2 seeds' that are one run."""
     seeds = list(seeds)
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds):
         raise ConfigError(f"seeds {seeds}: give one or more whole numbers >= 0")

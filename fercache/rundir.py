@@ -228,8 +228,8 @@ def _rebuilt(saved: dict) -> tuple[nn.Module, RunConfig, Fitted]:
 def check_owner(folder: Path, store: str, head: str | None, what: str) -> None:
     """Refuse to train into a folder a sweep or protocol owns while runs of another store (or, for a sweep, of
     another head) lie there: the owner replaces and removes the runs it does not make, so a sweep of mask into
-    the default runs/sweep deleted an earlier sweep of linear without a word. A store moved or re-extracted
-    is the same store: its path or its fingerprint matches."""
+    the default runs/sweep would delete an earlier sweep of linear. A store moved or re-extracted is the same
+    store: its path or its fingerprint matches."""
     key, others = open_store(store).fingerprint["key"], set()
     for path in folder.glob("**/config.json"):
         try:

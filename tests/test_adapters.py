@@ -29,7 +29,7 @@ def _by_id(manifest) -> dict:
 
 
 def test_native_tables_cover_methods_md():
-    # METHODS.md §6, spot checks of each order: the first and last code of each dataset.
+    # The datasets' published orders, spot checks of each: the first and last code of each dataset.
     assert L.NATIVE["fer2013"][0] == "anger" and L.NATIVE["fer2013"][6] == "neutral"
     assert L.NATIVE["rafdb"][1] == "surprise" and L.NATIVE["rafdb"][7] == "neutral"
     assert L.NATIVE["affectnet"][0] == "neutral" and L.NATIVE["affectnet"][7] == "contempt"

@@ -1,4 +1,4 @@
-"""The temporal head with learnable prompts (METHODS.md §3): sampling, clip grouping, prompt splicing, end to end."""
+"""The temporal head with learnable prompts (DFER-CLIP): sampling, clip grouping, prompt splicing, end to end."""
 
 from __future__ import annotations
 
