@@ -65,12 +65,14 @@ def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **opti
     check_adapter_options(fmt, options)
     rows = adapter(src, **options)
     if not rows:
-        raise ManifestError(f"no samples found in {src} for format {fmt!r}; check the layout in `fercache manifest formats`")
+        raise ManifestError(f"no samples found in {src} for format {fmt!r}; check the layout in `fercache manifest "
+                            "formats`")
     for row in rows:
         try:
             row["path"] = Path(row["path"]).resolve().relative_to(root).as_posix()
         except ValueError:
-            raise ManifestError(f"{row['path']} is outside the data root {root}; pass a --data-root that contains {src}") from None
+            raise ManifestError(f"{row['path']} is outside the data root {root}; pass a --data-root that contains "
+                                f"{src}") from None
     manifest = Manifest(rows=rows, source=f"<{fmt}:{src}>")
     validate(manifest)
     return manifest
@@ -318,7 +320,8 @@ def _ckplus_number(path: Path, text: str, what: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise ManifestError(f"{path}: expected {what} written as a number (e.g. 3.0000000e+00), got {text.strip()!r}") from None
+        raise ManifestError(f"{path}: expected {what} written as a number (e.g. 3.0000000e+00), got "
+                            f"{text.strip()!r}") from None
 
 
 def _ckplus_label_file(folder: Path, suffix: str) -> Path | None:
@@ -333,7 +336,8 @@ def _ckplus_emotion(file: Path) -> str:
     """The canonical label of a CK+ `*_emotion.txt` (one code, 0-7: labels.NATIVE['ckplus'])."""
     values = file.read_text().split()
     if len(values) != 1 or not _ckplus_number(file, values[0], "an emotion code").is_integer():
-        raise ManifestError(f"{file}: expected one emotion code 0-7 (e.g. 3.0000000e+00), got {' '.join(values)[:40]!r}")
+        raise ManifestError(f"{file}: expected one emotion code 0-7 (e.g. 3.0000000e+00), got "
+                            f"{' '.join(values)[:40]!r}")
     return L.from_native("ckplus", int(float(values[0])), f"{file}: ")
 
 
@@ -439,7 +443,8 @@ def ckplus_release(src: Path, images: str = "cohn-kanade-images", emotion: str =
             rows.append(_row(img.stem, img, "neutral", split, subject, clip_id=f"{video}_neutral", frame_idx=str(n),
                              **box(seq, img), **dict.fromkeys(aus, "-1")))
         for n, img in frames[-peak:]:
-            rows.append(_row(img.stem, img, label, split, subject, clip_id=video, frame_idx=str(n), **box(seq, img), **aus))
+            rows.append(_row(img.stem, img, label, split, subject, clip_id=video, frame_idx=str(n), **box(seq, img),
+                             **aus))
     box.say_missing()
     return rows
 
@@ -470,7 +475,8 @@ class _CkplusBoxes:
 
     def say_missing(self) -> None:
         if self.missing:
-            log.warning("%d frame(s) have no landmarks file (e.g. %s): encoded whole", len(self.missing), self.missing[0])
+            log.warning("%d frame(s) have no landmarks file (e.g. %s): encoded whole", len(self.missing),
+                        self.missing[0])
 
 
 def _say_orphans(emo_root: Path, sequences: set[Path]) -> None:
@@ -488,7 +494,8 @@ def jaffe(src: Path) -> list[dict]:
         parts = img.name.split(".")
         code = parts[1][:2].upper() if len(parts) > 2 else ""
         if code not in L.JAFFE_CODES:
-            raise ManifestError(f"{img}: expected a JAFFE name like KA.AN1.39.tiff with a code in {sorted(L.JAFFE_CODES)}")
+            raise ManifestError(f"{img}: expected a JAFFE name like KA.AN1.39.tiff with a code in "
+                                f"{sorted(L.JAFFE_CODES)}")
         rows.append(_row(img.stem, img, L.JAFFE_CODES[code], "train", subject=parts[0]))
     return rows
 
@@ -521,7 +528,8 @@ def _ferplus_votes(src: Path) -> Iterable[tuple[str, str, list[int], str]]:
                                         f"{len(L.FERPLUS_VOTES)} vote counts, got {','.join(r)[:60]!r}")
                 if not r[1].strip():
                     continue  # an image FERPlus removed
-                yield FERPLUS_USAGE[r[0]], r[1].strip(), [_integer(v, f"{where}: ", "a vote count") for v in r[2:12]], where
+                yield FERPLUS_USAGE[r[0]], r[1].strip(), [_integer(v, f"{where}: ",
+                                                                   "a vote count") for v in r[2:12]], where
         return
     for split, folder in FERPLUS_FOLDERS.items():
         label_csv = src / folder / "label.csv"
@@ -555,7 +563,8 @@ def _fer2013_pixels(blob: str, where: str) -> np.ndarray:
         raise ManifestError(f"{where}: `pixels` must be 2304 space-separated integers") from None
     if pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
         span = f" in [{pixels.min()}, {pixels.max()}]" if pixels.size else ""
-        raise ManifestError(f"{where}: `pixels` has {pixels.size} values{span}; FER2013 rows are 48x48 = 2304 values in [0, 255]")
+        raise ManifestError(f"{where}: `pixels` has {pixels.size} values{span}; FER2013 rows are 48x48 = 2304 values "
+                            "in [0, 255]")
     return pixels.astype(np.uint8).reshape(48, 48)
 
 
@@ -668,7 +677,8 @@ def _affwild2_frames(frames_dir: Path, video: str, values: list[str]) -> Iterabl
 
 
 @register_adapter("affwild2")
-def affwild2(src: Path, task: str = "expr", annotations: str | None = None, frames: str = "cropped_aligned") -> list[dict]:
+def affwild2(src: Path, task: str = "expr", annotations: str | None = None,
+             frames: str = "cropped_aligned") -> list[dict]:
     """Aff-Wild2 (ABAW) per-video annotation files (`task=expr` or `task=au`); -1 = not annotated.
 
     Train_Set -> train; Validation_Set -> test (ABAW's test labels are not public; val is carved from train by video).

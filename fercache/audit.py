@@ -137,21 +137,23 @@ def summarize(m: Manifest, a: Audit | None) -> str:
     lines = [shared + "".join(f"\n    {s}: {', '.join(sp)}" for s, sp in list(a.subjects_across_splits.items())[:5])]
     pairs = a.pairs(m)
     what = "byte-identical images" if a.unit == "image" else "identical frames in different clips"
-    lines.append(f"groups of {what}: {len(a.duplicate_groups)}, "
-                 f"{sum(pairs.values())} of them across splits" + (f" ({', '.join(f'{k} {v}' for k, v in pairs.most_common())})"
-                                                                   if pairs else "") + _examples(m, a.duplicate_groups))
+    across = f" ({', '.join(f'{k} {v}' for k, v in pairs.most_common())})" if pairs else ""
+    lines.append(f"groups of {what}: {len(a.duplicate_groups)}, {sum(pairs.values())} of them across splits{across}"
+                 + _examples(m, a.duplicate_groups))
     lines.append(f"  with different labels: {len(a.label_conflicts)}" + _examples(m, a.label_conflicts))
     if a.leaking:
         what = "are copies of" if a.unit == "image" else "hold a frame identical to"
-        lines.append(f"{len(a.leaking)} val/test {a.unit}s {what} an image in an earlier split (or earlier in their own): "
-                     "`--without-leaks OUT.csv` writes the manifest with them unlabelled (same images: the store is reused)")
+        lines.append(f"{len(a.leaking)} val/test {a.unit}s {what} an image in an earlier split (or earlier in their "
+                     "own): `--without-leaks OUT.csv` writes the manifest with them unlabelled (same images: the store "
+                     "is reused)")
     else:
         lines.append(f"no val/test {a.unit} repeats an image of an earlier split")
     return "\n".join(lines)
 
 
 def check(manifest: str | Path, root: str | Path | None = None, hash_images: bool = True,
-          without_leaks_to: str | Path | None = None, progress: bool = False) -> tuple[Manifest, Audit | None, Path | None]:
+          without_leaks_to: str | Path | None = None, progress: bool = False) -> tuple[Manifest, Audit | None,
+                                                                                       Path | None]:
     """Read and validate a manifest, check its files exist, audit it; optionally write it without its leaks."""
     from .manifests import check_derived_path, data_root, read_manifest, resolve_paths, write_manifest
 

@@ -165,7 +165,9 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
         e1 = extract(m, "null:", Path(tmp) / "null1.zarr", root=root, device=device, batch_size=batch_size,
                      workers=1, progress=False, encoder_obj=null)
     return {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, {torch.get_num_threads()} torch threads)",
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, "
+                                                                             f"{torch.get_num_threads()} torch "
+                                                                             "threads)",
         "encoder": enc.name, "weights": enc.pretrained, "image_size": enc.preprocess.size,
         "precision": precision, "dtype": str(dtype).replace("torch.", ""),
         "batch_size": batch_size, "workers": workers, "images": n,
@@ -182,7 +184,8 @@ def verdict(r: dict, enough: float = 0.9) -> str:
     """What `bench extract`'s figures say, in one line: how close extraction comes to the model's own speed and,
     short of `enough` of it, which side holds it back (the input pipeline's capacity against the model's speed)."""
     a, b, cap = r["a_model_only_img_s"], r["b_end_to_end_img_s"], r["e_null_total_img_s"]
-    line = f"end-to-end extract runs at {b / a:.0%} of the model alone and {r['ratio_b_over_d']:.2f}x the PIL + DataLoader baseline"
+    line = (f"end-to-end extract runs at {b / a:.0%} of the model alone and {r['ratio_b_over_d']:.2f}x the PIL + "
+            "DataLoader baseline")
     if b / a >= enough:
         line += f"; the input pipeline alone does {cap:,.0f} img/s, {cap / a:.1f}x what the model needs"
     elif cap < 1.1 * a:
@@ -218,7 +221,8 @@ print(json.dumps({"rows": r.rows, "img_s": r.images_per_s, "seconds": time.perf_
                   "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   "late_median_rss_mib": statistics.median(late),
                   "peak_worker_rss_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
-                  "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if a["device"].startswith("cuda") else None}))
+                  "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if a["device"].startswith("cuda")
+                  else None}))
 """
 
 
@@ -235,7 +239,8 @@ def bench_memory(manifest: str | Path, sizes: list[int], encoder: str = "null:",
             args = {"manifest": str(m), "encoder": encoder, "pretrained": speed_weights(encoder, None),
                     "out": str(Path(tmp) / f"s{n}.zarr"), "image_size": image_size,
                     "root": str(data_root(root)), "device": device, "batch_size": batch_size, "workers": workers}
-            proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(args)], capture_output=True, text=True)
+            proc = subprocess.run([sys.executable, "-c", MEMORY_CHILD, json.dumps(args)], capture_output=True,
+                                  text=True)
             if proc.returncode:  # its last line is the exception; the traceback above it is the child's own
                 raise FercacheError(f"the memory benchmark's extract of {n} images failed: "
                                     f"{(proc.stderr.strip().splitlines() or ['no output'])[-1]}")

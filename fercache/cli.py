@@ -23,9 +23,11 @@ app.add_typer(manifest_app, name="manifest")
 bench_app = typer.Typer(help="Benchmarks: figures and ratios measured in one run on one device.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative to (default: $FERCACHE_DATA, else .).")
+DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative to (default: $FERCACHE_DATA, "
+                                                  "else .).")
 Device = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps; checked before any data is read.")
-Aus = typer.Option(None, "--aus", help="AU heads: 'top8', or AU numbers like 1,2,4 (default: AUs with >=20 train positives).")
+Aus = typer.Option(None, "--aus", help="AU heads: 'top8', or AU numbers like 1,2,4 (default: AUs with >=20 train "
+                                       "positives).")
 PRECISION_HELP = ("auto (bf16 on CUDA, fp32 on CPU), fp32, fp16, bf16 (autocast: fp32 weights, matrix products in "
                   "half precision) or bf16-weights (the weights themselves in bf16, every op in bf16: faster, "
                   "features about as close to fp32's as bf16's; see docs/benchmarks.md).")
@@ -68,9 +70,11 @@ def manifest_build(
     src: Path = typer.Argument(..., help="The dataset folder in its native layout."),
     fmt: str = typer.Option(..., "--format", "-f", help="Dataset layout; see `fercache manifest formats`."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest CSV to write (.csv or .csv.gz)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Make paths relative to this folder (default: SRC)."),
-    option: list[str] = typer.Option([], "--option", help="Adapter option key=value (repeatable), e.g. facs=ckplus_facs.csv; "
-                                "`fercache manifest formats F` lists F's."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Make paths relative to this folder (default: "
+                                                                       "SRC)."),
+    option: list[str] = typer.Option([], "--option", help="Adapter option key=value (repeatable), e.g. "
+                                                          "facs=ckplus_facs.csv; `fercache manifest formats F` lists "
+                                                          "F's."),
 ) -> None:
     """Build a manifest (canonical labels, splits, subjects, AUs) from a dataset's native layout."""
     from .adapters import build
@@ -81,7 +85,8 @@ def manifest_build(
 
 
 @manifest_app.command("formats")
-def manifest_formats(name: Optional[str] = typer.Argument(None, help="One format, described whole (default: all).")) -> None:
+def manifest_formats(name: Optional[str] = typer.Argument(None,
+                                                          help="One format, described whole (default: all).")) -> None:
     """The dataset layouts `manifest build --format` reads, and the --option keys each takes with their defaults."""
     from .adapters import ADAPTERS, describe_format
 
@@ -98,7 +103,8 @@ def manifest_formats(name: Optional[str] = typer.Argument(None, help="One format
 def manifest_check(
     manifest: Path = ManifestArg,
     data_root: Optional[Path] = DataRoot,
-    hash_images: bool = typer.Option(True, "--hash/--no-hash", help="Hash every image to find copies shared by splits."),
+    hash_images: bool = typer.Option(True, "--hash/--no-hash",
+                                     help="Hash every image to find copies shared by splits."),
     without_leaks: Optional[Path] = typer.Option(None, "--without-leaks", help="Write this manifest with the leaking "
                                                  "val/test images (or clips) unlabelled; the same store serves it."),
     strict: bool = typer.Option(False, help="Exit with status 1 when anything leaks."),
@@ -112,7 +118,8 @@ def manifest_check(
     from .audit import check, label_table, summarize
     from .manifests import summary
 
-    m, found, written = check(manifest, data_root, hash_images, without_leaks, progress=not as_json and _progress["bars"])
+    m, found, written = check(manifest, data_root, hash_images, without_leaks,
+                              progress=not as_json and _progress["bars"])
     if as_json:
         extra = {"duplicate_groups": len(found.duplicate_groups), "label_conflicts": len(found.label_conflicts),
                  "leaking_units": len(found.leaking)} if found else {}
@@ -159,13 +166,14 @@ def extract(
     encoder: str = typer.Option("torchvision:mobilenet_v2", "--encoder", "-e",
                                 help="family:arch, e.g. open_clip:ViT-B-16, torchvision:resnet50, timm:convnext_tiny."),
     out: str = typer.Option(..., "--out", "-o", help="Store path (STORE.zarr) or any fsspec URL zarr supports."),
-    pretrained: Optional[str] = typer.Option(None, help="open_clip hub tag (e.g. openai), local weights file, or 'none' "
-                                             "(random init, never a silent default: open_clip models, and torchvision/timm "
-                                             "ones other than mobilenet_v2, need it)."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip hub tag (e.g. openai), local weights file, or "
+                                                        "'none' (random init, never a silent default: open_clip "
+                                                        "models, and torchvision/timm ones other than mobilenet_v2, "
+                                                        "need it)."),
     image_size: Optional[int] = typer.Option(None, help="Encoder input size (default: the model's)."),
     preprocess_tag: Optional[str] = typer.Option(None, help="With --pretrained FILE of an open_clip model: the "
-                                                 "pretrained tag the file is a copy of, whose preprocessing (mean, std, "
-                                                 "interpolation, resize mode) it needs."),
+                                                            "pretrained tag the file is a copy of, whose preprocessing "
+                                                            "(mean, std, interpolation, resize mode) it needs."),
     normalize: str = typer.Option("checkpoint", help="Pixel statistics: checkpoint (the weights' own), clip (OpenAI "
                                   "CLIP's) or imagenet (as the feature-mask recipe feeds CLIP). Fingerprinted."),
     data_root: Optional[Path] = DataRoot,
@@ -174,9 +182,9 @@ def extract(
     workers: Optional[int] = typer.Option(None, help="Decode worker processes (default min(4, CPUs))."),
     chunk_rows: int = typer.Option(1024, help="Rows per store chunk (unit of resume and of distribution)."),
     read_chunk_rows: Optional[int] = typer.Option(
-        None, help="Shard the store: each --chunk-rows chunk becomes one zarr v3 shard of inner chunks of this many rows "
-                   "(must divide --chunk-rows). Use with a large --chunk-rows to keep the object count low on big datasets; "
-                   "decoding and encoding work in inner chunks, so memory stays small."),
+        None, help="Shard the store: each --chunk-rows chunk becomes one zarr v3 shard of inner chunks of this many "
+                   "rows (must divide --chunk-rows). Use with a large --chunk-rows to keep the object count low on big "
+                   "datasets; decoding and encoding work in inner chunks, so memory stays small."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
     overwrite: bool = typer.Option(False, help="Replace an existing store built from other inputs."),
     views: str = typer.Option("", help="Augmented views to cache too, comma-separated: flip (mirror; evaluation "
@@ -193,7 +201,8 @@ def extract(
             preprocess_tag=preprocess_tag, normalize=normalize, progress=_progress["bars"])
     if r.n_ok is None:
         return  # non-zero torchrun ranks: rank 0 reports
-    state = "already complete, nothing to do" if r.already_complete else f"{r.chunks_computed} chunks at {r.images_per_s:.0f} img/s"
+    state = ("already complete, nothing to do" if r.already_complete else f"{r.chunks_computed} chunks at "
+                                                                          f"{r.images_per_s:.0f} img/s")
     typer.echo(f"{r.store}: {r.rows} rows, {r.n_ok} ok, {r.n_failed} failed ({state})")
 
 
@@ -249,14 +258,16 @@ def info(store: str = StoreArg, as_json: bool = typer.Option(False, "--json", he
 
 @app.command()
 def export(store: str = StoreArg, to: Path = typer.Option(..., "--to", help="HDF5 file to write."),
-           overwrite: bool = typer.Option(False, help="Replace an existing file that is not an export of STORE.")) -> None:
+           overwrite: bool = typer.Option(False,
+                                          help="Replace an existing file that is not an export of STORE.")) -> None:
     """Export a complete store to HDF5 (features, sample ids, ok mask, clip ids and frame indices, fingerprint)."""
     from .store import export_h5
 
     typer.echo(export_h5(store, to, overwrite, progress=_progress["bars"]))
 
 
-_PY_LITERALS = {"True": True, "False": False, "None": None}  # so `--hp use_sigmoid=False` is not the truthy string "False"
+# so `--hp use_sigmoid=False` is not the truthy string "False"
+_PY_LITERALS = {"True": True, "False": False, "None": None}
 
 
 def _literal(value: str):
@@ -288,15 +299,18 @@ def _ints(text: str, option: str = "--seeds", least: int = 0) -> list[int]:
 @app.command("train-head")
 def train_head(
     store: str = typer.Argument(..., help="A complete feature store."),
-    head: str = typer.Option("linear", "--head", "-H", help="A registered head; `fercache heads` lists each one's task, "
-                                                             "level (images or video clips), --hp keys and recipe."),
+    head: str = typer.Option("linear", "--head", "-H", help="A registered head; `fercache heads` lists each one's "
+                                                            "task, level (images or video clips), --hp keys and "
+                                                            "recipe."),
     seeds: str = Seeds,
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs are written to OUT/<store>-<head>/seed<k>/."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
     output: Optional[str] = typer.Option(None, help="Store output to train on (default: the store's default)."),
-    mask_source: Optional[str] = typer.Option(None, help="mask head: a second store of the same manifest for the mask MLP."),
+    mask_source: Optional[str] = typer.Option(None, help="mask head: a second store of the same manifest for the mask "
+                                                         "MLP."),
     hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value (repeatable), e.g. --hp hidden=512."),
-    recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value, e.g. --recipe epochs=10 --recipe lr=1e-3."),
+    recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value, e.g. --recipe epochs=10 "
+                                                          "--recipe lr=1e-3."),
     aus: Optional[str] = Aus,
     device: str = Device,
     views: bool = typer.Option(True, help="Train on the store's cached augmented views (extract --views) and "
@@ -318,7 +332,8 @@ def train_head(
 @app.command("heads")
 def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default: all)."),
               as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """The registered heads: task, level, --hp keys with their defaults, and the published --recipe each one trains with."""
+    """The registered heads: task, level, --hp keys with their defaults, and the published --recipe each one trains
+    with."""
     from .heads import HEADS
 
     rows = [HEADS.lookup(n).to_dict() for n in ([name] if name else sorted(HEADS))]
@@ -328,12 +343,13 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default
     for d in rows:
         typer.echo(f"{d['name']:10s} {d['task']}/{d['level']}  {d['summary']}")
         typer.echo(f"{'':10s} --hp      {' '.join(f'{k}={json.dumps(v)}' for k, v in d['hp'].items()) or '(none)'}")
-        typer.echo(f"{'':10s} --recipe  {' '.join(f'{k}={json.dumps(v)}' for k, v in d['recipe'].items() if v is not None)}")
-    typer.echo("(null: chosen from the data, e.g. hidden=null is the feature width; values are JSON, as --hp parses them)\n"
-               "every head also takes --recipe balance=none|sqrt|class (class-balanced sampling, expression heads), "
-               "select=<val metric> (accuracy|uar|macro_f1; AU: macro_f1_at_0.5), and shots=K (training units per "
-               "class) or fraction=F (of the training units) to train on a seeded subset, and views=[...] (which of "
-               "the store's cached views to train with; default all)")
+        typer.echo(f"{'':10s} --recipe  "
+                   f"{' '.join(f'{k}={json.dumps(v)}' for k, v in d['recipe'].items() if v is not None)}")
+    typer.echo("(null: chosen from the data, e.g. hidden=null is the feature width; values are JSON, as --hp parses "
+               "them)\nevery head also takes --recipe balance=none|sqrt|class (class-balanced sampling, expression "
+               "heads), select=<val metric> (accuracy|uar|macro_f1; AU: macro_f1_at_0.5), and shots=K (training units "
+               "per class) or fraction=F (of the training units) to train on a seeded subset, and views=[...] (which "
+               "of the store's cached views to train with; default all)")
 
 
 def _per_head(pairs: list[str], flag: str, heads: list[str]) -> dict[str, dict]:
@@ -388,7 +404,8 @@ def evaluate(
     store: Optional[str] = typer.Option(None, help="Store to evaluate on (default: the run's training store)."),
     split: str = typer.Option("test", help="Split to score."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
-    errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of (errors.png)."),
+    errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of "
+                                                          "(errors.png)."),
     data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
                                              "(default: $FERCACHE_DATA, else the one the store was extracted from)."),
     device: str = Device,
@@ -396,7 +413,8 @@ def evaluate(
     """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
     calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
     per-AU F1). The cross-dataset matrix is `fercache cross`."""
-    from .evaluate import evaluate as run_eval, summarize
+    from .evaluate import evaluate as run_eval
+    from .evaluate import summarize
 
     for run in runs:
         typer.echo(summarize(run_eval(run, store, manifest, split, device, errors=errors, root=data_root)))
@@ -418,7 +436,8 @@ def compare(
     Subjects are resampled whole (several frames of one person are not independent evidence), and both runs
     score every resample, so the interval is that of the difference, not of either run alone.
     """
-    from .compare import compare as run_compare, summarize
+    from .compare import compare as run_compare
+    from .compare import summarize
 
     typer.echo(summarize(run_compare(a, b, store, manifest, split, device, n_boot=n_boot, out=out)))
     if out:
@@ -428,14 +447,17 @@ def compare(
 @app.command("near-dups")
 def near_dups(
     store: str = typer.Argument(..., help="A complete store."),
-    threshold: float = typer.Option(0.95, min=0.0, max=1.0, help="Cosine at or above which two images count as one photo."),
+    threshold: float = typer.Option(0.95, min=0.0, max=1.0, help="Cosine at or above which two images count as one "
+                                                                 "photo."),
     out: Path = typer.Option(Path("near-dups"), "--out", "-o", help="Folder for near-dups.csv and the plots."),
-    manifest: Optional[Path] = typer.Option(None, help="Labels and splits from this manifest (default: the store's own)."),
+    manifest: Optional[Path] = typer.Option(None, help="Labels and splits from this manifest (default: the store's "
+                                                       "own)."),
     output: Optional[str] = typer.Option(None, help="Store output to compare (default: the store's default)."),
     pairs: int = typer.Option(16, min=0, help="Draw the N least similar pairs above the threshold (needs the images; "
                               "without them the figure is skipped with a warning, the rest is written)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="--pairs: folder the manifest paths are relative "
-                                             "to (default: $FERCACHE_DATA, else the one each store was extracted from)."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="--pairs: folder the manifest paths are "
+                                                                       "relative to (default: $FERCACHE_DATA, else the "
+                                                                       "one each store was extracted from)."),
     without_leaks: Optional[Path] = typer.Option(None, "--without-leaks", help="Write the manifest with those val/test "
                                                  "images (clips) unlabelled; the same store serves it."),
     against: Optional[str] = typer.Option(None, help="Compare with this other store's train and val images instead "
@@ -448,7 +470,8 @@ def near_dups(
     train-on-B / test-on-STORE cell of the cross matrix would score from memory."""
     from .neighbours import near_duplicates, summarize
 
-    typer.echo(summarize(near_duplicates(store, out, manifest, output, threshold, without_leaks, pairs, data_root, device,
+    typer.echo(summarize(near_duplicates(store, out, manifest, output, threshold, without_leaks, pairs, data_root,
+                                         device,
                                         against)))
 
 
@@ -471,7 +494,8 @@ def predict(
     device: str = Device,
 ) -> None:
     """Class probabilities for new images or videos, using the run's encoder and preprocessing."""
-    from .predict import check_out, predict as run_predict, tally, timelines, write_predictions
+    from .predict import check_out, tally, timelines, write_predictions
+    from .predict import predict as run_predict
 
     check_out(out)
     rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"],
@@ -513,7 +537,8 @@ def folds(
     store: str = StoreArg,
     manifest: list[Path] = typer.Option(..., "--manifest", "-m",
                                         help="One manifest per fold (repeatable), e.g. DFEW's set_1..set_5 built with "
-                                             "`fercache manifest build SRC --format dfew --option fold=K -o setK.csv`."),
+                                             "`fercache manifest build SRC --format dfew --option fold=K -o "
+                                             "setK.csv`."),
     head: list[str] = typer.Option(["temporal"], "--head", "--heads", help="Head(s) to train on every fold, "
                                    "comma-separated or repeated (as cross takes them)."),
     seeds: str = typer.Option("0,1,2", help="Seeds per fold; results are mean ± std over folds x seeds."),
@@ -560,8 +585,8 @@ def _axis(text: str) -> tuple[str, list]:
 def runs_cmd(
     root: Path = typer.Argument(Path("runs"), help="Folder to search for trained runs (any depth)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write every table to this CSV."),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any run is stale or cannot be checked (for scripts "
-                                                       "and CI)."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when any run is stale or cannot be checked (for "
+                                                        "scripts and CI)."),
 ) -> None:
     """The run ledger: every run under ROOT, seeds grouped, ranked on validation, with the evaluations saved
     beside each run (eval-*/) and a status that flags STALE runs (store re-extracted or manifest edited since)."""
@@ -583,14 +608,18 @@ def runs_cmd(
 def sweep(
     store: str = StoreArg,
     head: str = typer.Option("mask", "--head", "-H", help="The head to sweep (see `fercache heads`)."),
-    axis: list[str] = typer.Option(..., "--axis", help="name=v1,v2,... (repeatable); head hyperparameters or recipe keys "
-                                   "(epochs, lr, weight_decay, batch_size, sam_rho, balance, select, shots, fraction, ...), e.g. "
-                                   "--axis n_drop=5,10,20 --axis mask=sample,class,none; a data-efficiency curve: --axis shots=1,4,16,64; "
-                                   "list-valued points as one JSON list: --axis 'budgets=[null,[2,1,1,1,1,1,1]]'"),
-    seeds: str = typer.Option("0", help="Comma-separated seeds; each point is trained once per seed, ranked on the mean."),
+    axis: list[str] = typer.Option(..., "--axis", help="name=v1,v2,... (repeatable); head hyperparameters or recipe "
+                                                       "keys (epochs, lr, weight_decay, batch_size, sam_rho, balance, "
+                                                       "select, shots, fraction, ...), e.g. --axis n_drop=5,10,20 "
+                                                       "--axis mask=sample,class,none; a data-efficiency curve: --axis "
+                                                       "shots=1,4,16,64; list-valued points as one JSON list: --axis "
+                                                       "'budgets=[null,[2,1,1,1,1,1,1]]'"),
+    seeds: str = typer.Option("0", help="Comma-separated seeds; each point is trained once per seed, ranked on the "
+                                        "mean."),
     recipe: list[str] = typer.Option([], "--recipe", help="Fixed recipe overrides for every point."),
     hp: list[str] = typer.Option([], "--hp", help="Fixed head hyperparameters for every point."),
-    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs, sweep.md/.csv/.json and plots."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs, sweep.md/.csv/.json and "
+                                                                     "plots."),
     retrain: bool = Retrain,
     device: str = Device,
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
@@ -600,7 +629,8 @@ def sweep(
 
     Run again after an interruption, it goes on where it stopped: runs already finished in --out with the same
     settings, data and fercache code are read back instead of trained again."""
-    from .sweep import summarize, sweep as run_sweep
+    from .sweep import summarize
+    from .sweep import sweep as run_sweep
 
     axes = [_axis(a) for a in axis]
     if twice := repeated([name for name, _ in axes]):  # dict() would keep the later --axis of a name, unsaid
@@ -630,7 +660,8 @@ def bench_extract_cmd(
                                            "larger; default: every row)."),
     precision: str = typer.Option("auto", help=PRECISION_HELP),
 ) -> None:
-    """(a) model-only, (b) end-to-end extract, (c) b/a, (d) PIL+DataLoader baseline, (e) input pipeline alone, (f) memory."""
+    """(a) model-only, (b) end-to-end extract, (c) b/a, (d) PIL+DataLoader baseline, (e) input pipeline alone, (f)
+    memory."""
     from .bench import bench_extract, verdict
 
     r = bench_extract(manifest, encoder, pretrained=pretrained, image_size=image_size, root=data_root, device=device,
@@ -654,7 +685,8 @@ def bench_memory_cmd(
     """Peak host RSS and device memory of whole extracts at several sizes: flat means it does not grow with N."""
     from .bench import bench_memory, memory_growth
 
-    rows = bench_memory(manifest, _ints(sizes, "--sizes", least=1), encoder, image_size, data_root, device, batch_size, workers)
+    rows = bench_memory(manifest, _ints(sizes, "--sizes", least=1), encoder, image_size, data_root, device, batch_size,
+                        workers)
     for r in rows:
         typer.echo("  ".join(f"{k}={v:,.1f}" if isinstance(v, float) else f"{k}={v}" for k, v in r.items()))
     if len(rows) > 1:
@@ -730,7 +762,8 @@ def steps_cmd(kind: Optional[str] = typer.Argument(None, help="One step kind (de
     for d in rows:
         typer.echo(f"{d['kind']:10s} {d['summary']}")
         typer.echo(f"{'':10s} needs     {' '.join(d['needs'])}")
-        typer.echo(f"{'':10s} optional  {' '.join(f'{k}={json.dumps(v, default=str)}' for k, v in d['optional'].items())}")
+        typer.echo(f"{'':10s} optional  "
+                   f"{' '.join(f'{k}={json.dumps(v, default=str)}' for k, v in d['optional'].items())}")
     typer.echo("(keys are mostly the command's options in snake_case; null: the library's default; "
                "`{name}` in a string is a [vars] entry, overridden by the environment variable FERCACHE_NAME)")
 

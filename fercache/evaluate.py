@@ -18,11 +18,11 @@ from . import metrics, report
 from .data import FeatureSet, carve_val, clip_level, load_features, store_views
 from .encoders import revision_note
 from .errors import ConfigError, StaleRunError, StoreError, near_path
+from .loop import predict_logits, to_device
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
-from .store import encoder_key, encoder_label, exists, open_store, outdated, same_location, store_name
-from .loop import predict_logits, to_device
 from .rundir import RunConfig, load_run
+from .store import encoder_key, encoder_label, exists, open_store, outdated, same_location, store_name
 from .train import targets
 
 log = logging.getLogger(__name__)
@@ -106,7 +106,8 @@ def runs_hint(run: Path) -> str:
         return (f": {run.name} is a feature store; `fercache train-head {run} --head linear` trains a run on it, "
                 "and the run folder that prints is what this reads")
     if run.is_file() and run.name.endswith((".csv", ".csv.gz")):
-        return f": {run.name} is a manifest; extract it into a store (`fercache extract {run} ...`) and train a head on that"
+        return (f": {run.name} is a manifest; extract it into a store (`fercache extract {run} ...`) and train a head "
+                "on that")
     # a few levels down, not the whole tree: `run` may be a home folder (a protocol's runs sit 3-4 levels deep)
     deeper = next((p for depth in range(2, 6) for p in sorted(run.glob("*/" * depth + "head.pt"))), None)
     if deeper is None:
@@ -174,7 +175,8 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     store = store or cfg.store
     fs, views = _features_to_score(run, cfg, model.spec.level, store, manifest, split)
     y = targets(fs, cfg.task, cfg.classes)
-    result = {"run": str(run), "store": store, "split": split, "head": cfg.head, "seed": cfg.seed, "level": model.spec.level,
+    result = {"run": str(run), "store": store, "split": split, "head": cfg.head, "seed": cfg.seed,
+              "level": model.spec.level,
               "tta_views": views}
     if manifest is not None and Path(manifest).resolve() != Path(cfg.manifest).resolve():
         result["labels"] = str(manifest)  # other labels for the same images: written apart (eval-...@<name>)
@@ -196,7 +198,8 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     return result, out
 
 
-def _features_to_score(run, cfg: RunConfig, level: str, store: str, manifest, split: str) -> tuple[FeatureSet, list[str]]:
+def _features_to_score(run, cfg: RunConfig, level: str, store: str, manifest, split: str) -> tuple[FeatureSet,
+                                                                                                   list[str]]:
     """The `split` rows of `store` the run is scored on, labelled by `manifest` (default: the run's own on its own
     store, else the store's), and the cached views averaged in at test time; refused when the store's encoder is
     not the run's, the run is stale, or a mask-source head meets another store."""
@@ -267,7 +270,8 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
     check_errors(errors)
     result, scored = score_run(run, store, manifest, split, device)
     if errors and scored.task != "expr":
-        raise ConfigError("--errors shows expression mistakes; for AU runs read predictions.csv (truth, decision, p per AU)")
+        raise ConfigError("--errors shows expression mistakes; for AU runs read predictions.csv (truth, decision, p "
+                          "per AU)")
     result = with_intervals(result, scored)
     if write:
         # the mistakes' images before anything is written: a wrong data root left one seed's evaluation written
@@ -308,7 +312,8 @@ def error_gallery(path: Path, result: dict, s: Scored, errors: list[tuple[str, s
     systematic confusions show at a glance (FER2013 has many of the first)."""
     captions = [f"{t} → {p} {prob:.2f}\n{sid.rsplit('/', 1)[-1][-20:]}" for sid, t, p, prob in errors]
     wrong = int((s.decisions()["pred"] != s.y).sum())
-    title = f"{result['head']} on {store_name(result['store'])}:{result['split']}: the {len(errors)} surest of {wrong} mistakes"
+    title = (f"{result['head']} on {store_name(result['store'])}:{result['split']}: the {len(errors)} surest of "
+             f"{wrong} mistakes")
     return report.gallery_png(path, images, captions, title)
 
 
@@ -322,7 +327,8 @@ def labels_tag(manifest: str | Path) -> str:
 
 def eval_name(result: dict) -> str:
     """Where an evaluation is written beside its run, and its column in the ledger: `<store> <split>[ @labels]`."""
-    return f"{store_name(result['store'])} {result['split']}" + (f" {labels_tag(result['labels'])}" if "labels" in result else "")
+    return f"{store_name(result['store'])} {result['split']}" + (f" {labels_tag(result['labels'])}"
+                                                                 if "labels" in result else "")
 
 
 def _write_eval(run: Path, result: dict, scored: Scored) -> Path:
@@ -335,8 +341,8 @@ def _write_eval(run: Path, result: dict, scored: Scored) -> Path:
         report.write_csv(out / "confusion.csv", ["true \\ predicted"] + classes,
                          [[c] + row for c, row in zip(classes, result["confusion"])])
         report.confusion_png(out / "confusion.png", result["confusion"], classes,
-                             f"{result['head']} on {store_name(result['store'])} {result['split']}: acc {100 * result['accuracy']:.1f}%, "
-                             f"UAR {100 * result['uar']:.1f}%, n={result['n']}")
+                             f"{result['head']} on {store_name(result['store'])} {result['split']}: acc "
+                             f"{100 * result['accuracy']:.1f}%, UAR {100 * result['uar']:.1f}%, n={result['n']}")
     if "reliability" in result:
         report.reliability_png(out / "reliability.png", result,
                                f"{result['head']} on {store_name(result['store'])} {result['split']}, n={result['n']}")
@@ -359,7 +365,8 @@ def _write_predictions(path: Path, s: Scored) -> Path:
     return report.write_csv(path, header, rows)
 
 
-def over_seeds(results: list[dict], keys=("accuracy", "uar", "macro_f1", "ece", "macro_f1_at_0.5", "macro_f1_tuned")) -> dict:
+def over_seeds(results: list[dict],
+               keys=("accuracy", "uar", "macro_f1", "ece", "macro_f1_at_0.5", "macro_f1_tuned")) -> dict:
     """mean and std over seeds of each headline metric present."""
     out = {}
     for k in keys:

@@ -124,7 +124,8 @@ def _dist() -> tuple[int, int]:
     import torch.distributed as dist
 
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() and os.environ.get("FERCACHE_BACKEND") != "gloo" else "gloo")
+        dist.init_process_group("nccl" if torch.cuda.is_available()
+                                and os.environ.get("FERCACHE_BACKEND") != "gloo" else "gloo")
     return dist.get_rank(), world
 
 
@@ -292,7 +293,8 @@ def _malloc_trim() -> Callable[[int], object]:
 
 
 def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: np.ndarray, bboxes: np.ndarray, chunks: list[int],
-               device: torch.device, batch_size: int, workers: int, dtype: torch.dtype, progress: bool) -> tuple[int, float]:
+               device: torch.device, batch_size: int, workers: int, dtype: torch.dtype, progress: bool) -> tuple[int,
+                                                                                                                 float]:
     """Decode, encode and write `chunks`; returns (images processed, summed decode-worker busy seconds)."""
     from tqdm.auto import tqdm
 

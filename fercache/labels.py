@@ -22,7 +22,8 @@ NATIVE: dict[str, dict[int, str]] = {
     # RAF-DB basic list_patition_label.txt.
     "rafdb": {1: "surprise", 2: "fear", 3: "disgust", 4: "happy", 5: "sad", 6: "anger", 7: "neutral"},
     # AffectNet `expression`; 8 none, 9 uncertain, 10 no-face are dropped by the adapter.
-    "affectnet": {0: "neutral", 1: "happy", 2: "sad", 3: "surprise", 4: "fear", 5: "disgust", 6: "anger", 7: "contempt"},
+    "affectnet": {0: "neutral", 1: "happy", 2: "sad", 3: "surprise", 4: "fear", 5: "disgust", 6: "anger",
+                  7: "contempt"},
     # ExpW label.lst, last column.
     "expw": {0: "anger", 1: "disgust", 2: "fear", 3: "happy", 4: "sad", 5: "surprise", 6: "neutral"},
     # CK+ Emotion_labels codes.

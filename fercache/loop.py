@@ -62,7 +62,8 @@ def _scheduler(opt, r: dict):
     if kind == "multistep":  # the published temporal recipe: x gamma at each milestone epoch
         return torch.optim.lr_scheduler.MultiStepLR(opt, milestones=r["milestones"], gamma=r.get("gamma", 0.1))
     if kind == "cosine_quarter":  # the published CVaR recipe: T_max = epochs / 4
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs // 4), eta_min=r.get("eta_min", 1e-5))
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, epochs // 4),
+                                                          eta_min=r.get("eta_min", 1e-5))
     return None
 
 
@@ -127,7 +128,8 @@ def _view_mean_logits(head: nn.Module, batch: dict) -> torch.Tensor:
 def predict_logits(head: nn.Module, data: dict, batch_size: int = 4096) -> torch.Tensor:
     """Eval-mode logits over all rows of `data`."""
     head.eval()
-    out = [_view_mean_logits(head, {k: v[i:i + batch_size] for k, v in data.items()}) for i in range(0, len(data["x"]), batch_size)]
+    out = [_view_mean_logits(head, {k: v[i:i + batch_size] for k, v in data.items()}) for i in range(0, len(data["x"]),
+                                                                                                     batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
 
@@ -140,7 +142,8 @@ def score(head: nn.Module, data: dict, task: str, classes: list[str], thresholds
     return metrics.classification(y, logits.argmax(1).cpu().numpy(), classes)
 
 
-def epoch_batches(n: int, batch_size: int, gen: torch.Generator, weights: torch.Tensor | None = None) -> list[torch.Tensor]:
+def epoch_batches(n: int, batch_size: int, gen: torch.Generator,
+                  weights: torch.Tensor | None = None) -> list[torch.Tensor]:
     """Shuffled index batches, or with `weights` n rows drawn with replacement in proportion to them; a trailing
     batch of 1 is dropped (BatchNorm cannot train on it)."""
     perm = torch.randperm(n, generator=gen) if weights is None else torch.multinomial(weights, n, True, generator=gen)

@@ -76,7 +76,8 @@ def _columns_of(rows: list[dict[str, str]]) -> list[str]:
             seen.setdefault(key)
     extra = [c for c in seen if c not in REQUIRED]
     aus = sorted((c for c in extra if is_au(c)), key=lambda c: int(c[2:]))
-    return list(REQUIRED) + [c for c in OPTIONAL if c in seen] + [c for c in extra if c not in OPTIONAL and c not in aus] + aus
+    return list(REQUIRED) + [c for c in OPTIONAL if c in seen] + [c for c in extra if c not in OPTIONAL
+                                                                  and c not in aus] + aus
 
 
 def _named_like_a_manifest(p: Path) -> bool:
@@ -102,7 +103,8 @@ def read_manifest(path: str | Path) -> Manifest:
             _check_header(path, reader.fieldnames or [])
             missing = [c for c in REQUIRED if c not in (reader.fieldnames or [])]
             if missing:
-                raise ManifestError(f"{path}:1: missing required column(s) {missing}; a manifest needs {list(REQUIRED)}")
+                raise ManifestError(f"{path}:1: missing required column(s) {missing}; a manifest needs "
+                                    f"{list(REQUIRED)}")
             manifest = Manifest(rows=[dict(r) for r in reader], source=str(path), columns=list(reader.fieldnames))
     except (UnicodeDecodeError, gzip.BadGzipFile, EOFError, zlib.error, csv.Error) as e:  # EOFError: a cut .gz
         raise ManifestError(f"{path} is not a readable manifest ({type(e).__name__}: {e}); a manifest is a UTF-8 "
@@ -283,9 +285,9 @@ def _check_confined(manifest: Manifest, paths: list[Path], root: Path) -> None:
     outside = [i for i, p in enumerate(paths) if not Path(os.path.realpath(p)).is_relative_to(real_root)]
     if outside:
         i = outside[0]
-        raise ManifestError(f"{manifest.where(i)}{paths[i]} is a link to {os.path.realpath(paths[i])}, outside the data "
-                            f"root {real_root} ({len(outside)} such row(s)); paths must stay inside the data root: pass "
-                            "--data-root to a folder that holds the files themselves")
+        raise ManifestError(f"{manifest.where(i)}{paths[i]} is a link to {os.path.realpath(paths[i])}, outside the "
+                            f"data root {real_root} ({len(outside)} such row(s)); paths must stay inside the data "
+                            "root: pass --data-root to a folder that holds the files themselves")
 
 
 def root_holding(rels: list[str], root: Path) -> Path | None:

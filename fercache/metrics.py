@@ -175,7 +175,8 @@ def _nll(logits: np.ndarray, y: np.ndarray) -> float:
 T_RANGE = (0.05, 20.0)
 
 
-def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = T_RANGE[0], hi: float = T_RANGE[1], iters: int = 80) -> float:
+def fit_temperature(logits: np.ndarray, y: np.ndarray, lo: float = T_RANGE[0], hi: float = T_RANGE[1],
+                    iters: int = 80) -> float:
     """The T in [lo, hi] minimising the NLL of softmax(logits / T): call on the validation split only.
 
     NLL is convex in 1/T (a log-sum-exp of a linear function of it, minus a linear term), so a golden-section
@@ -234,7 +235,8 @@ def calibration(logits: np.ndarray, y: np.ndarray, temperature: float | None = N
         logp = log_softmax(z)
         prob, onehot = np.exp(logp), np.eye(z.shape[1])[y]
         return {f"ece{suffix}": ece(prob, y), f"nll{suffix}": float(-logp[np.arange(len(y)), y].mean()),
-                f"brier{suffix}": float(((prob - onehot) ** 2).sum(1).mean()), f"reliability{suffix}": reliability(prob, y)}
+                f"brier{suffix}": float(((prob - onehot) ** 2).sum(1).mean()),
+                f"reliability{suffix}": reliability(prob, y)}
 
     logits = np.asarray(logits, dtype=np.float64)
     if len(y) == 0:

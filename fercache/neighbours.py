@@ -70,7 +70,8 @@ def _scored(fs: FeatureSet) -> np.ndarray:
     return (fs.label != "") | has_au
 
 
-def _nearest(q: torch.Tensor, banks: list[torch.Tensor], ref_chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _nearest(q: torch.Tensor, banks: list[torch.Tensor], ref_chunk: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
     """Best cosine of each query row over every bank (the references, then their views), chunk by chunk so a
     million references never make a million-column matrix; returns (cosine, reference index, bank index)."""
     best = torch.full((len(q),), -float("inf"), device=q.device)
@@ -80,7 +81,8 @@ def _nearest(q: torch.Tensor, banks: list[torch.Tensor], ref_chunk: int) -> tupl
         for b in range(0, len(bank), ref_chunk):
             s, i = (q @ bank[b:b + ref_chunk].T).max(1)
             better = s > best  # strictly: on a tie the unmirrored reference wins
-            best, idx, bank_of = torch.where(better, s, best), torch.where(better, i + b, idx), torch.where(better, v, bank_of)
+            best, idx, bank_of = torch.where(better, s, best), torch.where(better, i + b, idx), torch.where(better, v,
+                                                                                                            bank_of)
     return best, idx, bank_of
 
 
@@ -118,7 +120,8 @@ def nearest_earlier(fs: FeatureSet, chunk: int = 2048, ref_chunk: int = 65536, d
     return _neighbours(fs, parts)
 
 
-def nearest_in(fs: FeatureSet, other: FeatureSet, chunk: int = 2048, ref_chunk: int = 65536, device: str = "cpu") -> Neighbours:
+def nearest_in(fs: FeatureSet, other: FeatureSet, chunk: int = 2048, ref_chunk: int = 65536,
+               device: str = "cpu") -> Neighbours:
     """Nearest neighbour in another dataset's train and val rows (what its heads learn from and select on) of every
     labelled val/test row of fs: the images a train-on-B / test-on-A cell would score from memory."""
     q = np.flatnonzero(np.isin(fs.split, ("val", "test")) & _scored(fs))
@@ -146,7 +149,8 @@ def pairs_png(path: Path, nb: Neighbours, threshold: float, k: int, stores: tupl
         q, r = nb.query[i], nb.ref[i]
         images += [q_img[j], r_img[j]]
         captions += [f"{nb.fs.split[q]} {nb.fs.label[q]}\n{q_ids[j].rsplit('/', 1)[-1][-20:]}",
-                     f"{nb.refs.split[r]} {nb.refs.label[r]} {nb.cos[i]:.3f}" + (" (mirrored)" if nb.mirrored[i] else "")
+                     f"{nb.refs.split[r]} {nb.refs.label[r]} {nb.cos[i]:.3f}" + (" "
+                                                                                 "(mirrored)" if nb.mirrored[i] else "")
                      + f"\n{r_ids[j].rsplit('/', 1)[-1][-20:]}"]
     return report.gallery_png(path, images, captions, title)
 
@@ -154,7 +158,8 @@ def pairs_png(path: Path, nb: Neighbours, threshold: float, k: int, stores: tupl
 def _units_of(store: str, manifest, output: str | None, views: bool = True) -> FeatureSet:
     """A store's features (with its cached views when it serves as reference); a video store as one mean feature
     per clip (a clip is copied or not, and millions of frames against millions would never finish)."""
-    fs = load_features(store, manifest, output, views=tta_views(store_views(store)) if views else ())  # mirrors, not noise
+    # mirrors, not noise
+    fs = load_features(store, manifest, output, views=tta_views(store_views(store)) if views else ())
     return clip_means(fs) if fs.clip_id is not None else fs
 
 
@@ -179,14 +184,16 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
         check_same_encoder([store, against])  # before any folder is made or feature read
     out_dir.mkdir(parents=True, exist_ok=True)
     fs = _units_of(store, manifest, output, views=not against)  # queries are compared as they are, never mirrored
-    nb = nearest_in(fs, _units_of(against, None, output), device=device) if against else nearest_earlier(fs, device=device)
+    nb = nearest_in(fs, _units_of(against, None, output), device=device) if against else nearest_earlier(fs,
+                                                                                                         device=device)
     refs, hits = nb.refs, nb.above(threshold)
     where = f"{store_name(against)} train/val" if against else "earlier-split"
     unit, ref_unit = _unit(fs), _unit(refs)
     name = store_name(store) + (f" vs {store_name(against)}" if against else "")
     rows = [[fs.sample_id[nb.query[i]], fs.split[nb.query[i]], fs.label[nb.query[i]], refs.sample_id[nb.ref[i]],
              refs.split[nb.ref[i]], refs.label[nb.ref[i]], f"{nb.cos[i]:.4f}", int(nb.mirrored[i])] for i in hits]
-    hist = report.hist_png(out_dir / "near-dups-hist.png", {s: nb.cos[fs.split[nb.query] == s] for s in ("val", "test")},
+    hist = report.hist_png(out_dir / "near-dups-hist.png",
+                           {s: nb.cos[fs.split[nb.query] == s] for s in ("val", "test")},
                            threshold, f"cosine to the nearest {where} {ref_unit}"
                            + ("" if against else " (train; train + val for test)"),
                            f"{name}: {len(hits)} of {len(nb.query)} val/test {unit}s at cosine ≥ {threshold}")
@@ -199,10 +206,10 @@ def near_duplicates(store: str, out_dir: str | Path, manifest: str | Path | None
         result["manifest"] = str(write_manifest(without_leaks(m, result["units"]), without_leaks_to))
     if pairs and len(hits):
         try:
+            title = (f"{name}: the {min(pairs, len(hits))} least similar pairs at cosine ≥ {threshold} (if these "
+                     "are one photo, so is everything above)")
             result["pairs_png"] = str(pairs_png(out_dir / "near-dups-pairs.png", nb, threshold, pairs,
-                                                (store, against or store), manifest, root,
-                                                f"{name}: the {min(pairs, len(hits))} least similar pairs at cosine ≥ "
-                                                f"{threshold} (if these are one photo, so is everything above)"))
+                                                (store, against or store), manifest, root, title))
         except ConfigError as e:  # the images are not here (a store copied without them): the figure is an extra
             log.warning("near-dups-pairs.png not drawn: %s (--pairs 0 skips it)", e)
     return result

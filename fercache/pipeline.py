@@ -18,14 +18,15 @@ import inspect
 import os
 import string
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .errors import (ConfigError, EncoderError, FercacheError, UnknownNameError, did_you_mean, file_in_the_way,
-                     near_path)
+import tomllib
+
+from .errors import ConfigError, EncoderError, FercacheError, UnknownNameError, did_you_mean, file_in_the_way, near_path
 from .registry import Registry
+
 
 @dataclass(frozen=True)
 class Step:
@@ -232,7 +233,8 @@ def _check_evaluate(args: dict) -> None:
 @register_step("evaluate", reads=("runs", "store", "manifest", "data_root"), check=_check_evaluate)
 def _evaluate_step(runs: list[str], store: str | None = None, manifest: str | None = None, split: str = "test",
                    device: str = "cpu", errors: int = 0, data_root: str | None = None):
-    """Score runs on a split, files beside each run; `errors = N` draws their N surest mistakes (`fercache evaluate`)."""
+    """Score runs on a split, files beside each run; `errors = N` draws their N surest mistakes (`fercache
+    evaluate`)."""
     from .evaluate import evaluate, summarize
 
     results = [evaluate(run, store, manifest, split, device, errors=errors, root=data_root) for run in runs]
@@ -406,7 +408,8 @@ def _substitute_text(value: str, variables: dict[str, Any]) -> str:
 
 
 def _how_braces(variables: dict[str, Any]) -> str:
-    return f"variables are written {{name}} ([vars] here: {', '.join(variables) or 'none'}), a literal brace {{{{ or }}}}"
+    return (f"variables are written {{name}} ([vars] here: {', '.join(variables) or 'none'}), a literal brace {{{{ or "
+            f"}}}}")
 
 
 TABLES = ("vars", "step")  # the top level of a pipeline file

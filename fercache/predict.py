@@ -16,8 +16,8 @@ from .errors import ConfigError, FercacheError, check_out_file, check_whole, nea
 from .evaluate import run_dirs
 from .faces import FaceCropper
 from .preprocess import decode_image, to_model_input, tta_views, with_views
-from .store import encoder_key
 from .rundir import Fitted, RunConfig, load_run
+from .store import encoder_key
 from .video import is_video, iter_frames
 
 log = logging.getLogger(__name__)
@@ -232,7 +232,8 @@ def _encode(enc, images: list[np.ndarray], output: str, device) -> torch.Tensor:
         return enc.model(to_model_input(images, enc.preprocess, device))[output].float()
 
 
-def _predict_batch(items: list[tuple[dict, np.ndarray | str]], enc, heads: list[TrainedHead], cropper, device) -> list[dict]:
+def _predict_batch(items: list[tuple[dict, np.ndarray | str]], enc, heads: list[TrainedHead], cropper,
+                   device) -> list[dict]:
     images, rows = [], []
     for row, img in items:
         if isinstance(img, str):  # its decoding error
@@ -348,5 +349,7 @@ def write_predictions(rows: list[dict], out: Path) -> Path:
     header = ["path", *frame, "prediction", "face_detected", "error"] + classes
     return write_csv(out, header, [[r["path"], *[r.get(k) for k in frame],
                                     r.get("prediction", ";".join(r.get("active", []))), r.get("face_detected"),
-                                    r.get("error", "")] + [f"{r.get('probabilities', {}).get(c, float('nan')):.4f}" for c in classes]
+                                    r.get("error",
+                                          "")]
+                                   + [f"{r.get('probabilities', {}).get(c, float('nan')):.4f}" for c in classes]
                                    for r in rows])

@@ -294,9 +294,9 @@ def erase_boxes(rows: torch.Tensor, size: int, tries: int = 10) -> torch.Tensor:
 @register_view("erase", tta=False)
 def _erase(x: torch.Tensor, rows: torch.Tensor, spec: Preprocess) -> torch.Tensor:
     """Random erasing: one rectangle of 2-25% of the image set to 0 (the mean colour after normalisation)."""
-    t, l, h, w = erase_boxes(rows, x.shape[-1]).to(x.device).T[..., None, None]
+    top, left, h, w = erase_boxes(rows, x.shape[-1]).to(x.device).T[..., None, None]
     ys, xs = torch.arange(x.shape[-2], device=x.device), torch.arange(x.shape[-1], device=x.device)
-    inside = (ys[:, None] >= t) & (ys[:, None] < t + h) & (xs >= l) & (xs < l + w)  # [B, S, S]
+    inside = (ys[:, None] >= top) & (ys[:, None] < top + h) & (xs >= left) & (xs < left + w)  # [B, S, S]
     return x.masked_fill(inside[:, None], 0)
 
 

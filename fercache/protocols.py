@@ -4,21 +4,21 @@ cross-validation."""
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from . import metrics, report
+from .aus import choose_aus
 from .data import features_memo
 from .errors import ConfigError, ManifestError, check_out_dir, repeated
 from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters
-from .store import canonical, check_same_encoder, store_name
-from .aus import choose_aus
 from .recipe import Recipe, check_seeds
 from .rundir import check_owner
+from .store import canonical, check_same_encoder, store_name
 from .train import fit_seeds
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,8 @@ def check_tables(heads: list[str], hp: dict | None, recipe: dict | None) -> None
         stray = sorted(set(entries) - set(heads))
         if stray:
             raise ConfigError(f"{table} has entries for {', '.join(map(repr, stray))}, which is none of the heads "
-                              f"({', '.join(heads)}); {table} is keyed by head label, e.g. {{ {heads[0]} = {{ ... }} }}")
+                              f"({', '.join(heads)}); {table} is keyed by head label, e.g. {{ {heads[0]} = {{ ... }} "
+                              f"}}")
     for label in heads:
         Recipe.of(head_of(label), (recipe or {}).get(label))
         check_hyperparameters(head_of(label), (hp or {}).get(label) or {})
@@ -100,8 +101,10 @@ class CrossResult:
         return "\n".join(t.markdown for t in self.tables.values())
 
 
-def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,), test_stores: list[str] | None = None,
-                 hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", metric: str | list[str] = "accuracy",
+def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,),
+                 test_stores: list[str] | None = None,
+                 hp: dict | None = None, recipe: dict | None = None, device: str = "cpu",
+                 metric: str | list[str] = "accuracy",
                  progress: bool = False, labels: dict[str, str] | None = None, reuse: bool = False) -> CrossResult:
     """Train each head on each store, test on each test store's `test` split; rows trained-on, columns tested-on.
 
@@ -129,7 +132,8 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
         cells: dict[str, dict] = {m: {} for m in names}
         for train in stores:
             runs = _fit_label(train, head, hp, recipe, seeds=seeds, out_dir=out_dir / "runs", device=device,
-                              progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}", manifest=manifests[train],
+                              progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}",
+                              manifest=manifests[train],
                               reuse=reuse, own=True)
             for test in test_stores:
                 res = [evaluate_run(r.run_dir, test, manifests[test], device=device) for r in runs]
@@ -174,9 +178,11 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
         md_rows.append([names_r[i]] + cell + ["-" if unseen[i] is None else f"{unseen[i]:.1f}"])
         csv_rows.append([names_r[i]] + [f"{mean[i, j]:.2f}" for j in range(len(cols))] +
                         [f"{std[i, j]:.2f}" for j in range(len(cols))] +
-                        [cells[(r, c)]["excluded"]["n"] for c in cols] + ["" if unseen[i] is None else f"{unseen[i]:.2f}"])
+                        [cells[(r, c)]["excluded"]["n"] for c in cols]
+                        + ["" if unseen[i] is None else f"{unseen[i]:.2f}"])
     base = out_dir / f"cross-{key}"
-    report.write_csv(base.with_suffix(".csv"), ["trained_on"] + [f"{c}_mean" for c in names_c] + [f"{c}_std" for c in names_c]
+    report.write_csv(base.with_suffix(".csv"),
+                     ["trained_on"] + [f"{c}_mean" for c in names_c] + [f"{c}_std" for c in names_c]
                      + [f"{c}_excluded" for c in names_c] + ["mean_unseen"], csv_rows)
     lower = metric in metrics.LOWER_IS_BETTER
     title = (f"{head}: {metric} (%{', lower is better' if lower else ''}) on the test split, "
@@ -217,14 +223,18 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
         for f, m in enumerate(manifests, 1):
             runs = _fit_label(store, head, hp, recipe, seeds=seeds, manifest=m, out_dir=out_dir / "runs", device=device,
                               progress=progress, name=f"{head}/fold{f}/seed{{seed}}", fold=f, reuse=reuse, own=True)
-            results[head] += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f, "manifest": str(m)}
+            results[head] += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f,
+                                                                                           "manifest": str(m)}
                               for r in runs]
     return _folds_table(out_dir, store, results, len(manifests), len(seeds))
 
 
 def _folds_table(out_dir: Path, store: str, results: dict, n_folds: int, n_seeds: int) -> dict:
     n = n_folds * n_seeds  # one fold and one seed have no spread: `± 0.00` read as a perfectly stable result
-    stat = lambda rs, k: report.mean_std(100 * np.mean([r[k] for r in rs]), 100 * np.std([r[k] for r in rs]), n)  # noqa: E731
+
+    def stat(rs: list[dict], k: str) -> str:
+        return report.mean_std(100 * np.mean([r[k] for r in rs]), 100 * np.std([r[k] for r in rs]), n)
+
     unit = "clips" if any(r.get("level") == "clip" for rs in results.values() for r in rs) else "samples"
     header = ["head", "UAR (%)", "WAR (%)", "macro-F1 (%)", f"test {unit} / fold", "excluded / fold"]
     rows = [[head, stat(rs, "uar"), stat(rs, "accuracy"), stat(rs, "macro_f1"),
@@ -263,8 +273,8 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
     check_tables([head], {head: hp or {}}, {head: recipe or {}})
     if HEADS[head].task != "au":
         raise ConfigError(f"au-cv trains an AU head; {head!r} is a {HEADS[head].task} head")
-    from .manifests import Manifest, write_manifest
     from .data import manifest_for
+    from .manifests import Manifest, write_manifest
     from .store import open_store
 
     out_dir = Path(out_dir)
@@ -309,7 +319,8 @@ def _au_table(out_dir: Path, results: list[dict]) -> dict:
     rows = [[a, sum(r["positives"][a] for r in results) // max(1, len({r["seed"] for r in results})),
              f"{100 * avg('per_au_f1_at_0.5', a):.1f}", f"{100 * avg('per_au_f1_tuned', a):.1f}",
              f"{100 * avg('per_au_f1_always_positive', a):.1f}"] for a in aus]
-    macro = {k: float(np.mean([r[k] for r in results])) for k in ("macro_f1_at_0.5", "macro_f1_tuned", "macro_f1_always_positive")}
+    macro = {k: float(np.mean([r[k] for r in results]))
+             for k in ("macro_f1_at_0.5", "macro_f1_tuned", "macro_f1_always_positive")}
     rows.append(["**macro**", "", f"{100 * macro['macro_f1_at_0.5']:.1f}", f"{100 * macro['macro_f1_tuned']:.1f}",
                  f"{100 * macro['macro_f1_always_positive']:.1f}"])
     n_folds = len({r["fold"] for r in results})

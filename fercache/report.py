@@ -128,12 +128,14 @@ def confusion_png(path: Path, confusion: list[list[int]], classes: list[str], ti
     ax.imshow(norm, cmap="Blues", vmin=0, vmax=1)
     ax.set_xticks(range(len(classes)), classes, rotation=45, ha="right")
     # Recall per class beside its name: the number FER papers report, and what UAR averages.
-    ax.set_yticks(range(len(classes)), [f"{c}  {100 * norm[i, i]:.0f}% of {int(cm[i].sum())}" for i, c in enumerate(classes)])
+    ax.set_yticks(range(len(classes)),
+                  [f"{c}  {100 * norm[i, i]:.0f}% of {int(cm[i].sum())}" for i, c in enumerate(classes)])
     ax.set_xlabel("predicted")
     ax.set_ylabel("true (recall of n)")
     for i in range(len(classes)):
         for j in range(len(classes)):
-            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black", fontsize=8)
+            ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if norm[i, j] > 0.5 else "black",
+                    fontsize=8)
     ax.set_title(title, fontsize=9)
     return _save(fig, path, 120)
 
@@ -228,7 +230,8 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
     how many predictions fall in each bin, so a far-off but empty bin is not mistaken for a problem."""
     curves = [("raw softmax", result["reliability"], result["ece"], "tab:blue")]
     if "reliability_ts" in result:
-        curves.append((f"T = {result['temperature']:.2f} (fit on val)", result["reliability_ts"], result["ece_ts"], "tab:orange"))
+        curves.append((f"T = {result['temperature']:.2f} (fit on val)", result["reliability_ts"], result["ece_ts"],
+                       "tab:orange"))
     fig, (ax, axn) = _subplots(2, 1, figsize=(5, 6.3), sharex=True, gridspec_kw={"height_ratios": [3, 1]})
     ax.plot([0, 1], [0, 1], color="gray", lw=1, linestyle="--")
     edges = np.asarray(curves[0][1]["edges"])
@@ -237,7 +240,8 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
         conf, acc = (np.asarray(rel[k], dtype=float) for k in ("confidence", "accuracy"))
         full = np.asarray(rel["n"]) > 0
         ax.plot(conf[full], acc[full], marker="o", color=color, label=f"{name}: ECE {100 * ece:.1f}%")
-        axn.bar(edges[:-1] + i * width / len(curves), rel["n"], width / len(curves), align="edge", color=color, alpha=0.8)
+        axn.bar(edges[:-1] + i * width / len(curves), rel["n"], width / len(curves), align="edge", color=color,
+                alpha=0.8)
     ax.set_xlim(0, 1.02)  # room for the markers of bins at 0 or 1
     ax.set_ylim(-0.02, 1.03)
     ax.set_ylabel("accuracy in bin")
@@ -250,7 +254,8 @@ def reliability_png(path: Path, result: dict, title: str) -> Path:
     return _save(fig, path, 110)
 
 
-def curve_png(path: Path, x: list[float], mean: list[float], std: list[float], xlabel: str, ylabel: str, title: str) -> Path:
+def curve_png(path: Path, x: list[float], mean: list[float], std: list[float], xlabel: str, ylabel: str,
+              title: str) -> Path:
     """A metric against one numeric setting (shots, a learning rate), seed spread shaded; the x axis is
     logarithmic when the values span a factor of 10 or more, as shot counts and learning rates do."""
     order = np.argsort(x)

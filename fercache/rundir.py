@@ -132,7 +132,8 @@ def refuse_other_run(run_dir: Path, settings: dict) -> None:
     if not saved_path.is_file():
         return
     saved = located(json.loads(saved_path.read_text()))  # older runs may hold relative paths
-    differ = [k for k, v in settings.items() if json.dumps(saved.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
+    differ = [k for k,
+              v in settings.items() if json.dumps(saved.get(k), sort_keys=True) != json.dumps(v, sort_keys=True)]
     if differ:
         detail = "; ".join(f"{k}: {_changed(saved.get(k), settings[k])}" for k in differ)
         raise ConfigError(f"{run_dir} holds a run trained with other settings ({detail}); "

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-from dataclasses import dataclass
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +15,10 @@ import numpy as np
 from . import report
 from .data import features_memo
 from .errors import ConfigError, check_out_dir, did_you_mean, repeated
-from .store import store_name
 from .heads import HEADS, check_hyperparameters
 from .recipe import Recipe, check_seeds, recipe_keys
 from .rundir import check_owner, drop_numbered
+from .store import store_name
 from .train import fit_seeds
 
 log = logging.getLogger(__name__)
@@ -97,7 +97,8 @@ def _line_up(out_dir: Path, keys: list[str]) -> int:
         if d not in found.values():
             shutil.rmtree(d)
     moves = {k: d for k, d in found.items() if d.name != f"point{number[k]:03d}"}
-    aside = {k: d if d.name.startswith(STAGED) else d.rename(out_dir / (STAGED + hashlib.sha256(k.encode()).hexdigest()[:16]))
+    aside = {k: d if d.name.startswith(STAGED)
+             else d.rename(out_dir / (STAGED + hashlib.sha256(k.encode()).hexdigest()[:16]))
              for k, d in moves.items()}
     for k, d in aside.items():
         dest = out_dir / f"point{number[k]:03d}"
@@ -141,7 +142,8 @@ def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: l
     header = ["rank"] + list(grid) + [metric]
     table = [[k + 1] + [report.cell(r[a]) for a in grid] + [report.mean_std(100 * r["mean"], 100 * r["std"], n_seeds)]
              for k, r in enumerate(rows)]
-    md = f"### sweep of {head} on {name} (ranked on the validation split)\n\n" + report.markdown_table(header, table) + "\n"
+    md = f"### sweep of {head} on {name} (ranked on the validation split)\n\n" + report.markdown_table(header,
+                                                                                                       table) + "\n"
     (out_dir / "sweep.md").write_text(md)
     report.write_csv(out_dir / "sweep.csv", header, table)
     means, stds = [100 * r["mean"] for r in rows], [100 * r["std"] for r in rows]
@@ -183,7 +185,8 @@ def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, see
         reused += sum(r.reused for r in runs)
         metric = runs[0].metrics["selection"]["metric"]
         vals = [r.metrics["val"][metric] for r in runs]
-        rows.append({"point": i, **point, "val_metric": metric, "mean": float(np.mean(vals)), "std": float(np.std(vals)),
+        rows.append({"point": i, **point, "val_metric": metric, "mean": float(np.mean(vals)),
+                     "std": float(np.std(vals)),
                      "runs": [str(r.run_dir) for r in runs]})
         bar.set_postfix({f"best val {metric}": f"{100 * max(r['mean'] for r in rows):.2f}"})
     # an earlier, larger sweep's points: sweep.json no longer lists them, `fercache runs` would rank them with these

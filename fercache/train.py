@@ -15,8 +15,16 @@ from torch import nn
 
 from . import metrics
 from .aus import select_aus
-from .data import (FeatureSet, carve_val, clip_level, features_memo, load_features, require_clips, store_views,
-                   subset_train)
+from .data import (
+    FeatureSet,
+    carve_val,
+    clip_level,
+    features_memo,
+    load_features,
+    require_clips,
+    store_views,
+    subset_train,
+)
 from .devices import torch_device
 from .encoders import check_text_tower
 from .errors import ConfigError, check_out_dir
@@ -24,8 +32,19 @@ from .heads import HEADS, HeadContext, build_head
 from .labels import sorted_labels
 from .loop import predict_logits, score, to_device, train_loop
 from .recipe import Recipe, check_seeds
-from .rundir import (Fitted, RunConfig, RunResult, code_sha256, drop_numbered, fercache_version, finished_run, located,
-                     refuse_other_run, run_lock, save_run)
+from .rundir import (
+    Fitted,
+    RunConfig,
+    RunResult,
+    code_sha256,
+    drop_numbered,
+    fercache_version,
+    finished_run,
+    located,
+    refuse_other_run,
+    run_lock,
+    save_run,
+)
 from .store import open_store, store_name
 
 log = logging.getLogger(__name__)
@@ -170,7 +189,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     model = build_head(head, ctx, **(hp or {}))
     hp = {**(hp or {}), **model.resolved_hp}  # e.g. an "auto" choice, so load_run rebuilds this head
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
-    settings = located({"head": head, "hp": hp, "recipe": r.to_dict(), "store": store, "output": output or st.default_output,
+    settings = located({"head": head, "hp": hp, "recipe": r.to_dict(), "store": store,
+                        "output": output or st.default_output,
                          "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views,
                          "classes": classes})
     if not overwrite:

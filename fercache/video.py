@@ -222,7 +222,8 @@ def _same_settings(out: Path, settings: dict) -> None:
 def _collect(done, result: FramesResult, bar) -> None:
     for video, (n, no_face), why in done:
         if why is None:
-            result.decoded, result.frames, result.no_face = result.decoded + 1, result.frames + n, result.no_face + no_face
+            result.decoded, result.frames, result.no_face = (result.decoded
+                                                             + 1), result.frames + n, result.no_face + no_face
         else:
             result.failed.append((video, why))
         bar.update(1)

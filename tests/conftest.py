@@ -99,7 +99,8 @@ def tiny_store(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path_factory)
     from fercache.extract import extract
 
     out = tmp_path_factory.mktemp("stores") / "faces.zarr"
-    extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0, progress=False)
+    extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0,
+            progress=False)
     return out
 
 
@@ -138,5 +139,6 @@ def video_store(tmp_path_factory, tiny_clip77):
     with open(manifest, "w", newline="") as fh:
         csv.writer(fh).writerows([["sample_id", "path", "label", "split", "subject", "clip_id", "frame_idx"]] + rows)
     out = root / "clips.zarr"
-    extract(manifest, f"open_clip:{tiny_clip77[0]}", out, root=root, chunk_rows=32, batch_size=16, workers=0, progress=False)
+    extract(manifest, f"open_clip:{tiny_clip77[0]}", out, root=root, chunk_rows=32, batch_size=16, workers=0,
+            progress=False)
     return str(out), root

@@ -115,7 +115,8 @@ def test_ckplus_release_labels_the_peak_frames_from_its_emotion_codes_and_facs_f
     first = rows["S005_001_00000001"]
     assert (first["label"], first["clip_id"], first["AU9"]) == ("neutral", "S005_001_neutral", "-1")
     assert sorted(i for i in rows if i.startswith("S010")) == [f"S010_002_0000000{i}" for i in (1, 2, 3, 4)]
-    assert [rows[f"S010_002_0000000{i}"]["label"] for i in (1, 2, 3, 4)] == ["neutral", "neutral", "surprise", "surprise"]
+    assert [rows[f"S010_002_0000000{i}"]["label"] for i in (1, 2, 3, 4)] == ["neutral", "neutral", "surprise",
+                                                                             "surprise"]
     # AU work: the FACS-coded sequence without an emotion too, unlabelled; S012 (neither) never
     rows = _by_id(build("ckplus_release", src, unlabelled="true"))
     assert rows["S011_001_00000003"]["label"] == "" and rows["S011_001_00000003"]["AU12"] == "1"
@@ -130,7 +131,8 @@ def test_ckplus_release_refuses_what_it_cannot_read(tmp_path):
     for options, says in (({"peak_frames": "0"}, "--option peak_frames=0: a whole number >= 1"),
                           ({"neutral_frames": "x"}, "--option neutral_frames=x: a whole number >= 0"),
                           ({"unlabelled": "maybe"}, "--option unlabelled=maybe: true or false"),
-                          ({"test_fraction": "abc"}, "--option test_fraction=abc: a fraction of the subjects in [0, 1)"),
+                          ({"test_fraction": "abc"},
+                           "--option test_fraction=abc: a fraction of the subjects in [0, 1)"),
                           ({"emotion": "Emotions"}, "ckplus_release annotation folder ")):
         with pytest.raises(ManifestError, match=re.escape(says)):
             build("ckplus_release", src, **options)
@@ -165,7 +167,8 @@ def test_ckplus_release_crops_each_frame_to_the_face_its_landmarks_outline(tmp_p
     caplog.clear()
     with caplog.at_level("WARNING", logger="fercache.adapters"):
         rows = _by_id(build("ckplus_release", src))
-    assert rows["S005_001_00000005"]["bbox"] == "85 125 215 255" and rows["S010_002_00000003"]["bbox"] == "85 125 215 255"
+    assert (rows["S005_001_00000005"]["bbox"] == "85 125 215 255"
+            and rows["S010_002_00000003"]["bbox"] == "85 125 215 255")
     assert rows["S010_002_00000004"]["bbox"] == ""  # encoded whole, and said
     assert caplog.messages == [f"1 frame(s) have no landmarks file (e.g. {src}/Landmarks/S010/002/"
                                "S010_002_00000004_landmarks.txt): encoded whole"]
@@ -211,10 +214,12 @@ def test_ferplus_majority_and_drops(tmp_path):
     got = _by_id(build("ferplus", tmp_path))
     assert set(got) == {"train/fer0000001", "val/fer0000002"}
     assert got["train/fer0000001"]["label"] == "contempt"
-    assert got["val/fer0000002"]["label"] == "surprise" and got["val/fer0000002"]["path"].endswith("FER2013Valid/fer0000002.png")
+    assert (got["val/fer0000002"]["label"] == "surprise"
+            and got["val/fer0000002"]["path"].endswith("FER2013Valid/fer0000002.png"))
 
 
-def _fer2013_csv(path: Path, rows: list[tuple[int, np.ndarray | str, str]], header=("emotion", "pixels", "Usage")) -> Path:
+def _fer2013_csv(path: Path, rows: list[tuple[int, np.ndarray | str, str]],
+                 header=("emotion", "pixels", "Usage")) -> Path:
     with open(path, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
@@ -365,7 +370,8 @@ def _write_csv(path: Path, rows: list[list[str]]) -> Path:
 
 
 @pytest.mark.parametrize("rows,match", [
-    ([["a", "x.jpg", "happy", "train", "s"], ["a", "y.jpg", "sad", "train", "s"]], r":3: duplicate sample_id 'a' \(first on line 2\)"),
+    ([["a", "x.jpg", "happy", "train", "s"], ["a", "y.jpg", "sad", "train", "s"]],
+     r":3: duplicate sample_id 'a' \(first on line 2\)"),
     ([["a", "x.jpg", "joyful", "train", "s"]], r":2: unknown label 'joyful'"),
     ([["a", "../x.jpg", "happy", "train", "s"]], r":2: path '../x.jpg' escapes the data root"),
     ([["a", "/etc/passwd", "happy", "train", "s"]], r":2: path '/etc/passwd' escapes"),
@@ -407,7 +413,8 @@ def test_missing_file_names_line(tmp_path):
     from fercache.manifests import resolve_paths
 
     _img(tmp_path / "x.jpg")
-    m = read_manifest(_write_csv(tmp_path / "m.csv", [["a", "x.jpg", "happy", "train", "s"], ["b", "y.jpg", "sad", "test", "s"]]))
+    m = read_manifest(_write_csv(tmp_path / "m.csv",
+                                 [["a", "x.jpg", "happy", "train", "s"], ["b", "y.jpg", "sad", "test", "s"]]))
     with pytest.raises(ManifestError, match=r"m.csv:3: .*y.jpg"):
         resolve_paths(m, tmp_path)
 
@@ -424,7 +431,8 @@ def test_a_missing_manifest_names_the_one_beside_it(tmp_path):
     # data_manifests/ has ckplus48.csv and fer2013.csv.gz: asking for the other ending is an easy slip
     for name in ("ck.csv", "fer2013.csv.gz", "notes.txt"):
         (tmp_path / name).write_text("")
-    for asked, meant in (("ck.csv.gz", "ck.csv"), ("fer2013.csv", "fer2013.csv.gz"), ("fer2031.csv.gz", "fer2013.csv.gz")):
+    for asked, meant in (("ck.csv.gz", "ck.csv"), ("fer2013.csv", "fer2013.csv.gz"),
+                         ("fer2031.csv.gz", "fer2013.csv.gz")):
         with pytest.raises(ManifestError, match=rf"{asked} does not exist \(did you mean '.*/{meant}'\?\)"):
             read_manifest(tmp_path / asked)
     with pytest.raises(ManifestError, match=r"zzz.csv does not exist; build one"):  # nothing close: no guess
@@ -442,7 +450,8 @@ def test_a_folder_or_a_store_given_as_a_manifest_is_named_as_such(tiny_store, tm
     with pytest.raises(ManifestError, match=rf"^{tiny_store} is a feature store, not a manifest"):
         read_manifest(tiny_store)
     m = build("imagefolder", write_imagefolder(tmp_path / "fer", per_class=1))
-    with pytest.raises(ManifestError, match=rf"^cannot write {tmp_path}/ck.csv/m.csv: {tmp_path}/ck.csv is a file, not a "
+    with pytest.raises(ManifestError,
+                       match=rf"^cannot write {tmp_path}/ck.csv/m.csv: {tmp_path}/ck.csv is a file, not a "
                                             "folder; choose another -o$"):
         write_manifest(m, tmp_path / "ck.csv" / "m.csv")
     assert (tmp_path / "ck.csv").read_text() == ""
@@ -457,7 +466,8 @@ def test_a_missing_dataset_folder_or_data_root_is_one_line_naming_the_near_folde
     m = build("imagefolder", tmp_path / "data" / "fer2013", data_root=tmp_path / "data")
     assert len(resolve_paths(m, tmp_path / "data")) == len(m) > 0
     # a root that is not there: said once, not as every file missing under it
-    with pytest.raises(ManifestError, match=r"^data root .*/dat does not exist \(did you mean '.*/data'\?\)\. Pass --data-root"):
+    with pytest.raises(ManifestError,
+                       match=r"^data root .*/dat does not exist \(did you mean '.*/data'\?\)\. Pass --data-root"):
         resolve_paths(m, tmp_path / "dat")
 
 
@@ -471,7 +481,8 @@ def test_a_data_root_one_level_off_is_answered_with_the_right_one(tmp_path):
     (tmp_path / "elsewhere" / "deeper").mkdir(parents=True)
     m = build("imagefolder", data / "fer2013", data_root=data)  # paths: fer2013/<split>/<class>/*.jpg
     n = len(m)
-    with pytest.raises(ManifestError, match=rf"^{n} file\(s\) .* under data root .*/data/fer2013: .* and {n - 5} more\. "
+    with pytest.raises(ManifestError,
+                       match=rf"^{n} file\(s\) .* under data root .*/data/fer2013: .* and {n - 5} more\. "
                                             rf"They are under {data}: pass --data-root {data}\.$"):
         resolve_paths(m, data / "fer2013")  # one level too low
     with pytest.raises(ManifestError, match=rf"They are under {data}: pass --data-root {data}\.$"):
@@ -551,21 +562,29 @@ def test_a_dataset_folder_one_level_off_names_the_folder_holding_the_annotations
         with pytest.raises(ManifestError, match=rf"not found \(it is under {tmp_path}/raf/basic: pass that folder as "
                                                 r"the dataset folder\)"):
             build("rafdb", src)
-    with pytest.raises(ManifestError, match=r"list_partition_label.txt not found \(did you mean '\S+/list_patition_label.txt'\?\)"):
+    with pytest.raises(ManifestError,
+                       match=r"list_partition_label.txt not found \(did you mean '\S+/list_patition_label.txt'\?\)"):
         build("rafdb", tmp_path / "raf" / "basic", list_file="EmoLabel/list_partition_label.txt")
 
 
 @pytest.mark.parametrize("fmt,path,text,match", [
-    ("rafdb", "EmoLabel/list_patition_label.txt", "train_00001.jpg x\n", r"list_patition_label.txt:1: label must be an integer, got 'x'"),
-    ("rafdb", "EmoLabel/list_patition_label.txt", "train_00001.jpg\n", r"list_patition_label.txt:1: expected `<image name> <label 1-7>`"),
-    ("rafdb", "EmoLabel/list_patition_label.txt", "foo_00001.jpg 3\n", r"list_patition_label.txt:1: unknown split folder 'foo'"),
-    ("affectnet", "training.csv", "subDirectory_filePath,expression\na/b.jpg,\n", r"training.csv:2: expression must be an integer, got ''"),
+    ("rafdb", "EmoLabel/list_patition_label.txt", "train_00001.jpg x\n",
+     r"list_patition_label.txt:1: label must be an integer, got 'x'"),
+    ("rafdb", "EmoLabel/list_patition_label.txt", "train_00001.jpg\n",
+     r"list_patition_label.txt:1: expected `<image name> <label 1-7>`"),
+    ("rafdb", "EmoLabel/list_patition_label.txt", "foo_00001.jpg 3\n",
+     r"list_patition_label.txt:1: unknown split folder 'foo'"),
+    ("affectnet", "training.csv", "subDirectory_filePath,expression\na/b.jpg,\n",
+     r"training.csv:2: expression must be an integer, got ''"),
     ("affectnet", "training.csv", "subDirectory_filePath,expr\na/b.jpg,1\n", r"training.csv: no column expression"),
     ("expw", "label/label.lst", "a.jpg 0 1 2 3 4 0.9 happy\n", r"label.lst:1: label must be an integer, got 'happy'"),
-    ("ferplus", "fer2013new.csv", "Usage,Image name,neutral\nTraining,a.png,1,x\n", r"fer2013new.csv:2: a vote count must be an integer, got 'x'"),
-    ("ferplus", "fer2013new.csv", "Usage,Image name,neutral\nTrain,a.png,1\n", r"fer2013new.csv:2: expected Usage \(Training, PublicTest, PrivateTest\)"),
+    ("ferplus", "fer2013new.csv", "Usage,Image name,neutral\nTraining,a.png,1,x\n",
+     r"fer2013new.csv:2: a vote count must be an integer, got 'x'"),
+    ("ferplus", "fer2013new.csv", "Usage,Image name,neutral\nTrain,a.png,1\n",
+     r"fer2013new.csv:2: expected Usage \(Training, PublicTest, PrivateTest\)"),
     ("ferplus", "fer2013new.csv", "Usage,Image name,neutral\nTraining\n", r"fer2013new.csv:2: expected Usage"),
-    ("affwild2", "annotations/EXPR_Classification_Challenge/Train_Set/v1.txt", "", r"v1.txt: empty; expected a header line"),
+    ("affwild2", "annotations/EXPR_Classification_Challenge/Train_Set/v1.txt", "",
+     r"v1.txt: empty; expected a header line"),
     ("affwild2", "annotations/EXPR_Classification_Challenge/Train_Set/v1.txt", "Neutral,Anger\nsad\n",
      r"v1.txt:2: label must be an integer, got 'sad'"),
 ])

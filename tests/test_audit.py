@@ -1,4 +1,5 @@
-"""Leakage audit: subjects and identical images shared by splits, and the unlabelled manifest that serves the same store."""
+"""Leakage audit: subjects and identical images shared by splits, and the unlabelled manifest that serves the same
+store."""
 
 from __future__ import annotations
 
@@ -112,7 +113,8 @@ def test_fer2013_copy_leaks_test_images_from_train():
     assert not a.subjects_across_splits  # per-image subjects mean "unknown", never a shared person
 
 
-def test_a_manifest_without_its_leaks_is_never_written_over_the_manifest_it_comes_from(tmp_path, tiny_store, tiny_dataset):
+def test_a_manifest_without_its_leaks_is_never_written_over_the_manifest_it_comes_from(tmp_path, tiny_store,
+                                                                                       tiny_dataset):
     """`--without-leaks M.csv` on M.csv itself used to unlabel the leaking rows of the original, for good."""
     from pathlib import Path
 

@@ -19,7 +19,8 @@ def test_bench_extract_reports_a_to_f_on_a_subset(tiny_manifest, tiny_dataset, t
     r = bench_extract(tiny_manifest, tiny_encoder_spec, root=tiny_dataset, batch_size=16, workers=1, n_images=40,
                       model_seconds=0.3)
     assert r["images"] == 40 and r["workers"] == 1 and r["dtype"] == "float32" and r["device"].startswith("CPU")
-    assert r["weights"] == "none"  # speed does not depend on weights: an open_clip model runs at random init unless named
+    # speed does not depend on weights: an open_clip model runs at random init unless named
+    assert r["weights"] == "none"
     for key in ("a_model_only_img_s", "b_end_to_end_img_s", "d_baseline_img_s", "e_null_total_img_s",
                 "e_null_1_worker_img_s", "e_worker_capacity_img_s"):
         assert math.isfinite(r[key]) and r[key] > 0, key
@@ -102,7 +103,8 @@ def test_memory_growth_compares_the_largest_size_with_the_smallest_in_any_order(
     rows = [{"images": 200, "peak_rss_mib": 300.0, "late_median_rss_mib": 240.0, "peak_worker_rss_mib": 50.0},
             {"images": 50, "peak_rss_mib": 200.0, "late_median_rss_mib": 200.0, "peak_worker_rss_mib": 40.0},
             {"images": 100, "peak_rss_mib": 900.0, "late_median_rss_mib": 900.0, "peak_worker_rss_mib": 90.0}]
-    assert memory_growth(rows) == {"images": 4.0, "peak_rss_mib": 1.5, "late_median_rss_mib": 1.2, "peak_worker_rss_mib": 1.25}
+    assert memory_growth(rows) == {"images": 4.0, "peak_rss_mib": 1.5, "late_median_rss_mib": 1.2,
+                                   "peak_worker_rss_mib": 1.25}
 
 
 def test_bench_head_times_both_recipes_on_the_same_images(tiny_manifest, tiny_dataset, tiny_encoder_spec):

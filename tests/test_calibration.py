@@ -113,7 +113,8 @@ def test_runs_carry_a_validation_temperature_that_evaluate_and_predict_use(tiny_
 
 
 def test_cross_matrix_reports_calibration_per_metric(tiny_store, tmp_path):
-    tables = cross_matrix([str(tiny_store)], ["linear"], tmp_path / "cross", recipe={"linear": {"epochs": 4, "batch_size": 16}},
+    tables = cross_matrix([str(tiny_store)], ["linear"], tmp_path / "cross",
+                          recipe={"linear": {"epochs": 4, "batch_size": 16}},
                           metric=["accuracy", "ece_ts"])
     assert set(tables.tables) == {"linear", "linear-ece_ts"}
     assert "ece_ts (%, lower is better)" in tables.tables["linear-ece_ts"].markdown

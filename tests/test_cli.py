@@ -31,14 +31,16 @@ def invoke(*args):
 
 def test_manifest_build_extract_info_export(tiny_dataset, tiny_encoder_spec, tmp_path):
     m = tmp_path / "m.csv"
-    r = invoke("manifest", "build", tiny_dataset / "faces", "--format", "imagefolder", "-o", m, "--data-root", tiny_dataset)
+    r = invoke("manifest", "build", tiny_dataset / "faces", "--format", "imagefolder", "-o", m, "--data-root",
+               tiny_dataset)
     assert r.exit_code == 0 and "72 rows" in r.output
     r = invoke("manifest", "check", m, "--data-root", tiny_dataset, "--json")
     assert r.exit_code == 0 and json.loads(r.output)["splits"] == {"test": 24, "train": 24, "val": 24}
     assert json.loads(r.output)["leaking_units"] == 0
     r = invoke("manifest", "check", m, "--data-root", tiny_dataset)
     assert r.exit_code == 0 and "72 rows" in r.output and "no val/test image repeats" in r.output
-    assert [line.split() for line in r.output.splitlines() if line.strip().startswith("total")][0] == ["total", "24", "24", "24", "72"]
+    assert [line.split() for line in r.output.splitlines() if line.strip().startswith("total")][0] == ["total", "24",
+                                                                                                       "24", "24", "72"]
     s = tmp_path / "s.zarr"
     r = invoke("extract", m, "--encoder", tiny_encoder_spec, "--out", s, "--data-root", tiny_dataset, "--workers", "0")
     assert r.exit_code == 0 and "72 ok, 0 failed" in r.output, r.output
@@ -82,14 +84,16 @@ def test_errors_exit_2_with_message(tmp_path, monkeypatch, capsys):
         raise PermissionError(13, "Permission denied", str(path))
 
     monkeypatch.setattr("fercache.manifests._open_text", refused)
-    args = ["fercache", "manifest", "build", "-f", "imagefolder", str(tmp_path / "data"), "-o", str(tmp_path / "ro" / "m.csv")]
+    args = ["fercache", "manifest", "build", "-f", "imagefolder", str(tmp_path / "data"), "-o",
+            str(tmp_path / "ro" / "m.csv")]
     (tmp_path / "data" / "train" / "happy").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "data" / "train" / "happy" / "x.png")
     monkeypatch.setattr("sys.argv", args)
     with pytest.raises(SystemExit) as e:
         cli.main()
     err = capsys.readouterr().err
-    assert e.value.code == 2 and err == f"error: [Errno 13] Permission denied: '{tmp_path / 'ro' / 'm.csv.tmp'}' (-v shows where)\n"
+    assert (e.value.code == 2 and err == f"error: [Errno 13] Permission denied: '{tmp_path / 'ro' / 'm.csv.tmp'}' (-v "
+                                         "shows where)\n")
     monkeypatch.setattr("sys.argv", args[:1] + ["-v"] + args[1:])
     with pytest.raises(PermissionError):
         cli.main()
@@ -236,8 +240,9 @@ def test_a_pipeline_file_with_misnamed_tables_or_a_folder_is_refused(tmp_path):
         r = invoke("run", tmp_path / f"p{i}.toml", "--check")
         assert r.exit_code == 2 and f"p{i}.toml: {message}" in " ".join(r.output.split()), r.output
     r = invoke("run", tmp_path, "--check")
-    assert r.exit_code == 2 and f"{tmp_path} is a folder; pass a pipeline file (here: p0.toml, p1.toml, p2.toml, p3.toml)" \
-        in " ".join(r.output.split()), r.output
+    said = " ".join(r.output.split())
+    assert r.exit_code == 2 and f"{tmp_path} is a folder; pass a pipeline file (here: p0.toml, p1.toml, p2.toml, " \
+        "p3.toml)" in said, r.output
 
 
 def test_a_brace_in_a_pipeline_value_is_a_variable_an_escaped_brace_or_an_error(tmp_path):
@@ -341,16 +346,20 @@ def test_a_pipeline_is_checked_whole_before_its_first_step_runs(tiny_dataset, tm
     cases = [
         ('run = "cross"\nstores = ["s.zarr"]\nheads = ["linear"]\nout = "x"\nmetrics = ["ece"]',
          "step 3 (cross): cross takes no argument 'metrics' (did you mean 'metric'?)"),
-        ('run = "cross"\nstores = ["s.zarr"]\nheads = ["linaer"]\nout = "x"', "unknown head 'linaer' (did you mean 'linear'?)"),
+        ('run = "cross"\nstores = ["s.zarr"]\nheads = ["linaer"]\nout = "x"', "unknown head 'linaer' (did you mean "
+                                                                              "'linear'?)"),
         ('run = "cross"\nstores = ["s.zarr"]\nheads = ["linear"]\nout = "x"\nrecipe = { mask = { epochs = 3 } }',
          "recipe has entries for 'mask', which is none of the heads (linear)"),
         ('run = "cross"\nstores = ["s.zarr"]\nheads = ["mask"]\nout = "x"\nrecipe = { mask = { scheduler = "cos" } }',
          "recipe scheduler='cos'"),
-        ('run = "train"\nstore = "s.zarr"\nhead = "mask"\nhp = { use_sigmoid = "no" }', "use_sigmoid='no'; give true or false"),
-        ('run = "train"\nstore = "s.zarr"\nhead = "linear"\nseed = 1', "train takes no argument 'seed' (did you mean 'seeds'?)"),
+        ('run = "train"\nstore = "s.zarr"\nhead = "mask"\nhp = { use_sigmoid = "no" }', "use_sigmoid='no'; give true "
+                                                                                        "or false"),
+        ('run = "train"\nstore = "s.zarr"\nhead = "linear"\nseed = 1', "train takes no argument 'seed' (did you mean "
+                                                                       "'seeds'?)"),
         ('run = "sweep"\nstore = "s.zarr"\nhead = "linear"\nout_dir = "x"\ngrid = { lr = [0.1] }',
          "sweep takes no argument 'out_dir' (did you mean 'out'?)"),
-        ('run = "sweep"\nstore = "s.zarr"\nhead = "linear"\nout = "x"\ngrid = { lr = [0.1, 0] }', "recipe lr=0: a number > 0"),
+        ('run = "sweep"\nstore = "s.zarr"\nhead = "linear"\nout = "x"\ngrid = { lr = [0.1, 0] }', "recipe lr=0: a "
+                                                                                                  "number > 0"),
         ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\nbatch_size = 0', "--batch-size 0"),
         ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\ndevice = "gpu"', "--device 'gpu'"),
         ('run = "extract"\nmanifest = "m.csv"\nout = "s.zarr"', "step 3 (extract): extract needs encoder"),
@@ -399,7 +408,8 @@ def test_sweep_axes_take_json_lists_for_list_valued_points(tiny_store, tmp_path)
     from fercache.report import cell
 
     out = tmp_path / "sw"
-    r = invoke("sweep", tiny_store, "--head", "mask", "--axis", "mask=sample,none", "--axis", "budgets=[null, [3,1,1,1]]",
+    r = invoke("sweep", tiny_store, "--head", "mask", "--axis", "mask=sample,none", "--axis", "budgets=[null, "
+                                                                                              "[3,1,1,1]]",
                "--recipe", "epochs=2", "--recipe", "batch_size=8", "--out", out)
     assert r.exit_code == 0, r.output
     rows = json.loads((out / "sweep.json").read_text())
@@ -480,7 +490,8 @@ def test_cross_from_the_cli_writes_the_matrix_with_settings_per_head(tiny_store,
     assert r.exit_code == 0, r.output
     for head in ("linear", "mask"):  # one markdown table per head, printed and written, with the recipe override used
         assert (out / f"cross-{head}.md").read_text().strip() in r.output
-    config = {h: json.loads((out / "runs" / f"faces-{h}" / "seed0" / "config.json").read_text()) for h in ("linear", "mask")}
+    config = {h: json.loads((out / "runs" / f"faces-{h}" / "seed0" / "config.json").read_text())
+              for h in ("linear", "mask")}
     assert config["linear"]["recipe"]["epochs"] == 2 and config["mask"]["recipe"]["epochs"] == 3
     assert config["mask"]["recipe"]["batch_size"] == 8 and config["mask"]["hp"]["hidden"] == 16
     assert "hidden" not in config["linear"]["hp"]
@@ -553,7 +564,8 @@ def test_compare_two_heads_on_the_same_test_samples(tiny_store, tmp_path):
     assert res["seeds_a"] == res["seeds_b"] == 2 and res["n"] == 24 and res["dropped"] == 0
     # A seed group is the mean of its seeds: the same number `evaluate` reports for it.
     for run, key in ((a, "a"), (b, "b")):
-        seeds = [json.loads((run / f"seed{s}" / "eval-faces-test" / "metrics.json").read_text())["accuracy"] for s in (0, 1)]
+        seeds = [json.loads((run / f"seed{s}" / "eval-faces-test" / "metrics.json").read_text())["accuracy"]
+                 for s in (0, 1)]
         assert abs(res["metrics"]["accuracy"][key] - sum(seeds) / 2) < 1e-9
     m = res["metrics"]["uar"]
     assert m["ci95"][0] <= m["diff"] <= m["ci95"][1] and 0 <= m["p"] <= 1
@@ -566,7 +578,8 @@ def test_compare_two_heads_on_the_same_test_samples(tiny_store, tmp_path):
     r = invoke("compare", a, b, "-o", tmp_path / "new" / "cmp.json")
     assert r.exit_code == 0 and json.loads((tmp_path / "new" / "cmp.json").read_text())["n"] == 24
     r = invoke("compare", a, b, "-o", tmp_path / "cmp.json" / "c.json")
-    assert r.exit_code == 2 and "is a file, not a folder; choose another --out" in r.output and "samples" not in r.output
+    assert (r.exit_code == 2 and "is a file, not a folder; choose another --out" in r.output
+            and "samples" not in r.output)
 
 
 def test_an_output_file_under_a_file_is_refused_before_the_work(tiny_store, tiny_manifest, tiny_dataset,
@@ -582,9 +595,11 @@ def test_an_output_file_under_a_file_is_refused_before_the_work(tiny_store, tiny
         r = invoke(*args)
         assert r.exit_code == 2 and f"{flag} {path}: {under} is a file, not a folder; choose another {flag}" in \
             " ".join(r.output.split()), r.output
-    for args, flag in [(("runs", tmp_path, "--csv", tmp_path), "--csv"), (("compare", tmp_path, tmp_path, "-o", tmp_path), "--out")]:
+    for args, flag in [(("runs", tmp_path, "--csv", tmp_path), "--csv"),
+                       (("compare", tmp_path, tmp_path, "-o", tmp_path), "--out")]:
         r = invoke(*args)  # 'Is a directory', after the ledger or the bootstrap
-        assert r.exit_code == 2 and f"{flag} {tmp_path} is a folder; {flag} names the file to write" in " ".join(r.output.split())
+        assert (r.exit_code == 2 and f"{flag} {tmp_path} is a folder; {flag} names the file to "
+                                     "write" in " ".join(r.output.split()))
     assert [p.name for p in tmp_path.iterdir()] == ["notes"] and under.read_text() == "mine"
 
 
@@ -616,7 +631,11 @@ def test_extract_refuses_bad_numbers_before_creating_the_store(tiny_manifest, ti
     r = invoke("run", p, "--check")
     assert r.exit_code == 2 and "--views flip,flip: flip given twice" in r.output, r.output
     for args, says in [(["--batch-size", "0"], "--batch-size 0: at least 1"), (["--workers", "-1"], "--workers -1: 0"),
-                       (["--chunk-rows", "0"], "--chunk-rows 0: at least 1 row"), (["--precision", "fp8"], "--precision fp8: auto, fp32"),
+                       (["--chunk-rows", "0"], "--chunk-rows 0: at least 1 row"),
+                       (["--precision", "fp8"], "--precision "
+                                                                                                           "fp8: "
+                                                                                                           "auto, "
+                                                                                                           "fp32"),
                        (["--image-size", "0"], "--image-size 0: leave it out"),
                        # crashed writing the first chunk (shape mismatch), the store already created
                        (["--views", "flip,flip"], "--views flip,flip: flip given twice; each view is cached once")]:
@@ -651,7 +670,8 @@ def test_quiet_turns_off_progress_bars_in_commands_and_pipelines(tiny_store, tin
     train = ("train-head", tiny_store, "--head", "linear", "--out", tmp_path / "runs", "--recipe", "epochs=3")
     assert "epoch/s" in bars(*train)
     assert "epoch/s" not in bars("-q", *train)
-    predict = ("predict", tmp_path / "runs" / "faces-linear" / "seed0", tiny_dataset / "faces" / "test", "-o", tmp_path / "p.csv")
+    predict = ("predict", tmp_path / "runs" / "faces-linear" / "seed0", tiny_dataset / "faces" / "test", "-o",
+               tmp_path / "p.csv")
     assert "predict: 100%" in bars(*predict) and "predict" not in bars("-q", *predict)  # was silent for any number
     export = ("export", tiny_store, "--to", tmp_path / "s.h5")
     assert "export: 100%" in bars(*export) and "export" not in bars("-q", *export)
@@ -685,7 +705,8 @@ def test_manifest_build_replaces_a_manifest_but_never_another_file(tiny_dataset,
     """`-o` naming a dataset's own label file (a typo away from the manifest's name) must not destroy it."""
     native = tmp_path / "fer2013.csv"
     native.write_text("emotion,pixels,Usage\n0,70 80 82,Training\n")
-    r = invoke("manifest", "build", tiny_dataset / "faces", "-f", "imagefolder", "-o", native, "--data-root", tiny_dataset)
+    r = invoke("manifest", "build", tiny_dataset / "faces", "-f", "imagefolder", "-o", native, "--data-root",
+               tiny_dataset)
     assert r.exit_code == 2 and "is not a manifest" in r.output
     assert native.read_text() == "emotion,pixels,Usage\n0,70 80 82,Training\n"
     gz = tmp_path / "m.csv.gz"
@@ -693,7 +714,8 @@ def test_manifest_build_replaces_a_manifest_but_never_another_file(tiny_dataset,
     assert invoke("manifest", "build", tiny_dataset / "faces", "-f", "imagefolder", "-o", gz).exit_code == 2
     m = tmp_path / "m.csv"
     for _ in range(2):  # rebuilding over its own earlier output is fine
-        r = invoke("manifest", "build", tiny_dataset / "faces", "-f", "imagefolder", "-o", m, "--data-root", tiny_dataset)
+        r = invoke("manifest", "build", tiny_dataset / "faces", "-f", "imagefolder", "-o", m, "--data-root",
+                   tiny_dataset)
         assert r.exit_code == 0 and "72 rows" in r.output
 
 
@@ -745,10 +767,12 @@ def test_the_console_shows_our_progress_lines_not_the_libraries_info_or_the_rand
 def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_makes_its_folder(tiny_store, tiny_dataset,
                                                                                               tmp_path, caplog):
     """--out p.txt was refused only after every image had been encoded; --out into a new folder was an OSError."""
-    assert invoke("train-head", tiny_store, "--head", "linear", "--out", tmp_path / "runs", "--recipe", "epochs=2").exit_code == 0
+    assert invoke("train-head", tiny_store, "--head", "linear", "--out", tmp_path / "runs", "--recipe",
+                  "epochs=2").exit_code == 0
     run, images = tmp_path / "runs" / "faces-linear" / "seed0", tiny_dataset / "faces" / "test"
     r = runner.invoke(cli.app, ["predict", str(run), str(images), "-o", str(tmp_path / "p.txt")])
-    assert isinstance(r.exception, cli.FercacheError) and str(r.exception) == "--out must end in .json or .csv, got p.txt"
+    assert isinstance(r.exception,
+                      cli.FercacheError) and str(r.exception) == "--out must end in .json or .csv, got p.txt"
     assert "predict:" not in r.stderr  # no image was read
     r = invoke("predict", run, images, "-o", tmp_path / "new" / "sub" / "p.json")
     assert r.exit_code == 0, r.output
@@ -786,10 +810,14 @@ def test_bench_n_images_below_one_is_a_usage_error(tiny_manifest, command):
 
 
 @pytest.mark.parametrize("args,message", [
-    (["train-head", "s.zarr", "--recipe", "epochs=1", "--recipe", "epochs=2"], "--recipe epochs is given twice (1, 2); give each key once"),
+    (["train-head", "s.zarr", "--recipe", "epochs=1", "--recipe", "epochs=2"], "--recipe epochs is given twice (1, 2); "
+                                                                               "give each key once"),
     (["au-cv", "s.zarr", "--hp", "hidden=8", "--hp", "hidden=16"], "--hp hidden is given twice (8, 16)"),
     (["cross", "s.zarr", "--labels", "s=a.csv", "--labels", "s=b.csv"], "--labels s is given twice"),
-    (["manifest", "build", ".", "-f", "ckplus", "-o", "m.csv", "--option", "facs=a", "--option", "facs=b"], "--option facs is given twice"),
+    (["manifest", "build", ".", "-f", "ckplus", "-o", "m.csv", "--option", "facs=a", "--option", "facs=b"], "--option "
+                                                                                                            "facs is "
+                                                                                                            "given "
+                                                                                                            "twice"),
     (["train-head", "s.zarr", "--hp", "hidden"], "--hp takes key=value, got 'hidden'"),
     (["sweep", "s.zarr", "--axis", "lr=1e-3", "--recipe", "epochs"], "--recipe takes key=value, got 'epochs'")])
 def test_a_key_given_twice_or_without_a_value_is_refused_and_the_flag_named(args, message):

@@ -42,7 +42,8 @@ def test_a_cuda_index_past_the_last_gpu_is_refused():
 
 def test_train_head_refuses_a_bad_device_before_reading_the_store(tmp_path):
     # The store does not exist: the device error coming first shows nothing was read before the check.
-    r = invoke("train-head", tmp_path / "missing.zarr", "--head", "linear", "--device", "gpu", "--out", tmp_path / "runs")
+    r = invoke("train-head", tmp_path / "missing.zarr", "--head", "linear", "--device", "gpu", "--out",
+               tmp_path / "runs")
     assert r.exit_code == 2 and "--device 'gpu' is not a device name" in r.output
     assert not (tmp_path / "runs").exists()
 
@@ -50,7 +51,8 @@ def test_train_head_refuses_a_bad_device_before_reading_the_store(tmp_path):
 @no_cuda
 def test_extract_on_cuda_without_cuda_fails_before_creating_the_store(tiny_manifest, tiny_dataset, tmp_path):
     out = tmp_path / "s.zarr"
-    r = invoke("extract", tiny_manifest, "--encoder", "null:", "--out", out, "--data-root", tiny_dataset, "--device", "cuda")
+    r = invoke("extract", tiny_manifest, "--encoder", "null:", "--out", out, "--data-root", tiny_dataset, "--device",
+               "cuda")
     assert r.exit_code == 2 and "CUDA is not available here" in r.output
     assert not out.exists()
 

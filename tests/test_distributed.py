@@ -1,4 +1,5 @@
-"""torchrun extraction: ranks encode disjoint chunks of one store; equals a single-process run; resumes after a rank dies."""
+"""torchrun extraction: ranks encode disjoint chunks of one store; equals a single-process run; resumes after a rank
+dies."""
 
 from __future__ import annotations
 
@@ -44,7 +45,8 @@ def _torchrun(nproc, manifest, spec, root, out, extra=()):
                           env=_env(), capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("nproc,extra", [(2, ()), (3, ()), (2, ("--read-chunk-rows", "4")), (2, ("--views", "erase,noise"))],
+@pytest.mark.parametrize("nproc,extra",
+                         [(2, ()), (3, ()), (2, ("--read-chunk-rows", "4")), (2, ("--views", "erase,noise"))],
                          ids=["2-ranks", "3-ranks", "2-ranks-sharded", "2-ranks-random-views"])
 def test_torchrun_equals_single_process(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, nproc, extra):
     _single(tiny_manifest, tiny_encoder_spec, tiny_dataset, tmp_path / "one.zarr", extra)

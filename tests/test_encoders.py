@@ -113,7 +113,8 @@ def test_the_same_weights_under_another_name_reuse_the_store(tiny_manifest, tiny
     kw = dict(image_size=32, root=tiny_dataset, workers=0, progress=False)
     out = tmp_path / "s.zarr"
     extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, pretrained=str(tmp_path / "w.pth"), **kw)
-    again = extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, pretrained=str(tmp_path / "renamed.pth"), **kw)
+    again = extract(tiny_manifest, "torchvision:mobilenet_v3_small", out, pretrained=str(tmp_path / "renamed.pth"),
+                    **kw)
     assert again.already_complete
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "other.pth")  # new init
     with pytest.raises(StoreError, match=r"other inputs \(encoder torchvision:mobilenet_v3_small \(w.pth, sha "):
@@ -128,7 +129,8 @@ def _as_written_by_0_1_0(location) -> dict:
     fp = st.fingerprint
     old_encoder = {k: v for k, v in fp["encoder"].items() if k != "revision"}
     old = S.make_fingerprint(old_encoder, fp["manifest_sha256"], fp["n_rows"], fp["chunk_rows"])
-    st.group.attrs["fercache"] = {**st.meta, "fingerprint": {**old, "versions": {**old["versions"], "fercache": "0.1.0"}}}
+    st.group.attrs["fercache"] = {**st.meta,
+                                  "fingerprint": {**old, "versions": {**old["versions"], "fercache": "0.1.0"}}}
     return old_encoder
 
 
@@ -152,7 +154,8 @@ def test_info_and_the_run_ledger_flag_a_0_1_0_convnet_store_and_its_runs_not_a_0
         _as_written_by_0_1_0(tmp_path / f"{name}.zarr")
         fit(str(tmp_path / f"{name}.zarr"), "linear", out_dir=tmp_path / "runs", recipe={"epochs": 1})
     res = invoke("info", tmp_path / "cnn.zarr")
-    assert res.exit_code == 0 and "OUTDATED   torchvision:mobilenet_v3_small features of encoder revision 1" in res.output
+    assert (res.exit_code == 0 and "OUTDATED   torchvision:mobilenet_v3_small features of encoder revision "
+                                   "1" in res.output)
     assert "OUTDATED" not in invoke("info", tmp_path / "vit.zarr").output  # LayerNorm only: its features hold
     status = {r["store"].rsplit("/", 1)[-1]: str(r["status"]) for r in ledger(tmp_path / "runs").records}
     assert status == {"cnn.zarr": "STALE: encoder revision 1 (re-extract)", "vit.zarr": "ok"}
@@ -262,7 +265,8 @@ def test_a_pipeline_names_a_misspelt_encoder_before_its_first_step(tmp_path):
     from fercache.pipeline import check_pipeline
 
     p = tmp_path / "p.toml"
-    for spec, error in [("torchvisio:mobilenet_v2", "unknown encoder family 'torchvisio' \\(did you mean 'torchvision'"),
+    for spec, error in [("torchvisio:mobilenet_v2",
+                         "unknown encoder family 'torchvisio' \\(did you mean 'torchvision'"),
                         ("torchvision:mobilenetv2", "unknown torchvision model 'mobilenetv2' \\(did you mean"),
                         ("open_clip:ViT-B-61", "unknown open_clip model 'ViT-B-61' \\(did you mean 'ViT-B-16'"),
                         (f"open_clip:{tmp_path / 'no.json'}", "open_clip model config .*no.json does not exist")]:

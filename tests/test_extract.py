@@ -64,7 +64,8 @@ def test_pooled_projects_to_embedding(tiny_store, tiny_encoder_spec):
 
 
 def test_complete_store_is_a_no_op(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec):
-    r = extract(tiny_manifest, tiny_encoder_spec, tiny_store, root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
+    r = extract(tiny_manifest, tiny_encoder_spec, tiny_store, root=tiny_dataset, chunk_rows=16, workers=0,
+                progress=False)
     assert r.already_complete and r.chunks_computed == 0
 
 
@@ -76,11 +77,13 @@ def test_foreign_manifest_is_refused(tiny_store, tiny_manifest, tiny_dataset, ti
         extract(other, tiny_encoder_spec, tiny_store, root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
 
 
-def test_foreign_encoder_is_refused_and_overwrite_rebuilds(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+def test_foreign_encoder_is_refused_and_overwrite_rebuilds(tiny_store, tiny_manifest, tiny_dataset, tiny_encoder_spec,
+                                                           tmp_path):
     copy = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, copy)
     with pytest.raises(StoreError, match=r"encoder open_clip:fercache-tiny-vit .* size 32\) vs .*size 48"):
-        extract(tiny_manifest, tiny_encoder_spec, copy, image_size=48, root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
+        extract(tiny_manifest, tiny_encoder_spec, copy, image_size=48, root=tiny_dataset, chunk_rows=16, workers=0,
+                progress=False)
     r = extract(tiny_manifest, tiny_encoder_spec, copy, image_size=48, root=tiny_dataset, chunk_rows=16, workers=0,
                 progress=False, overwrite=True)
     assert r.n_ok == 72 and S.open_store(copy).fingerprint["encoder"]["preprocess"]["size"] == 48
@@ -110,7 +113,8 @@ def test_corrupt_image_is_recorded_not_fatal(tiny_dataset, tiny_manifest, tiny_e
     assert said.endswith(f"left out of training and scoring; `fercache info {tmp_path / 's.zarr'}` lists them")
     st = S.open_store(tmp_path / "s.zarr")
     errors = st.errors()
-    assert list(errors) == ["train/happy/train_happy_002"] and errors["train/happy/train_happy_002"].split(":")[0] in ("UnidentifiedImageError", "OSError")
+    assert (list(errors) == ["train/happy/train_happy_002"]
+            and errors["train/happy/train_happy_002"].split(":")[0] in ("UnidentifiedImageError", "OSError"))
     i = list(st.sample_ids()).index("train/happy/train_happy_002")
     assert np.isnan(st.features()[i]).all() and np.isfinite(np.delete(st.features(), i, axis=0)).all()
 
@@ -417,7 +421,8 @@ def _assert_same_arrays(a, b):
 def test_sharded_store_writes_one_object_per_shard_and_equals_unsharded(tiny_store, tiny_manifest, tiny_dataset,
                                                                         tiny_encoder_spec, tmp_path):
     out = tmp_path / "sharded.zarr"
-    r = extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=32, read_chunk_rows=8, batch_size=8,
+    r = extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=32, read_chunk_rows=8,
+                batch_size=8,
                 workers=2, progress=False)
     assert r.n_ok == 72 and r.chunks_computed == 3
     st = S.open_store(out)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -62,7 +61,8 @@ def test_every_head_shapes_and_finite_loss(name):
         assert loss.ndim == 0 and torch.isfinite(loss)
 
 
-@pytest.mark.parametrize("name", [n for n in sorted(HEADS) if n not in ("zeroshot", "logreg")])  # logreg: solve(), below
+# logreg: solve(), below
+@pytest.mark.parametrize("name", [n for n in sorted(HEADS) if n not in ("zeroshot", "logreg")])
 def test_every_trainable_head_learns_separable_data(name):
     torch.manual_seed(0)
     # Dropout 0.6 needs some width: the MLP heads get 64 hidden units on 24-d toy data.

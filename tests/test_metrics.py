@@ -1,4 +1,5 @@
-"""Bootstrap intervals: the weighted metrics equal the plain ones on the resampled rows, and clusters are resampled whole."""
+"""Bootstrap intervals: the weighted metrics equal the plain ones on the resampled rows, and clusters are resampled
+whole."""
 
 from __future__ import annotations
 

@@ -58,7 +58,8 @@ def test_a_video_store_reports_clips():
     assert nearest_earlier(fs).units(0.99) == ["c11", "c10"]  # rows 22 and 23 are one clip; row 20 is clip 10
 
 
-def test_near_dups_writes_csv_plots_and_a_manifest_for_the_same_store(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
+def test_near_dups_writes_csv_plots_and_a_manifest_for_the_same_store(tiny_store, tiny_manifest, tiny_dataset,
+                                                                      tmp_path):
     from fercache.data import load_features
     from fercache.manifests import content_sha256, read_manifest
 
@@ -112,7 +113,8 @@ def test_a_video_store_is_compared_clip_by_clip(video_store, tmp_path):
     assert len(clips) == 48 and clips.x.shape == (48, frames.x.shape[1])
     rows = frames.clip_id == clips.clip_id[5]
     np.testing.assert_allclose(clips.x[5], frames.x[rows].astype(np.float32).mean(0), rtol=1e-5, atol=1e-5)
-    r = near_duplicates(store, tmp_path / "nd", threshold=-1.0, pairs=2, root=root, without_leaks_to=tmp_path / "clean.csv")
+    r = near_duplicates(store, tmp_path / "nd", threshold=-1.0, pairs=2, root=root,
+                        without_leaks_to=tmp_path / "clean.csv")
     assert r["queries"] == 24 and len(r["units"]) == 24  # every val/test clip (threshold -1: all of them), once each
     assert set(r["units"]) == {c for c in clips.clip_id if not c.startswith("train")}
     clean = read_manifest(r["manifest"])

@@ -171,7 +171,8 @@ def test_hf_hub_offline_is_read_as_huggingface_hub_reads_it(value, tmp_path):
             "E._cached_open_clip_file = lambda cfg: None\n"
             "try: E.resolve_open_clip_weights('ViT-B-32', 'laion2b_s34b_b79k')\n"
             "except Exception as e: print(type(e).__name__, e)")
-    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": value, "HF_HOME": str(tmp_path), "HF_ENDPOINT": "http://127.0.0.1:9"}
+    env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": value, "HF_HOME": str(tmp_path),
+           "HF_ENDPOINT": "http://127.0.0.1:9"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120).stdout
     assert out.startswith("EncoderError HF_HUB_OFFLINE is set"), out
 
@@ -214,7 +215,8 @@ def test_hf_hub_models_load_offline_from_the_cache_with_their_configs_preprocess
             "print(json.dumps(open_store(sys.argv[2]).fingerprint['encoder']))")
     env = {"PATH": "/usr/bin:/bin", "HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub"),
            "HF_HOME": str(tmp_path / "home")}
-    done = subprocess.run([sys.executable, "-c", code, str(tiny_manifest), str(tmp_path / "hub.zarr"), str(tiny_dataset)],
+    done = subprocess.run([sys.executable, "-c", code, str(tiny_manifest), str(tmp_path / "hub.zarr"),
+                           str(tiny_dataset)],
                           capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     enc = json.loads(done.stdout.splitlines()[-1])

@@ -13,7 +13,8 @@ from .conftest import REPO, SHARED_DATA, needs_shared_data
 pytestmark = needs_shared_data()
 
 
-@pytest.mark.parametrize("name,fmt,src", [("fer2013.csv.gz", "imagefolder", "fer2013"), ("ckplus48.csv", "ckplus", "ckplus48")])
+@pytest.mark.parametrize("name,fmt,src",
+                         [("fer2013.csv.gz", "imagefolder", "fer2013"), ("ckplus48.csv", "ckplus", "ckplus48")])
 def test_committed_manifests_match_the_data(name, fmt, src):
     committed = read_manifest(REPO / "data_manifests" / name)
     fresh = build(fmt, SHARED_DATA / src, data_root=SHARED_DATA)
@@ -122,7 +123,8 @@ def test_ck_sequences_as_videos_through_frames_and_clipfolder(tmp_path):
     ck = read_manifest(REPO / "data_manifests" / "ckplus48.csv").rows
     clips: dict[tuple[str, str], list] = {}
     for r in ck:
-        clips.setdefault((r["label"], r["clip_id"]), []).append(np.asarray(Image.open(SHARED_DATA / r["path"]).convert("RGB")))
+        clips.setdefault((r["label"], r["clip_id"]),
+                         []).append(np.asarray(Image.open(SHARED_DATA / r["path"]).convert("RGB")))
     for (label, clip), frames in clips.items():
         write_lossless_video(tmp_path / "videos" / label / f"{clip}.mkv", frames)
     r = videos_to_frames(tmp_path / "videos", tmp_path / "frames", progress=False)

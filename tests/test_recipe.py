@@ -11,9 +11,9 @@ import torch
 from fercache import loop as L
 from fercache import recipe as R
 from fercache.errors import ConfigError
-from fercache.runs import ledger
 from fercache.loop import epoch_batches, sampling_weights
 from fercache.recipe import recipe_keys
+from fercache.runs import ledger
 from fercache.train import fit
 
 QUICK = {"epochs": 3, "batch_size": 8}
@@ -83,7 +83,8 @@ def test_shots_and_fraction_subsample_training_units_per_class(tiny_store, tmp_p
     few = subset_train(fs, shots=2, seed=0)
     train = few.split == "train"
     assert sorted(np.unique(few.label[train], return_counts=True)[1].tolist()) == [2, 2, 2, 2]
-    assert ((few.split == "val").sum(), (few.split == "test").sum()) == ((fs.split == "val").sum(), (fs.split == "test").sum())
+    assert ((few.split == "val").sum(), (few.split == "test").sum()) == ((fs.split == "val").sum(),
+                                                                         (fs.split == "test").sum())
     other = subset_train(fs, shots=2, seed=1)
     assert set(few.sample_id[train]) != set(other.sample_id[other.split == "train"])  # each seed draws its own
     assert list(subset_train(fs, shots=2, seed=0).sample_id) == list(few.sample_id)  # ... reproducibly
@@ -141,10 +142,12 @@ def test_a_numeric_sweep_axis_draws_a_curve(tiny_store, tmp_path):
     from fercache.sweep import sweep
 
     r = sweep(str(tiny_store), "linear", {"shots": [1, 2, 4]}, tmp_path, base_recipe=QUICK)
-    assert [json.loads((tmp_path / f"point{i:03d}" / "seed0" / "metrics.json").read_text())["n_train"] for i in range(3)] == [4, 8, 16]
+    assert [json.loads((tmp_path / f"point{i:03d}" / "seed0" / "metrics.json").read_text())["n_train"]
+            for i in range(3)] == [4, 8, 16]
     png = tmp_path / "sweep-curve.png"
     assert r.curve_png == str(png) and Image.open(png).size[0] > 500
-    assert sweep(str(tiny_store), "linear", {"balance": ["none", "class"]}, tmp_path / "b", base_recipe=QUICK).curve_png is None
+    assert sweep(str(tiny_store), "linear", {"balance": ["none", "class"]}, tmp_path / "b",
+                 base_recipe=QUICK).curve_png is None
 
 
 @pytest.mark.parametrize("recipe, message", [

@@ -87,10 +87,12 @@ def test_test_only_heads_run_in_a_pipeline(plugin_heads, au_store, video_store, 
 
     store, _ = video_store
     steps = "".join(
-        f'[[step]]\nrun = "train"\nstore = "{s}"\nhead = "{h}"\nout = "{tmp_path}/runs"\n{aus}'
-        f'[[step]]\nrun = "evaluate"\nruns = ["{tmp_path}/runs/{name}-{h}/seed0"]\n'
-        f'[[step]]\nrun = "sweep"\nstore = "{s}"\nhead = "{h}"\ngrid = {{ lr = [0.01, 0.1] }}\nout = "{tmp_path}/sw-{h}"\n{aus}'
-        for s, h, name, aus in ((au_store, "test_au_probe", "au", 'aus = "12,15"\n'), (store, "test_clip_mean", "clips", "")))
+        f'[[step]]\nrun = "train"\nstore = "{s}"\nhead = "{h}"\nout = "{tmp_path}/runs"\n{aus}[[step]]\nrun = '
+        f'"evaluate"\nruns = ["{tmp_path}/runs/{name}-{h}/seed0"]\n[[step]]\nrun = "sweep"\nstore = "{s}"\nhead = '
+        f'"{h}"\ngrid = {{ lr = [0.01, 0.1] }}\nout = "{tmp_path}/sw-{h}"\n{aus}'
+        for s, h, name,
+                    aus in ((au_store, "test_au_probe", "au", 'aus = "12,15"\n'),
+                            (store, "test_clip_mean", "clips", "")))
     (tmp_path / "p.toml").write_text(steps)
     assert check_pipeline(tmp_path / "p.toml") == 6
     results = run_pipeline(tmp_path / "p.toml", progress=False)

@@ -46,7 +46,8 @@ def test_ledger_groups_seeds_ranks_on_val_and_shows_what_varied(runs_dir):
     assert settings == {"linear-lr1e-06": "lr=1e-06", "linear-lr0.01": "lr=0.01", "mask/seed0": ""}
     mask_row = next(row for row in table.rows if row.head == "mask")
     test_acc = json.loads((root / "mask" / "seed0" / "eval-faces-test" / "metrics.json").read_text())["accuracy"]
-    assert table.header[5] == "faces test (%)" and mask_row.evals["faces test"] == f"{100 * test_acc:.2f}"  # no "± 0.00"
+    # no "± 0.00"
+    assert table.header[5] == "faces test (%)" and mask_row.evals["faces test"] == f"{100 * test_acc:.2f}"
     assert all(row.evals["faces test"] == "" for row in table.rows if row.head == "linear")  # never evaluated: blank
 
 
@@ -62,7 +63,8 @@ def test_ledger_flags_runs_whose_manifest_changed(runs_dir):
     assert res.exit_code == 1 and "STALE: manifest changed" in res.output
     with open(root / "ledger.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 3 and rows[0]["table"] == "faces (expr)" and {r["status"] for r in rows} == {"STALE: manifest changed"}
+    assert len(rows) == 3 and rows[0]["table"] == "faces (expr)" and {r["status"] for r in rows} == {"STALE: manifest "
+                                                                                                     "changed"}
 
 
 def test_a_half_saved_run_is_left_out_of_the_ledger_and_named(runs_dir):
@@ -74,10 +76,11 @@ def test_a_half_saved_run_is_left_out_of_the_ledger_and_named(runs_dir):
     r = ledger(root)
     assert len(r.records) == 3 and r.stale == []
     assert r.incomplete == [f"{root}/linear-lr0.01/seed1 (no metrics.json)",
-                               f"{root}/mask/seed0 (JSONDecodeError: Expecting property name enclosed in double quotes: "
-                               "line 1 column 2 (char 1))"]
+                               f"{root}/mask/seed0 (JSONDecodeError: Expecting property name enclosed in double "
+                               "quotes: line 1 column 2 (char 1))"]
     res = invoke("runs", root, "--strict")
-    assert res.exit_code == 1 and "2 folder(s) hold head.pt but not a whole run, left out (retrain them): " in res.output
+    assert (res.exit_code == 1 and "2 folder(s) hold head.pt but not a whole run, left out (retrain "
+                                   "them): " in res.output)
     assert "| linear | lr=0.01 | 1 |" in res.output  # the other seed of that setting is still there
     with pytest.raises(ConfigError, match=r"no complete run under \S+/mask: \S+/mask/seed0 \(JSONDecodeError"):
         ledger(root / "mask")
@@ -89,7 +92,8 @@ def test_ledger_pools_the_folds_of_a_protocol_like_seeds(tiny_store, tiny_manife
     m = read_manifest(tiny_manifest)
     folds = []
     for k in (1, 2):  # two "official folds": the same rows, a different half of train moved to val each time
-        rows = [dict(r, split="val" if r["split"] == "train" and i % 2 == k - 1 else r["split"]) for i, r in enumerate(m.rows)]
+        rows = [dict(r, split="val" if r["split"] == "train" and i % 2 == k - 1 else r["split"]) for i,
+                r in enumerate(m.rows)]
         folds.append(write_manifest(type(m)(rows=rows, source=f"fold{k}"), tmp_path / f"fold{k}.csv"))
     manifest_folds(str(tiny_store), folds, ["linear"], tmp_path / "folds", seeds=(0, 1), recipe={"linear": QUICK})
     r = ledger(tmp_path / "folds")

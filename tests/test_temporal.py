@@ -241,13 +241,16 @@ def test_dfew_folds_share_one_store_and_report_uar_war(tiny_encoder_spec, tmp_pa
     small = {"classifier": "linear", "width": 32, "heads": 4, "mlp": 64}
     hp = {"temporal": small, "temporal@mean": {**small, "pool": "mean"}}  # an ablation row beside the head
     r = manifest_folds(str(tmp_path / "dfew.zarr"), [str(m) for m in manifests], ["temporal", "temporal@mean"],
-                       tmp_path / "folds", seeds=(0, 1), hp=hp, recipe={"temporal": {"epochs": 2}, "temporal@mean": {"epochs": 2}})
+                       tmp_path / "folds", seeds=(0, 1), hp=hp,
+                       recipe={"temporal": {"epochs": 2}, "temporal@mean": {"epochs": 2}})
     runs = r["results"]["temporal"]
     assert [(x["fold"], x["seed"]) for x in runs] == [(1, 0), (1, 1), (2, 0), (2, 1)]
     assert all(x["n"] == 8 and x["level"] == "clip" for x in runs)  # 8 test clips per fold, scored per clip
-    assert "| temporal |" in r["markdown"] and "| temporal@mean |" in r["markdown"] and "2 fold(s) x 2 seed(s)" in r["markdown"]
+    assert ("| temporal |" in r["markdown"] and "| temporal@mean |" in r["markdown"] and "2 fold(s) x 2 "
+                                                                                         "seed(s)" in r["markdown"])
     variant = r["results"]["temporal@mean"][0]["run"]
-    assert "temporal@mean/fold1/seed0" in variant and json.loads((Path(variant) / "config.json").read_text())["hp"]["pool"] == "mean"
+    assert ("temporal@mean/fold1/seed0" in variant
+            and json.loads((Path(variant) / "config.json").read_text())["hp"]["pool"] == "mean")
     assert (tmp_path / "folds" / "folds.csv").read_text().splitlines()[0].endswith(",test clips / fold,excluded / fold")
 
 
@@ -255,7 +258,8 @@ def test_cli_folds_and_train_head_on_clips(video_store, tmp_path):
     from .test_cli import invoke
 
     store, root = video_store
-    r = invoke("folds", store, "-m", root / "clips.csv", "--seeds", "0", "--hp", "classifier=linear", "--hp", "width=32",
+    r = invoke("folds", store, "-m", root / "clips.csv", "--seeds", "0", "--hp", "classifier=linear", "--hp",
+               "width=32",
                "--hp", "heads=4", "--hp", "mlp=64", "--recipe", "epochs=1", "-o", tmp_path / "folds")
     assert r.exit_code == 0 and "| temporal |" in r.output and "Test units: clips" in r.output, r.output
     r = invoke("train-head", store, "--head", "temporal", "--hp", "pool=mean", "--recipe", "epochs=1", "-o", tmp_path)
@@ -267,8 +271,8 @@ def test_cli_folds_and_train_head_on_clips(video_store, tmp_path):
 def test_handwritten_prompts_are_fixed_clip_text_features(video_store, tmp_path):
     """The paper's ablation: 'a photo of a <class> face.' through the store's text tower, never trained."""
     from fercache.heads.zeroshot import text_classifier
-    from fercache.store import open_store
     from fercache.rundir import load_run
+    from fercache.store import open_store
     from fercache.train import fit
 
     store, _ = video_store

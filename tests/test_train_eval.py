@@ -152,7 +152,8 @@ def test_evaluate_draws_the_surest_mistakes(tiny_store, tiny_dataset, tmp_path):
         evaluate(tmp_path / "two" / "faces-linear", errors=4, root=tmp_path)
     assert not list((tmp_path / "two").rglob("eval-*"))
     # the manifest's paths start with faces/: a root one folder too low is answered with the right one
-    with pytest.raises(ConfigError, match=f"does not exist; it is under {tiny_dataset}: pass --data-root {tiny_dataset}$"):
+    with pytest.raises(ConfigError, match=f"does not exist; it is under {tiny_dataset}: pass --data-root "
+                                          f"{tiny_dataset}$"):
         evaluate_run(r.run_dir, errors=4, root=tiny_dataset / "faces")
 
 
@@ -180,7 +181,8 @@ def test_a_store_remembers_its_data_root_so_its_images_are_found_from_any_folder
     st = S.open_store(moved, mode="r+")
     st.group.attrs["fercache"] = {**st.meta, "data_root": str(tmp_path / "gone")}
     assert f"data root  {tmp_path / 'gone'} (not there now)\n" in invoke("info", moved).output
-    with pytest.raises(ConfigError, match=f"cannot draw the images: {tmp_path}/faces/.* does not exist; pass --data-root"):
+    with pytest.raises(ConfigError, match=f"cannot draw the images: {tmp_path}/faces/.* does not exist; pass "
+                                          "--data-root"):
         unit_images(str(moved), [str(st.sample_ids()[0])], None)
     monkeypatch.chdir(tiny_dataset)
     assert unit_images(str(moved), [str(st.sample_ids()[0])], None)[0].ndim == 3
@@ -217,15 +219,18 @@ def test_damaged_files_are_named_not_a_traceback(tiny_store, tmp_path):
     r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 1, "batch_size": 8}, name="run")
     weights = r.run_dir / "head.pt"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(ConfigError, match=r"head.pt cannot be read \(RuntimeError: PytorchStreamReader failed reading zip "
-                                          r"archive: failed finding central directory\); the run's weights are damaged"):
+    with pytest.raises(ConfigError,
+                       match=r"head.pt cannot be read \(RuntimeError: PytorchStreamReader failed reading zip "
+                             r"archive: failed finding central directory\); the run's weights are damaged"):
         load_run(r.run_dir)
     store = tmp_path / "copy.zarr"
     shutil.copytree(tiny_store, store)
     chunk = next(p for p in sorted((store / "features").rglob("*")) if p.is_file() and "/c/" in str(p))
     chunk.write_bytes(chunk.read_bytes()[:50])
-    with pytest.raises(StoreError, match=rf"copy.zarr: its array 'features/{chunk.relative_to(store / 'features').parts[0]}' "
-                                         r"cannot be read \(ValueError: .*\); if the store is damaged \(a file cut short, a bad copy\), extract it again"):
+    with pytest.raises(StoreError,
+                       match=rf"copy.zarr: its array 'features/{chunk.relative_to(store / 'features').parts[0]}' "
+                             r"cannot be read \(ValueError: .*\); if the store is damaged \(a file cut short, a bad "
+                             r"copy\), extract it again"):
         fit(str(store), "linear", out_dir=tmp_path, recipe={"epochs": 1, "batch_size": 8})
 
 
@@ -298,7 +303,8 @@ def test_cross_matrix_counts_excluded_labels(tiny_store, tiny_manifest, tiny_dat
 
     # A second "dataset": same images, but anger relabelled contempt (a class the first never saw).
     m = read_manifest(tiny_manifest)
-    rows = [dict(r, sample_id="b/" + r["sample_id"], label="contempt" if r["label"] == "anger" else r["label"]) for r in m.rows]
+    rows = [dict(r, sample_id="b/" + r["sample_id"],
+                 label="contempt" if r["label"] == "anger" else r["label"]) for r in m.rows]
     m2 = write_manifest(type(m)(rows=rows, source="b"), tmp_path / "b.csv")
     extract(m2, tiny_encoder_spec, tmp_path / "b.zarr", root=tiny_dataset, chunk_rows=16, workers=0, progress=False)
     tables = cross_matrix([str(tiny_store), str(tmp_path / "b.zarr")], ["linear"], tmp_path / "cross", seeds=(0, 1),
@@ -374,7 +380,8 @@ def test_a_cross_matrix_of_stores_from_two_encoders_is_refused_before_training(t
     assert not (tmp_path / "c").exists()
 
 
-def test_a_store_or_fold_manifest_named_twice_is_refused_before_training(tiny_store, tiny_manifest, tmp_path, monkeypatch):
+def test_a_store_or_fold_manifest_named_twice_is_refused_before_training(tiny_store, tiny_manifest, tmp_path,
+                                                                         monkeypatch):
     """Two identical matrix rows; a 2-fold mean over one fold counted twice."""
     import fercache.train as T
     from fercache.pipeline import check_pipeline
@@ -382,15 +389,16 @@ def test_a_store_or_fold_manifest_named_twice_is_refused_before_training(tiny_st
 
     monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the check"))
     other = tiny_store.parent / ".." / tiny_store.parent.name / tiny_store.name  # the same store, spelt otherwise
-    with pytest.raises(ConfigError, match=rf"^training store {other} is given twice \(as {tiny_store}\); each training store once$"):
+    with pytest.raises(ConfigError,
+                       match=rf"^training store {other} is given twice \(as {tiny_store}\); each training store once$"):
         cross_matrix([str(tiny_store), str(other)], ["linear"], tmp_path / "c")
     with pytest.raises(ConfigError, match=r"^test store .* is given twice"):
         cross_matrix([str(tiny_store)], ["linear"], tmp_path / "c", test_stores=[str(tiny_store)] * 2)
     with pytest.raises(ConfigError, match=rf"^fold manifest {tiny_manifest} is given twice; each fold manifest once$"):
         manifest_folds(str(tiny_store), [tiny_manifest, tiny_manifest], ["linear"], tmp_path / "f")
     p = tmp_path / "p.toml"
-    p.write_text(f'[[step]]\nrun = "folds"\nstore = "{tiny_store}"\nmanifests = ["{tiny_manifest}", "{tiny_manifest}"]\n'
-                 f'heads = ["linear"]\nout = "{tmp_path}/f"\n')
+    p.write_text(f'[[step]]\nrun = "folds"\nstore = "{tiny_store}"\nmanifests = ["{tiny_manifest}", '
+                 f'"{tiny_manifest}"]\nheads = ["linear"]\nout = "{tmp_path}/f"\n')
     with pytest.raises(ConfigError, match="fold manifest .* is given twice"):
         check_pipeline(p)
     assert not (tmp_path / "c").exists() and not (tmp_path / "f").exists()
@@ -410,7 +418,8 @@ def test_a_head_or_metric_named_twice_is_refused_before_training(tiny_store, tin
     with pytest.raises(ConfigError, match=r"^cross-matrix metric ece is given twice; each metric once$"):
         cross_matrix([str(tiny_store)], ["linear"], tmp_path / "c", metric=["ece", "accuracy", "ece"])
     p = tmp_path / "p.toml"
-    p.write_text(f'[[step]]\nrun = "cross"\nstores = ["{tiny_store}"]\nheads = ["mask", "mask"]\nout = "{tmp_path}/c"\n')
+    p.write_text(f'[[step]]\nrun = "cross"\nstores = ["{tiny_store}"]\nheads = ["mask", "mask"]\nout = '
+                 f'"{tmp_path}/c"\n')
     with pytest.raises(ConfigError, match=r"step 1 \(cross\): head 'mask' is given twice"):
         check_pipeline(p)
     assert not (tmp_path / "c").exists() and not (tmp_path / "f").exists()
@@ -439,7 +448,8 @@ def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, 
     with pytest.raises(ConfigError, match=r"faces-lineer or its subfolders \(did you mean '.*/faces-linear'\?\)"):
         run_dirs(tmp_path / "cross" / "runs" / "faces-lineer")
     # a protocol's output folder holds its runs two levels down: say so, and how to list them
-    with pytest.raises(ConfigError, match=rf"runs lie deeper, e.g. {r.run_dir.parent}: .*`fercache runs {tmp_path / 'cross'}`"):
+    with pytest.raises(ConfigError,
+                       match=rf"runs lie deeper, e.g. {r.run_dir.parent}: .*`fercache runs {tmp_path / 'cross'}`"):
         run_dirs(tmp_path / "cross")
     # where a store's path is wanted, a folder inside one, a run or a manifest is named as what it is
     store = S.canonical(str(tiny_store))
@@ -447,9 +457,11 @@ def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, 
                         (r.run_dir, f": it is a run trained on the store {store}$"),
                         (r.run_dir.parent, f": it holds runs trained on the store {store}$"),
                         (tiny_manifest, r": it is a manifest: `fercache extract \S+faces.csv --encoder"),
-                        (S.export_h5(tiny_store, tmp_path / "faces.h5"), r": it is an HDF5 file, as `fercache export` "
-                                                                          r"writes for other tools; fercache reads the store"),
-                        (tiny_store.parent, rf": it is a folder of stores \(.*{tiny_store.name}.*\): pass one of them$"),
+                        (S.export_h5(tiny_store, tmp_path / "faces.h5"),
+                         r": it is an HDF5 file, as `fercache export` writes for other tools; fercache reads "
+                         r"the store"),
+                        (tiny_store.parent,
+                         rf": it is a folder of stores \(.*{tiny_store.name}.*\): pass one of them$"),
                         (tmp_path, "; create one with `fercache extract`$")]:
         with pytest.raises(StoreError, match=rf"^no fercache store at {where}{said}"):
             S.open_store(where)
@@ -514,7 +526,8 @@ def test_predict_on_a_folder_of_seeds_averages_their_probabilities(tiny_store, t
     extract(tiny_manifest, "null:", tmp_path / "null.zarr", root=tiny_dataset, image_size=16, workers=0, progress=False)
     other = fit(str(tmp_path / "null.zarr"), "linear", out_dir=tmp_path, recipe=QUICK).run_dir
     shutil.copytree(other, runs[0].parent / "seed9")
-    with pytest.raises(ConfigError, match=r"seed9 and .*seed0 differ in encoder, output: an ensemble's runs must share"):
+    with pytest.raises(ConfigError,
+                       match=r"seed9 and .*seed0 differ in encoder, output: an ensemble's runs must share"):
         predict(runs[0].parent, [folder])
 
 
@@ -569,7 +582,8 @@ def test_evaluate_refuses_a_run_whose_store_was_re_extracted(tiny_manifest, tiny
     extract(fewer, tiny_encoder_spec, store, **kw)
     r = fit(str(store), "linear", out_dir=tmp_path, recipe=QUICK)
     extract(tiny_manifest, tiny_encoder_spec, store, overwrite=True, **kw)
-    with pytest.raises(StaleRunError, match=r"re-extracted from other images since it was trained \(66 rows.*; 72 rows"):
+    with pytest.raises(StaleRunError,
+                       match=r"re-extracted from other images since it was trained \(66 rows.*; 72 rows"):
         evaluate_run(r.run_dir)
 
 
@@ -628,7 +642,8 @@ def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_
     with caplog.at_level(logging.INFO, logger="fercache"):
         again = sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)
     assert again.reused == 1 and "1 of 3 runs were found finished" in caplog.text
-    assert (runs[0] / "head.pt").stat().st_mtime_ns == stamps[0] and (runs[1] / "head.pt").stat().st_mtime_ns != stamps[1]
+    assert ((runs[0] / "head.pt").stat().st_mtime_ns == stamps[0]
+            and (runs[1] / "head.pt").stat().st_mtime_ns != stamps[1])
     assert (runs[2] / "head.pt").is_file()
     assert json.loads((runs[1] / "config.json").read_text())["trained_with"]["fercache"] != "0.0.1"
     assert [r["mean"] for r in again.rows] == [r["mean"] for r in first.rows]  # same seeds, same scores
@@ -672,7 +687,8 @@ def test_a_sweep_or_protocol_of_another_head_or_store_never_replaces_the_runs_in
 
 
 def test_a_value_added_inside_a_sweep_grid_renumbers_the_finished_points_instead_of_training_them_again(tiny_store,
-                                                                                                       tmp_path, caplog):
+                                                                                                       tmp_path,
+                                                                                                        caplog):
     """The points after an inserted value changed number, so each was compared with another point's settings and
     trained again: a sweep widened from 2 to 3 learning rates trained 3 points, not 1."""
     from fercache.sweep import sweep
@@ -772,7 +788,8 @@ def test_every_folder_output_that_is_a_file_is_refused_before_the_work(tiny_stor
              "the folds' table and runs": lambda: manifest_folds(store, [tiny_store.parent / "m.csv"], ["linear"], out),
              "the sweep's runs and tables": lambda: sweep(store, "linear", {"lr": [1e-3]}, out)}
     for what, call in calls.items():
-        with pytest.raises(ConfigError, match=rf"^--out {out}: {out} is a file, not a folder; pass a folder for {what}$"):
+        with pytest.raises(ConfigError,
+                           match=rf"^--out {out}: {out} is a file, not a folder; pass a folder for {what}$"):
             call()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes"] and out.read_text() == "mine"
 
@@ -789,7 +806,9 @@ def test_features_memo_reads_a_store_once_and_changes_no_result(tiny_store, tmp_
         shared = [fit(str(tiny_store), h, out_dir=tmp_path / "memo", recipe=QUICK) for h in ("linear", "mask")]
         np.testing.assert_array_equal(fs.x, x)  # training never wrote into the shared arrays
     for a, b in zip(plain, shared):
-        drop_time = lambda run: [{k: v for k, v in h.items() if k != "seconds"} for h in run.metrics["history"]]  # noqa: E731
+        def drop_time(run):
+            return [{k: v for k, v in h.items() if k != "seconds"} for h in run.metrics["history"]]
+
         assert drop_time(a) == drop_time(b) and a.metrics["val"] == b.metrics["val"]
 
 

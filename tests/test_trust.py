@@ -494,8 +494,8 @@ def test_data_no_score_can_mean_anything_on_is_refused(tiny_store, tiny_manifest
 def test_a_damaged_head_pt_is_not_a_finished_run(tiny_store, tmp_path, damage):
     import torch
 
-    from fercache.sweep import sweep
     from fercache.rundir import load_run
+    from fercache.sweep import sweep
 
     grid, base = {"lr": [1e-2]}, {"batch_size": 8, "epochs": 2}
     sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)

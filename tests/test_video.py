@@ -301,7 +301,8 @@ def test_clipfolder_without_split_folders_puts_whole_clips_in_test_and_says_what
     assert sorted(split_of) == [str(k) for k in range(8)] and set(split_of.values()) == {"train", "test"}
     with pytest.raises(FercacheError, match=r"--option subject=\(: not a regular expression"):
         build("clipfolder", src, subject="(")
-    with pytest.raises(FercacheError, match=re.escape("happy/take0: --option subject=^S\\d+ finds no subject in 'take0'")):
+    with pytest.raises(FercacheError,
+                       match=re.escape("happy/take0: --option subject=^S\\d+ finds no subject in 'take0'")):
         build("clipfolder", src, subject=r"^S\d+")
     with pytest.raises(FercacheError, match=r"--option val=train: 'val' \(the val folder selects epochs\) or 'test'"):
         build("clipfolder", src, val="train")

@@ -1,4 +1,5 @@
-"""Augmented views in the cache (`extract --views flip`): stored features, training on random views, averaged evaluation."""
+"""Augmented views in the cache (`extract --views flip`): stored features, training on random views, averaged
+evaluation."""
 
 from __future__ import annotations
 
@@ -71,12 +72,12 @@ def test_random_view_draws_each_view_for_whole_rows():
 
 
 def test_heads_train_on_views_and_evaluate_on_their_average(mirrored, tmp_path):
+    from fercache.data import load_features
     from fercache.evaluate import evaluate_run
-    from fercache.predict import predict
     from fercache.loop import predict_logits, to_device
+    from fercache.predict import predict
     from fercache.rundir import load_run
     from fercache.train import fit, targets
-    from fercache.data import load_features
 
     manifest, root, out = mirrored
     r = fit(str(out), "linear", out_dir=tmp_path, recipe={"epochs": 3})
@@ -114,7 +115,8 @@ def test_clip_level_heads_ignore_views(tmp_path, tiny_encoder_spec):
                     rows.append([f"{clip}/{f}", f"{clip}/{f}.png", label, split, clip, clip, f])
     with open(tmp_path / "m.csv", "w", newline="") as fh:
         csv.writer(fh).writerows([["sample_id", "path", "label", "split", "subject", "clip_id", "frame_idx"]] + rows)
-    extract(tmp_path / "m.csv", tiny_encoder_spec, tmp_path / "v.zarr", root=tmp_path, views=["flip"], workers=0, progress=False)
+    extract(tmp_path / "m.csv", tiny_encoder_spec, tmp_path / "v.zarr", root=tmp_path, views=["flip"], workers=0,
+            progress=False)
     r = fit(str(tmp_path / "v.zarr"), "temporal", out_dir=tmp_path, recipe={"epochs": 1},
             hp={"classifier": "linear", "width": 32, "heads": 4, "mlp": 64})
     assert r.metrics["config"]["views"] == [] and r.metrics["n_train"] == 12
@@ -152,8 +154,8 @@ def test_erase_boxes_follow_random_erasing_and_are_a_function_of_the_row_alone()
 
     rows = torch.arange(1000, 1400)
     boxes = erase_boxes(rows, 112)
-    t, l, h, w = boxes.T.double()
-    assert (h > 0).all() and (t + h <= 112).all() and (l + w <= 112).all()  # every box fits the image
+    top, left, h, w = boxes.T.double()
+    assert (h > 0).all() and (top + h <= 112).all() and (left + w <= 112).all()  # every box fits the image
     frac = h * w / 112**2
     assert frac.min() > ERASE_SCALE[0] * 0.8 and frac.max() < ERASE_SCALE[1] * 1.2  # rounding of h and w only
     assert (h / w).min() > ERASE_RATIO[0] * 0.7 and (h / w).max() < ERASE_RATIO[1] * 1.4
@@ -168,9 +170,9 @@ def test_erase_zeroes_one_box_and_keeps_the_rest():
     x = torch.randn(8, 3, 64, 64) + 5  # no zeros of its own
     rows = torch.arange(8)
     out = VIEWS["erase"].fn(x, rows, Preprocess(size=64))
-    for i, (t, l, h, w) in enumerate(erase_boxes(rows, 64).tolist()):
+    for i, (top, left, h, w) in enumerate(erase_boxes(rows, 64).tolist()):
         inside = torch.zeros(64, 64, dtype=torch.bool)
-        inside[t:t + h, l:l + w] = True
+        inside[top:top + h, left:left + w] = True
         assert (out[i][:, inside] == 0).all() and torch.equal(out[i][:, ~inside], x[i][:, ~inside])
 
 
@@ -203,11 +205,13 @@ def test_random_views_do_not_depend_on_batching(augmented, tiny_manifest, tiny_d
     a, b = S.open_store(augmented), S.open_store(other)
     for out in ("embedding", "embedding.erase", "embedding.noise"):
         np.testing.assert_allclose(a.features(out), b.features(out), atol=2e-3, err_msg=out)
-    plain, erased, noisy = (a.features(o).astype(np.float32) for o in ("embedding", "embedding.erase", "embedding.noise"))
+    plain, erased, noisy = (a.features(o).astype(np.float32) for o in ("embedding", "embedding.erase",
+                                                                       "embedding.noise"))
     assert np.abs(erased - plain).mean() > 0.01 and np.abs(noisy - plain).mean() > 0.001  # views, not copies
 
 
-def test_training_only_views_train_but_are_never_averaged_into_a_prediction(augmented, tiny_dataset, tmp_path, monkeypatch):
+def test_training_only_views_train_but_are_never_averaged_into_a_prediction(augmented, tiny_dataset, tmp_path,
+                                                                            monkeypatch):
     from fercache import loop
     from fercache import train as T
     from fercache.evaluate import evaluate_run
@@ -238,7 +242,9 @@ def test_recipe_key_views_picks_which_cached_views_train(augmented, tmp_path):
     assert r.metrics["config"]["views"] == ["flip", "erase"]  # in the store's order
     r = fit(str(augmented), "linear", out_dir=tmp_path / "none", recipe={"epochs": 1, "views": []})
     assert r.metrics["config"]["views"] == []
-    with pytest.raises(ConfigError, match=r"holds \['flip', 'erase', 'noise'\], not rotate; extract it with --views flip,erase,noise,rotate"):
+    with pytest.raises(ConfigError,
+                       match=r"holds \['flip', 'erase', 'noise'\], not rotate; extract it with --views "
+                             r"flip,erase,noise,rotate"):
         fit(str(augmented), "linear", out_dir=tmp_path / "bad", recipe={"views": ["rotate"]})
     with pytest.raises(ConfigError, match="recipe views='flip': a list of the store's views"):
         fit(str(augmented), "linear", out_dir=tmp_path / "bad", recipe={"views": "flip"})
@@ -257,8 +263,9 @@ def test_a_view_output_passed_as_the_output_is_named_as_a_view(augmented, tmp_pa
     st = S.open_store(augmented)
     view = f"{st.default_output}.flip"
     assert view in st.outputs
-    with pytest.raises(ConfigError, match=rf"^output '{view}' is the cached 'flip' view of '{st.default_output}': pass "
-                                          rf"--output {st.default_output}, whose views \(flip, erase, noise\) training"):
+    with pytest.raises(ConfigError, match=rf"^output '{view}' is the cached 'flip' view of '{st.default_output}': "
+                                          rf"pass --output {st.default_output}, whose views \(flip, erase, noise\) "
+                                          "training"):
         fit(str(augmented), "linear", out_dir=tmp_path, output=view, recipe={"epochs": 1})
     r = fit(str(augmented), "linear", out_dir=tmp_path, output=view, recipe={"epochs": 1, "views": []})
     assert r.metrics["config"]["output"] == view  # without views, a view output trains like any other

@@ -7,7 +7,6 @@ from torch import nn
 
 from ._registry import BASE_RECIPE, Head, HeadContext, feature_scale, register_head
 
-
 LINEAR_RECIPE = {**BASE_RECIPE, "optimizer": "adamw", "lr": 1e-3, "weight_decay": 1e-4, "epochs": 30, "batch_size": 256,
                  "scheduler": "cosine"}
 

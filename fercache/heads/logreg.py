@@ -43,7 +43,9 @@ class LogRegProbe(LinearProbe):
         nn.init.zeros_(self.fc.bias)
         best, path = None, []
         for l2 in self.l2:
-            objective = lambda: nn.functional.cross_entropy(self.fc(x), y) + l2 * self.fc.weight.pow(2).sum()  # noqa: E731
+            def objective(l2=l2):
+                return nn.functional.cross_entropy(self.fc(x), y) + l2 * self.fc.weight.pow(2).sum()
+
             opt = torch.optim.LBFGS(self.fc.parameters(), lr=1, max_iter=recipe["max_iter"], history_size=20,
                                     line_search_fn="strong_wolfe", tolerance_grad=1e-7, tolerance_change=1e-10)
 

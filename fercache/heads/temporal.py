@@ -26,8 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import ConfigError, EncoderError
 from ..encoders import has_text_tower, text_tower
+from ..errors import ConfigError, EncoderError
 from ._registry import BASE_RECIPE, Head, HeadContext, feature_scale, register_head
 from .zeroshot import text_classifier
 
@@ -36,7 +36,8 @@ log = logging.getLogger(__name__)
 
 def class_descriptions(path: str | Path | None = None) -> dict[str, str]:
     """Class -> description of the face: the bundled file, or a user's JSON file of the same shape."""
-    text = Path(path).read_text() if path else (resources.files("fercache") / "resources" / "class_descriptions.json").read_text()
+    text = (Path(path).read_text() if path
+            else (resources.files("fercache") / "resources" / "class_descriptions.json").read_text())
     return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
 
 
@@ -47,7 +48,8 @@ def segment_indices(lengths: torch.Tensor, t: int, train: bool) -> torch.Tensor:
     than t repeats frames, as the published sampler does.
     """
     k = torch.arange(t, device=lengths.device, dtype=torch.float32)[None]
-    offset = torch.rand(len(lengths), t, device=lengths.device) if train else torch.full((1, t), 0.5, device=lengths.device)
+    offset = torch.rand(len(lengths), t, device=lengths.device) if train else torch.full((1, t), 0.5,
+                                                                                         device=lengths.device)
     n = lengths.to(torch.float32)[:, None]
     return torch.minimum(((k + offset) * n / t).floor().long(), lengths[:, None] - 1)
 
@@ -72,12 +74,15 @@ class PromptText(nn.Module):
         plain = tokenizer(descriptions)
         self.start = int((tokens[0] != plain[0]).nonzero()[0])  # the first placeholder, after any start token
         slots = tokens[:, self.start:self.start + n_ctx]
-        if not (slots == slots[0, 0]).all():  # one placeholder token per context vector, at the same place in every prompt
-            raise ConfigError("could not place the prompt context: this tokenizer does not make 'X' one token at a fixed position")
+        # one placeholder token per context vector, at the same place in every prompt
+        if not (slots == slots[0, 0]).all():
+            raise ConfigError("could not place the prompt context: this tokenizer does not make 'X' one token at a "
+                              "fixed position")
         if (tokens[:, -1] != 0).any():
             longest = int((tokens != 0).sum(1).max())
             raise ConfigError(f"a prompt of {n_ctx} context vectors + description fills the text tower's "
-                              f"{tokens.shape[1]} tokens (longest needs {longest}+); shorten the description or lower n_ctx")
+                              f"{tokens.shape[1]} tokens (longest needs {longest}+); shorten the description or lower "
+                              "n_ctx")
         self.register_buffer("tokens", tokens)
         width = self.embedding.weight.shape[1]
         self.ctx = nn.Parameter(torch.randn(len(descriptions), n_ctx, width) * 0.02)  # class-specific (CoOp's init)
@@ -110,7 +115,8 @@ class PromptText(nn.Module):
 
 
 def _token_embedding(clip_model) -> nn.Embedding:
-    emb = getattr(clip_model, "token_embedding", None) or getattr(getattr(clip_model, "text", None), "token_embedding", None)
+    emb = getattr(clip_model, "token_embedding", None) or getattr(getattr(clip_model, "text", None), "token_embedding",
+                                                                  None)
     if not isinstance(emb, nn.Embedding):
         raise EncoderError("learnable prompts need an open_clip text transformer with a token embedding; "
                            "this model's text tower has none. Use --hp classifier=linear")
@@ -128,7 +134,8 @@ class TemporalHead(Head):
 
 
     def __init__(self, in_dim: int, out_dim: int, *, segments: int, width: int, heads: int, mlp: int, pool: str,
-                 classifier: str, prompt: PromptText | None, text: torch.Tensor | None, scale: float, standardize: bool):
+                 classifier: str, prompt: PromptText | None, text: torch.Tensor | None, scale: float,
+                 standardize: bool):
         super().__init__()
         self.segments, self.pool, self.scale, self.standardize = segments, pool, scale, standardize
         # As in the linear probe: a frozen standardiser (train statistics) makes one lr fit every encoder's scale.
@@ -148,7 +155,8 @@ class TemporalHead(Head):
             self.fc = nn.Linear(feat, out_dim)
         else:  # v must live in the CLIP joint space, where the store's embeddings are
             self.proj_out = nn.Linear(feat, in_dim) if feat != in_dim else nn.Identity()
-            # t_c: fixed (handwritten), or the learned prompts' as of the last evaluation; saved with the head either way
+            # t_c: fixed (handwritten), or the learned prompts' as of the last evaluation; saved with the head either
+            # way
             self.register_buffer("text", torch.zeros(out_dim, in_dim) if text is None else text)
 
     def fit_stats(self, batch: dict) -> None:
@@ -178,7 +186,8 @@ class TemporalHead(Head):
             return t
         return self.text
 
-    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None, lengths: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, z: torch.Tensor | None = None,
+                lengths: torch.Tensor | None = None) -> torch.Tensor:
         if x.ndim != 3:
             raise ConfigError(f"the temporal head takes clips [B, frames, D]; got a tensor of shape {tuple(x.shape)}")
         if lengths is None:
@@ -196,7 +205,8 @@ class TemporalHead(Head):
         """The temporal model at lr, the prompt context at prompt_lr (the published two-rate recipe)."""
         prompt = [p for n, p in self.named_parameters() if n.startswith("prompt.")]
         rest = [p for n, p in self.named_parameters() if not n.startswith("prompt.")]
-        return [{"params": rest, "lr": recipe["lr"]}] + ([{"params": prompt, "lr": recipe["prompt_lr"]}] if prompt else [])
+        return [{"params": rest,
+                 "lr": recipe["lr"]}] + ([{"params": prompt, "lr": recipe["prompt_lr"]}] if prompt else [])
 
 
 def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None) -> PromptText:
@@ -208,8 +218,8 @@ def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None) -> Prom
     with torch.no_grad():
         text_dim = model.encode_text(tokenizer(["a face"])).shape[-1]
     if text_dim != ctx.in_dim:
-        raise ConfigError(f"prompts compare the video feature with {text_dim}-d text features, but the store's features are "
-                          f"{ctx.in_dim}-d; train on the store's 'embedding' output (--output embedding)")
+        raise ConfigError(f"prompts compare the video feature with {text_dim}-d text features, but the store's "
+                          f"features are {ctx.in_dim}-d; train on the store's 'embedding' output (--output embedding)")
     return PromptText(model, tokenizer, [table[c] for c in ctx.class_names], n_ctx)
 
 
@@ -243,6 +253,7 @@ def temporal(ctx: HeadContext, *, classifier: str = "auto", pool: str = "transfo
         standardize = classifier == "linear"
     head = TemporalHead(ctx.in_dim, ctx.out_dim, segments=segments, width=width, heads=heads, mlp=mlp, pool=pool,
                         classifier=classifier, prompt=prompt, text=text, scale=scale, standardize=standardize)
-    head.resolved_hp = {"classifier": classifier, "standardize": standardize}  # saved with the run, so a restore rebuilds the same head
+    # saved with the run, so a restore rebuilds the same head
+    head.resolved_hp = {"classifier": classifier, "standardize": standardize}
     return head
 
