@@ -1,3 +1,3 @@
 """fercache: facial expression / action-unit recognition on frozen encoder features cached in Zarr stores."""
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
