@@ -65,8 +65,8 @@ def build(fmt: str, src: str | Path, data_root: str | Path | None = None, **opti
     check_adapter_options(fmt, options)
     rows = adapter(src, **options)
     if not rows:
-        raise ManifestError(f"no samples found in {src} for format {fmt!r}; check the layout in `fercache manifest "
-                            "formats`")
+        raise ManifestError(f"no samples found in {src} for format {fmt!r}; "
+                            "check the layout in `fercache manifest formats`")
     for row in rows:
         try:
             row["path"] = Path(row["path"]).resolve().relative_to(root).as_posix()
@@ -460,9 +460,9 @@ class _CkplusBoxes:
         if landmarks != "Landmarks" or (src / landmarks).is_dir():  # a folder named elsewhere must be there
             self.root = _annotation(src, landmarks, "ckplus_release", "landmarks=PATH", "folder")
         else:
-            log.warning("%s has no Landmarks/ folder: whole frames are encoded, the face a small part of each; unzip "
-                        "the release's Landmarks beside Emotion/, or pass --option landmarks=PATH (none: whole frames, "
-                        "unsaid)", src)
+            log.warning("%s has no Landmarks/ folder: whole frames are encoded, the face a "
+                        "small part of each; unzip the release's Landmarks beside Emotion/, "
+                        "or pass --option landmarks=PATH (none: whole frames, unsaid)", src)
 
     def __call__(self, seq: Path, img: Path) -> dict:
         if self.root is None:
@@ -563,8 +563,8 @@ def _fer2013_pixels(blob: str, where: str) -> np.ndarray:
         raise ManifestError(f"{where}: `pixels` must be 2304 space-separated integers") from None
     if pixels.size != 48 * 48 or pixels.min() < 0 or pixels.max() > 255:
         span = f" in [{pixels.min()}, {pixels.max()}]" if pixels.size else ""
-        raise ManifestError(f"{where}: `pixels` has {pixels.size} values{span}; FER2013 rows are 48x48 = 2304 values "
-                            "in [0, 255]")
+        raise ManifestError(f"{where}: `pixels` has {pixels.size} values{span}; "
+                            "FER2013 rows are 48x48 = 2304 values in [0, 255]")
     return pixels.astype(np.uint8).reshape(48, 48)
 
 

@@ -143,9 +143,9 @@ def summarize(m: Manifest, a: Audit | None) -> str:
     lines.append(f"  with different labels: {len(a.label_conflicts)}" + _examples(m, a.label_conflicts))
     if a.leaking:
         what = "are copies of" if a.unit == "image" else "hold a frame identical to"
-        lines.append(f"{len(a.leaking)} val/test {a.unit}s {what} an image in an earlier split (or earlier in their "
-                     "own): `--without-leaks OUT.csv` writes the manifest with them unlabelled (same images: the store "
-                     "is reused)")
+        lines.append(f"{len(a.leaking)} val/test {a.unit}s {what} an image in an earlier "
+                     "split (or earlier in their own): `--without-leaks OUT.csv` writes "
+                     "the manifest with them unlabelled (same images: the store is reused)")
     else:
         lines.append(f"no val/test {a.unit} repeats an image of an earlier split")
     return "\n".join(lines)

@@ -23,8 +23,8 @@ def choose_aus(aus: str | list[str], have: list[str], positives: dict[str, int],
     if missing := [a for a in chosen if a not in have]:
         raise ConfigError(f"AU(s) {', '.join(missing)} not in {source}; it has {', '.join(have)}")
     if twice := repeated(chosen):
-        raise ConfigError(f"--aus names {', '.join(twice)} twice; each AU once (twice, it would count twice in "
-                          "every macro-F1)")
+        raise ConfigError(f"--aus names {', '.join(twice)} twice; each AU once "
+                          "(twice, it would count twice in every macro-F1)")
     return chosen
 
 

@@ -23,11 +23,11 @@ app.add_typer(manifest_app, name="manifest")
 bench_app = typer.Typer(help="Benchmarks: figures and ratios measured in one run on one device.", no_args_is_help=True)
 app.add_typer(bench_app, name="bench")
 
-DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative to (default: $FERCACHE_DATA, "
-                                                  "else .).")
+DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative "
+                                                  "to (default: $FERCACHE_DATA, else .).")
 Device = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or mps; checked before any data is read.")
-Aus = typer.Option(None, "--aus", help="AU heads: 'top8', or AU numbers like 1,2,4 (default: AUs with >=20 train "
-                                       "positives).")
+Aus = typer.Option(None, "--aus", help="AU heads: 'top8', or AU numbers like 1,2,4 "
+                                       "(default: AUs with >=20 train positives).")
 PRECISION_HELP = ("auto (bf16 on CUDA, fp32 on CPU), fp32, fp16, bf16 (autocast: fp32 weights, matrix products in "
                   "half precision) or bf16-weights (the weights themselves in bf16, every op in bf16: faster, "
                   "features about as close to fp32's as bf16's; see docs/benchmarks.md).")
@@ -70,11 +70,11 @@ def manifest_build(
     src: Path = typer.Argument(..., help="The dataset folder in its native layout."),
     fmt: str = typer.Option(..., "--format", "-f", help="Dataset layout; see `fercache manifest formats`."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest CSV to write (.csv or .csv.gz)."),
-    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Make paths relative to this folder (default: "
-                                                                       "SRC)."),
-    option: list[str] = typer.Option([], "--option", help="Adapter option key=value (repeatable), e.g. "
-                                                          "facs=ckplus_facs.csv; `fercache manifest formats F` lists "
-                                                          "F's."),
+    data_root: Optional[Path] = typer.Option(None, "--data-root", help="Make paths relative to this "
+                                                                       "folder (default: SRC)."),
+    option: list[str] = typer.Option([], "--option", help="Adapter option key=value (repeatable), "
+                                                          "e.g. facs=ckplus_facs.csv; `fercache "
+                                                          "manifest formats F` lists F's."),
 ) -> None:
     """Build a manifest (canonical labels, splits, subjects, AUs) from a dataset's native layout."""
     from .adapters import build
@@ -166,10 +166,10 @@ def extract(
     encoder: str = typer.Option("torchvision:mobilenet_v2", "--encoder", "-e",
                                 help="family:arch, e.g. open_clip:ViT-B-16, torchvision:resnet50, timm:convnext_tiny."),
     out: str = typer.Option(..., "--out", "-o", help="Store path (STORE.zarr) or any fsspec URL zarr supports."),
-    pretrained: Optional[str] = typer.Option(None, help="open_clip hub tag (e.g. openai), local weights file, or "
-                                                        "'none' (random init, never a silent default: open_clip "
-                                                        "models, and torchvision/timm ones other than mobilenet_v2, "
-                                                        "need it)."),
+    pretrained: Optional[str] = typer.Option(None, help="open_clip hub tag (e.g. openai), local weights "
+                                                        "file, or 'none' (random init, never a silent "
+                                                        "default: open_clip models, and torchvision/timm "
+                                                        "ones other than mobilenet_v2, need it)."),
     image_size: Optional[int] = typer.Option(None, help="Encoder input size (default: the model's)."),
     preprocess_tag: Optional[str] = typer.Option(None, help="With --pretrained FILE of an open_clip model: the "
                                                             "pretrained tag the file is a copy of, whose preprocessing "
@@ -222,8 +222,8 @@ def verify_cmd(
         a, b = v.rows[i]
         typer.echo(f"chunk {i} (rows {a}-{b - 1}): {', '.join(arrays)} damaged")
     if v.unchecked:
-        typer.echo(f"{len(v.unchecked)} of {v.n_chunks} chunk(s) have no checksums (extracted before fercache 0.4): "
-                   "not checked", err=True)
+        typer.echo(f"{len(v.unchecked)} of {v.n_chunks} chunk(s) have no "
+                   "checksums (extracted before fercache 0.4): not checked", err=True)
     if v.ok:
         typer.echo(f"{store}: {v.n_chunks - len(v.unchecked)} chunk(s) checked, none damaged")
         return
@@ -299,23 +299,23 @@ def _ints(text: str, option: str = "--seeds", least: int = 0) -> list[int]:
 @app.command("train-head")
 def train_head(
     store: str = typer.Argument(..., help="A complete feature store."),
-    head: str = typer.Option("linear", "--head", "-H", help="A registered head; `fercache heads` lists each one's "
-                                                            "task, level (images or video clips), --hp keys and "
-                                                            "recipe."),
+    head: str = typer.Option("linear", "--head", "-H", help="A registered head; `fercache heads` "
+                                                            "lists each one's task, level (images "
+                                                            "or video clips), --hp keys and recipe."),
     seeds: str = Seeds,
     out: Path = typer.Option(Path("runs"), "--out", "-o", help="Runs are written to OUT/<store>-<head>/seed<k>/."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
     output: Optional[str] = typer.Option(None, help="Store output to train on (default: the store's default)."),
-    mask_source: Optional[str] = typer.Option(None, help="mask head: a second store of the same manifest for the mask "
-                                                         "MLP."),
+    mask_source: Optional[str] = typer.Option(None, help="mask head: a second store of the "
+                                                         "same manifest for the mask MLP."),
     hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value (repeatable), e.g. --hp hidden=512."),
     recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value, e.g. --recipe epochs=10 "
                                                           "--recipe lr=1e-3."),
     aus: Optional[str] = Aus,
     device: str = Device,
-    views: bool = typer.Option(True, help="Train on the store's cached augmented views (extract --views) and "
-                                          "evaluate on the average with its mirror (flip); --no-views uses the plain "
-                                          "images only."),
+    views: bool = typer.Option(True, help="Train on the store's cached augmented views (extract "
+                                          "--views) and evaluate on the average with its mirror "
+                                          "(flip); --no-views uses the plain images only."),
     overwrite: bool = typer.Option(False, help="Replace a run of the same name trained with other settings "
                                               "(without it such a run is kept and this one refused)."),
 ) -> None:
@@ -404,8 +404,8 @@ def evaluate(
     store: Optional[str] = typer.Option(None, help="Store to evaluate on (default: the run's training store)."),
     split: str = typer.Option("test", help="Split to score."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
-    errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each run was surest of "
-                                                          "(errors.png)."),
+    errors: int = typer.Option(0, "--errors", min=0, help="Also draw the N mistakes each "
+                                                          "run was surest of (errors.png)."),
     data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
                                              "(default: $FERCACHE_DATA, else the one the store was extracted from)."),
     device: str = Device,
@@ -447,11 +447,11 @@ def compare(
 @app.command("near-dups")
 def near_dups(
     store: str = typer.Argument(..., help="A complete store."),
-    threshold: float = typer.Option(0.95, min=0.0, max=1.0, help="Cosine at or above which two images count as one "
-                                                                 "photo."),
+    threshold: float = typer.Option(0.95, min=0.0, max=1.0, help="Cosine at or above which two "
+                                                                 "images count as one photo."),
     out: Path = typer.Option(Path("near-dups"), "--out", "-o", help="Folder for near-dups.csv and the plots."),
-    manifest: Optional[Path] = typer.Option(None, help="Labels and splits from this manifest (default: the store's "
-                                                       "own)."),
+    manifest: Optional[Path] = typer.Option(None, help="Labels and splits from this manifest "
+                                                       "(default: the store's own)."),
     output: Optional[str] = typer.Option(None, help="Store output to compare (default: the store's default)."),
     pairs: int = typer.Option(16, min=0, help="Draw the N least similar pairs above the threshold (needs the images; "
                               "without them the figure is skipped with a warning, the rest is written)."),
@@ -614,12 +614,12 @@ def sweep(
                                                        "--axis mask=sample,class,none; a data-efficiency curve: --axis "
                                                        "shots=1,4,16,64; list-valued points as one JSON list: --axis "
                                                        "'budgets=[null,[2,1,1,1,1,1,1]]'"),
-    seeds: str = typer.Option("0", help="Comma-separated seeds; each point is trained once per seed, ranked on the "
-                                        "mean."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds; each point is "
+                                        "trained once per seed, ranked on the mean."),
     recipe: list[str] = typer.Option([], "--recipe", help="Fixed recipe overrides for every point."),
     hp: list[str] = typer.Option([], "--hp", help="Fixed head hyperparameters for every point."),
-    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs, sweep.md/.csv/.json and "
-                                                                     "plots."),
+    out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs, "
+                                                                     "sweep.md/.csv/.json and plots."),
     retrain: bool = Retrain,
     device: str = Device,
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),

@@ -106,8 +106,8 @@ def summarize(result: dict) -> str:
     head = (f"B - A on {store_name(result['store'])}:{result['split']}  ({unit}; {result['n_boot']} paired bootstrap "
             "resamples of the subjects" + (f"; {result['dropped']} samples not scored by both left "
                                            "out" if result["dropped"] else "")
-            + f")\n  A = {result['a']} ({result['seeds_a']} seed(s))\n  B = {result['b']} ({result['seeds_b']} "
-              "seed(s))\n")
+            + f")\n  A = {result['a']} ({result['seeds_a']} seed(s))\n  B = "
+              f"{result['b']} ({result['seeds_b']} seed(s))\n")
     lines = [f"  {'metric':<21} {'A':>7} {'B':>7} {'B - A':>7}  {'95% CI':<16} {'p':>6}"]
     for k, m in result["metrics"].items():
         k = f"{k} (lower=better)" if k in metrics.LOWER_IS_BETTER else k

@@ -92,8 +92,8 @@ def _joined_features(store: FeatureStore, source: str, output: str | None) -> np
         index = {s: i for i, s in enumerate(other.sample_ids())}
         missing = [s for s in store.sample_ids() if s not in index]
         if missing:
-            raise StoreError(f"mask-source store {source} lacks {len(missing)} sample ids of {store.location}, e.g. "
-                             f"{missing[:3]}")
+            raise StoreError(f"mask-source store {source} lacks {len(missing)} "
+                             f"sample ids of {store.location}, e.g. {missing[:3]}")
         return other.features(output)[[index[s] for s in store.sample_ids()]]
     return other.features(output)
 
@@ -103,10 +103,10 @@ def _refuse_non_finite(store: FeatureStore, x: np.ndarray, ok: np.ndarray, outpu
     written by something else, and would poison every loss and metric."""
     bad = np.flatnonzero(ok & ~np.isfinite(x).all(axis=1))
     if len(bad):
-        raise StoreError(f"{store.location}: {len(bad)} row(s) marked ok hold NaN or Inf in {output!r} (e.g. "
-                         f"{store.sample_ids()[bad[0]]!r}, chunk {bad[0] // store.chunk_rows}); the store is damaged: "
-                         f"`fercache verify {store.location}` names its chunks, and `fercache extract ... --overwrite` "
-                         "rebuilds it")
+        raise StoreError(f"{store.location}: {len(bad)} row(s) marked ok hold NaN or Inf in {output!r} "
+                         f"(e.g. {store.sample_ids()[bad[0]]!r}, chunk {bad[0] // store.chunk_rows}); "
+                         f"the store is damaged: `fercache verify {store.location}` names its chunks, "
+                         "and `fercache extract ... --overwrite` rebuilds it")
 
 
 def store_views(store_path: str) -> list[str]:

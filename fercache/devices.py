@@ -34,14 +34,14 @@ def torch_device(name: str | torch.device) -> torch.device:
         raise ConfigError(f"--device {name!r} is not a device name: use cpu, cuda, cuda:N or mps "
                           f"(this machine has: {available()})") from None
     if dev.type not in SUPPORTED:
-        raise ConfigError(f"--device {name!r}: fercache runs on {', '.join(SUPPORTED)} (this machine has: "
-                          f"{available()})")
+        raise ConfigError(f"--device {name!r}: fercache runs on "
+                          f"{', '.join(SUPPORTED)} (this machine has: {available()})")
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"--device {name}: CUDA is not available here (no GPU or no driver; this machine has: "
                           f"{available()}); use --device cpu")
     if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
         raise ConfigError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices here ({available()})")
     if dev.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"--device {name}: Apple MPS is not available here (this machine has: {available()}); use "
-                          "--device cpu")
+        raise ConfigError(f"--device {name}: Apple MPS is not available here "
+                          f"(this machine has: {available()}); use --device cpu")
     return dev

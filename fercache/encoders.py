@@ -130,9 +130,9 @@ def missing_weights(spec: str, pretrained: str | None) -> str | None:
         if arch not in open_clip.list_models():
             return None  # the builder names the unknown model, with a suggestion
         tags = open_clip.list_pretrained_tags_by_model(arch)
-        return (f"{spec} needs --pretrained: an open_clip tag ({', '.join(tags) or 'none published for this model'}), "
-                f"a local weights file, or none for random init (features of a model that never saw an image). "
-                f"{OFFLINE_HELP}")
+        return (f"{spec} needs --pretrained: an open_clip tag "
+                f"({', '.join(tags) or 'none published for this model'}), a local weights file, or none for random "
+                f"init (features of a model that never saw an image). {OFFLINE_HELP}")
     if family in ("torchvision", "timm") and spec != "torchvision:mobilenet_v2" and _known(family, arch):
         return f"{spec} needs --pretrained PATH (a local weights file) or --pretrained none. {OFFLINE_HELP}"
     return None
@@ -372,8 +372,8 @@ def _hub_file(repo: str, filename: str) -> Path:
     if isinstance(hit, str):
         return Path(hit)
     if hub_offline():
-        raise EncoderError(f"HF_HUB_OFFLINE is set and {filename} of hf-hub:{repo} is not in the local cache. "
-                           f"{OFFLINE_HELP}")
+        raise EncoderError(f"HF_HUB_OFFLINE is set and {filename} of hf-hub:{repo} "
+                           f"is not in the local cache. {OFFLINE_HELP}")
     if not _hub_reachable():
         raise EncoderError(f"the model hub is unreachable and hf-hub:{repo} is not in the local cache. {OFFLINE_HELP}")
     try:
@@ -503,8 +503,8 @@ def resolve_open_clip_weights(arch: str, tag: str) -> Path:
                            f"{OFFLINE_HELP}")
     if not _hub_reachable():
         # Fail in seconds instead of letting the hub client retry for a minute.
-        raise EncoderError(f"the model hub is unreachable and open_clip {arch}/{tag} is not in the local cache. "
-                           f"{OFFLINE_HELP}")
+        raise EncoderError("the model hub is unreachable and open_clip "
+                           f"{arch}/{tag} is not in the local cache. {OFFLINE_HELP}")
     try:
         target = open_clip.download_pretrained(cfg)
     except Exception as e:  # the hub client raises many types for network and auth failures
@@ -587,9 +587,9 @@ def unsafe_pickle(path, e: Exception) -> str:
     """What to say of a weights file torch refuses to unpickle safely (weights_only): it holds code, not only
     tensors. fercache never runs it."""
     first = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return (f"{path} is not a plain weights file: torch refused to load it safely ({first[:160]}); it may run code "
-            "when loaded. Re-save its state_dict (torch.save(model.state_dict(), PATH) or safetensors) from a source "
-            "you trust")
+    return (f"{path} is not a plain weights file: torch refused to load it safely "
+            f"({first[:160]}); it may run code when loaded. Re-save its state_dict "
+            "(torch.save(model.state_dict(), PATH) or safetensors) from a source you trust")
 
 
 # --- torchvision / timm ----------------------------------------------------------------------------

@@ -106,8 +106,8 @@ def runs_hint(run: Path) -> str:
         return (f": {run.name} is a feature store; `fercache train-head {run} --head linear` trains a run on it, "
                 "and the run folder that prints is what this reads")
     if run.is_file() and run.name.endswith((".csv", ".csv.gz")):
-        return (f": {run.name} is a manifest; extract it into a store (`fercache extract {run} ...`) and train a head "
-                "on that")
+        return (f": {run.name} is a manifest; extract it into a store "
+                f"(`fercache extract {run} ...`) and train a head on that")
     # a few levels down, not the whole tree: `run` may be a home folder (a protocol's runs sit 3-4 levels deep)
     deeper = next((p for depth in range(2, 6) for p in sorted(run.glob("*/" * depth + "head.pt"))), None)
     if deeper is None:
@@ -270,8 +270,8 @@ def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split
     check_errors(errors)
     result, scored = score_run(run, store, manifest, split, device)
     if errors and scored.task != "expr":
-        raise ConfigError("--errors shows expression mistakes; for AU runs read predictions.csv (truth, decision, p "
-                          "per AU)")
+        raise ConfigError("--errors shows expression mistakes; for AU runs "
+                          "read predictions.csv (truth, decision, p per AU)")
     result = with_intervals(result, scored)
     if write:
         # the mistakes' images before anything is written: a wrong data root left one seed's evaluation written

@@ -190,8 +190,8 @@ def write_manifest(manifest: Manifest, path: str | Path) -> Path:
     validate(manifest)
     path = Path(path)
     if path.exists() and not (path.is_file() and _is_manifest(path)):
-        raise ManifestError(f"{path} exists and is not a manifest; writing one there would destroy it: choose "
-                            "another -o")
+        raise ManifestError(f"{path} exists and is not a manifest; writing "
+                            "one there would destroy it: choose another -o")
     if file := file_in_the_way(path.parent):
         raise ManifestError(f"cannot write {path}: {file} is a file, not a folder; choose another -o")
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -408,8 +408,8 @@ def _substitute_text(value: str, variables: dict[str, Any]) -> str:
 
 
 def _how_braces(variables: dict[str, Any]) -> str:
-    return (f"variables are written {{name}} ([vars] here: {', '.join(variables) or 'none'}), a literal brace {{{{ or "
-            f"}}}}")
+    return (f"variables are written {{name}} ([vars] here: "
+            f"{', '.join(variables) or 'none'}), a literal brace {{{{ or }}}}")
 
 
 TABLES = ("vars", "step")  # the top level of a pipeline file

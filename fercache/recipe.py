@@ -52,8 +52,8 @@ RECIPE_VALUES = {
     "sam_rho": (lambda v: _number(v) and v >= 0, "a number >= 0 (0: plain steps, no SAM)"),
     "gamma": (lambda v: _number(v) and v > 0, "a number > 0"),
     "eta_min": (lambda v: _number(v) and v >= 0, "a number >= 0"),
-    "milestones": (lambda v: isinstance(v, list) and all(_whole(e) and e >= 1 for e in v), "a list of epochs, e.g. "
-                                                                                           "[30, 40]"),
+    "milestones": (lambda v: isinstance(v, list) and all(_whole(e) and e >= 1 for e in v), "a list of epochs, "
+                                                                                           "e.g. [30, 40]"),
     # a view named twice trained as once, while the saved recipe (and a sweep point's key) said twice
     "views": (lambda v: isinstance(v, list) and all(isinstance(n, str) for n in v) and not repeated(v),
               'a list of the store\'s views, each once, e.g. ["flip", "erase"]'),

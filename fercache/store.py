@@ -379,8 +379,8 @@ class StoreInfo:
                f"complete   {self.complete} ({self.chunks_done}/{self.chunks_total} chunks)"]
         if not self.complete and self.writer is not None:
             out.append(f"writer     {self.writer}: an extract is running" if self.writer else
-                       "writer     none on this machine: re-run the same extract command to resume from the written "
-                       "chunks")
+                       "writer     none on this machine: re-run the same "
+                       "extract command to resume from the written chunks")
         out.append(f"rows       {self.rows}  ok {self.n_ok}  failed {self.n_failed}"
                    + (f"  ({self.clips} video clips)" if self.clips is not None else ""))
         out.append(f"chunks     {lay['chunk_rows']} rows" + (f", sharded: inner chunks of {lay['read_chunk_rows']} rows"
@@ -390,8 +390,8 @@ class StoreInfo:
         out.append(f"encoder    {enc['name']} pretrained={enc['pretrained']} sha256={enc['weights_sha256'][:16]}"
                    + (f" revision={enc['revision']}" if enc.get("revision") else ""))
         if self.outdated:
-            out.append(f"OUTDATED   {self.outdated}: re-extract it (`fercache extract ... --overwrite`) and retrain "
-                       "its runs")
+            out.append(f"OUTDATED   {self.outdated}: re-extract it (`fercache "
+                       "extract ... --overwrite`) and retrain its runs")
         out.append(f"preprocess {json.dumps(enc['preprocess'])}")
         out.append(f"manifest   {self.manifest} sha256={fp['manifest_sha256'][:16]}")
         if self.data_root:
@@ -469,12 +469,12 @@ def _what_is_there(location: str | Path) -> str | None:
     if path.is_file() and path.name.endswith((".csv", ".csv.gz")):
         return f"it is a manifest: `fercache extract {location} --encoder ... --out STORE.zarr` makes a store of it"
     if path.is_file() and path.suffix in (".h5", ".hdf5"):
-        return ("it is an HDF5 file, as `fercache export` writes for other tools; fercache reads the store (.zarr) "
-                "itself")
+        return ("it is an HDF5 file, as `fercache export` writes for other "
+                "tools; fercache reads the store (.zarr) itself")
     if path.is_dir() and (stores := sorted(p.name for p in path.iterdir() if (p / "zarr.json").is_file()
                                            and exists(p))):
-        return (f"it is a folder of stores ({', '.join(stores[:5])}{', ...' if len(stores) > 5 else ''}): pass one of "
-                "them")
+        return ("it is a folder of stores "
+                f"({', '.join(stores[:5])}{', ...' if len(stores) > 5 else ''}): pass one of them")
     configs = [path / "config.json"] if (path / "head.pt").is_file() else sorted(path.glob("*/config.json"))[:1]
     try:
         trained_on = json.loads(configs[0].read_text())["store"] if configs else None
@@ -535,9 +535,9 @@ def check_compatible(store: FeatureStore, fingerprint: dict) -> None:
     if store.fingerprint["key"] != fingerprint["key"] and (
             _without_weights_name(store.fingerprint) != _without_weights_name(fingerprint)):
         raise StoreError(
-            f"{store.location} was built from other inputs ({_diff(store.fingerprint, fingerprint)}). Rebuild it with "
-            "`fercache extract ... --overwrite` (in a pipeline step: `overwrite = true`), or write to a new --out "
-            "path."
+            f"{store.location} was built from other inputs "
+            f"({_diff(store.fingerprint, fingerprint)}). Rebuild it with `fercache extract ... "
+            "--overwrite` (in a pipeline step: `overwrite = true`), or write to a new --out path."
         )
 
 

@@ -92,8 +92,8 @@ def test_errors_exit_2_with_message(tmp_path, monkeypatch, capsys):
     with pytest.raises(SystemExit) as e:
         cli.main()
     err = capsys.readouterr().err
-    assert (e.value.code == 2 and err == f"error: [Errno 13] Permission denied: '{tmp_path / 'ro' / 'm.csv.tmp'}' (-v "
-                                         "shows where)\n")
+    assert (e.value.code == 2 and err == "error: [Errno 13] Permission denied: "
+                                         f"'{tmp_path / 'ro' / 'm.csv.tmp'}' (-v shows where)\n")
     monkeypatch.setattr("sys.argv", args[:1] + ["-v"] + args[1:])
     with pytest.raises(PermissionError):
         cli.main()
@@ -346,20 +346,20 @@ def test_a_pipeline_is_checked_whole_before_its_first_step_runs(tiny_dataset, tm
     cases = [
         ('run = "cross"\nstores = ["s.zarr"]\nheads = ["linear"]\nout = "x"\nmetrics = ["ece"]',
          "step 3 (cross): cross takes no argument 'metrics' (did you mean 'metric'?)"),
-        ('run = "cross"\nstores = ["s.zarr"]\nheads = ["linaer"]\nout = "x"', "unknown head 'linaer' (did you mean "
-                                                                              "'linear'?)"),
+        ('run = "cross"\nstores = ["s.zarr"]\nheads = ["linaer"]\nout = "x"', "unknown head 'linaer' "
+                                                                              "(did you mean 'linear'?)"),
         ('run = "cross"\nstores = ["s.zarr"]\nheads = ["linear"]\nout = "x"\nrecipe = { mask = { epochs = 3 } }',
          "recipe has entries for 'mask', which is none of the heads (linear)"),
         ('run = "cross"\nstores = ["s.zarr"]\nheads = ["mask"]\nout = "x"\nrecipe = { mask = { scheduler = "cos" } }',
          "recipe scheduler='cos'"),
-        ('run = "train"\nstore = "s.zarr"\nhead = "mask"\nhp = { use_sigmoid = "no" }', "use_sigmoid='no'; give true "
-                                                                                        "or false"),
-        ('run = "train"\nstore = "s.zarr"\nhead = "linear"\nseed = 1', "train takes no argument 'seed' (did you mean "
-                                                                       "'seeds'?)"),
+        ('run = "train"\nstore = "s.zarr"\nhead = "mask"\nhp = { use_sigmoid = "no" }', "use_sigmoid='no'; "
+                                                                                        "give true or false"),
+        ('run = "train"\nstore = "s.zarr"\nhead = "linear"\nseed = 1', "train takes no argument 'seed' "
+                                                                       "(did you mean 'seeds'?)"),
         ('run = "sweep"\nstore = "s.zarr"\nhead = "linear"\nout_dir = "x"\ngrid = { lr = [0.1] }',
          "sweep takes no argument 'out_dir' (did you mean 'out'?)"),
-        ('run = "sweep"\nstore = "s.zarr"\nhead = "linear"\nout = "x"\ngrid = { lr = [0.1, 0] }', "recipe lr=0: a "
-                                                                                                  "number > 0"),
+        ('run = "sweep"\nstore = "s.zarr"\nhead = "linear"\nout = "x"\ngrid = { lr = [0.1, 0] }', "recipe lr=0: "
+                                                                                                  "a number > 0"),
         ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\nbatch_size = 0', "--batch-size 0"),
         ('run = "extract"\nmanifest = "m.csv"\nencoder = "null:"\nout = "s.zarr"\ndevice = "gpu"', "--device 'gpu'"),
         ('run = "extract"\nmanifest = "m.csv"\nout = "s.zarr"', "step 3 (extract): extract needs encoder"),

@@ -152,8 +152,8 @@ def test_evaluate_draws_the_surest_mistakes(tiny_store, tiny_dataset, tmp_path):
         evaluate(tmp_path / "two" / "faces-linear", errors=4, root=tmp_path)
     assert not list((tmp_path / "two").rglob("eval-*"))
     # the manifest's paths start with faces/: a root one folder too low is answered with the right one
-    with pytest.raises(ConfigError, match=f"does not exist; it is under {tiny_dataset}: pass --data-root "
-                                          f"{tiny_dataset}$"):
+    with pytest.raises(ConfigError, match=f"does not exist; it is under {tiny_dataset}: "
+                                          f"pass --data-root {tiny_dataset}$"):
         evaluate_run(r.run_dir, errors=4, root=tiny_dataset / "faces")
 
 
@@ -181,8 +181,8 @@ def test_a_store_remembers_its_data_root_so_its_images_are_found_from_any_folder
     st = S.open_store(moved, mode="r+")
     st.group.attrs["fercache"] = {**st.meta, "data_root": str(tmp_path / "gone")}
     assert f"data root  {tmp_path / 'gone'} (not there now)\n" in invoke("info", moved).output
-    with pytest.raises(ConfigError, match=f"cannot draw the images: {tmp_path}/faces/.* does not exist; pass "
-                                          "--data-root"):
+    with pytest.raises(ConfigError, match=f"cannot draw the images: {tmp_path}/faces/.* "
+                                          "does not exist; pass --data-root"):
         unit_images(str(moved), [str(st.sample_ids()[0])], None)
     monkeypatch.chdir(tiny_dataset)
     assert unit_images(str(moved), [str(st.sample_ids()[0])], None)[0].ndim == 3

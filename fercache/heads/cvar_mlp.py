@@ -25,8 +25,8 @@ def check_fractions(**values: float) -> None:
     for name, v in values.items():
         ok = 0 < v <= 1 if name == "alpha" else 0 <= v < 1
         if not ok:
-            raise ConfigError(f"{name}={v!r}: " + ("a fraction in (0, 1]" if name == "alpha" else "a fraction in [0, "
-                                                                                                  "1)"))
+            raise ConfigError(f"{name}={v!r}: " + ("a fraction in (0, 1]" if name == "alpha" else "a fraction "
+                                                                                                  "in [0, 1)"))
 
 
 def mlp(in_dim: int, out_dim: int, hidden: int, layers: int = 3, dropout: float = 0.6) -> nn.Sequential:

@@ -76,13 +76,13 @@ class PromptText(nn.Module):
         slots = tokens[:, self.start:self.start + n_ctx]
         # one placeholder token per context vector, at the same place in every prompt
         if not (slots == slots[0, 0]).all():
-            raise ConfigError("could not place the prompt context: this tokenizer does not make 'X' one token at a "
-                              "fixed position")
+            raise ConfigError("could not place the prompt context: this tokenizer "
+                              "does not make 'X' one token at a fixed position")
         if (tokens[:, -1] != 0).any():
             longest = int((tokens != 0).sum(1).max())
-            raise ConfigError(f"a prompt of {n_ctx} context vectors + description fills the text tower's "
-                              f"{tokens.shape[1]} tokens (longest needs {longest}+); shorten the description or lower "
-                              "n_ctx")
+            raise ConfigError(f"a prompt of {n_ctx} context vectors + description fills the "
+                              f"text tower's {tokens.shape[1]} tokens (longest needs "
+                              f"{longest}+); shorten the description or lower n_ctx")
         self.register_buffer("tokens", tokens)
         width = self.embedding.weight.shape[1]
         self.ctx = nn.Parameter(torch.randn(len(descriptions), n_ctx, width) * 0.02)  # class-specific (CoOp's init)
