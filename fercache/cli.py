@@ -49,6 +49,9 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lo
                         format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("fercache").setLevel(level)
     _progress["bars"] = not quiet
+    from .registry import load_plugins
+
+    load_plugins()  # $FERCACHE_PLUGINS: the user's own heads, encoders, adapters or steps
 
 
 def _options(pairs: list[str], flag: str) -> dict:

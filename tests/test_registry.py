@@ -123,3 +123,20 @@ def test_a_step_is_one_declaration(tmp_path):
         assert r.exit_code == 0 and "times" in r.output
     finally:
         STEPS.pop("test_echo")
+
+
+def test_the_command_line_loads_a_users_own_heads_from_fercache_plugins(tmp_path):
+    """A head in the user's own file, named in $FERCACHE_PLUGINS, is one the command line knows."""
+    import os
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    shutil.copy(Path(__file__).parent / "plugin_heads.py", tmp_path / "my_heads.py")
+    env = {**os.environ, "FERCACHE_PLUGINS": "my_heads"}
+    fercache = Path(sys.executable).parent / "fercache"
+    r = subprocess.run([fercache, "heads", "test_clip_mean"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert r.returncode == 0 and "test_clip_mean expr/clip" in " ".join(r.stdout.split()), r.stderr
+    r = subprocess.run([fercache, "heads"], cwd=tmp_path, env={**env, "FERCACHE_PLUGINS": "my_haeds"},
+                       capture_output=True, text=True)
+    assert r.returncode == 2 and "FERCACHE_PLUGINS: cannot import 'my_haeds'" in r.stderr
