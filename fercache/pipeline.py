@@ -73,7 +73,8 @@ class Step:
 
 
 def _function(module: str, fn: str) -> Callable:
-    return getattr(importlib.import_module(f"fercache.{module}"), fn)
+    """A library function by (module, name): a fercache module, or a dotted one of your own (a plugin's step)."""
+    return getattr(importlib.import_module(module if "." in module else f"fercache.{module}"), fn)
 
 
 STEPS = Registry("pipeline step", entry=Step)
