@@ -16,11 +16,13 @@ import typer
 
 from .errors import FercacheError, check_out_file, repeated
 
+# Plain help (no Rich markup): help texts quote TOML (`[[step]]`, `[vars]`) and lists, which markup would eat.
+PLAIN = {"no_args_is_help": True, "rich_markup_mode": None}
 app = typer.Typer(help="Frozen-encoder features for facial expression and AU recognition, cached once in Zarr stores.",
-                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
-manifest_app = typer.Typer(help="Build and check dataset manifests.", no_args_is_help=True)
+                  pretty_exceptions_enable=False, **PLAIN)
+manifest_app = typer.Typer(help="Build and check dataset manifests.", **PLAIN)
 app.add_typer(manifest_app, name="manifest")
-bench_app = typer.Typer(help="Benchmarks: figures and ratios measured in one run on one device.", no_args_is_help=True)
+bench_app = typer.Typer(help="Benchmarks: figures and ratios measured in one run on one device.", **PLAIN)
 app.add_typer(bench_app, name="bench")
 
 DataRoot = typer.Option(None, "--data-root", help="Folder the manifest paths are relative "
@@ -33,15 +35,47 @@ PRECISION_HELP = ("auto (bf16 on CUDA, fp32 on CPU), fp32, fp16, bf16 (autocast:
                   "features about as close to fp32's as bf16's; see docs/benchmarks.md).")
 StoreArg = typer.Argument(..., help="A feature store: STORE.zarr, or any fsspec URL zarr supports.")
 ManifestArg = typer.Argument(..., help="Manifest CSV (.csv or .csv.gz).")
+AsJson = typer.Option(False, "--json", help="Print one JSON document on stdout (logs and progress stay on stderr).")
+
+
+def _echo_json(value) -> None:
+    """`value` (dataclasses, lists and dicts of them, paths) as one JSON document."""
+    import dataclasses
+    import enum
+
+    def plain(v):
+        if isinstance(v, enum.Enum):
+            return v.value
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            return {f.name: plain(getattr(v, f.name)) for f in dataclasses.fields(v)}
+        if isinstance(v, dict):
+            return {str(k): plain(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [plain(x) for x in v]
+        return v
+
+    typer.echo(json.dumps(plain(value), indent=2, default=str))
+
+
 Seeds = typer.Option("0", help="Comma-separated seeds; one run per seed.")
 Retrain = typer.Option(False, "--retrain", help="Train every run again, also those already finished in --out with the "
                        "same settings, data and fercache code (by default those are reused: run again, it resumes).")
 _progress = {"bars": True}  # set by --quiet: logs of scripted runs stay free of progress-bar lines
 
 
+def _version(asked: bool) -> None:
+    if asked:
+        from . import __version__
+
+        typer.echo(f"fercache {__version__}")
+        raise typer.Exit()
+
+
 @app.callback()
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
-           quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only, no progress bars.")) -> None:
+           quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only, no progress bars."),
+           version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                        help="Print fercache's version and exit.")) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     # Our INFO lines are progress a user reads; the libraries' (open_clip logs each step of building a model to the
     # root logger) are noise unless debugging, so only --verbose lets them through.
@@ -194,6 +228,7 @@ def extract(
                                        "averages it in), erase (random erasing) and noise (Gaussian pixel noise), "
                                        "training-only draws fixed per row. Heads train on a random one of {image, "
                                        "its views} per image per epoch."),
+    as_json: bool = AsJson,
 ) -> None:
     """Run a frozen encoder once over every manifest row into a fingerprinted, resumable Zarr store."""
     from .extract import extract as run
@@ -204,6 +239,8 @@ def extract(
             preprocess_tag=preprocess_tag, normalize=normalize, progress=_progress["bars"])
     if r.n_ok is None:
         return  # non-zero torchrun ranks: rank 0 reports
+    if as_json:
+        return _echo_json(r)
     state = ("already complete, nothing to do" if r.already_complete else f"{r.chunks_computed} chunks at "
                                                                           f"{r.images_per_s:.0f} img/s")
     typer.echo(f"{r.store}: {r.rows} rows, {r.n_ok} ok, {r.n_failed} failed ({state})")
@@ -321,6 +358,7 @@ def train_head(
                                           "(flip); --no-views uses the plain images only."),
     overwrite: bool = typer.Option(False, help="Replace a run of the same name trained with other settings "
                                               "(without it such a run is kept and this one refused)."),
+    as_json: bool = AsJson,
 ) -> None:
     """Train a head on cached features; the epoch is chosen on the validation split, never on test."""
     from .train import fit_seeds, summarize
@@ -328,6 +366,8 @@ def train_head(
     runs = fit_seeds(store, head, seeds=_ints(seeds), out_dir=out, manifest=manifest, output=output,
                      mask_source=mask_source, hp=_kv(hp, "--hp"), recipe=_kv(recipe, "--recipe"), aus=aus,
                      device=device, progress=_progress["bars"], views=views, overwrite=overwrite)
+    if as_json:
+        return _echo_json(runs)
     for r in runs:
         typer.echo(summarize(r))
 
@@ -412,6 +452,7 @@ def evaluate(
     data_root: Optional[Path] = typer.Option(None, help="--errors: folder the manifest paths are relative to "
                                              "(default: $FERCACHE_DATA, else the one the store was extracted from)."),
     device: str = Device,
+    as_json: bool = AsJson,
 ) -> None:
     """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
     calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
@@ -419,8 +460,11 @@ def evaluate(
     from .evaluate import evaluate as run_eval
     from .evaluate import summarize
 
-    for run in runs:
-        typer.echo(summarize(run_eval(run, store, manifest, split, device, errors=errors, root=data_root)))
+    results = [run_eval(run, store, manifest, split, device, errors=errors, root=data_root) for run in runs]
+    if as_json:
+        return _echo_json(results)
+    for result in results:
+        typer.echo(summarize(result))
 
 
 @app.command()
@@ -590,6 +634,7 @@ def runs_cmd(
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write every table to this CSV."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any run is stale or cannot be checked (for "
                                                         "scripts and CI)."),
+    as_json: bool = AsJson,
 ) -> None:
     """The run ledger: every run under ROOT, seeds grouped, ranked on validation, with the evaluations saved
     beside each run (eval-*/) and a status that flags STALE runs (store re-extracted or manifest edited since)."""
@@ -598,9 +643,13 @@ def runs_cmd(
     if csv:
         check_out_file(csv, "--csv")
     result = ledger(root)
-    typer.echo(result.markdown)
     if csv:
-        typer.echo(f"wrote {write_ledger(result, csv)}")
+        written = write_ledger(result, csv)
+    if as_json:
+        _echo_json({"tables": list(result.tables.values()), "records": result.records, "stale": result.stale,
+                    "unchecked": result.unchecked, "copies": result.copies, "incomplete": result.incomplete})
+    else:
+        typer.echo(result.markdown + (f"\nwrote {written}" if csv else ""))
     for line in warnings(result):
         typer.echo(line, err=True)
     if strict and (result.stale or result.unchecked or result.incomplete):
@@ -627,6 +676,7 @@ def sweep(
     device: str = Device,
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
     aus: Optional[str] = Aus,
+    as_json: bool = AsJson,
 ) -> None:
     """Grid sweep of a head on cached features, ranked on the validation split (seconds per point on CPU).
 
@@ -641,6 +691,9 @@ def sweep(
     grid = dict(axes)
     r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe, "--recipe"),
                   base_hp=_kv(hp, "--hp"), progress=_progress["bars"], reuse=not retrain, manifest=manifest, aus=aus)
+    if as_json:
+        return _echo_json({**{f: getattr(r, f) for f in ("head", "axes", "rows", "runs", "reused", "curve_png")},
+                           "best": r.best, "markdown": r.markdown})
     typer.echo(summarize(r))
 
 

@@ -381,8 +381,9 @@ class StoreInfo:
             out.append(f"writer     {self.writer}: an extract is running" if self.writer else
                        "writer     none on this machine: re-run the same "
                        "extract command to resume from the written chunks")
-        out.append(f"rows       {self.rows}  ok {self.n_ok}  failed {self.n_failed}"
-                   + (f"  ({self.clips} video clips)" if self.clips is not None else ""))
+        counts = f"ok {self.n_ok}  failed {self.n_failed}" if self.n_ok is not None else "(ok/failed: when complete)"
+        clips = f"  ({self.clips} video clips)" if self.clips is not None else ""
+        out.append(f"rows       {self.rows}  {counts}{clips}")
         out.append(f"chunks     {lay['chunk_rows']} rows" + (f", sharded: inner chunks of {lay['read_chunk_rows']} rows"
                                                          if lay["sharded"] else ""))
         out.append("outputs    " + ", ".join(f"{k}[{v}]" for k, v in self.outputs.items())

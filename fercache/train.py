@@ -28,7 +28,7 @@ from .data import (
 from .devices import torch_device
 from .encoders import check_text_tower
 from .errors import ConfigError, check_out_dir
-from .heads import HEADS, HeadContext, build_head
+from .heads import HEADS, HeadContext, build_head, check_hyperparameters
 from .labels import sorted_labels
 from .loop import predict_logits, score, to_device, train_loop
 from .recipe import Recipe, check_seeds
@@ -178,6 +178,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     dev = torch_device(device)  # before any reading
     check_out_dir(out_dir)
     spec, r = HEADS.lookup(head), Recipe.of(head, recipe)  # checked before any work
+    check_hyperparameters(head, hp or {})
     fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed,
                                         r.views if views and r.views is not None else views)
     fs = subset_train(fs, r.shots, r.fraction, seed, stratify=task == "expr")

@@ -463,6 +463,14 @@ def test_unknown_hyperparameter_names_the_ones_the_head_takes(tiny_store, tmp_pa
     assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
+def test_a_misspelt_hyperparameter_is_refused_before_any_feature_is_read(tiny_store, tmp_path, monkeypatch):
+    from fercache import train
+
+    monkeypatch.setattr(train, "load_features", lambda *a, **k: pytest.fail("features read before the check"))
+    r = invoke("train-head", tiny_store, "--head", "linear", "--hp", "normalise=true", "--out", tmp_path)
+    assert r.exit_code == 2 and "no hyperparameter 'normalise' (did you mean 'normalize'?)" in r.output
+
+
 def test_hp_values_parse_python_and_json_literals():
     assert cli._kv(["a=False", "b=false", "c=None", "d=null", "e=3", "f=[1,2]", "g=sample"], "--hp") == {
         "a": False, "b": False, "c": None, "d": None, "e": 3, "f": [1, 2], "g": "sample"}
@@ -837,3 +845,34 @@ def test_a_sweep_axis_also_fixed_by_recipe_or_hp_is_refused(tiny_store, tmp_path
     with pytest.raises(ConfigError, match=r"^n_drop: both a sweep axis"):
         sweep(str(tiny_store), "mask", {"n_drop": [1, 2]}, tmp_path / "s", base_hp={"n_drop": 4})
     assert not (tmp_path / "s").exists()
+
+
+def test_json_outputs_are_one_document_on_stdout(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path):
+    """extract, train-head, evaluate, sweep and runs with --json: stdout parses as JSON (logs stay on stderr)."""
+    store = tmp_path / "s.zarr"
+
+    def parsed(*args):
+        r = runner.invoke(cli.app, [str(a) for a in args] + ["--json"])
+        assert r.exit_code == 0, r.output
+        return json.loads(r.stdout)
+
+    ext = parsed("extract", tiny_manifest, "--encoder", tiny_encoder_spec, "--data-root", tiny_dataset, "--out", store,
+                 "--workers", "0")
+    assert ext["rows"] == 72 and ext["n_ok"] == 72 and ext["store"].endswith("s.zarr")
+    (run,) = parsed("train-head", store, "--recipe", "epochs=2", "--out", tmp_path / "runs")
+    assert run["metrics"]["selection"]["split"] == "val" and run["reused"] is False
+    (res,) = parsed("evaluate", run["run_dir"])
+    assert res["runs"][0]["n"] == 24 and 0 <= res["summary"]["accuracy"]["mean"] <= 1
+    sw = parsed("sweep", store, "--head", "linear", "--axis", "lr=0.01,0.1", "--recipe", "epochs=2", "-o",
+                tmp_path / "sw")
+    assert len(sw["rows"]) == 2 and sw["best"] == sw["rows"][0] and sw["axes"] == ["lr"]
+    led = parsed("runs", tmp_path)
+    assert len(led["records"]) == 3 and led["stale"] == [] and led["records"][0]["status"]["status"] == "ok"
+    assert {row["head"] for t in led["tables"] for row in t["rows"]} == {"linear"}
+    assert invoke("--version").output.strip() == f"fercache {cli_version()}"
+
+
+def cli_version() -> str:
+    from fercache import __version__
+
+    return __version__

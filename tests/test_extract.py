@@ -261,6 +261,7 @@ def test_resume_after_sigkill_equals_clean_run(tiny_store, tiny_manifest, tiny_d
     st = S.open_store(out)
     assert not st.complete and 0 < len(st.pending_chunks()) < st.n_chunks
     assert st.info().writer == ""  # the killed writer's lock died with it: `fercache info` says resume
+    assert "rows       72  (ok/failed: when complete)" in st.info().lines()  # not "ok None failed None"
     with pytest.raises(StoreError, match="incomplete .* re-run"):
         st.require_complete()
     r = extract(tiny_manifest, tiny_encoder_spec, out, root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0,
