@@ -65,7 +65,7 @@ _progress = {"bars": True}  # set by --quiet: logs of scripted runs stay free of
 
 def _version(asked: bool) -> None:
     if asked:
-        from . import __version__
+        from fercache import __version__
 
         typer.echo(f"fercache {__version__}")
         raise typer.Exit()
