@@ -94,14 +94,25 @@ ENDINGS = (".gz", ".csv", ".zarr")
 
 
 def near_path(path: str | Path, keep: Callable[[Path], bool]) -> str:
-    """' (did you mean 'X'?)' naming the entry beside a missing `path` (one that `keep` accepts) whose name is
-    closest, endings aside: ckplus48.csv for ckplus48.csv.gz, fer2013.zarr for fer2031.zarr. '' when none is close,
-    or `path` is a URL."""
+    """' (did you mean 'X'?)' naming the existing path closest to a missing `path` (one that `keep` accepts):
+    ckplus48.csv for ckplus48.csv.gz, fer2013.zarr for fer2031.zarr, data/faces/a.jpg for data/faecs/a.jpg (a
+    misspelt folder on the way is corrected too). '' when none is close, or `path` is a URL."""
     if "://" in str(path):
         return ""
-    path = Path(path)
+    near = _nearest(Path(path), keep, depth=8)
+    return f" (did you mean {str(near)!r}?)" if near else ""
+
+
+def _nearest(path: Path, keep: Callable[[Path], bool], depth: int) -> Path | None:
+    """The entry beside `path` whose name is closest, endings aside; when `path`'s folder is missing too, the
+    same name in the folder nearest to that one."""
     if not path.parent.is_dir():
-        return ""
+        folder = _nearest(path.parent, Path.is_dir, depth - 1) if depth > 0 and path.parent != path else None
+        if folder is None:
+            return None
+        path = folder / path.name
+        if keep(path):
+            return path
 
     def stem(name: str) -> str:  # compared without the endings, which every manifest (or store) shares
         for ending in ENDINGS:
@@ -110,4 +121,4 @@ def near_path(path: str | Path, keep: Callable[[Path], bool]) -> str:
 
     beside = {stem(p.name): p for p in sorted(path.parent.iterdir()) if p != path and keep(p)}
     close = difflib.get_close_matches(stem(path.name), list(beside), 1)
-    return f" (did you mean {str(beside[close[0]])!r}?)" if close else ""
+    return beside[close[0]] if close else None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -121,14 +122,14 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     check_whole("every", every, 1)
     check_whole("window", window, 1, optional=True)
     check_whole("stride", stride, 1, optional=True)
+    # The inputs are found before the run and its encoder are loaded (seconds), so a typo is said at once
+    if known := _saved_config(run):
+        paths = _inputs(inputs, known, window, stride)
     heads = load_heads(run, device, calibrated)
-    clips = heads[0].model.spec.level == "clip"
-    if window is None and stride is not None or window is not None and not clips:
-        raise ConfigError("--window and --stride are for clip-level (temporal) runs, --stride with --window; a "
-                          "frame-level run predicts every frame already")
-    # The inputs are found before the encoder is built (seconds), so a typo is said at once
-    paths = [_clip_source(Path(p), heads[0]) for p in inputs] if clips else collect_images(inputs, videos=True)
     cfg = heads[0].cfg
+    if not known:
+        paths = _inputs(inputs, cfg, window, stride)
+    clips = cfg.level == "clip"
     enc = encoder_of({"fingerprint": cfg.store_fingerprint, "encoder_args": cfg.encoder_args})
     enc.model.to(device)
     cropper = FaceCropper(device) if detect else None
@@ -161,9 +162,27 @@ def _said_failures(results: list[dict], could: str) -> list[dict]:
     return results
 
 
-def _clip_source(source: Path, head: TrainedHead) -> Path:
+def _saved_config(run: str | Path) -> RunConfig | None:
+    """The config of the (first seed) run at `run`, read without its weights; None when it cannot be read (then
+    loading the run says why)."""
+    try:
+        return RunConfig.from_dict(json.loads((run_dirs(run)[0] / "config.json").read_text()))
+    except (FercacheError, OSError, ValueError, TypeError):
+        return None
+
+
+def _inputs(inputs: list[str | Path], cfg: RunConfig, window: int | None, stride: int | None) -> list[Path]:
+    """What a run of `cfg`'s level predicts on: a clip per folder or video, or every image and video."""
+    clips = cfg.level == "clip"
+    if window is None and stride is not None or window is not None and not clips:
+        raise ConfigError("--window and --stride are for clip-level (temporal) runs, --stride with --window; a "
+                          "frame-level run predicts every frame already")
+    return [_clip_source(Path(p), cfg.head) for p in inputs] if clips else collect_images(inputs, videos=True)
+
+
+def _clip_source(source: Path, head: str) -> Path:
     if not (source.is_dir() or source.is_file() and is_video(source)):
-        raise ConfigError(f"a clip-level run ({head.cfg.head}) predicts one clip per folder of frames or video "
+        raise ConfigError(f"a clip-level run ({head}) predicts one clip per folder of frames or video "
                           f"file; {source} is neither{'' if source.exists() else near_path(source, Path.exists)}")
     return source
 

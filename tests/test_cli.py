@@ -876,3 +876,15 @@ def cli_version() -> str:
     from fercache import __version__
 
     return __version__
+
+
+def test_predict_names_a_misspelt_folder_on_the_way_before_loading_the_run(tiny_store, tiny_dataset, tmp_path,
+                                                                          monkeypatch):
+    from fercache import predict
+
+    assert invoke("train-head", tiny_store, "--recipe", "epochs=1", "--out", tmp_path).exit_code == 0
+    monkeypatch.setattr(predict, "load_heads", lambda *a, **k: pytest.fail("the run was loaded before the inputs"))
+    typo = tiny_dataset / "faecs" / "test" / "happy"
+    r = invoke("predict", tmp_path / "faces-linear" / "seed0", typo)
+    assert r.exit_code == 2 and f"{typo} is neither an image file nor a folder (did you mean " \
+        f"'{tiny_dataset / 'faces' / 'test' / 'happy'}'?)" in r.output, r.output
