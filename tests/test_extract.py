@@ -560,3 +560,18 @@ def test_freed_batch_memory_is_handed_back_with_glibc_and_skipped_without(monkey
 
     monkeypatch.setattr(ctypes, "CDLL", no_libc)
     assert _malloc_trim()(0) is None
+
+
+def test_progress_moves_per_batch_not_per_chunk(tiny_manifest, tiny_dataset, tiny_encoder_spec, tmp_path, monkeypatch):
+    """A 1,024-row chunk held the bar at 0% for minutes on a CPU: it now moves with every encoded batch."""
+    from fercache import extract as E
+
+    calls, real = [], E.encode_chunk
+
+    def recording(item, encoder, device, batch_size, dtype, on_batch=None):
+        return real(item, encoder, device, batch_size, dtype, lambda n: (calls.append(n), on_batch(n)))
+
+    monkeypatch.setattr(E, "encode_chunk", recording)
+    E.extract(tiny_manifest, tiny_encoder_spec, tmp_path / "s.zarr", root=tiny_dataset, chunk_rows=72, batch_size=8,
+              workers=0, progress=False)
+    assert calls == [8] * 9  # one chunk of 72 rows: nine updates of one batch each
