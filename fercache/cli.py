@@ -535,7 +535,10 @@ def predict(
                                          "video or clip folder, instead of one for all of it."),
     stride: Optional[int] = typer.Option(None, help="With --window: frames from one window's start to the next "
                                          "(default: half a window)."),
-    detect: bool = typer.Option(False, help="Crop the most confident face with MTCNN (facenet-pytorch) first."),
+    detect: bool = typer.Option(False, help="Crop the most confident face with MTCNN (facenet-pytorch) first; each "
+                                "row records the face's box and confidence."),
+    face_margin: float = typer.Option(0.0, help="With --detect: grow the face's box by this fraction of its width "
+                                      "and height on each side (e.g. 0.2)."),
     calibrated: bool = typer.Option(True, help="Expression probabilities scaled by the temperature the run fitted on "
                                     "its validation split (--no-calibrated: raw softmax; the prediction is the same)."),
     device: str = Device,
@@ -545,8 +548,8 @@ def predict(
     from .predict import predict as run_predict
 
     check_out(out)
-    rows = run_predict(run, images, detect=detect, device=device, calibrated=calibrated, progress=_progress["bars"],
-                       every=every, window=window, stride=stride)
+    rows = run_predict(run, images, detect=detect, face_margin=face_margin, device=device, calibrated=calibrated,
+                       progress=_progress["bars"], every=every, window=window, stride=stride)
     if out:
         failed = sum("error" in r for r in rows)
         typer.echo(f"{write_predictions(rows, out)}: {len(rows) - failed} predicted"

@@ -107,8 +107,8 @@ def _shared(cfg: RunConfig) -> dict:
 
 
 def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, device: str = "cpu",
-            batch_size: int = 64, calibrated: bool = True, progress: bool = False, every: int = 1,
-            window: int | None = None, stride: int | None = None) -> list[dict]:
+            face_margin: float = 0.0, batch_size: int = 64, calibrated: bool = True, progress: bool = False,
+            every: int = 1, window: int | None = None, stride: int | None = None) -> list[dict]:
     """Per-image class probabilities (or AU probabilities and decisions) from a trained run, or the average over
     the seed runs under a folder (AU decisions then at the runs' mean threshold). A video file gives one row per
     `every`-th frame (with its `frame` index) for a frame-level run, one row for a clip-level run, or with
@@ -117,11 +117,13 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
 
     `calibrated`: expression probabilities are softmax(logits / T) with the temperature each run fitted on its
     validation split (so 0.8 means right about 80% of the time there); False gives the raw softmax. A single
-    run's predicted class is the same either way.
+    run's predicted class is the same either way. `detect`: each image is cut to its most confident face
+    (`faces.FaceCropper`), its box grown by `face_margin`; each row records the box, confidence and margin.
     """
     check_whole("every", every, 1)
     check_whole("window", window, 1, optional=True)
     check_whole("stride", stride, 1, optional=True)
+    cropper = FaceCropper(device, face_margin) if detect else None  # a bad margin, or no facenet: said first
     # The inputs are found before the run and its encoder are loaded (seconds), so a typo is said at once
     if known := _saved_config(run):
         paths = _inputs(inputs, known, window, stride)
@@ -132,7 +134,6 @@ def predict(run: str | Path, inputs: list[str | Path], detect: bool = False, dev
     clips = cfg.level == "clip"
     enc = encoder_of({"fingerprint": cfg.store_fingerprint, "encoder_args": cfg.encoder_args})
     enc.model.to(device)
-    cropper = FaceCropper(device) if detect else None
     from tqdm.auto import tqdm
 
     if clips:
@@ -258,11 +259,11 @@ def _predict_batch(items: list[tuple[dict, np.ndarray | str]], enc, heads: list[
         if isinstance(img, str):  # its decoding error
             rows.append({**row, "error": img})
             continue
-        face = True
+        face = None
         if cropper:
             img, face = cropper(img)
         images.append(img)
-        rows.append({**row, "face_detected": face if cropper else None})
+        rows.append({**row, "face_detected": face is not None if cropper else None, **_face_record(face, cropper)})
     good = [r for r in rows if "error" not in r]
     if not good:
         return rows
@@ -352,6 +353,14 @@ def check_out(out: Path | None) -> None:
         check_replaceable(out, _is_predictions, "--out")
 
 
+def _face_record(face, cropper) -> dict:
+    """How an image was cropped (with --detect): the face's box and confidence, and the margin added to it."""
+    if cropper is None:
+        return {}
+    return {"face_box": list(face.box) if face else None, "face_p": round(face.p, 4) if face else None,
+            "face_margin": cropper.margin}
+
+
 def write_predictions(rows: list[dict], out: Path) -> Path:
     """JSON (a list) or CSV (one column per class) by the file suffix; its folder is created."""
     import json
@@ -365,10 +374,14 @@ def write_predictions(rows: list[dict], out: Path) -> Path:
         return out
     classes = next((list(r["probabilities"]) for r in rows if "probabilities" in r), [])
     frame = ["frame", "time"] if any("frame" in r for r in rows) else []  # a video's frame: 1-based index, seconds
-    header = ["path", *frame, "prediction", "face_detected", "error"] + classes
+    face = ["face_box", "face_p", "face_margin"] if any("face_box" in r for r in rows) else []  # --detect's crop
+    header = ["path", *frame, "prediction", "face_detected", *face, "error"] + classes
     return write_csv(out, header, [[r["path"], *[r.get(k) for k in frame],
                                     r.get("prediction", ";".join(r.get("active", []))), r.get("face_detected"),
-                                    r.get("error",
-                                          "")]
+                                    *[_cell(r.get(k)) for k in face], r.get("error", "")]
                                    + [f"{r.get('probabilities', {}).get(c, float('nan')):.4f}" for c in classes]
                                    for r in rows])
+
+
+def _cell(value) -> str:
+    return " ".join(map(str, value)) if isinstance(value, list) else "" if value is None else str(value)

@@ -819,3 +819,39 @@ def test_logreg_is_the_same_for_every_seed(tiny_store, tmp_path):
         torch.testing.assert_close(sa[k], sb[k])
     subset = fit(str(tiny_store), "logreg", out_dir=tmp_path / "s", seed=1, recipe={"shots": 2})
     assert subset.metrics["n_train"] == 8  # ... unless it draws a training subset
+
+
+class _TwoFaces:
+    """MTCNN's detect as it answers for a picture of two faces: the larger first, the surer second (boxes for a
+    150 x 100 picture, scaled to the one given)."""
+
+    def detect(self, image):
+        w, h = image.size
+        boxes = np.array([[10.0, 10.0, 90.0, 90.0], [100.0, 20.0, 140.0, 60.0]]) * [w / 150, h / 100, w / 150, h / 100]
+        return boxes, np.array([0.91, 0.999])
+
+
+def test_the_face_cropped_is_the_most_confident_one_grown_by_the_margin(monkeypatch):
+    from fercache import faces
+
+    monkeypatch.setattr(faces, "mtcnn_class", lambda: lambda **kw: _TwoFaces())
+    image = np.zeros((100, 150, 3), dtype=np.uint8)
+    crop, face = faces.FaceCropper()(image)
+    assert face.box == (100, 20, 140, 60) and face.p == 0.999 and crop.shape == (40, 40, 3)  # not the largest
+    crop, face = faces.FaceCropper(margin=0.25)(image)
+    assert face.box == (90, 10, 150, 70) and crop.shape == (60, 60, 3)  # 10 px more on each side
+    with pytest.raises(ConfigError, match="--face-margin -0.1: a fraction"):
+        faces.FaceCropper(margin=-0.1)
+
+
+def test_predict_records_the_crop_of_each_image(tiny_store, tiny_dataset, tmp_path, monkeypatch):
+    from fercache import faces
+    from fercache.predict import predict, write_predictions
+
+    monkeypatch.setattr(faces, "mtcnn_class", lambda: lambda **kw: _TwoFaces())
+    r = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 1, "batch_size": 8})
+    rows = predict(r.run_dir, [tiny_dataset / "faces" / "test" / "sad"], detect=True, face_margin=0.1)
+    assert len(rows) == 6 and {(tuple(row["face_box"]), row["face_p"], row["face_margin"]) for row in rows} == {
+        ((26, 6, 38, 26), 0.999, 0.1)}  # the surer face (27-37 x 8-24 of a 40 px image), 10% more each side
+    header = write_predictions(rows, tmp_path / "p.csv").read_text().splitlines()[0]
+    assert header.startswith("path,prediction,face_detected,face_box,face_p,face_margin,error,")
