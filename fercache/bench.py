@@ -165,9 +165,7 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
         e1 = extract(m, "null:", Path(tmp) / "null1.zarr", root=root, device=device, batch_size=batch_size,
                      workers=1, progress=False, encoder_obj=null)
     return {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores, "
-                                                                             f"{torch.get_num_threads()} torch "
-                                                                             "threads)",
+        "device": device_label(dev),
         "encoder": enc.name, "weights": enc.pretrained, "image_size": enc.preprocess.size,
         "precision": precision, "dtype": str(dtype).replace("torch.", ""),
         "batch_size": batch_size, "workers": workers, "images": n,
@@ -224,6 +222,12 @@ print(json.dumps({"rows": r.rows, "img_s": r.images_per_s, "seconds": time.perf_
                   "peak_device_mib": torch.cuda.max_memory_allocated() / 2**20 if a["device"].startswith("cuda")
                   else None}))
 """
+
+
+def device_label(dev: torch.device) -> str:
+    """Which device a benchmark ran on, with the thread count its figures depend on (`--threads`)."""
+    cpu = f"{os.cpu_count()} cores, {torch.get_num_threads()} torch threads"
+    return f"{torch.cuda.get_device_name(dev)} ({cpu} on the host)" if dev.type == "cuda" else f"CPU ({cpu})"
 
 
 def bench_memory(manifest: str | Path, sizes: list[int], encoder: str = "null:", image_size: int = 224, root=None,
@@ -332,7 +336,7 @@ def bench_head(manifest: str | Path, encoder: str = "open_clip:ViT-B-16", *, pre
         x = torch.as_tensor(open_store(Path(tmp) / "s.zarr").features(out_name), device=dev)
     cached = _cached_epoch_s(x, y, batch_size, ctx, dev)
     return {
-        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"CPU ({os.cpu_count()} cores)",
+        "device": device_label(dev),
         "encoder": enc.name, "pretrained": enc.pretrained, "images": len(rows), "batch_size": batch_size,
         "reencode_s_per_epoch": reencode, "cached_s_per_epoch": cached, "ratio": reencode / cached,
         "one_time_extract_s": extract_s,

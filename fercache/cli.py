@@ -75,7 +75,11 @@ def _version(asked: bool) -> None:
 def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging."),
            quiet: bool = typer.Option(False, "--quiet", "-q", help="Warnings only, no progress bars."),
            version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                        help="Print fercache's version and exit.")) -> None:
+                                        help="Print fercache's version and exit."),
+           threads: Optional[int] = typer.Option(None, "--threads", min=1, envvar="FERCACHE_THREADS",
+                                                 help="torch's intra-op threads in this process (default: torch's, "
+                                                      "one per core). On a machine shared with other jobs, fewer "
+                                                      "run faster.")) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     # Our INFO lines are progress a user reads; the libraries' (open_clip logs each step of building a model to the
     # root logger) are noise unless debugging, so only --verbose lets them through.
@@ -86,6 +90,10 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lo
     from .registry import load_plugins
 
     load_plugins()  # $FERCACHE_PLUGINS: the user's own heads, encoders, adapters or steps
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
 
 
 def _options(pairs: list[str], flag: str) -> dict:

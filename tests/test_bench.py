@@ -139,3 +139,18 @@ def test_bench_memory_refuses_bad_input_before_its_first_child_and_names_a_child
                                             r"memory$"):
         bench.bench_memory(tiny_manifest, [8], root=tiny_dataset)
     assert len(children) == 1
+
+
+def test_threads_are_set_by_the_command_line_and_stated_by_benchmarks():
+    import torch
+
+    from fercache.bench import device_label
+    from tests.test_cli import invoke
+
+    before = torch.get_num_threads()
+    try:
+        assert invoke("--threads", "1", "heads", "linear").exit_code == 0 and torch.get_num_threads() == 1
+        assert device_label(torch.device("cpu")).endswith(", 1 torch threads)")
+        assert invoke("--threads", "0", "heads").exit_code == 2  # at least one
+    finally:
+        torch.set_num_threads(before)
