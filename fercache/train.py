@@ -191,9 +191,8 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     hp = {**(hp or {}), **model.resolved_hp}  # e.g. an "auto" choice, so load_run rebuilds this head
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     settings = located({"head": head, "hp": hp, "recipe": r.to_dict(), "store": store,
-                        "output": output or st.default_output,
-                         "mask_source": mask_source, "manifest": fs.notes["manifest"], "views": fs.views,
-                         "classes": classes})
+                        "output": output or st.default_output, "mask_source": mask_source,
+                        "manifest": fs.notes["manifest"], "views": fs.views, "classes": classes})
     if not overwrite:
         refuse_other_run(run_dir, settings)
     # a re-extracted mask source makes the run stale (evaluate.staleness) and not reusable
