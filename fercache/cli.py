@@ -525,9 +525,8 @@ def near_dups(
     train-on-B / test-on-STORE cell of the cross matrix would score from memory."""
     from .neighbours import near_duplicates, summarize
 
-    typer.echo(summarize(near_duplicates(store, out, manifest, output, threshold, without_leaks, pairs, data_root,
-                                         device,
-                                        against)))
+    found = near_duplicates(store, out, manifest, output, threshold, without_leaks, pairs, data_root, device, against)
+    typer.echo(summarize(found))
 
 
 @app.command()

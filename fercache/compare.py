@@ -87,8 +87,8 @@ def compare(a: str | Path, b: str | Path, store: str | None = None, manifest=Non
     if out:
         check_out_file(out)
     store = _test_store(a, b, store)
-    (ga,
-     gb), dropped = _aligned([_scored(a, store, manifest, split, device), _scored(b, store, manifest, split, device)])
+    scored = [_scored(run, store, manifest, split, device) for run in (a, b)]
+    (ga, gb), dropped = _aligned(scored)
     clusters = ga[0].clusters()
     result = {"a": str(a), "b": str(b), "seeds_a": len(ga), "seeds_b": len(gb), "store": store, "split": split,
               "n": len(clusters), "clusters": int(len(np.unique(clusters))), "dropped": int(dropped), "n_boot": n_boot,

@@ -128,8 +128,8 @@ def _view_mean_logits(head: nn.Module, batch: dict) -> torch.Tensor:
 def predict_logits(head: nn.Module, data: dict, batch_size: int = 4096) -> torch.Tensor:
     """Eval-mode logits over all rows of `data`."""
     head.eval()
-    out = [_view_mean_logits(head, {k: v[i:i + batch_size] for k, v in data.items()}) for i in range(0, len(data["x"]),
-                                                                                                     batch_size)]
+    out = [_view_mean_logits(head, {k: v[i:i + batch_size] for k, v in data.items()})
+           for i in range(0, len(data["x"]), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
 

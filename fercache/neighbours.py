@@ -81,8 +81,8 @@ def _nearest(q: torch.Tensor, banks: list[torch.Tensor], ref_chunk: int) -> tupl
         for b in range(0, len(bank), ref_chunk):
             s, i = (q @ bank[b:b + ref_chunk].T).max(1)
             better = s > best  # strictly: on a tie the unmirrored reference wins
-            best, idx, bank_of = torch.where(better, s, best), torch.where(better, i + b, idx), torch.where(better, v,
-                                                                                                            bank_of)
+            best, idx = torch.where(better, s, best), torch.where(better, i + b, idx)
+            bank_of = torch.where(better, v, bank_of)
     return best, idx, bank_of
 
 

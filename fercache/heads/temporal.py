@@ -115,8 +115,8 @@ class PromptText(nn.Module):
 
 
 def _token_embedding(clip_model) -> nn.Embedding:
-    emb = getattr(clip_model, "token_embedding", None) or getattr(getattr(clip_model, "text", None), "token_embedding",
-                                                                  None)
+    text = getattr(clip_model, "text", None)  # the tower of a model whose text side is a module of its own
+    emb = getattr(clip_model, "token_embedding", None) or getattr(text, "token_embedding", None)
     if not isinstance(emb, nn.Embedding):
         raise EncoderError("learnable prompts need an open_clip text transformer with a token embedding; "
                            "this model's text tower has none. Use --hp classifier=linear")
