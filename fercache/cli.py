@@ -465,8 +465,8 @@ def evaluate(
     """Score runs (WAR, UAR, macro-F1 with 95% intervals, per-class recall, confusion CSV/PNG, predictions.csv;
     calibration: ECE, NLL, Brier before and after the run's validation-fitted temperature, reliability.png;
     per-AU F1). The cross-dataset matrix is `fercache cross`."""
-    from .evaluate import evaluate as run_eval
-    from .evaluate import summarize
+    from .scoring import evaluate as run_eval
+    from .scoring import summarize
 
     results = [run_eval(run, store, manifest, split, device, errors=errors, root=data_root) for run in runs]
     if as_json:
@@ -692,8 +692,8 @@ def sweep(
 
     Run again after an interruption, it goes on where it stopped: runs already finished in --out with the same
     settings, data and fercache code are read back instead of trained again."""
-    from .sweep import summarize
-    from .sweep import sweep as run_sweep
+    from .sweeps import summarize
+    from .sweeps import sweep as run_sweep
 
     axes = [_axis(a) for a in axis]
     if twice := repeated([name for name, _ in axes]):  # dict() would keep the later --axis of a name, unsaid

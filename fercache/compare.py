@@ -15,7 +15,7 @@ import numpy as np
 
 from . import metrics
 from .errors import ConfigError, check_out_file
-from .evaluate import Scored, run_dirs, score_run
+from .scoring import Scored, run_dirs, score_run
 from .store import canonical, store_name
 
 

@@ -226,7 +226,7 @@ def _near_dups_step(store: str, out: str, data_root: str | None = None, **kw):
 
 
 def _check_evaluate(args: dict) -> None:
-    from .evaluate import check_errors
+    from .scoring import check_errors
 
     check_errors(args.get("errors", 0))
 
@@ -236,7 +236,7 @@ def _evaluate_step(runs: list[str], store: str | None = None, manifest: str | No
                    device: str = "cpu", errors: int = 0, data_root: str | None = None):
     """Score runs on a split, files beside each run; `errors = N` draws their N surest mistakes (`fercache
     evaluate`)."""
-    from .evaluate import evaluate, summarize
+    from .scoring import evaluate, summarize
 
     results = [evaluate(run, store, manifest, split, device, errors=errors, root=data_root) for run in runs]
     return "\n" + "\n".join(summarize(res) for res in results)
@@ -267,23 +267,23 @@ def _folds_step(store: str, manifests: list[str], heads: list[str], out: str, pr
 
 
 def _check_sweep(args: dict) -> None:
-    from .sweep import plan
+    from .sweeps import plan
 
     plan(args["head"], args["grid"], args.get("base_recipe") or {}, args.get("base_hp") or {})
 
 
 def _sweep_points(args: dict, out: str) -> list[str]:
-    from .sweep import grid_points
+    from .sweeps import grid_points
 
     return [f"{out}/point{i:03d}" for i in range(len(grid_points(args["grid"])))]
 
 
-@register_step("sweep", forwards=("sweep", "sweep"), onward=("train", "fit"),
+@register_step("sweep", forwards=("sweeps", "sweep"), onward=("train", "fit"),
                supplied=frozenset({"out_dir", "seed", "name", "hp", "recipe"}),
                reads=("store", "manifest", "mask_source"), outputs=_sweep_points, check=_check_sweep)
 def _sweep_step(store: str, head: str, grid: dict, out: str, progress: bool = True, **kw):
     """A grid of hyperparameters or recipe keys ranked on validation, under `out` (`fercache sweep`)."""
-    from .sweep import summarize, sweep
+    from .sweeps import summarize, sweep
 
     return "\n" + summarize(sweep(store, head, grid, out, progress=progress, **kw))
 

@@ -14,10 +14,10 @@ import torch
 from .adapters import IMAGE_EXTS
 from .encoders import encoder_of
 from .errors import ConfigError, FercacheError, check_out_file, check_whole, near_path
-from .evaluate import run_dirs
 from .faces import FaceCropper
 from .preprocess import decode_image, to_model_input, tta_views, with_views
 from .rundir import Fitted, RunConfig, load_run
+from .scoring import run_dirs
 from .store import encoder_key
 from .video import is_video, iter_frames
 

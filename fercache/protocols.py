@@ -14,10 +14,10 @@ from . import metrics, report
 from .aus import choose_aus
 from .data import features_memo
 from .errors import ConfigError, ManifestError, check_out_dir, repeated
-from .evaluate import evaluate_run
 from .heads import HEADS, check_hyperparameters
 from .recipe import Recipe, check_seeds
 from .rundir import check_owner
+from .scoring import evaluate_run
 from .store import canonical, check_same_encoder, store_name
 from .train import fit_seeds
 
@@ -99,6 +99,15 @@ class CrossResult:
     @property
     def markdown(self) -> str:
         return "\n".join(t.markdown for t in self.tables.values())
+
+    def _repr_markdown_(self) -> str:  # a table in Jupyter
+        return self.markdown
+
+    def to_frame(self):
+        """One row per table and cell: head, metric, trained_on, tested_on, mean and std over seeds (%), n."""
+        return report.frame([{"table": key, "head": t.head, "metric": t.metric, "trained_on": cell.split(" -> ")[0],
+                              "tested_on": cell.split(" -> ")[1], "mean": v["mean"], "std": v["std"], "n": v["n"]}
+                             for key, t in self.tables.items() for cell, v in t.cells.items()])
 
 
 def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds=(0,),

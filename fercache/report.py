@@ -314,3 +314,12 @@ def timeline_png(path: Path, seconds: np.ndarray, prob: np.ndarray, classes: lis
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
     ax.set_title(title, fontsize=9)
     return _save(fig, path, 110)
+
+
+def frame(data):
+    """A pandas DataFrame of rows (a list of dicts) or columns (a dict of arrays); pandas is optional."""
+    try:
+        import pandas as pd
+    except ImportError:
+        raise ConfigError("to_frame() needs pandas: pip install pandas") from None
+    return pd.DataFrame(data)

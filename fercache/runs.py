@@ -17,8 +17,8 @@ import numpy as np
 
 from . import report
 from .errors import ConfigError, FercacheError
-from .evaluate import eval_name, runs_hint, staleness
 from .rundir import RunConfig
+from .scoring import eval_name, runs_hint, staleness
 from .store import canonical, exists, outdated, store_name
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -97,12 +98,19 @@ def prepare(store: str, head: str, manifest=None, output=None, mask_source=None,
     fs = load_features(store, manifest, output, mask_source, views=_train_views(store, views) if not clip else ())
     if clip:
         require_clips(fs)  # before building the head, which may load a text tower
+    fs, classes = for_training(fs, task, aus, seed)
+    return fs, task, classes, output
+
+
+def for_training(fs: FeatureSet, task: str, aus=None, seed: int = 0) -> tuple[FeatureSet, list[str]]:
+    """The rows a head trains and is selected on (unlabelled and test rows out, val carved if there is none),
+    and the classes (AUs) it predicts."""
     if task == "expr":
         fs = fs.take(fs.label != "")
     fs = carve_val(fs.take(fs.split != "test"), seed=seed)  # test rows never reach training or selection
     classes = select_aus(fs, aus) if task == "au" else sorted_labels(fs.label[fs.split == "train"])
     check_splits(fs, task, classes)
-    return fs, task, classes, output
+    return fs, classes
 
 
 def check_splits(fs: FeatureSet, task: str, classes: list[str]) -> None:
@@ -195,7 +203,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
                         "manifest": fs.notes["manifest"], "views": fs.views, "classes": classes})
     if not overwrite:
         refuse_other_run(run_dir, settings)
-    # a re-extracted mask source makes the run stale (evaluate.staleness) and not reusable
+    # a re-extracted mask source makes the run stale (scoring.staleness) and not reusable
     source_key = open_store(mask_source).fingerprint["key"] if mask_source else None
     config = RunConfig(**settings, level=spec.level, seed=seed, fold=fold, task=task, device=device,
                        **_provenance(fs, st, ctx), mask_source_fingerprint=source_key)
@@ -207,6 +215,36 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         result = {**result, "seed": seed, "config": config.to_dict()}
         save_run(run_dir, model, config, result, fitted)
     return RunResult(run_dir, result)
+
+
+@dataclass
+class Trained:
+    """A head trained in memory (`fit_features`): nothing of it is written anywhere."""
+
+    model: nn.Module
+    classes: list[str]
+    task: str
+    result: dict  # what a run's metrics.json holds: selection, validation scores, history
+    fitted: Fitted
+
+
+def fit_features(fs: FeatureSet, head: str = "linear", *, seed: int = 0, hp: dict | None = None,
+                 recipe: dict | None = None, aus=None, device: str = "cpu", progress: bool = False) -> Trained:
+    """Train a frame-level head on features held in memory (from another tool, or a store already loaded), with
+    the same selection on validation as `fit`; writes nothing."""
+    spec, r = HEADS.lookup(head), Recipe.of(head, recipe)
+    check_hyperparameters(head, hp or {})
+    if spec.level != "frame" or spec.text_tower:
+        raise ConfigError(f"head {head!r} reads clips or a store's text tower: train it on a store with `fit`")
+    dev = torch_device(device)
+    fs, classes = for_training(fs, spec.task, aus, seed)
+    fs = subset_train(fs, r.shots, r.fraction, seed, stratify=spec.task == "expr")
+    ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
+                      class_counts=_train_counts(fs, spec.task, classes))
+    torch.manual_seed(seed)
+    model = build_head(head, ctx, **(hp or {}))
+    result, fitted = _train_on(model, fs, r, spec.task, classes, seed, progress, dev)
+    return Trained(model.eval(), classes, spec.task, {**result, "seed": seed}, fitted)
 
 
 def summarize(r: RunResult) -> str:

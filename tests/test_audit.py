@@ -85,7 +85,7 @@ def test_manifest_check_cli_reports_writes_and_fails_strictly(leaky, tmp_path):
 
 
 def test_scoring_on_the_unlabelled_manifest_skips_the_leaks(tiny_store, tiny_manifest, tiny_dataset, tmp_path):
-    from fercache.evaluate import evaluate_run
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
 
     m = read_manifest(tiny_manifest)

@@ -11,9 +11,9 @@ import torch
 
 from fercache import metrics
 from fercache.errors import ConfigError
-from fercache.evaluate import evaluate_run
 from fercache.protocols import cross_matrix
 from fercache.rundir import load_run
+from fercache.scoring import evaluate_run
 from fercache.train import fit
 
 

@@ -837,7 +837,7 @@ def test_a_key_given_twice_or_without_a_value_is_refused_and_the_flag_named(args
 def test_a_sweep_axis_also_fixed_by_recipe_or_hp_is_refused(tiny_store, tmp_path):
     """--recipe lr=1e-3 --axis lr=1e-2,1e-1: the axis won and the fixed value was dropped without a word."""
     from fercache.errors import ConfigError
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     with pytest.raises(ConfigError, match=r"^lr: both a sweep axis and a fixed --recipe/--hp value "
                                           r"\(base_recipe/base_hp in a pipeline\); give it one way$"):

@@ -169,8 +169,8 @@ def test_another_encoder_is_not_blamed_on_the_batchnorm_revision(tiny_manifest, 
 
     from fercache import store as S
     from fercache.errors import StoreError
-    from fercache.evaluate import evaluate_run
     from fercache.extract import extract
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
 
     torch.save(torchvision.models.mobilenet_v3_small(weights=None).state_dict(), tmp_path / "w.pth")

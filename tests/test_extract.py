@@ -377,7 +377,7 @@ def test_stores_on_fsspec_urls_extract_resume_train_and_score_like_local_ones(ti
     create the store's folders, so the first write of zarr.json raised FileNotFoundError."""
     import uuid
 
-    from fercache.evaluate import evaluate_run
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
 
     kw = dict(root=tiny_dataset, chunk_rows=16, batch_size=8, workers=0, progress=False)

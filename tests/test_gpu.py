@@ -36,7 +36,7 @@ def test_cuda_extract_matches_cpu(tiny_store, tiny_manifest, tiny_dataset, tiny_
 
 @pytest.mark.parametrize("head", sorted(n for n, s in HEADS.items() if s.task == "expr" and s.level == "frame"))
 def test_heads_train_on_cuda(tiny_store, tmp_path, head):
-    from fercache.evaluate import evaluate_run
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
 
     r = fit(str(tiny_store), head, out_dir=tmp_path, device="cuda", recipe={"epochs": 3, "batch_size": 16},
@@ -55,8 +55,8 @@ def test_bench_extract_on_cuda(tiny_manifest, tiny_dataset, tiny_encoder_spec):
 @pytest.mark.parametrize("classifier", ["prompts", "linear"])
 def test_temporal_head_on_cuda(video_store, tmp_path, classifier):
     """Clip batches, segment sampling and the prompt path through the (lazily moved) text tower, all on CUDA."""
-    from fercache.evaluate import evaluate_run
     from fercache.predict import predict
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
 
     store, root = video_store

@@ -14,16 +14,17 @@ ROOT = Path(fercache.__file__).parent
 
 # Each module may import its own layer's modules (without a cycle) and those of the layers before it.
 LAYERS = [
-    {"fercache", "errors", "registry", "labels", "metrics", "report", "devices"},
+    {"errors", "registry", "labels", "metrics", "report", "devices"},
     {"manifests", "adapters", "audit", "preprocess", "faces", "video"},
     {"encoders"},
     {"store", "extract", "data"},
     {"heads"},
     {"train", "recipe", "aus", "loop", "rundir"},
-    {"evaluate", "neighbours", "compare", "runs", "predict"},
-    {"protocols", "sweep", "bench"},
-    {"pipeline"},
-    {"cli", "__main__"},
+    {"scoring", "neighbours", "compare", "runs", "predict"},
+    {"protocols", "sweeps", "bench"},
+    {"api", "pipeline"},
+    # The package's own __init__ hands out the Python API (api), so it comes last: nothing imports it but the CLI.
+    {"cli", "__main__", "fercache"},
 ]
 
 

@@ -84,7 +84,7 @@ def test_intervals_are_seeded():
 
 
 def _scored(y, pred, k=5, subject=None):
-    from fercache.evaluate import Scored
+    from fercache.scoring import Scored
 
     prob = np.full((len(y), k), 0.1 / (k - 1))
     prob[np.arange(len(y)), pred] = 0.9
@@ -146,7 +146,7 @@ def test_compare_refuses_runs_of_different_stores_without_store(tmp_path):
 
 
 def test_confident_errors_are_the_surest_mistakes_first():
-    from fercache.evaluate import confident_errors
+    from fercache.scoring import confident_errors
 
     y = np.array([0, 1, 2, 0, 1])
     s = _scored(y, np.array([0, 2, 0, 1, 1]), k=3)

@@ -77,7 +77,7 @@ def test_ck_au_detector_beats_always_positive(ck_store, tmp_path):
 
 @pytest.mark.parametrize("head", ["linear", "mask", "cvar_mlp"])
 def test_ck_expression_heads_beat_chance(ck_store, tmp_path, head):
-    from fercache.evaluate import evaluate_run
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
 
     r = fit(ck_store, head, out_dir=tmp_path, recipe={"epochs": 15}, hp={"hidden": 256} if head == "cvar_mlp" else None)
@@ -89,8 +89,8 @@ def test_ck_expression_heads_beat_chance(ck_store, tmp_path, head):
 @pytest.mark.parametrize("pool", ["transformer", "mean"])
 def test_ck_temporal_head_on_three_frame_clips_beats_chance(ck_store, tmp_path, pool):
     """CK+48 sequences are 3-frame clips: the temporal head scores one prediction per sequence."""
-    from fercache.evaluate import evaluate_run
     from fercache.manifests import read_manifest
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
 
     rows = read_manifest(REPO / "data_manifests" / "ckplus48.csv").rows
@@ -110,9 +110,9 @@ def test_ck_sequences_as_videos_through_frames_and_clipfolder(tmp_path):
     from PIL import Image
 
     from fercache.encoders import bundled_mobilenet_v2
-    from fercache.evaluate import evaluate_run
     from fercache.extract import extract
     from fercache.manifests import write_manifest
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
     from fercache.video import videos_to_frames
 

@@ -139,7 +139,7 @@ def test_bad_subsets_are_refused(recipe, message):
 def test_a_numeric_sweep_axis_draws_a_curve(tiny_store, tmp_path):
     from PIL import Image
 
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     r = sweep(str(tiny_store), "linear", {"shots": [1, 2, 4]}, tmp_path, base_recipe=QUICK)
     assert [json.loads((tmp_path / f"point{i:03d}" / "seed0" / "metrics.json").read_text())["n_train"]
@@ -222,7 +222,7 @@ def test_hyperparameters_that_fit_their_annotation_build():
 
 
 def test_a_sweep_checks_every_point_before_training_the_first(tiny_store, tmp_path):
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     with pytest.raises(ConfigError, match="recipe lr='fast': a number > 0"):
         sweep(str(tiny_store), "linear", {"lr": [0.01, 0.1, "fast"]}, tmp_path, base_recipe=QUICK)
@@ -241,7 +241,7 @@ def test_a_sweep_axis_without_values_or_with_a_value_twice_is_refused():
     from typer.testing import CliRunner
 
     from fercache import cli
-    from fercache.sweep import grid_points
+    from fercache.sweeps import grid_points
 
     assert grid_points({"lr": [1e-3, 1e-2], "normalize": [True, False]})[3] == {"lr": 1e-2, "normalize": False}
     for grid, message in [({"lr": []}, r"^sweep axis 'lr' has no values \(\[\]\); give a list of one or more$"),

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 
 from fercache.errors import ConfigError
-from fercache.evaluate import evaluate_run
 from fercache.manifests import read_manifest, write_manifest
 from fercache.runs import Status, ledger
+from fercache.scoring import evaluate_run
 from fercache.train import fit
 from tests.test_cli import invoke
 
@@ -118,7 +118,7 @@ def test_a_moved_store_is_reported_missing_not_stale_and_evaluate_says_how_to_sc
     import shutil
 
     from fercache.errors import StoreError
-    from fercache.evaluate import evaluate
+    from fercache.scoring import evaluate
     from fercache.train import fit
 
     store = tmp_path / "faces.zarr"

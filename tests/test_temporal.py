@@ -133,9 +133,9 @@ def test_prompt_too_long_for_the_context_is_refused(tiny_clip77):
 
 
 def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_path, monkeypatch):
-    from fercache.evaluate import evaluate_run
     from fercache.predict import predict
     from fercache.rundir import load_run
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
 
     store, root = video_store
@@ -194,7 +194,7 @@ def test_prompt_head_trains_evaluates_restores_and_predicts(video_store, tmp_pat
 
 
 def test_restored_prompt_head_reproduces_its_validation_score(video_store, tmp_path):
-    from fercache.evaluate import evaluate_run
+    from fercache.scoring import evaluate_run
     from fercache.train import fit
 
     store, _ = video_store

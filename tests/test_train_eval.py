@@ -15,12 +15,12 @@ from PIL import Image
 
 from fercache import store as S
 from fercache.errors import ConfigError, EncoderError, StaleRunError
-from fercache.evaluate import evaluate, evaluate_run
 from fercache.heads import HEADS
 from fercache.heads.mask import group_widths
 from fercache.manifests import read_manifest, write_manifest
 from fercache.protocols import cross_matrix
 from fercache.rundir import load_run
+from fercache.scoring import evaluate, evaluate_run
 from fercache.train import fit, fit_seeds
 
 QUICK = {"epochs": 4, "batch_size": 16}
@@ -145,7 +145,7 @@ def test_evaluate_draws_the_surest_mistakes(tiny_store, tiny_dataset, tmp_path):
     with pytest.raises(ConfigError, match="does not exist; pass --data-root"):
         evaluate_run(r.run_dir, errors=4, root=tmp_path)
     # Two seeds under a wrong data root: seed0's evaluation was written, then the error, seed1 never scored
-    from fercache.evaluate import evaluate
+    from fercache.scoring import evaluate
 
     fit_seeds(str(tiny_store), "linear", seeds=(0, 1), out_dir=tmp_path / "two", recipe={"epochs": 2, "batch_size": 8})
     with pytest.raises(ConfigError, match="does not exist; pass --data-root"):
@@ -323,7 +323,7 @@ def test_a_one_store_matrix_has_no_unseen_mean_and_repeated_seeds_are_refused(ti
     'mean ± std over 2 seed(s)' of one run, std 0."""
     import fercache.train as T
     from fercache.pipeline import check_pipeline
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     table = cross_matrix([str(tiny_store)], ["linear"], tmp_path / "one", recipe={"linear": QUICK}).tables["linear"]
     assert "nan" not in table.markdown and table.markdown.split("\n")[4].endswith("| - |")
@@ -439,7 +439,7 @@ def test_cross_matrix_refuses_other_encoders(tiny_store, tiny_manifest, tiny_dat
 
 def test_a_mistyped_store_or_run_folder_is_named_with_what_is_there(tiny_store, tiny_manifest, tmp_path):
     from fercache.errors import StoreError
-    from fercache.evaluate import run_dirs
+    from fercache.scoring import run_dirs
 
     typo = tiny_store.with_name(tiny_store.stem + "s.zarr")
     with pytest.raises(StoreError, match=rf"no fercache store at .*s\.zarr \(did you mean '{tiny_store}'\?\)"):
@@ -607,7 +607,7 @@ def test_predict_with_face_detection_keeps_images_without_faces(tiny_store, tiny
 
 
 def test_sweep_ranks_on_validation(tiny_store, tmp_path):
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     r = sweep(str(tiny_store), "linear", {"normalize": [False, True], "lr": [1e-6, 1e-2]}, tmp_path,
               base_recipe={"batch_size": 8, "epochs": 20})
@@ -627,7 +627,7 @@ def test_sweep_ranks_on_validation(tiny_store, tmp_path):
 
 
 def test_a_sweep_run_again_reuses_the_runs_it_finished_and_trains_the_rest(tiny_store, tmp_path, caplog):
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     grid, base = {"lr": [1e-3, 1e-2, 1e-1]}, {"batch_size": 8, "epochs": 3}
     first = sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)
@@ -665,7 +665,7 @@ def test_a_sweep_or_protocol_of_another_head_or_store_never_replaces_the_runs_in
 
     from fercache.extract import extract
     from fercache.protocols import manifest_folds
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     grid, base, out = {"lr": [1e-3, 1e-2]}, {"batch_size": 8, "epochs": 1}, tmp_path / "sweep"
     sweep(str(tiny_store), "linear", grid, out, base_recipe=base)
@@ -691,7 +691,7 @@ def test_a_value_added_inside_a_sweep_grid_renumbers_the_finished_points_instead
                                                                                                         caplog):
     """The points after an inserted value changed number, so each was compared with another point's settings and
     trained again: a sweep widened from 2 to 3 learning rates trained 3 points, not 1."""
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     base = {"batch_size": 8, "epochs": 3}
 
@@ -746,7 +746,7 @@ def test_protocols_reuse_finished_runs_only_for_the_same_code(tiny_store, tmp_pa
 
 def test_a_protocol_or_sweep_run_again_with_fewer_seeds_or_points_leaves_none_of_the_old_ones(tiny_store, tmp_path):
     """Left behind, they were averaged in by `evaluate FOLDER` (every seed run under it) and ranked by the ledger."""
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     runs = tmp_path / "cross" / "runs" / "faces-linear"
     cross_matrix([str(tiny_store)], ["linear"], tmp_path / "cross", seeds=(0, 1, 2), recipe={"linear": QUICK})
@@ -777,7 +777,7 @@ def test_every_folder_output_that_is_a_file_is_refused_before_the_work(tiny_stor
     import fercache.train as T
     from fercache.neighbours import near_duplicates
     from fercache.protocols import au_crossval, manifest_folds
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     (tmp_path / "notes").write_text("mine")
     monkeypatch.setattr(T, "_fit_model", lambda *a, **k: pytest.fail("trained before the --out check"))

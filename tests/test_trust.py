@@ -495,7 +495,7 @@ def test_a_damaged_head_pt_is_not_a_finished_run(tiny_store, tmp_path, damage):
     import torch
 
     from fercache.rundir import load_run
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
 
     grid, base = {"lr": [1e-2]}, {"batch_size": 8, "epochs": 2}
     sweep(str(tiny_store), "linear", grid, tmp_path, base_recipe=base)
@@ -511,8 +511,8 @@ def test_a_damaged_head_pt_is_not_a_finished_run(tiny_store, tmp_path, damage):
 
 
 def test_a_truncated_evaluation_does_not_hide_its_run_from_the_ledger(tiny_store, tmp_path):
-    from fercache.evaluate import evaluate
     from fercache.runs import ledger
+    from fercache.scoring import evaluate
     from fercache.train import fit
 
     run = fit(str(tiny_store), "linear", out_dir=tmp_path, recipe={"epochs": 2}).run_dir
@@ -544,7 +544,7 @@ def test_a_run_whose_mask_source_was_re_extracted_is_stale_and_retrained(tiny_st
 
 def test_a_train_step_and_a_sweep_point_of_one_setting_count_once_in_the_ledger(tiny_store, tmp_path):
     from fercache.runs import ledger
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
     from fercache.train import fit
 
     recipe = {"batch_size": 8, "epochs": 2, "lr": 1e-2}

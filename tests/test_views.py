@@ -73,10 +73,10 @@ def test_random_view_draws_each_view_for_whole_rows():
 
 def test_heads_train_on_views_and_evaluate_on_their_average(mirrored, tmp_path):
     from fercache.data import load_features
-    from fercache.evaluate import evaluate_run
     from fercache.loop import predict_logits, to_device
     from fercache.predict import predict
     from fercache.rundir import load_run
+    from fercache.scoring import evaluate_run
     from fercache.train import fit, targets
 
     manifest, root, out = mirrored
@@ -214,7 +214,7 @@ def test_training_only_views_train_but_are_never_averaged_into_a_prediction(augm
                                                                             monkeypatch):
     from fercache import loop
     from fercache import train as T
-    from fercache.evaluate import evaluate_run
+    from fercache.scoring import evaluate_run
 
     seen, real = [], loop.random_view
     monkeypatch.setattr(loop, "random_view", lambda batch, gen: seen.append(batch["xv"].shape[1]) or real(batch, gen))
@@ -235,7 +235,7 @@ def test_training_only_views_train_but_are_never_averaged_into_a_prediction(augm
 
 def test_recipe_key_views_picks_which_cached_views_train(augmented, tmp_path):
     from fercache.errors import ConfigError
-    from fercache.sweep import sweep
+    from fercache.sweeps import sweep
     from fercache.train import fit
 
     r = fit(str(augmented), "linear", out_dir=tmp_path, recipe={"epochs": 1, "views": ["erase", "flip"]})

@@ -133,6 +133,13 @@ class SweepResult:
     def best(self) -> dict:
         return self.rows[0]
 
+    def _repr_markdown_(self) -> str:  # a table in Jupyter
+        return self.markdown
+
+    def to_frame(self):
+        """One row per point, best first: its values, the validation metric's mean and std over seeds."""
+        return report.frame([{k: v for k, v in row.items() if k != "runs"} for row in self.rows])
+
 
 def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: list[dict], n_seeds: int) -> dict:
     """sweep.md/.csv/.json and sweep.png, points ranked on validation; with one numeric axis (shots, fraction,
