@@ -20,7 +20,7 @@ LAYERS = [
     {"store", "extract", "data"},
     {"heads"},
     {"train", "recipe", "aus", "loop", "rundir"},
-    {"scoring", "neighbours", "compare", "runs", "predict"},
+    {"scoring", "neighbours", "compare", "runs", "predict", "tracking"},
     {"protocols", "sweeps", "bench"},
     {"api", "pipeline"},
     # The package's own __init__ hands out the Python API (api), so it comes last: nothing imports it but the CLI.

@@ -160,3 +160,45 @@ def test_runs_record_their_data_so_any_working_directory_and_any_spelling_finds_
     write_manifest(m, tmp_path / "labels.csv")
     with pytest.raises(StaleRunError, match="labels.csv changed since it was trained"):
         evaluate_run(tmp_path / "runs" / run.relative_to("runs"), store="../faces.zarr/")
+
+
+def test_runs_export_to_mlflow_and_tensorboard_read_back_with_their_own_readers(runs_dir, tmp_path, monkeypatch):
+    """Every run of the ledger in MLflow (a file store, read back with MLflow's client) and in TensorBoard event
+    files (read back with TensorBoard's EventAccumulator); a second export leaves them as they are."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("tensorboard")
+    from mlflow.tracking import MlflowClient
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root, _ = runs_dir
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps its file store for those who ask
+    uri = (tmp_path / "mlruns").as_uri()
+    r = invoke("runs", root, "--to", "mlflow", uri)
+    assert r.exit_code == 0 and "5 run(s) exported" in r.output, r.output
+    client = MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name(root.name)
+    runs = {x.data.tags["fercache.run"]: x for x in client.search_runs([exp.experiment_id])}
+    assert set(runs) == {"linear-lr1e-06/seed0", "linear-lr1e-06/seed1", "linear-lr0.01/seed0",
+                         "linear-lr0.01/seed1", "mask/seed0"}
+    mask = runs["mask/seed0"]
+    saved = json.loads((root / "mask" / "seed0" / "metrics.json").read_text())
+    assert mask.data.params["head"] == "mask" and mask.data.params["recipe.epochs"] == str(QUICK["epochs"])
+    assert mask.data.metrics["val/accuracy"] == pytest.approx(saved["val"]["accuracy"])
+    test_acc = json.loads((root / "mask/seed0/eval-faces-test/metrics.json").read_text())["accuracy"]
+    assert mask.data.metrics["faces-test/accuracy"] == pytest.approx(test_acc)
+    history = client.get_metric_history(mask.info.run_id, "train/loss")
+    assert [m.step for m in history] == [h["epoch"] for h in saved["history"]]
+    assert {a.path for a in client.list_artifacts(mask.info.run_id)} >= {"training.png", "config.json",
+                                                                         "metrics.json", "eval-faces-test"}
+    again = invoke("runs", root, "--to", "mlflow", uri)
+    assert "0 run(s) exported, 5 exported before" in again.output and len(client.search_runs([exp.experiment_id])) == 5
+
+    logdir = tmp_path / "tb"
+    assert invoke("runs", root, "--to", "tensorboard", logdir).exit_code == 0
+    events = EventAccumulator(str(logdir / "mask" / "seed0"), size_guidance={"images": 0, "scalars": 0}).Reload()
+    losses = [e.value for e in events.Scalars("train/loss")]
+    assert losses == pytest.approx([h["loss"] for h in saved["history"]], rel=1e-6)
+    assert events.Scalars("val/accuracy")[0].value == pytest.approx(saved["val"]["accuracy"], rel=1e-6)
+    assert "training" in events.Tags()["images"]
+    r = invoke("runs", root, "--to", "wandb", "x")
+    assert r.exit_code == 2 and "--to wandb: one of mlflow, tensorboard" in " ".join(r.output.split())
