@@ -23,7 +23,7 @@ import torch
 from .devices import torch_device
 from .encoders import Encoder, check_encoder_name, load_encoder
 from .errors import FercacheError
-from .extract import amp_dtype, check_options, compute_in, extract, ready, threads_while_decoding, weights_dtype
+from .extract import amp_dtype, check_options, compute_in, extract, ready, weights_dtype
 from .manifests import Manifest, data_root, read_manifest, resolve_paths, write_manifest
 
 
@@ -169,7 +169,6 @@ def bench_extract(manifest: str | Path, encoder: str, *, pretrained: str | None 
         "encoder": enc.name, "weights": enc.pretrained, "image_size": enc.preprocess.size,
         "precision": precision, "dtype": str(dtype).replace("torch.", ""),
         "batch_size": batch_size, "workers": workers, "images": n,
-        "torch_threads_while_decoding": threads_while_decoding(workers, dev),
         "a_model_only_img_s": a, "b_end_to_end_img_s": e2e.images_per_s, "c_ratio_b_over_a": e2e.images_per_s / a,
         "d_baseline_img_s": d, "ratio_b_over_d": e2e.images_per_s / d,
         "e_null_total_img_s": e.images_per_s, "e_null_1_worker_img_s": e1.images_per_s,

@@ -8,7 +8,6 @@ rank 0 created, so the result equals a single-process run.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import os
@@ -296,37 +295,6 @@ def _malloc_trim() -> Callable[[int], object]:
         return lambda *_: None
 
 
-#: Set by `fercache --threads N`: the user's thread count, which extraction keeps.
-THREADS_ENV = "FERCACHE_THREADS"
-
-
-def cores() -> int:
-    """The cores this process may run on (its affinity, under a container's or torchrun's limits), shared by
-    torchrun's ranks on this node."""
-    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, n // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
-
-
-@contextlib.contextmanager
-def threads_beside(workers: int, device: torch.device):
-    """On CPU, torch's intra-op threads cut to the cores the decode workers leave (at least one) while they run:
-    both at full width oversubscribe a small machine (2 cores, 2 workers: extraction ran 1.4x slower). The
-    features are the same either way; a count given with --threads is kept."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads_while_decoding(workers, device))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def threads_while_decoding(workers: int, device: torch.device) -> int:
-    """torch's intra-op threads during an extract with `workers` decode workers (see threads_beside)."""
-    if device.type == "cpu" and workers and not os.environ.get(THREADS_ENV):
-        return max(1, min(torch.get_num_threads(), cores() - workers))
-    return torch.get_num_threads()
-
-
 def run_chunks(store: S.FeatureStore, encoder: Encoder, paths: np.ndarray, bboxes: np.ndarray, chunks: list[int],
                device: torch.device, batch_size: int, workers: int, dtype: torch.dtype, progress: bool) -> tuple[int,
                                                                                                                  float]:
@@ -490,9 +458,8 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
         n_workers = min(4, os.cpu_count() or 1) if workers is None else workers
         t1 = time.perf_counter()
         try:
-            with threads_beside(n_workers, dev):
-                done, worker_s = run_chunks(store, enc, paths, bboxes, mine, dev, batch_size, n_workers,
-                                            amp_dtype(dev, precision), progress and rank == 0)
+            done, worker_s = run_chunks(store, enc, paths, bboxes, mine, dev, batch_size, n_workers,
+                                        amp_dtype(dev, precision), progress and rank == 0)
         except KeyboardInterrupt:
             saved = store.n_chunks - len(store.pending_chunks())
             log.warning("interrupted: %d of %d chunks of %s are written and kept; the same command resumes from there",
