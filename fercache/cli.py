@@ -222,7 +222,7 @@ def extract(
     normalize: str = typer.Option("checkpoint", help="Pixel statistics: checkpoint (the weights' own), clip (OpenAI "
                                   "CLIP's) or imagenet (as the feature-mask recipe feeds CLIP). Fingerprinted."),
     data_root: Optional[Path] = DataRoot,
-    device: str = typer.Option("cpu", help="cpu, cuda or cuda:N (under torchrun: cuda picks LOCAL_RANK)."),
+    device: str = typer.Option("cpu", help="cpu, cuda, cuda:N or mps (under torchrun: cuda picks LOCAL_RANK)."),
     batch_size: int = typer.Option(256, help="Images per forward pass."),
     workers: Optional[int] = typer.Option(None, help="Decode worker processes (default min(4, CPUs))."),
     chunk_rows: int = typer.Option(1024, help="Rows per store chunk (unit of resume and of distribution)."),
