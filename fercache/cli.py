@@ -645,7 +645,7 @@ def runs_cmd(
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any run is stale or cannot be checked (for "
                                                         "scripts and CI)."),
     as_json: bool = AsJson,
-    to: tuple[str, str] = typer.Option((None, None), "--to", metavar="KIND TARGET",
+    to: Optional[tuple[str, str]] = typer.Option(None, "--to", metavar="KIND TARGET",
                                        help="Also export every run to a tracker: `mlflow URI` (a tracking server, "
                                             "database or file store) or `tensorboard LOGDIR` (event files); runs "
                                             "exported before are left as they are."),
@@ -655,7 +655,7 @@ def runs_cmd(
     from .runs import ledger, warnings, write_ledger
     from .tracking import EXPORTERS
 
-    if to[0] is not None and to[0] not in EXPORTERS:
+    if to and to[0] not in EXPORTERS:
         raise typer.BadParameter(f"--to {to[0]}: one of {', '.join(EXPORTERS)}")
     if csv:
         check_out_file(csv, "--csv")
@@ -669,7 +669,7 @@ def runs_cmd(
         typer.echo(result.markdown + (f"\nwrote {written}" if csv else ""))
     for line in warnings(result):
         typer.echo(line, err=True)
-    if to[0] is not None:
+    if to:
         done = EXPORTERS[to[0]](root, to[1])
         typer.echo(f"{done.target}: {len(done.written)} run(s) exported"
                    + (f", {len(done.skipped)} exported before and left as they were" if done.skipped else ""), err=True)

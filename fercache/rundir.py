@@ -71,6 +71,8 @@ class RunConfig:
         store or classes)."""
         if not isinstance(saved, dict):
             raise TypeError(f"a run's config is a JSON object, not {type(saved).__name__}")
+        if missing := [k for k in ("head", "store", "classes") if k not in saved]:
+            raise TypeError(f"config.json names no {', '.join(missing)}: not a run's")
         known = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in known})
 
