@@ -64,7 +64,17 @@ def check_distinct(items: list, what: str) -> None:
 
 def _fit_label(store: str, label: str, hp: dict | None, recipe: dict | None, **kw):
     """`fit_seeds` for a table label: its registered head, with the hp and recipe entries keyed by the label."""
-    return fit_seeds(store, head_of(label), hp=(hp or {}).get(label), recipe=(recipe or {}).get(label), **kw)
+    return _said_reused(fit_seeds(store, head_of(label), hp=(hp or {}).get(label), recipe=(recipe or {}).get(label),
+                                  **kw))
+
+
+def _said_reused(runs: list) -> list:
+    """The runs, saying which were found finished and scored as they are rather than trained again (a re-run
+    of a protocol after an interruption, or after a change to one head only)."""
+    if reused := [r.run_dir for r in runs if r.reused]:
+        log.info("reused %d finished run(s) trained with the same settings, data and code: %s", len(reused),
+                 ", ".join(str(d) for d in reused))
+    return runs
 
 
 def _labels_for(labels: dict[str, str] | None, stores: list[str]) -> dict[str, str | None]:
@@ -301,9 +311,9 @@ def au_crossval(store: str, out_dir: str | Path, folds: int = 5, aus: str = "top
     for f in range(folds):
         rows = [{**r, "split": "test" if fold[i] == f else "train"} for i, r in enumerate(base.rows)]
         m = write_manifest(Manifest(rows=rows, source=f"fold{f}", columns=base.columns), out_dir / f"fold{f}.csv")
-        runs = fit_seeds(store, head, seeds=seeds, manifest=m, aus=au_list, out_dir=out_dir / "runs", device=device,
-                         hp=hp, recipe=recipe, progress=progress, name=f"fold{f}/seed{{seed}}", fold=f, reuse=reuse,
-                         own=True)
+        runs = _said_reused(fit_seeds(store, head, seeds=seeds, manifest=m, aus=au_list, out_dir=out_dir / "runs",
+                                      device=device, hp=hp, recipe=recipe, progress=progress,
+                                      name=f"fold{f}/seed{{seed}}", fold=f, reuse=reuse, own=True))
         results += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f} for r in runs]
     return _au_table(out_dir, results)
 

@@ -800,13 +800,14 @@ def test_predict_refuses_an_out_it_cannot_write_before_reading_an_image_and_make
         "UnidentifiedImageError" in caplog.text
 
 
-def test_protocol_commands_run_again_reuse_their_finished_runs_unless_retrain(tiny_store, tmp_path):
+def test_protocol_commands_run_again_reuse_their_finished_runs_unless_retrain(tiny_store, tmp_path, caplog):
     """An interrupted cross matrix (or folds, au-cv) trained every run again when re-run."""
     cross = ("cross", tiny_store, "--head", "linear", "--recipe", "epochs=2", "-o", tmp_path)
     assert invoke(*cross).exit_code == 0
     head = tmp_path / "runs" / "faces-linear" / "seed0" / "head.pt"
     stamp = head.stat().st_mtime_ns
     assert invoke(*cross).exit_code == 0 and head.stat().st_mtime_ns == stamp
+    assert f"reused 1 finished run(s) trained with the same settings, data and code: {head.parent}" in caplog.text
     assert invoke(*cross, "--retrain").exit_code == 0 and head.stat().st_mtime_ns != stamp
 
 
