@@ -33,8 +33,8 @@ Aus = typer.Option(None, "--aus", help="AU heads: 'top8', or AU numbers like 1,2
 PRECISION_HELP = ("auto (bf16 on CUDA, fp32 on CPU), fp32, fp16, bf16 (autocast: fp32 weights, matrix products in "
                   "half precision) or bf16-weights (the weights themselves in bf16, every op in bf16: faster, "
                   "features about as close to fp32's as bf16's; see docs/benchmarks.md).")
-StoreArg = typer.Argument(..., help="A feature store: STORE.zarr, or any fsspec URL zarr supports.")
-ManifestArg = typer.Argument(..., help="Manifest CSV (.csv or .csv.gz).")
+StoreArg = typer.Argument(..., metavar="STORE", help="A feature store: STORE.zarr, or any fsspec URL zarr supports.")
+ManifestArg = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV (.csv or .csv.gz).")
 AsJson = typer.Option(False, "--json", help="Print one JSON document on stdout (logs and progress stay on stderr).")
 
 
@@ -77,9 +77,9 @@ def _setup(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug lo
            version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
                                         help="Print fercache's version and exit."),
            threads: Optional[int] = typer.Option(None, "--threads", min=1, envvar="FERCACHE_THREADS",
-                                                 help="torch's intra-op threads in this process (default: torch's, "
-                                                      "one per core). On a machine shared with other jobs, fewer "
-                                                      "run faster.")) -> None:
+                                                 help="torch's intra-op threads in this process "
+                                                      "(default: torch's, one per core). On a machine "
+                                                      "shared with other jobs, fewer run faster.")) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     # Our INFO lines are progress a user reads; the libraries' (open_clip logs each step of building a model to the
     # root logger) are noise unless debugging, so only --verbose lets them through.
@@ -112,12 +112,12 @@ def _options(pairs: list[str], flag: str) -> dict:
 
 @manifest_app.command("build")
 def manifest_build(
-    src: Path = typer.Argument(..., help="The dataset folder in its native layout."),
+    src: Path = typer.Argument(..., metavar="SRC", help="The dataset folder in its native layout."),
     fmt: str = typer.Option(..., "--format", "-f", help="Dataset layout; see `fercache manifest formats`."),
     out: Path = typer.Option(..., "--out", "-o", help="Manifest CSV to write (.csv or .csv.gz)."),
     data_root: Optional[Path] = typer.Option(None, "--data-root", help="Make paths relative to this "
                                                                        "folder (default: SRC)."),
-    option: list[str] = typer.Option([], "--option", help="Adapter option key=value (repeatable), "
+    option: list[str] = typer.Option([], "--option", metavar="KEY=VALUE", help="Adapter option key=value (repeatable), "
                                                           "e.g. facs=ckplus_facs.csv; `fercache "
                                                           "manifest formats F` lists F's."),
 ) -> None:
@@ -130,7 +130,7 @@ def manifest_build(
 
 
 @manifest_app.command("formats")
-def manifest_formats(name: Optional[str] = typer.Argument(None,
+def manifest_formats(name: Optional[str] = typer.Argument(None, metavar="NAME",
                                                           help="One format, described whole (default: all).")) -> None:
     """The dataset layouts `manifest build --format` reads, and the --option keys each takes with their defaults."""
     from .adapters import ADAPTERS, describe_format
@@ -182,8 +182,8 @@ def manifest_check(
 
 @app.command()
 def frames(
-    src: Path = typer.Argument(..., help="A video file, or a folder searched recursively for .mp4, .avi, .mov, .mkv, "
-                               ".webm, ... files."),
+    src: Path = typer.Argument(..., metavar="SRC", help="A video file, or a folder searched recursively for .mp4, "
+                                                        ".avi, .mov, .mkv, .webm, ... files."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the frame folders: SRC/<rel>/<clip>.mp4 becomes "
                              "OUT/<rel>/<clip>/00001.jpg, ..."),
     every: int = typer.Option(1, help="Keep every N-th frame (files keep the frame's index in the video)."),
@@ -207,7 +207,7 @@ def frames(
 
 @app.command()
 def extract(
-    manifest: Path = typer.Argument(..., help="Manifest CSV."),
+    manifest: Path = typer.Argument(..., metavar="MANIFEST", help="Manifest CSV."),
     encoder: str = typer.Option("torchvision:mobilenet_v2", "--encoder", "-e",
                                 help="family:arch, e.g. open_clip:ViT-B-16, torchvision:resnet50, timm:convnext_tiny."),
     out: str = typer.Option(..., "--out", "-o", help="Store path (STORE.zarr) or any fsspec URL zarr supports."),
@@ -346,7 +346,7 @@ def _ints(text: str, option: str = "--seeds", least: int = 0) -> list[int]:
 
 @app.command("train-head")
 def train_head(
-    store: str = typer.Argument(..., help="A complete feature store."),
+    store: str = typer.Argument(..., metavar="STORE", help="A complete feature store."),
     head: str = typer.Option("linear", "--head", "-H", help="A registered head; `fercache heads` "
                                                             "lists each one's task, level (images "
                                                             "or video clips), --hp keys and recipe."),
@@ -356,9 +356,10 @@ def train_head(
     output: Optional[str] = typer.Option(None, help="Store output to train on (default: the store's default)."),
     mask_source: Optional[str] = typer.Option(None, help="mask head: a second store of the "
                                                          "same manifest for the mask MLP."),
-    hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value (repeatable), e.g. --hp hidden=512."),
-    recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value, e.g. --recipe epochs=10 "
-                                                          "--recipe lr=1e-3."),
+    hp: list[str] = typer.Option([], "--hp", metavar="KEY=VALUE", help="Head hyperparameter key=value (repeatable), "
+                                                                       "e.g. --hp hidden=512."),
+    recipe: list[str] = typer.Option([], "--recipe", metavar="KEY=VALUE", help="Training override key=value, e.g. "
+                                                                               "--recipe epochs=10 --recipe lr=1e-3."),
     aus: Optional[str] = Aus,
     device: str = Device,
     views: bool = typer.Option(True, help="Train on the store's cached augmented views (extract "
@@ -381,7 +382,7 @@ def train_head(
 
 
 @app.command("heads")
-def heads_cmd(name: Optional[str] = typer.Argument(None, help="One head (default: all)."),
+def heads_cmd(name: Optional[str] = typer.Argument(None, metavar="NAME", help="One head (default: all)."),
               as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """The registered heads: task, level, --hp keys with their defaults, and the published --recipe each one trains
     with."""
@@ -419,19 +420,27 @@ def _per_head(pairs: list[str], flag: str, heads: list[str]) -> dict[str, dict]:
 
 @app.command()
 def cross(
-    stores: list[str] = typer.Argument(..., help="Stores to train on (each tested on too, unless --test is given)."),
-    heads: list[str] = typer.Option(["linear"], "--heads", "--head", help="Heads, comma-separated or repeated "
-                                    "(--heads linear,mask or --head linear --head mask); HEAD@NAME trains a head "
-                                    "again beside itself with its own HEAD@NAME:key=value settings."),
-    test: list[str] = typer.Option([], "--test", help="Stores to test on (repeatable; default: the training stores)."),
+    stores: list[str] = typer.Argument(..., metavar="STORES", help="Stores to train on (each tested on too, unless "
+                                                                   "--test is given)."),
+    heads: list[str] = typer.Option(["linear"], "--heads", "--head", metavar="HEAD[,HEAD...]",
+                                    help="Heads, comma-separated or repeated (--heads linear,mask or --head linear "
+                                         "--head mask); HEAD@NAME trains a head again beside itself with its own "
+                                         "HEAD@NAME:key=value settings."),
+    test: list[str] = typer.Option([], "--test", metavar="STORE", help="Stores to test on (repeatable; default: the "
+                                                                       "training stores)."),
     seeds: str = Seeds,
-    hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value for every head, or HEAD:key=value "
-                                 "for one (repeatable), e.g. --hp cvar_mlp:hidden=512."),
-    recipe: list[str] = typer.Option([], "--recipe", help="Training override key=value for every head, or "
-                                     "HEAD:key=value for one, e.g. --recipe mask:epochs=15."),
+    hp: list[str] = typer.Option([], "--hp", metavar="KEY=VALUE", help="Head hyperparameter key=value for every head, "
+                                                                       "or HEAD:key=value for one (repeatable), e.g. "
+                                                                       "--hp cvar_mlp:hidden=512."),
+    recipe: list[str] = typer.Option([], "--recipe", metavar="KEY=VALUE", help="Training override key=value for every "
+                                                                               "head, or HEAD:key=value for one, e.g. "
+                                                                               "--recipe mask:epochs=15."),
     out: Path = typer.Option(Path("runs/cross"), "--out", "-o", help="Folder for the runs and the matrices."),
-    labels: list[str] = typer.Option([], "--labels", help="STORE=MANIFEST (store path or name): train and test that "
-                                     "store on these labels of the same images, e.g. a --without-leaks manifest."),
+    labels: list[str] = typer.Option([], "--labels", metavar="STORE=MANIFEST", help="STORE=MANIFEST (store path "
+                                                                                    "or name): train and test "
+                                                                                    "that store on these labels "
+                                                                                    "of the same images, e.g. a "
+                                                                                    "--without-leaks manifest."),
     metric: str = typer.Option("accuracy", help="Comma-separated metrics, one matrix each (accuracy, uar, macro_f1, "
                                "ece, ece_ts: ECE after the temperature fitted on the training store's val split)."),
     retrain: bool = Retrain,
@@ -451,7 +460,7 @@ def cross(
 
 @app.command()
 def evaluate(
-    runs: list[str] = typer.Argument(..., help="Run directories (or parents of seed runs)."),
+    runs: list[str] = typer.Argument(..., metavar="RUNS", help="Run directories (or parents of seed runs)."),
     store: Optional[str] = typer.Option(None, help="Store to evaluate on (default: the run's training store)."),
     split: str = typer.Option("test", help="Split to score."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
@@ -477,8 +486,9 @@ def evaluate(
 
 @app.command()
 def compare(
-    a: str = typer.Argument(..., help="Run A: a run directory, or a parent of seed runs (the mean of its seeds)."),
-    b: str = typer.Argument(..., help="Run B, likewise."),
+    a: str = typer.Argument(..., metavar="A", help="Run A: a run directory, or a parent "
+                                                   "of seed runs (the mean of its seeds)."),
+    b: str = typer.Argument(..., metavar="B", help="Run B, likewise."),
     store: Optional[str] = typer.Option(None, help="Score both on this store (default: their common training store)."),
     split: str = typer.Option("test", help="Split to score."),
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
@@ -501,7 +511,7 @@ def compare(
 
 @app.command("near-dups")
 def near_dups(
-    store: str = typer.Argument(..., help="A complete store."),
+    store: str = typer.Argument(..., metavar="STORE", help="A complete store."),
     threshold: float = typer.Option(0.95, min=0.0, max=1.0, help="Cosine at or above which two "
                                                                  "images count as one photo."),
     out: Path = typer.Option(Path("near-dups"), "--out", "-o", help="Folder for near-dups.csv and the plots."),
@@ -531,10 +541,11 @@ def near_dups(
 
 @app.command()
 def predict(
-    run: Path = typer.Argument(..., help="A trained run directory, or a folder of seed runs (seed0, seed1, ...): "
-                               "their probabilities are averaged."),
-    images: list[Path] = typer.Argument(..., help="Image or video files, or folders of them (for a clip-level run: "
-                                        "folders of one clip's frames, or video files)."),
+    run: Path = typer.Argument(..., metavar="RUN", help="A trained run directory, or a folder of seed runs (seed0, "
+                                                        "seed1, ...): their probabilities are averaged."),
+    images: list[Path] = typer.Argument(..., metavar="IMAGES", help="Image or video files, or folders of "
+                                                                    "them (for a clip-level run: folders of "
+                                                                    "one clip's frames, or video files)."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write .json or .csv (default: JSON to stdout)."),
     every: int = typer.Option(1, help="Videos: every N-th frame (a frame-level run gives one row per frame, with "
                               "its index in the video)."),
@@ -574,8 +585,9 @@ def au_cv(
     folds: int = typer.Option(5, help="Subject-grouped folds."),
     aus: str = typer.Option("top8", help="'topK' or AU numbers like 1,2,4."),
     seeds: str = Seeds,
-    hp: list[str] = typer.Option([], "--hp", help="Head hyperparameter key=value (repeatable)."),
-    recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value (repeatable), e.g. epochs=30."),
+    hp: list[str] = typer.Option([], "--hp", metavar="KEY=VALUE", help="Head hyperparameter key=value (repeatable)."),
+    recipe: list[str] = typer.Option([], "--recipe", metavar="KEY=VALUE", help="Recipe override key=value "
+                                                                               "(repeatable), e.g. epochs=30."),
     out: Path = typer.Option(Path("runs/au-cv"), "--out", "-o", help="Folder for the runs and the AU table."),
     retrain: bool = Retrain,
     device: str = Device,
@@ -592,15 +604,20 @@ def au_cv(
 @app.command()
 def folds(
     store: str = StoreArg,
-    manifest: list[Path] = typer.Option(..., "--manifest", "-m",
+    manifest: list[Path] = typer.Option(..., "--manifest", "-m", metavar="MANIFEST",
                                         help="One manifest per fold (repeatable), e.g. DFEW's set_1..set_5 built with "
                                              "`fercache manifest build SRC --format dfew --option fold=K -o "
                                              "setK.csv`."),
-    head: list[str] = typer.Option(["temporal"], "--head", "--heads", help="Head(s) to train on every fold, "
-                                   "comma-separated or repeated (as cross takes them)."),
+    head: list[str] = typer.Option(["temporal"], "--head", "--heads", metavar="HEAD[,HEAD...]", help="Head(s) to train "
+                                                                                                     "on every fold, "
+                                                                                                     "comma-separated "
+                                                                                                     "or repeated (as "
+                                                                                                     "cross takes "
+                                                                                                     "them)."),
     seeds: str = typer.Option("0,1,2", help="Seeds per fold; results are mean ± std over folds x seeds."),
-    hp: list[str] = typer.Option([], "--hp", help="Hyperparameter key=value for every head."),
-    recipe: list[str] = typer.Option([], "--recipe", help="Recipe override key=value for every head, e.g. epochs=30."),
+    hp: list[str] = typer.Option([], "--hp", metavar="KEY=VALUE", help="Hyperparameter key=value for every head."),
+    recipe: list[str] = typer.Option([], "--recipe", metavar="KEY=VALUE", help="Recipe override key=value for every "
+                                                                               "head, e.g. epochs=30."),
     out: Path = typer.Option(Path("runs/folds"), "--out", "-o", help="Folder for the runs and the table."),
     retrain: bool = Retrain,
     device: str = Device,
@@ -640,7 +657,7 @@ def _axis(text: str) -> tuple[str, list]:
 
 @app.command("runs")
 def runs_cmd(
-    root: Path = typer.Argument(Path("runs"), help="Folder to search for trained runs (any depth)."),
+    root: Path = typer.Argument(Path("runs"), metavar="ROOT", help="Folder to search for trained runs (any depth)."),
     csv: Optional[Path] = typer.Option(None, "--csv", help="Also write every table to this CSV."),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when any run is stale or cannot be checked (for "
                                                         "scripts and CI)."),
@@ -681,16 +698,22 @@ def runs_cmd(
 def sweep(
     store: str = StoreArg,
     head: str = typer.Option("mask", "--head", "-H", help="The head to sweep (see `fercache heads`)."),
-    axis: list[str] = typer.Option(..., "--axis", help="name=v1,v2,... (repeatable); head hyperparameters or recipe "
-                                                       "keys (epochs, lr, weight_decay, batch_size, sam_rho, balance, "
-                                                       "select, shots, fraction, ...), e.g. --axis n_drop=5,10,20 "
-                                                       "--axis mask=sample,class,none; a data-efficiency curve: --axis "
-                                                       "shots=1,4,16,64; list-valued points as one JSON list: --axis "
-                                                       "'budgets=[null,[2,1,1,1,1,1,1]]'"),
+    axis: list[str] = typer.Option(..., "--axis", metavar="NAME=V1,V2,...", help="name=v1,v2,... (repeatable); head "
+                                                                                 "hyperparameters or recipe keys "
+                                                                                 "(epochs, lr, weight_decay, "
+                                                                                 "batch_size, sam_rho, balance, "
+                                                                                 "select, shots, fraction, ...), e.g. "
+                                                                                 "--axis n_drop=5,10,20 --axis "
+                                                                                 "mask=sample,class,none; a "
+                                                                                 "data-efficiency curve: --axis "
+                                                                                 "shots=1,4,16,64; list-valued points "
+                                                                                 "as one JSON list: --axis "
+                                                                                 "'budgets=[null,[2,1,1,1,1,1,1]]'"),
     seeds: str = typer.Option("0", help="Comma-separated seeds; each point is "
                                         "trained once per seed, ranked on the mean."),
-    recipe: list[str] = typer.Option([], "--recipe", help="Fixed recipe overrides for every point."),
-    hp: list[str] = typer.Option([], "--hp", help="Fixed head hyperparameters for every point."),
+    recipe: list[str] = typer.Option([], "--recipe", metavar="KEY=VALUE", help="Fixed recipe overrides "
+                                                                               "for every point."),
+    hp: list[str] = typer.Option([], "--hp", metavar="KEY=VALUE", help="Fixed head hyperparameters for every point."),
     out: Path = typer.Option(Path("runs/sweep"), "--out", "-o", help="Folder for the runs, "
                                                                      "sweep.md/.csv/.json and plots."),
     retrain: bool = Retrain,
@@ -792,8 +815,9 @@ def bench_head_cmd(
 
 @app.command("run")
 def run_cmd(
-    pipeline: Path = typer.Argument(..., help="A pipeline TOML file, e.g. pipelines/quickstart.toml."),
-    only: list[str] = typer.Option([], "--only", help="Run only steps with this name or kind."),
+    pipeline: Path = typer.Argument(..., metavar="PIPELINE", help="A pipeline TOML file, e.g. "
+                                                                  "pipelines/quickstart.toml."),
+    only: list[str] = typer.Option([], "--only", metavar="NAME", help="Run only steps with this name or kind."),
     check: bool = typer.Option(False, "--check", help="Check every step's arguments against the library "
                                                       "(names, heads, hp/recipe values, device) and that every file or "
                                                       "folder a step reads exists or an earlier step writes it; stop."),
@@ -826,7 +850,7 @@ def run_cmd(
 
 
 @app.command("steps")
-def steps_cmd(kind: Optional[str] = typer.Argument(None, help="One step kind (default: all)."),
+def steps_cmd(kind: Optional[str] = typer.Argument(None, metavar="KIND", help="One step kind (default: all)."),
               as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
     """The kinds of pipeline step (`run = KIND` in a [[step]] table): what each needs, and its optional keys with
     their defaults."""
