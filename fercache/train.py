@@ -191,11 +191,7 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
                                         r.views if views and r.views is not None else views)
     fs = subset_train(fs, r.shots, r.fraction, seed, stratify=task == "expr")
     st = open_store(store)
-    ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
-                      z_dim=None if fs.z is None else fs.z.shape[1], store_meta={**st.meta, "location": store},
-                      class_counts=_train_counts(fs, task, classes))
-    torch.manual_seed(seed)
-    model = build_head(head, ctx, **(hp or {}))
+    ctx, model = _seeded_head(head, fs, task, classes, seed, hp, {**st.meta, "location": store})
     hp = {**(hp or {}), **model.resolved_hp}  # e.g. an "auto" choice, so load_run rebuilds this head
     run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
     settings = located({"head": head, "hp": hp, "recipe": r.to_dict(), "store": store,
@@ -215,6 +211,16 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
         result = {**result, "seed": seed, "config": config.to_dict()}
         save_run(run_dir, model, config, result, fitted)
     return RunResult(run_dir, result)
+
+
+def _seeded_head(head: str, fs: FeatureSet, task: str, classes: list[str], seed: int, hp: dict | None,
+                 store_meta: dict | None = None) -> tuple[HeadContext, nn.Module]:
+    """The head built for `fs`'s features and `classes`, its initial weights drawn from `seed`."""
+    ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
+                      z_dim=None if fs.z is None else fs.z.shape[1], store_meta=store_meta or {},
+                      class_counts=_train_counts(fs, task, classes))
+    torch.manual_seed(seed)
+    return ctx, build_head(head, ctx, **(hp or {}))
 
 
 @dataclass
@@ -239,10 +245,7 @@ def fit_features(fs: FeatureSet, head: str = "linear", *, seed: int = 0, hp: dic
     dev = torch_device(device)
     fs, classes = for_training(fs, spec.task, aus, seed)
     fs = subset_train(fs, r.shots, r.fraction, seed, stratify=spec.task == "expr")
-    ctx = HeadContext(in_dim=fs.x.shape[-1], out_dim=len(classes), class_names=classes,
-                      class_counts=_train_counts(fs, spec.task, classes))
-    torch.manual_seed(seed)
-    model = build_head(head, ctx, **(hp or {}))
+    _, model = _seeded_head(head, fs, spec.task, classes, seed, hp)
     result, fitted = _train_on(model, fs, r, spec.task, classes, seed, progress, dev)
     return Trained(model.eval(), classes, spec.task, {**result, "seed": seed}, fitted)
 
