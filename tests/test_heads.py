@@ -14,7 +14,7 @@ from fercache.heads import HEADS, HeadContext, build_head
 from fercache.heads.au import auc_margin, masked_bce
 from fercache.heads.cvar_mlp import cvar
 from fercache.heads.mask import drop_pattern, group_max, group_size, group_widths, resolve_budgets
-from fercache.loop import _FrozenBN, sam_step, train_loop
+from fercache.loop import FrozenBN, sam_step, train_loop
 
 CLASSES = ["neutral", "happy", "sad"]
 
@@ -230,7 +230,7 @@ def test_sam_freezes_batchnorm_statistics_on_second_pass():
     sam_step(head, opt, batch, rho=0.5)
     torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)  # exactly one update, not two
     assert int(bn.num_batches_tracked) == 1
-    with _FrozenBN(head):
+    with FrozenBN(head):
         head.loss(batch)
     torch.testing.assert_close(bn.running_mean, ref_bn.running_mean)
 

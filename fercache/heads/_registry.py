@@ -19,6 +19,20 @@ from ..registry import Registry
 BASE_RECIPE = {"optimizer": "adam", "lr": 1e-3, "weight_decay": 0.0, "epochs": 30, "batch_size": 256,
                "scheduler": None, "sam_rho": 0.0}
 
+@dataclass(frozen=True)
+class Streams:
+    """Where a training loss draws its randomness: torch's global generators (None, the default), or generators of
+    its own. The stacked trainer (`fercache.stacked`) gives each configuration of a stack the streams its run alone
+    would have drawn from, so a configuration trains the same in a stack as alone."""
+
+    cpu: torch.Generator | None = None
+    device: torch.Generator | None = None  # for draws made on an accelerator
+
+    def on(self, t: torch.Tensor) -> torch.Generator | None:
+        """The generator for a draw made on `t`'s device."""
+        return self.cpu if t.device.type == "cpu" else self.device
+
+
 TASKS = ("expr", "au")  # expression: one class per row; au: multi-label, one binary output per AU
 LEVELS = ("frame", "clip")  # clip: x is [B, frames, D] with batch["lengths"] (see data.clip_level)
 
@@ -46,6 +60,13 @@ class Head(nn.Module):
 
     def loss(self, batch: dict) -> torch.Tensor:
         return nn.functional.cross_entropy(self.logits(batch), batch["y"])
+
+    def noise(self, x: torch.Tensor, streams: Streams) -> dict[str, torch.Tensor]:
+        """The random tensors one training `loss` call on the batch `x` draws (dropout masks, drop patterns), drawn
+        from `streams` in the order the loss draws them. `loss` reads them from `batch["noise"]` when given, and
+        draws them here itself otherwise: a loss that reads its noise from the batch can be vmapped over a stack
+        of configurations. A head whose loss is not random draws nothing."""
+        return {}
 
     def fit_stats(self, batch: dict) -> None:
         """Called once with the whole training split before training: frozen statistics (a standardiser)."""
@@ -94,6 +115,11 @@ class HeadSpec:
     feature_output: str | None = None  # the store output it reads unless told; None: the store's default
     text_tower: bool = False  # needs the store's text tower: checked before any feature is read
     trainable: bool = True  # False: nothing is trained by epochs (zero-shot; a head that `solve`s)
+    #: None: each run trains alone. A tuple: configurations of this head train as one stack (`fercache.stacked`:
+    #: a vmapped loss, randomness only through `Head.noise`, one parameter group); it names the hyperparameters
+    #: that may differ within a stack (read from tensors or only when drawing noise). Configurations that differ
+    #: in any other hyperparameter train in separate stacks.
+    stack: tuple[str, ...] | None = None
 
     def __post_init__(self):
         if self.task not in TASKS or self.level not in LEVELS:
@@ -110,9 +136,11 @@ class HeadSpec:
         return {p.name: p.default for p in params if p.kind is p.KEYWORD_ONLY}
 
     def to_dict(self) -> dict:
-        """What `fercache heads` prints: summary, task, level, hyperparameters and published recipe."""
+        """What `fercache heads` prints: summary, task, level, hyperparameters, published recipe, and whether its
+        runs train many at once (`stacks`: the hyperparameters free within a stack; None: one run at a time)."""
         return {"name": self.name, "summary": self.summary, "task": self.task, "level": self.level,
-                "hp": self.hyperparameters, "recipe": dict(self.recipe)}
+                "hp": self.hyperparameters, "recipe": dict(self.recipe),
+                "stacks": None if self.stack is None else list(self.stack)}
 
 
 HEADS = Registry("head", entry=HeadSpec)

@@ -6,26 +6,28 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ._registry import Head, HeadContext, register_head
-from .cvar_mlp import CVAR_RECIPE, check_fractions, cvar, mlp
+from ._registry import Head, HeadContext, Streams, register_head
+from .cvar_mlp import CVAR_RECIPE, check_fractions, cvar, dropout_noise, mlp, run_mlp
 
 
 def masked_bce(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per-sample mean BCE over the AUs annotated for that sample (y == -1 is ignored, not dropped whole)."""
-    known = (y >= 0).float()
-    bce = F.binary_cross_entropy_with_logits(logits, y.clamp(min=0).float(), reduction="none") * known
+    known = (y >= 0).to(logits.dtype)
+    bce = F.binary_cross_entropy_with_logits(logits, y.clamp(min=0).to(logits.dtype), reduction="none") * known
     return bce.sum(1) / known.sum(1).clamp(min=1)
 
 
 def auc_margin(logits: torch.Tensor, y: torch.Tensor, margin: float = 0.6, p: int = 2) -> torch.Tensor:
-    """Pairwise AUC-margin loss: mean over AUs of mean_{pos i, neg j} relu(margin - (s_i - s_j))^p, s = sigmoid."""
+    """Pairwise AUC-margin loss: mean over AUs of mean_{pos i, neg j} relu(margin - (s_i - s_j))^p, s = sigmoid.
+    AUs without a positive and a negative in the batch are left out (0 when none has both). Every pair is
+    weighed rather than picked by boolean indexing, so the loss keeps its shapes and vmaps over a stack."""
     s = torch.sigmoid(logits)
-    terms = []
-    for a in range(y.shape[1]):
-        pos, neg = s[y[:, a] == 1, a], s[y[:, a] == 0, a]
-        if len(pos) and len(neg):
-            terms.append(F.relu(margin - (pos[:, None] - neg[None, :])).pow(p).mean())
-    return torch.stack(terms).mean() if terms else logits.sum() * 0
+    pairs = (y == 1).to(s.dtype)[:, None] * (y == 0).to(s.dtype)[None]  # [B_pos, B_neg, A]
+    hinge = F.relu(margin - (s[:, None] - s[None])).pow(p)
+    n_pairs = pairs.sum((0, 1))
+    per_au = (hinge * pairs).sum((0, 1)) / n_pairs.clamp(min=1)
+    has = (n_pairs > 0).to(s.dtype)
+    return (per_au * has).sum() / has.sum().clamp(min=1)
 
 
 class AUDetector(Head):
@@ -37,15 +39,19 @@ class AUDetector(Head):
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
         return self.net(x)
 
+    def noise(self, x: torch.Tensor, streams: Streams) -> dict[str, torch.Tensor]:
+        return {"dropout": dropout_noise(self.net, x, streams)}
+
     def loss(self, batch: dict) -> torch.Tensor:
-        logits, y = self(batch["x"]), batch["y"]
+        noise = batch.get("noise") or self.noise(batch["x"], Streams())
+        logits, y = run_mlp(self.net, batch["x"], noise["dropout"]), batch["y"]
         loss = cvar(masked_bce(logits, y), self.alpha)
         if self.auc_weight:
             loss = (1 - self.auc_weight) * loss + self.auc_weight * auc_margin(logits, y)
         return loss
 
 
-@register_head("au", task="au", recipe=CVAR_RECIPE)
+@register_head("au", task="au", recipe=CVAR_RECIPE, stack=("dropout",))
 def au(ctx: HeadContext, *, hidden: int | None = None, alpha: float = 0.5, dropout: float = 0.6,
        auc_weight: float = 0.0) -> AUDetector:
     """AU detector; `auc_weight=0.2` gives the published 0.8 CVaR + 0.2 AUC-margin loss."""

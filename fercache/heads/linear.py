@@ -32,7 +32,7 @@ class LinearProbe(Head):
         return self.fc(x)
 
 
-@register_head("linear", recipe=LINEAR_RECIPE)
+@register_head("linear", recipe=LINEAR_RECIPE, stack=())
 def linear(ctx: HeadContext, *, normalize: bool = False) -> LinearProbe:
     """Linear probe; `normalize=True` L2-normalises inputs (else standardises with train statistics)."""
     return LinearProbe(ctx.in_dim, ctx.out_dim, normalize)

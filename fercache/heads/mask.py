@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import ConfigError
-from ._registry import Head, HeadContext, register_head
+from ._registry import Head, HeadContext, Streams, register_head
 
 MASK_MODES = ("sample", "class", "none")
 
@@ -110,7 +110,10 @@ class MaskHead(Head):
     def __init__(self, in_dim: int, out_dim: int, z_dim: int, hidden: int, n_drop: int, use_sigmoid: bool,
                  w_sep: float, w_div: float, widths: list[int], mode: str = "sample"):
         super().__init__()
-        self.classes, self.n_drop, self.use_sigmoid, self.w_sep, self.w_div = out_dim, n_drop, use_sigmoid, w_sep, w_div
+        self.classes, self.n_drop, self.use_sigmoid = out_dim, n_drop, use_sigmoid
+        # tensors, not saved with the weights: configurations with other loss weights train in one stack
+        self.register_buffer("w_sep", torch.tensor(float(w_sep)), persistent=False)
+        self.register_buffer("w_div", torch.tensor(float(w_div)), persistent=False)
         self.widths, self.mode = widths, mode
         if mode == "sample":
             self.mask_net = nn.Sequential(nn.Linear(z_dim, hidden), nn.ReLU(), nn.Linear(hidden, in_dim))
@@ -141,7 +144,7 @@ class MaskHead(Head):
         """The three published terms, for tests and logging."""
         x, y = batch["x"], batch["y"]
         h = self.masked(x, batch.get("z"))
-        drop = drop_pattern(x.shape[-1], self.widths, self.n_drop).to(x.device)
+        drop = (batch.get("noise") or self.noise(x, Streams()))["drop"]
         width = torch.tensor(self.widths, dtype=x.dtype, device=x.device)
         return {
             "ce": F.cross_entropy(self.output(h), y),
@@ -149,12 +152,15 @@ class MaskHead(Head):
             "div": 1.0 - (self.group_scores(h) / width).mean(),
         }
 
+    def noise(self, x: torch.Tensor, streams: Streams) -> dict[str, torch.Tensor]:
+        return {"drop": drop_pattern(x.shape[-1], self.widths, self.n_drop, generator=streams.cpu).to(x.device)}
+
     def loss(self, batch: dict) -> torch.Tensor:
         t = self.loss_terms(batch)
         return t["ce"] + self.w_sep * t["sep"] + self.w_div * t["div"]
 
 
-@register_head("mask", recipe=MASK_RECIPE)
+@register_head("mask", recipe=MASK_RECIPE, stack=("n_drop", "w_sep", "w_div"))
 def mask(ctx: HeadContext, *, hidden: int = 512, n_drop: int | None = None, use_sigmoid: bool = True,
          w_sep: float = 1.5, w_div: float = 5.0, budgets: str | list[float] | None = None,
          mask: str = "sample") -> MaskHead:
