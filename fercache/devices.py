@@ -7,6 +7,8 @@ backend names.
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from .errors import ConfigError
@@ -45,3 +47,36 @@ def torch_device(name: str | torch.device) -> torch.device:
         raise ConfigError(f"--device {name}: Apple MPS is not available here "
                           f"(this machine has: {available()}); use --device cpu")
     return dev
+
+
+def dist_rank_world() -> tuple[int, int]:
+    """(rank, world) from torchrun's environment, initialising the process group once (gloo without CUDA, or with
+    FERCACHE_BACKEND=gloo)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available()
+                                and os.environ.get("FERCACHE_BACKEND") != "gloo" else "gloo")
+    return dist.get_rank(), world
+
+
+def barrier(world: int) -> None:
+    """Wait for every rank (nothing to wait for in one process)."""
+    if world > 1:
+        import torch.distributed as dist
+        dist.barrier()
+
+
+def rank_device(device: str, rank: int, world: int) -> torch.device:
+    """The device this rank runs on: `cuda` under torchrun is each rank's own GPU (LOCAL_RANK)."""
+    if world > 1 and device.startswith("cuda:"):  # every rank would share that one GPU, each at 1/world speed
+        raise ConfigError(f"--device {device} under torchrun ({world} ranks): use --device cuda, and each rank "
+                          "takes cuda:LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES)")
+    if device == "cuda" and world > 1:
+        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
+        torch.cuda.set_device(dev)  # NCCL collectives (the barriers) run on the current device: make it this rank's
+        return dev
+    return torch_device(device)

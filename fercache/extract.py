@@ -25,7 +25,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import store as S
-from .devices import torch_device
+from .devices import barrier, dist_rank_world, rank_device
 from .encoders import Encoder, check_encoder_name, load_encoder, missing_weights
 from .errors import ConfigError, EncoderError, StoreError, repeated
 from .manifests import Manifest, content_sha256, data_root, read_manifest, resolve_paths
@@ -116,36 +116,6 @@ def _start_worker(_worker_id: int) -> None:
     S.close_inherited_locks()
 
 
-def _dist() -> tuple[int, int]:
-    """(rank, world) from torchrun's environment, initialising the process group once."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1:
-        return 0, 1
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available()
-                                and os.environ.get("FERCACHE_BACKEND") != "gloo" else "gloo")
-    return dist.get_rank(), world
-
-
-def _barrier(world: int) -> None:
-    if world > 1:
-        import torch.distributed as dist
-        dist.barrier()
-
-
-def _resolve_device(device: str, rank: int, world: int) -> torch.device:
-    if world > 1 and device.startswith("cuda:"):  # every rank would share that one GPU, each at 1/world speed
-        raise ConfigError(f"--device {device} under torchrun ({world} ranks): use --device cuda, and each rank "
-                          "takes cuda:LOCAL_RANK (choose the GPUs with CUDA_VISIBLE_DEVICES)")
-    if device == "cuda" and world > 1:
-        dev = torch.device(f"cuda:{int(os.environ.get('LOCAL_RANK', rank))}")
-        torch.cuda.set_device(dev)  # NCCL collectives (the barriers) run on the current device: make it this rank's
-        return dev
-    return torch_device(device)
-
-
 def resolved_precision(device: torch.device, precision: str) -> str:
     """`auto` made definite: bf16 on CUDA, fp32 elsewhere."""
     if precision == "auto":
@@ -188,7 +158,7 @@ def open_or_create(out: str, encoder: Encoder, manifest: Manifest, chunk_rows: i
             store = S.create(out, fp, manifest.column("sample_id"), encoder.default_output,
                              manifest_name=manifest_path, video=video, overwrite=overwrite, encoder_args=encoder_args,
                              data_root=data_root)
-    _barrier(world)
+    barrier(world)
     return store if rank == 0 else S.open_store(out, mode="r+")
 
 
@@ -425,8 +395,8 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
     """
     t0 = time.perf_counter()
     check_options(batch_size, workers, chunk_rows, precision, image_size, views, normalize)
-    rank, world = _dist()
-    dev = _resolve_device(device, rank, world)  # before any reading: a wrong --device fails in a second
+    rank, world = dist_rank_world()
+    dev = rank_device(device, rank, world)  # before any reading: a wrong --device fails in a second
     if encoder_obj is None:  # likewise: a misspelt model or missing weights, before a 10M-row manifest is read
         check_encoder_name(encoder)
         if why := missing_weights(encoder, pretrained):
@@ -466,7 +436,7 @@ def extract(manifest_path: str | Path, encoder: str, out: str | Path, *, pretrai
                         saved, store.n_chunks, out)
             raise
         seconds = time.perf_counter() - t1
-        _barrier(world)
+        barrier(world)
         n_ok = None
         if rank == 0:
             n_ok = int(store.ok().sum())

@@ -97,12 +97,12 @@ def test_resume_after_a_rank_dies(tiny_manifest, tiny_dataset, tiny_encoder_spec
 def test_one_named_gpu_for_every_rank_is_refused():
     """Under torchrun, --device cuda:0 put every rank on GPU 0 (each at 1/world of its speed); cuda means
     cuda:LOCAL_RANK."""
+    from fercache.devices import rank_device
     from fercache.errors import ConfigError
-    from fercache.extract import _resolve_device
 
     with pytest.raises(ConfigError, match=r"--device cuda:0 under torchrun \(2 ranks\): use --device cuda"):
-        _resolve_device("cuda:0", 1, 2)
-    assert _resolve_device("cpu", 1, 2).type == "cpu"
+        rank_device("cuda:0", 1, 2)
+    assert rank_device("cpu", 1, 2).type == "cpu"
 
 
 @pytest.fixture
