@@ -29,6 +29,25 @@ def classification(y_true: np.ndarray, y_pred: np.ndarray, class_names: list[str
     }
 
 
+def from_confusion(conf: np.ndarray) -> dict[str, float]:
+    """Accuracy, UAR and macro-F1 of a confusion matrix (rows true, columns predicted), equal to what
+    `classification` computes from the labels: the stacked trainer counts predictions on the device and
+    selects epochs on these."""
+    tp, true, pred = np.diag(conf), conf.sum(1), conf.sum(0)
+    n, present, seen = int(conf.sum()), true > 0, (true + pred) > 0
+    f1 = 2.0 * tp[seen] / (1.0 * true[seen] + pred[seen])
+    return {"accuracy": float(tp.sum() / n) if n else float("nan"),
+            "uar": float((tp[present] / true[present]).mean()) if present.any() else float("nan"),
+            "macro_f1": float(f1.mean()) if seen.any() else 0.0}
+
+
+def au_from_counts(tp: np.ndarray, fp: np.ndarray, fn: np.ndarray, known: np.ndarray) -> float:
+    """macro_f1_at_0.5 from per-AU counts at 0.5 (`known`: annotated rows per AU), as `au` computes it."""
+    denom = 2.0 * tp + fp + fn
+    f1 = [float("nan") if not k else float(2.0 * t / d) if d else 0.0 for t, d, k in zip(tp, denom, known)]
+    return float(np.nanmean(f1))
+
+
 def _f1(y: np.ndarray, pred: np.ndarray) -> float:
     known = y >= 0
     return float(f1_score(y[known], pred[known], zero_division=0)) if known.any() else float("nan")
