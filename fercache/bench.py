@@ -4,6 +4,7 @@
   pipeline alone (null encoder), with peak host RSS and device memory.
 - `bench_memory`: peak RSS of whole extract runs at several dataset sizes (subprocesses), to show it is flat.
 - `bench_head`: seconds per epoch of the mask head from the cache vs re-encoding every image each epoch.
+- `bench_sweep`: one grid trained one run after another and as stacks, configurations per minute of each.
 """
 
 from __future__ import annotations
@@ -342,3 +343,47 @@ def bench_head(manifest: str | Path, encoder: str = "open_clip:ViT-B-16", *, pre
         "one_time_extract_s": extract_s,
         "break_even_epochs": extract_s / max(reencode - cached, 1e-9),
     }
+
+
+#: The grid `bench sweep` trains unless given one: 32 points of recipe keys every trained head has.
+SWEEP_GRID = {"lr": [1e-4, 2e-4, 5e-4, 1e-3, 2e-3, 5e-3, 1e-2, 2e-2], "weight_decay": [0.0, 1e-5, 1e-4, 1e-3]}
+
+
+def _timed_sweep(store: str, head: str, grid: dict, out: Path, dev: torch.device, **kw):
+    from .sweeps import sweep
+
+    with PeakMemory(dev) as mem:
+        t0 = time.perf_counter()
+        result = sweep(store, head, grid, out, device=str(dev), reuse=False, **kw)
+        seconds = time.perf_counter() - t0
+    return result, seconds, mem
+
+
+def bench_sweep(store: str, head: str, grid: dict | None = None, *, seeds=(0,), recipe: dict | None = None,
+                hp: dict | None = None, manifest=None, device: str = "cpu",
+                max_batch_configs: int | None = None) -> dict:
+    """The same sweep trained one run after another (`max_batch_configs=1`, the sequential path) and as stacks,
+    on one device in one process: configurations per minute of each, peak host and device memory, the largest
+    stack, whether both rank the points alike, and the speedup (stacked over sequential)."""
+    from . import stacked
+    from .data import load_features
+
+    dev, grid = torch_device(device), grid or SWEEP_GRID
+    load_features(store, manifest)  # read once untimed: both paths start from a warm page cache
+    kw = {"seeds": seeds, "base_recipe": recipe, "base_hp": hp, "manifest": manifest}
+    with tempfile.TemporaryDirectory() as tmp:
+        seq, t_seq, m_seq = _timed_sweep(store, head, grid, Path(tmp) / "sequential", dev, max_batch_configs=1, **kw)
+        stacked.SIZES.clear()
+        stk, t_stk, m_stk = _timed_sweep(store, head, grid, Path(tmp) / "stacked", dev,
+                                         max_batch_configs=max_batch_configs, **kw)
+    n, key = seq.runs, lambda r: tuple(r[a] for a in seq.axes)
+    diff = max(abs(a["mean"] - b["mean"]) for a, b in zip(sorted(seq.rows, key=key), sorted(stk.rows, key=key)))
+    out = {"device": device_label(dev), "head": head, "configurations": n,
+           "sequential configs/min": 60 * n / t_seq, "stacked configs/min": 60 * n / t_stk,
+           "largest stack": max(stacked.SIZES, default=1),
+           "peak host MiB sequential": m_seq.host_mib, "peak host MiB stacked": m_stk.host_mib}
+    if dev.type == "cuda":
+        out |= {"peak device MiB sequential": m_seq.device_mib, "peak device MiB stacked": m_stk.device_mib}
+    same = [key(r) for r in seq.rows] == [key(r) for r in stk.rows]
+    return out | {"same ranking": "yes" if same else "no", "largest val difference (points)": 100 * diff,
+                  "speedup": t_seq / t_stk}

@@ -344,6 +344,11 @@ def _ints(text: str, option: str = "--seeds", least: int = 0) -> list[int]:
     return values
 
 
+MaxBatchConfigs = typer.Option(None, "--max-batch-configs", min=1, metavar="G",
+                               help="Train at most G runs of a head at once as one stacked model (default: as many "
+                                    "as half the free memory holds; 1 trains one run after another).")
+
+
 @app.command("train-head")
 def train_head(
     store: str = typer.Argument(..., metavar="STORE", help="A complete feature store."),
@@ -367,14 +372,19 @@ def train_head(
                                           "(flip); --no-views uses the plain images only."),
     overwrite: bool = typer.Option(False, help="Replace a run of the same name trained with other settings "
                                               "(without it such a run is kept and this one refused)."),
+    max_batch_configs: Optional[int] = MaxBatchConfigs,
     as_json: bool = AsJson,
 ) -> None:
-    """Train a head on cached features; the epoch is chosen on the validation split, never on test."""
+    """Train a head on cached features; the epoch is chosen on the validation split, never on test.
+
+    Several seeds of a head that stacks train at once, as one stacked model; each seed's run is the run it
+    would be trained alone."""
     from .train import fit_seeds, summarize
 
     runs = fit_seeds(store, head, seeds=_ints(seeds), out_dir=out, manifest=manifest, output=output,
                      mask_source=mask_source, hp=_kv(hp, "--hp"), recipe=_kv(recipe, "--recipe"), aus=aus,
-                     device=device, progress=_progress["bars"], views=views, overwrite=overwrite)
+                     device=device, progress=_progress["bars"], views=views, overwrite=overwrite,
+                     max_batch_configs=max_batch_configs)
     if as_json:
         return _echo_json(runs)
     for r in runs:
@@ -397,6 +407,10 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, metavar="NAME", help="O
         typer.echo(f"{'':10s} --hp      {' '.join(f'{k}={json.dumps(v)}' for k, v in d['hp'].items()) or '(none)'}")
         typer.echo(f"{'':10s} --recipe  "
                    f"{' '.join(f'{k}={json.dumps(v)}' for k, v in d['recipe'].items() if v is not None)}")
+        free = "seed, lr, weight_decay, momentum, scheduler, sam_rho, balance, select" + "".join(
+            f", {k}" for k in d["stacks"] or ())
+        typer.echo(f"{'':10s} trains    " + ("one run at a time" if d["stacks"] is None else f"stacked: runs that "
+                                             f"differ only in {free} train as one model"))
     typer.echo("(null: chosen from the data, e.g. hidden=null is the feature width; values are JSON, as --hp parses "
                "them)\nevery head also takes --recipe balance=none|sqrt|class (class-balanced sampling, expression "
                "heads), select=<val metric> (accuracy|uar|macro_f1; AU: macro_f1_at_0.5), and shots=K (training units "
@@ -720,12 +734,17 @@ def sweep(
     device: str = Device,
     manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
     aus: Optional[str] = Aus,
+    max_batch_configs: Optional[int] = MaxBatchConfigs,
     as_json: bool = AsJson,
 ) -> None:
     """Grid sweep of a head on cached features, ranked on the validation split (seconds per point on CPU).
 
+    Points of a head that stacks (linear, mask, cvar_mlp, au) train many at once as one stacked model; their
+    runs are those each point would train alone. Under `torchrun --nproc-per-node N -m fercache sweep ...`
+    each process trains whole stacks and rank 0 writes the tables.
+
     Run again after an interruption, it goes on where it stopped: runs already finished in --out with the same
-    settings, data and fercache code are read back instead of trained again."""
+    settings, data and fercache code are read back instead of trained again (a stack cut short trains again)."""
     from .sweeps import summarize
     from .sweeps import sweep as run_sweep
 
@@ -734,7 +753,10 @@ def sweep(
         raise typer.BadParameter(f"--axis {twice[0]} is given twice; put all its values in one --axis name=v1,v2,...")
     grid = dict(axes)
     r = run_sweep(store, head, grid, out, seeds=_ints(seeds), device=device, base_recipe=_kv(recipe, "--recipe"),
-                  base_hp=_kv(hp, "--hp"), progress=_progress["bars"], reuse=not retrain, manifest=manifest, aus=aus)
+                  base_hp=_kv(hp, "--hp"), progress=_progress["bars"], reuse=not retrain, manifest=manifest, aus=aus,
+                  max_batch_configs=max_batch_configs)
+    if r is None:
+        return  # non-zero torchrun ranks: rank 0 reports
     if as_json:
         return _echo_json({**{f: getattr(r, f) for f in ("head", "axes", "rows", "runs", "reused", "curve_png")},
                            "best": r.best, "markdown": r.markdown})
@@ -811,6 +833,31 @@ def bench_head_cmd(
 
     _print_figures(bench_head(manifest, encoder, pretrained=pretrained, root=data_root, n_images=n_images,
                               batch_size=batch_size, device=device))
+
+
+@bench_app.command("sweep")
+def bench_sweep_cmd(
+    store: str = StoreArg,
+    head: str = typer.Option("linear", "--head", "-H", help="The head to sweep."),
+    axis: list[str] = typer.Option([], "--axis", metavar="NAME=V1,V2,...", help="As for `sweep` (default: 32 points, "
+                                   "lr x weight_decay)."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds, each point trained once per seed."),
+    recipe: list[str] = typer.Option([], "--recipe", metavar="KEY=VALUE", help="Fixed recipe overrides."),
+    hp: list[str] = typer.Option([], "--hp", metavar="KEY=VALUE", help="Fixed head hyperparameters."),
+    manifest: Optional[Path] = typer.Option(None, help="Labels from this manifest (default: the store's own)."),
+    device: str = Device,
+    max_batch_configs: Optional[int] = MaxBatchConfigs,
+) -> None:
+    """One grid trained one run after another and as stacks: configurations/min of each, memory, the largest stack,
+    and last `speedup X.XXx` (stacked over sequential)."""
+    from .bench import bench_sweep
+
+    r = bench_sweep(store, head, dict(_axis(a) for a in axis) or None, seeds=_ints(seeds),
+                    recipe=_kv(recipe, "--recipe"), hp=_kv(hp, "--hp"), manifest=manifest, device=device,
+                    max_batch_configs=max_batch_configs)
+    speedup = r.pop("speedup")
+    _print_figures(r)
+    typer.echo(f"speedup {speedup:.2f}x")
 
 
 @app.command("run")

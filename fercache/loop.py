@@ -53,7 +53,7 @@ def _optimizer(head: nn.Module, r: dict) -> torch.optim.Optimizer:
     return cls(params, lr=r["lr"], weight_decay=r["weight_decay"])
 
 
-def _scheduler(opt, r: dict):
+def lr_scheduler(opt, r: dict):
     kind, epochs = r.get("scheduler"), r["epochs"]
     if kind == "exponential":
         return torch.optim.lr_scheduler.ExponentialLR(opt, gamma=r.get("gamma", 0.9))
@@ -67,7 +67,7 @@ def _scheduler(opt, r: dict):
     return None
 
 
-class _FrozenBN:
+class FrozenBN:
     """Context: BatchNorm running statistics are not updated (SAM's second forward pass)."""
 
     def __init__(self, module: nn.Module):
@@ -95,7 +95,7 @@ def sam_step(head: nn.Module, opt: torch.optim.Optimizer, batch: dict, rho: floa
         for p, e in zip(params, eps):
             p.add_(e)
     opt.zero_grad(set_to_none=True)
-    with _FrozenBN(head):
+    with FrozenBN(head):
         head.loss(batch).backward()
     with torch.no_grad():
         for p, e in zip(params, eps):
@@ -113,7 +113,7 @@ def plain_step(head: nn.Module, opt: torch.optim.Optimizer, batch: dict) -> torc
     return loss.detach()
 
 
-def _view_mean_logits(head: nn.Module, batch: dict) -> torch.Tensor:
+def view_mean_logits(head: nn.Module, batch: dict) -> torch.Tensor:
     """Logits of `x`, averaged with those of its cached views when the batch has them (test-time augmentation)."""
     xv = batch.pop("xv", None)
     logits = head.logits(batch)
@@ -128,7 +128,7 @@ def _view_mean_logits(head: nn.Module, batch: dict) -> torch.Tensor:
 def predict_logits(head: nn.Module, data: dict, batch_size: int = 4096) -> torch.Tensor:
     """Eval-mode logits over all rows of `data`."""
     head.eval()
-    out = [_view_mean_logits(head, {k: v[i:i + batch_size] for k, v in data.items()})
+    out = [view_mean_logits(head, {k: v[i:i + batch_size] for k, v in data.items()})
            for i in range(0, len(data["x"]), batch_size)]
     return torch.cat(out) if out else torch.empty(0)
 
@@ -161,7 +161,7 @@ def train_loop(head: nn.Module, train: dict, val: dict, recipe: Mapping, task: s
     gen = torch.Generator().manual_seed(seed)
     weights = sampling_weights(train["y"].cpu(), recipe.balance) if task == "expr" else None
     opt, history = _optimizer(head, recipe), []
-    sched = _scheduler(opt, recipe)
+    sched = lr_scheduler(opt, recipe)
     best, best_state, best_epoch = -math.inf, copy.deepcopy(head.state_dict()), 0
     bar = tqdm(range(1, recipe.epochs + 1), desc=f"train {getattr(head, 'name', '')} seed {seed}",
                unit="epoch", disable=not progress, leave=False)

@@ -173,7 +173,8 @@ def _run_folders(args: dict, out: str) -> list[str]:
     return [f"{out}/{store_name(args['store'])}-{args['head']}"]
 
 
-@register_step("train", forwards=("train", "fit"), supplied=frozenset({"out_dir", "seed"}),
+@register_step("train", forwards=("train", "fit_seeds"), onward=("train", "fit_many"),
+               supplied=frozenset({"out_dir", "own", "points"}),
                reads=("store", "manifest", "mask_source"), outputs=_run_folders, check=_check_head)
 def _train_step(store: str, head: str, out: str = "runs", seeds: list[int] = (0,), progress: bool = True, **kw):
     """Train a head on a store, one run per seed under `out` (`fercache train-head`)."""
@@ -278,8 +279,8 @@ def _sweep_points(args: dict, out: str) -> list[str]:
     return [f"{out}/point{i:03d}" for i in range(len(grid_points(args["grid"])))]
 
 
-@register_step("sweep", forwards=("sweeps", "sweep"), onward=("train", "fit"),
-               supplied=frozenset({"out_dir", "seed", "name", "hp", "recipe"}),
+@register_step("sweep", forwards=("sweeps", "sweep"), onward=("train", "fit_many"),
+               supplied=frozenset({"out_dir", "points"}),
                reads=("store", "manifest", "mask_source"), outputs=_sweep_points, check=_check_sweep)
 def _sweep_step(store: str, head: str, grid: dict, out: str, progress: bool = True, **kw):
     """A grid of hyperparameters or recipe keys ranked on validation, under `out` (`fercache sweep`)."""

@@ -14,12 +14,13 @@ import numpy as np
 
 from . import report
 from .data import features_memo
+from .devices import barrier, dist_rank_world
 from .errors import ConfigError, check_out_dir, did_you_mean, repeated
 from .heads import HEADS, check_hyperparameters
 from .recipe import Recipe, check_seeds, recipe_keys
 from .rundir import check_owner, drop_numbered
 from .store import store_name
-from .train import fit_seeds
+from .train import Point, fit_many
 
 log = logging.getLogger(__name__)
 
@@ -168,40 +169,55 @@ def _report(out_dir: Path, store: str, head: str, grid: dict[str, list], rows: l
 @features_memo()
 def sweep(store: str, head: str, grid: dict[str, list], out_dir: str | Path, seeds=(0,), device: str = "cpu",
           base_recipe: dict | None = None, base_hp: dict | None = None, progress: bool = False,
-          reuse: bool = True, **fit_kw) -> SweepResult:
+          reuse: bool = True, max_batch_configs: int | None = None, **fit_kw) -> SweepResult | None:
     """Train every grid point (x seeds); rank by the validation metric. Test is never read here.
 
+    Points of a head that stacks train as stacks, as many at once as memory allows (`max_batch_configs` caps
+    it; 1 trains one run after another); their runs are the runs each point would have trained alone.
     A run already finished in `out_dir` with the same configuration (a sweep interrupted and run again) is
     reused rather than trained again (`reuse=False` trains every run); `reused` counts them.
-    `progress`: a bar over the points, with the best validation score so far."""
-    from tqdm.auto import tqdm
-
-    out_dir, rows, reused = Path(out_dir), [], 0
+    Under torchrun each rank trains whole stacks; rank 0 writes the tables and returns the result, the other
+    ranks None."""
+    out_dir = Path(out_dir)
     check_out_dir(out_dir, "the sweep's runs and tables")
     check_seeds(seeds)
     points = plan(head, grid, base_recipe or {}, base_hp or {})
     check_owner(out_dir, store, head, "sweep")
-    n_runs = len(points) * len(seeds)
-    if reuse:
-        _line_up(out_dir, [_point_key(head, recipe, hp) for _, recipe, hp in points])
-    bar = tqdm(points, desc=f"sweep {head}", unit="point", disable=not progress)
-    for i, (point, recipe, hp) in enumerate(bar):
-        _mark_point(out_dir / f"point{i:03d}", head, point, recipe, hp)
-        runs = fit_seeds(store, head, seeds=seeds, out_dir=out_dir, device=device, hp=hp, recipe=recipe,
-                         name=f"point{i:03d}/seed{{seed}}", reuse=reuse, own=True, **fit_kw)
-        reused += sum(r.reused for r in runs)
-        metric = runs[0].metrics["selection"]["metric"]
-        vals = [r.metrics["val"][metric] for r in runs]
+    rank, world = dist_rank_world()
+    if rank == 0:  # one process moves and marks the point folders, before any rank trains into them
+        if reuse:
+            _line_up(out_dir, [_point_key(head, recipe, hp) for _, recipe, hp in points])
+        for i, (point, recipe, hp) in enumerate(points):
+            _mark_point(out_dir / f"point{i:03d}", head, point, recipe, hp)
+    barrier(world)
+    runs = fit_many(store, head, [Point(s, hp, recipe, f"point{i:03d}/seed{{seed}}")
+                                  for i, (_, recipe, hp) in enumerate(points) for s in seeds],
+                    out_dir=out_dir, device=device, progress=progress, reuse=reuse,
+                    max_batch_configs=max_batch_configs, **fit_kw)
+    if rank:
+        return None
+    return _ranked(out_dir, store, head, grid, points, seeds, runs)
+
+
+def _ranked(out_dir: Path, store: str, head: str, grid: dict, points: list, seeds, runs: list) -> SweepResult:
+    """The sweep's rows from its runs (point-major, seeds within), its tables and plots; what earlier, larger
+    sweeps left in `out_dir` removed."""
+    rows, n = [], len(seeds)
+    for i, (point, _, _) in enumerate(points):
+        mine = runs[i * n:(i + 1) * n]
+        metric = mine[0].metrics["selection"]["metric"]
+        vals = [r.metrics["val"][metric] for r in mine]
         rows.append({"point": i, **point, "val_metric": metric, "mean": float(np.mean(vals)),
-                     "std": float(np.std(vals)),
-                     "runs": [str(r.run_dir) for r in runs]})
-        bar.set_postfix({f"best val {metric}": f"{100 * max(r['mean'] for r in rows):.2f}"})
+                     "std": float(np.std(vals)), "runs": [str(r.run_dir) for r in mine]})
+        # a point swept before with more seeds: `evaluate POINT` and the ledger would average the old ones in
+        drop_numbered(out_dir / f"point{i:03d}", "seed", keep=set(seeds), what="runs of seeds no longer asked for")
     # an earlier, larger sweep's points: sweep.json no longer lists them, `fercache runs` would rank them with these
     drop_numbered(out_dir, "point", keep=range(len(points)), what="points of an earlier, larger sweep")
+    reused = sum(r.reused for r in runs)
     if reused:
         log.info("%d of %d runs were found finished in %s with the same settings and were not trained again "
-                 "(--retrain trains every run)", reused, n_runs, out_dir)
-    return SweepResult(**_report(out_dir, store, head, grid, rows, len(seeds)), runs=n_runs, reused=reused)
+                 "(--retrain trains every run)", reused, len(runs), out_dir)
+    return SweepResult(**_report(out_dir, store, head, grid, rows, n), runs=len(runs), reused=reused)
 
 
 def summarize(result: SweepResult) -> str:

@@ -5,8 +5,11 @@ can see it during selection), fit the head with the epoch chosen on the validati
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from . import metrics
+from . import metrics, stacked
 from .aus import select_aus
 from .data import (
     FeatureSet,
@@ -26,10 +29,10 @@ from .data import (
     store_views,
     subset_train,
 )
-from .devices import torch_device
+from .devices import barrier, dist_rank_world, torch_device
 from .encoders import check_text_tower
 from .errors import ConfigError, check_out_dir
-from .heads import HEADS, HeadContext, build_head, check_hyperparameters
+from .heads import HEADS, HeadContext, Streams, build_head, check_hyperparameters
 from .labels import sorted_labels
 from .loop import predict_logits, score, to_device, train_loop
 from .recipe import Recipe, check_seeds
@@ -170,6 +173,17 @@ def _provenance(fs: FeatureSet, st, ctx: HeadContext) -> dict:
             "encoder_args": st.meta.get("encoder_args")}
 
 
+@dataclass(frozen=True)
+class Point:
+    """One run `fit_many` trains: its seed, hyperparameters, recipe overrides and folder name (`{seed}` in it is
+    the seed; None: <store>-<head>/seed<N>)."""
+
+    seed: int = 0
+    hp: dict | None = None
+    recipe: dict | None = None
+    name: str | None = None
+
+
 def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path = "runs", seed: int = 0,
         device: str = "cpu", output: str | None = None, mask_source: str | None = None, hp: dict | None = None,
         recipe: dict | None = None, aus=None, name: str | None = None, progress: bool = False,
@@ -183,17 +197,52 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     `reuse=True` returns the run already saved in its folder, untrained again, when it was trained with this
     same configuration (see `finished_run`): an interrupted sweep goes on where it stopped.
     """
-    dev = torch_device(device)  # before any reading
-    check_out_dir(out_dir)
-    spec, r = HEADS.lookup(head), Recipe.of(head, recipe)  # checked before any work
-    check_hyperparameters(head, hp or {})
-    fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed,
-                                        r.views if views and r.views is not None else views)
-    fs = subset_train(fs, r.shots, r.fraction, seed, stratify=task == "expr")
+    return fit_many(store, head, [Point(seed, hp, recipe, name)], manifest=manifest, out_dir=out_dir, device=device,
+                    output=output, mask_source=mask_source, aus=aus, progress=progress, views=views,
+                    overwrite=overwrite, fold=fold, reuse=reuse)[0]
+
+
+@dataclass
+class _Job:
+    """A run planned by `fit_many`: its data, built head, settings and folder, and the global random state its
+    build left (what its training draws noise from)."""
+
+    model: nn.Module
+    fs: FeatureSet
+    recipe: Recipe
+    task: str
+    classes: list[str]
+    seed: int
+    config: RunConfig
+    run_dir: Path
+    rng: torch.Tensor
+    stack_key: str | None = None
+
+
+def _rows(store: str, head: str, r: Recipe, seed: int, manifest, output, mask_source, aus, views: bool,
+          cache: dict) -> tuple:
+    """(rows, task, classes, output, data key) a run trains on; runs of one seed and data recipe share them (a
+    sweep's points hold one copy of the features, not one each)."""
+    views = r.views if views and r.views is not None else views
+    key = (seed, json.dumps(views), r.shots, r.fraction)
+    if key not in cache:
+        fs, task, classes, output = prepare(store, head, manifest, output, mask_source, aus, seed, views)
+        fs = subset_train(fs, r.shots, r.fraction, seed, stratify=task == "expr")
+        cache[key] = fs, task, classes, output, _data_key(fs)
+    return cache[key]
+
+
+def _plan_job(store: str, head: str, point: Point, out_dir, manifest, output, mask_source, aus, views: bool,
+              overwrite: bool, fold, device: str, cache: dict) -> _Job:
+    """Check, load and build one run (nothing trained): its data and head seeded as `fit` trains it."""
+    spec, r, seed = HEADS.lookup(head), Recipe.of(head, point.recipe), point.seed  # checked before any work
+    check_hyperparameters(head, point.hp or {})
+    fs, task, classes, output, data_key = _rows(store, head, r, seed, manifest, output, mask_source, aus, views, cache)
     st = open_store(store)
-    ctx, model = _seeded_head(head, fs, task, classes, seed, hp, {**st.meta, "location": store})
-    hp = {**(hp or {}), **model.resolved_hp}  # e.g. an "auto" choice, so load_run rebuilds this head
-    run_dir = Path(out_dir) / (name.format(seed=seed) if name else _run_name(store, head, seed))
+    ctx, model = _seeded_head(head, fs, task, classes, seed, point.hp, {**st.meta, "location": store})
+    rng = torch.get_rng_state()
+    hp = {**(point.hp or {}), **model.resolved_hp}  # e.g. an "auto" choice, so load_run rebuilds this head
+    run_dir = Path(out_dir) / (point.name.format(seed=seed) if point.name else _run_name(store, head, seed))
     settings = located({"head": head, "hp": hp, "recipe": r.to_dict(), "store": store,
                         "output": output or st.default_output, "mask_source": mask_source,
                         "manifest": fs.notes["manifest"], "views": fs.views, "classes": classes})
@@ -203,14 +252,146 @@ def fit(store: str, head: str = "linear", *, manifest=None, out_dir: str | Path 
     source_key = open_store(mask_source).fingerprint["key"] if mask_source else None
     config = RunConfig(**settings, level=spec.level, seed=seed, fold=fold, task=task, device=device,
                        **_provenance(fs, st, ctx), mask_source_fingerprint=source_key)
-    with run_lock(run_dir):
-        if reuse and (done := finished_run(run_dir, config)):
-            log.debug("%s: trained before with the same settings and code; reused", run_dir)
-            return done
-        result, fitted = _train_on(model, fs, r, task, classes, seed, progress, dev)
-        result = {**result, "seed": seed, "config": config.to_dict()}
-        save_run(run_dir, model, config, result, fitted)
-    return RunResult(run_dir, result)
+    key = stacked.stack_key(head, spec, hp, r, data_key)
+    return _Job(model, fs, r, task, classes, seed, config, run_dir, rng, key)
+
+
+def _data_key(fs: FeatureSet) -> str:
+    """Which rows a run trains and is selected on: runs with equal keys can share their batches."""
+    h = hashlib.sha256()
+    for part in (fs.sample_id, fs.split, np.asarray(fs.views), np.asarray(fs.notes.get("manifest", ""))):
+        h.update(np.asarray(part).astype(str).tobytes())
+    return h.hexdigest()
+
+
+def fit_many(store: str, head: str, points: list[Point], *, manifest=None, out_dir: str | Path = "runs",
+             device: str = "cpu", output: str | None = None, mask_source: str | None = None, aus=None,
+             progress: bool = False, views: bool = True, overwrite: bool = True, fold: int | None = None,
+             reuse: bool = False, max_batch_configs: int | None = None) -> list[RunResult]:
+    """`fit` for each point, in order; points of a head that stacks (`HeadSpec.stack`) on the same rows train
+    together as stacks (`stacked`), each run saved as `fit` saves it. Stacks are as large as the device's memory
+    allows, or `max_batch_configs` (1: every run alone, the sequential path). Under torchrun, each rank trains
+    whole stacks and every rank returns all the runs."""
+    dev = torch_device(device)  # before any reading
+    check_out_dir(out_dir)
+    rank, world = dist_rank_world()
+    cache: dict = {}
+    jobs = [_plan_job(store, head, p, out_dir, manifest, output, mask_source, aus, views, overwrite, fold, device,
+                      cache) for p in points]
+    if len(jobs) > 1 and jobs[0].stack_key is None and (max_batch_configs or 0) != 1:
+        log.info("head %r trains one run at a time (it declares no stack)", head)
+    groups = stacked.plan([j.stack_key for j in jobs], [stacked.stream_key(j.seed, j.recipe) for j in jobs],
+                          max_batch_configs)
+    results: dict[int, RunResult] = {}
+    with _RunsBar(len(jobs), head, progress) as bar:
+        for k, group in enumerate(groups):
+            if k % world == rank:
+                done = _train_group([jobs[i] for i in group], group, reuse, progress, dev, max_batch_configs)
+                results.update(done)
+                bar.done(done.values())
+    barrier(world)
+    for i, j in enumerate(jobs):  # the runs other ranks trained, read back from their folders
+        if i not in results:
+            done = finished_run(j.run_dir, j.config)
+            if done is None:
+                raise ConfigError(f"{j.run_dir}: the rank that trained it saved no run there")
+            results[i] = RunResult(done.run_dir, done.metrics)
+    return [results[i] for i in range(len(jobs))]
+
+
+class _RunsBar:
+    """A bar over the runs of several (a sweep of many points runs for minutes), with the best validation score
+    so far."""
+
+    def __init__(self, total: int, head: str, progress: bool):
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total, desc=f"train {head}", unit="run", disable=not progress or total < 2)
+        self.best: dict[str, float] = {}
+
+    def done(self, runs) -> None:
+        for r in runs:
+            metric = r.metrics["selection"]["metric"]
+            self.best[metric] = max(self.best.get(metric, -np.inf), r.metrics["val"][metric])
+            self.bar.update(1)
+        self.bar.set_postfix({f"best val {m}": f"{100 * v:.2f}" for m, v in self.best.items()})
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.bar.close()
+
+
+def _train_group(jobs: list[_Job], index: list[int], reuse: bool, progress: bool, dev: torch.device,
+                 max_configs: int | None) -> dict[int, RunResult]:
+    """Train one group of runs (one stack, or one run alone), each found finished first when `reuse`."""
+    out: dict[int, RunResult] = {}
+    with ExitStack() as locks:
+        for j in jobs:
+            locks.enter_context(run_lock(j.run_dir))
+        pending = []
+        for i, j in zip(index, jobs):
+            if reuse and (done := finished_run(j.run_dir, j.config)):
+                log.debug("%s: trained before with the same settings and code; reused", j.run_dir)
+                out[i] = done
+            else:
+                pending.append((i, j))
+        if len(pending) == 1 or (pending and pending[0][1].stack_key is None):
+            for i, j in pending:
+                _rewind(j)
+                out[i] = _save(j, *_train_on(j.model, j.fs, j.recipe, j.task, j.classes, j.seed, progress, dev))
+        elif pending:
+            out.update(_train_stacks([j for _, j in pending], [i for i, _ in pending], progress, dev, max_configs))
+    return out
+
+
+def _rewind(job: _Job) -> None:
+    """Global random state as `fit` leaves it just after building this run's head (other heads were built since)."""
+    torch.set_rng_state(job.rng)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(job.seed)  # as torch.manual_seed(seed) does; building draws nothing on a GPU
+
+
+def _save(job: _Job, result: dict, fitted: Fitted) -> RunResult:
+    result = {**result, "seed": job.seed, "config": job.config.to_dict()}
+    save_run(job.run_dir, job.model, job.config, result, fitted)
+    return RunResult(job.run_dir, result)
+
+
+def _streams(job: _Job, dev: torch.device) -> Streams:
+    """The generators a run alone would draw its noise from: the CPU state its build left, and on a GPU that
+    device's generator as `torch.manual_seed(seed)` left it."""
+    cpu = torch.Generator()
+    cpu.set_state(job.rng)
+    return Streams(cpu, torch.Generator(dev).manual_seed(job.seed) if dev.type != "cpu" else None)
+
+
+def _train_stacks(jobs: list[_Job], index: list[int], progress: bool, dev: torch.device,
+                  max_configs: int | None) -> dict[int, RunResult]:
+    """Train runs that share a stack key and their rows as stacks cut to fit memory, then finish each as `fit`."""
+    first = jobs[0]
+    for j in jobs:
+        j.model.to(dev)
+    train, val, _, yval = _train_val(first.fs, targets(first.fs, first.task, first.classes), first.task, dev)
+    for j in jobs:
+        j.model.fit_stats(train)
+    fits = stacked.configs_that_fit(first.model, train, first.recipe, 4096, dev)
+    size = min(fits, max_configs or fits)
+    log.info("training %d runs of %s as %d stack(s) of up to %d", len(jobs), first.config.head,
+             -(-len(jobs) // size), size)
+    out = {}
+    for start in range(0, len(jobs), size):
+        part = jobs[start:start + size]
+        t0 = time.perf_counter()
+        configs = [stacked.Config(j.model, j.recipe, j.seed, _streams(j, dev)) for j in part]
+        trained = stacked.train_stack(configs, train, val, first.task, progress)
+        seconds = (time.perf_counter() - t0) / len(part)
+        for i, j, (state, history, best_epoch) in zip(index[start:], part, trained):
+            j.model.load_state_dict(state)
+            result, fitted = _finish(j, val, yval, history, best_epoch, seconds, len(train["x"]))
+            out[i] = _save(j, result, fitted)
+    return out
 
 
 def _seeded_head(head: str, fs: FeatureSet, task: str, classes: list[str], seed: int, hp: dict | None,
@@ -273,12 +454,26 @@ def _train_on(model: nn.Module, fs: FeatureSet, r: Recipe, task: str, classes: l
     select = r.select
     solver, history, best_epoch = _fit_model(model, train, val, r, task, classes, seed, progress, select)
     val_metrics, fitted = _val_scores(model, val, yval, task, classes)
+    return _result(model, fs, r, solver, history, best_epoch, val_metrics, time.perf_counter() - t0, len(ytr),
+                   len(yval)), fitted
+
+
+def _finish(job: _Job, val: dict, yval: np.ndarray, history: list[dict], best_epoch: int, seconds: float,
+            n_train: int) -> tuple[dict, Fitted]:
+    """What `_train_on` reports for a run trained in a stack (its seconds: the stack's time shared out)."""
+    val_metrics, fitted = _val_scores(job.model, val, yval, job.task, job.classes)
+    return _result(job.model, job.fs, job.recipe, None, history, best_epoch, val_metrics, seconds, n_train,
+                   len(yval)), fitted
+
+
+def _result(model: nn.Module, fs: FeatureSet, r: Recipe, solver: dict | None, history: list[dict], best_epoch: int,
+            val_metrics: dict, seconds: float, n_train: int, n_val: int) -> dict:
     return {
-        "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": select,
+        "selection": {"split": "val", "val_source": fs.notes["val_source"], "metric": r.select,
                       "best_epoch": best_epoch, "test_split_used": False, **({"solver": solver} if solver else {})},
-        "val": val_metrics, "history": history, "train_seconds": time.perf_counter() - t0,
-        "n_train": int(len(ytr)), "n_val": int(len(yval)), "unit": "clips" if model.spec.level == "clip" else "images",
-    }, fitted
+        "val": val_metrics, "history": history, "train_seconds": seconds,
+        "n_train": int(n_train), "n_val": int(n_val), "unit": "clips" if model.spec.level == "clip" else "images",
+    }
 
 
 def _fit_model(model: nn.Module, train, val, r: Recipe, task: str, classes: list[str], seed: int, progress: bool,
@@ -295,13 +490,13 @@ def _fit_model(model: nn.Module, train, val, r: Recipe, task: str, classes: list
 
 
 @features_memo()
-def fit_seeds(store: str, head: str, seeds=(0,), own: bool = False, **kw) -> list[RunResult]:
-    """`fit` once per seed. `own`: the caller (a protocol, a sweep) owns the folder its seed runs share, so runs
-    left there by an earlier call with other seeds are removed (`drop_numbered`)."""
+def fit_seeds(store: str, head: str, seeds=(0,), own: bool = False, hp: dict | None = None,
+              recipe: dict | None = None, name: str | None = None, **fit_kw) -> list[RunResult]:
+    """`fit` once per seed, the seeds trained as one stack where the head stacks (`fit_many`). `own`: the caller
+    (a protocol, a sweep) owns the folder its seed runs share, so runs left there by an earlier call with other
+    seeds are removed (`drop_numbered`)."""
     check_seeds(seeds)
-    runs = [fit(store, head, seed=s, **kw) for s in seeds]
+    runs = fit_many(store, head, [Point(s, hp, recipe, name) for s in seeds], **fit_kw)
     if own:  # run again with fewer seeds, the old ones would be averaged in by `evaluate PARENT` and the ledger
         drop_numbered(runs[0].run_dir.parent, "seed", keep=set(seeds), what="runs of seeds no longer asked for")
     return runs
-
-

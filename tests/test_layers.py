@@ -19,7 +19,7 @@ LAYERS = [
     {"encoders"},
     {"store", "extract", "data"},
     {"heads"},
-    {"train", "recipe", "aus", "loop", "rundir"},
+    {"train", "recipe", "aus", "loop", "rundir", "stacked"},
     {"scoring", "neighbours", "compare", "runs", "predict", "tracking"},
     {"protocols", "sweeps", "bench"},
     {"api", "pipeline"},

@@ -15,7 +15,7 @@ from fercache.errors import ConfigError, EncoderError
 from fercache.heads import HeadContext, build_head
 from fercache.heads.temporal import PromptText, class_descriptions, segment_indices
 from fercache.labels import CANONICAL
-from fercache.loop import _optimizer, _scheduler, train_loop
+from fercache.loop import _optimizer, lr_scheduler, train_loop
 
 from .conftest import class_image, write_lossless_video
 
@@ -96,7 +96,7 @@ def test_recipe_uses_two_learning_rates_and_multistep():
     assert [g["lr"] for g in opt.param_groups] == [1e-2, 1e-3]
     assert opt.param_groups[1]["params"][0] is head.prompt.ctx
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-4
-    sched = _scheduler(opt, head.spec.recipe)
+    sched = lr_scheduler(opt, head.spec.recipe)
     lrs = []
     for _ in range(45):
         lrs.append(opt.param_groups[0]["lr"])
