@@ -23,10 +23,15 @@ def _subplots(*args, figsize, **kw):
     return fig, fig.subplots(*args, **kw)
 
 
-def _save(fig, path: Path, dpi: int) -> Path:
-    """Lay out and write a figure."""
-    fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+def _save(fig, path: Path, dpi: int, margins: dict | None = None) -> Path:
+    """Lay out and write a figure. A plot drawn once per run (a sweep draws hundreds) gets fixed `margins`
+    (subplots_adjust: tight_layout's measuring pass was a third of its cost) and light PNG compression."""
+    if margins:
+        fig.subplots_adjust(**margins)
+        fig.savefig(path, dpi=dpi, pil_kwargs={"compress_level": 1})
+    else:
+        fig.tight_layout()
+        fig.savefig(path, dpi=dpi)
     return path
 
 
@@ -203,7 +208,7 @@ def training_png(path: Path, history: list[dict], metric: str, best_epoch: int, 
     ax2.legend(lines, [ln.get_label() for ln in lines], loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=3,
                fontsize=8, frameon=False)
     ax.set_title(title, fontsize=9)
-    return _save(fig, path, 110)
+    return _save(fig, path, 110, margins={"left": 0.11, "right": 0.88, "top": 0.91, "bottom": 0.3})
 
 
 def ranking_png(path: Path, labels: list[str], mean: list[float], std: list[float], xlabel: str, title: str) -> Path:

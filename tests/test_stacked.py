@@ -207,7 +207,8 @@ def test_a_sweep_cut_short_in_its_second_stack_resumes_there(tiny_store, tmp_pat
     monkeypatch.setattr(stacked, "train_stack", dies_second)
     with pytest.raises(KeyboardInterrupt):
         sweep(str(tiny_store), "linear", grid, tmp_path / "sw", base_recipe={"epochs": 2}, max_batch_configs=2)
-    assert sorted(p.parent.parent.name for p in (tmp_path / "sw").glob("point*/seed0/head.pt")) == ["point000", "point001"]
+    saved = sorted(p.parent.parent.name for p in (tmp_path / "sw").glob("point*/seed0/head.pt"))
+    assert saved == ["point000", "point001"]
     monkeypatch.setattr(stacked, "train_stack", real)
     r = sweep(str(tiny_store), "linear", grid, tmp_path / "sw", base_recipe={"epochs": 2}, max_batch_configs=2)
     once = sweep(str(tiny_store), "linear", grid, tmp_path / "once", base_recipe={"epochs": 2}, max_batch_configs=2)

@@ -153,7 +153,8 @@ class MaskHead(Head):
         }
 
     def noise(self, x: torch.Tensor, streams: Streams) -> dict[str, torch.Tensor]:
-        return {"drop": drop_pattern(x.shape[-1], self.widths, self.n_drop, generator=streams.cpu).to(x.device)}
+        drop = drop_pattern(x.shape[-1], self.widths, self.n_drop, generator=streams.cpu)
+        return {"drop": drop.to(x.device, non_blocking=True)}  # CPU draws: the same on any device
 
     def loss(self, batch: dict) -> torch.Tensor:
         t = self.loss_terms(batch)
