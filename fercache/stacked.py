@@ -131,8 +131,9 @@ def _stack_trees(trees: list):
 
 
 class StackedOptimizer:
-    """Adam, AdamW or SGD over stacked parameters, each configuration with its own lr, weight decay and momentum,
-    each step the operations of torch's single-tensor implementation (betas 0.9, 0.999; eps 1e-8)."""
+    """Adam, AdamW or SGD over stacked parameters, each configuration with its own lr, weight decay and momentum
+    (betas 0.9, 0.999; eps 1e-8): Adam and AdamW as torch's fused kernel computes them, SGD as torch's
+    single-tensor loop."""
 
     def __init__(self, params: list[torch.Tensor], kind: str, weight_decay: list[float], momentum: list[float]):
         self.params, self.kind, self.wd, self.momentum = params, kind, weight_decay, momentum
@@ -142,37 +143,34 @@ class StackedOptimizer:
     def step(self, lrs: list[float]) -> None:
         self.t += 1
         with torch.no_grad():
-            for i, p in enumerate(self.params):
-                if p.grad is not None:
-                    (self._sgd if self.kind == "sgd" else self._adam)(i, p, p.grad, lrs)
+            live = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
+            if self.kind == "sgd":
+                for i, p in live:
+                    self._sgd(i, p, p.grad, lrs)
+            elif live:
+                self._adam(live, lrs)
 
     def zero_grad(self) -> None:
         for p in self.params:
             p.grad = None
 
-    @staticmethod
-    def _column(values: list[float], like: torch.Tensor):
-        """`values` (one per configuration) as a factor for the stack `like`: a Python number when they are all
-        equal, else a [G, 1, ...] tensor of like's dtype. Either way each element is multiplied by its
-        configuration's value rounded to like's dtype, as torch's optimisers multiply by a Python number."""
-        if len(set(values)) == 1:
-            return values[0]
-        column = torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)  # no wait for the GPU
-        return column.view(-1, *[1] * (like.dim() - 1))
-
-    def _adam(self, i: int, p: torch.Tensor, grad: torch.Tensor, lrs: list[float]) -> None:
-        if i not in self.state:
-            self.state[i] = {"m": torch.zeros_like(p), "v": torch.zeros_like(p)}
-        st = self.state[i]
-        if self.kind == "adamw":
-            p.mul_(self._column([1 - lr * wd for lr, wd in zip(lrs, self.wd)], p))
-        elif any(self.wd):
-            grad = grad + self._column(self.wd, p) * p
-        st["m"].lerp_(grad, 1 - 0.9)
-        st["v"].mul_(0.999).addcmul_(grad, grad, value=1 - 0.999)
-        bc1, bc2 = 1 - 0.9 ** float(self.t), 1 - 0.999 ** float(self.t)
-        denom = (st["v"].sqrt() / bc2 ** 0.5).add_(1e-8)
-        p.add_(st["m"] * self._column([-(lr / bc1) for lr in lrs], p) / denom)  # addcdiv's order: (v * m) / d
+    def _adam(self, live: list[tuple[int, torch.Tensor]], lrs: list[float]) -> None:
+        """torch's fused Adam/AdamW kernel (one pass over memory: on CPU ~10x the single-tensor loop for a stack's
+        millions of weights), called once per distinct (lr, weight decay) with every configuration's slice of
+        every parameter."""
+        for i, p in live:
+            if i not in self.state:
+                self.state[i] = {"m": torch.zeros_like(p), "v": torch.zeros_like(p)}
+        self.steps = getattr(self, "steps", torch.zeros((), device=live[0][1].device)) + 1
+        fused = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
+        groups: dict[tuple[float, float], list[int]] = {}
+        for g, key in enumerate(zip(lrs, self.wd)):
+            groups.setdefault(key, []).append(g)
+        for (lr, wd), configs in groups.items():
+            part = [(p[g], p.grad[g], self.state[i]["m"][g], self.state[i]["v"][g]) for i, p in live for g in configs]
+            params, grads, ms, vs = (list(t) for t in zip(*part))
+            fused(params, grads, ms, vs, [], [self.steps] * len(params), amsgrad=False, lr=lr, beta1=0.9,
+                  beta2=0.999, weight_decay=wd, eps=1e-8, maximize=False)
 
     def _sgd(self, i: int, p: torch.Tensor, grad: torch.Tensor, lrs: list[float]) -> None:
         for g, (lr, wd, mom) in enumerate(zip(lrs, self.wd, self.momentum)):

@@ -25,6 +25,7 @@ from fercache.sweeps import sweep
 from fercache.train import Point, fit_many, fit_seeds
 
 from .test_distributed import TORCHRUN, _env
+from .test_views import augmented  # noqa: F401  (a store with flip, erase and noise views)
 
 CLASSES = ["anger", "happy", "sad", "surprise"]
 AUS = ["AU1", "AU2", "AU4", "AU6", "AU12"]
@@ -182,6 +183,17 @@ def test_runs_trained_in_a_stack_are_the_runs_trained_alone(tiny_store, tmp_path
     pts += [Point(s, {}, {"epochs": 3}, "seeds/seed{seed}") for s in (1, 2)]
     alone = fit_many(str(tiny_store), head, pts, out_dir=tmp_path / "alone", max_batch_configs=1)
     together = fit_many(str(tiny_store), head, pts, out_dir=tmp_path / "stacked")
+    _runs_equal(alone, together)
+
+
+def test_stacks_train_on_cached_views_and_select_on_their_average_as_runs_alone_do(augmented, tmp_path):  # noqa: F811
+    """Each batch order draws its own views (erase, noise, flip) as the loop does; validation averages the flip."""
+    store = augmented
+    pts = [Point(s, {}, {"epochs": 3, "lr": lr}, f"p{i}/seed{{seed}}") for i, (s, lr) in
+           enumerate([(0, 1e-3), (0, 1e-2), (1, 1e-3), (2, 1e-3)])]
+    alone = fit_many(str(store), "mask", pts, out_dir=tmp_path / "alone", max_batch_configs=1)
+    together = fit_many(str(store), "mask", pts, out_dir=tmp_path / "stacked")
+    assert together[0].metrics["config"]["views"] == ["flip", "erase", "noise"]
     _runs_equal(alone, together)
 
 
