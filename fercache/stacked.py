@@ -157,20 +157,44 @@ class StackedOptimizer:
     def _adam(self, live: list[tuple[int, torch.Tensor]], lrs: list[float]) -> None:
         """torch's fused Adam/AdamW kernel (one pass over memory: on CPU ~10x the single-tensor loop for a stack's
         millions of weights), called once per distinct (lr, weight decay) with every configuration's slice of
-        every parameter."""
+        every parameter; with many distinct pairs (a grid over both), one pass of whole-stack operations instead,
+        each configuration's lr and decay a column. Both compute torch's single-tensor Adam bit for bit."""
         for i, p in live:
             if i not in self.state:
-                self.state[i] = {"m": torch.zeros_like(p), "v": torch.zeros_like(p)}
+                self.state[i] = {k: torch.zeros_like(p) for k in ("m", "v", "tmp")}
         self.steps = getattr(self, "steps", torch.zeros((), device=live[0][1].device)) + 1
-        fused = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
         groups: dict[tuple[float, float], list[int]] = {}
         for g, key in enumerate(zip(lrs, self.wd)):
             groups.setdefault(key, []).append(g)
+        if len(groups) > 4:
+            for i, p in live:
+                self._adam_columns(p, p.grad, self.state[i], lrs)
+            return
+        fused = torch._fused_adamw_ if self.kind == "adamw" else torch._fused_adam_
         for (lr, wd), configs in groups.items():
             part = [(p[g], p.grad[g], self.state[i]["m"][g], self.state[i]["v"][g]) for i, p in live for g in configs]
             params, grads, ms, vs = (list(t) for t in zip(*part))
             fused(params, grads, ms, vs, [], [self.steps] * len(params), amsgrad=False, lr=lr, beta1=0.9,
                   beta2=0.999, weight_decay=wd, eps=1e-8, maximize=False)
+
+    @staticmethod
+    def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+        """One value per configuration as a [G, 1, ...] factor of like's dtype: each element is multiplied by its
+        configuration's value rounded to that dtype, as torch multiplies by a Python number."""
+        column = torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)  # no wait for the GPU
+        return column.view(-1, *[1] * (like.dim() - 1))
+
+    def _adam_columns(self, p: torch.Tensor, grad: torch.Tensor, st: dict, lrs: list[float]) -> None:
+        """The single-tensor Adam/AdamW step on the whole stack, in place into buffers kept across steps."""
+        if self.kind == "adamw":
+            p.mul_(self._column([1 - lr * wd for lr, wd in zip(lrs, self.wd)], p))
+        elif any(self.wd):  # grad + wd * p
+            grad = torch.mul(p, self._column(self.wd, p), out=st["tmp"]).add_(grad)
+        st["m"].lerp_(grad, 1 - 0.9)
+        st["v"].mul_(0.999).addcmul_(grad, grad, value=1 - 0.999)
+        bc1, bc2 = 1 - 0.9 ** float(self.t), 1 - 0.999 ** float(self.t)
+        denom = torch.sqrt(st["v"], out=st["tmp"]).div_(bc2 ** 0.5).add_(1e-8)
+        p.add_(st["m"] * self._column([-(lr / bc1) for lr in lrs], p) / denom)  # addcdiv's order: (v * m) / d
 
     def _sgd(self, i: int, p: torch.Tensor, grad: torch.Tensor, lrs: list[float]) -> None:
         for g, (lr, wd, mom) in enumerate(zip(lrs, self.wd, self.momentum)):

@@ -117,26 +117,28 @@ def test_mask_with_sam_and_class_masks_stacks_too():
 
 @pytest.mark.parametrize("kind,extra", [("adam", {"weight_decay": 1e-2}), ("adamw", {}), ("sgd", {"momentum": 0.9}),
                                         ("sgd", {"weight_decay": 1e-3})])
-def test_the_stacked_optimiser_steps_as_torchs_own(kind, extra):
+@pytest.mark.parametrize("n", [3, 6], ids=["few-lrs", "many-lrs"])  # one fused call per lr; whole-stack columns
+def test_the_stacked_optimiser_steps_as_torchs_own(kind, extra, n):
     """Bit for bit: each configuration's slice of the stack equals torch's optimiser on that configuration alone."""
     g = torch.Generator().manual_seed(0)
-    init = torch.randn(3, 5, 4, generator=g)
-    lrs, wds = [1e-3, 1e-2, 1e-3], [extra.get("weight_decay", 1e-4)] * 2 + [0.0]
-    moms = [extra.get("momentum", 0.0), 0.0, 0.5] if kind == "sgd" else [0.0] * 3
+    init = torch.randn(n, 5, 4, generator=g)
+    lrs = [1e-3, 1e-2, 1e-3] if n == 3 else [1e-3 * (k + 1) for k in range(n)]
+    wds = [extra.get("weight_decay", 1e-4)] * (n - 1) + [0.0]
+    moms = [extra.get("momentum", 0.0) if k % 2 else 0.5 for k in range(n)] if kind == "sgd" else [0.0] * n
     p = init.clone().requires_grad_()
     opt = stacked.StackedOptimizer([p], kind, wds, moms)
-    alone = [init[k].clone().requires_grad_() for k in range(3)]
+    alone = [init[k].clone().requires_grad_() for k in range(n)]
     cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch.optim.SGD}[kind]
     ref = [cls([a], lr=lrs[k], weight_decay=wds[k], **({"momentum": moms[k]} if kind == "sgd" else {}))
            for k, a in enumerate(alone)]
     for _ in range(6):
-        grad = torch.randn(3, 5, 4, generator=g)
+        grad = torch.randn(n, 5, 4, generator=g)
         p.grad = grad.clone()
         opt.step(lrs)
         for k, (a, o) in enumerate(zip(alone, ref)):
             a.grad = grad[k].clone()
             o.step()
-    for k in range(3):
+    for k in range(n):
         assert torch.equal(p[k], alone[k]), k
 
 
