@@ -6,17 +6,9 @@
 # Each step has its own time limit (seconds, the first argument of `step`) so that one slow or hung step
 # cannot cost the others their figures: a device lease is short and every minute of it counts.
 set -uo pipefail
-OUT=${OUT:-/tmp/fercache-gpu}; mkdir -p "$OUT"
-PY=${PY:-python3}
+source "$(dirname "$0")/gpu_env.sh"
 N=${N:-150000}; MEM_SIZES=${MEM_SIZES:-10000,100000}; WORKERS=${WORKERS:-14}; BS=${BS:-512}; DEVICE=${DEVICE:-cuda}
 HEAD_N=${HEAD_N:-2048}; SLOW=${SLOW:-1}  # SLOW=2 doubles every step's limit
-if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD:/tmp/site
-fi
-DATA=${DATA:-/tmp/data}
-[ -d "$DATA/fer2013" ] || { mkdir -p "$DATA" && tar -C "$DATA" -xzf .gpudata/fer2013.tar.gz; } || exit 1
-export PYTHONUNBUFFERED=1
 T0=$SECONDS
 step() {  # step NAME LIMIT CMD...: run CMD for at most LIMIT s, its output to the terminal and $OUT/NAME.txt
   local name=$1 limit=$(($2 * SLOW)) t=$SECONDS; shift 2

@@ -4,15 +4,8 @@
 # the CUDA stacking tests, then `bench sweep` for linear (32 points) and mask at its published 60-epoch recipe
 # (8 points), with a GPU utilisation trace. Every output goes to $OUT.
 set -uo pipefail
-OUT=${OUT:-/tmp/fercache-gpu}; mkdir -p "$OUT"
-PY=${PY:-python3}; DEVICE=${DEVICE:-cuda}; SLOW=${SLOW:-1}
-if [ -z "${SKIP_WHEELS:-}" ] && ls .whl/*.whl >/dev/null 2>&1; then
-  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-  export PYTHONPATH=$PWD:/tmp/site
-fi
-DATA=${DATA:-/tmp/data}
-[ -d "$DATA/fer2013" ] || { mkdir -p "$DATA" && tar -C "$DATA" -xzf .gpudata/fer2013.tar.gz; } || exit 1
-export PYTHONUNBUFFERED=1
+source "$(dirname "$0")/gpu_env.sh"
+DEVICE=${DEVICE:-cuda}; SLOW=${SLOW:-1}
 step() {  # step NAME LIMIT CMD...
   local name=$1 limit=$(($2 * SLOW)) t=$SECONDS; shift 2
   timeout "$limit" "$@" 2>&1 | tee "$OUT/$name.txt"
