@@ -13,8 +13,11 @@ def drawn(monkeypatch):
     """The figures the report functions would save, laid out and drawn as saving would."""
     figs = []
 
-    def keep(fig, path, dpi):
-        fig.tight_layout()
+    def keep(fig, path, dpi, margins=None):
+        if margins:  # a plot drawn once per run: fixed margins, as _save lays it out
+            fig.subplots_adjust(**margins)
+        else:
+            fig.tight_layout()
         fig.canvas.draw()
         figs.append(fig)
         return path
