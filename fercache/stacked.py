@@ -21,6 +21,7 @@ import json
 import math
 import os
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -72,8 +73,9 @@ def plan(keys: list[str | None], streams: list[tuple], max_configs: int | None) 
     configurations of a batch order shared by several form a group of their own (their batch is broadcast);
     the rest pool into one group (each draws its own). Groups are cut to `max_configs`."""
     groups: dict[tuple, list[int]] = {}
+    count = Counter(zip(keys, streams))
     for i, (key, stream) in enumerate(zip(keys, streams)):
-        shared = key is not None and sum(k == key and s == stream for k, s in zip(keys, streams)) > 1
+        shared = key is not None and count[key, stream] > 1
         groups.setdefault((i,) if key is None else (key, stream if shared else None), []).append(i)
     cap = max(1, max_configs or len(keys))
     return [g[i:i + cap] for g in groups.values() for i in range(0, len(g), cap)]
@@ -132,8 +134,7 @@ def _stack_trees(trees: list):
 
 class StackedOptimizer:
     """Adam, AdamW or SGD over stacked parameters, each configuration with its own lr, weight decay and momentum
-    (betas 0.9, 0.999; eps 1e-8): Adam and AdamW as torch's fused kernel computes them, SGD as torch's
-    single-tensor loop."""
+    (betas 0.9, 0.999; eps 1e-8), each configuration's slice stepped as torch's own optimiser steps it alone."""
 
     def __init__(self, params: list[torch.Tensor], kind: str, weight_decay: list[float], momentum: list[float]):
         self.params, self.kind, self.wd, self.momentum = params, kind, weight_decay, momentum
