@@ -140,9 +140,11 @@ class StackedOptimizer:
         self.params, self.kind, self.wd, self.momentum = params, kind, weight_decay, momentum
         self.state: dict[int, dict] = {}
         self.t = 0
+        self.steps = torch.zeros((), device=params[0].device)  # the count again, as the fused kernel reads it
 
     def step(self, lrs: list[float]) -> None:
         self.t += 1
+        self.steps += 1
         with torch.no_grad():
             live = [(i, p) for i, p in enumerate(self.params) if p.grad is not None]
             if self.kind == "sgd":
@@ -163,7 +165,6 @@ class StackedOptimizer:
         for i, p in live:
             if i not in self.state:
                 self.state[i] = {k: torch.zeros_like(p) for k in ("m", "v", "tmp")}
-        self.steps = getattr(self, "steps", torch.zeros((), device=live[0][1].device)) + 1
         groups: dict[tuple[float, float], list[int]] = {}
         for g, key in enumerate(zip(lrs, self.wd)):
             groups.setdefault(key, []).append(g)
@@ -237,9 +238,6 @@ class Stack:
                 self.shared[f"head.{n}"] = b
             else:
                 self.buffers[f"head.{n}"] = torch.stack([h.get_buffer(n) for h in heads])
-
-    def __len__(self) -> int:
-        return len(self.configs)
 
     def _run(self, what: str, batch: dict, dims: dict) -> torch.Tensor:
         def one(params, buffers, shared, b):
