@@ -262,6 +262,24 @@ def test_au_losses_ignore_unknown_labels():
     assert auc_margin(logits, y2).item() == pytest.approx(want.item())
 
 
+def test_au_head_reads_the_auc_margin_terms_margin_and_power():
+    """The AUC-margin term's margin and p are hyperparameters (sweep axes): the head's loss is the CVaR/AUC mix
+    with the term computed at exactly those values."""
+    from fercache.errors import ConfigError
+    from fercache.heads.cvar_mlp import cvar
+
+    torch.manual_seed(0)
+    x, y = torch.randn(16, 8), torch.randint(0, 2, (16, 3))
+    head = build_head("au", HeadContext(8, 3, ["AU1", "AU2", "AU4"]), dropout=0.0, auc_weight=0.2, auc_margin=1.0,
+                      auc_p=3)
+    logits = head(x)
+    want = 0.8 * cvar(masked_bce(logits, y), 0.5) + 0.2 * auc_margin(logits, y, 1.0, 3)
+    torch.testing.assert_close(head.loss({"x": x, "y": y}), want)
+    assert auc_margin(logits, y, 1.0, 3) != auc_margin(logits, y)  # the defaults (0.6, 2) would give another value
+    with pytest.raises(ConfigError, match="auc_p=0"):
+        build_head("au", HeadContext(8, 3, ["AU1", "AU2", "AU4"]), auc_p=0)
+
+
 @pytest.mark.parametrize("name", ["linear", "logreg", "temporal"])
 def test_a_feature_dead_in_training_cannot_swamp_the_logits_at_test_time(name):
     """A ReLU channel that is zero on every training image and not on a test image was divided by 1e-6: one such

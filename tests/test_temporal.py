@@ -114,7 +114,7 @@ def test_prompt_splice_runs_the_towers_own_text_path(tiny_clip77):
     _, model, tok = tiny_clip77
     descs = ["a face with the brows raised.", "a smiling face."]
     prompt = PromptText(model, tok, descs, n_ctx=4)
-    assert prompt.start == 1  # right after the start-of-text token
+    assert prompt.slots.tolist() == [[1, 2, 3, 4]] * 2  # right after the start-of-text token
     x_id = tok(["X"])[0, 1]
     with torch.no_grad():  # context = the embedding of the placeholder "X": must equal encoding the plain text
         prompt.ctx.copy_(model.token_embedding.weight[x_id].expand(2, 4, -1))
@@ -124,6 +124,51 @@ def test_prompt_splice_runs_the_towers_own_text_path(tiny_clip77):
     assert prompt.ctx.grad is not None and prompt.ctx.grad.abs().sum() > 0
     assert all(p.grad is None for p in model.parameters())  # the text tower stays frozen
     assert set(prompt.state_dict()) == {"ctx", "tokens"}  # the tower is not saved with the head
+
+
+@pytest.mark.parametrize("position,text", [("front", "{d} X X X X X"), ("middle", "X X {d} X X X"),
+                                           ("end", "X X X X X {d}")])
+def test_prompt_position_puts_the_description_where_asked(tiny_clip77, position, text):
+    """The context-position ablation: with every context vector set to the embedding of 'X', each placement must
+    encode exactly as the plain text with the description there does (classes of unequal length included)."""
+    _, model, tok = tiny_clip77
+    descs = ["a face with the brows raised and the eyes wide open.", "a smiling face."]
+    prompt = PromptText(model, tok, descs, n_ctx=5, position=position)
+    x_id = tok(["X"])[0, 1]
+    with torch.no_grad():
+        prompt.ctx.copy_(model.token_embedding.weight[x_id].expand(2, 5, -1))
+        torch.testing.assert_close(prompt(), model.encode_text(tok([text.format(d=d) for d in descs])))
+
+
+def test_shared_context_is_one_set_of_vectors_every_class_reads(tiny_clip77):
+    _, model, tok = tiny_clip77
+    prompt = PromptText(model, tok, ["a smiling face.", "a frowning face.", "a calm face."], n_ctx=3, shared=True)
+    assert prompt.ctx.shape[0] == 1
+    prompt().sum().backward()  # every class's prompt reads the one context: its gradient sums over classes
+    assert prompt.ctx.grad.abs().sum() > 0
+    separate = PromptText(model, tok, ["a smiling face.", "a frowning face.", "a calm face."], n_ctx=3)
+    with torch.no_grad():
+        separate.ctx.copy_(prompt.ctx.expand(3, -1, -1))
+        torch.testing.assert_close(separate(), prompt())
+
+
+def test_depth_stacks_transformer_layers_and_a_restore_rebuilds_them():
+    one = build_head("temporal", HeadContext(16, 2, ["happy", "sad"]), width=32, heads=4, mlp=64)
+    three = build_head("temporal", HeadContext(16, 2, ["happy", "sad"]), width=32, heads=4, mlp=64, layers=3)
+    assert isinstance(one.encoder, torch.nn.TransformerEncoderLayer)  # the saved layout of published-depth runs
+    assert len(three.encoder) == 3
+    again = build_head("temporal", HeadContext(16, 2, ["happy", "sad"], restore=True), width=32, heads=4, mlp=64,
+                       layers=3, classifier="linear")
+    again.load_state_dict(three.state_dict())
+    x = torch.randn(5, 7, 16)
+    three.eval(), again.eval()
+    torch.testing.assert_close(again(x), three(x))
+
+
+@pytest.mark.parametrize("hp,error", [({"position": "start"}, "position must be"), ({"layers": 0}, "layers")])
+def test_temporal_ablation_values_are_checked(hp, error):
+    with pytest.raises(ConfigError, match=error):
+        build_head("temporal", HeadContext(16, 2, ["happy", "sad"]), **hp)
 
 
 def test_prompt_too_long_for_the_context_is_refused(tiny_clip77):
@@ -282,6 +327,29 @@ def test_handwritten_prompts_are_fixed_clip_text_features(video_store, tmp_path)
     expected = text_classifier(open_store(store).meta, cfg.classes, templates=("a photo of a {} face.",))
     torch.testing.assert_close(model.text, expected)
     assert model.prompt is None and not any(k.startswith("prompt") for k in model.state_dict())
+
+
+def test_clip_level_zero_shot_trains_nothing(video_store, tmp_path):
+    """Mean-pooled frames against fixed hand-written prompts: the clip-level zero-shot row. No epoch runs, and the
+    logits are CLIP's cosine of the averaged (middle-of-segment) frames with the prompts' text features."""
+    import torch.nn.functional as F
+
+    from fercache.data import clip_level, load_features
+    from fercache.rundir import load_run
+    from fercache.train import fit
+
+    store, _ = video_store
+    r = fit(store, "temporal", out_dir=tmp_path, hp={"classifier": "handwritten", "pool": "mean", "segments": 4})
+    m = json.loads((r.run_dir / "metrics.json").read_text())
+    assert m["history"] == [] and "nothing trained" in m["selection"]["solver"]["method"]
+    model, cfg, _ = load_run(r.run_dir)
+    clips = clip_level(load_features(store).rows("test"), cfg.recipe["max_frames"])
+    x, lengths = torch.as_tensor(clips.x), torch.as_tensor(clips.lengths)
+    idx = segment_indices(lengths, 4, train=False)
+    mean = torch.gather(x, 1, idx[..., None].expand(-1, -1, x.shape[-1])).float().mean(1)
+    model.eval()
+    torch.testing.assert_close(model(x, None, lengths), 100 * F.normalize(mean, dim=-1) @ F.normalize(model.text,
+                                                                                                    dim=-1).T)
 
 
 def test_folds_refuses_the_au_head(video_store, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..errors import ConfigError
 from ._registry import Head, HeadContext, Streams, register_head
 from .cvar_mlp import CVAR_RECIPE, check_fractions, cvar, dropout_noise, mlp, run_mlp
 
@@ -31,9 +32,10 @@ def auc_margin(logits: torch.Tensor, y: torch.Tensor, margin: float = 0.6, p: in
 
 
 class AUDetector(Head):
-    def __init__(self, in_dim: int, n_aus: int, hidden: int, alpha: float, dropout: float, auc_weight: float):
+    def __init__(self, in_dim: int, n_aus: int, hidden: int, alpha: float, dropout: float, auc_weight: float,
+                 auc_margin: float = 0.6, auc_p: int = 2):
         super().__init__()
-        self.alpha, self.auc_weight = alpha, auc_weight
+        self.alpha, self.auc_weight, self.auc_margin, self.auc_p = alpha, auc_weight, auc_margin, auc_p
         self.net = mlp(in_dim, n_aus, hidden, dropout=dropout)
 
     def forward(self, x: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
@@ -47,13 +49,16 @@ class AUDetector(Head):
         logits, y = run_mlp(self.net, batch["x"], noise["dropout"]), batch["y"]
         loss = cvar(masked_bce(logits, y), self.alpha)
         if self.auc_weight:
-            loss = (1 - self.auc_weight) * loss + self.auc_weight * auc_margin(logits, y)
+            loss = (1 - self.auc_weight) * loss + self.auc_weight * auc_margin(logits, y, self.auc_margin, self.auc_p)
         return loss
 
 
 @register_head("au", task="au", recipe=CVAR_RECIPE, stack=("dropout",))
 def au(ctx: HeadContext, *, hidden: int | None = None, alpha: float = 0.5, dropout: float = 0.6,
-       auc_weight: float = 0.0) -> AUDetector:
-    """AU detector; `auc_weight=0.2` gives the published 0.8 CVaR + 0.2 AUC-margin loss."""
+       auc_weight: float = 0.0, auc_margin: float = 0.6, auc_p: int = 2) -> AUDetector:
+    """AU detector; `auc_weight=0.2` gives the published 0.8 CVaR + 0.2 AUC-margin loss (margin 0.6, p = 2: the
+    AUC-margin term's `auc_margin` and `auc_p`, sweepable like the rest)."""
     check_fractions(alpha=alpha, dropout=dropout, auc_weight=auc_weight)
-    return AUDetector(ctx.in_dim, ctx.out_dim, hidden or ctx.in_dim, alpha, dropout, auc_weight)
+    if auc_p < 1:  # p = 0 makes every pair's hinge 1: a constant loss with no gradient
+        raise ConfigError(f"auc_p={auc_p}: the hinge's power is a whole number >= 1 (published: 2)")
+    return AUDetector(ctx.in_dim, ctx.out_dim, hidden or ctx.in_dim, alpha, dropout, auc_weight, auc_margin, auc_p)

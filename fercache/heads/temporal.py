@@ -61,23 +61,19 @@ class PromptText(nn.Module):
     its own code path (positional embedding, causal mask, EOT pooling, projection) unchanged.
     """
 
-    def __init__(self, clip_model=None, tokenizer=None, descriptions: list[str] | None = None, n_ctx: int = 8):
+    def __init__(self, clip_model=None, tokenizer=None, descriptions: list[str] | None = None, n_ctx: int = 8,
+                 position: str = "end", shared: bool = False):
         super().__init__()
         self.n_ctx = n_ctx
         object.__setattr__(self, "clip", clip_model)  # frozen and not a submodule: not trained, not saved
         if clip_model is None:  # restoring a saved head: shapes come from the saved state (see _load_from_state_dict)
-            self.ctx, self.start = None, None  # forward() needs the tower, which a restored head does not have
+            self.ctx = None  # forward() needs the tower, which a restored head does not have
             self.register_buffer("tokens", None)
             return
         object.__setattr__(self, "embedding", _token_embedding(clip_model))  # the tower's own: not saved here
-        tokens = tokenizer([" ".join(["X"] * n_ctx) + " " + d for d in descriptions])
-        plain = tokenizer(descriptions)
-        self.start = int((tokens[0] != plain[0]).nonzero()[0])  # the first placeholder, after any start token
-        slots = tokens[:, self.start:self.start + n_ctx]
-        # one placeholder token per context vector, at the same place in every prompt
-        if not (slots == slots[0, 0]).all():
-            raise ConfigError("could not place the prompt context: this tokenizer "
-                              "does not make 'X' one token at a fixed position")
+        tokens = tokenizer([_with_placeholders(d, n_ctx, position) for d in descriptions])
+        # where each prompt's context vectors go: the placeholder tokens, wherever the description left them
+        self.register_buffer("slots", _placeholder_slots(tokens, tokenizer, n_ctx), persistent=False)
         if (tokens[:, -1] != 0).any():
             longest = int((tokens != 0).sum(1).max())
             raise ConfigError(f"a prompt of {n_ctx} context vectors + description fills the "
@@ -85,7 +81,8 @@ class PromptText(nn.Module):
                               f"{longest}+); shorten the description or lower n_ctx")
         self.register_buffer("tokens", tokens)
         width = self.embedding.weight.shape[1]
-        self.ctx = nn.Parameter(torch.randn(len(descriptions), n_ctx, width) * 0.02)  # class-specific (CoOp's init)
+        # class-specific context (the paper's), or one context every class shares (CoOp's unified context)
+        self.ctx = nn.Parameter(torch.randn(1 if shared else len(descriptions), n_ctx, width) * 0.02)  # CoOp's init
         for p in clip_model.parameters():
             p.requires_grad_(False)
         clip_model.eval()
@@ -102,16 +99,41 @@ class PromptText(nn.Module):
                                "text features saved at training time")
         if next(self.clip.parameters()).device != self.ctx.device:
             self.clip.to(self.ctx.device)
-        s, n = self.start, self.n_ctx
+        rows = torch.arange(len(self.tokens), device=self.slots.device)[:, None]
 
         def splice(module, inputs, out):
-            return torch.cat([out[:, :s], self.ctx.to(out.dtype), out[:, s + n:]], dim=1)
+            out = out.clone()
+            out[rows, self.slots] = self.ctx.to(out.dtype).expand(len(out), -1, -1)
+            return out
 
         handle = self.embedding.register_forward_hook(splice)
         try:
             return self.clip.encode_text(self.tokens)
         finally:
             handle.remove()
+
+
+#: Where the description sits in the prompt, around the learnable context ("end": after it, as published).
+POSITIONS = ("end", "middle", "front")
+
+
+def _with_placeholders(description: str, n_ctx: int, position: str) -> str:
+    """The prompt text with one placeholder word per context vector, the description at `position`."""
+    half = n_ctx // 2
+    words = {"end": (n_ctx, 0), "middle": (half, n_ctx - half), "front": (0, n_ctx)}[position]
+    return " ".join(["X"] * words[0] + [description] + ["X"] * words[1])
+
+
+def _placeholder_slots(tokens: torch.Tensor, tokenizer, n_ctx: int) -> torch.Tensor:
+    """[C, n_ctx] token positions of each prompt's placeholders; refused unless 'X' is one token found exactly
+    n_ctx times in every prompt (a description using the word 'x' would take a context vector's place)."""
+    plain = tokenizer(["X"])[0]
+    marker = plain[(plain != 0)][1] if int((plain != 0).sum()) == 3 else None  # start, X, end
+    hits = tokens == marker if marker is not None else torch.zeros_like(tokens, dtype=torch.bool)
+    if marker is None or not (hits.sum(1) == n_ctx).all():
+        raise ConfigError("could not place the prompt context: this tokenizer does not make 'X' one token, or a "
+                          "description contains the word 'x'")
+    return hits.nonzero()[:, 1].reshape(len(tokens), n_ctx)
 
 
 def _token_embedding(clip_model) -> nn.Embedding:
@@ -135,7 +157,7 @@ class TemporalHead(Head):
 
     def __init__(self, in_dim: int, out_dim: int, *, segments: int, width: int, heads: int, mlp: int, pool: str,
                  classifier: str, prompt: PromptText | None, text: torch.Tensor | None, scale: float,
-                 standardize: bool):
+                 standardize: bool, layers: int = 1):
         super().__init__()
         self.segments, self.pool, self.scale, self.standardize = segments, pool, scale, standardize
         # As in the linear probe: a frozen standardiser (train statistics) makes one lr fit every encoder's scale.
@@ -146,8 +168,10 @@ class TemporalHead(Head):
             self.proj_in = nn.Linear(in_dim, width) if width != in_dim else nn.Identity()
             self.cls = nn.Parameter(torch.zeros(1, 1, width))
             self.pos = nn.Parameter(torch.randn(1, segments + 1, width) * 0.02)
-            self.encoder = nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0, activation="gelu",
-                                                      batch_first=True, norm_first=True)
+            layer = lambda: nn.TransformerEncoderLayer(width, heads, mlp, dropout=0.0,  # noqa: E731
+                                                       activation="gelu", batch_first=True, norm_first=True)
+            # one layer as published (and as runs saved before `layers` existed hold it); more for the depth ablation
+            self.encoder = layer() if layers == 1 else nn.Sequential(*[layer() for _ in range(layers)])
             self.norm = nn.LayerNorm(width)
             feat = width
         self.classifier, self.prompt = classifier, prompt
@@ -201,6 +225,13 @@ class TemporalHead(Head):
     def logits(self, batch: dict) -> torch.Tensor:
         return self(batch["x"], None, batch.get("lengths"))
 
+    def solve(self, train: dict, val_score, recipe: dict) -> dict | None:
+        """Nothing to train (mean pooling against fixed hand-written prompts: clip-level zero-shot): no epochs run."""
+        if any(p.requires_grad for p in self.parameters()):
+            return None
+        return {"method": "nothing trained: averaged frame features against fixed text prompts (clip-level "
+                          "zero-shot)"}
+
     def param_groups(self, recipe: dict) -> list[dict]:
         """The temporal model at lr, the prompt context at prompt_lr (the published two-rate recipe)."""
         prompt = [p for n, p in self.named_parameters() if n.startswith("prompt.")]
@@ -209,7 +240,7 @@ class TemporalHead(Head):
                  "lr": recipe["lr"]}] + ([{"params": prompt, "lr": recipe["prompt_lr"]}] if prompt else [])
 
 
-def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None) -> PromptText:
+def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None, position: str, shared: bool) -> PromptText:
     table = class_descriptions(descriptions)
     missing = [c for c in ctx.class_names if c not in table]
     if missing:
@@ -220,22 +251,29 @@ def _prompt_text(ctx: HeadContext, n_ctx: int, descriptions: str | None) -> Prom
     if text_dim != ctx.in_dim:
         raise ConfigError(f"prompts compare the video feature with {text_dim}-d text features, but the store's "
                           f"features are {ctx.in_dim}-d; train on the store's 'embedding' output (--output embedding)")
-    return PromptText(model, tokenizer, [table[c] for c in ctx.class_names], n_ctx)
+    return PromptText(model, tokenizer, [table[c] for c in ctx.class_names], n_ctx, position, shared)
 
 
 @register_head("temporal", level="clip", recipe=TEMPORAL_RECIPE)
 def temporal(ctx: HeadContext, *, classifier: str = "auto", pool: str = "transformer", segments: int = 16,
              width: int = 512, heads: int = 8, mlp: int = 1024, n_ctx: int = 8, scale: float = 100.0,
-             descriptions: str | None = None, standardize: bool | None = None) -> TemporalHead:
+             descriptions: str | None = None, standardize: bool | None = None, layers: int = 1,
+             position: str = "end", shared_ctx: bool = False) -> TemporalHead:
     """Clip-level temporal model with learnable prompts (DFER-CLIP, frozen encoder).
 
     classifier: `prompts` (learnable context + descriptions; needs a CLIP store), `handwritten` (fixed
     "a photo of a <class> face." prompts: the paper's ablation), `linear`, or `auto` (prompts when the
-    store has a text tower, else linear). pool: `transformer`, or `mean` (the averaged-frames baseline).
+    store has a text tower, else linear). pool: `transformer`, or `mean` (the averaged-frames baseline;
+    with `handwritten`, nothing is trained: clip-level zero-shot). Ablations: `layers` (transformer depth,
+    published 1), `position` of the description after (`end`, published), around (`middle`) or before
+    (`front`) the n_ctx context vectors, `shared_ctx` (one context for all classes; published: per class).
     """
     if classifier not in ("auto", "prompts", "handwritten", "linear") or pool not in ("transformer", "mean"):
         raise ConfigError("classifier must be auto|prompts|handwritten|linear and pool transformer|mean; "
                           f"got {classifier!r}, {pool!r}")
+    if position not in POSITIONS or layers < 1 or n_ctx < 1:
+        raise ConfigError(f"position must be {'|'.join(POSITIONS)}, layers and n_ctx at least 1; got {position!r}, "
+                          f"{layers}, {n_ctx}")
     if classifier == "auto" and not ctx.restore:
         classifier = "prompts" if has_text_tower(ctx.store_meta) else "linear"
         if classifier == "linear":
@@ -246,13 +284,15 @@ def temporal(ctx: HeadContext, *, classifier: str = "auto", pool: str = "transfo
                            "Use --hp classifier=linear")
     prompt, text = None, None
     if classifier == "prompts":
-        prompt = PromptText(n_ctx=n_ctx) if ctx.restore else _prompt_text(ctx, n_ctx, descriptions)
+        prompt = PromptText(n_ctx=n_ctx) if ctx.restore else _prompt_text(ctx, n_ctx, descriptions, position,
+                                                                           shared_ctx)
     if classifier == "handwritten" and not ctx.restore:
         text = text_classifier(ctx.store_meta, ctx.class_names, templates=("a photo of a {} face.",))
     if standardize is None:  # prompts compare with CLIP text features: keep the frames in CLIP's own space
         standardize = classifier == "linear"
     head = TemporalHead(ctx.in_dim, ctx.out_dim, segments=segments, width=width, heads=heads, mlp=mlp, pool=pool,
-                        classifier=classifier, prompt=prompt, text=text, scale=scale, standardize=standardize)
+                        classifier=classifier, prompt=prompt, text=text, scale=scale, standardize=standardize,
+                        layers=layers)
     # saved with the run, so a restore rebuilds the same head
     head.resolved_hp = {"classifier": classifier, "standardize": standardize}
     return head
