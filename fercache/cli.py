@@ -60,6 +60,9 @@ def _echo_json(value) -> None:
 Seeds = typer.Option("0", help="Comma-separated seeds; one run per seed.")
 Retrain = typer.Option(False, "--retrain", help="Train every run again, also those already finished in --out with the "
                        "same settings, data and fercache code (by default those are reused: run again, it resumes).")
+Published = typer.Option(None, "--published", metavar="PAPER", help="Also set the paper's published numbers beside "
+                         "this run's, with the difference and why they may differ: cafe (cross), dfer_clip (folds); "
+                         "`fercache published` lists them.")
 _progress = {"bars": True}  # set by --quiet: logs of scripted runs stay free of progress-bar lines
 
 
@@ -418,6 +421,40 @@ def heads_cmd(name: Optional[str] = typer.Argument(None, metavar="NAME", help="O
                "of the store's cached views to train with; default all)")
 
 
+@app.command("published")
+def published_cmd(name: Optional[str] = typer.Argument(None, metavar="PAPER", help="One paper (default: all)."),
+                  as_json: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+    """The published numbers fercache sets beside its own (`cross`/`folds --published PAPER`): each paper's head,
+    source, how the cached variant differs by design, and its numbers."""
+    from dataclasses import asdict
+
+    from .published import paper, papers
+
+    entries = [paper(name)] if name else list(papers().values())
+    if as_json:
+        typer.echo(json.dumps([asdict(p) for p in entries], indent=2))
+        return
+    for p in entries:
+        typer.echo(f"{p.name}: {p.title}\n  head      {p.head}\n  source    {p.source}\n  differs   {p.differs}")
+        for cell, value in p.cross.items():
+            typer.echo(f"  {cell:24s} accuracy {value:.2f}")
+        for store, values in p.folds.items():
+            typer.echo(f"  {store:24s} " + "  ".join(f"{k.upper()} {v:.2f}" for k, v in values.items()))
+        if p.gains:
+            typer.echo(f"  gains     {p.gains}")
+
+
+def _by_head(pairs: list[str], flag: str) -> dict[str, dict]:
+    """`HEAD:key=value` pairs as {HEAD: {key: value}}: `--mask-source mask:rafdb=stores/rafdb-r18.zarr`."""
+    out: dict[str, dict] = {}
+    for key, value in _options(pairs, flag).items():
+        label, sep, name = key.partition(":")
+        if not sep:
+            raise typer.BadParameter(f"{flag} takes HEAD:STORE=VALUE, got {key}={value}")
+        out.setdefault(label, {})[name] = value
+    return out
+
+
 def _per_head(pairs: list[str], flag: str, heads: list[str]) -> dict[str, dict]:
     """`key=value` for every head, `HEAD:key=value` for that head alone (a label of `heads`; it wins over the
     value for every head), as the pipeline's tables `{ HEAD = { key = value } }`: `--hp cvar_mlp:hidden=512`."""
@@ -457,6 +494,10 @@ def cross(
                                                                                     "--without-leaks manifest."),
     metric: str = typer.Option("accuracy", help="Comma-separated metrics, one matrix each (accuracy, uar, macro_f1, "
                                "ece, ece_ts: ECE after the temperature fitted on the training store's val split)."),
+    mask_source: list[str] = typer.Option([], "--mask-source", metavar="HEAD:STORE=SOURCE", help="HEAD's mask "
+                                          "reads SOURCE (a second encoder's store of STORE's images, joined by sample "
+                                          "id) on STORE; give one per store HEAD trains or is tested on (repeatable)."),
+    published: Optional[str] = Published,
     retrain: bool = Retrain,
     device: str = Device,
 ) -> None:
@@ -468,8 +509,37 @@ def cross(
     tables = cross_matrix(stores, names, out, seeds=_ints(seeds), test_stores=test or None,
                           hp=_per_head(hp, "--hp", names), recipe=_per_head(recipe, "--recipe", names), device=device,
                           progress=_progress["bars"], labels=_options(labels, "--labels"),
-                          metric=[m for m in metric.split(",") if m], reuse=not retrain)
+                          metric=[m for m in metric.split(",") if m], reuse=not retrain, published=published,
+                          mask_source=_by_head(mask_source, "--mask-source"))
     typer.echo(tables.markdown)
+
+
+@app.command("backbones")
+def backbones_cmd(
+    backbone: list[str] = typer.Option(..., "--backbone", "-b", metavar="NAME=STORE[,STORE...]", help="One encoder's "
+                                       "stores of the datasets (repeatable, two or more), e.g. -b vit-b32=out/rafdb"
+                                       ".zarr,out/sfew.zarr; datasets are matched across backbones by store name."),
+    heads: list[str] = typer.Option(["linear"], "--heads", "--head", metavar="HEAD[,HEAD...]", help="Heads, "
+                                    "comma-separated or repeated, as `cross` takes them."),
+    seeds: str = Seeds,
+    hp: list[str] = typer.Option([], "--hp", metavar="KEY=VALUE", help="As `cross`: key=value or HEAD:key=value."),
+    recipe: list[str] = typer.Option([], "--recipe", metavar="KEY=VALUE", help="As `cross`."),
+    metric: str = typer.Option("accuracy", help="The metric of the tables (accuracy, uar, macro_f1, ece, ece_ts)."),
+    out: Path = typer.Option(Path("runs/backbones"), "--out", "-o", help="Folder for the tables and each "
+                                                                          "backbone's matrix (out/NAME/)."),
+    retrain: bool = Retrain,
+    device: str = Device,
+) -> None:
+    """Backbones as an axis: the cross matrix of each encoder's stores, then backbone x dataset tables (in domain,
+    and mean over unseen datasets) per head (the pipeline's `backbones` step)."""
+    from .backbones import backbones
+
+    names = _names(heads)
+    stores = {k: [s for s in v.split(",") if s] for k, v in _options(backbone, "--backbone").items()}
+    r = backbones(stores, names, out, seeds=_ints(seeds), hp=_per_head(hp, "--hp", names),
+                  recipe=_per_head(recipe, "--recipe", names), device=device, metric=metric,
+                  progress=_progress["bars"], reuse=not retrain)
+    typer.echo(r.markdown)
 
 
 @app.command()
@@ -633,6 +703,7 @@ def folds(
     recipe: list[str] = typer.Option([], "--recipe", metavar="KEY=VALUE", help="Recipe override key=value for every "
                                                                                "head, e.g. epochs=30."),
     out: Path = typer.Option(Path("runs/folds"), "--out", "-o", help="Folder for the runs and the table."),
+    published: Optional[str] = Published,
     retrain: bool = Retrain,
     device: str = Device,
 ) -> None:
@@ -645,7 +716,7 @@ def folds(
     head = _names(head)
     r = manifest_folds(store, [str(m) for m in manifest], head, out, seeds=_ints(seeds),
                        hp={h: _kv(hp, "--hp") for h in head}, recipe={h: _kv(recipe, "--recipe") for h in head},
-                       device=device, progress=_progress["bars"], reuse=not retrain)
+                       device=device, progress=_progress["bars"], reuse=not retrain, published=published)
     typer.echo(r["markdown"])
 
 

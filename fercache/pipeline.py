@@ -207,12 +207,33 @@ def _cross_folders(args: dict, out: str) -> list[str]:
 
 
 @register_step("cross", forwards=("protocols", "cross_matrix"), supplied=frozenset({"out_dir"}),
-               reads=("stores", "test_stores", "labels"), outputs=_cross_folders, check=_check_cross)
+               reads=("stores", "test_stores", "labels", "mask_source"), outputs=_cross_folders, check=_check_cross)
 def _cross_step(stores: list[str], heads: list[str], out: str, progress: bool = True, **kw):
     """The train-on-A/test-on-B matrix of each head under `out` (`fercache cross`)."""
     from .protocols import cross_matrix
 
     return "\n" + cross_matrix(stores, heads, out, progress=progress, **kw).markdown  # minutes: per-epoch bars
+
+
+def _check_backbones(args: dict) -> None:
+    from .backbones import check_backbones
+    from .protocols import check_cross_metrics, check_tables
+
+    if not isinstance(args["stores"], dict):
+        raise ConfigError("backbones: stores is a table { BACKBONE = [STORE, ...] }, one entry per encoder")
+    check_backbones(args["stores"])
+    check_tables(args["heads"], args.get("hp"), args.get("recipe"))
+    check_cross_metrics(args.get("metric", "accuracy"))
+
+
+@register_step("backbones", forwards=("backbones", "backbones"), supplied=frozenset({"out_dir"}), reads=("stores",),
+               writes=("out",), check=_check_backbones)
+def _backbones_step(stores: dict, heads: list[str], out: str, progress: bool = True, **kw):
+    """The same heads over several encoders' stores of the same datasets: backbone x dataset tables under `out`
+    (`fercache backbones`)."""
+    from .backbones import backbones
+
+    return "\n" + backbones(stores, heads, out, progress=progress, **kw).markdown
 
 
 @register_step("near_dups", forwards=("neighbours", "near_duplicates"), supplied=frozenset({"out_dir", "root"}),
@@ -536,8 +557,11 @@ def _selected(steps: list[dict], only: list[str] | None) -> list[tuple[int, dict
 
 
 def _paths(value: Any) -> list[str]:
-    """The paths an argument names: one, a list, or a table's values (cross's `labels`: store -> manifest)."""
-    values = list(value.values()) if isinstance(value, dict) else value if isinstance(value, list) else [value]
+    """The paths an argument names: one, a list, or a table's values (cross's `labels`: store -> manifest), also
+    tables of tables (cross's `mask_source`: label -> store -> source store)."""
+    if isinstance(value, dict):
+        return [p for v in value.values() for p in _paths(v)]
+    values = value if isinstance(value, list) else [value]
     return [str(v) for v in values if v is not None]
 
 

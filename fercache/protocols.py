@@ -15,6 +15,7 @@ from .aus import choose_aus
 from .data import features_memo
 from .errors import ConfigError, ManifestError, check_out_dir, repeated
 from .heads import HEADS, check_hyperparameters
+from .published import Comparison, Paper, paper, write_comparison
 from .recipe import Recipe, check_seeds
 from .rundir import check_owner
 from .scoring import evaluate_run
@@ -105,10 +106,12 @@ class CrossResult:
     """Every matrix of a cross-dataset run, by `head` (the first metric) or `head-metric` (the others)."""
 
     tables: dict[str, CrossTable]
+    published: Comparison | None = None  # beside a paper's numbers, when the run named one
 
     @property
     def markdown(self) -> str:
-        return "\n".join(t.markdown for t in self.tables.values())
+        return "\n".join([t.markdown for t in self.tables.values()] + ([self.published.markdown] if self.published
+                                                                        else []))
 
     def _repr_markdown_(self) -> str:  # a table in Jupyter
         return self.markdown
@@ -124,7 +127,8 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
                  test_stores: list[str] | None = None,
                  hp: dict | None = None, recipe: dict | None = None, device: str = "cpu",
                  metric: str | list[str] = "accuracy",
-                 progress: bool = False, labels: dict[str, str] | None = None, reuse: bool = False) -> CrossResult:
+                 progress: bool = False, labels: dict[str, str] | None = None, reuse: bool = False,
+                 published: str | None = None, mask_source: dict[str, dict[str, str]] | None = None) -> CrossResult:
     """Train each head on each store, test on each test store's `test` split; rows trained-on, columns tested-on.
 
     Predictions are over the training label set; test samples whose true label is not in it are
@@ -135,11 +139,18 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     e.g. the manifest `manifest check --without-leaks` or `near-dups --without-leaks` wrote.
     `reuse` (in this and the other protocols): a run already finished in its folder with the same configuration
     is scored as it is, not trained again (`rundir.finished_run`); pipelines run again pass it.
+    `published` (a key of resources/published.toml, e.g. "cafe"): also write cross-published.*, the paper's
+    numbers beside this run's for every cell both have (see `fercache.published`).
+    `mask_source` ({head label: {store or store name: mask-source store}}): that label's mask reads a second
+    encoder's features of each store's images, on the store it trains on and on each it is tested on (CAFE's
+    two-network design across datasets; the other labels read none).
     """
     names = check_cross_metrics(metric)
     check_tables(heads, hp, recipe)
+    p = _paper_for(published, heads, "accuracy" if published and "accuracy" in names else None)
     test_stores = test_stores or stores
     manifests = _labels_for(labels, list(dict.fromkeys(list(stores) + list(test_stores))))
+    sources = _mask_sources(mask_source, heads, list(dict.fromkeys(list(stores) + list(test_stores))))
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the matrix and its runs")
     check_seeds(seeds)
@@ -152,10 +163,11 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
         for train in stores:
             runs = _fit_label(train, head, hp, recipe, seeds=seeds, out_dir=out_dir / "runs", device=device,
                               progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}",
-                              manifest=manifests[train],
+                              manifest=manifests[train], mask_source=sources[head][train],
                               reuse=reuse, own=True)
             for test in test_stores:
-                res = [evaluate_run(r.run_dir, test, manifests[test], device=device) for r in runs]
+                res = [evaluate_run(r.run_dir, test, manifests[test], device=device,
+                                    mask_source=sources[head][test]) for r in runs]
                 for m in names:
                     vals = [100 * r.get(m, np.nan) for r in res]  # ece_ts: NaN for a run fitted no temperature
                     cells[m][(train, test)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": vals,
@@ -163,7 +175,52 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
         for i, m in enumerate(names):
             key = head if i == 0 else f"{head}-{m}"
             tables[key] = _write_matrix(out_dir, key, head, stores, test_stores, cells[m], m, len(seeds))
-    return CrossResult(tables)
+    return CrossResult(tables, p and write_comparison(out_dir / "cross-published", p, _cross_rows(p, tables),
+                                                      f"{report.over_seeds(len(seeds))}, accuracy on the test split"))
+
+
+def _mask_sources(given: dict | None, heads: list[str], stores: list[str]) -> dict[str, dict[str, str | None]]:
+    """{label: {store: its mask source, or None}}, every store of a label given one (a store without one could be
+    neither trained on nor tested), checked before any training; the sources of a label share one encoder."""
+    given = dict(given or {})
+    if stray := sorted(set(given) - set(heads)):
+        raise ConfigError(f"mask_source has entries for {', '.join(map(repr, stray))}, which is none of the heads "
+                          f"({', '.join(heads)}); it is keyed by head label, e.g. {{ mask = {{ STORE = SOURCE }} }}")
+    out: dict[str, dict[str, str | None]] = {}
+    for label in heads:
+        by = dict(given.get(label) or {})
+        out[label] = {s: by.pop(str(s), None) or by.pop(store_name(s), None) for s in stores}
+        if label not in given:
+            continue
+        if by:
+            raise ConfigError(f"mask_source.{label} names {', '.join(by)}, which is none of the stores "
+                              f"({', '.join(store_name(s) for s in stores)})")
+        if missing := [store_name(s) for s, src in out[label].items() if not src]:
+            raise ConfigError(f"mask_source.{label} gives no mask source for {', '.join(missing)}: every store "
+                              "the label trains or is tested on needs its own (the second encoder over its images)")
+        check_same_encoder(list(out[label].values()))
+    return out
+
+
+def _paper_for(published: str | None, heads: list[str], metric: str | None) -> Paper | None:
+    """The paper a protocol compares with, checked before any training: it must publish numbers for one of the
+    heads, in a metric the protocol reports."""
+    if published is None:
+        return None
+    p = paper(published)
+    if not any(p.compares(h) for h in heads):
+        raise ConfigError(f"published={published!r} compares head {p.head!r} (and its variants), which none of "
+                          f"the heads ({', '.join(heads)}) is")
+    if metric is None:
+        raise ConfigError(f"published={published!r}: its numbers are accuracy; add 'accuracy' to the metrics")
+    return p
+
+
+def _cross_rows(p: Paper, tables: dict[str, CrossTable]) -> list[dict]:
+    return [{"label": t.head, "cell": cell, "metric": "accuracy", "fercache": v["mean"], "published": p.cross[cell],
+             "n_runs": len(v["seeds"])}
+            for t in tables.values() if t.metric == "accuracy" and p.compares(t.head)
+            for cell, v in t.cells.items() if cell in p.cross]
 
 
 #: What a cross-matrix cell can report (all in %); ECE is lower-is-better, the others higher.
@@ -219,13 +276,15 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
 @features_memo()
 def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: str | Path, seeds=(0,),
                    hp: dict | None = None, recipe: dict | None = None, device: str = "cpu", progress: bool = False,
-                   reuse: bool = False) -> dict:
+                   reuse: bool = False, published: str | None = None) -> dict:
     """The published video protocol: one store, one manifest per fold (same frames, other splits).
 
     DFEW and MAFW come with 5 official folds, FERV39k with one fixed split: train each head on
     each fold's train split (validation carved from it by subject/clip), test on that fold's test
     split, and report UAR and WAR as mean ± std over folds x seeds. Extraction happens once: the
     folds' manifests list the same frames in the same order, so they all match the store.
+    `published` (e.g. "dfer_clip"): also write folds-published.*, the paper's UAR/WAR for this store's dataset
+    (named as the store is: dfew, ferv39k, mafw) beside this run's.
     """
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the folds' table and runs")
@@ -236,6 +295,10 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     if au := [h for h in heads if HEADS[head_of(h)].task != "expr"]:
         raise ConfigError(f"`folds` reports expression metrics (UAR/WAR); {', '.join(au)} detect AUs: use "
                           "`fercache au-cv`")
+    p = _paper_for(published, heads, "uar")
+    if p and store_name(store) not in p.folds:
+        raise ConfigError(f"published={published!r} has UAR/WAR for stores named {', '.join(p.folds)}; this store "
+                          f"is {store_name(store)!r} (name the store after its dataset, e.g. dfew.zarr)")
     results = {}
     for head in heads:
         results[head] = []
@@ -245,7 +308,20 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
             results[head] += [evaluate_run(r.run_dir, store, manifest=m, device=device) | {"fold": f,
                                                                                            "manifest": str(m)}
                               for r in runs]
-    return _folds_table(out_dir, store, results, len(manifests), len(seeds))
+    table = _folds_table(out_dir, store, results, len(manifests), len(seeds))
+    if p:
+        compared = _folds_rows(p, store_name(store), results)
+        table["published"] = write_comparison(out_dir / "folds-published", p, compared,
+                                              f"{len(manifests)} fold(s) x {len(seeds)} seed(s)")
+        table["markdown"] += "\n" + table["published"].markdown
+    return table
+
+
+def _folds_rows(p: Paper, name: str, results: dict) -> list[dict]:
+    keys = {"uar": "uar", "war": "accuracy"}
+    return [{"label": label, "cell": name, "metric": m.upper(), "fercache": 100 * float(np.mean([r[k] for r in rs])),
+             "published": p.folds[name][m], "n_runs": len(rs)}
+            for label, rs in results.items() if p.compares(label) for m, k in keys.items()]
 
 
 def _folds_table(out_dir: Path, store: str, results: dict, n_folds: int, n_seeds: int) -> dict:

@@ -174,15 +174,15 @@ def hist_png(path: Path, groups: dict[str, np.ndarray], threshold: float, xlabel
 
 
 def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray | None, rows: list[str], cols: list[str], title: str,
-                lower_is_better: bool = False) -> Path:
+                lower_is_better: bool = False, row_prefix: str = "train: ", col_prefix: str = "test: ") -> Path:
     """Cross-dataset matrix (rows trained on, columns tested on) as a heatmap of mean +- std (%; std None: one
     seed, the mean alone); bright is good either way (the colour scale turns over for a lower-is-better metric
     such as ECE)."""
     fig, ax = _subplots(figsize=(1.5 + 1.6 * len(cols), 1.2 + 0.8 * len(rows)))
     ax.imshow(mean, cmap="viridis_r" if lower_is_better else "viridis", vmin=0, vmax=100)
     good = 100 - mean if lower_is_better else mean
-    ax.set_xticks(range(len(cols)), [f"test: {c}" for c in cols])
-    ax.set_yticks(range(len(rows)), [f"train: {r}" for r in rows])
+    ax.set_xticks(range(len(cols)), [f"{col_prefix}{c}" for c in cols])
+    ax.set_yticks(range(len(rows)), [f"{row_prefix}{r}" for r in rows])
     for i in range(len(rows)):
         for j in range(len(cols)):
             text = f"{mean[i, j]:.1f}" + ("" if std is None else f"\n±{std[i, j]:.1f}")
@@ -225,6 +225,24 @@ def ranking_png(path: Path, labels: list[str], mean: list[float], std: list[floa
         ax.annotate(f"{m:.2f}", (m + s, p), xytext=(4, 0), textcoords="offset points", va="center", fontsize=8)
     ax.grid(axis="x", alpha=0.3)
     ax.set_xlabel(xlabel)
+    ax.set_title(title, fontsize=9)
+    return _save(fig, path, 110)
+
+
+def paired_png(path: Path, labels: list[str], ours: list[float], theirs: list[float], title: str) -> Path:
+    """One line per compared number from the published value (hollow) to fercache's (filled): how far and which
+    way each cell departs from the paper, at a glance."""
+    n = max(1, len(labels))
+    fig, ax = _subplots(figsize=(7.5, 1.2 + 0.3 * n))
+    pos = np.arange(len(labels))[::-1]
+    ax.hlines(pos, theirs, ours, color="tab:gray", linewidth=1)
+    ax.plot(theirs, pos, "o", mfc="white", color="tab:orange", label="published")
+    ax.plot(ours, pos, "o", color="tab:blue", label="fercache")
+    ax.set_yticks(pos, labels, fontsize=7)
+    ax.set_ylim(-0.7, n - 0.3)
+    ax.grid(axis="x", alpha=0.3)
+    ax.set_xlabel("%")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 if n > 6 else -0.3), ncol=2, fontsize=8, frameon=False)
     ax.set_title(title, fontsize=9)
     return _save(fig, path, 110)
 

@@ -22,7 +22,16 @@ from .loop import predict_logits, to_device
 from .manifests import read_manifest, rows_sha256
 from .preprocess import tta_views
 from .rundir import RunConfig, load_run
-from .store import encoder_key, encoder_label, exists, open_store, outdated, same_location, store_name
+from .store import (
+    check_same_encoder,
+    encoder_key,
+    encoder_label,
+    exists,
+    open_store,
+    outdated,
+    same_location,
+    store_name,
+)
 from .train import targets
 
 log = logging.getLogger(__name__)
@@ -166,14 +175,16 @@ class Scored:
 
 
 def score_run(run: str | Path, store: str | None = None, manifest=None, split: str = "test",
-              device: str = "cpu") -> tuple[dict, Scored]:
-    """Metrics of one run on `split` of `store` (default: the store it was trained on), and its row outputs."""
+              device: str = "cpu", mask_source: str | None = None) -> tuple[dict, Scored]:
+    """Metrics of one run on `split` of `store` (default: the store it was trained on), and its row outputs.
+    `mask_source`: for a run that reads a mask-source store, `store`'s own mask source (the same second encoder
+    over `store`'s images), needed when `store` is not the one it trained on."""
     model, cfg, fitted = load_run(run, device)
     if store is None and not exists(cfg.store):
         raise StoreError(f"run {run} was trained on {cfg.store}, which is gone (moved or deleted); if it moved, "
                          "pass --store NEW_LOCATION (the encoder is checked against the run's)")
     store = store or cfg.store
-    fs, views = _features_to_score(run, cfg, model.spec.level, store, manifest, split)
+    fs, views = _features_to_score(run, cfg, model.spec.level, store, manifest, split, mask_source)
     y = targets(fs, cfg.task, cfg.classes)
     result = {"run": str(run), "store": store, "split": split, "head": cfg.head, "seed": cfg.seed,
               "level": model.spec.level,
@@ -198,23 +209,40 @@ def score_run(run: str | Path, store: str | None = None, manifest=None, split: s
     return result, out
 
 
-def _features_to_score(run, cfg: RunConfig, level: str, store: str, manifest, split: str) -> tuple[FeatureSet,
-                                                                                                   list[str]]:
+def _features_to_score(run, cfg: RunConfig, level: str, store: str, manifest, split: str,
+                       mask_source: str | None = None) -> tuple[FeatureSet, list[str]]:
     """The `split` rows of `store` the run is scored on, labelled by `manifest` (default: the run's own on its own
     store, else the store's), and the cached views averaged in at test time; refused when the store's encoder is
-    not the run's, the run is stale, or a mask-source head meets another store."""
+    not the run's, the run is stale, or a mask-source head meets another store without that store's source."""
     _check_same_encoder(cfg, store)
     _check_not_stale(run, cfg, store, manifest)
     own_store = same_location(store, cfg.store)
-    if cfg.mask_source and not own_store:
-        raise ConfigError("this head reads a second (mask-source) store; evaluate it on its own training store only")
+    source = _mask_source_for(cfg, store, own_store, mask_source)
     labels_from = manifest or (cfg.manifest if own_store else None)  # else the store's own manifest
     # Test-time augmentation over the cached views the head trained with, where this store has them too.
     views = [v for v in tta_views(cfg.views) if v in store_views(store)]
-    fs = load_features(store, labels_from, cfg.output, cfg.mask_source, views=views)
+    fs = load_features(store, labels_from, cfg.output, source, views=views)
     if split == "val" and own_store and labels_from == cfg.manifest:
         fs = _val_as_trained(fs, run, cfg)
     return _rows_to_score(fs, split, store, level, cfg), views
+
+
+def _mask_source_for(cfg: RunConfig, store: str, own_store: bool, given: str | None) -> str | None:
+    """The mask-source store to join to `store`'s rows: the run's own on its training store; on another store,
+    `given`, which must come from the encoder the run's source came from (the mask MLP reads its features)."""
+    if given and not cfg.mask_source:
+        raise ConfigError(f"mask source {given} given, but this run reads no mask-source store")
+    if not cfg.mask_source or (own_store and not given):
+        return cfg.mask_source
+    if not given:
+        raise ConfigError(f"this head reads a second (mask-source) store; to score it on {store_name(store)}, give "
+                          f"that store's mask source (the same encoder as {store_name(cfg.mask_source)}, over "
+                          f"{store_name(store)}'s images)")
+    if own_store and not same_location(given, cfg.mask_source):
+        raise ConfigError(f"on its own training store this run reads its own mask source {cfg.mask_source}, not "
+                          f"{given}")
+    check_same_encoder([cfg.mask_source, given])
+    return given
 
 
 def _val_as_trained(fs: FeatureSet, run, cfg: RunConfig) -> FeatureSet:
@@ -261,14 +289,15 @@ def with_intervals(result: dict, scored: Scored, n_boot: int = metrics.N_BOOT) -
 
 
 def evaluate_run(run: str | Path, store: str | None = None, manifest=None, split: str = "test",
-                 write: bool = True, device: str = "cpu", errors: int = 0, root: str | Path | None = None) -> dict:
+                 write: bool = True, device: str = "cpu", errors: int = 0, root: str | Path | None = None,
+                 mask_source: str | None = None) -> dict:
     """Metrics of one run on `split` of `store`, with 95% intervals; written beside the run (eval-<store>-<split>/).
 
     `errors`: also draw the run's `errors` most confident mistakes (images read under data root `root`, else the
     one the store records).
     """
     check_errors(errors)
-    result, scored = score_run(run, store, manifest, split, device)
+    result, scored = score_run(run, store, manifest, split, device, mask_source)
     if errors and scored.task != "expr":
         raise ConfigError("--errors shows expression mistakes; for AU runs "
                           "read predictions.csv (truth, decision, p per AU)")

@@ -14,14 +14,14 @@ ROOT = Path(fercache.__file__).parent
 
 # Each module may import its own layer's modules (without a cycle) and those of the layers before it.
 LAYERS = [
-    {"errors", "registry", "labels", "metrics", "report", "devices"},
+    {"errors", "registry", "labels", "metrics", "report", "devices", "published"},
     {"manifests", "adapters", "audit", "preprocess", "faces", "video"},
     {"encoders"},
     {"store", "extract", "data"},
     {"heads"},
     {"train", "recipe", "aus", "loop", "rundir", "stacked"},
     {"scoring", "neighbours", "compare", "runs", "predict", "tracking"},
-    {"protocols", "sweeps", "bench"},
+    {"protocols", "sweeps", "bench", "backbones"},
     {"api", "pipeline"},
     # The package's own __init__ hands out the Python API (api), so it comes last: nothing imports it but the CLI.
     {"cli", "__main__", "fercache"},
