@@ -162,6 +162,12 @@ def _task(value) -> str:
     return value
 
 
+def _affectnet_classes(value) -> int:
+    if str(value) not in ("7", "8"):
+        raise ManifestError(f"--option classes={value}: 8 (with contempt) or 7 (without)")
+    return int(value)
+
+
 def _val_as(value) -> str:
     if value not in ("val", "test"):
         raise ManifestError(f"--option val={value}: 'val' (the val folder selects epochs) or 'test' (it is the "
@@ -172,6 +178,7 @@ def _val_as(value) -> str:
 # One meaning per option name across formats: each adapter parses its options with these, and
 # check_adapter_options runs the same parsers before any file is read.
 OPTION_VALUES = {
+    "classes": _affectnet_classes,
     "test_fraction": _fraction,
     "face_margin": lambda v: _fraction(v, "face_margin"),
     "peak_frames": lambda v: _count(v, "peak_frames", 1),
@@ -191,8 +198,12 @@ def _subject_split(subject: str, test_fraction: float) -> str:
 
 
 @register_adapter("imagefolder")
-def imagefolder(src: Path, split: str = "train") -> list[dict]:
-    """`SRC/<split>/<class>/*.jpg` or `SRC/<class>/*.jpg` (FER2013, SFEW, MMA); class = folder name."""
+def imagefolder(src: Path, split: str = "train", val: str = "val") -> list[dict]:
+    """`SRC/<split>/<class>/*.jpg` or `SRC/<class>/*.jpg` (FER2013, SFEW, MMA); class = folder name.
+
+    `val=test` makes the val folder the test split (SFEW 2.0 reports on Val: its test labels are not public).
+    """
+    val_split = _val_as(val)
     dirs = sorted(d for d in src.iterdir() if d.is_dir())
     has_splits = dirs and all(d.name.lower().replace("_", "") in SPLIT_NAMES for d in dirs)
     if len(dirs) == 1 and not has_splits and dirs[0].name.strip().lower() not in L.SYNONYMS:
@@ -206,7 +217,7 @@ def imagefolder(src: Path, split: str = "train") -> list[dict]:
             label = L.canonical_name(class_dir.name, f"{class_dir}: ")
             for img in _images(class_dir):
                 sid = img.relative_to(src).with_suffix("").as_posix()
-                rows.append(_row(sid, img, label, split_name, subject=sid))
+                rows.append(_row(sid, img, label, val_split if split_name == "val" else split_name, subject=sid))
     return rows
 
 
@@ -625,11 +636,13 @@ def rafdb(src: Path, list_file: str = "EmoLabel/list_patition_label.txt") -> lis
 
 @register_adapter("affectnet")
 def affectnet(src: Path, train: str = "training.csv", test: str = "validation.csv",
-              images: str = "Manually_Annotated_Images") -> list[dict]:
+              images: str = "Manually_Annotated_Images", classes: int = 8) -> list[dict]:
     """AffectNet csv (`subDirectory_filePath`, `expression`); 8 none / 9 uncertain / 10 no-face dropped.
 
     AffectNet's validation set is its de-facto test set; fercache carves its own val split from train.
+    `classes=7` also drops contempt (code 7): the 7-class protocol most cross-dataset papers report.
     """
+    last = _affectnet_classes(classes) - 1  # the highest expression code kept
     rows = []
     for split, name in (("train", train), ("test", test)):
         path = _annotation(src, name, "affectnet", f"{split}=PATH")
@@ -641,7 +654,7 @@ def affectnet(src: Path, train: str = "training.csv", test: str = "validation.cs
                                     f"subDirectory_filePath and expression (header: {(reader.fieldnames or [])[:8]})")
             for i, r in enumerate(reader):
                 code = _integer(r["expression"], f"{path}:{i + 2}: ", "expression")
-                if code >= 8:
+                if code > last:
                     continue
                 label = L.from_native("affectnet", code, f"{path}:{i + 2}: ")
                 rel = r["subDirectory_filePath"]

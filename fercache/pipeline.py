@@ -341,12 +341,16 @@ def _runs_step(root: str, csv: str | None = None):
 
 def _typed(name: str, text: str, default: Any) -> Any:
     """The value of FERCACHE_<NAME>=text, of the type of the variable's value in the file: a whole number stays one
-    (`64.0` or `abc` for a batch size would fail mid-run, or become a float), a string stays the text as given."""
+    (`64.0` or `abc` for a batch size would fail mid-run, or become a float), a string stays the text as given, a
+    list is comma-separated items of its first item's type."""
     env = f"FERCACHE_{name.upper()}={text}"
     if isinstance(default, bool):
         if text.lower() not in ("true", "false", "1", "0"):
             raise ConfigError(f"{env}: [vars] {name} is true or false in the file; give true or false")
         return text.lower() in ("true", "1")
+    if isinstance(default, list):  # FERCACHE_SEEDS=0 or 0,1,2 for seeds = [3407, 3408, 3409]
+        like = default[0] if default else text
+        return [_typed(name, item.strip(), like) for item in text.strip("[]").split(",") if item.strip()]
     for kind, cast, what in ((int, int, "a whole number"), (float, float, "a number")):
         if isinstance(default, kind):
             try:

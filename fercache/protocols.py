@@ -147,7 +147,7 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     """
     names = check_cross_metrics(metric)
     check_tables(heads, hp, recipe)
-    p = _paper_for(published, heads, "accuracy" if published and "accuracy" in names else None)
+    p = _paper_for(published, heads, names)
     test_stores = test_stores or stores
     manifests = _labels_for(labels, list(dict.fromkeys(list(stores) + list(test_stores))))
     sources = _mask_sources(mask_source, heads, list(dict.fromkeys(list(stores) + list(test_stores))))
@@ -176,7 +176,8 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
             key = head if i == 0 else f"{head}-{m}"
             tables[key] = _write_matrix(out_dir, key, head, stores, test_stores, cells[m], m, len(seeds))
     return CrossResult(tables, p and write_comparison(out_dir / "cross-published", p, _cross_rows(p, tables),
-                                                      f"{report.over_seeds(len(seeds))}, accuracy on the test split"))
+                                                      f"{report.over_seeds(len(seeds))}, {p.metric} on the test "
+                                                      "split"))
 
 
 def _mask_sources(given: dict | None, heads: list[str], stores: list[str]) -> dict[str, dict[str, str | None]]:
@@ -202,7 +203,7 @@ def _mask_sources(given: dict | None, heads: list[str], stores: list[str]) -> di
     return out
 
 
-def _paper_for(published: str | None, heads: list[str], metric: str | None) -> Paper | None:
+def _paper_for(published: str | None, heads: list[str], metrics_reported: list[str]) -> Paper | None:
     """The paper a protocol compares with, checked before any training: it must publish numbers for one of the
     heads, in a metric the protocol reports."""
     if published is None:
@@ -211,15 +212,15 @@ def _paper_for(published: str | None, heads: list[str], metric: str | None) -> P
     if not any(p.compares(h) for h in heads):
         raise ConfigError(f"published={published!r} compares head {p.head!r} (and its variants), which none of "
                           f"the heads ({', '.join(heads)}) is")
-    if metric is None:
-        raise ConfigError(f"published={published!r}: its numbers are accuracy; add 'accuracy' to the metrics")
+    if p.metric not in metrics_reported:
+        raise ConfigError(f"published={published!r}: its numbers are {p.metric}; add {p.metric!r} to the metrics")
     return p
 
 
 def _cross_rows(p: Paper, tables: dict[str, CrossTable]) -> list[dict]:
-    return [{"label": t.head, "cell": cell, "metric": "accuracy", "fercache": v["mean"], "published": p.cross[cell],
+    return [{"label": t.head, "cell": cell, "metric": p.metric, "fercache": v["mean"], "published": p.cross[cell],
              "n_runs": len(v["seeds"])}
-            for t in tables.values() if t.metric == "accuracy" and p.compares(t.head)
+            for t in tables.values() if t.metric == p.metric and p.compares(t.head)
             for cell, v in t.cells.items() if cell in p.cross]
 
 
@@ -295,7 +296,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     if au := [h for h in heads if HEADS[head_of(h)].task != "expr"]:
         raise ConfigError(f"`folds` reports expression metrics (UAR/WAR); {', '.join(au)} detect AUs: use "
                           "`fercache au-cv`")
-    p = _paper_for(published, heads, "uar")
+    p = _paper_for(published, heads, ["uar, war"])
     if p and store_name(store) not in p.folds:
         raise ConfigError(f"published={published!r} has UAR/WAR for stores named {', '.join(p.folds)}; this store "
                           f"is {store_name(store)!r} (name the store after its dataset, e.g. dfew.zarr)")

@@ -28,6 +28,7 @@ class Paper:
     source: str
     head: str
     differs: str
+    metric: str  # what its cross-matrix numbers are (a cross-matrix metric), or "uar, war" for folds
     cross: dict[str, float] = field(default_factory=dict)  # "trained -> tested": accuracy %
     folds: dict[str, dict[str, float]] = field(default_factory=dict)  # store: {"uar": %, "war": %}
     gains: str = ""
@@ -44,7 +45,7 @@ class Paper:
 
 def papers() -> dict[str, Paper]:
     doc = tomllib.loads((resources.files("fercache") / "resources" / "published.toml").read_text(encoding="utf-8"))
-    return {name: Paper(name=name, **{k: v for k, v in entry.items() if k != "metric"}) for name, entry in doc.items()}
+    return {name: Paper(name=name, **entry) for name, entry in doc.items()}
 
 
 def paper(name: str) -> Paper:

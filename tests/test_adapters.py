@@ -50,6 +50,20 @@ def test_imagefolder_fer2013_layout(tmp_path):
     assert (r["label"], r["split"], r["path"]) == ("anger", "val", "fer/val/angry/val_angry_000.jpg")
 
 
+def test_imagefolder_sfew_val_folder_as_the_test_split(tmp_path):
+    """SFEW 2.0: Train/ and Val/ with capitalised class folders; its Val is the split papers report."""
+    for split in ("Train", "Val"):
+        for cls in ("Angry", "Happy"):
+            _img(tmp_path / "sfew" / split / cls / f"{split}_{cls}.png")
+    m = build("imagefolder", tmp_path / "sfew", data_root=tmp_path, val="test")
+    assert {(r["sample_id"], r["label"], r["split"]) for r in m.rows} == {
+        ("Train/Angry/Train_Angry", "anger", "train"), ("Train/Happy/Train_Happy", "happy", "train"),
+        ("Val/Angry/Val_Angry", "anger", "test"), ("Val/Happy/Val_Happy", "happy", "test")}
+    assert {r["split"] for r in build("imagefolder", tmp_path / "sfew").rows} == {"train", "val"}
+    with pytest.raises(ManifestError, match="--option val=dev"):
+        build("imagefolder", tmp_path / "sfew", val="dev")
+
+
 def test_imagefolder_unknown_class_names_the_folder(tmp_path):
     _img(tmp_path / "train" / "bored" / "a.png")
     with pytest.raises(ManifestError, match="bored"):
@@ -301,6 +315,9 @@ def test_affectnet_codes_and_dropped_classes(tmp_path):
     got = _by_id(build("affectnet", tmp_path))
     assert set(got) == {"1/a", "2/c"}
     assert got["1/a"]["label"] == "anger" and got["2/c"]["label"] == "contempt" and got["2/c"]["split"] == "test"
+    assert set(_by_id(build("affectnet", tmp_path, classes=7))) == {"1/a"}  # the 7-class protocol drops contempt
+    with pytest.raises(ManifestError, match="--option classes=6: 8 .with contempt. or 7"):
+        build("affectnet", tmp_path, classes=6)
 
 
 def test_expw_bbox(tmp_path):
@@ -497,7 +514,7 @@ def test_an_option_the_format_does_not_read_is_named_before_reading(tmp_path):
 
     write_imagefolder(tmp_path / "fer", per_class=1)
     with pytest.raises(ManifestError, match=r"^format 'imagefolder' has no option 'splt' \(did you mean 'split'\?\); "
-                                            r"it takes: split='train'$"):
+                                            r"it takes: split='train', val='val'$"):
         build("imagefolder", tmp_path / "fer", splt="val")
     p = tmp_path / "p.toml"
     p.write_text(f'[[step]]\nrun = "manifest"\nformat = "imagefolder"\nsrc = "{tmp_path / "fer"}"\nout = "m.csv"\n'
