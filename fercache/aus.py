@@ -34,5 +34,9 @@ def select_aus(fs: FeatureSet, aus: str | list[str] | None, min_pos: int = 20) -
         raise ConfigError(f"{fs.notes.get('manifest')} has no AU columns; the au head needs them")
     pos = {a: int((fs.au[fs.split == "train", i] == 1).sum()) for i, a in enumerate(fs.au_names)}
     if aus is None or aus == "":
-        return [a for a in fs.au_names if pos[a] >= min_pos]
+        if chosen := [a for a in fs.au_names if pos[a] >= min_pos]:
+            return chosen
+        raise ConfigError(f"no AU of {fs.notes.get('manifest')} has {min_pos} training positives, the default's "
+                          f"floor ({', '.join(f'{a}: {n}' for a, n in pos.items())}); name the AUs (--aus 1,2,4 or "
+                          "topK)")
     return choose_aus(aus, fs.au_names, pos, fs.notes.get("manifest"))

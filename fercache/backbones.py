@@ -71,8 +71,8 @@ def backbones(stores: dict[str, list[str]], heads: list[str], out_dir: str | Pat
     then write backbones-<head>.md/.csv/.png: rows backbones, columns datasets, in-domain `metric` (and
     backbones-<head>-unseen.*: the mean over the other datasets, when there are several)."""
     datasets = check_backbones(stores)
-    check_cross_metrics(metric)
     check_tables(heads, hp, recipe)
+    check_cross_metrics(metric, heads)
     check_seeds(seeds)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the backbone tables and each backbone's matrices")
@@ -110,11 +110,11 @@ def _write(base: Path, head: str, view: str, metric: str, cells: dict, datasets:
             else "trained on the dataset, mean over the other datasets' test splits")
     title = f"{head}: {metric} (%) by backbone, {what}, {report.over_seeds(n_seeds)}"
     md = f"### {title}\n\n" + report.markdown_table(header, md_rows) + "\n"
-    base.with_suffix(".md").write_text(md)
-    report.write_csv(base.with_suffix(".csv"), ["backbone"] + [f"{d}_mean" for d in datasets]
+    report.sibling(base, ".md").write_text(md)
+    report.write_csv(report.sibling(base, ".csv"), ["backbone"] + [f"{d}_mean" for d in datasets]
                      + [f"{d}_std" for d in datasets],
                      [[b] + [f"{v:.2f}" for v in mean[i]] + [f"{v:.2f}" for v in std[i]] for i, b in enumerate(rows)])
-    base.with_suffix(".json").write_text(json.dumps(cells, indent=2))
-    report.heatmap_png(base.with_suffix(".png"), mean, std if n_seeds > 1 else None, rows, datasets, title,
+    report.sibling(base, ".json").write_text(json.dumps(cells, indent=2))
+    report.heatmap_png(report.sibling(base, ".png"), mean, std if n_seeds > 1 else None, rows, datasets, title,
                        row_prefix="", col_prefix="")
-    return BackboneTable(head, view, md, cells, str(base.with_suffix(".csv")), str(base.with_suffix(".png")))
+    return BackboneTable(head, view, md, cells, str(report.sibling(base, ".csv")), str(report.sibling(base, ".png")))

@@ -435,7 +435,8 @@ def published_cmd(name: Optional[str] = typer.Argument(None, metavar="PAPER", he
         typer.echo(json.dumps([asdict(p) for p in entries], indent=2))
         return
     for p in entries:
-        typer.echo(f"{p.name}: {p.title}\n  head      {p.head}\n  source    {p.source}\n  differs   {p.differs}")
+        typer.echo(f"{p.name}: {p.title}\n  heads     {', '.join(p.heads)}\n  source    {p.source}\n"
+                   f"  differs   {p.differs}")
         for cell, value in p.cross.items():
             typer.echo(f"  {cell:24s} accuracy {value:.2f}")
         for store, values in p.folds.items():

@@ -197,7 +197,7 @@ def _check_cross(args: dict) -> None:
     from .protocols import check_cross_metrics
 
     _check_protocol(args)
-    check_cross_metrics(args.get("metric", "accuracy"))
+    check_cross_metrics(args.get("metric", "accuracy"), args["heads"])
 
 
 def _cross_folders(args: dict, out: str) -> list[str]:
@@ -223,7 +223,7 @@ def _check_backbones(args: dict) -> None:
         raise ConfigError("backbones: stores is a table { BACKBONE = [STORE, ...] }, one entry per encoder")
     check_backbones(args["stores"])
     check_tables(args["heads"], args.get("hp"), args.get("recipe"))
-    check_cross_metrics(args.get("metric", "accuracy"))
+    check_cross_metrics(args.get("metric", "accuracy"), args["heads"])
 
 
 @register_step("backbones", forwards=("backbones", "backbones"), supplied=frozenset({"out_dir"}), reads=("stores",),

@@ -128,7 +128,8 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
                  hp: dict | None = None, recipe: dict | None = None, device: str = "cpu",
                  metric: str | list[str] = "accuracy",
                  progress: bool = False, labels: dict[str, str] | None = None, reuse: bool = False,
-                 published: str | None = None, mask_source: dict[str, dict[str, str]] | None = None) -> CrossResult:
+                 published: str | None = None, mask_source: dict[str, dict[str, str]] | None = None,
+                 aus: str | list[str] | None = None) -> CrossResult:
     """Train each head on each store, test on each test store's `test` split; rows trained-on, columns tested-on.
 
     Predictions are over the training label set; test samples whose true label is not in it are
@@ -144,9 +145,11 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
     `mask_source` ({head label: {store or store name: mask-source store}}): that label's mask reads a second
     encoder's features of each store's images, on the store it trains on and on each it is tested on (CAFE's
     two-network design across datasets; the other labels read none).
+    `aus` (AU heads): the AUs to detect, as `train-head --aus` takes them (default: those with 20 training
+    positives or more).
     """
-    names = check_cross_metrics(metric)
     check_tables(heads, hp, recipe)
+    names = check_cross_metrics(metric, heads)
     p = _paper_for(published, heads, names)
     test_stores = test_stores or stores
     manifests = _labels_for(labels, list(dict.fromkeys(list(stores) + list(test_stores))))
@@ -164,20 +167,19 @@ def cross_matrix(stores: list[str], heads: list[str], out_dir: str | Path, seeds
             runs = _fit_label(train, head, hp, recipe, seeds=seeds, out_dir=out_dir / "runs", device=device,
                               progress=progress, name=f"{store_name(train)}-{head}/seed{{seed}}",
                               manifest=manifests[train], mask_source=sources[head][train],
-                              reuse=reuse, own=True)
+                              reuse=reuse, own=True, aus=aus)
             for test in test_stores:
                 res = [evaluate_run(r.run_dir, test, manifests[test], device=device,
                                     mask_source=sources[head][test]) for r in runs]
                 for m in names:
                     vals = [100 * r.get(m, np.nan) for r in res]  # ece_ts: NaN for a run fitted no temperature
                     cells[m][(train, test)] = {"mean": float(np.mean(vals)), "std": float(np.std(vals)), "seeds": vals,
-                                               "n": res[0]["n"], "excluded": res[0]["excluded"]}
+                                               "n": res[0]["n"], "excluded": res[0].get("excluded", NONE_EXCLUDED)}
         for i, m in enumerate(names):
             key = head if i == 0 else f"{head}-{m}"
             tables[key] = _write_matrix(out_dir, key, head, stores, test_stores, cells[m], m, len(seeds))
     return CrossResult(tables, p and write_comparison(out_dir / "cross-published", p, _cross_rows(p, tables),
-                                                      f"{report.over_seeds(len(seeds))}, {p.metric} on the test "
-                                                      "split"))
+                                                      f"{report.over_seeds(len(seeds))}, on the test split"))
 
 
 def _mask_sources(given: dict | None, heads: list[str], stores: list[str]) -> dict[str, dict[str, str | None]]:
@@ -210,31 +212,43 @@ def _paper_for(published: str | None, heads: list[str], metrics_reported: list[s
         return None
     p = paper(published)
     if not any(p.compares(h) for h in heads):
-        raise ConfigError(f"published={published!r} compares head {p.head!r} (and its variants), which none of "
-                          f"the heads ({', '.join(heads)}) is")
-    if p.metric not in metrics_reported:
-        raise ConfigError(f"published={published!r}: its numbers are {p.metric}; add {p.metric!r} to the metrics")
+        raise ConfigError(f"published={published!r} compares head {' or '.join(map(repr, p.heads))} (and its "
+                          f"variants), which none of the heads ({', '.join(heads)}) is")
+    if not set(p.metrics) & set(metrics_reported):
+        raise ConfigError(f"published={published!r}: its numbers are {' and '.join(p.metrics)}; report "
+                          f"{p.metrics[0]!r} too")
     return p
 
 
 def _cross_rows(p: Paper, tables: dict[str, CrossTable]) -> list[dict]:
-    return [{"label": t.head, "cell": cell, "metric": p.metric, "fercache": v["mean"], "published": p.cross[cell],
+    return [{"label": t.head, "cell": cell, "metric": t.metric, "fercache": v["mean"], "published": p.cross[cell],
              "n_runs": len(v["seeds"])}
-            for t in tables.values() if t.metric == p.metric and p.compares(t.head)
+            for t in tables.values() if t.metric == p.metrics[0] and p.compares(t.head)
             for cell, v in t.cells.items() if cell in p.cross]
 
 
-#: What a cross-matrix cell can report (all in %); ECE is lower-is-better, the others higher.
-CROSS_METRICS = ("accuracy", "uar", "macro_f1", "ece", "ece_ts")
+NONE_EXCLUDED = {"n": 0, "by_label": {}}  # AU rows: every AU head predicts every AU of the store it trained on
+
+#: What a cross-matrix cell can report (all in %), by head task; ECE is lower-is-better, the others higher.
+TASK_METRICS = {"expr": ("accuracy", "uar", "macro_f1", "ece", "ece_ts"),
+                "au": ("macro_f1_tuned", "macro_f1_at_0.5")}
+CROSS_METRICS = tuple(m for names in TASK_METRICS.values() for m in names)
 
 
-def check_cross_metrics(metric: str | list[str]) -> list[str]:
+def check_cross_metrics(metric: str | list[str], heads: list[str] = ()) -> list[str]:
+    """The metrics, refused when unknown, repeated, or not one every head's task reports (an AU head has no
+    accuracy; an expression head no tuned-threshold F1)."""
     names = [metric] if isinstance(metric, str) else list(metric)
     unknown = [m for m in names if m not in CROSS_METRICS]
     if unknown or not names:
         raise ConfigError(f"cross-matrix metric {unknown or names!r}: choose from {', '.join(CROSS_METRICS)}")
     if twice := repeated(names):
         raise ConfigError(f"cross-matrix metric {', '.join(twice)} is given twice; each metric once")
+    for label in heads:
+        task = HEADS.lookup(head_of(label)).task
+        if wrong := [m for m in names if m not in TASK_METRICS[task]]:
+            raise ConfigError(f"head {label!r} ({task}) reports no {', '.join(wrong)}; its metrics: "
+                              f"{', '.join(TASK_METRICS[task])} (one cross step per task)")
     return names
 
 
@@ -258,7 +272,7 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
                         [cells[(r, c)]["excluded"]["n"] for c in cols]
                         + ["" if unseen[i] is None else f"{unseen[i]:.2f}"])
     base = out_dir / f"cross-{key}"
-    report.write_csv(base.with_suffix(".csv"),
+    report.write_csv(report.sibling(base, ".csv"),
                      ["trained_on"] + [f"{c}_mean" for c in names_c] + [f"{c}_std" for c in names_c]
                      + [f"{c}_excluded" for c in names_c] + ["mean_unseen"], csv_rows)
     lower = metric in metrics.LOWER_IS_BETTER
@@ -266,12 +280,12 @@ def _write_matrix(out_dir: Path, key: str, head: str, rows: list[str], cols: lis
              f"{report.over_seeds(n_seeds)}")
     md = f"### {title}\n\n" + report.markdown_table(header, md_rows) + \
         "\n\n[excl. N]: test samples whose label is not in the training label set (not scored).\n"
-    base.with_suffix(".md").write_text(md)
-    report.heatmap_png(base.with_suffix(".png"), mean, std if n_seeds > 1 else None, names_r, names_c, title,
+    report.sibling(base, ".md").write_text(md)
+    report.heatmap_png(report.sibling(base, ".png"), mean, std if n_seeds > 1 else None, names_r, names_c, title,
                        lower_is_better=lower)
     serial = {f"{store_name(r)} -> {store_name(c)}": v for (r, c), v in cells.items()}
-    base.with_suffix(".json").write_text(json.dumps(serial, indent=2))
-    return CrossTable(head, metric, md, serial, str(base.with_suffix(".csv")), str(base.with_suffix(".png")))
+    report.sibling(base, ".json").write_text(json.dumps(serial, indent=2))
+    return CrossTable(head, metric, md, serial, str(report.sibling(base, ".csv")), str(report.sibling(base, ".png")))
 
 
 @features_memo()
@@ -296,7 +310,7 @@ def manifest_folds(store: str, manifests: list[str], heads: list[str], out_dir: 
     if au := [h for h in heads if HEADS[head_of(h)].task != "expr"]:
         raise ConfigError(f"`folds` reports expression metrics (UAR/WAR); {', '.join(au)} detect AUs: use "
                           "`fercache au-cv`")
-    p = _paper_for(published, heads, ["uar, war"])
+    p = _paper_for(published, heads, ["uar", "war"])
     if p and store_name(store) not in p.folds:
         raise ConfigError(f"published={published!r} has UAR/WAR for stores named {', '.join(p.folds)}; this store "
                           f"is {store_name(store)!r} (name the store after its dataset, e.g. dfew.zarr)")

@@ -26,9 +26,9 @@ class Paper:
     name: str
     title: str
     source: str
-    head: str
+    heads: list[str]
     differs: str
-    metric: str  # what its cross-matrix numbers are (a cross-matrix metric), or "uar, war" for folds
+    metrics: list[str]  # what its numbers are in (cross-matrix metrics; uar and war for folds)
     cross: dict[str, float] = field(default_factory=dict)  # "trained -> tested": accuracy %
     folds: dict[str, dict[str, float]] = field(default_factory=dict)  # store: {"uar": %, "war": %}
     gains: str = ""
@@ -40,7 +40,7 @@ class Paper:
         return f"{variant}by design: {self.differs}"
 
     def compares(self, label: str) -> bool:
-        return label.split("@", 1)[0] == self.head
+        return label.split("@", 1)[0] in self.heads
 
 
 def papers() -> dict[str, Paper]:
@@ -79,13 +79,13 @@ def write_comparison(base: Path, p: Paper, rows: list[dict], what: str) -> Compa
           + (report.markdown_table(header, table) if table else "_No cell of this run has a published number._")
           + f"\n\nfercache: mean over {what}. Published: {p.source}."
           + (f" The paper reports {p.gains}." if p.gains else "") + "\n")
-    base.with_suffix(".md").write_text(md)
-    report.write_csv(base.with_suffix(".csv"), ["head", "cell", "metric", "fercache", "published", "difference",
+    report.sibling(base, ".md").write_text(md)
+    report.write_csv(report.sibling(base, ".csv"), ["head", "cell", "metric", "fercache", "published", "difference",
                                                  "note"],
                      [[r["label"], r["cell"], r["metric"], f"{r['fercache']:.2f}", f"{r['published']:.2f}",
                        f"{r['difference']:.2f}", r["note"]] for r in rows])
-    base.with_suffix(".json").write_text(json.dumps({"paper": p.name, "source": p.source, "rows": rows}, indent=2))
-    png = report.paired_png(base.with_suffix(".png"), [f"{r['label']}  {r['cell']}  {r['metric']}" for r in rows],
+    report.sibling(base, ".json").write_text(json.dumps({"paper": p.name, "source": p.source, "rows": rows}, indent=2))
+    png = report.paired_png(report.sibling(base, ".png"), [f"{r['label']}  {r['cell']}  {r['metric']}" for r in rows],
                             [r["fercache"] for r in rows], [r["published"] for r in rows],
                             f"fercache (mean) beside {p.name} (published), %")
-    return Comparison(p.name, md, rows, str(base.with_suffix(".csv")), str(png))
+    return Comparison(p.name, md, rows, str(report.sibling(base, ".csv")), str(png))

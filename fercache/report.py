@@ -86,6 +86,12 @@ def safe_cell(value):
         return "'" + value
 
 
+def sibling(base: Path, ext: str) -> Path:
+    """`base` + `ext`: a table's .md/.csv/.png/.json, also when its name holds a dot (cross-au-macro_f1_at_0.5),
+    which `with_suffix` would cut."""
+    return base.with_name(base.name + ext)
+
+
 def write_csv(path: Path, header: list[str], rows: list[list]) -> Path:
     """A CSV for people (tables, predictions, ledgers), every text cell made safe to open in a spreadsheet."""
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -50,7 +50,7 @@ def test_every_paper_entry_is_complete_and_its_numbers_are_the_published_ones():
     assert known["cafe"].cross["rafdb -> rafdb"] == 88.72 and known["cafe"].cross["affectnet -> mma"] == 49.65
     assert len(known["cafe"].cross) == 15  # 3 training sets x 5 test sets
     assert known["dfer_clip"].folds["dfew"] == {"uar": 59.61, "war": 71.25}
-    assert all(p.source and p.differs and p.head for p in known.values())
+    assert all(p.source and p.differs and p.heads and p.metrics for p in known.values())
     with pytest.raises(ConfigError, match=r"published='cafx' \(did you mean 'cafe'\?\)"):
         paper("cafx")
 
@@ -82,7 +82,7 @@ def test_a_paper_that_compares_none_of_the_heads_or_metrics_is_refused_before_tr
     stores = [two_datasets["vit", "rafdb"]]
     with pytest.raises(ConfigError, match=r"compares head 'mask' \(and its variants\), which none of the heads"):
         cross_matrix(stores, ["linear"], tmp_path / "c", published="cafe")
-    with pytest.raises(ConfigError, match="add 'accuracy' to the metrics"):
+    with pytest.raises(ConfigError, match="its numbers are accuracy; report 'accuracy' too"):
         cross_matrix(stores, ["mask"], tmp_path / "c", published="cafe", metric="uar")
     assert not (tmp_path / "c").exists()
 
