@@ -4,7 +4,7 @@ From Python (docs/python.md): `fercache.load`, `fit`, `evaluate`, `cross` and `s
 that `import fercache` stays light (torch loads with the first of them).
 """
 
-__version__ = "0.6.0"
+__version__ = "0.7.0"
 
 __all__ = ["__version__", "load", "fit", "evaluate", "cross", "sweep", "Features", "FittedHead", "Evaluation"]
 
