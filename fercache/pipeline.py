@@ -194,10 +194,12 @@ def _check_protocol(args: dict) -> None:
 
 
 def _check_cross(args: dict) -> None:
-    from .protocols import check_cross_metrics
+    from .protocols import check_cross_metrics, mask_sources
 
     _check_protocol(args)
     check_cross_metrics(args.get("metric", "accuracy"), args["heads"])
+    stores = list(dict.fromkeys(list(args["stores"]) + list(args.get("test_stores") or [])))
+    mask_sources(args.get("mask_source"), args["heads"], stores, open_stores=False)
 
 
 def _cross_folders(args: dict, out: str) -> list[str]:

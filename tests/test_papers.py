@@ -120,6 +120,13 @@ def test_a_mask_source_missing_for_a_store_is_refused_before_training(two_datase
     with pytest.raises(ConfigError, match=r"mask_source has entries for 'maks'"):
         cross_matrix(stores, ["mask"], tmp_path / "c", mask_source={"maks": {}})
     assert not (tmp_path / "c").exists()
+    from fercache.pipeline import check_pipeline
+
+    p = tmp_path / "p.toml"  # a pipeline says so before its first step
+    p.write_text(f'[[step]]\nrun = "cross"\nstores = ["{stores[0]}", "{stores[1]}"]\nheads = ["mask"]\n'
+                 f'mask_source = {{ mask = {{ rafdb = "{two_datasets["null", "rafdb"]}" }} }}\nout = "{tmp_path}/c"\n')
+    with pytest.raises(ConfigError, match=r"step 1 \(cross\): mask_source.mask gives no mask source for sfew"):
+        check_pipeline(p)
     run = fit(stores[0], "mask", mask_source=two_datasets["null", "rafdb"], out_dir=tmp_path, recipe=QUICK).run_dir
     with pytest.raises(ConfigError, match="give that store's mask source"):
         evaluate_run(run, stores[1])
