@@ -193,8 +193,15 @@ def heatmap_png(path: Path, mean: np.ndarray, std: np.ndarray | None, rows: list
         for j in range(len(cols)):
             text = f"{mean[i, j]:.1f}" + ("" if std is None else f"\n±{std[i, j]:.1f}")
             ax.text(j, i, text, ha="center", va="center", color="white" if good[i, j] < 60 else "black", fontsize=9)
-    ax.set_title(title, fontsize=9)
+    ax.set_title(_wrapped(title, fig), fontsize=9)
     return _save(fig, path, 120)
+
+
+def _wrapped(title: str, fig) -> str:
+    """A title broken into lines that fit the figure's width (tight_layout keeps it in, but cannot shorten it)."""
+    import textwrap
+
+    return textwrap.fill(title, max(30, int(fig.get_figwidth() * 15)))
 
 
 def training_png(path: Path, history: list[dict], metric: str, best_epoch: int, title: str) -> Path:
@@ -239,7 +246,7 @@ def paired_png(path: Path, labels: list[str], ours: list[float], theirs: list[fl
     """One line per compared number from the published value (hollow) to fercache's (filled): how far and which
     way each cell departs from the paper, at a glance."""
     n = max(1, len(labels))
-    fig, ax = _subplots(figsize=(7.5, 1.2 + 0.3 * n))
+    fig, ax = _subplots(figsize=(7.5, 1.6 + 0.3 * n))
     pos = np.arange(len(labels))[::-1]
     ax.hlines(pos, theirs, ours, color="tab:gray", linewidth=1)
     ax.plot(theirs, pos, "o", mfc="white", color="tab:orange", label="published")
@@ -248,9 +255,12 @@ def paired_png(path: Path, labels: list[str], ours: list[float], theirs: list[fl
     ax.set_ylim(-0.7, n - 0.3)
     ax.grid(axis="x", alpha=0.3)
     ax.set_xlabel("%")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 if n > 6 else -0.3), ncol=2, fontsize=8, frameon=False)
-    ax.set_title(title, fontsize=9)
-    return _save(fig, path, 110)
+    ax.set_title(_wrapped(title, fig), fontsize=9)
+    # the legend in a strip of its own at the bottom (a fixed 0.35 inch), under the x label at any height
+    fig.legend(loc="lower center", ncol=2, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.35 / fig.get_figheight(), 1, 1))
+    fig.savefig(path, dpi=110)
+    return path
 
 
 def reliability_png(path: Path, result: dict, title: str) -> Path:
