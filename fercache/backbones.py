@@ -42,9 +42,15 @@ class BackbonesResult:
         return "\n".join(t.markdown for t in self.tables.values())
 
 
-def check_backbones(stores: dict[str, list[str]]) -> list[str]:
-    """The datasets (store names) of a backbone axis, refused unless there are two backbones or more, each with
-    distinct stores, and every backbone holds the same datasets (else a row would compare other data)."""
+def check_backbones(stores: dict[str, list[str]], heads: list[str], hp: dict | None = None,
+                    recipe: dict | None = None, metric: str = "accuracy") -> list[str]:
+    """The datasets (store names) of a backbone axis, checked before any work (and by a pipeline's --check):
+    two backbones or more, each with distinct stores, every backbone with the same datasets (else a row would
+    compare other data), and the heads' tables and metric as `cross` checks them."""
+    if not isinstance(stores, dict):
+        raise ConfigError("backbones: stores is a table { BACKBONE = [STORE, ...] }, one entry per encoder")
+    check_tables(heads, hp, recipe)
+    check_cross_metrics(metric, heads)
     if len(stores) < 2:
         raise ConfigError(f"backbones: give two encoders' stores or more, got {len(stores)} ({', '.join(stores)})")
     names = {}
@@ -70,9 +76,7 @@ def backbones(stores: dict[str, list[str]], heads: list[str], out_dir: str | Pat
     """Train and test each head on each backbone's stores (a cross matrix per backbone, under out/<backbone>/),
     then write backbones-<head>.md/.csv/.png: rows backbones, columns datasets, in-domain `metric` (and
     backbones-<head>-unseen.*: the mean over the other datasets, when there are several)."""
-    datasets = check_backbones(stores)
-    check_tables(heads, hp, recipe)
-    check_cross_metrics(metric, heads)
+    datasets = check_backbones(stores, heads, hp, recipe, metric)
     check_seeds(seeds)
     out_dir = Path(out_dir)
     check_out_dir(out_dir, "the backbone tables and each backbone's matrices")

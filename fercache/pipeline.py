@@ -219,13 +219,8 @@ def _cross_step(stores: list[str], heads: list[str], out: str, progress: bool = 
 
 def _check_backbones(args: dict) -> None:
     from .backbones import check_backbones
-    from .protocols import check_cross_metrics, check_tables
 
-    if not isinstance(args["stores"], dict):
-        raise ConfigError("backbones: stores is a table { BACKBONE = [STORE, ...] }, one entry per encoder")
-    check_backbones(args["stores"])
-    check_tables(args["heads"], args.get("hp"), args.get("recipe"))
-    check_cross_metrics(args.get("metric", "accuracy"), args["heads"])
+    check_backbones(args["stores"], args["heads"], args.get("hp"), args.get("recipe"), args.get("metric", "accuracy"))
 
 
 @register_step("backbones", forwards=("backbones", "backbones"), supplied=frozenset({"out_dir"}), reads=("stores",),

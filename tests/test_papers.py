@@ -160,6 +160,17 @@ def test_backbones_with_other_datasets_or_one_backbone_are_refused_before_traini
                   tmp_path / "b")
     with pytest.raises(ConfigError, match="give two encoders' stores or more, got 1"):
         backbones({"vit": [two_datasets["vit", "rafdb"]]}, ["linear"], tmp_path / "b")
+    from fercache.pipeline import check_pipeline
+
+    p = tmp_path / "p.toml"  # the pipeline step says so in --check
+    vit, null = two_datasets["vit", "rafdb"], two_datasets["null", "sfew"]
+    p.write_text(f'[[step]]\nrun = "backbones"\nheads = ["linear"]\nout = "{tmp_path}/b"\n'
+                 f'stores = {{ vit = ["{vit}"], null = ["{null}"] }}\n')
+    with pytest.raises(ConfigError, match=r"step 1 \(backbones\): backbone 'null' has stores sfew, another rafdb"):
+        check_pipeline(p)
+    p.write_text(f'[[step]]\nrun = "backbones"\nheads = ["linear"]\nout = "{tmp_path}/b"\nstores = ["{vit}"]\n')
+    with pytest.raises(ConfigError, match=r"stores is a table \{ BACKBONE = \[STORE, ...\] \}"):
+        check_pipeline(p)
     assert not (tmp_path / "b").exists()
 
 
