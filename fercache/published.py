@@ -70,7 +70,7 @@ class Comparison:
 
 def write_comparison(base: Path, p: Paper, rows: list[dict], what: str) -> Comparison:
     """Rows of {label, cell, metric, fercache, published, n_runs}: the difference and the note are added here.
-    `what` names the table for its title ("accuracy on the test split", ...)."""
+    `what` says what fercache's value is a mean over ("2 seed(s), on the test split"), under the table."""
     rows = [{**r, "difference": r["fercache"] - r["published"], "note": p.note(r["label"])} for r in rows]
     header = ["head", "cell", "metric", "fercache (%)", "published (%)", "difference (points)", "note"]
     table = [[r["label"], r["cell"], r["metric"], f"{r['fercache']:.2f}", f"{r['published']:.2f}",
