@@ -456,19 +456,7 @@ def _check_tables(path: Path, doc: dict) -> None:
 def load_pipeline(path: str | Path) -> list[dict]:
     """Parse a pipeline file into steps with variables substituted."""
     path = Path(path)
-    if path.is_dir():
-        inside = ", ".join(sorted(p.name for p in path.glob("*.toml"))[:8])
-        raise ConfigError(f"{path} is a folder; pass a pipeline file" + (f" (here: {inside})" if inside else ""))
-    if not path.is_file():
-        hint = near_path(path, lambda p: p.is_file() and p.suffix == ".toml")
-        raise ConfigError(f"pipeline file {path} does not exist{hint}")
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError as e:
-        raise ConfigError(f"{path} is not a TOML text file ({e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: {e}") from None
-    _check_tables(path, doc)
+    doc = _document(path)
     try:
         variables = _variables(doc)
     except ConfigError as e:
@@ -486,6 +474,24 @@ def load_pipeline(path: str | Path) -> list[dict]:
             if old in step:
                 step[new] = step.pop(old)
     return [_substituted(path, i, s, variables) for i, s in enumerate(steps)]
+
+
+def _document(path: Path) -> dict:
+    """The pipeline file's TOML, its tables checked."""
+    if path.is_dir():
+        inside = ", ".join(sorted(p.name for p in path.glob("*.toml"))[:8])
+        raise ConfigError(f"{path} is a folder; pass a pipeline file" + (f" (here: {inside})" if inside else ""))
+    if not path.is_file():
+        hint = near_path(path, lambda p: p.is_file() and p.suffix == ".toml")
+        raise ConfigError(f"pipeline file {path} does not exist{hint}")
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not a TOML text file ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    _check_tables(path, doc)
+    return doc
 
 
 def _substituted(path: Path, i: int, step: dict, variables: dict[str, Any]) -> dict:
@@ -566,9 +572,10 @@ def _paths(value: Any) -> list[str]:
     return [str(v) for v in values if v is not None]
 
 
-def check_inputs(steps: list[tuple[int, dict]]) -> None:
+def check_inputs(steps: list[tuple[int, dict]], variables: dict[str, Any] | None = None) -> None:
     """Every file or folder a step reads exists, or an earlier step writes it (or something under it, for the
-    ledger's root), so a mistyped store in step 9 fails before the hour of extraction in step 1."""
+    ledger's root), so a mistyped store in step 9 fails before the hour of extraction in step 1. A missing path
+    that is a [vars] entry's value (or under it) names the FERCACHE_<NAME> variable that moves it."""
     written: list[Path] = []
     for i, step in steps:
         kind = step["run"]
@@ -577,12 +584,22 @@ def check_inputs(steps: list[tuple[int, dict]]) -> None:
                 there = Path(os.path.abspath(p))
                 if "://" in p or there.exists() or _written_before(there, written, key):
                     continue
-                hint = near_path(p, Path.exists) or did_you_mean(there, written)
+                hint = near_path(p, Path.exists) or did_you_mean(there, written) or _set_by(p, variables or {})
                 where = "" if Path(p).is_absolute() else f"; relative paths are read from {Path.cwd()}"
                 raise ConfigError(f"step {i + 1} ({step.get('name', kind)}): {key} {p} does not exist, and no earlier "
                                   f"step writes it{hint}{where}")
         written += _writes(kind, step)
     check_outputs(steps)
+
+
+def _set_by(path: str, variables: dict[str, Any]) -> str:
+    """'; it is [vars] NAME: set FERCACHE_NAME=PATH ...' for the variable whose value `path` is or lies under."""
+    under = [(len(v), k) for k, v in variables.items()
+             if isinstance(v, str) and v and (path == v or path.startswith(v.rstrip("/") + "/"))]
+    if not under:
+        return ""
+    name = max(under)[1]
+    return f" (from [vars] {name}: set FERCACHE_{name.upper()}=PATH, or edit the file)"
 
 
 def check_outputs(steps: list[tuple[int, dict]]) -> None:
@@ -625,11 +642,16 @@ def _writes(kind: str, step: dict) -> list[Path]:
 
 def check_pipeline(path: str | Path, only: list[str] | None = None) -> int:
     """Check every (selected) step of a pipeline file without running any; returns how many were checked."""
+    return len(_checked(path, only))
+
+
+def _checked(path: str | Path, only: list[str] | None) -> list[tuple[int, dict]]:
+    """The (selected) steps, each checked, and every input of theirs there or written by an earlier step."""
     steps = _selected(load_pipeline(path), only)
     for i, step in steps:
         check_step(i, step)
-    check_inputs(steps)
-    return len(steps)
+    check_inputs(steps, _variables(_document(Path(path))))
+    return steps
 
 
 def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | None = None,
@@ -641,10 +663,7 @@ def run_pipeline(path: str | Path, on_step: Callable[[int, dict, Any], None] | N
     in their folders with the same settings, data and code (`rundir.finished_run`), as extraction resumes its
     store; `retrain=True` (`fercache run --retrain`) trains them all. A step's own `reuse` key wins.
     `progress=False` turns off every step's progress bars (`fercache -q run`)."""
-    results, steps = [], _selected(load_pipeline(path), only)
-    for i, step in steps:
-        check_step(i, step)
-    check_inputs(steps)
+    results, steps = [], _checked(path, only)
     for i, step in steps:
         kind = step.pop("run")
         takes = STEPS[kind].takes()

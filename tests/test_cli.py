@@ -283,7 +283,8 @@ def test_every_shipped_pipeline_passes_the_pre_flight_check(monkeypatch, tmp_pat
     from fercache.errors import ConfigError
 
     with pytest.raises(ConfigError, match=r"^step 1 \(manifest-fold1\): src /data/DFEW does not exist, and no earlier "
-                                          r"step writes it$"):  # the DFEW folder is the user's to give
+                                          r"step writes it \(from \[vars\] dfew: set FERCACHE_DFEW=PATH, or edit the "
+                                          r"file\)$"):  # the DFEW folder is the user's to give: the message says how
         check_pipeline(repo / "pipelines" / "dfew_temporal.toml")
     for dataset in ("fer2013", "ckplus48"):  # the datasets' folders, wherever they are (../shared/data is not needed)
         (tmp_path / dataset).mkdir()

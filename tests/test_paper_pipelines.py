@@ -71,7 +71,8 @@ def test_check_passes_on_cpu_with_the_data_in_place_and_names_missing_data(name,
     assert check_pipeline(PIPELINES / f"{name}.toml") > 3
     missing = {"cafe": "RAFDB", "abaw": "AFFWILD2", "dfer_clip": "DFEW"}[name]
     monkeypatch.setenv(f"FERCACHE_{missing}", "/nonexistent/dataset")
-    with pytest.raises(ConfigError, match=r"step 1 .*src /nonexistent/dataset does not exist"):
+    with pytest.raises(ConfigError, match=rf"step 1 .*src /nonexistent/dataset does not exist, .* \(from \[vars\] "
+                                          rf"{missing.lower()}: set FERCACHE_{missing}=PATH"):
         check_pipeline(PIPELINES / f"{name}.toml")
 
 
