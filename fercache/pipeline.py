@@ -455,7 +455,11 @@ def _check_tables(path: Path, doc: dict) -> None:
 
 def load_pipeline(path: str | Path) -> list[dict]:
     """Parse a pipeline file into steps with variables substituted."""
-    path = Path(path)
+    return _load(Path(path))[0]
+
+
+def _load(path: Path) -> tuple[list[dict], dict[str, Any]]:
+    """The substituted steps, and the [vars] they were substituted with (what a missing input's message names)."""
     doc = _document(path)
     try:
         variables = _variables(doc)
@@ -473,7 +477,7 @@ def load_pipeline(path: str | Path) -> list[dict]:
                                   f"key ({old!r} is its old name); keep {new!r}")
             if old in step:
                 step[new] = step.pop(old)
-    return [_substituted(path, i, s, variables) for i, s in enumerate(steps)]
+    return [_substituted(path, i, s, variables) for i, s in enumerate(steps)], variables
 
 
 def _document(path: Path) -> dict:
@@ -647,10 +651,11 @@ def check_pipeline(path: str | Path, only: list[str] | None = None) -> int:
 
 def _checked(path: str | Path, only: list[str] | None) -> list[tuple[int, dict]]:
     """The (selected) steps, each checked, and every input of theirs there or written by an earlier step."""
-    steps = _selected(load_pipeline(path), only)
+    loaded, variables = _load(Path(path))
+    steps = _selected(loaded, only)
     for i, step in steps:
         check_step(i, step)
-    check_inputs(steps, _variables(_document(Path(path))))
+    check_inputs(steps, variables)
     return steps
 
 

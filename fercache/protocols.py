@@ -78,14 +78,20 @@ def _said_reused(runs: list) -> list:
     return runs
 
 
-def _labels_for(labels: dict[str, str] | None, stores: list[str]) -> dict[str, str | None]:
-    """Each store's manifest from `labels` (keyed by store path or store name), else None: the store's own."""
-    labels = dict(labels or {})
-    out = {s: labels.pop(str(s), None) or labels.pop(store_name(s), None) for s in stores}
-    if labels:
-        raise ConfigError(f"--labels names {', '.join(labels)}, which is none of the stores "
+def _by_store(table: dict[str, str] | None, stores: list[str], what: str) -> dict[str, str | None]:
+    """Each store's entry of `table` (keyed by store path or store name), else None; a key that is none of the
+    stores is refused (`what` names the table in the message)."""
+    table = dict(table or {})
+    out = {s: table.pop(str(s), None) or table.pop(store_name(s), None) for s in stores}
+    if table:
+        raise ConfigError(f"{what} names {', '.join(table)}, which is none of the stores "
                           f"({', '.join(store_name(s) for s in stores)})")
     return out
+
+
+def _labels_for(labels: dict[str, str] | None, stores: list[str]) -> dict[str, str | None]:
+    """Each store's manifest from `labels`, else None: the store's own."""
+    return _by_store(labels, stores, "--labels")
 
 
 @features_memo()
@@ -193,13 +199,9 @@ def mask_sources(given: dict | None, heads: list[str], stores: list[str],
                           f"({', '.join(heads)}); it is keyed by head label, e.g. {{ mask = {{ STORE = SOURCE }} }}")
     out: dict[str, dict[str, str | None]] = {}
     for label in heads:
-        by = dict(given.get(label) or {})
-        out[label] = {s: by.pop(str(s), None) or by.pop(store_name(s), None) for s in stores}
+        out[label] = _by_store(given.get(label), stores, f"mask_source.{label}")
         if label not in given:
             continue
-        if by:
-            raise ConfigError(f"mask_source.{label} names {', '.join(by)}, which is none of the stores "
-                              f"({', '.join(store_name(s) for s in stores)})")
         if missing := [store_name(s) for s, src in out[label].items() if not src]:
             raise ConfigError(f"mask_source.{label} gives no mask source for {', '.join(missing)}: every store "
                               "the label trains or is tested on needs its own (the second encoder over its images)")
